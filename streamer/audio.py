@@ -1,0 +1,95 @@
+"""Audio at the edge: decoding PCM, downmixing, resampling to 16 kHz mono, reading files."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from streamer.engine import SAMPLE_RATE, as_float32
+from streamer.exceptions import AudioError
+
+__all__ = ["ENCODINGS", "AudioConverter", "decode_pcm", "iter_file_chunks", "read_audio"]
+
+ENCODINGS = ("s16le", "f32le")
+
+
+def decode_pcm(data: bytes, encoding: str, channels: int) -> np.ndarray:
+    """Decode interleaved little-endian PCM bytes into a float32 ``[frames, channels]`` array."""
+    if encoding == "s16le":
+        width, dtype = 2, "<i2"
+    elif encoding == "f32le":
+        width, dtype = 4, "<f4"
+    else:
+        raise AudioError(f"unsupported encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
+    if len(data) % (width * channels):
+        raise AudioError(
+            f"audio message of {len(data)} bytes is not a whole number of {encoding} frames "
+            f"({width * channels} bytes each for {channels} channel(s))"
+        )
+    a = np.frombuffer(data, dtype=dtype)
+    x = a.astype(np.float32) / 32768.0 if encoding == "s16le" else a.astype(np.float32)
+    if encoding == "f32le" and x.size and not np.isfinite(x).all():
+        raise AudioError("audio contains NaN or infinite samples; send finite float samples in [-1, 1]")
+    return x.reshape(-1, channels)
+
+
+class AudioConverter:
+    """Streams audio of any rate and channel count into 16 kHz mono float32 (soxr, mean downmix)."""
+
+    def __init__(self, sample_rate: int, channels: int = 1, *, quality: str = "HQ") -> None:
+        if sample_rate <= 0:
+            raise AudioError(f"sample rate must be positive, got {sample_rate}")
+        if channels <= 0:
+            raise AudioError(f"channel count must be positive, got {channels}")
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self._resampler = None
+        if sample_rate != SAMPLE_RATE:
+            import soxr
+
+            self._resampler = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality=quality)
+
+    def convert(self, block: np.ndarray, last: bool = False) -> np.ndarray:
+        """Convert a ``[frames]`` or ``[frames, channels]`` block; ``last=True`` drains the resampler."""
+        a = np.asarray(block)
+        if a.ndim == 1:
+            a = a.reshape(-1, 1) if self.channels == 1 else a.reshape(-1, self.channels)
+        if a.ndim != 2 or a.shape[1] != self.channels:
+            raise AudioError(f"expected {self.channels} channel(s), got an array of shape {a.shape}")
+        if a.dtype == np.int16:
+            a = a.astype(np.float32) / 32768.0
+        mono = a.mean(axis=1, dtype=np.float32) if self.channels > 1 else a[:, 0]
+        mono = as_float32(np.ascontiguousarray(mono, dtype=np.float32))
+        if self._resampler is None:
+            return mono
+        return np.asarray(self._resampler.resample_chunk(mono, last=last), dtype=np.float32)
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """Read a whole file with soundfile: ``([frames, channels] float32, rate)``, checked."""
+    import soundfile as sf
+
+    if not Path(path).is_file():
+        raise AudioError(f"{path}: no such file")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except FileNotFoundError:
+        raise AudioError(f"{path}: no such file") from None
+    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+        raise AudioError(f"{path}: cannot read audio ({exc}); use a format libsndfile reads: wav, flac, ogg, mp3") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: the file holds no audio samples")
+    if not np.isfinite(data).all():
+        raise AudioError(f"{path}: the file contains NaN or infinite samples")
+    return data, int(rate)
+
+
+def iter_file_chunks(path: str | Path, chunk_ms: float) -> Iterator[tuple[np.ndarray, int, float]]:
+    """Yield ``(chunk, rate, duration_s)`` blocks of ``chunk_ms`` of the file at its own rate."""
+    data, rate = read_audio(path)
+    step = max(1, int(round(rate * chunk_ms / 1000)))
+    duration = data.shape[0] / rate
+    for i in range(0, data.shape[0], step):
+        yield data[i : i + step], rate, duration

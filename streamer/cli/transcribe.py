@@ -1,0 +1,78 @@
+"""``streamer transcribe``: stream files through the engine, as the daemon would."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from streamer.cli import add_config_args, load_cli_config
+from streamer.exceptions import ConfigError
+from streamer.formats import FORMATS, EventWriter
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "transcribe",
+        help="transcribe audio files through the streaming engine",
+        description="Stream each FILE (any format libsndfile reads, any rate, any channels) through the "
+        "streaming engine in chunks of --chunk-ms, exactly as live audio would arrive, and print the result.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="audio files")
+    p.add_argument("-f", "--format", choices=FORMATS, default="text",
+                   help="text: final transcript; jsonl: every partial/final event; srt/vtt: subtitles "
+                   "(default: text)")
+    p.add_argument("--chunk-ms", type=float, default=100.0, metavar="N",
+                   help="arrival chunk size in milliseconds (default: 100)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from streamer.model import load_model
+    from streamer.transcribe import new_session, stream_file
+
+    if args.chunk_ms <= 0:
+        raise ConfigError(f"--chunk-ms must be positive, got {args.chunk_ms}")
+    cfg = load_cli_config(args)
+    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        for path in args.files:
+            writer = EventWriter(args.format, out)
+            bar = _progress_bar(path)
+            session = new_session(cfg, runner.vocab)
+            try:
+                for event in stream_file(session, runner, path, args.chunk_ms, bar.update if bar else None):
+                    writer.write(event)
+            finally:
+                if bar:
+                    bar.close()
+            writer.close()
+    finally:
+        if args.output:
+            out.close()
+    return 0
+
+
+class _Bar:
+    """A tqdm bar in audio seconds, shown only when stderr is a terminal."""
+
+    def __init__(self, name: str) -> None:
+        from tqdm import tqdm
+
+        self.tqdm = tqdm(desc=name, unit="s", unit_scale=False, leave=False, file=sys.stderr,
+                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]")
+
+    def update(self, done: float, total: float) -> None:
+        self.tqdm.total = total
+        self.tqdm.n = done
+        self.tqdm.refresh()
+
+    def close(self) -> None:
+        self.tqdm.close()
+
+
+def _progress_bar(path: str) -> _Bar | None:
+    return _Bar(path) if sys.stderr.isatty() else None

@@ -1,0 +1,384 @@
+"""Configuration: TOML files parsed into frozen, validated dataclasses.
+
+Each TOML table maps to one dataclass below; ``configs/default.toml`` documents every key.
+A value is checked when its dataclass is built, so a :class:`Config` that exists is valid.
+Errors name the key (``stream.hop_ms``) and the accepted values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from streamer.exceptions import ConfigError
+
+__all__ = [
+    "Config",
+    "EndpointConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "MqttConfig",
+    "ServerConfig",
+    "SourceConfig",
+    "StreamConfig",
+    "VoskConfig",
+    "WorkerConfig",
+    "load_config",
+    "parse_overrides",
+]
+
+FRAME_MS = 20
+
+
+def _opt(default: Any, *, choices: Iterable[Any] | None = None, min: float | None = None,
+         max: float | None = None, doc: str = "") -> Any:
+    meta = {"choices": tuple(choices) if choices is not None else None, "min": min, "max": max, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class _Section:
+    """Checks the type, range and choices of every field after construction."""
+
+    _name: typing.ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            key = f"{self._name}.{f.name}" if self._name else f.name
+            value = getattr(self, f.name)
+            value = _coerce(key, value, hints[f.name])
+            object.__setattr__(self, f.name, value)
+            choices, lo, hi = f.metadata.get("choices"), f.metadata.get("min"), f.metadata.get("max")
+            if choices is not None and value not in choices:
+                allowed = ", ".join(repr(c) for c in choices)
+                raise ConfigError(f"{key} = {value!r} is not allowed; use one of {allowed}")
+            if lo is not None and value < lo:
+                raise ConfigError(f"{key} = {value!r} is too small; the minimum is {lo}")
+            if hi is not None and value > hi:
+                raise ConfigError(f"{key} = {value!r} is too large; the maximum is {hi}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (list, tuple):
+        return "a list"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        return value  # only used for nested optional tables, already built
+    if origin is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{key} must be a list of strings, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """Which checkpoint to load and where to run it."""
+
+    _name = "model"
+    id: str = _opt("demo", doc="'demo', a local directory, or a Hugging Face hub id")
+    device: str = _opt("auto", doc="auto, cpu, cuda or cuda:N")
+    dtype: str = _opt("auto", choices=("auto", "float32", "float16", "bfloat16"))
+    attention: str = _opt("sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    threads: int = _opt(0, min=0, doc="CPU threads for torch; 0 keeps torch's default")
+    revision: str = _opt("", doc="hub revision; empty = default branch")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        d = self.device
+        if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
+            raise ConfigError(f"model.device = {d!r} is not allowed; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if not self.id:
+            raise ConfigError("model.id is empty; use 'demo', a local directory or a hub id")
+
+
+@dataclass(frozen=True)
+class StreamConfig(_Section):
+    """Window schedule, in milliseconds, rounded to whole 20 ms frames."""
+
+    _name = "stream"
+    left_context_ms: int = _opt(1600, min=0, max=60_000)
+    hop_ms: int = _opt(400, min=FRAME_MS, max=60_000)
+    lookahead_ms: int = _opt(640, min=0, max=60_000)
+    pipeline_compatible: bool = _opt(False, doc="windows cut exactly as transformers' ASR pipeline")
+
+    @property
+    def left_frames(self) -> int:
+        return round(self.left_context_ms / FRAME_MS)
+
+    @property
+    def hop_frames(self) -> int:
+        return max(1, round(self.hop_ms / FRAME_MS))
+
+    @property
+    def lookahead_frames(self) -> int:
+        return round(self.lookahead_ms / FRAME_MS)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pipeline_compatible and self.lookahead_frames < 1:
+            raise ConfigError("stream.lookahead_ms must be at least 20 when stream.pipeline_compatible = true")
+
+
+@dataclass(frozen=True)
+class EndpointConfig(_Section):
+    """When a segment ends (sherpa-onnx's three rules, counted over final frames)."""
+
+    _name = "endpoint"
+    enabled: bool = _opt(True)
+    silence_no_speech_s: float = _opt(2.4, min=0.02, doc="trailing silence that ends a segment with no text")
+    silence_after_speech_s: float = _opt(1.2, min=0.02, doc="trailing silence that ends a segment with text")
+    max_utterance_s: float = _opt(20.0, min=0.2, doc="a segment is cut at this length regardless")
+
+
+@dataclass(frozen=True)
+class WorkerConfig(_Section):
+    """The model worker that batches windows of all streams."""
+
+    _name = "worker"
+    max_batch: int = _opt(32, min=1, max=4096)
+    max_wait_ms: float = _opt(10.0, min=0.0, max=10_000.0)
+    queue_size: int = _opt(1024, min=1, doc="windows waiting for the model before streams are paused")
+
+
+@dataclass(frozen=True)
+class ServerConfig(_Section):
+    """The websocket / HTTP listener."""
+
+    _name = "server"
+    host: str = _opt("127.0.0.1")
+    port: int = _opt(8765, min=0, max=65535)
+    max_streams: int = _opt(64, min=1)
+    max_message_bytes: int = _opt(1 << 20, min=1024)
+    idle_timeout_s: float = _opt(30.0, min=0.1, doc="close a stream that sends nothing for this long")
+    auth_token: str = _opt("", doc="shared secret; empty = no auth. Prefer auth_token_env or auth_token_file")
+    auth_token_env: str = _opt("", doc="name of an environment variable that holds the token")
+    auth_token_file: str = _opt("", doc="file whose first line is the token")
+    allowed_origins: tuple[str, ...] = _opt([], doc="browser Origin values allowed; empty = any")
+    shutdown_timeout_s: float = _opt(10.0, min=0.0)
+    max_sample_rate: int = _opt(192_000, min=8000)
+    min_sample_rate: int = _opt(8000, min=1000)
+
+    def token(self) -> str:
+        """Return the configured auth token from the first source that is set."""
+        if self.auth_token_env:
+            value = os.environ.get(self.auth_token_env, "")
+            if not value:
+                raise ConfigError(f"server.auth_token_env names {self.auth_token_env!r}, which is not set")
+            return value
+        if self.auth_token_file:
+            try:
+                return Path(self.auth_token_file).read_text().splitlines()[0].strip()
+            except (OSError, IndexError) as exc:
+                raise ConfigError(f"server.auth_token_file {self.auth_token_file!r} is unreadable: {exc}") from exc
+        return self.auth_token
+
+
+@dataclass(frozen=True)
+class VoskConfig(_Section):
+    """A second listener speaking vosk-server's websocket protocol."""
+
+    _name = "vosk"
+    enabled: bool = _opt(False)
+    port: int = _opt(2700, min=0, max=65535)
+    sample_rate: int = _opt(16000, min=8000, doc="rate assumed until the client sends a config message")
+
+
+@dataclass(frozen=True)
+class MqttConfig(_Section):
+    """Publishing transcripts to an MQTT broker."""
+
+    _name = "mqtt"
+    enabled: bool = _opt(False)
+    host: str = _opt("localhost")
+    port: int = _opt(1883, min=1, max=65535)
+    tls: bool = _opt(False)
+    tls_ca_file: str = _opt("")
+    tls_cert_file: str = _opt("")
+    tls_key_file: str = _opt("")
+    username: str = _opt("")
+    password_env: str = _opt("", doc="environment variable holding the password")
+    password_file: str = _opt("", doc="file whose first line is the password")
+    client_id: str = _opt("")
+    keepalive_s: int = _opt(60, min=5)
+    topic_prefix: str = _opt("streamer")
+    qos_final: int = _opt(1, choices=(0, 1, 2))
+    qos_partial: int = _opt(0, choices=(0, 1, 2))
+    publish_partials: bool = _opt(True)
+    retain_final: bool = _opt(False)
+    retain_partial: bool = _opt(False)
+    queue_size: int = _opt(10_000, min=1)
+    hermes: bool = _opt(False, doc="also publish finals as hermes/asr/textCaptured")
+    site_id: str = _opt("default")
+    flush_timeout_s: float = _opt(5.0, min=0.0)
+    reconnect_max_s: float = _opt(30.0, min=0.1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.topic_prefix or "#" in self.topic_prefix or "+" in self.topic_prefix:
+            raise ConfigError(f"mqtt.topic_prefix = {self.topic_prefix!r} must be non-empty without '#' or '+'")
+
+
+@dataclass(frozen=True)
+class SourceConfig(_Section):
+    """A capture source run by the daemon (``[[sources]]``)."""
+
+    _name = "sources"
+    name: str = _opt("")
+    kind: str = _opt("mic", choices=("mic",))
+    device: str = _opt("", doc="sounddevice name or index; empty = default input")
+    sample_rate: int = _opt(0, min=0, doc="0 = the device's default rate")
+    channels: int = _opt(0, min=0, doc="0 = the device's default channel count")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.name or "/" in self.name:
+            raise ConfigError("sources.name must be a non-empty name without '/'")
+
+
+@dataclass(frozen=True)
+class LoggingConfig(_Section):
+    """Log output."""
+
+    _name = "logging"
+    level: str = _opt("info", choices=("debug", "info", "warning", "error"))
+    json: bool = _opt(False)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; build it with :func:`load_config`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    vosk: VoskConfig = field(default_factory=VoskConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sources: tuple[SourceConfig, ...] = ()
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config) if f.name != "sources"
+}
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], section: str, data: Any) -> T:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"[{section}] must be a table, got {data!r}")
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            raise ConfigError(f"unknown key {section}.{key}; keys of [{section}] are: {allowed}")
+    return cls(**data)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from a parsed TOML document."""
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "sources":
+            if not isinstance(value, list):
+                raise ConfigError("sources must be an array of tables ([[sources]])")
+            kwargs["sources"] = tuple(_build(SourceConfig, "sources", v) for v in value)
+            names = [s.name for s in kwargs["sources"]]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"sources have duplicate names: {names}")
+        elif key in _SECTIONS:
+            kwargs[key] = _build(_SECTIONS[key], key, value)
+        else:
+            allowed = ", ".join([*_SECTIONS, "sources"])
+            raise ConfigError(f"unknown section [{key}]; sections are: {allowed}")
+    return Config(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string such as --set model.id=/models/x
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Turn ``["stream.hop_ms=500", ...]`` into a nested dict of TOML values."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set {item!r} must look like section.key=value, e.g. stream.hop_ms=500")
+        out.setdefault(parts[0], {})
+        if not isinstance(out[parts[0]], dict):
+            raise ConfigError(f"--set cannot override [{parts[0]}]")
+        out[parts[0]][parts[1]] = _parse_value(raw.strip())
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read a TOML file (or none: the defaults) and apply ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {os.fspath(path)!r} cannot be read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {os.fspath(path)!r} is not valid TOML: {exc}") from None
+    data = _merge(data, parse_overrides(overrides))
+    return config_from_dict(data)
+
+
+def iter_keys() -> Iterable[tuple[str, str, Any, str]]:
+    """Yield (section, key, default, doc) for every key; used to check configs/default.toml."""
+    for section, cls in [*_SECTIONS.items(), ("sources", SourceConfig)]:
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            yield section, f.name, default, f.metadata.get("doc", "")

@@ -1,0 +1,390 @@
+"""The streaming engine: audio in, windows out, frames in, events out. No I/O.
+
+A :class:`StreamSession` is one audio stream. Use it like a sans-I/O protocol::
+
+    session = StreamSession(schedule, vocab, endpoint)
+    session.accept_audio(samples)            # any chunk size, float32 or int16, 16 kHz mono
+    for window in session.windows_to_run():  # windows that became ready
+        session.accept_result(window, model([window.samples])[0])   # in order
+    for event in session.events_received():  # Partial / Final
+        ...
+    session.finish()                         # end of stream: the rest becomes final
+
+The frame grid: frame t covers samples [320 t, 320 t + 400). Window geometry follows
+``../shared/STREAMING.md`` §5: final frames ``[f, f + hop)`` are decoded with ``left`` frames
+of context before and ``lookahead`` frames after; the look-ahead frames form the partial.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamer.config import EndpointConfig, StreamConfig
+from streamer.ctc import FRAME_S, CtcSegment, Vocabulary
+from streamer.events import Event, Final, Partial
+from streamer.exceptions import AudioError
+
+__all__ = [
+    "FRAME_SAMPLES",
+    "RECEPTIVE_FIELD",
+    "SAMPLE_RATE",
+    "Schedule",
+    "StreamSession",
+    "Window",
+    "n_frames",
+    "reference",
+    "run_session",
+]
+
+SAMPLE_RATE = 16_000
+FRAME_SAMPLES = 320
+RECEPTIVE_FIELD = 400
+
+# A model call: windows (float32 arrays) in, per-window log-probabilities [frames, vocab] out.
+RunFn = Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]]
+
+
+def n_frames(n_samples: int) -> int:
+    """Frames the wav2vec2 feature encoder yields for ``n_samples`` samples."""
+    if n_samples < RECEPTIVE_FIELD:
+        return 0
+    return (n_samples - RECEPTIVE_FIELD) // FRAME_SAMPLES + 1
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Window geometry in frames.
+
+    ``pipeline=True`` cuts windows exactly as transformers' ASR pipeline with
+    ``chunk_length_s = (l+h+r)·0.02`` and ``stride_length_s = (l·0.02, r·0.02)``: the first
+    window finalises ``l + h`` frames, windows are ``320·(l+h+r)`` samples long (one frame
+    fewer), and a window exactly at the end of the audio counts as the last one.
+    """
+
+    left: int
+    hop: int
+    lookahead: int
+    pipeline: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: StreamConfig) -> Schedule:
+        return cls(cfg.left_frames, cfg.hop_frames, cfg.lookahead_frames, cfg.pipeline_compatible)
+
+    @property
+    def tail(self) -> int:
+        """Samples after the last frame boundary that a window includes."""
+        return 0 if self.pipeline else RECEPTIVE_FIELD - FRAME_SAMPLES
+
+    @property
+    def window_samples(self) -> int:
+        """Length of a steady-state window: all such windows batch without padding."""
+        return FRAME_SAMPLES * (self.left + self.hop + self.lookahead) + self.tail
+
+    def plan(self, next_final: int) -> tuple[int, int, int]:
+        """Return ``(start, final_end, end)`` frames of the window that finalises from ``next_final``."""
+        if self.pipeline and next_final == 0:
+            final_end = self.left + self.hop
+        else:
+            final_end = next_final + self.hop
+        start = max(0, next_final - self.left)
+        return start, final_end, final_end + self.lookahead
+
+    def ready(self, end_frame: int, n_available: int) -> bool:
+        need = FRAME_SAMPLES * end_frame + self.tail
+        # The pipeline treats a chunk that ends exactly at the end of the audio as the last one.
+        return n_available > need if self.pipeline else n_available >= need
+
+
+@dataclass(eq=False)
+class Window:
+    """Audio the model must run, and what the session will do with its frames."""
+
+    samples: np.ndarray
+    start_frame: int
+    final_from: int
+    final_to: int
+    """frames ``[final_from, final_to)`` become final; later frames are tentative"""
+    seq: int
+    """position in the session's order of windows"""
+    session: StreamSession | None = field(default=None, repr=False)
+    handed: bool = field(default=False, repr=False)
+
+    @property
+    def n_frames(self) -> int:
+        return n_frames(len(self.samples))
+
+
+@dataclass(frozen=True)
+class _Marker:
+    reason: str  # "flush" or "end"
+
+
+class _Buffer:
+    """Append-only sample buffer that forgets what lies before a moving floor."""
+
+    def __init__(self) -> None:
+        self._data = np.zeros(SAMPLE_RATE * 8, dtype=np.float32)
+        self._len = 0  # valid samples in _data
+        self.offset = 0  # global index of _data[0]
+
+    @property
+    def end(self) -> int:
+        return self.offset + self._len
+
+    def append(self, x: np.ndarray) -> None:
+        if self._len + len(x) > len(self._data):
+            size = max(len(self._data), 2 * (self._len + len(x)))
+            data = np.empty(size, dtype=np.float32)
+            data[: self._len] = self._data[: self._len]
+            self._data = data
+        self._data[self._len : self._len + len(x)] = x
+        self._len += len(x)
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        return self._data[start - self.offset : stop - self.offset].copy()
+
+    def forget_before(self, index: int) -> None:
+        drop = index - self.offset
+        if drop <= 0 or drop < len(self._data) // 2:
+            return  # compact only when it frees at least half the buffer
+        keep = self._len - drop
+        self._data[:keep] = self._data[drop : self._len]
+        self._len = keep
+        self.offset = index
+
+
+def as_float32(samples: np.ndarray) -> np.ndarray:
+    """Convert a mono chunk of int16 or float samples to float32 in [-1, 1], checking it."""
+    a = np.asarray(samples)
+    if a.ndim != 1:
+        raise AudioError(f"expected mono samples (a 1-D array), got shape {a.shape}; downmix first")
+    if a.dtype == np.int16:
+        return a.astype(np.float32) / 32768.0
+    if a.dtype.kind != "f":
+        raise AudioError(f"unsupported sample type {a.dtype}; use int16 or float32")
+    a = a.astype(np.float32, copy=False)
+    if a.size and not np.isfinite(a).all():
+        raise AudioError("audio contains NaN or infinite samples; send finite float samples in [-1, 1]")
+    return a
+
+
+class StreamSession:
+    """The streaming state of one audio stream (16 kHz mono)."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        vocab: Vocabulary,
+        endpoint: EndpointConfig | None = None,
+        *,
+        record_frames: bool = False,
+    ) -> None:
+        self.schedule = schedule
+        self.vocab = vocab
+        self.endpoint = endpoint if endpoint is not None else EndpointConfig()
+        self._buf = _Buffer()
+        self._planned_next = 0  # first frame not yet covered by a planned window
+        self._pending: deque[Window | _Marker] = deque()
+        self._seq = 0
+        self._events: list[Event] = []
+        self._segment_index = 0
+        self._seg = CtcSegment(vocab)
+        self._last_partial = ""
+        self._finishing = False
+        self.finished = False
+        """true once :meth:`finish` was called and every planned window was answered"""
+        self.frame_ids: list[int] | None = [] if record_frames else None
+        self.samples_received = 0
+
+    # -- input -------------------------------------------------------------
+
+    def accept_audio(self, samples: np.ndarray) -> None:
+        """Add 16 kHz mono samples. Then call :meth:`windows_to_run`."""
+        if self._finishing:
+            raise AudioError("audio after the end of the stream")
+        x = as_float32(samples)
+        self._buf.append(x)
+        self.samples_received += len(x)
+        self._plan_ready()
+
+    def flush(self) -> None:
+        """Force an endpoint now: all audio so far is decoded and closed as a final."""
+        if self._finishing:
+            return
+        self._plan_rest()
+        self._pending.append(_Marker("flush"))
+        self._drain_markers()
+
+    def finish(self) -> None:
+        """End of stream: the rest becomes final. Then run the last windows."""
+        if self._finishing:
+            return
+        self._finishing = True
+        self._plan_rest()
+        self._pending.append(_Marker("end"))
+        self._drain_markers()
+
+    # -- model side ---------------------------------------------------------
+
+    def windows_to_run(self) -> list[Window]:
+        """Windows planned since the last call, in order; answer each with :meth:`accept_result`."""
+        out = [w for w in self._pending if isinstance(w, Window) and not w.handed]
+        for w in out:
+            w.handed = True
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Windows handed out and not answered yet."""
+        return sum(1 for w in self._pending if isinstance(w, Window))
+
+    def accept_result(self, window: Window, log_probs: np.ndarray) -> None:
+        """Merge the model output of ``window`` (``[frames, vocab]``). Then read :meth:`events_received`."""
+        head = self._pending[0] if self._pending else None
+        if head is not window:
+            raise RuntimeError("results must be accepted in the order the windows were handed out")
+        self._pending.popleft()
+        lp = np.asarray(log_probs)
+        expected = window.n_frames
+        if lp.ndim != 2 or lp.shape[0] != expected:
+            raise RuntimeError(f"window of {len(window.samples)} samples needs {expected} frames, got {lp.shape}")
+        ids = lp.argmax(axis=1)
+        probs = np.exp(lp[np.arange(len(ids)), ids]).astype(np.float32)
+        a = window.final_from - window.start_frame
+        b = min(window.final_to - window.start_frame, len(ids))
+        self._push_final(window.final_from, ids[a:b], probs[a:b])
+        if self._pending and isinstance(self._pending[0], _Marker):
+            self._drain_markers()
+        else:
+            seg = self._seg.preview(window.start_frame + b, ids[b:], probs[b:])
+            self._emit_partial(seg)
+
+    def events_received(self) -> list[Event]:
+        """Return the events produced since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    # -- internals ----------------------------------------------------------
+
+    def _plan_ready(self) -> None:
+        sched = self.schedule
+        while True:
+            start, final_end, end = sched.plan(self._planned_next)
+            if not sched.ready(end, self._buf.end):
+                break
+            stop = FRAME_SAMPLES * end + sched.tail
+            self._add_window(start, self._planned_next, final_end, stop)
+        # Keep what the next window (or the closing one) needs as left context.
+        self._buf.forget_before(FRAME_SAMPLES * max(0, self._planned_next - sched.left))
+
+    def _plan_rest(self) -> None:
+        total = n_frames(self._buf.end)
+        if total > self._planned_next:
+            start = max(0, self._planned_next - self.schedule.left)
+            self._add_window(start, self._planned_next, total, self._buf.end)
+
+    def _add_window(self, start: int, final_from: int, final_to: int, stop: int) -> None:
+        samples = self._buf.slice(FRAME_SAMPLES * start, stop)
+        self._pending.append(Window(samples, start, final_from, final_to, self._seq, self))
+        self._seq += 1
+        self._planned_next = final_to
+
+    def _drain_markers(self) -> None:
+        while self._pending and isinstance(self._pending[0], _Marker):
+            marker = self._pending.popleft()
+            assert isinstance(marker, _Marker)
+            self._close_segment(marker.reason)
+            if marker.reason == "end":
+                self.finished = True
+
+    def _push_final(self, t0: int, ids: np.ndarray, probs: np.ndarray) -> None:
+        if self.frame_ids is not None:
+            self.frame_ids.extend(ids.tolist())
+        ep = self.endpoint
+        no_speech = round(ep.silence_no_speech_s / FRAME_S)
+        after_speech = round(ep.silence_after_speech_s / FRAME_S)
+        max_frames = round(ep.max_utterance_s / FRAME_S)
+        seg = self._seg
+        for i, (frame_id, prob) in enumerate(zip(ids.tolist(), probs.tolist(), strict=True)):
+            seg.push_frame(t0 + i, frame_id, prob)
+            if not ep.enabled:
+                continue
+            if seg.has_text:
+                if seg.trailing_silence >= after_speech:
+                    self._close_segment("silence")
+                elif seg.n_frames >= max_frames:
+                    self._close_segment("max_length")
+            elif seg.trailing_silence >= no_speech or seg.n_frames >= max_frames:
+                self._close_segment("silence")  # nothing said: start a fresh segment, no event
+            seg = self._seg
+
+    def _close_segment(self, reason: str) -> None:
+        seg = self._seg
+        if seg.has_text:
+            words = seg.words()
+            start, end = seg.span(words)
+            self._events.append(Final(self._segment_index, seg.text(), start, end, tuple(words), reason))
+            self._segment_index += 1
+        elif self._last_partial:
+            # The open segment showed text that turned out to be nothing: clear it.
+            self._events.append(Partial(self._segment_index, "", seg.start_frame * FRAME_S, seg.end_frame * FRAME_S))
+        self._seg = CtcSegment(self.vocab, start_frame=seg.end_frame)
+        self._last_partial = ""
+
+    def _emit_partial(self, seg: CtcSegment) -> None:
+        text = seg.text()
+        if text == self._last_partial:
+            return
+        self._last_partial = text
+        words = seg.words()
+        start, end = seg.span(words)
+        self._events.append(Partial(self._segment_index, text, start, end, tuple(words)))
+
+
+def run_session(session: StreamSession, run: RunFn) -> None:
+    """Run every window the session has handed out, synchronously, in one batched call."""
+    windows = session.windows_to_run()
+    if windows:
+        for w, lp in zip(windows, run([w.samples for w in windows]), strict=True):
+            session.accept_result(w, lp)
+
+
+def reference(
+    audio: np.ndarray,
+    run: RunFn,
+    schedule: Schedule,
+    vocab: Vocabulary,
+    endpoint: EndpointConfig | None = None,
+) -> tuple[list[int], list[Final]]:
+    """Run the window schedule over a complete buffer in one model call.
+
+    Returns the final frame ids and the finals. For any arrival chunking, a
+    :class:`StreamSession` must produce exactly these.
+    """
+    x = as_float32(audio)
+    total = n_frames(len(x))
+    spans: list[tuple[int, int, int, int]] = []  # start frame, final_from, final_to, stop sample
+    f = 0
+    while f < total:
+        start, final_end, end = schedule.plan(f)
+        if schedule.ready(end, len(x)):
+            spans.append((start, f, final_end, FRAME_SAMPLES * end + schedule.tail))
+            f = final_end
+        else:
+            spans.append((start, f, total, len(x)))
+            f = total
+    outputs = run([x[FRAME_SAMPLES * s : stop] for s, _, _, stop in spans]) if spans else []
+    session = StreamSession(schedule, vocab, endpoint, record_frames=True)
+    for (s, a, b, _), lp in zip(spans, outputs, strict=True):
+        lp = np.asarray(lp)
+        ids = lp.argmax(axis=1)
+        probs = np.exp(lp[np.arange(len(ids)), ids]).astype(np.float32)
+        session._push_final(a, ids[a - s : b - s], probs[a - s : b - s])
+    session._close_segment("end")
+    finals = [e for e in session.events_received() if isinstance(e, Final)]
+    assert session.frame_ids is not None
+    return session.frame_ids, finals

@@ -1,0 +1,59 @@
+"""Word and character error rates from a plain Levenshtein distance (no dependencies)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["ErrorRate", "edit_distance", "normalise_text"]
+
+
+def edit_distance(ref: Sequence[object], hyp: Sequence[object]) -> int:
+    """Minimum number of substitutions, insertions and deletions turning ``ref`` into ``hyp``."""
+    if len(ref) < len(hyp):
+        ref, hyp = hyp, ref
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i]
+        for j, h in enumerate(hyp, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h)))
+        prev = cur
+    return prev[-1]
+
+
+def normalise_text(text: str) -> str:
+    """Lower case, single spaces, no leading or trailing space."""
+    return " ".join(text.lower().split())
+
+
+@dataclass
+class ErrorRate:
+    """Accumulates word and character errors over many utterances (corpus-level rates)."""
+
+    word_errors: int = 0
+    words: int = 0
+    char_errors: int = 0
+    chars: int = 0
+    utterances: int = 0
+    exact: int = 0
+
+    def add(self, ref: str, hyp: str) -> None:
+        ref, hyp = normalise_text(ref), normalise_text(hyp)
+        self.word_errors += edit_distance(ref.split(), hyp.split())
+        self.words += len(ref.split())
+        self.char_errors += edit_distance(ref, hyp)
+        self.chars += len(ref)
+        self.utterances += 1
+        self.exact += ref == hyp
+
+    @property
+    def wer(self) -> float:
+        return self.word_errors / max(1, self.words)
+
+    @property
+    def cer(self) -> float:
+        return self.char_errors / max(1, self.chars)
+
+    @property
+    def sentence_accuracy(self) -> float:
+        return self.exact / max(1, self.utterances)

@@ -1,0 +1,76 @@
+"""Synchronous helpers that drive a :class:`StreamSession` with a model runner.
+
+Used by ``streamer transcribe``, ``streamer eval`` and ``streamer bench``: the same engine and
+runner the daemon uses, without asyncio.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from streamer.audio import AudioConverter, iter_file_chunks
+from streamer.config import Config
+from streamer.engine import RunFn, Schedule, StreamSession, run_session
+from streamer.events import Event, Final
+
+__all__ = ["new_session", "stream_array", "stream_file", "text_of"]
+
+
+def new_session(cfg: Config, vocab: object, *, record_frames: bool = False) -> StreamSession:
+    return StreamSession(Schedule.from_config(cfg.stream), vocab, cfg.endpoint, record_frames=record_frames)  # type: ignore[arg-type]
+
+
+def stream_blocks(
+    session: StreamSession, run: RunFn, blocks: Iterable[np.ndarray], converter: AudioConverter
+) -> Iterator[Event]:
+    """Feed blocks (at the converter's rate and channels) and yield events as they come."""
+    for block in blocks:
+        session.accept_audio(converter.convert(block))
+        run_session(session, run)
+        yield from session.events_received()
+    session.accept_audio(converter.convert(np.zeros((0, converter.channels), np.float32), last=True))
+    session.finish()
+    run_session(session, run)
+    yield from session.events_received()
+
+
+def stream_array(session: StreamSession, run: RunFn, audio: np.ndarray, chunk: int = 1600) -> list[Event]:
+    """Stream a 16 kHz mono array in chunks of ``chunk`` samples; return every event."""
+    blocks = (audio[i : i + chunk] for i in range(0, len(audio), chunk))
+    return list(stream_blocks(session, run, blocks, AudioConverter(16000, 1)))
+
+
+def stream_file(
+    session: StreamSession,
+    run: RunFn,
+    path: str | Path,
+    chunk_ms: float = 100.0,
+    progress: Callable[[float, float], None] | None = None,
+) -> Iterator[Event]:
+    """Stream a file (any rate, any channels) in ``chunk_ms`` pieces; yield events.
+
+    ``progress(seconds_done, seconds_total)`` is called after each chunk.
+    """
+    chunks = iter_file_chunks(path, chunk_ms)
+    first = next(chunks)
+    _, rate, duration = first
+    converter = AudioConverter(rate, first[0].shape[1])
+
+    def blocks() -> Iterator[np.ndarray]:
+        done = 0
+        for block, _, _ in itertools.chain([first], chunks):
+            yield block
+            done += len(block)
+            if progress:
+                progress(done / rate, duration)
+
+    yield from stream_blocks(session, run, blocks(), converter)
+
+
+def text_of(events: Iterable[Event]) -> str:
+    """The transcript: the finals' texts joined by spaces."""
+    return " ".join(e.text for e in events if isinstance(e, Final) and e.text).strip()

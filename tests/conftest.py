@@ -89,3 +89,41 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
         audio, _ = sf.read(espeak(text, root / f"{i}.wav"), dtype="float32")
         parts += [audio, np.zeros(8000, dtype=np.float32)]
     return np.concatenate(parts)
+
+
+# --- the daemon, in-process, on port 0 -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def model_runner(tiny_models):
+    """The model the daemon tests use: loaded once per session."""
+    from streamer.config import ModelConfig
+    from streamer.model import load_model
+
+    return load_model(ModelConfig(id=str(tiny_models["layer-padfirst"]), device="cpu"))
+
+
+@pytest.fixture
+async def daemon_factory(model_runner):
+    """``await make("server.max_streams=2", ...)`` starts a Daemon on a free loopback port."""
+    from streamer.aio.server import Daemon
+    from streamer.config import load_config
+
+    daemons = []
+
+    async def make(*overrides, runner=None, services=()):
+        cfg = load_config(None, ["server.port=0", "server.host='127.0.0.1'", *overrides])
+        d = Daemon(cfg, runner or model_runner)
+        d.services.extend(services)
+        await d.start()
+        daemons.append(d)
+        return d
+
+    yield make
+    for d in daemons:
+        await d.shutdown()
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    """float32 [-1, 1] -> s16le bytes."""
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()

@@ -1,0 +1,1 @@
+"""Thin asyncio layers around the sans-I/O engine: model worker, websocket server, MQTT, sources."""

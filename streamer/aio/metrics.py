@@ -1,0 +1,61 @@
+"""Prometheus metrics of one daemon (its own registry, so tests can run several daemons)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.streams_active = Gauge("streamer_streams_active", "Streams open now", ["protocol"], registry=r)
+        self.streams_total = Counter("streamer_streams_total", "Streams accepted", ["protocol"], registry=r)
+        self.streams_rejected = Counter("streamer_streams_rejected_total", "Streams refused", ["reason"],
+                                        registry=r)
+        self.audio_seconds = Counter("streamer_audio_seconds_total", "Audio received, in seconds", registry=r)
+        self.windows = Counter("streamer_windows_total", "Windows run by the model", registry=r)
+        self.model_seconds = Counter("streamer_model_seconds_total", "Wall time spent in model calls",
+                                     registry=r)
+        self.window_audio_seconds = Counter("streamer_window_audio_seconds_total",
+                                            "Audio seconds inside the windows run", registry=r)
+        self.batch_size = Histogram("streamer_batch_size", "Windows per model call", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.queue_wait = Histogram("streamer_queue_wait_seconds", "Time a window waited for the model",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.partial_latency = Histogram("streamer_partial_latency_seconds",
+                                         "From the audio that made a window ready to its partial",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.final_latency = Histogram("streamer_final_latency_seconds",
+                                       "From the audio that made a window ready to its final",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.events = Counter("streamer_events_total", "Events sent", ["type"], registry=r)
+        self.errors = Counter("streamer_errors_total", "Errors sent to clients", ["code"], registry=r)
+        self.rtf = Gauge("streamer_rtf", "Model seconds per second of stream audio (lower is faster)", registry=r)
+        self.worker_alive = Gauge("streamer_worker_alive", "1 while the model worker runs", registry=r)
+        self.mqtt_dropped = Counter("streamer_mqtt_dropped_total", "MQTT messages dropped (queue full)",
+                                    ["kind"], registry=r)
+        self.mqtt_published = Counter("streamer_mqtt_published_total", "MQTT messages published", ["kind"],
+                                      registry=r)
+        self.mqtt_connected = Gauge("streamer_mqtt_connected", "1 while connected to the broker", registry=r)
+        self._model_s = 0.0
+        self._audio_s = 0.0
+
+    def add_audio(self, seconds: float) -> None:
+        self.audio_seconds.inc(seconds)
+        self._audio_s += seconds
+        self._update_rtf()
+
+    def add_model_time(self, seconds: float) -> None:
+        self.model_seconds.inc(seconds)
+        self._model_s += seconds
+        self._update_rtf()
+
+    def _update_rtf(self) -> None:
+        if self._audio_s > 0:
+            self.rtf.set(self._model_s / self._audio_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,97 @@
+"""``streamer serve``: the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from streamer.cli import add_config_args, load_cli_config
+from streamer.config import Config
+
+logger = logging.getLogger("streamer.serve")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the daemon (websocket, Vosk-compatible websocket, MQTT, sources)",
+        description="Load the model once, warm it up, and serve live transcription over websocket "
+        "(native protocol at /v1/stream, viewers at /v1/listen/NAME, Vosk protocol on [vosk] port), "
+        "with /healthz and /metrics on the same port. SIGTERM or Ctrl-C finalises every open stream "
+        "and exits; a second signal exits at once.",
+    )
+    add_config_args(p)
+    p.add_argument("--host", help="listen address (server.host)")
+    p.add_argument("--port", type=int, help="listen port (server.port; 0 = any free port)")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config, load and warm up the model, print a summary, and exit")
+    p.set_defaults(func=run)
+
+
+def configure_logging(cfg: Config, verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else getattr(logging, cfg.logging.level.upper())
+    root = logging.getLogger()
+    root.setLevel(level)
+    for h in root.handlers:
+        h.setLevel(level)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.host:
+        overrides.append(f"server.host='{args.host}'")
+    if args.port is not None:
+        overrides.append(f"server.port={args.port}")
+    args.overrides = overrides
+    cfg = load_cli_config(args)
+    configure_logging(cfg, args.verbose)
+    cfg.server.token()  # fail early on a missing token variable or file
+    from streamer.engine import Schedule
+    from streamer.model import load_model
+
+    t0 = time.perf_counter()
+    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
+    warm = runner.warmup(Schedule.from_config(cfg.stream).window_samples)
+    logger.info("model %s loaded in %.1f s, warm-up window %.3f s", runner.name, time.perf_counter() - t0, warm)
+    if args.check:
+        print(f"config ok; model {runner.name} on {runner.device} ({runner.n_parameters / 1e6:.1f} M parameters), "
+              f"warm-up window {warm * 1000:.0f} ms")
+        return 0
+    return asyncio.run(serve(cfg, runner, args.config, args.overrides))
+
+
+async def serve(cfg: Config, runner: Any, config_path: str | None = None, overrides: list[str] | None = None) -> int:
+    from streamer.aio.server import Daemon
+
+    daemon = Daemon(cfg, runner)
+    add_services(daemon)
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            logger.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        logger.info("%s: shutting down gracefully", signal.Signals(signum).name)
+        daemon.request_shutdown()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await daemon.start()
+    print(f"streamer: listening on ws://{cfg.server.host}:{daemon.port}/v1/stream"
+          + (f", vosk on ws://{cfg.server.host}:{daemon.vosk_port}" if daemon.vosk_port else ""),
+          file=sys.stderr, flush=True)
+    await daemon.closed.wait()
+    return 0
+
+
+def add_services(daemon: Any) -> None:
+    """MQTT publisher and capture sources, as configured."""

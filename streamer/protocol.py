@@ -1,0 +1,177 @@
+"""Wire protocols, parsed without I/O: the native ``/v1/stream`` protocol and Vosk's.
+
+Native (``docs/protocol.md``)::
+
+    client → {"type": "start", "sample_rate": 16000, "encoding": "s16le", "channels": 1, "name": "x"}  (optional, first)
+    client → binary PCM frames
+    client → {"type": "flush"} | {"type": "stop"}
+    server → ready | partial | final | error | end   (JSON text)
+
+Vosk (vosk-server's websocket protocol)::
+
+    client → {"config": {"sample_rate": 16000, "words": true, "max_alternatives": 0}}  (optional)
+    client → binary s16le mono frames; each gets exactly one reply:
+    server → {"partial": "..."}  or  {"text": "...", "result": [{"conf", "end", "start", "word"}, ...]}
+    client → {"eof": 1} (final result, then close) | {"reset": 1} (final result, session continues)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from streamer.audio import ENCODINGS
+from streamer.events import Final, Partial
+from streamer.exceptions import ProtocolError
+
+__all__ = [
+    "CLOSE_BAD_DATA",
+    "CLOSE_INVALID",
+    "CLOSE_POLICY",
+    "CLOSE_SERVER_ERROR",
+    "CLOSE_TRY_AGAIN",
+    "Control",
+    "Start",
+    "VoskConfig",
+    "parse_control",
+    "parse_vosk_text",
+    "vosk_final",
+    "vosk_partial",
+]
+
+CLOSE_BAD_DATA = 1003  # a kind of data the endpoint cannot accept (text where audio is expected)
+CLOSE_INVALID = 1007  # data inconsistent with the message type (bad JSON, bad PCM)
+CLOSE_POLICY = 1008  # policy violation (wrong message order, unknown type)
+CLOSE_SERVER_ERROR = 1011
+CLOSE_TRY_AGAIN = 1013
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Start:
+    sample_rate: int = 16000
+    encoding: str = "s16le"
+    channels: int = 1
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Control:
+    type: str  # "start", "flush" or "stop"
+    start: Start | None = None
+
+
+def _load_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"malformed JSON in text message: {exc.msg} at position {exc.pos}",
+                            kind="malformed_json", code=CLOSE_INVALID) from None
+
+
+def parse_start(msg: dict[str, Any], min_rate: int, max_rate: int) -> Start:
+    known = {"type", "sample_rate", "encoding", "channels", "name"}
+    unknown = sorted(set(msg) - known)
+    if unknown:
+        raise ProtocolError(f"unknown field(s) in start message: {', '.join(unknown)}; "
+                            f"fields are: {', '.join(sorted(known))}", kind="bad_start", code=CLOSE_POLICY)
+    rate = msg.get("sample_rate", 16000)
+    if not isinstance(rate, int) or isinstance(rate, bool) or not min_rate <= rate <= max_rate:
+        raise ProtocolError(f"unsupported sample_rate {rate!r}; use an integer from {min_rate} to {max_rate}",
+                            kind="unsupported_rate", code=CLOSE_POLICY)
+    encoding = msg.get("encoding", "s16le")
+    if encoding not in ENCODINGS:
+        raise ProtocolError(f"unsupported encoding {encoding!r}; use one of {', '.join(ENCODINGS)}",
+                            kind="unsupported_encoding", code=CLOSE_POLICY)
+    channels = msg.get("channels", 1)
+    if not isinstance(channels, int) or isinstance(channels, bool) or not 1 <= channels <= 8:
+        raise ProtocolError(f"unsupported channels {channels!r}; use an integer from 1 to 8",
+                            kind="unsupported_channels", code=CLOSE_POLICY)
+    name = msg.get("name")
+    if name is not None and (not isinstance(name, str) or not NAME_RE.match(name)):
+        raise ProtocolError(f"bad stream name {name!r}; use 1-64 letters, digits, '_', '-' or '.'",
+                            kind="bad_start", code=CLOSE_POLICY)
+    return Start(rate, encoding, channels, name)
+
+
+def parse_control(text: str, *, min_rate: int = 8000, max_rate: int = 192000) -> Control:
+    """Parse a native text message; raise :class:`ProtocolError` with the close code to use."""
+    stripped = text.lstrip()
+    if not stripped.startswith("{"):
+        raise ProtocolError("text message is not a JSON control message; send audio as binary messages "
+                            "and control messages as JSON objects with a 'type'", kind="text_not_audio",
+                            code=CLOSE_BAD_DATA)
+    msg = _load_json(text)
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise ProtocolError("control message must be a JSON object with a string 'type'",
+                            kind="bad_message", code=CLOSE_INVALID)
+    kind = msg["type"]
+    if kind == "start":
+        return Control("start", parse_start(msg, min_rate, max_rate))
+    if kind in ("flush", "stop"):
+        return Control(kind)
+    raise ProtocolError(f"unknown message type {kind!r}; types are: start, flush, stop",
+                        kind="unknown_type", code=CLOSE_POLICY)
+
+
+@dataclass(frozen=True)
+class VoskConfig:
+    sample_rate: float | None = None
+    words: bool | None = None
+    max_alternatives: int | None = None
+
+
+@dataclass(frozen=True)
+class VoskText:
+    kind: str  # "config", "eof" or "reset"
+    config: VoskConfig | None = None
+
+
+def parse_vosk_text(text: str) -> VoskText:
+    """Parse a Vosk control message leniently as JSON (any spacing)."""
+    msg = _load_json(text)
+    if not isinstance(msg, dict):
+        raise ProtocolError("vosk control message must be a JSON object", kind="bad_message", code=CLOSE_INVALID)
+    if "config" in msg:
+        cfg = msg["config"]
+        if not isinstance(cfg, dict):
+            raise ProtocolError("'config' must be an object", kind="bad_message", code=CLOSE_INVALID)
+        rate = cfg.get("sample_rate")
+        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0):
+            raise ProtocolError(f"unsupported sample_rate {rate!r}", kind="unsupported_rate", code=CLOSE_POLICY)
+        words = cfg.get("words")
+        alts = cfg.get("max_alternatives")
+        if alts is not None and (not isinstance(alts, int) or alts < 0):
+            raise ProtocolError(f"bad max_alternatives {alts!r}", kind="bad_message", code=CLOSE_INVALID)
+        return VoskText("config", VoskConfig(rate, None if words is None else bool(words), alts))
+    if msg.get("eof"):
+        return VoskText("eof")
+    if msg.get("reset"):
+        return VoskText("reset")
+    raise ProtocolError(f"unknown vosk message {text[:80]!r}; use config, eof or reset",
+                        kind="unknown_type", code=CLOSE_POLICY)
+
+
+def vosk_partial(partial: Partial | None) -> dict[str, Any]:
+    return {"partial": partial.text if partial else ""}
+
+
+def vosk_final(finals: list[Final], *, words: bool = True, max_alternatives: int = 0) -> dict[str, Any]:
+    """One Vosk result from the finals produced since the last reply (usually one)."""
+    text = " ".join(f.text for f in finals if f.text)
+    result = [{"conf": round(w.conf, 6), "end": round(w.end, 3), "start": round(w.start, 3), "word": w.word}
+              for f in finals for w in f.words]
+    if max_alternatives:
+        alt: dict[str, Any] = {"text": text, "confidence": round(
+            sum(r["conf"] for r in result) / len(result), 6) if result else 1.0}
+        if words:
+            alt["result"] = [{k: r[k] for k in ("word", "start", "end")} for r in result]
+        return {"alternatives": [alt]}
+    out: dict[str, Any] = {}
+    if words and result:
+        out["result"] = result
+    out["text"] = text
+    return out

@@ -1,0 +1,364 @@
+"""The daemon over real websockets on loopback: native and Vosk protocols, limits, bad input, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import pcm16
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from streamer.events import Final
+from streamer.transcribe import new_session, stream_array, text_of
+
+TIMEOUT = 60
+
+
+def reference_finals(runner, audio, *overrides):
+    from streamer.config import load_config
+
+    cfg = load_config(None, list(overrides))
+    return [e.to_dict() for e in stream_array(new_session(cfg, runner.vocab), runner, audio) if isinstance(e, Final)]
+
+
+async def native_session(port, audio, *, chunk=3200, start=None, pace=0.0, path="/v1/stream", headers=None):
+    """Stream audio, stop, collect every message until the server closes; return (messages, close code)."""
+    messages = []
+    async with asyncio.timeout(TIMEOUT):
+        async with connect(f"ws://127.0.0.1:{port}{path}", additional_headers=headers) as ws:
+            messages.append(json.loads(await ws.recv()))
+            if start is not None:
+                await ws.send(json.dumps(start))
+            for i in range(0, len(audio), chunk):
+                await ws.send(audio[i : i + chunk])
+                if pace:
+                    await asyncio.sleep(pace)
+            await ws.send(json.dumps({"type": "stop"}))
+            try:
+                async for msg in ws:
+                    messages.append(json.loads(msg))
+            except ConnectionClosed:
+                pass
+            return messages, ws.close_code
+
+
+def finals_of(messages):
+    return [m for m in messages if m["type"] == "final"]
+
+
+async def test_native_protocol_equals_transcribe(daemon_factory, model_runner, speech):
+    d = await daemon_factory()
+    msgs, code = await native_session(d.port, pcm16(speech))
+    assert code == 1000
+    assert msgs[0]["type"] == "ready" and msgs[0]["sample_rate"] == 16000 and msgs[0]["session"]
+    assert msgs[-1]["type"] == "end"
+    assert any(m["type"] == "partial" for m in msgs)
+    expected = reference_finals(model_runner, np.frombuffer(pcm16(speech), "<i2").astype(np.float32) / 32768)
+    got = finals_of(msgs)
+    assert [f["text"] for f in got] == [f["text"] for f in expected]
+    assert [(f["segment"], f["start"], f["end"]) for f in got] == [(f["segment"], f["start"], f["end"]) for f in expected]
+
+
+async def test_start_message_with_other_rate_and_float(daemon_factory, model_runner, speech):
+    import soxr
+
+    d = await daemon_factory()
+    audio48 = soxr.resample(speech, 16000, 48000).astype("<f4")
+    stereo = np.stack([audio48, audio48], axis=1).astype("<f4").tobytes()
+    msgs, code = await native_session(
+        d.port, stereo, chunk=48000 * 8 // 10,
+        start={"type": "start", "sample_rate": 48000, "encoding": "f32le", "channels": 2, "name": "hall"})
+    assert code == 1000
+    text = " ".join(f["text"] for f in finals_of(msgs))
+    ref = text_of(stream_array(new_session(__import__("streamer.config").config.Config(), model_runner.vocab),
+                               model_runner, speech))
+    from test_cli import cer
+
+    assert cer(text, ref) < 0.15
+
+
+async def test_concurrent_clients_each_get_their_own_transcript(daemon_factory, model_runner, speech):
+    d = await daemon_factory("worker.max_wait_ms=30")
+    clips = [speech, speech[::-1].copy(), speech[16000:], speech * 0.5]
+    results = await asyncio.gather(*(native_session(d.port, pcm16(c), chunk=1600, pace=0.002) for c in clips))
+    for clip, (msgs, code) in zip(clips, results, strict=True):
+        assert code == 1000
+        expected = reference_finals(model_runner, np.frombuffer(pcm16(clip), "<i2").astype(np.float32) / 32768)
+        assert [f["text"] for f in finals_of(msgs)] == [f["text"] for f in expected]
+    assert d.worker.batches < d.metrics.windows._value.get()  # some windows really were batched together
+
+
+BAD_INPUTS = [
+    ("malformed_json", ['{"type": "flush"'], 1007),
+    ("unknown_type", [{"type": "dance"}], 1008),
+    ("text_not_audio", ["hello there"], 1003),
+    ("bad_audio", [b"\x00\x01\x02"], 1007),  # odd-length s16le
+    ("unsupported_rate", [{"type": "start", "sample_rate": 1000}], 1008),
+    ("unsupported_encoding", [{"type": "start", "encoding": "mulaw"}], 1008),
+    ("late_start", [b"\x00\x00" * 800, {"type": "start"}], 1008),
+    ("bad_audio", [{"type": "start", "encoding": "f32le"}, np.array([np.nan] * 4, "<f4").tobytes()], 1007),
+]
+
+
+@pytest.mark.parametrize(("code_name", "sends", "close_code"), BAD_INPUTS, ids=[b[0] + str(i) for i, b in enumerate(BAD_INPUTS)])
+async def test_bad_input_errors_without_touching_other_streams(daemon_factory, model_runner, speech, code_name,
+                                                               sends, close_code):
+    d = await daemon_factory()
+    healthy = asyncio.create_task(native_session(d.port, pcm16(speech), chunk=1600, pace=0.003))
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.port}/v1/stream") as ws:
+        await ws.recv()
+        for item in sends:
+            await ws.send(json.dumps(item) if isinstance(item, dict) else item)
+        msgs = []
+        with pytest.raises(ConnectionClosed):
+            while True:
+                msgs.append(json.loads(await ws.recv()))
+    errors = [m for m in msgs if m["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["code"] == code_name and errors[0]["message"]
+    assert ws.close_code == close_code
+    msgs, code = await healthy
+    assert code == 1000
+    expected = reference_finals(model_runner, np.frombuffer(pcm16(speech), "<i2").astype(np.float32) / 32768)
+    assert [f["text"] for f in finals_of(msgs)] == [f["text"] for f in expected]
+    await wait_for_no_streams(d)
+
+
+async def wait_for_no_streams(d):
+    """Every stream's resources are released once its connection closed."""
+    async with asyncio.timeout(5):
+        while d.active_streams or d.worker.queued:
+            await asyncio.sleep(0.01)
+
+
+async def test_flush_forces_a_final(daemon_factory, speech):
+    d = await daemon_factory("endpoint.enabled=false")
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.port}/v1/stream") as ws:
+        await ws.recv()
+        await ws.send(pcm16(speech[:32000]))
+        await ws.send(json.dumps({"type": "flush"}))
+        while (m := json.loads(await ws.recv()))["type"] != "final":
+            pass
+        assert m["reason"] == "flush" and m["segment"] == 0 and m["end"] <= 2.0
+        await ws.send(pcm16(speech[32000:64000]))
+        await ws.send(json.dumps({"type": "stop"}))
+        finals = [json.loads(x) for x in [msg async for msg in ws]]
+    later = [f for f in finals if f["type"] == "final"]
+    assert later and later[0]["segment"] == 1 and later[0]["start"] >= 1.9
+
+
+async def test_stream_limit_closes_1013_without_slowing_running_streams(daemon_factory, speech):
+    d = await daemon_factory("server.max_streams=1")
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.port}/v1/stream") as first:
+        await first.recv()
+        async with connect(f"ws://127.0.0.1:{d.port}/v1/stream") as second:
+            msg = json.loads(await second.recv())
+            with pytest.raises(ConnectionClosed):
+                await second.recv()
+        assert msg["type"] == "error" and msg["code"] == "busy"
+        assert second.close_code == 1013 and "busy" in second.close_reason
+        await first.send(pcm16(speech))
+        await first.send(json.dumps({"type": "stop"}))
+        got = [json.loads(m) async for m in first]
+    assert got[-1]["type"] == "end" and first.close_code == 1000
+    assert d.metrics.streams_rejected.labels("busy")._value.get() == 1
+
+
+async def test_auth_token(daemon_factory, speech):
+    d = await daemon_factory("server.auth_token='s3cret'")
+    for headers, path in [(None, "/v1/stream"), ({"Authorization": "Bearer wrong"}, "/v1/stream"),
+                          (None, "/v1/stream?token=nope")]:
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(f"ws://127.0.0.1:{d.port}{path}", additional_headers=headers):
+                pass
+        assert info.value.response.status_code == 401
+    for headers, path in [({"Authorization": "Bearer s3cret"}, "/v1/stream"), (None, "/v1/stream?token=s3cret")]:
+        msgs, code = await native_session(d.port, pcm16(speech[:16000]), headers=headers, path=path)
+        assert code == 1000 and msgs[0]["type"] == "ready"
+
+
+async def test_oversized_message_closes_1009(daemon_factory):
+    d = await daemon_factory("server.max_message_bytes=4096")
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.port}/v1/stream", max_size=None) as ws:
+        await ws.recv()
+        await ws.send(b"\x00" * 8192)
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+    assert ws.close_code == 1009
+
+
+async def test_idle_timeout_finalises_and_closes(daemon_factory, speech):
+    d = await daemon_factory("server.idle_timeout_s=0.5")
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.port}/v1/stream") as ws:
+        await ws.recv()
+        await ws.send(pcm16(speech[:48000]))
+        msgs = [json.loads(m) async for m in ws]
+    assert ws.close_code == 1000 and ws.close_reason == "idle timeout"
+    assert msgs[-1] == {"type": "end", "session": msgs[-1]["session"], "reason": "idle timeout"}
+    assert finals_of(msgs)
+
+
+async def test_unknown_path_404_and_origin_check(daemon_factory):
+    d = await daemon_factory("server.allowed_origins=['https://ok.example']")
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(f"ws://127.0.0.1:{d.port}/nope"):
+            pass
+    assert info.value.response.status_code == 404
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(f"ws://127.0.0.1:{d.port}/v1/stream", origin="https://evil.example"):
+            pass
+    assert info.value.response.status_code == 403
+    async with connect(f"ws://127.0.0.1:{d.port}/v1/stream", origin="https://ok.example") as ws:
+        assert json.loads(await ws.recv())["type"] == "ready"
+
+
+def http_get(port, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return r.status, r.headers.get("Content-Type"), r.read().decode()
+
+
+async def test_health_and_metrics_move(daemon_factory, speech):
+    d = await daemon_factory()
+    status, ctype, body = await asyncio.to_thread(http_get, d.port, "/healthz")
+    assert status == 200 and json.loads(body)["worker_alive"] is True
+    _, ctype, before = await asyncio.to_thread(http_get, d.port, "/metrics")
+    assert ctype.startswith("text/plain") and "streamer_windows_total 0.0" in before
+    await native_session(d.port, pcm16(speech))
+    _, _, after = await asyncio.to_thread(http_get, d.port, "/metrics")
+
+    def value(text, name):
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+    assert value(after, "streamer_windows_total") > 0
+    assert value(after, "streamer_audio_seconds_total") == pytest.approx(len(speech) / 16000, abs=0.01)
+    assert value(after, "streamer_batch_size_count") > 0
+    assert value(after, "streamer_final_latency_seconds_count") > 0
+    assert 0 < value(after, "streamer_rtf")
+    assert 'streamer_streams_total{protocol="native"} 1.0' in after
+
+
+async def test_model_failure_reaches_the_stream_and_daemon_keeps_serving(daemon_factory, model_runner, speech):
+    class Flaky:
+        def __init__(self, runner):
+            self.inner, self.fail = runner, True
+            self.vocab, self.name, self.device = runner.vocab, "flaky", "cpu"
+
+        def run(self, windows):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("CUDA error: out of memory (simulated)")
+            return self.inner.run(windows)
+
+    d = await daemon_factory(runner=Flaky(model_runner))
+    msgs, code = await native_session(d.port, pcm16(speech))
+    assert code == 1011
+    assert [m["code"] for m in msgs if m["type"] == "error"] == ["inference_failed"]
+    msgs, code = await native_session(d.port, pcm16(speech))
+    assert code == 1000 and finals_of(msgs)
+
+
+# --- Vosk protocol ---------------------------------------------------------------------------------
+
+
+async def vosk_session(port, audio, chunk=6400, config=None):
+    replies = []
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{port}/") as ws:
+        if config:
+            await ws.send(json.dumps({"config": config}))
+        for i in range(0, len(audio), chunk):
+            await ws.send(audio[i : i + chunk])
+            replies.append(json.loads(await ws.recv()))
+        await ws.send('{"eof" : 1}')
+        replies.append(json.loads(await ws.recv()))
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+    return replies
+
+
+async def test_vosk_protocol_one_reply_per_frame(daemon_factory, model_runner, speech):
+    d = await daemon_factory("vosk.enabled=true", "vosk.port=0")
+    audio = pcm16(speech)
+    replies = await vosk_session(d.vosk_port, audio, config={"sample_rate": 16000, "words": True})
+    n_frames = -(-len(audio) // 6400)
+    assert len(replies) == n_frames + 1
+    for r in replies[:-1]:
+        assert set(r) in ({"partial"}, {"text", "result"}, {"text"})
+    finals = [r for r in replies if "text" in r]
+    expected = reference_finals(model_runner, np.frombuffer(audio, "<i2").astype(np.float32) / 32768)
+    assert " ".join(r["text"] for r in finals if r["text"]) == " ".join(f["text"] for f in expected)
+    for r in finals:
+        for w in r.get("result", []):
+            assert set(w) == {"conf", "end", "start", "word"} and w["start"] <= w["end"]
+
+
+async def test_vosk_reset_keeps_session_and_8k_rate(daemon_factory, speech):
+    import soxr
+
+    d = await daemon_factory("vosk.enabled=true", "vosk.port=0")
+    audio8 = pcm16(soxr.resample(speech, 16000, 8000))
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.vosk_port}/") as ws:
+        await ws.send(json.dumps({"config": {"sample_rate": 8000, "words": False}}))
+        await ws.send(audio8[:32000])
+        await ws.recv()
+        await ws.send(json.dumps({"reset": 1}))
+        r = json.loads(await ws.recv())
+        assert set(r) == {"text"} and r["text"]
+        await ws.send(audio8[32000:])
+        await ws.recv()
+        await ws.send('{"eof": 1}')
+        last = json.loads(await ws.recv())
+        assert "text" in last
+    assert ws.close_code == 1000
+
+
+async def test_vosk_bad_frame_errors_and_closes(daemon_factory):
+    d = await daemon_factory("vosk.enabled=true", "vosk.port=0")
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.vosk_port}/") as ws:
+        await ws.send(b"\x01\x02\x03")
+        reply = json.loads(await ws.recv())
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+    assert "error" in reply and "s16le" in reply["error"]
+    assert ws.close_code == 1007
+
+
+# --- SIGTERM on a real `streamer serve` process ------------------------------------------------
+
+
+async def test_sigterm_mid_stream_sends_finals_then_1001(tiny_models, speech, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamer", "serve", "--model", str(tiny_models["layer-padfirst"]), "--port", "0",
+        "--set", "endpoint.enabled=false", "--set", "server.shutdown_timeout_s=20",
+        stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            port = None
+            while port is None:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "streamer serve exited before listening"
+                if line.startswith("streamer: listening on ws://"):
+                    port = int(line.split(":")[3].split("/")[0])
+            async with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+                await ws.recv()
+                await ws.send(pcm16(speech[:48000]))
+                while json.loads(await ws.recv())["type"] != "partial":
+                    pass
+                proc.send_signal(signal.SIGTERM)
+                msgs = [json.loads(m) async for m in ws]
+            assert ws.close_code == 1001
+            finals = finals_of(msgs)
+            assert finals and finals[-1]["reason"] == "end" and finals[-1]["end"] > 2.0
+            assert msgs[-1]["type"] == "end"
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,226 @@
+"""``streamer bench``: offline pass vs streaming engine vs transformers pipeline, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamer.cli import add_config_args, load_cli_config
+from streamer.exceptions import StreamerError
+
+SENTENCES = [
+    "turn on the kitchen lights and set the thermostat to twenty one degrees",
+    "remind me to call my sister at seven thirty tomorrow morning",
+    "what is the weather going to be like this weekend",
+    "play some quiet music in the living room please",
+    "open the garage door and switch off the porch light",
+    "add milk eggs and bread to the shopping list",
+    "set a timer for twelve minutes",
+    "the meeting has been moved to thursday afternoon",
+]
+
+RANDOM_SIZES = {
+    # name: (feat_extract_norm, layers, hidden, heads, intermediate, conv_dim)
+    "base": ("group", 12, 768, 12, 3072, 512),
+    "xlsr-large": ("layer", 24, 1024, 16, 4096, 512),
+    "tiny": ("layer", 2, 64, 2, 128, 32),
+}
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark offline vs streaming vs the transformers pipeline",
+        description="On the same audio and model, time (a) one offline full-utterance pass, (b) the streaming "
+        "engine at the configured schedule, (c) the transformers ASR pipeline at the equivalent chunking. "
+        "Prints real-time factors, the compute ratio streaming/offline, frame-argmax agreement with the offline "
+        "pass and the character error of the streaming text against the offline text.",
+    )
+    add_config_args(p)
+    p.add_argument("--audio", nargs="*", metavar="FILE", help="audio files (default: espeak-ng speech, ~30 s)")
+    p.add_argument("--seconds", type=float, default=30.0, help="length of the generated speech (default: 30)")
+    p.add_argument("--random", choices=sorted(RANDOM_SIZES), metavar="SIZE",
+                   help="use a randomly initialised model of this size instead of --model: "
+                   + ", ".join(sorted(RANDOM_SIZES)))
+    p.add_argument("--chunk-ms", type=float, default=100.0, help="arrival chunk for streaming (default: 100)")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the transformers pipeline run")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also run several schedules and draw compute ratio and agreement against latency")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=run)
+
+
+def speech_audio(seconds: float) -> np.ndarray:
+    """Concatenate espeak-ng sentences (with short pauses) up to ``seconds``."""
+    import soundfile as sf
+    import soxr
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise StreamerError("espeak-ng is not installed (apt-get install espeak-ng); or pass --audio FILE")
+    parts: list[np.ndarray] = []
+    total = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        i = 0
+        while total < seconds * 16000:
+            wav = Path(tmp) / f"{i}.wav"
+            subprocess.run([exe, "-v", ["en-us", "en", "en-gb-x-rp"][i % 3], "-s", "160", "-w", str(wav),
+                            SENTENCES[i % len(SENTENCES)]], check=True)
+            a, sr = sf.read(wav, dtype="float32")
+            a = soxr.resample(a, sr, 16000)
+            parts += [a, np.zeros(6400, np.float32)]
+            total += len(a) + 6400
+            i += 1
+    return np.concatenate(parts)[: int(seconds * 16000)]
+
+
+def random_runner(size: str, device: str) -> Any:
+    """A randomly initialised Wav2Vec2ForCTC of a real model's shape (no download)."""
+    import json
+
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    from streamer.model import ModelRunner, _pick_device
+
+    norm, layers, hidden, heads, inter, conv = RANDOM_SIZES[size]
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = ["<pad>", "<s>", "</s>", "<unk>", "|", *"etaonihsrdlumwcfgypbvk'xjqz"]
+        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+        tok = Wav2Vec2CTCTokenizer(str(Path(tmp) / "vocab.json"))
+    fe = Wav2Vec2FeatureExtractor(return_attention_mask=(norm == "layer"))
+    cfg = Wav2Vec2Config(vocab_size=len(tokens), hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, intermediate_size=inter, conv_dim=(conv,) * 7,
+                         feat_extract_norm=norm, do_stable_layer_norm=(norm == "layer"), pad_token_id=0)
+    torch.manual_seed(0)
+    dev = _pick_device(device)
+    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    model = Wav2Vec2ForCTC._from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval().to(dev)
+    return ModelRunner(model, tok, fe, name=f"random-{size}", device=dev, dtype=dtype)
+
+
+def cer(hyp: str, ref: str) -> float:
+    """Character error rate: Levenshtein distance / reference length."""
+    if not ref:
+        return float(bool(hyp))
+    prev = list(range(len(ref) + 1))
+    for i, ch in enumerate(hyp, 1):
+        cur = [i]
+        for j, rc in enumerate(ref, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ch != rc)))
+        prev = cur
+    return prev[-1] / len(ref)
+
+
+def measure(runner: Any, cfg: Any, audio: np.ndarray, chunk_ms: float, offline_ids: np.ndarray,
+            offline_text: str) -> dict[str, float]:
+    from streamer.transcribe import new_session, stream_array, text_of
+
+    session = new_session(cfg, runner.vocab, record_frames=True)
+    t0 = time.perf_counter()
+    events = stream_array(session, runner, audio, chunk=max(1, int(16 * chunk_ms)))
+    elapsed = time.perf_counter() - t0
+    ids = np.asarray(session.frame_ids)
+    n = min(len(ids), len(offline_ids))
+    return {"seconds": elapsed, "agreement": float((ids[:n] == offline_ids[:n]).mean()),
+            "cer": cer(text_of(events).replace("  ", " "), offline_text)}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from streamer.engine import Schedule
+    from streamer.model import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_cli_config(args)
+    runner = random_runner(args.random, cfg.model.device) if args.random else load_model(cfg.model)
+    if args.audio:
+        from streamer.audio import AudioConverter, read_audio
+
+        parts = []
+        for path in args.audio:
+            data, rate = read_audio(path)
+            parts.append(AudioConverter(rate, data.shape[1]).convert(data, last=True))
+        audio = np.concatenate(parts)
+    else:
+        audio = speech_audio(args.seconds)
+    dur = len(audio) / 16000
+    sched = Schedule.from_config(cfg.stream)
+    print(f"model {runner.name}: {runner.n_parameters / 1e6:.1f} M parameters on {runner.device} "
+          f"({str(runner.dtype).removeprefix('torch.')}), torch threads {torch.get_num_threads()}")
+    print(f"audio {dur:.1f} s; schedule left {sched.left * 20} ms, hop {sched.hop * 20} ms, "
+          f"lookahead {sched.lookahead * 20} ms (window {sched.window_samples / 16000:.2f} s)")
+    runner.warmup(sched.window_samples)
+    runner.run([audio[: 16000 * 5]])
+
+    t0 = time.perf_counter()
+    offline_lp = runner.run([audio])[0]
+    offline_s = time.perf_counter() - t0
+    offline_ids = offline_lp.argmax(-1)
+    offline_text = str(runner.tokenizer.decode(offline_ids.tolist()))
+    st = measure(runner, cfg, audio, args.chunk_ms, offline_ids, offline_text)
+    rows = [("offline (one pass)", offline_s, 1.0, 0.0), ("streaming engine", st["seconds"], st["agreement"], st["cer"])]
+    if not args.no_pipeline:
+        from transformers import pipeline
+
+        pipe = pipeline("automatic-speech-recognition", model=runner.model, tokenizer=runner.tokenizer,
+                        feature_extractor=runner.feature_extractor, device=runner.device)
+        n = sched.left + sched.hop + sched.lookahead
+        t0 = time.perf_counter()
+        text = pipe(audio.copy(), chunk_length_s=n * 0.02, stride_length_s=(sched.left * 0.02, sched.lookahead * 0.02),
+                    batch_size=8)["text"]
+        rows.append(("transformers pipeline", time.perf_counter() - t0, float("nan"), cer(text, offline_text)))
+    print(f"\n{'mode':<24}{'seconds':>9}{'RTF':>9}{'vs offline':>12}{'frame agree':>13}{'CER vs offline':>16}")
+    for name, secs, agree, c in rows:
+        agree_s = "-" if np.isnan(agree) else f"{agree * 100:.2f} %"
+        print(f"{name:<24}{secs:>9.3f}{secs / dur:>9.4f}{secs / offline_s:>11.2f}x{agree_s:>13}{c * 100:>14.2f} %")
+    print(f"\ncompute ratio streaming/offline: {st['seconds'] / offline_s:.2f} "
+          f"(schedule predicts ~{(sched.left + sched.hop + sched.lookahead) / sched.hop:.2f})")
+    if args.plot:
+        plot_tradeoff(runner, cfg, audio, args, offline_s, offline_ids, offline_text)
+    return 0
+
+
+def plot_tradeoff(runner: Any, cfg: Any, audio: np.ndarray, args: argparse.Namespace, offline_s: float,
+                  offline_ids: np.ndarray, offline_text: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tqdm import tqdm
+
+    from streamer.config import StreamConfig
+
+    grid = [(800, 200, 320), (1600, 400, 640), (1600, 400, 1280), (2000, 1000, 1280), (3200, 800, 1280),
+            (4000, 2000, 2000)]
+    points = []
+    for left, hop, look in tqdm(grid, desc="schedules", file=sys.stderr, disable=not sys.stderr.isatty()):
+        c = cfg.replace(stream=StreamConfig(left_context_ms=left, hop_ms=hop, lookahead_ms=look))
+        m = measure(runner, c, audio, args.chunk_ms, offline_ids, offline_text)
+        points.append((left, hop, look, m["seconds"] / offline_s, m["agreement"], m["cer"]))
+        print(f"  left {left:>5} hop {hop:>5} lookahead {look:>5} ms: compute x{m['seconds'] / offline_s:.2f}, "
+              f"agreement {m['agreement'] * 100:.2f} %, CER {m['cer'] * 100:.2f} %")
+    fig, ax1 = plt.subplots(figsize=(8, 4.5))
+    lat = [(h + r) / 1000 for _, h, r, *_ in points]
+    ax1.plot(lat, [p[3] for p in points], "o-", color="tab:blue", label="compute / offline")
+    ax1.set_xlabel("final latency from schedule: hop + look-ahead (s)")
+    ax1.set_ylabel("compute ratio streaming / offline", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(lat, [p[4] * 100 for p in points], "s--", color="tab:green", label="frame agreement")
+    ax2.set_ylabel("frame-argmax agreement with offline (%)", color="tab:green")
+    for (left, hop, look, ratio, *_), x in zip(points, lat, strict=True):
+        ax1.annotate(f"{left}/{hop}/{look}", (x, ratio), textcoords="offset points", xytext=(4, 6), fontsize=7)
+    ax1.set_title(f"Streaming trade-off, {runner.name} (labels: left/hop/look-ahead ms)")
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"plot written to {args.plot}")

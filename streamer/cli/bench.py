@@ -210,6 +210,7 @@ def plot_tradeoff(runner: Any, cfg: Any, audio: np.ndarray, args: argparse.Names
         points.append((left, hop, look, m["seconds"] / offline_s, m["agreement"], m["cer"]))
         print(f"  left {left:>5} hop {hop:>5} lookahead {look:>5} ms: compute x{m['seconds'] / offline_s:.2f}, "
               f"agreement {m['agreement'] * 100:.2f} %, CER {m['cer'] * 100:.2f} %")
+    points.sort(key=lambda p: (p[1] + p[2], p[0]))
     fig, ax1 = plt.subplots(figsize=(8, 4.5))
     lat = [(h + r) / 1000 for _, h, r, *_ in points]
     ax1.plot(lat, [p[3] for p in points], "o-", color="tab:blue", label="compute / offline")

@@ -154,7 +154,7 @@ class EndpointConfig(_Section):
     _name = "endpoint"
     enabled: bool = _opt(True)
     silence_no_speech_s: float = _opt(2.4, min=0.02, doc="trailing silence that ends a segment with no text")
-    silence_after_speech_s: float = _opt(1.2, min=0.02, doc="trailing silence that ends a segment with text")
+    silence_after_speech_s: float = _opt(0.6, min=0.02, doc="trailing silence that ends a segment with text")
     max_utterance_s: float = _opt(20.0, min=0.2, doc="a segment is cut at this length regardless")
 
 

@@ -82,14 +82,11 @@ def speech_audio(seconds: float) -> np.ndarray:
     return np.concatenate(parts)[: int(seconds * 16000)]
 
 
-def random_runner(size: str, device: str) -> Any:
-    """A randomly initialised Wav2Vec2ForCTC of a real model's shape (no download)."""
+def _random_parts(size: str) -> tuple[Any, Any, Any]:
     import json
 
     import torch
     from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
-
-    from streamer.model import ModelRunner, _pick_device
 
     norm, layers, hidden, heads, inter, conv = RANDOM_SIZES[size]
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,9 +98,27 @@ def random_runner(size: str, device: str) -> Any:
                          num_attention_heads=heads, intermediate_size=inter, conv_dim=(conv,) * 7,
                          feat_extract_norm=norm, do_stable_layer_norm=(norm == "layer"), pad_token_id=0)
     torch.manual_seed(0)
+    return Wav2Vec2ForCTC(cfg), tok, fe
+
+
+def save_random_model(size: str, path: str | Path) -> Path:
+    """Write a randomly initialised checkpoint of a real model's shape (for daemon benchmarks)."""
+    model, tok, fe = _random_parts(size)
+    for part in (model, tok, fe):
+        part.save_pretrained(path)
+    return Path(path)
+
+
+def random_runner(size: str, device: str) -> Any:
+    """A randomly initialised Wav2Vec2ForCTC of a real model's shape (no download)."""
+    import torch
+
+    from streamer.model import ModelRunner, _pick_device
+
+    model, tok, fe = _random_parts(size)
     dev = _pick_device(device)
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
-    model = Wav2Vec2ForCTC._from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval().to(dev)
+    model = model.to(dtype).eval().to(dev)
     return ModelRunner(model, tok, fe, name=f"random-{size}", device=dev, dtype=dtype)
 
 

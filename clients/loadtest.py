@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -242,7 +241,7 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"{args.cycles} connect/disconnect cycles in {time.perf_counter() - t0:.1f} s: "
                   f"RSS {before:.0f} MB -> {after:.0f} MB")
         if args.json:
-            Path(args.json).write_text(json.dumps(summary, indent=2))
+            await asyncio.to_thread(Path(args.json).write_text, json.dumps(summary, indent=2))
         return 0
     finally:
         if proc is not None and proc.returncode is None:

@@ -78,7 +78,9 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     except FileNotFoundError:
         raise AudioError(f"{path}: no such file") from None
     except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-        raise AudioError(f"{path}: cannot read audio ({exc}); use a format libsndfile reads: wav, flac, ogg, mp3") from None
+        raise AudioError(
+            f"{path}: cannot read audio ({exc}); use a format libsndfile reads: wav, flac, ogg, mp3"
+        ) from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: the file holds no audio samples")
     if not np.isfinite(data).all():

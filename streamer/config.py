@@ -378,7 +378,9 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[
 
 def iter_keys() -> Iterable[tuple[str, str, Any, str]]:
     """Yield (section, key, default, doc) for every key; used to check configs/default.toml."""
-    for section, cls in [*_SECTIONS.items(), ("sources", SourceConfig)]:
+    sections: list[tuple[str, Any]] = [*_SECTIONS.items(), ("sources", SourceConfig)]
+    for section, cls in sections:
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            factory: Any = f.default_factory
+            default = f.default if f.default is not dataclasses.MISSING else factory()
             yield section, f.name, default, f.metadata.get("doc", "")

@@ -214,8 +214,8 @@ def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64) -> ModelR
     from transformers import AutoModelForCTC, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _pick_device(cfg.device)

@@ -165,8 +165,8 @@ def vosk_final(finals: list[Final], *, words: bool = True, max_alternatives: int
     result = [{"conf": round(w.conf, 6), "end": round(w.end, 3), "start": round(w.start, 3), "word": w.word}
               for f in finals for w in f.words]
     if max_alternatives:
-        alt: dict[str, Any] = {"text": text, "confidence": round(
-            sum(r["conf"] for r in result) / len(result), 6) if result else 1.0}
+        confs = [float(w.conf) for f in finals for w in f.words]
+        alt: dict[str, Any] = {"text": text, "confidence": round(sum(confs) / len(confs), 6) if confs else 1.0}
         if words:
             alt["result"] = [{k: r[k] for k in ("word", "start", "end")} for r in result]
         return {"alternatives": [alt]}

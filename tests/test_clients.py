@@ -16,10 +16,10 @@ from streamer.transcribe import new_session, stream_array
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def run(*cmd, stdin=None, timeout=60):
+async def run(*cmd, stdin=None, limit=60):
     proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.PIPE if stdin else None,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(limit):
         out, err = await proc.communicate(stdin)
     return proc.returncode, out.decode(), err.decode()
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import urllib.request
 
@@ -64,7 +63,8 @@ async def test_native_protocol_equals_transcribe(daemon_factory, model_runner, s
     expected = reference_finals(model_runner, np.frombuffer(pcm16(speech), "<i2").astype(np.float32) / 32768)
     got = finals_of(msgs)
     assert [f["text"] for f in got] == [f["text"] for f in expected]
-    assert [(f["segment"], f["start"], f["end"]) for f in got] == [(f["segment"], f["start"], f["end"]) for f in expected]
+    spans = [(f["segment"], f["start"], f["end"]) for f in got]
+    assert spans == [(f["segment"], f["start"], f["end"]) for f in expected]
 
 
 async def test_start_message_with_other_rate_and_float(daemon_factory, model_runner, speech):
@@ -108,7 +108,8 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize(("code_name", "sends", "close_code"), BAD_INPUTS, ids=[b[0] + str(i) for i, b in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize(("code_name", "sends", "close_code"), BAD_INPUTS,
+                         ids=[b[0] + str(i) for i, b in enumerate(BAD_INPUTS)])
 async def test_bad_input_errors_without_touching_other_streams(daemon_factory, model_runner, speech, code_name,
                                                                sends, close_code):
     d = await daemon_factory()
@@ -134,7 +135,7 @@ async def test_bad_input_errors_without_touching_other_streams(daemon_factory, m
 async def wait_for_no_streams(d):
     """Every stream's resources are released once its connection closed."""
     async with asyncio.timeout(5):
-        while d.active_streams or d.worker.queued:
+        while d.active_streams or d.worker.queued:  # noqa: ASYNC110 (polling a counter, bounded by the timeout)
             await asyncio.sleep(0.01)
 
 

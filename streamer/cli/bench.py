@@ -184,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
     offline_ids = offline_lp.argmax(-1)
     offline_text = str(runner.tokenizer.decode(offline_ids.tolist()))
     st = measure(runner, cfg, audio, args.chunk_ms, offline_ids, offline_text)
-    rows = [("offline (one pass)", offline_s, 1.0, 0.0), ("streaming engine", st["seconds"], st["agreement"], st["cer"])]
+    rows = [("offline (one pass)", offline_s, 1.0, 0.0),
+            ("streaming engine", st["seconds"], st["agreement"], st["cer"])]
     if not args.no_pipeline:
         from transformers import pipeline
 

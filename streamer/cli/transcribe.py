@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
+from pathlib import Path
 from typing import Any
 
 from streamer.cli import add_config_args, load_cli_config
@@ -25,6 +27,9 @@ def register(sub: Any) -> None:
     p.add_argument("--chunk-ms", type=float, default=100.0, metavar="N",
                    help="arrival chunk size in milliseconds (default: 100)")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
+    p.add_argument("--mqtt", action="store_true",
+                   help="also publish every event to the [mqtt] broker, topics <prefix>/<file stem>/partial|final "
+                   "(as mqtt.enabled = true does; see docs/mqtt.md)")
     add_config_args(p)
     p.set_defaults(func=run)
 
@@ -37,15 +42,23 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--chunk-ms must be positive, got {args.chunk_ms}")
     cfg = load_cli_config(args)
     runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
+    mqtt = None
+    if args.mqtt or cfg.mqtt.enabled:  # -- mqtt (streamer/aio/mqtt.py) --
+        from streamer.aio.mqtt import PublisherThread
+
+        mqtt = PublisherThread.started(cfg.mqtt, role="transcribe")
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     try:
         for path in args.files:
             writer = EventWriter(args.format, out)
             bar = _progress_bar(path)
             session = new_session(cfg, runner.vocab)
+            stream, session_id = Path(path).stem, uuid.uuid4().hex[:12]
             try:
                 for event in stream_file(session, runner, path, args.chunk_ms, bar.update if bar else None):
                     writer.write(event)
+                    if mqtt:
+                        mqtt.publish(stream, session_id, event.to_dict())
             finally:
                 if bar:
                     bar.close()
@@ -53,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if args.output:
             out.close()
+        if mqtt:
+            mqtt.close()  # flushes, at most mqtt.flush_timeout_s
     return 0
 
 
@@ -62,8 +77,8 @@ class _Bar:
     def __init__(self, name: str) -> None:
         from tqdm import tqdm
 
-        self.tqdm = tqdm(desc=name, unit="s", unit_scale=False, leave=False, file=sys.stderr,
-                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]")
+        fmt = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}]"
+        self.tqdm = tqdm(desc=name, unit="s", leave=False, file=sys.stderr, bar_format=fmt)
 
     def update(self, done: float, total: float) -> None:
         self.tqdm.total = total

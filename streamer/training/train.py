@@ -320,7 +320,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     hours = corpus.lengths.sum() / D.SAMPLE_RATE / 3600
     print(f"train: {len(corpus)} utterances, {hours:.2f} h; dev: {len(dev)}", file=sys.stderr)
 
-    model = build_model(args).to(device)
+    model = build_model(args)
+    if args.init_from is not None:
+        from transformers import Wav2Vec2ForCTC
+
+        init = Wav2Vec2ForCTC.from_pretrained(args.init_from)
+        model.load_state_dict(init.state_dict())
+        print(f"initialised from {args.init_from}", file=sys.stderr)
+    model = model.to(device)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.2f} M parameters", file=sys.stderr)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "masked_spec_embed" not in n]
@@ -377,10 +384,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             opt.step()
             state["step"] += 1
             if state["step"] % 10 == 0 or device.type == "cpu":
-                lv = float(loss)
+                lv = loss.item()
                 loss_sum += lv * len(batch["lengths"])
                 n_sum += len(batch["lengths"])
                 bar.set_postfix(loss=f"{lv:.3f}", lr=f"{lr:.2e}")
+                if args.quiet and state["step"] % args.log_every == 0:
+                    print(f"step {state['step']} loss {lv:.3f} lr {lr:.2e} {elapsed:.0f}s", file=sys.stderr,
+                          flush=True)
         bar.close()
         metrics = evaluate(model, dev, args, device)
         state["elapsed"] = time.perf_counter() - t_start
@@ -457,7 +467,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--out", type=Path, default=Path("data/model"), help="output model directory")
     g.add_argument("--work", type=Path, default=None, help="checkpoint directory (default: OUT.work)")
     g.add_argument("--resume", action="store_true", help="continue from WORK/last.pt")
+    g.add_argument("--init-from", type=Path, default=None,
+                   help="start from the weights of a saved model directory (fine-tuning; fresh optimiser)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--log-every", type=int, default=100, help="with --quiet: log a line every N steps")
     a = p.parse_args(argv)
     a.batch_samples = int(a.batch_seconds * D.SAMPLE_RATE)
     if a.work is None:

@@ -1,0 +1,281 @@
+"""The live-caption page (streamer/web) in a real headless Chromium whose microphone is espeak-ng speech.
+
+Chromium plays a WAV file as its fake microphone (looped); the page captures it through its
+AudioWorklet and streams it to an in-process daemon over the native protocol. One browser serves
+the whole module. With the random tiny test model the captions are gibberish (but real model
+output); when a trained demo model ships in ``streamer/models/demo`` the test also checks words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from conftest import espeak
+from websockets.asyncio.client import connect
+
+from streamer.model import demo_model_dir
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshot.png"
+SENTENCES = ["turn on the kitchen lights", "set a timer for twenty minutes"]
+WAIT_MS = 20_000
+# finals also while speaking, whatever the model makes of the pauses
+FAST_FINALS = "endpoint.max_utterance_s=3.0"
+
+WORDS_JS = """() => ['finals', 'partial'].map(id => document.getElementById(id).innerText)
+                 .join(' ').split(/\\s+/).filter(Boolean).length"""
+
+
+async def read(path) -> str:
+    return await asyncio.to_thread(Path(path).read_text)
+
+
+def state_is(state: str) -> str:
+    return f"() => document.body.dataset.state === {state!r}"
+
+
+@pytest.fixture(scope="module")
+def mic_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fake microphone: both sentences with pauses, 16 kHz s16 WAV (Chromium loops it)."""
+    import soundfile as sf
+
+    root = tmp_path_factory.mktemp("mic")
+    parts = []
+    for i, text in enumerate(SENTENCES):
+        audio, _ = sf.read(espeak(text, root / f"{i}.wav"), dtype="float32")
+        parts += [audio, np.zeros(12000, dtype=np.float32)]
+    path = root / "mic.wav"
+    sf.write(path, np.concatenate(parts), 16000, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing; `apt-get install chromium` (.ci/run does it)")
+    return CHROMIUM
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def browser(chromium: str, mic_wav: Path):
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        pytest.fail("playwright is missing; `pip install -e '.[dev]'` (no `playwright install` needed)")
+    pw = await async_playwright().start()
+    try:
+        b = await pw.chromium.launch(
+            executable_path=chromium,
+            headless=True,
+            timeout=60_000,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={mic_wav}",
+            ],
+        )
+        yield b
+        await b.close()
+    finally:
+        await pw.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_runner():
+    """The shipped demo model when there is one (its captions are checked for words), else None."""
+    if not (demo_model_dir() / "config.json").is_file():
+        return None
+    from streamer.config import ModelConfig
+    from streamer.model import load_model
+
+    return load_model(ModelConfig(id="demo", device="cpu"))
+
+
+class Recorder:
+    """An event sink on the daemon's hub: what the daemon produced, to compare with the page."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def publish(self, stream: str, session: str, event: dict) -> None:
+        self.events.append((stream, event))
+
+    def finals(self, stream: str) -> list[str]:
+        return [e["text"].strip() for s, e in self.events if s == stream and e["type"] == "final" and e["text"].strip()]
+
+
+PAGE_ERRORS: dict[object, list[object]] = {}
+
+
+async def open_page(browser, port: int, query: str = "", **context):
+    """A new page in its own browser context (own permissions, downloads, storage)."""
+    ctx = await browser.new_context(
+        viewport=context.pop("viewport", {"width": 1000, "height": 560}), accept_downloads=True, **context
+    )
+    page = await ctx.new_page()
+    page.set_default_timeout(WAIT_MS)
+    PAGE_ERRORS[page] = errors = []
+    page.on("pageerror", lambda exc: errors.append(exc))
+    await page.goto(f"http://127.0.0.1:{port}/{query}")
+    return page
+
+
+async def close(page) -> None:
+    """Close the page's context; the page must not have thrown an uncaught error."""
+    await page.context.close()
+    errors = PAGE_ERRORS.pop(page)
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+async def message(page) -> str:
+    await page.wait_for_selector("#message:not([hidden])")
+    return await page.inner_text("#message")
+
+
+async def listens_then_stops(page) -> None:
+    """The page (re)connected: listening, the error message gone; then stop it."""
+    await page.wait_for_function(state_is("listening"))
+    assert await page.is_hidden("#message")
+    await page.click("#toggle")
+    await page.wait_for_function(state_is("idle"))
+
+
+async def test_live_captions_from_microphone(browser, daemon_factory, demo_runner):
+    """Fake microphone -> worklet -> /v1/stream (with a token) -> partials and finals on the page and on
+    a viewer page; stop sends the last finals; .txt/.vtt downloads hold the finals; screenshot."""
+    d = await daemon_factory("server.auth_token='secret'", FAST_FINALS, runner=demo_runner)
+    produced = Recorder()
+    d.hub.sinks.append(produced)
+    viewer = await open_page(browser, d.port, "?listen=desk&token=secret")
+    page = await open_page(browser, d.port, "?token=secret&name=desk", color_scheme="dark")
+    try:
+        await viewer.wait_for_function(state_is("listening"))
+        assert await page.get_attribute("body", "data-state") == "idle"
+        await page.focus("#toggle")
+        await page.keyboard.press("Enter")  # keyboard usable
+        await page.wait_for_function(state_is("listening"))
+        assert await page.inner_text("#status-text") == "Listening"
+        assert await page.inner_text("#toggle") == "Stop captions"
+
+        await page.wait_for_function(f"() => ({WORDS_JS})() > 0")
+        first = await page.evaluate(WORDS_JS)
+        await page.wait_for_function(f"() => ({WORDS_JS})() > {first}")  # captions keep coming
+        await page.wait_for_selector("#finals .line")  # finals appended while speaking
+        await page.wait_for_function(f"() => ({WORDS_JS})() >= 4")
+        assert await page.get_attribute("body", "data-state") == "listening"
+        assert await page.get_attribute("#finals", "aria-live") == "polite"
+
+        await viewer.wait_for_selector("#finals .line")  # the viewer follows stream "desk"
+        assert await viewer.is_hidden("#level")
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        await page.evaluate("() => document.activeElement.blur()")  # no focus ring in the picture
+        await page.screenshot(path=str(SCREENSHOT))
+
+        await page.click("#toggle")  # stop: the last finals arrive, then the server closes
+        await page.wait_for_function(state_is("idle"))
+        assert await page.inner_text("#partial") == ""
+        lines = await page.locator("#finals .line").all_inner_texts()
+        assert lines and lines == produced.finals("desk")  # exactly the daemon's finals, in order
+        assert d.active_streams == 0
+        await viewer.wait_for_function(f"() => document.querySelectorAll('#finals .line').length >= {len(lines)}")
+        assert await viewer.locator("#finals .line").all_inner_texts() == lines
+
+        async with page.expect_download() as info:
+            await page.click("#download-txt")
+        txt = await read(await (await info.value).path())
+        assert txt.splitlines() == lines
+        async with page.expect_download() as info:
+            await page.click("#download-vtt")
+        dl = await info.value
+        assert dl.suggested_filename.endswith(".vtt")
+        vtt = await read(await dl.path())
+        assert vtt.startswith("WEBVTT\n\n")
+        cues = re.findall(r"(\d\d):(\d\d):(\d\d)\.(\d{3}) --> (\d\d):(\d\d):(\d\d)\.(\d{3})\n(.+)\n", vtt)
+        assert [c[8] for c in cues] == lines
+        times = [
+            int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000 for c in cues for h, m, s, ms in (c[0:4], c[4:8])
+        ]
+        assert times == sorted(times) and times[-1] > 0
+
+        if demo_runner is not None:  # a trained model: the spoken words are in the captions
+            heard = set(" ".join(lines).lower().split())
+            assert len(heard & {"turn", "kitchen", "lights", "timer", "twenty", "minutes"}) >= 2, lines
+    finally:
+        await close(page)
+        await close(viewer)
+
+
+async def test_busy_server_message_then_reconnect(browser, daemon_factory):
+    d = await daemon_factory("server.max_streams=1")
+    page = await open_page(browser, d.port)
+    try:
+        async with asyncio.timeout(WAIT_MS / 1000), connect(f"ws://127.0.0.1:{d.port}/v1/stream") as ws:
+            await ws.recv()  # ready: this stream holds the only slot
+            await page.click("#toggle")
+            await page.wait_for_function(state_is("reconnecting"))
+            text = await message(page)
+            assert "Server busy" in text and "Trying again automatically" in text, text
+            assert "Server busy" in await page.inner_text("#status-text")
+        # the slot is free again: the page's next retry (backoff 1 s, 2 s, ...) gets in
+        await listens_then_stops(page)
+    finally:
+        await close(page)
+
+
+async def test_wrong_or_missing_token_message(browser, daemon_factory):
+    d = await daemon_factory("server.auth_token='secret'")
+    page = await open_page(browser, d.port, "?token=wrong")
+    try:
+        await page.click("#toggle")
+        await page.wait_for_function(state_is("error"))
+        text = await message(page)
+        assert "access token is wrong" in text, text
+        assert await page.inner_text("#status-text") == "Access denied"
+        assert await page.inner_text("#toggle") == "Start captions"
+    finally:
+        await close(page)
+
+    page = await open_page(browser, d.port)
+    try:
+        await page.click("#toggle")
+        await page.wait_for_function(state_is("error"))
+        assert "needs an access token" in await message(page)
+        assert await page.is_visible("#token")  # the settings opened at the token field
+        await page.fill("#token", "secret")
+        await page.click("#toggle")
+        await listens_then_stops(page)
+    finally:
+        await close(page)
+
+
+async def test_microphone_denied_on_a_phone_screen(browser, daemon_factory):
+    d = await daemon_factory()
+    page = await open_page(browser, d.port, viewport={"width": 375, "height": 667}, is_mobile=True, has_touch=True)
+    try:
+        await page.evaluate("""() => { navigator.mediaDevices.getUserMedia = () =>
+            Promise.reject(new DOMException('Permission denied', 'NotAllowedError')); }""")
+        await page.click("#toggle")
+        await page.wait_for_function(state_is("error"))
+        assert "Microphone access was denied" in await message(page)
+        assert d.active_streams == 0
+        # phone-sized: nothing wider than the screen, the button fully visible and large enough to tap
+        assert await page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+        box = await page.locator("#toggle").bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375 and box["height"] >= 44
+        assert box["y"] + box["height"] <= 667
+    finally:
+        await close(page)

@@ -150,6 +150,25 @@ class Daemon:
         self.closed.set()
         logger.info("stopped")
 
+    # -- reload (SIGHUP, see streamer/aio/systemd.py) ---------------------------
+
+    def apply_config(self, cfg: Config) -> None:
+        """Run with a reloaded ``cfg`` from now on; :class:`~streamer.aio.systemd.Reloader` calls it.
+
+        Handlers read their limits from ``self.cfg`` when they use them, and each new connection
+        takes its message size and origins from it (:meth:`_connection_limits`). ``cfg`` must keep
+        the running values of the keys that need a restart (``systemd.split_changes``).
+        """
+        token = cfg.server.token()  # raises ConfigError before anything changes
+        self.cfg, self._token = cfg, token
+
+    def _connection_limits(self, conn: ServerConnection) -> None:
+        s, protocol = self.cfg.server, conn.protocol
+        # websockets renamed Protocol.max_size to max_message_size; serve() set it from the old config
+        setattr(protocol, "max_message_size" if hasattr(protocol, "max_message_size") else "max_size",
+                s.max_message_bytes)
+        protocol.origins = [*s.allowed_origins, None] if s.allowed_origins else None  # type: ignore[list-item]
+
     # -- HTTP ------------------------------------------------------------------
 
     def _respond(self, conn: ServerConnection, status: int, body: bytes | str, ctype: str) -> Response:
@@ -180,6 +199,7 @@ class Daemon:
                 "uptime_s": round(time.time() - self.started_at, 1)}
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        self._connection_limits(conn)  # the limits of the config now in force (reload)
         url = urlsplit(request.path)
         path, query = url.path, parse_qs(url.query)
         if path == "/healthz":

@@ -11,8 +11,9 @@ import sys
 import time
 from typing import Any
 
+from streamer.aio.systemd import Notifier, Reloader
 from streamer.cli import add_config_args, load_cli_config
-from streamer.config import Config
+from streamer.config import Config, load_config
 
 logger = logging.getLogger("streamer.serve")
 
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from streamer.engine import Schedule
     from streamer.model import load_model
 
+    Notifier.from_environ().status(f"loading model {cfg.model.id}")  # systemd: shown while starting
     t0 = time.perf_counter()
     runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
     warm = runner.warmup(Schedule.from_config(cfg.stream).window_samples)
@@ -63,14 +65,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"config ok; model {runner.name} on {runner.device} ({runner.n_parameters / 1e6:.1f} M parameters), "
               f"warm-up window {warm * 1000:.0f} ms")
         return 0
-    return asyncio.run(serve(cfg, runner, args.config, args.overrides))
+    # SIGHUP re-reads the file with the same overrides (systemd); --model and --device are overrides too
+    reload_overrides = [*args.overrides, *(f"model.{key}={value}" for key, value in
+                                           (("id", args.model), ("device", args.device)) if value)]
+    return asyncio.run(serve(cfg, runner, args.config, reload_overrides, verbose=args.verbose))
 
 
-async def serve(cfg: Config, runner: Any, config_path: str | None = None, overrides: list[str] | None = None) -> int:
+async def serve(cfg: Config, runner: Any, config_path: str | None = None, overrides: list[str] | None = None,
+                *, verbose: int = 0) -> int:
     from streamer.aio.server import Daemon
 
     daemon = Daemon(cfg, runner)
     add_services(daemon)
+    # -- systemd: sd_notify and reload on SIGHUP (streamer/aio/systemd.py) --
+    notifier = Notifier.from_environ()
+    reloader = Reloader(daemon, lambda: load_config(config_path, overrides or ()), notifier)
+    daemon.on_reload.append(lambda new: configure_logging(new, verbose))
+    # -- end systemd --
     loop = asyncio.get_running_loop()
     signals = 0
 

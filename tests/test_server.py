@@ -363,3 +363,11 @@ async def test_sigterm_mid_stream_sends_finals_then_1001(tiny_models, speech, tm
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_port_in_use_is_a_clear_error(daemon_factory):
+    from streamer.exceptions import StreamerError
+
+    d = await daemon_factory()
+    with pytest.raises(StreamerError, match=f"cannot listen on 127.0.0.1:{d.port}.*server.port"):
+        await daemon_factory(f"server.port={d.port}")

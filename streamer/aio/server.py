@@ -31,7 +31,7 @@ from streamer.aio.worker import BatchWorker
 from streamer.config import Config
 from streamer.engine import SAMPLE_RATE, Schedule
 from streamer.events import Final, Partial
-from streamer.exceptions import AudioError, InferenceError, ProtocolError
+from streamer.exceptions import AudioError, InferenceError, ProtocolError, StreamerError
 from streamer.protocol import (
     CLOSE_BAD_DATA,
     CLOSE_POLICY,
@@ -109,13 +109,25 @@ class Daemon:
         }
         if s.allowed_origins:
             common["origins"] = [*s.allowed_origins, None]
-        self.servers.append(await serve(self._native, s.host, s.port, **common))
+        self.servers.append(await self._listen(self._native, s.host, s.port, "server.port", common))
         if self.cfg.vosk.enabled:
-            self.servers.append(await serve(self._vosk, s.host, self.cfg.vosk.port, **common))
+            self.servers.append(await self._listen(self._vosk, s.host, self.cfg.vosk.port, "vosk.port", common))
         for service in self.services:
             await service.start()
         logger.info("listening on ws://%s:%d%s%s", s.host, self.port, STREAM_PATH,
                     f" and vosk ws://{s.host}:{self.vosk_port}" if self.vosk_port else "")
+
+    async def _listen(self, handler: Any, host: str, port: int, key: str, kwargs: dict[str, Any]) -> Server:
+        try:
+            return await serve(handler, host, port, **kwargs)
+        except OSError as exc:
+            await self.worker.stop()
+            for server in self.servers:
+                server.close()
+            raise StreamerError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); another program may use the port: "
+                f"choose another with {key} (or --port), or stop that program"
+            ) from None
 
     def request_shutdown(self) -> asyncio.Task[None]:
         if self._shutdown_task is None:

@@ -435,7 +435,7 @@ def _noise(n: int, kind: str, rng: np.random.Generator) -> np.ndarray:
     f[0] = 1.0
     spec /= np.sqrt(f) if kind == "pink" else f
     out = np.fft.irfft(spec, n).astype(np.float32)
-    return out / (out.std() + 1e-8)
+    return np.asarray(out / (out.std() + 1e-8), dtype=np.float32)
 
 
 def augment(audio: np.ndarray, rng: np.random.Generator, *, silence: tuple[float, float] = (0.05, 0.5),
@@ -449,11 +449,11 @@ def augment(audio: np.ndarray, rng: np.random.Generator, *, silence: tuple[float
     snr = rng.uniform(*snr_db)
     clean = rng.random() < clean_prob
     x = audio.astype(np.float32)
-    x = x * (level / (float(np.abs(x).max()) + 1e-8))
+    x = x * np.float32(level / (float(np.abs(x).max()) + 1e-8))
     power = float(np.mean(x ** 2)) + 1e-12
     x = np.concatenate([np.zeros(lead, np.float32), x, np.zeros(tail, np.float32)])
     if not clean:
-        x = x + _noise(x.size, kind, rng) * np.float32(np.sqrt(power / 10 ** (snr / 10)))
+        x = (x + _noise(x.size, kind, rng) * np.float32(np.sqrt(power / 10 ** (snr / 10)))).astype(np.float32)
     return np.clip(x, -1.0, 1.0).astype(np.float32)
 
 
@@ -479,7 +479,7 @@ def utterance_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def plan(split: str, n: int, seed: int, unique: bool = False) -> list[tuple[Utterance, Voice]]:
     """The sentences and voices of utterances ``0..n-1`` (cheap: no audio)."""
-    out = []
+    out: list[tuple[Utterance, Voice]] = []
     seen: set[str] = set()
     i = 0
     while len(out) < n:

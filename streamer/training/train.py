@@ -106,13 +106,15 @@ def save_hf(model: Any, out: Path, words: list[str]) -> None:
     model.save_pretrained(out, safe_serialization=True)
     vocab_file = out / "vocab.json"
     vocab_file.write_text(json.dumps({t: i for i, t in enumerate(VOCAB)}, indent=2) + "\n")
-    tok = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|",
-                               bos_token=None, eos_token=None, do_lower_case=False)
+    tok = Wav2Vec2CTCTokenizer(  # type: ignore[no-untyped-call]
+        str(vocab_file), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|", bos_token=None,
+        eos_token=None, do_lower_case=False)
     tok.save_pretrained(out)
     (out / "special_tokens_map.json").write_text(
         json.dumps({"pad_token": "<pad>", "unk_token": "<unk>"}, indent=2) + "\n")
-    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=D.SAMPLE_RATE, padding_value=0.0,
-                                  do_normalize=True, return_attention_mask=True)
+    fe = Wav2Vec2FeatureExtractor(  # type: ignore[no-untyped-call]
+        feature_size=1, sampling_rate=D.SAMPLE_RATE, padding_value=0.0, do_normalize=True,
+        return_attention_mask=True)
     fe.save_pretrained(out)
     (out / "words.txt").write_text("\n".join(words) + "\n")
 
@@ -148,7 +150,7 @@ class Corpus:
         if cur:
             out.append(np.array(cur))
         if rng is not None:
-            rng.shuffle(out)  # type: ignore[arg-type]
+            rng.shuffle(out)
         return out
 
 
@@ -234,7 +236,7 @@ def prefetch(it: Iterator[Any], size: int = 4) -> Iterator[Any]:
 def lr_at(progress: float, step: int, args: argparse.Namespace) -> float:
     warm = min(1.0, (step + 1) / max(1, args.warmup_steps))
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return args.lr * warm * (args.final_lr_ratio + (1 - args.final_lr_ratio) * cos)
+    return float(args.lr * warm * (args.final_lr_ratio + (1 - args.final_lr_ratio) * cos))
 
 
 def evaluate(model: Any, corpus: Corpus, args: argparse.Namespace, device: Any) -> dict[str, float]:
@@ -359,7 +361,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         np.random.seed((args.seed * 1000 + epoch) % 2**32)  # SpecAugment masks (transformers uses numpy)
         batches = corpus.batches(args.batch_samples, rng, int(0.55 * 2 * D.SAMPLE_RATE))
         seeds = rng.integers(2**63, size=len(batches))
-        gen = (make_batch(corpus, b, np.random.default_rng(s), (0.05, 0.5)) for b, s in zip(batches, seeds))
+        gen = (make_batch(corpus, b, np.random.default_rng(s), (0.05, 0.5))
+               for b, s in zip(batches, seeds, strict=True))
         bar = tqdm(prefetch(gen), total=len(batches), desc=f"epoch {epoch}/{args.epochs}", unit="batch",
                    disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
         loss_sum, n_sum = 0.0, 0

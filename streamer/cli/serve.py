@@ -100,6 +100,8 @@ async def serve(cfg: Config, runner: Any, config_path: str | None = None, overri
     print(f"streamer: listening on ws://{cfg.server.host}:{daemon.port}/v1/stream"
           + (f", vosk on ws://{cfg.server.host}:{daemon.vosk_port}" if daemon.vosk_port else ""),
           file=sys.stderr, flush=True)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)  # systemctl reload
+    notifier.start(daemon)  # READY=1: model warm, listeners and services up; then STATUS= and WATCHDOG=1
     await daemon.closed.wait()
     return 0
 

@@ -438,7 +438,7 @@ def _noise(n: int, kind: str, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(out / (out.std() + 1e-8), dtype=np.float32)
 
 
-def augment(audio: np.ndarray, rng: np.random.Generator, *, silence: tuple[float, float] = (0.05, 0.5),
+def augment(audio: np.ndarray, rng: np.random.Generator, *, silence: tuple[float, float] = (0.0, 0.5),
             snr_db: tuple[float, float] = (10.0, 30.0), clean_prob: float = 0.1,
             peak: tuple[float, float] = (0.05, 0.9)) -> np.ndarray:
     """Leading/trailing silence, a random peak level (gain) and coloured noise at a random SNR."""

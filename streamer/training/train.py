@@ -248,7 +248,7 @@ def evaluate(model: Any, corpus: Corpus, args: argparse.Namespace, device: Any) 
     loss_sum, n = 0.0, 0
     with torch.inference_mode():
         for idx in corpus.batches(args.batch_samples, None, int(1.0 * D.SAMPLE_RATE)):
-            batch = make_batch(corpus, idx, rng, (0.05, 0.5))
+            batch = make_batch(corpus, idx, rng, (args.silence[0], args.silence[1]))
             x, mask, labels = to_inputs(batch, device, augment=True)
             with autocast(args, device):
                 out = model(x, attention_mask=mask, labels=labels)
@@ -359,9 +359,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         rng = np.random.default_rng([args.seed, epoch])
         torch.manual_seed(args.seed * 1000 + epoch)
         np.random.seed((args.seed * 1000 + epoch) % 2**32)  # SpecAugment masks (transformers uses numpy)
-        batches = corpus.batches(args.batch_samples, rng, int(0.55 * 2 * D.SAMPLE_RATE))
+        batches = corpus.batches(args.batch_samples, rng, int(2 * args.silence[1] * D.SAMPLE_RATE))
         seeds = rng.integers(2**63, size=len(batches))
-        gen = (make_batch(corpus, b, np.random.default_rng(s), (0.05, 0.5))
+        gen = (make_batch(corpus, b, np.random.default_rng(s), (args.silence[0], args.silence[1]))
                for b, s in zip(batches, seeds, strict=True))
         bar = tqdm(prefetch(gen), total=len(batches), desc=f"epoch {epoch}/{args.epochs}", unit="batch",
                    disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
@@ -441,6 +441,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--train-utts", type=int, default=8000, help="training utterances to generate")
     g.add_argument("--dev-utts", type=int, default=300, help="dev utterances to generate")
     g.add_argument("-j", "--jobs", type=int, default=os.cpu_count(), help="parallel espeak-ng processes")
+    g.add_argument("--silence", type=float, nargs=2, default=[0.0, 0.5], metavar=("MIN", "MAX"),
+                   help="seconds of leading and of trailing silence added, each drawn uniformly")
     g = p.add_argument_group("model")
     g.add_argument("--conv-dim", type=int, default=128, help="channels of each of the 7 conv layers")
     g.add_argument("--hidden", type=int, default=256, help="transformer width")

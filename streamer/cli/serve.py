@@ -108,3 +108,10 @@ async def serve(cfg: Config, runner: Any, config_path: str | None = None, overri
 
 def add_services(daemon: Any) -> None:
     """MQTT publisher and capture sources, as configured."""
+    # -- mqtt (streamer/aio/mqtt.py): a bad password or TLS file raises ConfigError here, an unknown
+    # host or refused login when the daemon starts it; a broker that is down is retried meanwhile.
+    # Added first, so that it stops last: after the streams and sources sent their finals --
+    from streamer.aio.mqtt import attach_publisher
+
+    attach_publisher(daemon)
+    # -- end mqtt --

@@ -45,10 +45,10 @@ logger = logging.getLogger("streamer.systemd")
 
 #: Keys (or whole sections) that only a restart changes: the loaded model and its window
 #: schedule, the worker, the listening sockets, the services built at start (capture sources, the
-#: MQTT publisher), the log format. The other ``[mqtt]`` keys go to the ``Daemon.on_reload`` hooks.
+#: MQTT publisher and its connection settings), the log format.
 RESTART_KEYS = frozenset({
     "model", "stream", "worker", "sources", "server.host", "server.port", "vosk.enabled", "vosk.port",
-    "mqtt.enabled", "logging.json",
+    "mqtt", "logging.json",
 })
 _SECRETS = frozenset({"server.auth_token"})
 

@@ -115,3 +115,10 @@ def add_services(daemon: Any) -> None:
 
     attach_publisher(daemon)
     # -- end mqtt --
+    # -- mic sources (streamer/aio/sources.py): each [[sources]] kind "mic" captions a microphone into
+    # the stream named after it (viewers at /v1/listen/NAME, MQTT). Added last, so they stop first. --
+    if daemon.cfg.sources:
+        from streamer.aio.sources import MicSource
+
+        daemon.services.extend(MicSource(daemon, src) for src in daemon.cfg.sources if src.kind == "mic")
+    # -- end mic sources --

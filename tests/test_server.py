@@ -371,3 +371,45 @@ async def test_port_in_use_is_a_clear_error(daemon_factory):
     d = await daemon_factory()
     with pytest.raises(StreamerError, match=f"cannot listen on 127.0.0.1:{d.port}.*server.port"):
         await daemon_factory(f"server.port={d.port}")
+
+
+async def test_viewer_follows_a_named_stream(daemon_factory, speech):
+    d = await daemon_factory()
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.port}/v1/listen/desk") as viewer:
+        assert json.loads(await viewer.recv()) == {"type": "ready", "stream": "desk", "mode": "listen"}
+        msgs, _ = await native_session(d.port, pcm16(speech), start={"type": "start", "name": "desk"})
+        seen = []
+        while len([m for m in seen if m["type"] == "final"]) < len(finals_of(msgs)):
+            seen.append(json.loads(await viewer.recv()))
+        await viewer.send("hello")
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await viewer.recv()
+    assert finals_of(seen) == finals_of(msgs)
+    assert viewer.close_code == 1008
+
+
+async def test_shutdown_sends_a_sources_last_final_to_its_viewers(daemon_factory):
+    class Source:
+        is_source = True
+
+        def __init__(self):
+            self.daemon = None
+
+        async def start(self):
+            pass
+
+        async def stop(self):  # a capture source finalises its last words when stopped
+            await asyncio.sleep(0.05)
+            self.daemon.hub.publish("room", "s1", {"type": "final", "segment": 0, "text": "last words"})
+
+    source = Source()
+    d = await daemon_factory(services=[source])
+    source.daemon = d
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.port}/v1/listen/room") as viewer:
+        await viewer.recv()
+        shutdown = asyncio.create_task(d.shutdown())
+        got = [json.loads(m) async for m in viewer]
+        await shutdown
+    assert got == [{"type": "final", "segment": 0, "text": "last words"}]
+    assert viewer.close_code == 1001

@@ -131,6 +131,13 @@ def hermes_text_captured(event: dict[str, Any], session: str, site_id: str) -> d
     }
 
 
+def check_settings(cfg: MqttConfig) -> None:
+    """Raise ConfigError for MQTT settings that are wrong before any connection (password, TLS files)."""
+    if cfg.enabled:
+        _password(cfg)
+        _tls_context(cfg)
+
+
 def _password(cfg: MqttConfig) -> str | None:
     if not (cfg.password_env or cfg.password_file):
         return None

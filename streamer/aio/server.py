@@ -14,7 +14,6 @@ import mimetypes
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,6 +76,8 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.closed = asyncio.Event()
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._viewers: set[asyncio.Task[Any]] = set()
+        self._viewers_stop = asyncio.Event()
         self._streams = 0
         self._token = cfg.server.token()
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -143,24 +144,36 @@ class Daemon:
         self.stopping.set()
         for server in self.servers:
             server.close(close_connections=False)
-        if self._handlers:
-            _, pending = await asyncio.wait(set(self._handlers), timeout=self.cfg.server.shutdown_timeout_s)
-            for task in pending:
-                task.cancel()
-            if pending:
-                logger.warning("%d stream(s) did not finish within %.1f s", len(pending),
-                               self.cfg.server.shutdown_timeout_s)
+        # Capture sources finalise alongside the clients' streams; viewers stay until both are done,
+        # so they receive the last finals too; publishers (MQTT) stop last and flush what is queued.
+        sources = [s for s in reversed(self.services) if getattr(s, "is_source", False)]
+        await asyncio.gather(self._stop_services(sources), self._wait_handlers(self._handlers))
+        self._viewers_stop.set()
+        await self._wait_handlers(self._viewers, limit_s=2.0)
         for server in self.servers:
             server.close(close_connections=True)
             await server.wait_closed()
-        for service in reversed(self.services):
+        await self._stop_services([s for s in reversed(self.services) if s not in sources])
+        await self.worker.stop()
+        self.closed.set()
+        logger.info("stopped")
+
+    async def _wait_handlers(self, tasks: set[asyncio.Task[Any]], limit_s: float | None = None) -> None:
+        if not tasks:
+            return
+        limit = self.cfg.server.shutdown_timeout_s if limit_s is None else limit_s
+        _, pending = await asyncio.wait(set(tasks), timeout=limit)
+        for task in pending:
+            task.cancel()
+        if pending:
+            logger.warning("%d connection(s) did not finish within %.1f s", len(pending), limit)
+
+    async def _stop_services(self, services: list[Service]) -> None:
+        for service in services:
             try:
                 await service.stop()
             except Exception:
                 logger.exception("stopping %r failed", service)
-        await self.worker.stop()
-        self.closed.set()
-        logger.info("stopped")
 
     # -- reload (SIGHUP, see streamer/aio/systemd.py) ---------------------------
 
@@ -294,12 +307,12 @@ class Daemon:
         """Send the events of stream/source ``name``; the viewer sends nothing."""
         task = asyncio.current_task()
         assert task is not None
-        self._handlers.add(task)
+        self._viewers.add(task)
         queue = self.hub.subscribe(name)
-        stop = asyncio.ensure_future(self.stopping.wait())
+        stop = asyncio.ensure_future(self._viewers_stop.wait())
+        incoming = asyncio.ensure_future(ws.recv())
         try:
             await ws.send(json.dumps({"type": "ready", "stream": name, "mode": "listen"}))
-            incoming = asyncio.ensure_future(ws.recv())
             while True:
                 get = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({get, stop, incoming}, return_when=asyncio.FIRST_COMPLETED)
@@ -308,7 +321,8 @@ class Daemon:
                     continue
                 get.cancel()
                 if stop in done:
-                    incoming.cancel()
+                    while not queue.empty():  # the last finals of streams that ended with the daemon
+                        await ws.send(json.dumps(queue.get_nowait()))
                     await ws.close(1001, "server shutting down")
                     return
                 incoming.result()  # raises ConnectionClosed when the viewer left
@@ -319,8 +333,11 @@ class Daemon:
             pass
         finally:
             stop.cancel()
+            incoming.cancel()
+            if incoming.done() and not incoming.cancelled():
+                incoming.exception()  # retrieved: the viewer's own disconnect
             self.hub.unsubscribe(name, queue)
-            self._handlers.discard(task)
+            self._viewers.discard(task)
 
 
 async def send_error(ws: ServerConnection, exc: ProtocolError | AudioError | InferenceError) -> None:

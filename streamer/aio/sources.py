@@ -26,6 +26,9 @@ logger = logging.getLogger("streamer.sources")
 class MicSource:
     """A daemon service (``start`` / ``stop``) that captions one microphone."""
 
+    is_source = True
+    """the daemon stops sources with the client streams, before viewers and publishers"""
+
     def __init__(self, daemon: Any, cfg: SourceConfig, *, retry_min_s: float = 0.5, retry_max_s: float = 30.0,
                  stall_s: float = 5.0) -> None:
         self.daemon = daemon

@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_cli_config(args)
     configure_logging(cfg, args.verbose)
     cfg.server.token()  # fail early on a missing token variable or file
+    from streamer.aio.mqtt import check_settings
+
+    check_settings(cfg.mqtt)  # and on a missing MQTT password or TLS file, before the model loads
     from streamer.engine import Schedule
     from streamer.model import load_model
 

@@ -31,14 +31,10 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-def cer(a: str, b: str) -> float:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1] / max(1, len(b))
+def cer(hyp: str, ref: str) -> float:
+    from streamer.cli.bench import cer as bench_cer
+
+    return bench_cer(hyp, ref)
 
 
 def test_jsonl_events(capsys, model_dir, wav16):

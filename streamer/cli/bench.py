@@ -124,15 +124,11 @@ def random_runner(size: str, device: str) -> Any:
 
 def cer(hyp: str, ref: str) -> float:
     """Character error rate: Levenshtein distance / reference length."""
+    from streamer.training.metrics import edit_distance
+
     if not ref:
         return float(bool(hyp))
-    prev = list(range(len(ref) + 1))
-    for i, ch in enumerate(hyp, 1):
-        cur = [i]
-        for j, rc in enumerate(ref, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ch != rc)))
-        prev = cur
-    return prev[-1] / len(ref)
+    return edit_distance(ref, hyp) / len(ref)
 
 
 def measure(runner: Any, cfg: Any, audio: np.ndarray, chunk_ms: float, offline_ids: np.ndarray,

@@ -61,6 +61,7 @@ class TokenizerVocabulary:
         delim = tokenizer.convert_tokens_to_ids(delim_token) if delim_token else None
         self._delim = None if delim is None or delim == tokenizer.unk_token_id else int(delim)
         self.size = len(tokenizer)
+        self._cache: dict[tuple[int, ...], str] = {}
 
     @property
     def blank_id(self) -> int:
@@ -71,9 +72,18 @@ class TokenizerVocabulary:
         return self._delim
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The tokenizer's own decoding, memoised: words and partials are decoded again and again."""
         if not ids:
             return ""
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=False, group_tokens=False))
+        key = tuple(ids)
+        text = self._cache.get(key)
+        if text is None:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            text = self._cache[key] = str(
+                self.tokenizer.decode(list(ids), skip_special_tokens=False, group_tokens=False)
+            )
+        return text
 
 
 def _pick_device(name: str) -> str:

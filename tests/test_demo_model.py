@@ -1,0 +1,84 @@
+"""The shipped demo model: plain Hugging Face layout, loads with no network from any directory, transcribes
+espeak-ng speech generated here to its exact text, and ``streamer eval`` runs on a generated manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import espeak
+
+from streamer.model import demo_model_dir
+
+# Sentences in the demo model's vocabulary, spoken by espeak-ng's default en-us voice at 150 words/min.
+SENTENCES = [
+    "turn on the kitchen lights",
+    "set a timer for twenty minutes",
+    "add milk to the shopping list",
+]
+
+HF_FILES = ["config.json", "model.safetensors", "vocab.json", "tokenizer_config.json", "special_tokens_map.json",
+            "preprocessor_config.json", "words.txt"]
+
+
+def test_demo_checkpoint_layout():
+    d = demo_model_dir()
+    missing = [f for f in HF_FILES if not (d / f).is_file()]
+    assert not missing, f"the shipped demo model in {d} lacks {missing}"
+    assert sum(f.stat().st_size for f in d.iterdir() if f.is_file()) <= 20 * 2**20
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["feat_extract_norm"] == "layer" and cfg["do_stable_layer_norm"] is True
+    vocab = json.loads((d / "vocab.json").read_text())
+    assert vocab["<pad>"] == cfg["pad_token_id"] and "|" in vocab and "'" in vocab
+    words = (d / "words.txt").read_text().split()
+    assert len(words) >= 200
+    for sentence in SENTENCES:
+        assert set(sentence.split()) <= set(words)
+
+
+def test_demo_model_transcribes_espeak_offline(tmp_path):
+    """`streamer transcribe` with no --model, HF_HUB_OFFLINE=1, an empty HF cache, run from another directory."""
+    wavs = [str(espeak(s, tmp_path / f"s{i}.wav")) for i, s in enumerate(SENTENCES)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamer", "transcribe", "--device", "cpu", *wavs],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == SENTENCES
+
+
+def test_eval_on_generated_manifest(tmp_path, capsys):
+    from streamer.cli import main
+    from streamer.training.data import write_manifest
+
+    manifest = write_manifest(tmp_path / "heldout", "test", 4, seed=0, jobs=2, augmented=False, progress=False)
+    assert manifest.is_file() and len(manifest.read_text().splitlines()) == 4
+    report = tmp_path / "results.jsonl"
+    assert main(["eval", "--device", "cpu", "--jsonl", str(report), str(manifest)]) == 0
+    out = capsys.readouterr().out
+    rows = {m[0]: (float(m[1]), float(m[2])) for m in re.findall(r"^(offline|streaming)\s+([\d.]+)%\s+([\d.]+)%",
+                                                                  out, flags=re.M)}
+    assert set(rows) == {"offline", "streaming"}, out
+    assert "difference" in out
+    assert rows["offline"][1] < 25.0, out  # CER of a trained model, not a random one
+    results = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len(results) == 4 and all(Path(r["audio"]).is_file() for r in results)
+
+
+def test_eval_reads_tsv_manifest(tmp_path):
+    from streamer.cli.eval import read_manifest
+    from streamer.exceptions import ConfigError
+
+    (tmp_path / "m.tsv").write_text("path\ttext\na.wav\thello there\n/abs/b.wav\tgood night\n")
+    items = read_manifest(tmp_path / "m.tsv")
+    assert [(str(i.audio), i.text) for i in items] == [(str(tmp_path / "a.wav"), "hello there"),
+                                                      ("/abs/b.wav", "good night")]
+    (tmp_path / "bad.tsv").write_text("no tab here\n")
+    with pytest.raises(ConfigError, match="bad.tsv:1"):
+        read_manifest(tmp_path / "bad.tsv")

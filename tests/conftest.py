@@ -95,12 +95,12 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def model_runner(tiny_models):
-    """The model the daemon tests use: loaded once per session."""
+def model_runner():
+    """The model the daemon tests use: the shipped demo model, loaded once per session."""
     from streamer.config import ModelConfig
     from streamer.model import load_model
 
-    return load_model(ModelConfig(id=str(tiny_models["layer-padfirst"]), device="cpu"))
+    return load_model(ModelConfig(id="demo", device="cpu"))
 
 
 @pytest.fixture

@@ -63,6 +63,7 @@ async def test_native_protocol_equals_transcribe(daemon_factory, model_runner, s
     expected = reference_finals(model_runner, np.frombuffer(pcm16(speech), "<i2").astype(np.float32) / 32768)
     got = finals_of(msgs)
     assert [f["text"] for f in got] == [f["text"] for f in expected]
+    assert [f["text"] for f in got] == ["turn on the kitchen lights", "set a timer for twenty minutes"]
     spans = [(f["segment"], f["start"], f["end"]) for f in got]
     assert spans == [(f["segment"], f["start"], f["end"]) for f in expected]
 

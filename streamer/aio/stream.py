@@ -13,8 +13,9 @@ from streamer.aio.metrics import Metrics
 from streamer.aio.worker import BatchWorker
 from streamer.audio import AudioConverter, decode_pcm
 from streamer.config import Config
-from streamer.engine import SAMPLE_RATE, Schedule, StreamSession
+from streamer.engine import SAMPLE_RATE
 from streamer.events import Event, Final
+from streamer.transcribe import new_session
 
 
 class LiveStream:
@@ -32,7 +33,7 @@ class LiveStream:
         self.channels = channels
         self.sample_rate = sample_rate
         self.converter = AudioConverter(sample_rate, channels)
-        self.session = StreamSession(Schedule.from_config(cfg.stream), vocab, cfg.endpoint)
+        self.session = new_session(cfg, vocab)
         self.worker = worker
         self.hub = hub
         self.metrics = metrics

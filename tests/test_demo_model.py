@@ -60,7 +60,7 @@ def test_eval_on_generated_manifest(tmp_path, capsys):
     manifest = write_manifest(tmp_path / "heldout", "test", 4, seed=0, jobs=2, augmented=False, progress=False)
     assert manifest.is_file() and len(manifest.read_text().splitlines()) == 4
     report = tmp_path / "results.jsonl"
-    assert main(["eval", "--device", "cpu", "--jsonl", str(report), str(manifest)]) == 0
+    assert main(["eval", "--device", "cpu", "--jsonl", str(report), "--group-by", "voice", str(manifest)]) == 0
     out = capsys.readouterr().out
     rows = {m[0]: (float(m[1]), float(m[2])) for m in re.findall(r"^(offline|streaming)\s+([\d.]+)%\s+([\d.]+)%",
                                                                   out, flags=re.M)}
@@ -69,6 +69,13 @@ def test_eval_on_generated_manifest(tmp_path, capsys):
     assert rows["offline"][1] < 25.0, out  # CER of a trained model, not a random one
     results = [json.loads(line) for line in report.read_text().splitlines()]
     assert len(results) == 4 and all(Path(r["audio"]).is_file() for r in results)
+    # --group-by: one row per voice of the manifest, with its utterance count
+    table = out[out.index("\nvoice "):]
+    voices = [r["voice"] for r in results]
+    for v in set(voices):
+        assert re.search(rf"^{re.escape(v)}\s+{voices.count(v)}\s+[\d.]+%\s+[\d.]+%$", table, flags=re.M), table
+    assert main(["eval", "--device", "cpu", "--group-by", "speaker", str(manifest)]) == 1
+    assert re.search(r"error: --group-by speaker: .*keys present: .*voice", capsys.readouterr().err)
 
 
 def test_eval_reads_tsv_manifest(tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ AUDIO_KEYS = ("audio", "audio_filepath", "path", "file")
 class ManifestItem:
     audio: Path
     text: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    """the JSON line's other keys (voice, speaker, ...), for ``--group-by``"""
 
 
 def register(sub: Any) -> None:
@@ -50,6 +52,8 @@ def register(sub: Any) -> None:
                    help="also print the first N utterances whose streaming or offline text is wrong")
     p.add_argument("--no-streaming", action="store_true", help="offline pass only")
     p.add_argument("--jsonl", metavar="FILE", help="write per-utterance results (references, hypotheses)")
+    p.add_argument("--group-by", metavar="KEY",
+                   help="also print WER per value of this manifest key (e.g. voice, speaker), worst first")
     add_config_args(p)
     p.set_defaults(func=run)
 
@@ -74,14 +78,16 @@ def read_manifest(path: str | Path) -> list[ManifestItem]:
             text = next((rec[k] for k in TEXT_KEYS if k in rec), None)
             if not isinstance(audio, str) or not isinstance(text, str):
                 raise ConfigError(f"{path}:{n}: a JSON line needs string 'audio' and 'text' keys")
+            extra = {k: v for k, v in rec.items() if k not in AUDIO_KEYS and k not in TEXT_KEYS}
         else:
+            extra = {}
             audio, sep, text = raw.partition("\t")
             if not sep:
                 raise ConfigError(f"{path}:{n}: expected 'path<TAB>text' or a JSON object")
             if n == 1 and audio.strip().lower() in AUDIO_KEYS and text.strip().lower() in TEXT_KEYS:
                 continue  # header
         p = Path(audio.strip()).expanduser()
-        items.append(ManifestItem(p if p.is_absolute() else root / p, text.strip()))
+        items.append(ManifestItem(p if p.is_absolute() else root / p, text.strip(), extra))
     if not items:
         raise ConfigError(f"{path}: the manifest lists no utterances")
     return items
@@ -120,10 +126,15 @@ def run(args: argparse.Namespace) -> int:
     items = read_manifest(args.manifest)
     if args.limit > 0:
         items = items[: args.limit]
+    if args.group_by and not any(args.group_by in i.extra for i in items):
+        keys = sorted({k for i in items for k in i.extra})
+        raise ConfigError(f"--group-by {args.group_by}: no manifest line has that key; "
+                          f"keys present: {', '.join(keys) or 'none (a TSV manifest has no extra keys)'}")
     cfg = load_cli_config(args)
     runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
     chunk = max(1, int(round(16 * args.chunk_ms)))
     off, strm = ErrorRate(), ErrorRate()
+    groups: dict[str, tuple[ErrorRate, ErrorRate]] = {}
     t_off = t_str = audio_s = 0.0
     bad: list[tuple[str, str, str]] = []
     out = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else None  # noqa: SIM115
@@ -136,18 +147,24 @@ def run(args: argparse.Namespace) -> int:
             s1 = runner.stats.seconds
             t_off += s1 - s0
             off.add(item.text, hyp_off)
+            group = groups.setdefault(str(item.extra.get(args.group_by, "-")), (ErrorRate(), ErrorRate())) \
+                if args.group_by else None
+            if group:
+                group[0].add(item.text, hyp_off)
             hyp_str = None
             if not args.no_streaming:
                 session = new_session(cfg, runner.vocab)
                 hyp_str = " ".join(text_of(stream_array(session, runner, audio, chunk)).split())
                 t_str += runner.stats.seconds - s1
                 strm.add(item.text, hyp_str)
+                if group:
+                    group[1].add(item.text, hyp_str)
             ref = normalise_text(item.text)
             if ref != normalise_text(hyp_off) or (hyp_str is not None and ref != normalise_text(hyp_str)):
                 bad.append((ref, hyp_off, hyp_str or ""))
             if out:
                 out.write(json.dumps({"audio": str(item.audio), "text": item.text, "offline": hyp_off,
-                                      "streaming": hyp_str}) + "\n")
+                                      "streaming": hyp_str, **item.extra}) + "\n")
     finally:
         if out:
             out.close()
@@ -164,6 +181,11 @@ def run(args: argparse.Namespace) -> int:
         row("streaming", strm, t_str)
         print(f"{'difference':10s} {100 * (strm.wer - off.wer):+7.2f}  {100 * (strm.cer - off.cer):+7.2f}   "
               "(streaming - offline, points)")
+    if groups:
+        print(f"\n{args.group_by:24s} {'utts':>5s} {'offline WER':>12s} {'streaming WER':>14s}")
+        for name, (g_off, g_str) in sorted(groups.items(), key=lambda kv: (-kv[1][0].wer, kv[0])):
+            streaming = "" if args.no_streaming else f"{100 * g_str.wer:13.2f}%"
+            print(f"{name:24s} {g_off.utterances:5d} {100 * g_off.wer:11.2f}% {streaming}")
     for ref, h_off, h_str in bad[: args.errors]:
         print(f"\n  ref:       {ref}\n  offline:   {h_off}" + ("" if args.no_streaming else f"\n  streaming: {h_str}"))
     return 0

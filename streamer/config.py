@@ -126,7 +126,7 @@ class StreamConfig(_Section):
     _name = "stream"
     left_context_ms: int = _opt(1600, min=0, max=60_000)
     hop_ms: int = _opt(400, min=FRAME_MS, max=60_000)
-    lookahead_ms: int = _opt(640, min=0, max=60_000)
+    lookahead_ms: int = _opt(1000, min=0, max=60_000)
     pipeline_compatible: bool = _opt(False, doc="windows cut exactly as transformers' ASR pipeline")
 
     @property
@@ -154,7 +154,9 @@ class EndpointConfig(_Section):
     _name = "endpoint"
     enabled: bool = _opt(True)
     silence_no_speech_s: float = _opt(2.4, min=0.02, doc="trailing silence that ends a segment with no text")
-    silence_after_speech_s: float = _opt(0.6, min=0.02, doc="trailing silence that ends a segment with text")
+    # "Silence" is CTC blank frames, which also fill the inside of words: a model may emit a word's first
+    # letter at its onset and the rest 0.6 s later ("s ... et"), so 0.6 s split such words; 0.8 s does not.
+    silence_after_speech_s: float = _opt(0.8, min=0.02, doc="trailing silence that ends a segment with text")
     max_utterance_s: float = _opt(20.0, min=0.2, doc="a segment is cut at this length regardless")
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import espeak
 
@@ -89,3 +90,42 @@ def test_eval_reads_tsv_manifest(tmp_path):
     (tmp_path / "bad.tsv").write_text("no tab here\n")
     with pytest.raises(ConfigError, match="bad.tsv:1"):
         read_manifest(tmp_path / "bad.tsv")
+
+
+# Held-out utterances (test split, seed 0, as `python -m streamer.training.data --split test --manifest` makes
+# them) that start with a word whose first letter the model emits at the sound's onset, followed by ~0.6 s of
+# CTC blanks before the rest of the word ("s ... et the lamps to white").
+EARLY_ONSET = [8, 24, 109, 120, 130, 146, 147]
+
+
+def _held_out(indices: list[int]) -> list[tuple[str, np.ndarray]]:
+    from streamer.training import data as D
+
+    items = D.plan("test", max(indices) + 1, seed=0, unique=True)
+    out = []
+    for i in indices:
+        utt, voice = items[i]
+        clean = np.asarray(np.clip(D.synthesize(utt.text, voice), -1, 1) * 32767, np.int16)
+        audio = D.augment(clean.astype(np.float32) / 32767, np.random.default_rng([0, D.SPLITS["test"], i, 1]))
+        out.append((utt.text, (np.clip(audio, -1, 1) * 32767).astype(np.int16).astype(np.float32) / 32768))
+    return out
+
+
+def test_default_endpointing_does_not_split_words_at_their_onset(model_runner):
+    """Endpoint rule 2 counts CTC blank frames as silence; blanks also fill words, so a rule that fires after
+    0.6 s cut these words in two (two final events, "s" and "et ..."); the default must not."""
+    from streamer.cli.eval import offline_text
+    from streamer.config import load_config
+    from streamer.transcribe import new_session, stream_array, text_of
+
+    split = 0
+    for text, audio in _held_out(EARLY_ONSET):
+        offline = offline_text(model_runner, audio)
+        for after, expect_same in ((None, True), (0.6, False)):
+            cfg = load_config(None, [f"endpoint.silence_after_speech_s={after}"] if after else [])
+            streamed = text_of(stream_array(new_session(cfg, model_runner.vocab), model_runner, audio))
+            if expect_same:
+                assert streamed == offline, (text, offline, streamed)
+            else:
+                split += streamed.split() != offline.split()
+    assert split >= 3, "the 0.6 s rule no longer splits these onsets: pick new examples"

@@ -214,8 +214,8 @@ def plot_tradeoff(runner: Any, cfg: Any, audio: np.ndarray, args: argparse.Names
 
     from streamer.config import StreamConfig
 
-    grid = [(800, 200, 320), (1600, 400, 640), (1600, 400, 1280), (2000, 1000, 1280), (3200, 800, 1280),
-            (4000, 2000, 2000)]
+    grid = [(800, 200, 320), (1600, 400, 640), (1600, 400, 1000), (1600, 400, 1280), (2000, 1000, 1280),
+            (3200, 800, 1280), (4000, 2000, 2000)]
     points = []
     for left, hop, look in tqdm(grid, desc="schedules", file=sys.stderr, disable=not sys.stderr.isatty()):
         c = cfg.replace(stream=StreamConfig(left_context_ms=left, hop_ms=hop, lookahead_ms=look))

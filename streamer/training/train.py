@@ -548,7 +548,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="weight of the loss that makes each streaming window's output (cut on the 320-sample "
                         "grid, normalised on its own) match the whole-utterance output; 0 = off")
     g.add_argument("--window-frames", type=int, nargs=2, default=[50, 200], metavar=("MIN", "MAX"),
-                   help="window lengths in 20 ms frames, drawn uniformly (the default schedule's window is 132)")
+                   help="window lengths in 20 ms frames, drawn uniformly (the default schedule's window is 150)")
     g.add_argument("--window-min-right", type=int, default=10,
                    help="frames at a window's right edge (unless the utterance ends there) left out of that "
                         "loss")

@@ -264,6 +264,8 @@ class StreamSession:
         self._push_final(window.final_from, ids[a:b], probs[a:b])
         if self._pending and isinstance(self._pending[0], _Marker):
             self._drain_markers()
+        elif self._silence_ahead(ids[b:]):
+            self._close_segment("silence")
         else:
             seg = self._seg.preview(window.start_frame + b, ids[b:], probs[b:])
             self._emit_partial(seg)
@@ -327,6 +329,23 @@ class StreamSession:
                 self._close_segment("silence")  # nothing said: start a fresh segment, no event
             seg = self._seg
 
+    def _silence_ahead(self, lookahead_ids: np.ndarray) -> bool:
+        """Whether the after-speech rule holds counting the look-ahead frames too.
+
+        The final frames end ``lookahead`` frames before the audio received; when those frames are blank
+        as well and the silence so far reaches the rule, the segment is closed now instead of one
+        look-ahead later (its text is what the final frames say; the look-ahead frames start the next
+        segment). Finals then come ``silence_after_speech_s`` after the speech, not that plus the
+        look-ahead.
+        """
+        ep = self.endpoint
+        seg = self._seg
+        if not ep.enabled or not seg.has_text or not len(lookahead_ids):
+            return False
+        quiet = (lookahead_ids == self.vocab.blank_id) | (lookahead_ids == (self.vocab.delimiter_id or -1))
+        lead = int(np.argmin(quiet)) if not quiet.all() else len(quiet)
+        return seg.trailing_silence + lead >= round(ep.silence_after_speech_s / FRAME_S)
+
     def _close_segment(self, reason: str) -> None:
         seg = self._seg
         if seg.has_text:
@@ -388,6 +407,8 @@ def reference(
         lp = np.asarray(lp)
         ids, probs = best_path(lp)
         session._push_final(a, ids[a - s : b - s], probs[a - s : b - s])
+        if b < total and session._silence_ahead(ids[b - s :]):
+            session._close_segment("silence")
     session._close_segment("end")
     finals = [e for e in session.events_received() if isinstance(e, Final)]
     assert session.frame_ids is not None

@@ -129,3 +129,35 @@ def test_default_endpointing_does_not_split_words_at_their_onset(model_runner):
             else:
                 split += streamed.split() != offline.split()
     assert split >= 3, "the 0.6 s rule no longer splits these onsets: pick new examples"
+
+
+def test_final_comes_after_the_silence_not_after_the_lookahead(model_runner, tmp_path):
+    """Rule 2 counts blank look-ahead frames: with 2 s of look-ahead, the final of a sentence followed by
+    silence arrives about silence_after_speech_s (+ one hop) after the last word, well before the final
+    frames could reach that silence (last word + 0.8 s + 2 s)."""
+    import soundfile as sf
+
+    from streamer.config import load_config
+    from streamer.events import Final
+    from streamer.transcribe import new_session
+
+    speech, rate = sf.read(espeak("turn on the kitchen lights", tmp_path / "s.wav"), dtype="float32")
+    assert rate == 16000
+    audio = np.concatenate([speech, np.zeros(4 * 16000, np.float32)])
+    cfg = load_config(None, ["stream.lookahead_ms=2000", "endpoint.silence_after_speech_s=0.8"])
+    session = new_session(cfg, model_runner.vocab)
+    arrived = None
+    for i in range(0, len(audio), 1600):
+        session.accept_audio(audio[i:i + 1600])
+        windows = session.windows_to_run()
+        for w, lp in zip(windows, model_runner.run([w.samples for w in windows]), strict=True):
+            session.accept_result(w, lp)
+        finals = [e for e in session.events_received() if isinstance(e, Final)]
+        if finals:
+            final, arrived = finals[0], (i + 1600) / 16000
+            break
+    assert arrived is not None, "no final within 4 s of silence"
+    assert final.text == "turn on the kitchen lights" and final.reason == "silence"
+    last_word_end = final.words[-1].end
+    assert arrived < last_word_end + 0.8 + 2.0 - 0.3, (arrived, last_word_end)
+    assert arrived >= last_word_end + 0.8  # not before the rule's silence

@@ -342,7 +342,9 @@ class StreamSession:
         seg = self._seg
         if not ep.enabled or not seg.has_text or not len(lookahead_ids):
             return False
-        quiet = (lookahead_ids == self.vocab.blank_id) | (lookahead_ids == (self.vocab.delimiter_id or -1))
+        quiet = lookahead_ids == self.vocab.blank_id
+        if self.vocab.delimiter_id is not None:  # may be 0 (XLS-R fine-tunes put "|" first)
+            quiet |= lookahead_ids == self.vocab.delimiter_id
         lead = int(np.argmin(quiet)) if not quiet.all() else len(quiet)
         return seg.trailing_silence + lead >= round(ep.silence_after_speech_s / FRAME_S)
 

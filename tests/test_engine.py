@@ -234,3 +234,36 @@ def test_nan_audio_is_refused():
         session.accept_audio(np.array([0.0, np.nan], dtype=np.float32))
     with pytest.raises(AudioError, match="mono"):
         session.accept_audio(np.zeros((10, 2), dtype=np.float32))
+
+
+class DelimiterFirstVocab(ScriptVocab):
+    """'|' at id 0 and the blank at id 1, as many XLS-R fine-tunes have them."""
+
+    blank_id = 1
+    delimiter_id = 0
+
+    def decode(self, ids):
+        return "".join(" " if i == 0 else chr(ord("a") + i - 2) for i in ids).strip()
+
+
+def first_final_at(vocab, spec):
+    """Seconds of audio received when the first final arrives (audio fed in 160-sample chunks)."""
+    audio = script_audio(frames(spec))
+    session = StreamSession(SCHED, vocab, ENDPOINT)
+    for i in range(0, len(audio), 160):
+        session.accept_audio(audio[i : i + 160])
+        run_session(session, script_model)
+        if any(isinstance(e, Final) for e in session.events_received()):
+            return (i + 160) / 16000
+    return None
+
+
+def test_lookahead_silence_counts_delimiters_whatever_their_id():
+    # "ab" then 30 frames that are blanks for ScriptVocab and word delimiters for DelimiterFirstVocab: both
+    # are silence to the endpoint rule, in the final frames and in the look-ahead alike.
+    spec = "ab" + "_" * 30 + "cd"
+    blank = first_final_at(ScriptVocab(), spec)
+    delimiter = first_final_at(DelimiterFirstVocab(), spec)
+    assert blank is not None and delimiter == blank
+    # the look-ahead rule: the final comes before the final frames alone could hold 0.4 s of silence
+    assert blank < (2 + 20 + SCHED.lookahead) * 0.02

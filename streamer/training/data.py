@@ -57,10 +57,12 @@ __all__ = [
     "generate",
     "load_dataset",
     "make_sentence",
+    "manifest_audio",
     "number_words",
     "sample_voice",
     "sentence_split",
     "synthesize",
+    "synthesize_pcm",
     "vocabulary",
     "write_manifest",
 ]
@@ -495,10 +497,21 @@ def plan(split: str, n: int, seed: int, unique: bool = False) -> list[tuple[Utte
     return out
 
 
+def synthesize_pcm(text: str, voice: Voice, command: Sequence[str] | None = None) -> np.ndarray:
+    """:func:`synthesize` as the clean int16 samples that datasets and manifests start from."""
+    return np.asarray(np.clip(synthesize(text, voice, command), -1, 1) * 32767, dtype=np.int16)
+
+
 def _synth_job(args: tuple[str, Voice, list[str]]) -> np.ndarray:
-    text, voice, command = args
-    audio = synthesize(text, voice, command)
-    return np.asarray(np.clip(audio, -1, 1) * 32767, dtype=np.int16)
+    return synthesize_pcm(*args)
+
+
+def manifest_audio(pcm: np.ndarray, split: str, index: int, seed: int = 0, augmented: bool = True) -> np.ndarray:
+    """The float samples :func:`write_manifest` writes for utterance ``index`` of ``split``."""
+    audio = pcm.astype(np.float32) / 32767
+    if augmented:
+        audio = augment(audio, np.random.default_rng([seed, SPLITS[split], index, 1]))
+    return audio
 
 
 def _synthesize_all(items: list[tuple[Utterance, Voice]], jobs: int, progress: bool) -> Iterator[np.ndarray]:
@@ -567,11 +580,8 @@ def write_manifest(out: Path, split: str, n: int, seed: int = 0, jobs: int | Non
     with open(manifest, "w") as f:
         for (utt, _), pcm in zip(items, _synthesize_all(items, jobs or os.cpu_count() or 1, progress),
                                  strict=True):
-            audio = pcm.astype(np.float32) / 32767
-            if augmented:
-                audio = augment(audio, np.random.default_rng([seed, SPLITS[split], utt.index, 1]))
             name = f"wav/{utt.index:05d}.wav"
-            _write_wav(out / name, audio)
+            _write_wav(out / name, manifest_audio(pcm, split, utt.index, seed, augmented))
             f.write(json.dumps({"audio": name, "text": utt.text, "voice": utt.voice, "speed": utt.speed,
                                 "pitch": utt.pitch}) + "\n")
     return manifest

@@ -147,18 +147,17 @@ def run(args: argparse.Namespace) -> int:
             s1 = runner.stats.seconds
             t_off += s1 - s0
             off.add(item.text, hyp_off)
-            group = groups.setdefault(str(item.extra.get(args.group_by, "-")), (ErrorRate(), ErrorRate())) \
-                if args.group_by else None
-            if group:
-                group[0].add(item.text, hyp_off)
             hyp_str = None
             if not args.no_streaming:
                 session = new_session(cfg, runner.vocab)
                 hyp_str = " ".join(text_of(stream_array(session, runner, audio, chunk)).split())
                 t_str += runner.stats.seconds - s1
                 strm.add(item.text, hyp_str)
-                if group:
-                    group[1].add(item.text, hyp_str)
+            if args.group_by:
+                g_off, g_str = groups.setdefault(str(item.extra.get(args.group_by, "-")), (ErrorRate(), ErrorRate()))
+                g_off.add(item.text, hyp_off)
+                if hyp_str is not None:
+                    g_str.add(item.text, hyp_str)
             ref = normalise_text(item.text)
             if ref != normalise_text(hyp_off) or (hyp_str is not None and ref != normalise_text(hyp_str)):
                 bad.append((ref, hyp_off, hyp_str or ""))

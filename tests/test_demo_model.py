@@ -161,3 +161,18 @@ def test_final_comes_after_the_silence_not_after_the_lookahead(model_runner, tmp
     last_word_end = final.words[-1].end
     assert arrived < last_word_end + 0.8 + 2.0 - 0.3, (arrived, last_word_end)
     assert arrived >= last_word_end + 0.8  # not before the rule's silence
+
+
+def test_readme_quickstart_prints_what_it_says(tmp_path):
+    """The README's first example, run as written (espeak-ng's default voice and rate, a 22.05 kHz file), in an
+    empty directory with no network: `streamer transcribe` prints the words the README promises."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    say = re.search(r'^espeak-ng -w (\S+) "([^"]+)"$', readme, flags=re.M)
+    run = re.search(r"^streamer transcribe (\S+)\s+# -> (.+)$", readme, flags=re.M)
+    assert say and run and say[1] == run[1], "the README's quickstart lines changed shape"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TRANSFORMERS_OFFLINE": "1"}
+    subprocess.run(["espeak-ng", "-w", say[1], say[2]], cwd=tmp_path, check=True)
+    proc = subprocess.run([sys.executable, "-m", "streamer", "transcribe", run[1]], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == run[2].strip() == say[2]

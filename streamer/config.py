@@ -21,6 +21,7 @@ from streamer.exceptions import ConfigError
 
 __all__ = [
     "Config",
+    "DecoderConfig",
     "EndpointConfig",
     "LoggingConfig",
     "ModelConfig",
@@ -161,6 +162,16 @@ class EndpointConfig(_Section):
 
 
 @dataclass(frozen=True)
+class DecoderConfig(_Section):
+    """How CTC outputs become words: greedy letters, or beam search over a word list."""
+
+    _name = "decoder"
+    words: str = _opt("auto", doc="'auto' (the model's words.txt if it ships one), a word list file, or '' (greedy)")
+    beam_size: int = _opt(50, min=1, max=10000, doc="hypotheses kept per frame by the word-list search")
+    word_score: float = _opt(-1.0, doc="score added per word by the word-list search")
+
+
+@dataclass(frozen=True)
 class WorkerConfig(_Section):
     """The model worker that batches windows of all streams."""
 
@@ -281,6 +292,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     vosk: VoskConfig = field(default_factory=VoskConfig)

@@ -20,12 +20,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from streamer.config import EndpointConfig, StreamConfig
 from streamer.ctc import FRAME_S, CtcSegment, Vocabulary
-from streamer.events import Event, Final, Partial
+from streamer.events import Event, Final, Partial, Word
 from streamer.exceptions import AudioError
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "Schedule",
     "StreamSession",
     "Window",
+    "WordDecoder",
     "n_frames",
     "reference",
     "run_session",
@@ -46,6 +48,12 @@ RECEPTIVE_FIELD = 400
 
 # A model call: windows (float32 arrays) in, per-window log-probabilities [frames, vocab] out.
 RunFn = Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]]
+
+
+class WordDecoder(Protocol):
+    """Turns a segment's log-probs into words (:class:`streamer.lexicon.Lexicon`, a word-list search)."""
+
+    def decode(self, log_probs: np.ndarray, start_frame: int = 0) -> list[Word]: ...
 
 
 def n_frames(n_samples: int) -> int:
@@ -157,6 +165,36 @@ class _Buffer:
         self.offset = index
 
 
+class _Rows:
+    """The final frames' log-prob rows of the open segment, kept for a :class:`WordDecoder`."""
+
+    def __init__(self) -> None:
+        self.start = 0  # global frame of the first row kept
+        self._chunks: list[np.ndarray] = []
+        self._n = 0
+
+    def append(self, t0: int, rows: np.ndarray) -> None:
+        if t0 != self.start + self._n:
+            raise RuntimeError(f"log-prob rows must come in order: got frame {t0}, expected {self.start + self._n}")
+        if len(rows):
+            self._chunks.append(rows)
+            self._n += len(rows)
+
+    def take(self, start: int, stop: int) -> np.ndarray:
+        """Rows of global frames ``[start, stop)`` (which must still be kept)."""
+        if not self._chunks:
+            return np.zeros((0, 0), np.float32)
+        if len(self._chunks) > 1:
+            self._chunks = [np.concatenate(self._chunks)]
+        return self._chunks[0][start - self.start : stop - self.start]
+
+    def forget_before(self, frame: int) -> None:
+        rows = self.take(self.start, self.start + self._n)[frame - self.start :]
+        self._chunks = [rows] if len(rows) else []
+        self._n = len(rows)
+        self.start = frame
+
+
 def best_path(log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per frame: the most likely id and its probability (greedy CTC)."""
     ids = log_probs.argmax(axis=1)
@@ -188,9 +226,13 @@ class StreamSession:
         endpoint: EndpointConfig | None = None,
         *,
         record_frames: bool = False,
+        words: WordDecoder | None = None,
     ) -> None:
         self.schedule = schedule
         self.vocab = vocab
+        self.words = words
+        """word-list decoding of partials and finals; None = greedy CTC (the letters of each frame's best id)"""
+        self._rows = _Rows() if words is not None else None
         self.endpoint = endpoint if endpoint is not None else EndpointConfig()
         self._buf = _Buffer()
         self._planned_next = 0  # first frame not yet covered by a planned window
@@ -261,14 +303,14 @@ class StreamSession:
         ids, probs = best_path(lp)
         a = window.final_from - window.start_frame
         b = min(window.final_to - window.start_frame, len(ids))
-        self._push_final(window.final_from, ids[a:b], probs[a:b])
+        self._push_final(window.final_from, ids[a:b], probs[a:b], lp[a:b])
         if self._pending and isinstance(self._pending[0], _Marker):
             self._drain_markers()
         elif self._silence_ahead(ids[b:]):
             self._close_segment("silence")
         else:
             seg = self._seg.preview(window.start_frame + b, ids[b:], probs[b:])
-            self._emit_partial(seg)
+            self._emit_partial(seg, lp[b:])
 
     def events_received(self) -> list[Event]:
         """Return the events produced since the last call."""
@@ -308,9 +350,11 @@ class StreamSession:
             if marker.reason == "end":
                 self.finished = True
 
-    def _push_final(self, t0: int, ids: np.ndarray, probs: np.ndarray) -> None:
+    def _push_final(self, t0: int, ids: np.ndarray, probs: np.ndarray, rows: np.ndarray) -> None:
         if self.frame_ids is not None:
             self.frame_ids.extend(ids.tolist())
+        if self._rows is not None:
+            self._rows.append(t0, rows)
         ep = self.endpoint
         no_speech = round(ep.silence_no_speech_s / FRAME_S)
         after_speech = round(ep.silence_after_speech_s / FRAME_S)
@@ -348,12 +392,26 @@ class StreamSession:
         lead = int(np.argmin(quiet)) if not quiet.all() else len(quiet)
         return seg.trailing_silence + lead >= round(ep.silence_after_speech_s / FRAME_S)
 
+    def _decode(self, seg: CtcSegment, lookahead: np.ndarray | None = None) -> tuple[str, list[Word]]:
+        """The text and words of ``seg`` (final frames, then ``lookahead`` rows if given)."""
+        if not seg.has_text:
+            return "", []
+        if self.words is None or self._rows is None:
+            return seg.text(), seg.words()
+        rows = self._rows.take(seg.start_frame, self._seg.end_frame)
+        if lookahead is not None and len(lookahead):
+            rows = np.concatenate([rows, lookahead]) if len(rows) else lookahead
+        words = self.words.decode(rows, seg.start_frame) if len(rows) else []
+        return " ".join(w.word for w in words), words
+
     def _close_segment(self, reason: str) -> None:
         seg = self._seg
-        if seg.has_text:
-            words = seg.words()
+        text, words = self._decode(seg)
+        if self._rows is not None:
+            self._rows.forget_before(seg.end_frame)
+        if text:
             start, end = seg.span(words)
-            self._events.append(Final(self._segment_index, seg.text(), start, end, tuple(words), reason))
+            self._events.append(Final(self._segment_index, text, start, end, tuple(words), reason))
             self._segment_index += 1
         elif self._last_partial:
             # The open segment showed text that turned out to be nothing: clear it.
@@ -361,12 +419,17 @@ class StreamSession:
         self._seg = CtcSegment(self.vocab, start_frame=seg.end_frame)
         self._last_partial = ""
 
-    def _emit_partial(self, seg: CtcSegment) -> None:
-        text = seg.text()
-        if text == self._last_partial:
-            return
+    def _emit_partial(self, seg: CtcSegment, lookahead: np.ndarray) -> None:
+        if self.words is not None:
+            text, words = self._decode(seg, lookahead)
+            if text == self._last_partial:
+                return
+        else:
+            text = seg.text()
+            if text == self._last_partial:
+                return
+            words = seg.words()
         self._last_partial = text
-        words = seg.words()
         start, end = seg.span(words)
         self._events.append(Partial(self._segment_index, text, start, end, tuple(words)))
 
@@ -385,6 +448,7 @@ def reference(
     schedule: Schedule,
     vocab: Vocabulary,
     endpoint: EndpointConfig | None = None,
+    words: WordDecoder | None = None,
 ) -> tuple[list[int], list[Final]]:
     """Run the window schedule over a complete buffer in one model call.
 
@@ -404,11 +468,11 @@ def reference(
             spans.append((start, f, total, len(x)))
             f = total
     outputs = run([x[FRAME_SAMPLES * s : stop] for s, _, _, stop in spans]) if spans else []
-    session = StreamSession(schedule, vocab, endpoint, record_frames=True)
+    session = StreamSession(schedule, vocab, endpoint, record_frames=True, words=words)
     for (s, a, b, _), lp in zip(spans, outputs, strict=True):
         lp = np.asarray(lp)
         ids, probs = best_path(lp)
-        session._push_final(a, ids[a - s : b - s], probs[a - s : b - s])
+        session._push_final(a, ids[a - s : b - s], probs[a - s : b - s], lp[a - s : b - s])
         if b < total and session._silence_ahead(ids[b - s :]):
             session._close_segment("silence")
     session._close_segment("end")

@@ -20,15 +20,20 @@ from typing import Any
 
 import numpy as np
 
-from streamer.config import ModelConfig
+from streamer.config import DecoderConfig, ModelConfig
 from streamer.engine import FRAME_SAMPLES, RECEPTIVE_FIELD, SAMPLE_RATE
-from streamer.exceptions import InferenceError, ModelLoadError
+from streamer.exceptions import ConfigError, InferenceError, ModelLoadError
+from streamer.lexicon import Lexicon
 
-__all__ = ["DEMO_MODEL", "ModelRunner", "TokenizerVocabulary", "load_model", "resolve_model"]
+__all__ = [
+    "DEMO_MODEL", "WORD_LIST", "ModelRunner", "TokenizerVocabulary", "load_lexicon", "load_model", "resolve_model",
+]
 
 logger = logging.getLogger("streamer.model")
 
 DEMO_MODEL = "demo"
+WORD_LIST = "words.txt"
+"""the file name of the word list a checkpoint may ship (``decoder.words = "auto"``)"""
 
 
 def demo_model_dir() -> Path:
@@ -70,6 +75,11 @@ class TokenizerVocabulary:
     @property
     def delimiter_id(self) -> int | None:
         return self._delim
+
+    @property
+    def token_ids(self) -> dict[str, int]:
+        """Token string to id, as the tokenizer spells words."""
+        return dict(self.tokenizer.get_vocab())
 
     def decode(self, ids: Sequence[int]) -> str:
         """The tokenizer's own decoding, memoised: words and partials are decoded again and again."""
@@ -137,6 +147,8 @@ class ModelRunner:
         self.sampling_rate = int(getattr(feature_extractor, "sampling_rate", SAMPLE_RATE))
         self.use_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
         self.stats = RunStats()
+        self.lexicon: Lexicon | None = None
+        """word-list decoding for the sessions of this model (see :func:`load_lexicon`); None = greedy"""
         self._lock = threading.Lock()
 
     @property
@@ -212,11 +224,47 @@ def _from_pretrained(cls: Any, source: str, local_only: bool, revision: str | No
     return cls.from_pretrained(source, local_files_only=local_only, revision=revision, **kw)
 
 
-def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64) -> ModelRunner:
+def _shipped_word_list(source: str, revision: str | None) -> Path | None:
+    """The checkpoint's own ``words.txt``: in its directory, or in the hub cache (never downloaded)."""
+    if Path(source).is_dir():
+        path = Path(source) / WORD_LIST
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source, WORD_LIST, revision=revision)
+    except Exception:  # not a valid repo id, no cache: no shipped list
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def load_lexicon(cfg: DecoderConfig, runner: ModelRunner, source: str, revision: str | None = None) -> Lexicon | None:
+    """The word list ``cfg.words`` asks for, spelled with ``runner``'s tokenizer; None for greedy decoding."""
+    if not cfg.words:
+        return None
+    if cfg.words == "auto":
+        path = _shipped_word_list(source, revision)
+        if path is None:
+            return None
+    else:
+        path = Path(cfg.words).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"decoder.words = {cfg.words!r}: no such file; give a word list (one word per "
+                              "line), 'auto', or '' for greedy decoding")
+    v = runner.vocab
+    lexicon = Lexicon.from_file(path, v.token_ids, v.blank_id, v.delimiter_id, beam_size=cfg.beam_size,
+                                word_score=cfg.word_score)
+    logger.info("decoding with the word list %s (%d words)", path, len(lexicon))
+    return lexicon
+
+
+def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64,
+               decoder: DecoderConfig | None = None) -> ModelRunner:
     """Load a checkpoint from ``cfg.id``: ``demo``, a local directory, or a hub id.
 
     The hub is tried from the local cache first, so a cached model works offline; the
     network is used only when the cache misses and ``HF_HUB_OFFLINE`` is not set.
+    ``decoder`` (default: ``DecoderConfig()``) picks the word list the runner's sessions decode with.
     """
     cfg = cfg or ModelConfig()
     source = resolve_model(cfg.id)
@@ -287,4 +335,6 @@ def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64) -> ModelR
     name = "demo" if cfg.id == DEMO_MODEL else cfg.id
     logger.info("loaded %s on %s (%s, %s attention)", name, device, str(dtype).removeprefix("torch."),
                 getattr(model.config, "_attn_implementation", "?"))
-    return ModelRunner(model, tokenizer, fe, name=name, device=device, dtype=dtype, max_batch=max_batch)
+    runner = ModelRunner(model, tokenizer, fe, name=name, device=device, dtype=dtype, max_batch=max_batch)
+    runner.lexicon = load_lexicon(decoder or DecoderConfig(), runner, source, revision)
+    return runner

@@ -25,7 +25,8 @@ async def run(*cmd, stdin=None, limit=60):
 
 
 def expected_finals(runner, audio):
-    return [e.text for e in stream_array(new_session(Config(), runner.vocab), runner, audio) if isinstance(e, Final)]
+    session = new_session(Config(), runner.vocab, runner.lexicon)
+    return [e.text for e in stream_array(session, runner, audio) if isinstance(e, Final)]
 
 
 async def test_caption_client_file_and_stdin(daemon_factory, model_runner, speech, tmp_path):

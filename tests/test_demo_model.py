@@ -123,7 +123,8 @@ def test_default_endpointing_does_not_split_words_at_their_onset(model_runner):
         offline = offline_text(model_runner, audio)
         for after, expect_same in ((None, True), (0.6, False)):
             cfg = load_config(None, [f"endpoint.silence_after_speech_s={after}"] if after else [])
-            streamed = text_of(stream_array(new_session(cfg, model_runner.vocab), model_runner, audio))
+            session = new_session(cfg, model_runner.vocab, model_runner.lexicon)
+            streamed = text_of(stream_array(session, model_runner, audio))
             if expect_same:
                 assert streamed == offline, (text, offline, streamed)
             else:
@@ -145,7 +146,7 @@ def test_final_comes_after_the_silence_not_after_the_lookahead(model_runner, tmp
     assert rate == 16000
     audio = np.concatenate([speech, np.zeros(4 * 16000, np.float32)])
     cfg = load_config(None, ["stream.lookahead_ms=2000", "endpoint.silence_after_speech_s=0.8"])
-    session = new_session(cfg, model_runner.vocab)
+    session = new_session(cfg, model_runner.vocab, model_runner.lexicon)
     arrived = None
     for i in range(0, len(audio), 1600):
         session.accept_audio(audio[i:i + 1600])

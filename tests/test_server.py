@@ -25,7 +25,8 @@ def reference_finals(runner, audio, *overrides):
     from streamer.config import load_config
 
     cfg = load_config(None, list(overrides))
-    return [e.to_dict() for e in stream_array(new_session(cfg, runner.vocab), runner, audio) if isinstance(e, Final)]
+    session = new_session(cfg, runner.vocab, runner.lexicon)
+    return [e.to_dict() for e in stream_array(session, runner, audio) if isinstance(e, Final)]
 
 
 async def native_session(port, audio, *, chunk=3200, start=None, pace=0.0, path="/v1/stream", headers=None):
@@ -79,8 +80,8 @@ async def test_start_message_with_other_rate_and_float(daemon_factory, model_run
         start={"type": "start", "sample_rate": 48000, "encoding": "f32le", "channels": 2, "name": "hall"})
     assert code == 1000
     text = " ".join(f["text"] for f in finals_of(msgs))
-    ref = text_of(stream_array(new_session(__import__("streamer.config").config.Config(), model_runner.vocab),
-                               model_runner, speech))
+    ref = text_of(stream_array(new_session(__import__("streamer.config").config.Config(), model_runner.vocab,
+                                           model_runner.lexicon), model_runner, speech))
     from test_cli import cer
 
     assert cer(text, ref) < 0.15
@@ -250,7 +251,7 @@ async def test_model_failure_reaches_the_stream_and_daemon_keeps_serving(daemon_
     class Flaky:
         def __init__(self, runner):
             self.inner, self.fail = runner, True
-            self.vocab, self.name, self.device = runner.vocab, "flaky", "cpu"
+            self.vocab, self.lexicon, self.name, self.device = runner.vocab, runner.lexicon, "flaky", "cpu"
 
         def run(self, windows):
             if self.fail:

@@ -369,7 +369,7 @@ class _Handler:
 
     def new_stream(self, rate: int, channels: int = 1, encoding: str = "s16le", name: str | None = None) -> LiveStream:
         d = self.daemon
-        stream = LiveStream(d.cfg, d.runner.vocab, d.worker, d.hub, d.metrics, sample_rate=rate,
+        stream = LiveStream(d.cfg, d.runner, d.worker, d.hub, d.metrics, sample_rate=rate,
                             channels=channels, encoding=encoding, name=name or self.id)
         stream.id = self.id
         return stream

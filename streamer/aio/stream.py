@@ -24,7 +24,7 @@ class LiveStream:
     Every method returns the events it produced, already published to the hub.
     """
 
-    def __init__(self, cfg: Config, vocab: Any, worker: BatchWorker, hub: Hub, metrics: Metrics, *,
+    def __init__(self, cfg: Config, runner: Any, worker: BatchWorker, hub: Hub, metrics: Metrics, *,
                  sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
                  name: str | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
@@ -33,7 +33,7 @@ class LiveStream:
         self.channels = channels
         self.sample_rate = sample_rate
         self.converter = AudioConverter(sample_rate, channels)
-        self.session = new_session(cfg, vocab)
+        self.session = new_session(cfg, runner.vocab, runner.lexicon)
         self.worker = worker
         self.hub = hub
         self.metrics = metrics

@@ -103,10 +103,12 @@ def load_16k(path: Path) -> np.ndarray:
 
 
 def offline_text(runner: Any, audio: np.ndarray) -> str:
-    """One full-utterance pass, greedy CTC with the engine's own decoder."""
+    """One full-utterance pass, decoded as the engine decodes: the runner's word list, or greedy CTC."""
     from streamer.ctc import CtcSegment
 
     lp = runner.run([audio])[0]
+    if runner.lexicon is not None:
+        return " ".join(w.word for w in runner.lexicon.decode(lp))
     seg = CtcSegment(runner.vocab)
     if len(lp):
         ids = lp.argmax(axis=1)
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--group-by {args.group_by}: no manifest line has that key; "
                           f"keys present: {', '.join(keys) or 'none (a TSV manifest has no extra keys)'}")
     cfg = load_cli_config(args)
-    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
+    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch, decoder=cfg.decoder)
     chunk = max(1, int(round(16 * args.chunk_ms)))
     off, strm = ErrorRate(), ErrorRate()
     groups: dict[str, tuple[ErrorRate, ErrorRate]] = {}
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             off.add(item.text, hyp_off)
             hyp_str = None
             if not args.no_streaming:
-                session = new_session(cfg, runner.vocab)
+                session = new_session(cfg, runner.vocab, runner.lexicon)
                 hyp_str = " ".join(text_of(stream_array(session, runner, audio, chunk)).split())
                 t_str += runner.stats.seconds - s1
                 strm.add(item.text, hyp_str)

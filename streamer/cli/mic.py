@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from streamer.model import load_model
 
-        runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
+        runner = load_model(cfg.model, max_batch=cfg.worker.max_batch, decoder=cfg.decoder)
         view = Dictation(args.format, sys.stdout, sys.stdout.isatty(), append)
         return asyncio.run(dictate(cfg, runner, capture, view, name=args.name, mqtt=args.mqtt or cfg.mqtt.enabled))
     finally:
@@ -124,7 +124,7 @@ async def dictate(cfg: Any, runner: Any, capture: Capture, view: Dictation, *, n
             if sys.stderr.isatty():
                 print(f"listening on {capture.device.describe()} at {capture.sample_rate} Hz, {capture.channels} ch; "
                       "Ctrl-C to stop", file=sys.stderr, flush=True)
-            stream = LiveStream(cfg, runner.vocab, worker, hub, metrics, sample_rate=capture.sample_rate,
+            stream = LiveStream(cfg, runner, worker, hub, metrics, sample_rate=capture.sample_rate,
                                 channels=capture.channels, name=name)
             try:
                 await pump(capture, stream, view.show)

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     Notifier.from_environ().status(f"loading model {cfg.model.id}")  # systemd: shown while starting
     t0 = time.perf_counter()
-    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
+    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch, decoder=cfg.decoder)
     warm = runner.warmup(Schedule.from_config(cfg.stream).window_samples)
     logger.info("model %s loaded in %.1f s, warm-up window %.3f s", runner.name, time.perf_counter() - t0, warm)
     if args.check:

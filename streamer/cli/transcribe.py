@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.chunk_ms <= 0:
         raise ConfigError(f"--chunk-ms must be positive, got {args.chunk_ms}")
     cfg = load_cli_config(args)
-    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
+    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch, decoder=cfg.decoder)
     mqtt = None
     if args.mqtt or cfg.mqtt.enabled:  # -- mqtt (streamer/aio/mqtt.py) --
         from streamer.aio.mqtt import PublisherThread
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         for path in args.files:
             writer = EventWriter(args.format, out)
             bar = _progress_bar(path)
-            session = new_session(cfg, runner.vocab)
+            session = new_session(cfg, runner.vocab, runner.lexicon)
             stream, session_id = Path(path).stem, uuid.uuid4().hex[:12]
             try:
                 for event in stream_file(session, runner, path, args.chunk_ms, bar.update if bar else None):

@@ -1,0 +1,155 @@
+"""Word-list constrained CTC decoding: flashlight-text's lexicon beam search.
+
+Greedy CTC spells every word letter by letter, so a small model's slips ("thre", "kitcheng") reach
+the transcript. With a word list, the beam search only follows letter paths that spell listed
+words, separated by the word delimiter, and picks the best-scoring such path through the CTC
+log-probabilities (Vosk's grammar does the same for its models). The demo model ships the
+vocabulary it was trained on as ``words.txt``; any checkpoint can be given a domain word list.
+
+Pure numpy around flashlight-text: no torch, no I/O apart from reading the list in
+:meth:`Lexicon.from_file`. One :class:`Lexicon` is shared by all streams; each call builds its own
+decoder, so calls do not share search state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from streamer.ctc import FRAME_S
+from streamer.events import Word
+from streamer.exceptions import ConfigError
+
+__all__ = ["Lexicon", "read_word_list"]
+
+
+def read_word_list(path: str | Path) -> list[str]:
+    """One word per line; blank lines and lines starting with ``#`` are skipped."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the word list {str(p)!r}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"the word list {str(p)!r} is not UTF-8 text ({exc.reason})") from exc
+    return [w.strip() for w in lines if w.strip() and not w.lstrip().startswith("#")]
+
+
+class Lexicon:
+    """Decode CTC log-probabilities into words of a fixed list.
+
+    ``token_ids`` maps the tokenizer's tokens (single characters for wav2vec2 CTC models) to ids;
+    every word must be spelled with them (its lower- or upper-case form is tried too, for
+    tokenizers with upper-case letters). ``word_score`` is added per word (negative values
+    prefer fewer, longer words); ``beam_size`` bounds the hypotheses kept per frame.
+    """
+
+    def __init__(
+        self,
+        words: Iterable[str],
+        token_ids: Mapping[str, int],
+        blank_id: int,
+        delimiter_id: int | None,
+        *,
+        beam_size: int = 50,
+        word_score: float = -1.0,
+        source: str = "word list",
+    ) -> None:
+        from flashlight.lib.text import decoder as fl
+
+        if delimiter_id is None:
+            raise ConfigError(
+                f"{source}: the model's tokenizer has no word delimiter token (such as '|'), which "
+                "word-list decoding needs; set decoder.words = \"\" to decode without a word list"
+            )
+        self._fl = fl
+        self.blank_id = blank_id
+        self.delimiter_id = delimiter_id
+        self.n_tokens = max(token_ids.values()) + 1
+        self.words: list[str] = []
+        bad: list[str] = []
+        self._trie = fl.Trie(self.n_tokens, delimiter_id)
+        seen: set[str] = set()
+        for word in words:
+            spelling = self._spell(word, token_ids)
+            if spelling is None:
+                bad.append(word)
+                continue
+            text = "".join(spelling[0])
+            if text in seen:
+                continue
+            seen.add(text)
+            self._trie.insert([*spelling[1], delimiter_id], len(self.words), 0.0)
+            self.words.append(text)
+        if bad:
+            letters = "".join(sorted(t for t in token_ids if len(t) == 1 and t.isprintable() and t != " "))
+            raise ConfigError(
+                f"{source}: {len(bad)} word(s) cannot be spelled with the model's tokens, e.g. "
+                f"{', '.join(repr(b) for b in bad[:5])}; the tokens are {letters!r}"
+            )
+        if not self.words:
+            raise ConfigError(f"{source} has no words; give one word per line")
+        self._trie.smear(fl.SmearingMode.MAX)
+        self._options = fl.LexiconDecoderOptions(
+            beam_size=beam_size, beam_size_token=self.n_tokens, beam_threshold=25.0, lm_weight=0.0,
+            word_score=word_score, unk_score=float("-inf"), sil_score=0.0, log_add=False,
+            criterion_type=fl.CriterionType.CTC,
+        )
+        self._lm = fl.ZeroLM()
+
+    @classmethod
+    def from_file(cls, path: str | Path, token_ids: Mapping[str, int], blank_id: int, delimiter_id: int | None,
+                  **kw: float | int) -> Lexicon:
+        return cls(read_word_list(path), token_ids, blank_id, delimiter_id, source=str(path), **kw)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _spell(word: str, token_ids: Mapping[str, int]) -> tuple[str, list[int]] | None:
+        for form in (word, word.lower(), word.upper()):
+            if form and all(c in token_ids for c in form):
+                return form, [token_ids[c] for c in form]
+        return None
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def decode(self, log_probs: np.ndarray, start_frame: int = 0) -> list[Word]:
+        """The best word sequence for ``[frames, tokens]`` log-probs whose first frame is ``start_frame``.
+
+        Word times come from the best path's letters (frame index × 20 ms, as greedy decoding);
+        confidence is the mean probability of the word's letter frames.
+        """
+        lp = np.ascontiguousarray(log_probs, dtype=np.float32)
+        if lp.ndim != 2 or lp.shape[1] < self.n_tokens:
+            raise ValueError(f"expected [frames, >= {self.n_tokens}] log-probs, got shape {lp.shape}")
+        if not len(lp):
+            return []
+        fl = self._fl
+        decoder = fl.LexiconDecoder(self._options, self._trie, self._lm, self.delimiter_id, self.blank_id,
+                                    -1, [], False)
+        best = decoder.decode(lp.ctypes.data, lp.shape[0], lp.shape[1])[0]
+        # tokens[0] is the start state; tokens[t + 1] is the token of frame t
+        path = list(best.tokens)[1 : len(lp) + 1]
+        ids = [w for w in best.words if w >= 0]
+        return self._words(path, ids, lp, start_frame)
+
+    def _words(self, path: list[int], ids: list[int], lp: np.ndarray, start_frame: int) -> list[Word]:
+        """Group the path's letter frames into words, in the order the search emitted them."""
+        groups: list[list[int]] = []  # frames of each word's letters
+        current: list[int] = []
+        for t, tok in enumerate(path):
+            if tok == self.delimiter_id:
+                if current:
+                    groups.append(current)
+                    current = []
+            elif tok != self.blank_id:
+                current.append(t)
+        if current:
+            groups.append(current)
+        words = []
+        for word_id, frames in zip(ids, groups, strict=False):
+            probs = np.exp(lp[frames, [path[t] for t in frames]])
+            words.append(Word(self.words[word_id], (start_frame + frames[0]) * FRAME_S,
+                              (start_frame + frames[-1] + 1) * FRAME_S, float(probs.mean())))
+        return words

@@ -69,6 +69,7 @@ class Lexicon:
         self.delimiter_id = delimiter_id
         self.n_tokens = max(token_ids.values()) + 1
         self.words: list[str] = []
+        self._needs = max(blank_id, delimiter_id)  # the highest id the search reads from the log-probs
         bad: list[str] = []
         self._trie = fl.Trie(self.n_tokens, delimiter_id)
         seen: set[str] = set()
@@ -83,6 +84,7 @@ class Lexicon:
             seen.add(text)
             self._trie.insert([*spelling[1], delimiter_id], len(self.words), 0.0)
             self.words.append(text)
+            self._needs = max(self._needs, *spelling[1])
         if bad:
             letters = "".join(sorted(t for t in token_ids if len(t) == 1 and t.isprintable() and t != " "))
             raise ConfigError(
@@ -121,8 +123,8 @@ class Lexicon:
         confidence is the mean probability of the word's letter frames.
         """
         lp = np.ascontiguousarray(log_probs, dtype=np.float32)
-        if lp.ndim != 2 or lp.shape[1] < self.n_tokens:
-            raise ValueError(f"expected [frames, >= {self.n_tokens}] log-probs, got shape {lp.shape}")
+        if lp.ndim != 2 or lp.shape[1] <= self._needs:
+            raise ValueError(f"expected [frames, > {self._needs}] log-probs, got shape {lp.shape}")
         if not len(lp):
             return []
         fl = self._fl

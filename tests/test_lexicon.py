@@ -1,0 +1,162 @@
+"""Word-list decoding (``[decoder] words``): flashlight-text's lexicon beam search over the CTC output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import espeak, make_tiny_model
+
+from streamer.config import DecoderConfig, EndpointConfig, ModelConfig, load_config
+from streamer.ctc import CtcSegment
+from streamer.engine import Schedule, StreamSession, reference, run_session
+from streamer.events import Final, Partial
+from streamer.exceptions import ConfigError
+from streamer.lexicon import Lexicon
+from streamer.model import demo_model_dir, load_model
+
+DEMO_VOCAB = json.loads((demo_model_dir() / "vocab.json").read_text())
+BLANK, DELIM = DEMO_VOCAB["<pad>"], DEMO_VOCAB["|"]
+
+
+def frames(*spec: dict[str, float] | str) -> np.ndarray:
+    """Log-probs, one row per item: a token (probability 0.9) or {token: probability}; the rest share 0.01."""
+    rows = np.full((len(spec), len(DEMO_VOCAB)), 0.01, np.float32)
+    for t, item in enumerate(spec):
+        for token, p in ({item: 0.9} if isinstance(item, str) else item).items():
+            rows[t, DEMO_VOCAB[token]] = p
+    rows /= rows.sum(axis=1, keepdims=True)
+    return np.log(rows)
+
+
+def greedy(lp: np.ndarray, vocab) -> str:
+    seg = CtcSegment(vocab)
+    ids = lp.argmax(axis=1)
+    seg.push(0, ids, np.exp(lp[np.arange(len(ids)), ids]))
+    return " ".join(seg.text().split())
+
+
+def test_a_misspelling_becomes_the_listed_word_with_its_letter_times(model_runner):
+    # "t h r e | o n": greedy spells "thre"; the second "e" is there at 0.3 after a blank
+    lp = frames("<pad>", "t", "h", "r", "e", "<pad>", {"<pad>": 0.6, "e": 0.3}, "|", "o", "n", "<pad>")
+    assert greedy(lp, model_runner.vocab) == "thre on"
+    lex = Lexicon(["three", "the", "tree", "on", "one"], DEMO_VOCAB, BLANK, DELIM)
+    words = lex.decode(lp, start_frame=100)
+    assert [w.word for w in words] == ["three", "on"]
+    # letters of "three" on frames 1..6, of "on" on 8..9 (global frames +100, 20 ms each)
+    assert [(round(w.start, 2), round(w.end, 2)) for w in words] == [(2.02, 2.14), (2.16, 2.20)]
+    assert 0 < words[1].conf <= 1 and words[1].conf > words[0].conf  # "on" is certain, "three" is not
+
+
+def test_every_decoded_word_is_in_the_list():
+    rng = np.random.default_rng(0)
+    listed = ["on", "off", "the", "kitchen", "lights", "three", "seven", "timer"]
+    lex = Lexicon(listed, DEMO_VOCAB, BLANK, DELIM, beam_size=20)
+    decoded = []
+    for _ in range(20):
+        logits = rng.normal(0, 3, (200, len(DEMO_VOCAB)))
+        lp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        decoded += [w.word for w in lex.decode(lp.astype(np.float32))]
+    assert decoded and set(decoded) <= set(listed)
+    assert lex.decode(np.zeros((0, len(DEMO_VOCAB)), np.float32)) == []
+
+
+def test_word_list_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(ConfigError, match=r"'café'.*the tokens are \"'abcdefghijklmnopqrstuvwxyz\|\""):
+        Lexicon(["coffee", "café"], DEMO_VOCAB, BLANK, DELIM)
+    with pytest.raises(ConfigError, match="no word delimiter"):
+        Lexicon(["on"], DEMO_VOCAB, BLANK, None)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(ConfigError, match="has no words"):
+        Lexicon.from_file(empty, DEMO_VOCAB, BLANK, DELIM)
+    with pytest.raises(ConfigError, match="cannot read the word list"):
+        Lexicon.from_file(tmp_path / "missing.txt", DEMO_VOCAB, BLANK, DELIM)
+    # an upper-case tokenizer (as facebook/wav2vec2-base-960h) takes a lower-case list
+    upper = {("<pad>" if k == "<pad>" else k.upper()): v for k, v in DEMO_VOCAB.items()}
+    lex = Lexicon(["on", "three", "three"], upper, BLANK, DELIM)
+    assert lex.words == ["ON", "THREE"]
+
+
+def test_decoder_words_config_picks_the_list(tmp_path):
+    model = make_tiny_model(tmp_path / "m")
+    cfg = ModelConfig(id=str(model), device="cpu")
+    assert load_model(cfg).lexicon is None  # auto, and this checkpoint ships no words.txt
+    (model / "words.txt").write_text("on\noff\nthe\nlights\n")
+    assert load_model(cfg).lexicon.words == ["on", "off", "the", "lights"]  # auto finds it
+    assert load_model(cfg, decoder=DecoderConfig(words="")).lexicon is None  # greedy on request
+    other = tmp_path / "domain.txt"
+    other.write_text("# a domain list\nyes\nno\n")
+    assert load_model(cfg, decoder=DecoderConfig(words=str(other))).lexicon.words == ["yes", "no"]
+    with pytest.raises(ConfigError, match=r"decoder.words = '.*nope.txt': no such file"):
+        load_model(cfg, decoder=DecoderConfig(words=str(tmp_path / "nope.txt")))
+    assert load_model(ModelConfig(id="demo", device="cpu")).lexicon is not None  # the demo model ships one
+
+
+@pytest.mark.parametrize("pad_last", [False, True])
+def test_streaming_finals_equal_the_reference_for_any_arrival(tmp_path, speech, pad_last):
+    """With a word list, a segment's final is decoded from its final frames' log-probs, so every arrival
+    chunking gives the reference's finals (pad last: blank is the last id and the delimiter is id 0)."""
+    runner = load_model(ModelConfig(id=str(make_tiny_model(tmp_path / "m", pad_last=pad_last)), device="cpu"))
+    lex = Lexicon(["a", "an", "the", "on", "in", "it", "is", "tea", "eat", "sea", "see", "seat"],
+                  runner.vocab.token_ids, runner.vocab.blank_id, runner.vocab.delimiter_id)
+    schedule = Schedule(left=40, hop=10, lookahead=16)
+    endpoint = EndpointConfig(silence_after_speech_s=0.3, max_utterance_s=2.0)
+    _, ref = reference(speech, runner, schedule, runner.vocab, endpoint, words=lex)
+    assert len(ref) >= 2 and all(set(f.text.split()) <= set(lex.words) for f in ref)
+    # each final holds the words of its own frames only: times increase across finals
+    times = [t for f in ref for w in f.words for t in (w.start, w.end)]
+    assert times == sorted(times) and ref[-1].end <= len(speech) / 16000 + 0.02
+    for chunk in (160, 3200, 17000):
+        session = StreamSession(schedule, runner.vocab, endpoint, words=lex)
+        events = []
+        for i in range(0, len(speech), chunk):
+            session.accept_audio(speech[i : i + chunk])
+            run_session(session, runner)
+            events += session.events_received()
+        session.finish()
+        run_session(session, runner)
+        events += session.events_received()
+        finals = [e for e in events if isinstance(e, Final)]
+        def key(finals):
+            return [(f.text, f.start, f.end, [(w.word, w.start, w.end) for w in f.words]) for f in finals]
+
+        assert key(finals) == key(ref)
+        # confidences are means of probabilities: equal up to the float rounding of other batch sizes
+        confs = [w.conf for f in finals for w in f.words]
+        assert confs == pytest.approx([w.conf for f in ref for w in f.words], abs=1e-4)
+        partials = [e for e in events if isinstance(e, Partial)]
+        assert partials and all(set(p.text.split()) <= set(lex.words) for p in partials)
+
+
+def test_demo_model_streams_what_its_offline_pass_decodes(model_runner, tmp_path):
+    """The demo model decodes with its words.txt by default; the streamed final equals the offline pass."""
+    import soundfile as sf
+
+    from streamer.cli.eval import offline_text
+    from streamer.transcribe import new_session, stream_array, text_of
+
+    assert model_runner.lexicon is not None
+    text = "set the thermostat to twenty two degrees"
+    audio, _ = sf.read(espeak(text, tmp_path / "a.wav", voice="en-gb-scotland", speed=190), dtype="float32")
+    session = new_session(load_config(None), model_runner.vocab, model_runner.lexicon)
+    streamed = text_of(stream_array(session, model_runner, audio))
+    assert streamed == offline_text(model_runner, audio)
+    assert set(streamed.split()) <= set(model_runner.lexicon.words)
+
+
+def test_word_list_cuts_the_demo_models_word_errors_on_held_out_speech(model_runner):
+    """On held-out utterances (unseen sentences, voices across the ranges, noise), the word list removes most
+    of greedy decoding's misspellings."""
+    from test_demo_model import _held_out
+
+    from streamer.training.metrics import ErrorRate
+
+    lex, greedy_rate = ErrorRate(), ErrorRate()
+    for ref, audio in _held_out(list(range(40))):
+        lp = model_runner.run([audio])[0]
+        greedy_rate.add(ref, greedy(lp, model_runner.vocab))
+        lex.add(ref, " ".join(w.word for w in model_runner.lexicon.decode(lp)))
+    assert greedy_rate.wer > 0.05, "greedy decoding makes no errors here: pick harder utterances"
+    assert lex.wer < greedy_rate.wer / 2, (lex.wer, greedy_rate.wer)

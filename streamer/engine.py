@@ -37,6 +37,7 @@ __all__ = [
     "StreamSession",
     "Window",
     "WordDecoder",
+    "WordSearch",
     "n_frames",
     "reference",
     "run_session",
@@ -50,10 +51,22 @@ RECEPTIVE_FIELD = 400
 RunFn = Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]]
 
 
-class WordDecoder(Protocol):
-    """Turns a segment's log-probs into words (:class:`streamer.lexicon.Lexicon`, a word-list search)."""
+class WordSearch(Protocol):
+    """One segment's word search: final frames go in as they come (see :class:`streamer.lexicon.LexiconSearch`)."""
 
-    def decode(self, log_probs: np.ndarray, start_frame: int = 0) -> list[Word]: ...
+    def step(self, log_probs: np.ndarray) -> None: ...
+
+    def partial(self, lookahead: np.ndarray) -> list[Word]:
+        """A tentative reading of the frames so far followed by ``lookahead`` rows, which are not kept."""
+        ...
+
+    def finish(self) -> list[Word]: ...
+
+
+class WordDecoder(Protocol):
+    """Makes word searches (:class:`streamer.lexicon.Lexicon`: a word list)."""
+
+    def search(self, start_frame: int = 0) -> WordSearch: ...
 
 
 def n_frames(n_samples: int) -> int:
@@ -165,36 +178,6 @@ class _Buffer:
         self.offset = index
 
 
-class _Rows:
-    """The final frames' log-prob rows of the open segment, kept for a :class:`WordDecoder`."""
-
-    def __init__(self) -> None:
-        self.start = 0  # global frame of the first row kept
-        self._chunks: list[np.ndarray] = []
-        self._n = 0
-
-    def append(self, t0: int, rows: np.ndarray) -> None:
-        if t0 != self.start + self._n:
-            raise RuntimeError(f"log-prob rows must come in order: got frame {t0}, expected {self.start + self._n}")
-        if len(rows):
-            self._chunks.append(rows)
-            self._n += len(rows)
-
-    def take(self, start: int, stop: int) -> np.ndarray:
-        """Rows of global frames ``[start, stop)`` (which must still be kept)."""
-        if not self._chunks:
-            return np.zeros((0, 0), np.float32)
-        if len(self._chunks) > 1:
-            self._chunks = [np.concatenate(self._chunks)]
-        return self._chunks[0][start - self.start : stop - self.start]
-
-    def forget_before(self, frame: int) -> None:
-        rows = self.take(self.start, self.start + self._n)[frame - self.start :]
-        self._chunks = [rows] if len(rows) else []
-        self._n = len(rows)
-        self.start = frame
-
-
 def best_path(log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per frame: the most likely id and its probability (greedy CTC)."""
     ids = log_probs.argmax(axis=1)
@@ -232,7 +215,7 @@ class StreamSession:
         self.vocab = vocab
         self.words = words
         """word-list decoding of partials and finals; None = greedy CTC (the letters of each frame's best id)"""
-        self._rows = _Rows() if words is not None else None
+        self._search: WordSearch | None = None  # the open segment's, once it has final frames
         self.endpoint = endpoint if endpoint is not None else EndpointConfig()
         self._buf = _Buffer()
         self._planned_next = 0  # first frame not yet covered by a planned window
@@ -353,25 +336,37 @@ class StreamSession:
     def _push_final(self, t0: int, ids: np.ndarray, probs: np.ndarray, rows: np.ndarray) -> None:
         if self.frame_ids is not None:
             self.frame_ids.extend(ids.tolist())
-        if self._rows is not None:
-            self._rows.append(t0, rows)
         ep = self.endpoint
         no_speech = round(ep.silence_no_speech_s / FRAME_S)
         after_speech = round(ep.silence_after_speech_s / FRAME_S)
         max_frames = round(ep.max_utterance_s / FRAME_S)
         seg = self._seg
+        stepped = 0  # rows handed to the word search
         for i, (frame_id, prob) in enumerate(zip(ids.tolist(), probs.tolist(), strict=True)):
             seg.push_frame(t0 + i, frame_id, prob)
             if not ep.enabled:
                 continue
+            reason = ""
             if seg.has_text:
                 if seg.trailing_silence >= after_speech:
-                    self._close_segment("silence")
+                    reason = "silence"
                 elif seg.n_frames >= max_frames:
-                    self._close_segment("max_length")
+                    reason = "max_length"
             elif seg.trailing_silence >= no_speech or seg.n_frames >= max_frames:
-                self._close_segment("silence")  # nothing said: start a fresh segment, no event
-            seg = self._seg
+                reason = "silence"  # nothing said: start a fresh segment, no event
+            if reason:
+                self._step_search(rows[stepped : i + 1])
+                stepped = i + 1
+                self._close_segment(reason)
+                seg = self._seg
+        self._step_search(rows[stepped:])
+
+    def _step_search(self, rows: np.ndarray) -> None:
+        if self.words is None or not len(rows):
+            return
+        if self._search is None:
+            self._search = self.words.search(self._seg.start_frame)
+        self._search.step(rows)
 
     def _silence_ahead(self, lookahead_ids: np.ndarray) -> bool:
         """Whether the after-speech rule holds counting the look-ahead frames too.
@@ -396,19 +391,19 @@ class StreamSession:
         """The text and words of ``seg`` (final frames, then ``lookahead`` rows if given)."""
         if not seg.has_text:
             return "", []
-        if self.words is None or self._rows is None:
+        if self.words is None:
             return seg.text(), seg.words()
-        rows = self._rows.take(seg.start_frame, self._seg.end_frame)
-        if lookahead is not None and len(lookahead):
-            rows = np.concatenate([rows, lookahead]) if len(rows) else lookahead
-        words = self.words.decode(rows, seg.start_frame) if len(rows) else []
+        search = self._search
+        if lookahead is None:
+            words = search.finish() if search is not None else []
+        else:
+            words = (search or self.words.search(seg.start_frame)).partial(lookahead)
         return " ".join(w.word for w in words), words
 
     def _close_segment(self, reason: str) -> None:
         seg = self._seg
         text, words = self._decode(seg)
-        if self._rows is not None:
-            self._rows.forget_before(seg.end_frame)
+        self._search = None
         if text:
             start, end = seg.span(words)
             self._events.append(Final(self._segment_index, text, start, end, tuple(words), reason))

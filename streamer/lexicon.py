@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from streamer.ctc import FRAME_S
 from streamer.events import Word
 from streamer.exceptions import ConfigError
 
-__all__ = ["Lexicon", "read_word_list"]
+__all__ = ["Lexicon", "LexiconSearch", "read_word_list"]
 
 
 def read_word_list(path: str | Path) -> list[str]:
@@ -65,6 +66,7 @@ class Lexicon:
                 "word-list decoding needs; set decoder.words = \"\" to decode without a word list"
             )
         self._fl = fl
+        self.source = source
         self.blank_id = blank_id
         self.delimiter_id = delimiter_id
         self.n_tokens = max(token_ids.values()) + 1
@@ -116,28 +118,38 @@ class Lexicon:
     def __len__(self) -> int:
         return len(self.words)
 
+    def search(self, start_frame: int = 0) -> LexiconSearch:
+        """A search over frames that arrive in pieces, the first being global frame ``start_frame``."""
+        return LexiconSearch(self, start_frame)
+
     def decode(self, log_probs: np.ndarray, start_frame: int = 0) -> list[Word]:
         """The best word sequence for ``[frames, tokens]`` log-probs whose first frame is ``start_frame``.
 
         Word times come from the best path's letters (frame index × 20 ms, as greedy decoding);
         confidence is the mean probability of the word's letter frames.
         """
-        lp = np.ascontiguousarray(log_probs, dtype=np.float32)
-        if lp.ndim != 2 or lp.shape[1] <= self._needs:
-            raise ValueError(f"expected [frames, > {self._needs}] log-probs, got shape {lp.shape}")
-        if not len(lp):
-            return []
-        fl = self._fl
-        decoder = fl.LexiconDecoder(self._options, self._trie, self._lm, self.delimiter_id, self.blank_id,
-                                    -1, [], False)
-        best = decoder.decode(lp.ctypes.data, lp.shape[0], lp.shape[1])[0]
-        # tokens[0] is the start state; tokens[t + 1] is the token of frame t
-        path = list(best.tokens)[1 : len(lp) + 1]
-        ids = [w for w in best.words if w >= 0]
-        return self._words(path, ids, lp, start_frame)
+        search = self.search(start_frame)
+        search.step(log_probs)
+        return search.finish()
 
-    def _words(self, path: list[int], ids: list[int], lp: np.ndarray, start_frame: int) -> list[Word]:
-        """Group the path's letter frames into words, in the order the search emitted them."""
+    def _new_decoder(self) -> Any:
+        return self._fl.LexiconDecoder(self._options, self._trie, self._lm, self.delimiter_id, self.blank_id,
+                                       -1, [], False)
+
+    def _check(self, log_probs: np.ndarray) -> np.ndarray:
+        lp = np.ascontiguousarray(log_probs, dtype=np.float32)
+        if lp.ndim != 2 or (len(lp) and lp.shape[1] <= self._needs):
+            raise ValueError(f"expected [frames, > {self._needs}] log-probs, got shape {lp.shape}")
+        return lp
+
+    def _words(self, result: Any, lp: np.ndarray, start_frame: int) -> tuple[list[Word], int]:
+        """The words of a flashlight result, and the frame after the last one's last letter (0: none).
+
+        ``result.tokens[t + 1]`` is the token of frame ``t`` (``tokens[0]`` is the start state);
+        the search emits a word id when the word is complete.
+        """
+        path = list(result.tokens)[1 : len(lp) + 1]
+        ids = [w for w in result.words if w >= 0]
         groups: list[list[int]] = []  # frames of each word's letters
         current: list[int] = []
         for t, tok in enumerate(path):
@@ -154,4 +166,57 @@ class Lexicon:
             probs = np.exp(lp[frames, [path[t] for t in frames]])
             words.append(Word(self.words[word_id], (start_frame + frames[0]) * FRAME_S,
                               (start_frame + frames[-1] + 1) * FRAME_S, float(probs.mean())))
-        return words
+        done = groups[len(words) - 1][-1] + 1 if words else 0
+        return words, done
+
+
+class LexiconSearch:
+    """One segment's search, fed its final frames as they come (flashlight's incremental decoding).
+
+    :meth:`step` costs only the new frames. :meth:`partial` shows the words completed so far plus a
+    fresh search over the frames after them and the tentative look-ahead frames (which must not
+    enter the search: they change in the next window), so its cost does not grow with the segment.
+    """
+
+    def __init__(self, lexicon: Lexicon, start_frame: int) -> None:
+        self.lexicon = lexicon
+        self.start_frame = start_frame
+        self._decoder: Any = lexicon._new_decoder()
+        self._decoder.decode_begin()
+        self._rows: list[np.ndarray] = []
+        self._finished = False
+
+    def step(self, log_probs: np.ndarray) -> None:
+        if self._finished:
+            raise RuntimeError("this search is finished")
+        lp = self.lexicon._check(log_probs)
+        if len(lp):
+            self._decoder.decode_step(lp.ctypes.data, lp.shape[0], lp.shape[1])
+            self._rows.append(lp)
+
+    def _all_rows(self) -> np.ndarray:
+        if len(self._rows) > 1:
+            self._rows = [np.concatenate(self._rows)]
+        return self._rows[0] if self._rows else np.zeros((0, 0), np.float32)
+
+    def partial(self, lookahead: np.ndarray) -> list[Word]:
+        """A tentative reading of the frames so far followed by ``lookahead`` (not kept)."""
+        rows = self._all_rows()
+        done: list[Word] = []
+        boundary = 0
+        if len(rows):
+            done, boundary = self.lexicon._words(self._decoder.get_best_hypothesis(0), rows, self.start_frame)
+        tail = rows[boundary:]
+        la = self.lexicon._check(lookahead)
+        if len(la):
+            tail = np.concatenate([tail, la]) if len(tail) else la
+        return done + (self.lexicon.decode(tail, self.start_frame + boundary) if len(tail) else [])
+
+    def finish(self) -> list[Word]:
+        """The best word sequence over all frames stepped; the search ends."""
+        self._finished = True
+        rows = self._all_rows()
+        if not len(rows):
+            return []
+        self._decoder.decode_end()
+        return self.lexicon._words(self._decoder.get_all_final_hypothesis()[0], rows, self.start_frame)[0]

@@ -67,6 +67,7 @@ def test_eval_on_generated_manifest(tmp_path, capsys):
                                                                   out, flags=re.M)}
     assert set(rows) == {"offline", "streaming"}, out
     assert "difference" in out
+    assert re.search(r"decoding with the word list .*words\.txt \(\d+ words\)", out), out
     assert rows["offline"][1] < 25.0, out  # CER of a trained model, not a random one
     results = [json.loads(line) for line in report.read_text().splitlines()]
     assert len(results) == 4 and all(Path(r["audio"]).is_file() for r in results)
@@ -77,6 +78,9 @@ def test_eval_on_generated_manifest(tmp_path, capsys):
         assert re.search(rf"^{re.escape(v)}\s+{voices.count(v)}\s+[\d.]+%\s+[\d.]+%$", table, flags=re.M), table
     assert main(["eval", "--device", "cpu", "--group-by", "speaker", str(manifest)]) == 1
     assert re.search(r"error: --group-by speaker: .*keys present: .*voice", capsys.readouterr().err)
+    assert main(["eval", "--device", "cpu", "--no-streaming", "--limit", "1", "--set", "decoder.words=",
+                 str(manifest)]) == 0
+    assert "decoding with greedy CTC (no word list)" in capsys.readouterr().out
 
 
 def test_eval_reads_tsv_manifest(tmp_path):

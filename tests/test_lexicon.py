@@ -160,3 +160,28 @@ def test_word_list_cuts_the_demo_models_word_errors_on_held_out_speech(model_run
         lex.add(ref, " ".join(w.word for w in model_runner.lexicon.decode(lp)))
     assert greedy_rate.wer > 0.05, "greedy decoding makes no errors here: pick harder utterances"
     assert lex.wer < greedy_rate.wer / 2, (lex.wer, greedy_rate.wer)
+
+
+def test_partial_reads_like_a_search_over_all_frames(model_runner):
+    """A partial (words completed by the incremental search, then a fresh search over the rest and the
+    look-ahead) reads like one search over all the frames, wherever the final frames end."""
+    from test_demo_model import _held_out
+
+    lex = model_runner.lexicon
+    same = total = 0
+    for _, audio in _held_out(list(range(10))):
+        lp = model_runner.run([audio])[0]
+        whole = lex.decode(lp)
+        for k in range(0, len(lp), 20):
+            search = lex.search(0)
+            for i in range(0, k, 7):  # final frames arrive in pieces
+                search.step(lp[i : min(i + 7, k)])
+            words = search.partial(lp[k:])
+            times = [t for w in words for t in (w.start, w.end)]
+            assert times == sorted(times)
+            same += [w.word for w in words] == [w.word for w in whole]
+            total += 1
+        assert [w.word for w in search.finish()] == [w.word for w in lex.decode(lp[:k])]
+        with pytest.raises(RuntimeError, match="finished"):
+            search.step(lp[:1])
+    assert same >= 0.9 * total, (same, total)

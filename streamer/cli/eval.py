@@ -170,7 +170,10 @@ def run(args: argparse.Namespace) -> int:
         if out:
             out.close()
 
-    print(f"model {runner.name} on {runner.device}: {len(items)} utterances, {audio_s:.1f} s of audio")
+    lex = runner.lexicon
+    decoding = f"the word list {lex.source} ({len(lex)} words)" if lex else "greedy CTC (no word list)"
+    print(f"model {runner.name} on {runner.device}, decoding with {decoding}: {len(items)} utterances, "
+          f"{audio_s:.1f} s of audio")
     print(f"{'':10s} {'WER':>8s} {'CER':>8s} {'exact':>8s} {'RTF':>8s}")
 
     def row(name: str, e: ErrorRate, secs: float) -> None:

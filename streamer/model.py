@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,10 +23,11 @@ import numpy as np
 from streamer.config import DecoderConfig, ModelConfig
 from streamer.engine import FRAME_SAMPLES, RECEPTIVE_FIELD, SAMPLE_RATE
 from streamer.exceptions import ConfigError, InferenceError, ModelLoadError
-from streamer.lexicon import Lexicon
+from streamer.lexicon import Lexicon, read_word_list
 
 __all__ = [
     "DEMO_MODEL", "WORD_LIST", "ModelRunner", "TokenizerVocabulary", "load_lexicon", "load_model", "resolve_model",
+    "word_list_lexicon",
 ]
 
 logger = logging.getLogger("streamer.model")
@@ -251,11 +252,16 @@ def load_lexicon(cfg: DecoderConfig, runner: ModelRunner, source: str, revision:
         if not path.is_file():
             raise ConfigError(f"decoder.words = {cfg.words!r}: no such file; give a word list (one word per "
                               "line), 'auto', or '' for greedy decoding")
-    v = runner.vocab
-    lexicon = Lexicon.from_file(path, v.token_ids, v.blank_id, v.delimiter_id, beam_size=cfg.beam_size,
-                                word_score=cfg.word_score)
+    lexicon = word_list_lexicon(runner, read_word_list(path), cfg, str(path))
     logger.info("decoding with the word list %s (%d words)", path, len(lexicon))
     return lexicon
+
+
+def word_list_lexicon(runner: ModelRunner, words: Iterable[str], cfg: DecoderConfig, source: str) -> Lexicon:
+    """A word-list decoder spelled with ``runner``'s tokenizer; raises ConfigError naming ``source``."""
+    v = runner.vocab
+    return Lexicon(words, v.token_ids, v.blank_id, v.delimiter_id, beam_size=cfg.beam_size,
+                   word_score=cfg.word_score, source=source)
 
 
 def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64,

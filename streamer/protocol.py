@@ -48,6 +48,8 @@ CLOSE_SERVER_ERROR = 1011
 CLOSE_TRY_AGAIN = 1013
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_STREAM_WORDS = 20_000
+"""the most entries a stream's own word list (``words``, Vosk's ``phrase_list``) may have"""
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Start:
     encoding: str = "s16le"
     channels: int = 1
     name: str | None = None
+    words: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,22 @@ def _load_json(text: str) -> Any:
                             kind="malformed_json", code=CLOSE_INVALID) from None
 
 
+def word_list(value: Any, field: str, kind: str) -> tuple[str, ...]:
+    """A stream's word list: words or phrases (split into words); Vosk's ``[unk]`` entry is left out."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ProtocolError(f"'{field}' must be a list of strings (words or phrases)", kind=kind, code=CLOSE_POLICY)
+    if len(value) > MAX_STREAM_WORDS:
+        raise ProtocolError(f"'{field}' has {len(value)} entries; the limit is {MAX_STREAM_WORDS}",
+                            kind=kind, code=CLOSE_POLICY)
+    words = dict.fromkeys(w for phrase in value for w in phrase.split() if w != "[unk]")
+    if not words:
+        raise ProtocolError(f"'{field}' has no words; leave it out to decode without a word list",
+                            kind=kind, code=CLOSE_POLICY)
+    return tuple(words)
+
+
 def parse_start(msg: dict[str, Any], min_rate: int, max_rate: int) -> Start:
-    known = {"type", "sample_rate", "encoding", "channels", "name"}
+    known = {"type", "sample_rate", "encoding", "channels", "name", "words"}
     unknown = sorted(set(msg) - known)
     if unknown:
         raise ProtocolError(f"unknown field(s) in start message: {', '.join(unknown)}; "
@@ -94,7 +111,8 @@ def parse_start(msg: dict[str, Any], min_rate: int, max_rate: int) -> Start:
     if name is not None and (not isinstance(name, str) or not NAME_RE.match(name)):
         raise ProtocolError(f"bad stream name {name!r}; use 1-64 letters, digits, '_', '-' or '.'",
                             kind="bad_start", code=CLOSE_POLICY)
-    return Start(rate, encoding, channels, name)
+    words = word_list(msg["words"], "words", "bad_words") if "words" in msg else None
+    return Start(rate, encoding, channels, name, words)
 
 
 def parse_control(text: str, *, min_rate: int = 8000, max_rate: int = 192000) -> Control:
@@ -122,6 +140,7 @@ class VoskConfig:
     sample_rate: float | None = None
     words: bool | None = None
     max_alternatives: int | None = None
+    phrase_list: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +165,8 @@ def parse_vosk_text(text: str) -> VoskText:
         alts = cfg.get("max_alternatives")
         if alts is not None and (not isinstance(alts, int) or alts < 0):
             raise ProtocolError(f"bad max_alternatives {alts!r}", kind="bad_message", code=CLOSE_INVALID)
-        return VoskText("config", VoskConfig(rate, None if words is None else bool(words), alts))
+        phrases = word_list(cfg["phrase_list"], "phrase_list", "bad_words") if "phrase_list" in cfg else None
+        return VoskText("config", VoskConfig(rate, None if words is None else bool(words), alts, phrases))
     if msg.get("eof"):
         return VoskText("eof")
     if msg.get("reset"):

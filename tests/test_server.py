@@ -107,6 +107,9 @@ BAD_INPUTS = [
     ("unsupported_encoding", [{"type": "start", "encoding": "mulaw"}], 1008),
     ("late_start", [b"\x00\x00" * 800, {"type": "start"}], 1008),
     ("bad_audio", [{"type": "start", "encoding": "f32le"}, np.array([np.nan] * 4, "<f4").tobytes()], 1007),
+    ("bad_words", [{"type": "start", "words": ["coffee", "café"]}], 1008),  # no such letter in the model
+    ("bad_words", [{"type": "start", "words": "turn on"}], 1008),  # not a list
+    ("bad_words", [{"type": "start", "words": ["[unk]"]}], 1008),  # no words
 ]
 
 
@@ -267,6 +270,22 @@ async def test_model_failure_reaches_the_stream_and_daemon_keeps_serving(daemon_
     assert code == 1000 and finals_of(msgs)
 
 
+async def test_start_words_restrict_that_stream_only(daemon_factory, speech):
+    """A stream's own word list (start "words") decodes that stream with a beam search over those words only;
+    other streams keep the daemon's decoding. Works on a daemon that decodes greedily, too."""
+    listed = ["turn", "off", "the", "lights", "set", "a", "timer", "for", "twenty", "minutes", "on"]
+    d = await daemon_factory("decoder.words=")
+    plain, restricted = await asyncio.gather(
+        native_session(d.port, pcm16(speech)),
+        native_session(d.port, pcm16(speech), start={"type": "start", "words": [" ".join(listed)]}))
+    plain_words = [w["word"] for f in finals_of(plain[0]) for w in f["words"]]
+    restricted_words = [w["word"] for f in finals_of(restricted[0]) for w in f["words"]]
+    assert "kitchen" in plain_words  # the speech says it
+    assert restricted_words and set(restricted_words) <= set(listed)
+    assert " ".join(f["text"] for f in finals_of(restricted[0])) == " ".join(restricted_words)
+    assert {"timer", "twenty", "minutes"} <= set(restricted_words)
+
+
 # --- Vosk protocol ---------------------------------------------------------------------------------
 
 
@@ -319,6 +338,24 @@ async def test_vosk_reset_keeps_session_and_8k_rate(daemon_factory, speech):
         last = json.loads(await ws.recv())
         assert "text" in last
     assert ws.close_code == 1000
+
+
+async def test_vosk_phrase_list_restricts_the_words(daemon_factory, speech):
+    d = await daemon_factory("vosk.enabled=true", "vosk.port=0")
+    phrases = ["turn on the lights", "set a timer for twenty minutes", "[unk]"]
+    replies = await vosk_session(d.vosk_port, pcm16(speech), config={"phrase_list": phrases})
+    words = [w["word"] for r in replies for w in r.get("result", [])]
+    assert words and set(words) <= {w for p in phrases for w in p.split()} - {"[unk]"}
+    assert "kitchen" not in " ".join(r.get("text", "") for r in replies)
+    # a phrase list after audio is refused: the stream's decoder is fixed by then
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.vosk_port}/") as ws:
+        await ws.send(pcm16(speech)[:6400])
+        await ws.recv()
+        await ws.send(json.dumps({"config": {"phrase_list": ["yes", "no"]}}))
+        assert "phrase_list must come before" in json.loads(await ws.recv())["error"]
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+    assert ws.close_code == 1008
 
 
 async def test_vosk_bad_frame_errors_and_closes(daemon_factory):

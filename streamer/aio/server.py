@@ -30,7 +30,9 @@ from streamer.aio.worker import BatchWorker
 from streamer.config import Config
 from streamer.engine import SAMPLE_RATE, Schedule
 from streamer.events import Final, Partial
-from streamer.exceptions import AudioError, InferenceError, ProtocolError, StreamerError
+from streamer.exceptions import AudioError, ConfigError, InferenceError, ProtocolError, StreamerError
+from streamer.lexicon import Lexicon
+from streamer.model import word_list_lexicon
 from streamer.protocol import (
     CLOSE_BAD_DATA,
     CLOSE_POLICY,
@@ -367,10 +369,19 @@ class _Handler:
         self.stream: LiveStream | None = None
         self._stop = asyncio.ensure_future(daemon.stopping.wait())
 
-    def new_stream(self, rate: int, channels: int = 1, encoding: str = "s16le", name: str | None = None) -> LiveStream:
+    def word_list(self, words: tuple[str, ...]) -> Lexicon:
+        """A stream's own word list, spelled with the model's tokens; a bad one is the client's error."""
+        d = self.daemon
+        try:
+            return word_list_lexicon(d.runner, words, d.cfg.decoder, "the stream's word list")
+        except ConfigError as exc:
+            raise ProtocolError(str(exc), kind="bad_words", code=CLOSE_POLICY) from None
+
+    def new_stream(self, rate: int, channels: int = 1, encoding: str = "s16le", name: str | None = None,
+                   lexicon: Lexicon | None = None) -> LiveStream:
         d = self.daemon
         stream = LiveStream(d.cfg, d.runner, d.worker, d.hub, d.metrics, sample_rate=rate,
-                            channels=channels, encoding=encoding, name=name or self.id)
+                            channels=channels, encoding=encoding, name=name or self.id, words=lexicon)
         stream.id = self.id
         return stream
 
@@ -453,7 +464,8 @@ class NativeHandler(_Handler):
                                         code=CLOSE_POLICY)
                 assert ctrl.start is not None
                 s = ctrl.start
-                self.stream = self.new_stream(s.sample_rate, s.channels, s.encoding, s.name)
+                lexicon = self.word_list(s.words) if s.words is not None else None
+                self.stream = self.new_stream(s.sample_rate, s.channels, s.encoding, s.name, lexicon)
             elif ctrl.type == "flush":
                 if self.stream is not None:
                     await self.send_events(await self.stream.flush())
@@ -472,6 +484,7 @@ class VoskHandler(_Handler):
         self.rate: float = daemon.cfg.vosk.sample_rate
         self.words = True
         self.alternatives = 0
+        self.lexicon: Lexicon | None = None  # from the config's phrase_list
         self.partial: Partial | None = None
 
     async def report(self, exc: ProtocolError | AudioError | InferenceError) -> None:
@@ -497,7 +510,7 @@ class VoskHandler(_Handler):
             if not srv.min_sample_rate <= rate <= srv.max_sample_rate:
                 raise ProtocolError(f"unsupported sample_rate {rate}; use {srv.min_sample_rate} to "
                                     f"{srv.max_sample_rate}", kind="unsupported_rate", code=CLOSE_POLICY)
-            self.stream = self.new_stream(rate)
+            self.stream = self.new_stream(rate, lexicon=self.lexicon)
         return self.stream
 
     async def final_reply(self, events: list[Partial]) -> None:
@@ -532,6 +545,11 @@ class VoskHandler(_Handler):
                     self.words = cmd.config.words
                 if cmd.config.max_alternatives is not None:
                     self.alternatives = cmd.config.max_alternatives
+                if cmd.config.phrase_list is not None:
+                    if self.stream is not None:
+                        raise ProtocolError("phrase_list must come before the first audio", kind="late_config",
+                                            code=CLOSE_POLICY)
+                    self.lexicon = self.word_list(cmd.config.phrase_list)
             elif cmd.kind == "reset":
                 events = await self.stream.flush() if self.stream is not None else []
                 await self.final_reply(events)

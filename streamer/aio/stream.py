@@ -13,7 +13,7 @@ from streamer.aio.metrics import Metrics
 from streamer.aio.worker import BatchWorker
 from streamer.audio import AudioConverter, decode_pcm
 from streamer.config import Config
-from streamer.engine import SAMPLE_RATE
+from streamer.engine import SAMPLE_RATE, WordDecoder
 from streamer.events import Event, Final
 from streamer.transcribe import new_session
 
@@ -26,14 +26,15 @@ class LiveStream:
 
     def __init__(self, cfg: Config, runner: Any, worker: BatchWorker, hub: Hub, metrics: Metrics, *,
                  sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
-                 name: str | None = None) -> None:
+                 name: str | None = None, words: WordDecoder | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.name = name or self.id
         self.encoding = encoding
         self.channels = channels
         self.sample_rate = sample_rate
         self.converter = AudioConverter(sample_rate, channels)
-        self.session = new_session(cfg, runner.vocab, runner.lexicon)
+        # ``words``: this stream's own word list (a Lexicon); None = the runner's ([decoder] words)
+        self.session = new_session(cfg, runner.vocab, words if words is not None else runner.lexicon)
         self.worker = worker
         self.hub = hub
         self.metrics = metrics

@@ -106,9 +106,11 @@ def test_tiny_training_run_is_reproducible_resumable_and_loadable(tmp_path):
     info = json.loads((tmp_path / "a" / "training.json").read_text())
     assert [h["epoch"] for h in info["history"]] == [1, 2]
     assert info["history"][1]["step"] > info["history"][0]["step"]
+    assert all(h["dev_wer_words"] >= 0 and h["dev_wer"] >= 0 for h in info["history"])  # greedy and word list
     assert (tmp_path / "a" / "curve.png").stat().st_size > 1000
 
     loaded = load_model(ModelConfig(id=str(tmp_path / "a"), device="cpu"))
     assert loaded.vocab.blank_id == 0
+    assert loaded.lexicon is not None and "kitchen" in loaded.lexicon.words  # its words.txt comes along
     out = loaded.run([np.zeros(16000, np.float32)])
     assert out[0].shape == (n_frames(16000), len(T.VOCAB))

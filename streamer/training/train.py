@@ -326,9 +326,12 @@ def lr_at(progress: float, step: int, args: argparse.Namespace) -> float:
 def evaluate(model: Any, corpus: Corpus, args: argparse.Namespace, device: Any) -> dict[str, float]:
     import torch
 
+    from streamer.lexicon import Lexicon
+
     model.eval()
     rng = np.random.default_rng([args.seed, 7])  # the same dev conditions every epoch
-    errors = ErrorRate()
+    errors, listed = ErrorRate(), ErrorRate()
+    lexicon = Lexicon(D.vocabulary(), CHAR_ID, CHAR_ID["<pad>"], CHAR_ID["|"])  # as streamer decodes it
     loss_sum, n = 0.0, 0
     with torch.inference_mode():
         for idx in corpus.batches(args.batch_samples, None, int(1.0 * D.SAMPLE_RATE)):
@@ -338,12 +341,15 @@ def evaluate(model: Any, corpus: Corpus, args: argparse.Namespace, device: Any) 
                 out = model(x, attention_mask=mask, labels=labels)
             loss_sum += float(out.loss) * len(idx)
             n += len(idx)
-            ids = out.logits.argmax(-1).cpu().numpy()
+            log_probs = torch.log_softmax(out.logits.float(), -1).cpu().numpy()
             frames = model._get_feat_extract_output_lengths(torch.from_numpy(batch["lengths"])).numpy()
             for r, i in enumerate(idx):
-                errors.add(corpus.utts[i].text, greedy_decode(ids[r, :frames[r]].tolist()))
+                lp = log_probs[r, : frames[r]]
+                errors.add(corpus.utts[i].text, greedy_decode(lp.argmax(-1).tolist()))
+                listed.add(corpus.utts[i].text, " ".join(w.word for w in lexicon.decode(lp)))
     model.train()
-    return {"dev_loss": loss_sum / max(1, n), "dev_wer": errors.wer, "dev_cer": errors.cer}
+    return {"dev_loss": loss_sum / max(1, n), "dev_wer": errors.wer, "dev_cer": errors.cer,
+            "dev_wer_words": listed.wer}
 
 
 def autocast(args: argparse.Namespace, device: Any) -> Any:
@@ -372,6 +378,8 @@ def plot(history: list[dict[str, float]], path: Path) -> None:
     a.legend()
     b.plot(ep, [100 * h["dev_wer"] for h in history], label="dev WER")
     b.plot(ep, [100 * h["dev_cer"] for h in history], label="dev CER")
+    if all("dev_wer_words" in h for h in history):  # histories from before the word list lack it
+        b.plot(ep, [100 * h["dev_wer_words"] for h in history], label="dev WER, word list")
     b.set_yscale("log")
     b.set_xlabel("epoch")
     b.set_ylabel("%")

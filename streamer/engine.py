@@ -13,6 +13,11 @@ A :class:`StreamSession` is one audio stream. Use it like a sans-I/O protocol::
 The frame grid: frame t covers samples [320 t, 320 t + 400). Window geometry follows
 ``../shared/STREAMING.md`` §5: final frames ``[f, f + hop)`` are decoded with ``left`` frames
 of context before and ``lookahead`` frames after; the look-ahead frames form the partial.
+
+Text comes from greedy CTC (:mod:`streamer.ctc`), or, with ``words`` (a :class:`WordDecoder` such as
+:class:`streamer.lexicon.Lexicon`), from a beam search over a word list: each segment's final frames
+step one search, which the segment's final reads; partials add the look-ahead frames without keeping them.
+Endpointing always counts greedy blank frames, so segments are cut the same either way.
 """
 
 from __future__ import annotations

@@ -150,6 +150,8 @@ class ModelRunner:
         self.stats = RunStats()
         self.lexicon: Lexicon | None = None
         """word-list decoding for the sessions of this model (see :func:`load_lexicon`); None = greedy"""
+        self.source = name
+        """where the checkpoint was loaded from (a directory or a hub id): ``decoder.words = "auto"`` looks there"""
         self._lock = threading.Lock()
 
     @property
@@ -342,5 +344,6 @@ def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64,
     logger.info("loaded %s on %s (%s, %s attention)", name, device, str(dtype).removeprefix("torch."),
                 getattr(model.config, "_attn_implementation", "?"))
     runner = ModelRunner(model, tokenizer, fe, name=name, device=device, dtype=dtype, max_batch=max_batch)
+    runner.source = source
     runner.lexicon = load_lexicon(decoder or DecoderConfig(), runner, source, revision)
     return runner

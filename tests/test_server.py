@@ -254,7 +254,8 @@ async def test_model_failure_reaches_the_stream_and_daemon_keeps_serving(daemon_
     class Flaky:
         def __init__(self, runner):
             self.inner, self.fail = runner, True
-            self.vocab, self.lexicon, self.name, self.device = runner.vocab, runner.lexicon, "flaky", "cpu"
+            self.vocab, self.lexicon, self.source = runner.vocab, runner.lexicon, runner.source
+            self.name, self.device = "flaky", "cpu"
 
         def run(self, windows):
             if self.fail:

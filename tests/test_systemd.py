@@ -274,6 +274,30 @@ async def test_reload_applies_limits_token_and_origins_to_new_connections(daemon
     assert d.cfg.server.max_message_bytes == 2048 and seen == ["streamer"]
 
 
+async def test_reload_reads_the_word_list_again_for_new_streams(daemon_factory, tmp_path, speech):
+    """`systemctl reload` re-reads [decoder] words, also when only the file changed; a bad list keeps the old."""
+    from test_server import finals_of, native_session
+
+    words = tmp_path / "words.txt"
+    words.write_text("turn\non\nthe\nlights\n")
+    d = await daemon_factory(f"decoder.words='{words}'")
+    before = await native_session(d.port, pcm16(speech))
+    said = {w["word"] for f in finals_of(before[0]) for w in f["words"]}
+    assert said and said <= {"turn", "on", "the", "lights"}
+
+    words.write_text("set\na\ntimer\nfor\ntwenty\nminutes\n")
+    reloader = Reloader(d, lambda: load_config(None, ["server.port=0", "server.host='127.0.0.1'",
+                                                       f"decoder.words='{words}'"]), Notifier.from_environ({}))
+    await reloader.request()
+    after = await native_session(d.port, pcm16(speech))
+    said = {w["word"] for f in finals_of(after[0]) for w in f["words"]}
+    assert {"timer", "twenty", "minutes"} <= said <= {"set", "a", "timer", "for", "twenty", "minutes"}
+
+    words.write_text("café\n")  # the model has no 'é': the reload fails and the running list stays
+    await reloader.request()
+    assert d.lexicon.words == ["set", "a", "timer", "for", "twenty", "minutes"]
+
+
 # --- end to end: `streamer serve` under a stand-in for systemd ---------------------------------
 
 

@@ -32,7 +32,7 @@ from streamer.engine import SAMPLE_RATE, Schedule
 from streamer.events import Final, Partial
 from streamer.exceptions import AudioError, ConfigError, InferenceError, ProtocolError, StreamerError
 from streamer.lexicon import Lexicon
-from streamer.model import word_list_lexicon
+from streamer.model import load_lexicon, word_list_lexicon
 from streamer.protocol import (
     CLOSE_BAD_DATA,
     CLOSE_POLICY,
@@ -73,6 +73,8 @@ class Daemon:
         self.metrics = Metrics()
         self.hub = Hub()
         self.worker = BatchWorker(runner, cfg.worker, self.metrics)
+        self.lexicon = load_lexicon(cfg.decoder, runner, runner.source, cfg.model.revision or None)
+        """the word list new streams decode with (``[decoder]``; a reload re-reads it); None = greedy"""
         self.services: list[Service] = []
         self.servers: list[Server] = []
         self.stopping = asyncio.Event()
@@ -187,7 +189,9 @@ class Daemon:
         the running values of the keys that need a restart (``systemd.split_changes``).
         """
         token = cfg.server.token()  # raises ConfigError before anything changes
-        self.cfg, self._token = cfg, token
+        # the word list is read again (its file may have changed); streams already open keep theirs
+        lexicon = load_lexicon(cfg.decoder, self.runner, self.runner.source, cfg.model.revision or None)
+        self.cfg, self._token, self.lexicon = cfg, token, lexicon
 
     def _connection_limits(self, conn: ServerConnection) -> None:
         s, protocol = self.cfg.server, conn.protocol
@@ -380,8 +384,8 @@ class _Handler:
     def new_stream(self, rate: int, channels: int = 1, encoding: str = "s16le", name: str | None = None,
                    lexicon: Lexicon | None = None) -> LiveStream:
         d = self.daemon
-        stream = LiveStream(d.cfg, d.runner, d.worker, d.hub, d.metrics, sample_rate=rate,
-                            channels=channels, encoding=encoding, name=name or self.id, words=lexicon)
+        stream = LiveStream(d.cfg, d.runner, d.worker, d.hub, d.metrics, sample_rate=rate, channels=channels,
+                            encoding=encoding, name=name or self.id, words=lexicon or d.lexicon)
         stream.id = self.id
         return stream
 

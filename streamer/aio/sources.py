@@ -101,8 +101,8 @@ class MicSource:
                     capture.stop()
                 self.log.info("source %s: capturing from %s at %d Hz, %d ch", self.name, device.describe(),
                               capture.sample_rate, capture.channels)
-                stream = LiveStream(d.cfg, d.runner, d.worker, d.hub, d.metrics,
-                                    sample_rate=capture.sample_rate, channels=capture.channels, name=self.name)
+                stream = LiveStream(d.cfg, d.runner, d.worker, d.hub, d.metrics, sample_rate=capture.sample_rate,
+                                    channels=capture.channels, name=self.name, words=d.lexicon)
                 await pump(capture, stream)
             finally:
                 self._capture = None

@@ -33,8 +33,8 @@ class LiveStream:
         self.channels = channels
         self.sample_rate = sample_rate
         self.converter = AudioConverter(sample_rate, channels)
-        # ``words``: this stream's own word list (a Lexicon); None = the runner's ([decoder] words)
-        self.session = new_session(cfg, runner.vocab, words if words is not None else runner.lexicon)
+        # ``words``: the word list this stream decodes with; None = greedy CTC
+        self.session = new_session(cfg, runner.vocab, words)
         self.worker = worker
         self.hub = hub
         self.metrics = metrics

@@ -125,7 +125,7 @@ async def dictate(cfg: Any, runner: Any, capture: Capture, view: Dictation, *, n
                 print(f"listening on {capture.device.describe()} at {capture.sample_rate} Hz, {capture.channels} ch; "
                       "Ctrl-C to stop", file=sys.stderr, flush=True)
             stream = LiveStream(cfg, runner, worker, hub, metrics, sample_rate=capture.sample_rate,
-                                channels=capture.channels, name=name)
+                                channels=capture.channels, name=name, words=runner.lexicon)
             try:
                 await pump(capture, stream, view.show)
             finally:

@@ -120,6 +120,23 @@ def test_bad_config_and_model_are_clear_errors(capsys, wav16, tmp_path):
     assert code == 1 and "cannot load the checkpoint" in err and "save_pretrained" in err
 
 
+def test_words_option_picks_the_word_list(capsys, wav16, tmp_path):
+    """--words FILE restricts the demo model's transcript to FILE's words; --words none spells letter by letter."""
+    listed = ["turn", "on", "the", "lights", "set", "a", "timer", "for", "twenty", "minutes"]
+    words = tmp_path / "my words.txt"  # a space in the path, quoted into the override
+    words.write_text("\n".join(listed) + "\n")
+    code, out, err = run_cli(capsys, "transcribe", "--device", "cpu", "--words", str(words), str(wav16))
+    assert code == 0, err
+    assert out.split() and set(out.split()) <= set(listed) and "timer" in out.split()
+    code, greedy, err = run_cli(capsys, "transcribe", "--device", "cpu", "--words", "none", str(wav16))
+    assert code == 0 and "kitchen" in greedy.split()  # the speech says it; no list keeps it out
+    code, _, err = run_cli(capsys, "transcribe", "--device", "cpu", "--words", str(tmp_path / "no.txt"), str(wav16))
+    assert code == 1 and "decoder.words" in err and "no such file" in err
+    words.write_text("naïve\n")
+    code, _, err = run_cli(capsys, "transcribe", "--device", "cpu", "--words", str(words), str(wav16))
+    assert code == 1 and "'naïve'" in err and "cannot be spelled" in err
+
+
 def test_hub_id_offline_is_a_clear_error(wav16, tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -36,6 +37,9 @@ def add_config_args(p: argparse.ArgumentParser, *, model: bool = True) -> None:
         p.add_argument("-m", "--model", metavar="M",
                        help="'demo' (default), a checkpoint directory, or a Hugging Face hub id")
         p.add_argument("--device", metavar="D", help="auto, cpu, cuda or cuda:N (default: auto)")
+        p.add_argument("--words", metavar="FILE",
+                       help="decode over this word list (one word per line); 'none': letter by letter; default "
+                       "'auto': the model's own words.txt if it ships one (the demo model does)")
 
 
 def load_cli_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -47,6 +51,9 @@ def load_cli_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         overrides.append(f"model.id={args.model}")
     if getattr(args, "device", None):
         overrides.append(f"model.device={args.device}")
+    words = getattr(args, "words", None)
+    if words is not None:
+        overrides.append(f"decoder.words={json.dumps('' if words == 'none' else words)}")
     return load_config(args.config, overrides)
 
 

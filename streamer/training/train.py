@@ -25,8 +25,9 @@ of training whose learning-rate schedule is tied to the clock, so it ends on tim
 
     python -m streamer.training.train --out data/model
 
-That is a smoke-scale run. The shipped model (``streamer/models/demo``) was trained on a GPU with far more
-data and then fine-tuned on the CPU; its README gives the exact commands.
+That is a smoke-scale run (measured: dev WER 91 % greedy, 77 % with the word list, CER 49 %). The shipped
+model (``streamer/models/demo``) was trained on a GPU with far more data and then fine-tuned on the CPU; its
+README gives the exact commands.
 """
 
 from __future__ import annotations

@@ -23,14 +23,17 @@ from streamer.ctc import FRAME_S
 from streamer.events import Word
 from streamer.exceptions import ConfigError
 
-__all__ = ["Lexicon", "LexiconSearch", "read_word_list"]
+__all__ = ["MAX_WORD_LETTERS", "Lexicon", "LexiconSearch", "read_word_list"]
+
+MAX_WORD_LETTERS = 100
+"""longer words are refused: the search's letter trie is walked recursively, one level per letter"""
 
 
 def read_word_list(path: str | Path) -> list[str]:
     """One word per line; blank lines and lines starting with ``#`` are skipped."""
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of a word
     except OSError as exc:
         raise ConfigError(f"cannot read the word list {str(p)!r}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
@@ -75,8 +78,13 @@ class Lexicon:
         bad: list[str] = []
         self._trie = fl.Trie(self.n_tokens, delimiter_id)
         seen: set[str] = set()
+        # letters: single-character tokens other than the blank and the word delimiter
+        letters = {t: i for t, i in token_ids.items() if len(t) == 1 and i not in (blank_id, delimiter_id)}
         for word in words:
-            spelling = self._spell(word, token_ids)
+            if len(word) > MAX_WORD_LETTERS:
+                raise ConfigError(f"{source}: a word of {len(word)} letters ({word[:20]!r}...); words may have at "
+                                  f"most {MAX_WORD_LETTERS}")
+            spelling = self._spell(word, letters)
             if spelling is None:
                 bad.append(word)
                 continue
@@ -88,10 +96,10 @@ class Lexicon:
             self.words.append(text)
             self._needs = max(self._needs, *spelling[1])
         if bad:
-            letters = "".join(sorted(t for t in token_ids if len(t) == 1 and t.isprintable() and t != " "))
             raise ConfigError(
-                f"{source}: {len(bad)} word(s) cannot be spelled with the model's tokens, e.g. "
-                f"{', '.join(repr(b) for b in bad[:5])}; the tokens are {letters!r}"
+                f"{source}: {len(bad)} word(s) cannot be spelled with the model's letters, e.g. "
+                f"{', '.join(repr(b) for b in bad[:5])}; the letters are "
+                f"{''.join(sorted(t for t in letters if t.isprintable() and t != ' '))!r}"
             )
         if not self.words:
             raise ConfigError(f"{source} has no words; give one word per line")
@@ -109,10 +117,10 @@ class Lexicon:
         return cls(read_word_list(path), token_ids, blank_id, delimiter_id, source=str(path), **kw)  # type: ignore[arg-type]
 
     @staticmethod
-    def _spell(word: str, token_ids: Mapping[str, int]) -> tuple[str, list[int]] | None:
+    def _spell(word: str, letters: Mapping[str, int]) -> tuple[str, list[int]] | None:
         for form in (word, word.lower(), word.upper()):
-            if form and all(c in token_ids for c in form):
-                return form, [token_ids[c] for c in form]
+            if form and all(c in letters for c in form):
+                return form, [letters[c] for c in form]
         return None
 
     def __len__(self) -> int:
@@ -218,5 +226,11 @@ class LexiconSearch:
         rows = self._all_rows()
         if not len(rows):
             return []
+        # Every listed word ends with the delimiter, and the search keeps only hypotheses that ended a
+        # word: one certain delimiter frame lets a word whose last letter is the last frame count too
+        # (a stream that stops, a flush or a max_length cut right after a word). Times ignore it.
+        close = np.full((1, rows.shape[1]), -1e4, np.float32)
+        close[0, self.lexicon.delimiter_id] = 0.0
+        self._decoder.decode_step(close.ctypes.data, 1, close.shape[1])
         self._decoder.decode_end()
         return self.lexicon._words(self._decoder.get_all_final_hypothesis()[0], rows, self.start_frame)[0]

@@ -49,7 +49,7 @@ CLOSE_TRY_AGAIN = 1013
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_STREAM_WORDS = 20_000
-"""the most entries a stream's own word list (``words``, Vosk's ``phrase_list``) may have"""
+"""the most distinct words a stream's own word list (``words``, Vosk's ``phrase_list``) may have"""
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,10 @@ def word_list(value: Any, field: str, kind: str) -> tuple[str, ...]:
     """A stream's word list: words or phrases (split into words); Vosk's ``[unk]`` entry is left out."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ProtocolError(f"'{field}' must be a list of strings (words or phrases)", kind=kind, code=CLOSE_POLICY)
-    if len(value) > MAX_STREAM_WORDS:
-        raise ProtocolError(f"'{field}' has {len(value)} entries; the limit is {MAX_STREAM_WORDS}",
-                            kind=kind, code=CLOSE_POLICY)
     words = dict.fromkeys(w for phrase in value for w in phrase.split() if w != "[unk]")
+    if len(words) > MAX_STREAM_WORDS:
+        raise ProtocolError(f"'{field}' has {len(words)} distinct words; the limit is {MAX_STREAM_WORDS}",
+                            kind=kind, code=CLOSE_POLICY)
     if not words:
         raise ProtocolError(f"'{field}' has no words; leave it out to decode without a word list",
                             kind=kind, code=CLOSE_POLICY)

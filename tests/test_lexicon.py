@@ -49,6 +49,18 @@ def test_a_misspelling_becomes_the_listed_word_with_its_letter_times(model_runne
     assert 0 < words[1].conf <= 1 and words[1].conf > words[0].conf  # "on" is certain, "three" is not
 
 
+def test_a_word_ending_on_the_last_frame_is_kept():
+    """Listed words end with the delimiter; a segment cut right after a word's last letter (end of stream,
+    flush, max_length) has none, and the search must still count the word."""
+    lp = frames("<pad>", "h", "e", "l", "<pad>", "l", "o")
+    lex = Lexicon(["hello", "help"], DEMO_VOCAB, BLANK, DELIM)
+    words = lex.decode(lp, start_frame=10)
+    assert [(w.word, round(w.start, 2), round(w.end, 2)) for w in words] == [("hello", 0.22, 0.34)]
+    search = lex.search(0)
+    search.step(lp[:3])
+    assert [w.word for w in search.partial(lp[3:])] == ["hello"]
+
+
 def test_every_decoded_word_is_in_the_list():
     rng = np.random.default_rng(0)
     listed = ["on", "off", "the", "kitchen", "lights", "three", "seven", "timer"]
@@ -63,8 +75,12 @@ def test_every_decoded_word_is_in_the_list():
 
 
 def test_word_list_errors_say_what_is_wrong(tmp_path):
-    with pytest.raises(ConfigError, match=r"'café'.*the tokens are \"'abcdefghijklmnopqrstuvwxyz\|\""):
+    with pytest.raises(ConfigError, match=r"'café'.*the letters are \"'abcdefghijklmnopqrstuvwxyz\""):
         Lexicon(["coffee", "café"], DEMO_VOCAB, BLANK, DELIM)
+    with pytest.raises(ConfigError, match=r"'on\|off'"):  # the delimiter is no letter: it would shift word times
+        Lexicon(["on|off"], DEMO_VOCAB, BLANK, DELIM)
+    with pytest.raises(ConfigError, match="a word of 100000 letters.*at most 100"):  # not a crash in the trie
+        Lexicon(["a" * 100_000], DEMO_VOCAB, BLANK, DELIM)
     with pytest.raises(ConfigError, match="no word delimiter"):
         Lexicon(["on"], DEMO_VOCAB, BLANK, None)
     empty = tmp_path / "empty.txt"
@@ -73,6 +89,9 @@ def test_word_list_errors_say_what_is_wrong(tmp_path):
         Lexicon.from_file(empty, DEMO_VOCAB, BLANK, DELIM)
     with pytest.raises(ConfigError, match="cannot read the word list"):
         Lexicon.from_file(tmp_path / "missing.txt", DEMO_VOCAB, BLANK, DELIM)
+    bom = tmp_path / "bom.txt"
+    bom.write_text("on\noff\n", encoding="utf-8-sig")  # as Windows editors save it
+    assert Lexicon.from_file(bom, DEMO_VOCAB, BLANK, DELIM).words == ["on", "off"]
     # an upper-case tokenizer (as facebook/wav2vec2-base-960h) takes a lower-case list
     upper = {("<pad>" if k == "<pad>" else k.upper()): v for k, v in DEMO_VOCAB.items()}
     lex = Lexicon(["on", "three", "three"], upper, BLANK, DELIM)

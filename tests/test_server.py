@@ -110,6 +110,8 @@ BAD_INPUTS = [
     ("bad_words", [{"type": "start", "words": ["coffee", "café"]}], 1008),  # no such letter in the model
     ("bad_words", [{"type": "start", "words": "turn on"}], 1008),  # not a list
     ("bad_words", [{"type": "start", "words": ["[unk]"]}], 1008),  # no words
+    ("bad_words", [{"type": "start", "words": ["a" * 120_000]}], 1008),  # one huge word (it crashed the trie)
+    ("bad_words", [{"type": "start", "words": [" ".join(f"w{i}" for i in range(20_001))]}], 1008),  # too many
 ]
 
 

@@ -373,11 +373,15 @@ class _Handler:
         self.stream: LiveStream | None = None
         self._stop = asyncio.ensure_future(daemon.stopping.wait())
 
-    def word_list(self, words: tuple[str, ...]) -> Lexicon:
-        """A stream's own word list, spelled with the model's tokens; a bad one is the client's error."""
+    async def word_list(self, words: tuple[str, ...]) -> Lexicon:
+        """A stream's own word list, spelled with the model's tokens; a bad one is the client's error.
+
+        Built in a thread: a list of thousands of words takes a noticeable time, and other streams go on.
+        """
         d = self.daemon
         try:
-            return word_list_lexicon(d.runner, words, d.cfg.decoder, "the stream's word list")
+            return await asyncio.to_thread(word_list_lexicon, d.runner, words, d.cfg.decoder,
+                                           "the stream's word list")
         except ConfigError as exc:
             raise ProtocolError(str(exc), kind="bad_words", code=CLOSE_POLICY) from None
 
@@ -468,7 +472,7 @@ class NativeHandler(_Handler):
                                         code=CLOSE_POLICY)
                 assert ctrl.start is not None
                 s = ctrl.start
-                lexicon = self.word_list(s.words) if s.words is not None else None
+                lexicon = await self.word_list(s.words) if s.words is not None else None
                 self.stream = self.new_stream(s.sample_rate, s.channels, s.encoding, s.name, lexicon)
             elif ctrl.type == "flush":
                 if self.stream is not None:
@@ -553,7 +557,7 @@ class VoskHandler(_Handler):
                     if self.stream is not None:
                         raise ProtocolError("phrase_list must come before the first audio", kind="late_config",
                                             code=CLOSE_POLICY)
-                    self.lexicon = self.word_list(cmd.config.phrase_list)
+                    self.lexicon = await self.word_list(cmd.config.phrase_list)
             elif cmd.kind == "reset":
                 events = await self.stream.flush() if self.stream is not None else []
                 await self.final_reply(events)

@@ -150,6 +150,8 @@ class ModelRunner:
         self.stats = RunStats()
         self.lexicon: Lexicon | None = None
         """word-list decoding for the sessions of this model (see :func:`load_lexicon`); None = greedy"""
+        self.decoder: DecoderConfig | None = None
+        """the ``[decoder]`` settings :attr:`lexicon` was built from (None: not built from any)"""
         self.source = name
         """where the checkpoint was loaded from (a directory or a hub id): ``decoder.words = "auto"`` looks there"""
         self._lock = threading.Lock()
@@ -345,5 +347,6 @@ def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64,
                 getattr(model.config, "_attn_implementation", "?"))
     runner = ModelRunner(model, tokenizer, fe, name=name, device=device, dtype=dtype, max_batch=max_batch)
     runner.source = source
-    runner.lexicon = load_lexicon(decoder or DecoderConfig(), runner, source, revision)
+    runner.decoder = decoder or DecoderConfig()
+    runner.lexicon = load_lexicon(runner.decoder, runner, source, revision)
     return runner

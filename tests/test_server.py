@@ -256,7 +256,8 @@ async def test_model_failure_reaches_the_stream_and_daemon_keeps_serving(daemon_
     class Flaky:
         def __init__(self, runner):
             self.inner, self.fail = runner, True
-            self.vocab, self.lexicon, self.source = runner.vocab, runner.lexicon, runner.source
+            self.vocab, self.lexicon, self.source, self.decoder = (runner.vocab, runner.lexicon, runner.source,
+                                                                   runner.decoder)
             self.name, self.device = "flaky", "cpu"
 
         def run(self, windows):

@@ -73,7 +73,8 @@ class Daemon:
         self.metrics = Metrics()
         self.hub = Hub()
         self.worker = BatchWorker(runner, cfg.worker, self.metrics)
-        self.lexicon = load_lexicon(cfg.decoder, runner, runner.source, cfg.model.revision or None)
+        self.lexicon = (runner.lexicon if runner.decoder == cfg.decoder  # built by load_model already
+                        else load_lexicon(cfg.decoder, runner, runner.source, cfg.model.revision or None))
         """the word list new streams decode with (``[decoder]``; a reload re-reads it); None = greedy"""
         self.services: list[Service] = []
         self.servers: list[Server] = []

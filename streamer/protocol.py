@@ -23,15 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamer.audio import ENCODINGS
-from streamer.events import Final, Partial
+from streamer.events import CLOSE_BAD_DATA, CLOSE_INVALID, CLOSE_POLICY, Final, Partial
 from streamer.exceptions import ProtocolError
 
 __all__ = [
-    "CLOSE_BAD_DATA",
-    "CLOSE_INVALID",
-    "CLOSE_POLICY",
-    "CLOSE_SERVER_ERROR",
-    "CLOSE_TRY_AGAIN",
     "Control",
     "Start",
     "VoskConfig",
@@ -40,12 +35,6 @@ __all__ = [
     "vosk_final",
     "vosk_partial",
 ]
-
-CLOSE_BAD_DATA = 1003  # a kind of data the endpoint cannot accept (text where audio is expected)
-CLOSE_INVALID = 1007  # data inconsistent with the message type (bad JSON, bad PCM)
-CLOSE_POLICY = 1008  # policy violation (wrong message order, unknown type)
-CLOSE_SERVER_ERROR = 1011
-CLOSE_TRY_AGAIN = 1013
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_STREAM_WORDS = 20_000

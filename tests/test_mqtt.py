@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 
 from streamer.aio.mqtt import MqttPublisher
 from streamer.config import MqttConfig, load_config
+from streamer.events import Final, Partial
 from streamer.exceptions import ConfigError
 
 TIMEOUT = 30.0
@@ -448,8 +449,7 @@ async def test_overflow_drops_partials_first_then_oldest_finals(brokers, subscri
                         status=False)
 
     def event(kind, segment):
-        return {"type": kind, "segment": segment, "text": f"{kind} {segment}", "start": 0.0, "end": 1.0,
-                "words": []}
+        return (Final if kind == "final" else Partial)(segment, f"{kind} {segment}", 0.0, 1.0)
 
     with caplog.at_level(logging.WARNING, logger="streamer.mqtt"):
         for kind, segment in [("partial", 0), ("final", 0), ("partial", 1), ("final", 1),  # full now
@@ -472,14 +472,14 @@ async def test_overflow_drops_partials_first_then_oldest_finals(brokers, subscri
 async def test_stop_gives_up_after_flush_timeout(caplog):
     pub = MqttPublisher(MqttConfig(host="127.0.0.1", port=free_port(), flush_timeout_s=0.3))
     await pub.start()  # refused: a warning, no error
-    pub.publish("s", "sess", {"type": "final", "segment": 0, "text": "x", "start": 0, "end": 1, "words": []})
+    pub.publish("s", "sess", Final(0, "x", 0, 1))
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="streamer.mqtt"):
         await pub.stop()
     assert time.monotonic() - t0 < 2.0
     assert counter(pub.metrics.mqtt_dropped, "final") == 1
     assert "1 message(s) not published within mqtt.flush_timeout_s" in caplog.text
-    pub.publish("s", "sess", {"type": "final", "segment": 1, "text": "y", "start": 0, "end": 1, "words": []})
+    pub.publish("s", "sess", Final(1, "y", 0, 1))
     assert pub.pending == 0  # stopped: nothing is queued any more
 
 

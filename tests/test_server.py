@@ -444,7 +444,7 @@ async def test_shutdown_sends_a_sources_last_final_to_its_viewers(daemon_factory
 
         async def stop(self):  # a capture source finalises its last words when stopped
             await asyncio.sleep(0.05)
-            self.daemon.hub.publish("room", "s1", {"type": "final", "segment": 0, "text": "last words"})
+            self.daemon.hub.publish("room", "s1", Final(0, "last words", 0.5, 1.25))
 
     source = Source()
     d = await daemon_factory(services=[source])
@@ -454,5 +454,6 @@ async def test_shutdown_sends_a_sources_last_final_to_its_viewers(daemon_factory
         shutdown = asyncio.create_task(d.shutdown())
         got = [json.loads(m) async for m in viewer]
         await shutdown
-    assert got == [{"type": "final", "segment": 0, "text": "last words"}]
+    assert got == [{"type": "final", "segment": 0, "text": "last words", "start": 0.5, "end": 1.25, "words": [],
+                    "reason": "end"}]
     assert viewer.close_code == 1001

@@ -44,6 +44,7 @@ from aiomqtt.exceptions import MqttConnectError
 
 from streamer.aio.metrics import Metrics
 from streamer.config import MqttConfig
+from streamer.events import Event, Final
 from streamer.exceptions import ConfigError, StreamerError
 
 __all__ = [
@@ -114,18 +115,18 @@ def client_id_for(cfg: MqttConfig, role: str = "") -> str:
     return cfg.client_id or f"{base}-{os.getpid()}"
 
 
-def hermes_text_captured(event: dict[str, Any], session: str, site_id: str) -> dict[str, Any]:
-    """A final event in Rhasspy Hermes form (``hermes/asr/textCaptured``).
+def hermes_text_captured(final: Final, session: str, site_id: str) -> dict[str, Any]:
+    """A final in Rhasspy Hermes form (``hermes/asr/textCaptured``).
 
     ``likelihood`` is the mean word confidence; ``seconds`` the segment's audio duration (Hermes
     calls it processing time, which in streaming overlaps the speech itself).
     """
-    words = event.get("words") or []
-    likelihood = sum(float(w["conf"]) for w in words) / len(words) if words else 1.0
+    words = final.words
+    likelihood = sum(w.conf for w in words) / len(words) if words else 1.0
     return {
-        "text": event.get("text", ""),
+        "text": final.text,
         "likelihood": round(likelihood, 3),
-        "seconds": round(float(event.get("end", 0.0)) - float(event.get("start", 0.0)), 3),
+        "seconds": round(final.end - final.start, 3),
         "siteId": site_id,
         "sessionId": session,
     }
@@ -267,20 +268,19 @@ class MqttPublisher:
 
     # -- the sink side: synchronous, never waits ---------------------------------------
 
-    def publish(self, stream: str, session: str, event: dict[str, Any]) -> None:
-        """Queue one event (``partial`` or ``final``; others are ignored) and return at once."""
-        kind = event.get("type")
-        if kind not in ("partial", "final") or self._closed:
+    def publish(self, stream: str, session: str, event: Event) -> None:
+        """Queue one event and return at once."""
+        if self._closed:
             return
-        if kind == "partial" and not self.cfg.publish_partials:
+        final = isinstance(event, Final)
+        if not final and not self.cfg.publish_partials:
             return
         cfg = self.cfg
-        payload = json.dumps({**event, "stream": stream, "session": session}, ensure_ascii=False).encode()
-        final = kind == "final"
-        self._enqueue(_Message(kind, f"{self.prefix}/{topic_level(stream or session)}/{kind}", payload,
+        payload = json.dumps({**event.to_dict(), "stream": stream, "session": session}, ensure_ascii=False).encode()
+        self._enqueue(_Message(event.type, f"{self.prefix}/{topic_level(stream or session)}/{event.type}", payload,
                                cfg.qos_final if final else cfg.qos_partial,
                                cfg.retain_final if final else cfg.retain_partial))
-        if final and cfg.hermes and event.get("text"):
+        if isinstance(event, Final) and cfg.hermes and event.text:
             body = json.dumps(hermes_text_captured(event, session, cfg.site_id), ensure_ascii=False).encode()
             self._enqueue(_Message("hermes", HERMES_TEXT_CAPTURED, body, cfg.qos_final, False))
 
@@ -607,7 +607,7 @@ class PublisherThread:
 
         with PublisherThread(cfg.mqtt, role="transcribe") as mqtt:
             for event in events:
-                mqtt.publish("talk", session_id, event.to_dict())
+                mqtt.publish("talk", session_id, event)
 
     Entering raises what the publisher's constructor and :meth:`MqttPublisher.start` raise;
     :meth:`publish` is thread-safe and never blocks; leaving flushes (at most
@@ -637,7 +637,7 @@ class PublisherThread:
             self._halt()
             raise
 
-    def publish(self, stream: str, session: str, event: dict[str, Any]) -> None:
+    def publish(self, stream: str, session: str, event: Event) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self.publisher.publish, stream, session, event)
 

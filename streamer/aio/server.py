@@ -29,15 +29,25 @@ from streamer.aio.stream import LiveStream
 from streamer.aio.worker import BatchWorker
 from streamer.config import Config
 from streamer.engine import SAMPLE_RATE, Schedule
-from streamer.events import Final, Partial
+from streamer.events import (
+    CLOSE_BAD_DATA,
+    CLOSE_POLICY,
+    CLOSE_TRY_AGAIN,
+    End,
+    Error,
+    Event,
+    Final,
+    Partial,
+    Ready,
+    ViewerReady,
+    busy,
+    error_for,
+    to_json,
+)
 from streamer.exceptions import AudioError, ConfigError, InferenceError, ProtocolError, StreamerError
 from streamer.lexicon import Lexicon
 from streamer.model import load_lexicon, word_list_lexicon
 from streamer.protocol import (
-    CLOSE_BAD_DATA,
-    CLOSE_POLICY,
-    CLOSE_SERVER_ERROR,
-    CLOSE_TRY_AGAIN,
     parse_control,
     parse_vosk_text,
     vosk_final,
@@ -319,22 +329,29 @@ class Daemon:
         stop = asyncio.ensure_future(self._viewers_stop.wait())
         incoming = asyncio.ensure_future(ws.recv())
         try:
-            await ws.send(json.dumps({"type": "ready", "stream": name, "mode": "listen"}))
+            await ws.send(to_json(ViewerReady(name)))
             while True:
-                get = asyncio.ensure_future(queue.get())
+                event = queue.get_nowait()
+                if event is not None:
+                    await ws.send(to_json(event))
+                    continue
+                if queue.overflowed:
+                    await send_error(ws, Error("viewer_too_slow", f"this viewer fell {queue.size} finals behind "
+                                               "stream " + repr(name) + "; reconnect", CLOSE_TRY_AGAIN))
+                    return
+                get = asyncio.ensure_future(queue.wait())
                 done, _ = await asyncio.wait({get, stop, incoming}, return_when=asyncio.FIRST_COMPLETED)
                 if get in done:
-                    await ws.send(json.dumps(get.result()))
                     continue
                 get.cancel()
                 if stop in done:
-                    while not queue.empty():  # the last finals of streams that ended with the daemon
-                        await ws.send(json.dumps(queue.get_nowait()))
+                    while (event := queue.get_nowait()) is not None:  # the last finals of streams that ended
+                        await ws.send(to_json(event))
                     await ws.close(1001, "server shutting down")
                     return
                 incoming.result()  # raises ConnectionClosed when the viewer left
-                await send_error(ws, ProtocolError("viewers send nothing; stream audio to " + STREAM_PATH,
-                                                   kind="viewer_sent_data", code=CLOSE_POLICY))
+                await send_error(ws, error_for(ProtocolError("viewers send nothing; stream audio to " + STREAM_PATH,
+                                                             kind="viewer_sent_data", code=CLOSE_POLICY)))
                 return
         except ConnectionClosed:
             pass
@@ -347,17 +364,11 @@ class Daemon:
             self._viewers.discard(task)
 
 
-async def send_error(ws: ServerConnection, exc: ProtocolError | AudioError | InferenceError) -> None:
-    """Send an error event and close with the matching code."""
-    if isinstance(exc, ProtocolError):
-        kind, code = exc.kind, exc.code
-    elif isinstance(exc, AudioError):
-        kind, code = "bad_audio", 1007
-    else:
-        kind, code = "inference_failed", CLOSE_SERVER_ERROR
+async def send_error(ws: ServerConnection, error: Error) -> None:
+    """Send an error event and close with its code."""
     try:
-        await ws.send(json.dumps({"type": "error", "code": kind, "message": str(exc)}))
-        await ws.close(code, f"{kind}: {exc}"[:120])
+        await ws.send(to_json(error))
+        await ws.close(error.close_code, error.close_reason)
     except ConnectionClosed:
         pass
 
@@ -409,7 +420,7 @@ class _Handler:
         except (ProtocolError, AudioError, InferenceError) as exc:
             self.daemon.metrics.errors.labels(getattr(exc, "kind", type(exc).__name__)).inc()
             logger.info("stream %s: %s", self.id, exc)
-            await self.report(exc)
+            await self.report(error_for(exc))
         finally:
             self._stop.cancel()
             self.stream = None  # free everything of this stream at once
@@ -417,8 +428,8 @@ class _Handler:
     async def serve(self) -> None:
         raise NotImplementedError
 
-    async def report(self, exc: ProtocolError | AudioError | InferenceError) -> None:
-        await send_error(self.ws, exc)
+    async def report(self, error: Error) -> None:
+        await send_error(self.ws, error)
 
     async def send_busy(self, reason: str) -> None:
         pass
@@ -496,11 +507,10 @@ class VoskHandler(_Handler):
         self.lexicon: Lexicon | None = None  # from the config's phrase_list
         self.partial: Partial | None = None
 
-    async def report(self, exc: ProtocolError | AudioError | InferenceError) -> None:
-        code = exc.code if isinstance(exc, ProtocolError) else (1007 if isinstance(exc, AudioError) else 1011)
+    async def report(self, error: Error) -> None:
         try:
-            await self.ws.send(json.dumps({"error": str(exc)}))
-            await self.ws.close(code, str(exc)[:120])
+            await self.ws.send(json.dumps({"error": error.message}))
+            await self.ws.close(error.close_code, error.message[:120])
         except ConnectionClosed:
             pass
 

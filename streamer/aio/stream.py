@@ -76,5 +76,5 @@ class LiveStream:
             for e in events:
                 (self.metrics.final_latency if isinstance(e, Final) else self.metrics.partial_latency).observe(latency)
                 self.metrics.events.labels(e.type).inc()
-                self.hub.publish(self.name, self.id, e.to_dict())
+                self.hub.publish(self.name, self.id, e)
         return events

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                 for event in stream_file(session, runner, path, args.chunk_ms, bar.update if bar else None):
                     writer.write(event)
                     if mqtt:
-                        mqtt.publish(stream, session_id, event.to_dict())
+                        mqtt.publish(stream, session_id, event)
             finally:
                 if bar:
                     bar.close()

@@ -469,6 +469,26 @@ async def test_overflow_drops_partials_first_then_oldest_finals(brokers, subscri
     assert not sub.on("t/status")  # status=False: the topic is the daemon's
 
 
+async def test_a_message_that_cannot_be_published_is_dropped_not_retried(brokers, subscribers, caplog):
+    broker = await brokers()
+    sub = await subscribers(broker.port, "t/#")
+    pub = MqttPublisher(MqttConfig(host="127.0.0.1", port=broker.port, topic_prefix="t"), status=False)
+    await pub.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="streamer.mqtt"):
+            pub.publish("x" * 70_000, "sess", Final(0, "too long", 0.0, 1.0))  # MQTT topics end at 65535 bytes
+            pub.publish("s", "sess", Final(1, "fine", 0.0, 1.0))
+            await sub.wait_for(lambda s: len(s.messages) >= 1)
+            await until(lambda: pub.pending == 0)  # a retried message would stay pending
+        assert pub.connected
+    finally:
+        await pub.stop()
+    assert [json.loads(m.payload)["text"] for m in sub.messages] == ["fine"]
+    assert counter(pub.metrics.mqtt_dropped, "final") == counter(pub.metrics.mqtt_published, "final") == 1
+    assert "mqtt: cannot publish to t/xxx" in caplog.text
+    assert "dropped 1 message(s) (latest: final to t/xxx" in caplog.text
+
+
 async def test_stop_gives_up_after_flush_timeout(caplog):
     pub = MqttPublisher(MqttConfig(host="127.0.0.1", port=free_port(), flush_timeout_s=0.3))
     await pub.start()  # refused: a warning, no error

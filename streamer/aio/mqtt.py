@@ -14,11 +14,17 @@ Delivery: a message leaves the queue only when the broker acknowledged it (QoS 1
 it was written (QoS 0). When the connection breaks, every message not acknowledged goes
 back to the front of the queue, in order, and is sent again after the reconnect; with
 QoS 1 a subscriber may therefore see a final twice and de-duplicates by
-``(session, segment)``. When the queue is full, queued partials are dropped first, then
-the oldest finals; drops are counted in ``streamer_mqtt_dropped_total`` and logged.
+``(session, segment)``. When the queue is full, partials are dropped first (an arriving
+one, else the oldest queued one), then the oldest finals; drops are counted in
+``streamer_mqtt_dropped_total`` and logged.
 
 For code without an event loop (``streamer transcribe``, a capture loop) use
 :class:`PublisherThread`; for asyncio code, :func:`running_publisher`.
+
+The queue and its rules are :class:`streamer.outbox.Outbox`, plain code without I/O; this
+module connects, sends what the outbox hands out and tells it what the broker acknowledged.
+Reading the password and TLS files and explaining failed connections is
+:mod:`streamer.aio.mqtt_settings`.
 """
 
 from __future__ import annotations
@@ -27,31 +33,27 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import socket
-import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiomqtt
 from aiomqtt import MqttError
-from aiomqtt.exceptions import MqttConnectError
 
 from streamer.aio.metrics import Metrics
+from streamer.aio.mqtt_settings import check_settings, client_id_for, explain_failure, password, tls_context
 from streamer.config import MqttConfig
 from streamer.events import Event, Final
 from streamer.exceptions import ConfigError, StreamerError
+from streamer.outbox import Drop, Message, Outbox
 
 __all__ = [
     "HERMES_TEXT_CAPTURED",
     "MqttPublisher",
     "PublisherThread",
     "attach_publisher",
+    "check_settings",
     "client_id_for",
     "hermes_text_captured",
     "running_publisher",
@@ -61,8 +63,6 @@ __all__ = [
 logger = logging.getLogger("streamer.mqtt")
 
 HERMES_TEXT_CAPTURED = "hermes/asr/textCaptured"
-WINDOW = 8
-"""Messages in flight at once: pipelining hides the broker's round trip behind QoS 1 acks."""
 BACKOFF_START_S = 0.25
 CONNECT_TIMEOUT_S = 10.0
 """How long aiomqtt waits for CONNACK, PUBACK or a clean disconnect."""
@@ -73,19 +73,6 @@ STOP_GRACE_S = 3.0
 DROP_LOG_INTERVAL_S = 10.0
 
 _PAHO_LOGGER = logging.getLogger("streamer.mqtt.paho")
-_LOGIN_REFUSED = {4, 5, 134, 135}  # MQTT 3.1.1 and 5 codes: bad user name or password, not authorised
-_ID_REFUSED = {2, 133}
-_BROKER_BUSY = {3, 136, 137}  # server unavailable, server busy: try again later
-
-
-@dataclass(frozen=True, slots=True)
-class _Message:
-    kind: str
-    """partial, final or hermes (the ``kind`` label of the metrics)"""
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
 
 
 class _FlushTimeout(Exception):
@@ -100,19 +87,6 @@ def topic_level(name: str) -> str:
     """Make a stream name usable as one topic level: no ``/``, ``+``, ``#`` or NUL."""
     out = "".join("_" if c in "/+#\x00" else c for c in name)
     return out or "_"
-
-
-def client_id_for(cfg: MqttConfig, role: str = "") -> str:
-    """The client id: ``mqtt.client_id`` or ``streamer-<host>-<pid>``; a ``role`` makes it unique per process.
-
-    The daemon uses no role. One-shot commands pass one (``transcribe``) so that they never take
-    over the daemon's connection when both share a config file: a broker closes the older of two
-    connections with the same id.
-    """
-    base = cfg.client_id or f"streamer-{socket.gethostname()}"
-    if role:
-        return f"{base}-{role}-{os.getpid()}"
-    return cfg.client_id or f"{base}-{os.getpid()}"
 
 
 def hermes_text_captured(final: Final, session: str, site_id: str) -> dict[str, Any]:
@@ -132,103 +106,6 @@ def hermes_text_captured(final: Final, session: str, site_id: str) -> dict[str, 
     }
 
 
-def check_settings(cfg: MqttConfig) -> None:
-    """Raise ConfigError for MQTT settings that are wrong before any connection (password, TLS files)."""
-    if cfg.enabled:
-        _password(cfg)
-        _tls_context(cfg)
-
-
-def _password(cfg: MqttConfig) -> str | None:
-    if not (cfg.password_env or cfg.password_file):
-        return None
-    if not cfg.username:
-        key = "password_env" if cfg.password_env else "password_file"
-        raise ConfigError(f"mqtt.{key} is set but mqtt.username is empty; set mqtt.username")
-    if cfg.password_env:
-        value = os.environ.get(cfg.password_env, "")
-        if not value:
-            raise ConfigError(f"mqtt.password_env names {cfg.password_env!r}, which is not set; "
-                              "export it or use mqtt.password_file")
-        return value
-    try:
-        lines = Path(cfg.password_file).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ConfigError(f"mqtt.password_file {cfg.password_file!r} cannot be read: {exc.strerror}") from None
-    if not lines or not lines[0].strip():
-        raise ConfigError(f"mqtt.password_file {cfg.password_file!r} is empty; put the password on its first line")
-    return lines[0].strip()
-
-
-def _tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
-    files = {"tls_ca_file": cfg.tls_ca_file, "tls_cert_file": cfg.tls_cert_file, "tls_key_file": cfg.tls_key_file}
-    if not cfg.tls:
-        for key, value in files.items():
-            if value:
-                raise ConfigError(f"mqtt.{key} is set but mqtt.tls = false; set mqtt.tls = true or remove mqtt.{key}")
-        return None
-    if cfg.tls_key_file and not cfg.tls_cert_file:
-        raise ConfigError("mqtt.tls_key_file is set without mqtt.tls_cert_file; set both for a client certificate")
-    try:
-        ctx = ssl.create_default_context(cafile=cfg.tls_ca_file or None)
-    except OSError as exc:  # ssl.SSLError is an OSError too
-        raise ConfigError(f"mqtt.tls_ca_file {cfg.tls_ca_file!r} cannot be used: {_os_reason(exc)}") from None
-    if cfg.tls_cert_file:
-        try:
-            ctx.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file or None)
-        except OSError as exc:
-            which = "mqtt.tls_cert_file" + (" / mqtt.tls_key_file" if cfg.tls_key_file else "")
-            raise ConfigError(f"{which} {cfg.tls_cert_file!r} cannot be used: {_os_reason(exc)}") from None
-    return ctx
-
-
-def _os_reason(exc: OSError) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return f"not a PEM certificate or key ({exc.reason or exc})"
-    return str(exc.strerror or exc)
-
-
-def _describe(exc: BaseException, cfg: MqttConfig, client_id: str) -> tuple[bool, str]:
-    """Explain a failed connection: (is it a settings mistake, lowercase message saying what to fix)."""
-    where = f"mqtt broker {cfg.host}:{cfg.port}"
-    if isinstance(exc, MqttConnectError):
-        rc = exc.rc
-        code = rc if isinstance(rc, int) else getattr(rc, "value", -1)
-        text = str(rc).lower() if not isinstance(rc, int) else str(exc).lower()
-        if code in _LOGIN_REFUSED:
-            return True, (f"{where} refused the login ({text}); check mqtt.username and the password "
-                          "in mqtt.password_env or mqtt.password_file")
-        if code in _ID_REFUSED:
-            return True, f"{where} rejected the client id {client_id!r} ({text}); set another mqtt.client_id"
-        if code in _BROKER_BUSY:
-            return False, f"{where} is not available ({text})"
-        return True, f"{where} refused the connection ({text})"
-    if not isinstance(exc, MqttError):
-        return True, f"cannot connect to {where}: {exc!r}"
-    cause = exc.__cause__ or exc.__context__  # aiomqtt raises MqttError(str(oserror)) from None
-    if isinstance(cause, socket.gaierror):
-        transient = cause.errno == socket.EAI_AGAIN
-        return not transient, (f"mqtt.host {cfg.host!r} cannot be resolved ({cause.strerror}); "
-                               "fix mqtt.host or the DNS setup")
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return True, (f"{where} sent a TLS certificate that was not accepted ({cause.verify_message}); "
-                      "check mqtt.tls_ca_file and that mqtt.host matches the certificate")
-    if isinstance(cause, ssl.SSLError):
-        return True, (f"TLS handshake with {where} failed ({cause.reason or cause}); "
-                      "is mqtt.port a TLS listener? check the mqtt.tls settings")
-    if isinstance(cause, ConnectionRefusedError):
-        return False, f"{where} refused the connection (is the broker running?)"
-    # A TLS client on a plain port is reset; a plain client on a TLS port gets no CONNACK.
-    listener = "a TLS listener (mqtt.tls = true)" if cfg.tls else "a plain MQTT listener (mqtt.tls = false)"
-    if isinstance(cause, TimeoutError) or str(exc) == "Operation timed out":
-        return False, f"{where} did not answer in time; is mqtt.port {listener}?"
-    if isinstance(cause, ConnectionResetError):
-        return False, f"{where} reset the connection; is mqtt.port {listener}?"
-    if isinstance(cause, OSError):
-        return False, f"{where} is unreachable ({cause.strerror or cause})"
-    return False, f"{where}: {exc}"
-
-
 class MqttPublisher:
     """Event sink and daemon service that publishes events to MQTT.
 
@@ -240,20 +117,17 @@ class MqttPublisher:
     """
 
     def __init__(self, cfg: MqttConfig, metrics: Metrics | None = None, *, status: bool = True,
-                 client_id: str | None = None, logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
-                 ) -> None:
+                 client_id: str | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics if metrics is not None else Metrics()
         self.status = status
         self.client_id = client_id or client_id_for(cfg)
-        self.logger = logger if logger is not None else logging.getLogger("streamer.mqtt")
         self.prefix = cfg.topic_prefix.rstrip("/")
         self.status_topic = f"{self.prefix}/status"
-        self._password = _password(cfg)
-        self._tls = _tls_context(cfg)
-        self._queue: deque[_Message] = deque()
-        self._partials = 0  # partials in _queue, so that an overflow finds one without a scan
-        self._inflight: deque[tuple[_Message, asyncio.Future[None]]] = deque()
+        self._password = password(cfg)
+        self._tls = tls_context(cfg)
+        self._outbox = Outbox(cfg.queue_size)
+        self._sends: dict[Message, asyncio.Future[None]] = {}  # the publish call of each message in flight
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._connected = asyncio.Event()
@@ -263,7 +137,7 @@ class MqttPublisher:
         self._first: asyncio.Future[None] | None = None
         self._session_up = False
         self._task: asyncio.Task[None] | None = None
-        self._dropped_unlogged = 0
+        self._drops_logged = 0  # of the outbox's drops, those that a log line reported
         self._drop_logged_at = -DROP_LOG_INTERVAL_S
 
     # -- the sink side: synchronous, never waits ---------------------------------------
@@ -277,22 +151,22 @@ class MqttPublisher:
             return
         cfg = self.cfg
         payload = json.dumps({**event.to_dict(), "stream": stream, "session": session}, ensure_ascii=False).encode()
-        self._enqueue(_Message(event.type, f"{self.prefix}/{topic_level(stream or session)}/{event.type}", payload,
-                               cfg.qos_final if final else cfg.qos_partial,
-                               cfg.retain_final if final else cfg.retain_partial))
+        self._put(Message(event.type, f"{self.prefix}/{topic_level(stream or session)}/{event.type}", payload,
+                          cfg.qos_final if final else cfg.qos_partial,
+                          cfg.retain_final if final else cfg.retain_partial))
         if isinstance(event, Final) and cfg.hermes and event.text:
             body = json.dumps(hermes_text_captured(event, session, cfg.site_id), ensure_ascii=False).encode()
-            self._enqueue(_Message("hermes", HERMES_TEXT_CAPTURED, body, cfg.qos_final, False))
+            self._put(Message("hermes", HERMES_TEXT_CAPTURED, body, cfg.qos_final, False))
 
     @property
     def pending(self) -> int:
         """Messages not yet acknowledged by the broker: queued plus in flight."""
-        return len(self._queue) + len(self._inflight)
+        return self._outbox.pending
 
     @property
     def in_flight(self) -> int:
         """Messages sent and waiting for the broker's acknowledgement."""
-        return len(self._inflight)
+        return self._outbox.in_flight
 
     @property
     def connected(self) -> bool:
@@ -302,46 +176,33 @@ class MqttPublisher:
         """Return once the broker accepted the connection (at once when it already has)."""
         await self._connected.wait()
 
-    def _enqueue(self, msg: _Message) -> None:
-        if len(self._queue) >= self.cfg.queue_size:
-            if msg.kind == "partial":
-                self._drop(msg)
-                return
-            if self._partials:
-                for i, queued in enumerate(self._queue):
-                    if queued.kind == "partial":
-                        del self._queue[i]
-                        self._partials -= 1
-                        self._drop(queued)
-                        break
-            else:
-                self._drop(self._pop())
-        self._queue.append(msg)
-        self._partials += msg.kind == "partial"
+    def _put(self, msg: Message) -> None:
+        drop = self._outbox.put(msg)
+        if drop is not None:
+            self._drop(drop)
         self._wake.set()
 
-    def _pop(self) -> _Message:
-        msg = self._queue.popleft()
-        self._partials -= msg.kind == "partial"
-        return msg
-
-    def _drop(self, msg: _Message, *, why: str = "the queue is full") -> None:
+    def _drop(self, drop: Drop) -> None:
+        """Count a message that will never be published; log it, at most once per interval in a long outage."""
+        msg = drop.message
         self.metrics.mqtt_dropped.labels(msg.kind).inc()
-        self._dropped_unlogged += 1
         now = time.monotonic()
-        if now - self._drop_logged_at >= DROP_LOG_INTERVAL_S:  # one line per interval in a long outage
-            self.logger.warning("mqtt: dropped %d message(s) (latest: %s to %s): %s (mqtt.queue_size = %d, "
-                                "%d waiting)", self._dropped_unlogged, msg.kind, msg.topic, why,
-                                self.cfg.queue_size, self.pending)
-            self._dropped_unlogged = 0
+        if now - self._drop_logged_at >= DROP_LOG_INTERVAL_S:
+            logger.warning("mqtt: dropped %d message(s) (latest: %s to %s): %s (mqtt.queue_size = %d, %d waiting)",
+                           self._unlogged_drops(), msg.kind, msg.topic, drop.reason, self.cfg.queue_size,
+                           self.pending)
             self._drop_logged_at = now
 
     def _log_drops(self) -> None:
         """Report the drops that the rate limit of :meth:`_drop` kept quiet."""
-        if self._dropped_unlogged:
-            self.logger.warning("mqtt: dropped %d more message(s) because the queue was full",
-                                self._dropped_unlogged)
-            self._dropped_unlogged = 0
+        if unlogged := self._unlogged_drops():
+            logger.warning("mqtt: dropped %d more message(s) because the queue was full", unlogged)
+
+    def _unlogged_drops(self) -> int:
+        """Drops since the last log line that reported drops; the caller reports them now."""
+        total = self._outbox.dropped.total()
+        unlogged, self._drops_logged = total - self._drops_logged, total
+        return unlogged
 
     # -- the service side ---------------------------------------------------------------
 
@@ -360,8 +221,8 @@ class MqttPublisher:
         try:
             await asyncio.wait_for(asyncio.shield(self._first), START_WAIT_S)
         except TimeoutError:
-            self.logger.warning("mqtt broker %s:%d has not answered in %.0f s; serving anyway, still trying",
-                                self.cfg.host, self.cfg.port, START_WAIT_S)
+            logger.warning("mqtt broker %s:%d has not answered in %.0f s; serving anyway, still trying",
+                           self.cfg.host, self.cfg.port, START_WAIT_S)
         except StreamerError:
             await self._task  # it has returned already
             self._task = None
@@ -394,16 +255,15 @@ class MqttPublisher:
         self._closed = True
 
     def _give_up(self) -> None:
+        """At shutdown, once the flush timeout passed or the task was cancelled: count what is left as dropped."""
         self._log_drops()
         self._requeue_inflight()  # counts what the broker acknowledged
-        lost = list(self._queue)
-        self._queue.clear()
-        self._partials = 0
+        lost = self._outbox.clear("not published within mqtt.flush_timeout_s")
         if lost:
-            for msg in lost:
-                self.metrics.mqtt_dropped.labels(msg.kind).inc()
-            self.logger.warning("mqtt: %d message(s) not published within mqtt.flush_timeout_s = %.1f s",
-                                len(lost), self.cfg.flush_timeout_s)
+            for drop in lost:
+                self.metrics.mqtt_dropped.labels(drop.message.kind).inc()
+            logger.warning("mqtt: %d message(s) not published within mqtt.flush_timeout_s = %.1f s",
+                           len(lost), self.cfg.flush_timeout_s)
 
     def _resolve_first(self, error: StreamerError | None = None) -> None:
         if self._first is not None and not self._first.done():
@@ -413,6 +273,7 @@ class MqttPublisher:
                 self._first.set_exception(error)
 
     async def _run(self) -> None:
+        """The publishing task: one session after another, with backoff, until stopped."""
         loop = asyncio.get_running_loop()
         delay = BACKOFF_START_S
         failures = 0
@@ -429,24 +290,24 @@ class MqttPublisher:
                 return
             except Exception as exc:  # MqttError, and anything else: the publisher must not die
                 self._requeue_inflight()
-                fatal, reason = _describe(exc, self.cfg, self.client_id)
+                fatal, reason = explain_failure(exc, self.cfg, self.client_id)
                 if self._first is not None and not self._first.done():
                     if fatal:
                         self._resolve_first(ConfigError(reason))
                         return
                     self._resolve_first()
-                    self.logger.warning("%s; serving anyway, retrying in the background", reason)
+                    logger.warning("%s; serving anyway, retrying in the background", reason)
                 elif self._session_up:
                     delay, failures = BACKOFF_START_S, 0
                     why = "" if isinstance(exc, _ConnectionLost) else f" ({exc})"
-                    self.logger.warning("mqtt: lost the connection to %s:%d%s; %d message(s) kept for the "
-                                        "reconnect", self.cfg.host, self.cfg.port, why, self.pending)
+                    logger.warning("mqtt: lost the connection to %s:%d%s; %d message(s) kept for the "
+                                   "reconnect", self.cfg.host, self.cfg.port, why, self.pending)
                 elif failures == 0 or fatal:
-                    self.logger.log(logging.ERROR if fatal else logging.WARNING, "mqtt: %s; retrying", reason)
+                    logger.log(logging.ERROR if fatal else logging.WARNING, "mqtt: %s; retrying", reason)
                 else:
-                    self.logger.debug("mqtt: %s; retrying in %.1f s", reason, delay)
+                    logger.debug("mqtt: %s; retrying in %.1f s", reason, delay)
                 if not isinstance(exc, MqttError):
-                    self.logger.error("mqtt: unexpected error", exc_info=exc)
+                    logger.error("mqtt: unexpected error", exc_info=exc)
                 failures += 1
             if self._closing:
                 await asyncio.sleep(max(0.0, min(delay, self._deadline - loop.time())))
@@ -471,13 +332,13 @@ class MqttPublisher:
             keepalive=cfg.keepalive_s, will=will, tls_context=self._tls, timeout=CONNECT_TIMEOUT_S,
             logger=_PAHO_LOGGER,
         )
-        client.pending_calls_threshold = WINDOW + 2
+        client.pending_calls_threshold = self._outbox.window + 2
         async with client:
             self._session_up = True
             self._set_connected(True)
             self._resolve_first()
-            self.logger.info("mqtt: connected to %s:%d as %s; %d message(s) waiting", cfg.host, cfg.port,
-                             self.client_id, self.pending)
+            logger.info("mqtt: connected to %s:%d as %s; %d message(s) waiting", cfg.host, cfg.port,
+                        self.client_id, self.pending)
             self._log_drops()
             lost = asyncio.ensure_future(self._watch(client))
             try:
@@ -526,33 +387,33 @@ class MqttPublisher:
         raise _ConnectionLost("connection lost")
 
     async def _drain(self, client: aiomqtt.Client, lost: asyncio.Future[None]) -> None:
-        """Publish queued messages, up to WINDOW at once, in order; return once stopped and empty."""
+        """Publish queued messages, up to the outbox's window at once, in order; return once stopped and empty."""
         loop = asyncio.get_running_loop()
-        window = self._inflight
+        outbox, sends = self._outbox, self._sends
         while True:
-            while self._queue and len(window) < WINDOW:
-                msg = self._pop()
-                window.append((msg, asyncio.ensure_future(
-                    client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain))))
-            if window and window[0][1].done():
-                msg, fut = window[0]
-                exc = fut.exception()
+            for msg in outbox.take():
+                sends[msg] = asyncio.ensure_future(client.publish(msg.topic, msg.payload, qos=msg.qos,
+                                                                  retain=msg.retain))
+            head = next(iter(outbox.sending), None)  # results are taken in the order of sending
+            if head is not None and sends[head].done():
+                exc = sends[head].exception()
                 if isinstance(exc, MqttError):
-                    raise exc  # the message stays in the window: _requeue_inflight puts it back
-                window.popleft()
+                    raise exc  # the message stays in flight: _requeue_inflight puts it back
+                del sends[head]
                 if exc is None:
-                    self.metrics.mqtt_published.labels(msg.kind).inc()
+                    outbox.ack(head)
+                    self.metrics.mqtt_published.labels(head.kind).inc()
                 else:  # e.g. ValueError from paho for a bad topic: sending it again would fail again
-                    self.logger.error("mqtt: cannot publish to %s: %s", msg.topic, exc)
-                    self._drop(msg, why=str(exc))
+                    logger.error("mqtt: cannot publish to %s: %s", head.topic, exc)
+                    self._drop(outbox.fail(head, str(exc)))
                 continue
-            if not window and self._closing:
+            if head is None and self._closing:
                 return
             self._wake.clear()
             wake = asyncio.ensure_future(self._wake.wait())
             waits: set[asyncio.Future[Any]] = {lost, wake}
-            if window:
-                waits.add(window[0][1])
+            if head is not None:
+                waits.add(sends[head])
             timeout = max(0.0, self._deadline - loop.time()) if self._closing else None
             try:
                 await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -566,16 +427,14 @@ class MqttPublisher:
 
     def _requeue_inflight(self) -> None:
         """Put every message not acknowledged back at the front of the queue, in order."""
-        keep: list[_Message] = []
-        for msg, fut in self._inflight:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
+        for msg in self._outbox.sending:
+            send = self._sends.pop(msg)
+            if send.done() and not send.cancelled() and send.exception() is None:
+                self._outbox.ack(msg)
                 self.metrics.mqtt_published.labels(msg.kind).inc()
-                continue
-            fut.cancel()
-            keep.append(msg)
-        self._inflight.clear()
-        self._queue.extendleft(reversed(keep))
-        self._partials += sum(m.kind == "partial" for m in keep)
+            else:
+                send.cancel()
+        self._outbox.requeue()
 
 
 def attach_publisher(daemon: Any) -> MqttPublisher | None:
@@ -628,6 +487,7 @@ class PublisherThread:
         return thread
 
     def start(self) -> None:
+        """Start the loop thread and the publisher in it; raises what :meth:`MqttPublisher.start` raises."""
         loop = self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=loop.run_forever, name="streamer-mqtt", daemon=True)
         self._thread.start()
@@ -638,10 +498,12 @@ class PublisherThread:
             raise
 
     def publish(self, stream: str, session: str, event: Event) -> None:
+        """Hand one event to the publisher's loop, from any thread; ignored before start and after close."""
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self.publisher.publish, stream, session, event)
 
     def close(self) -> None:
+        """Flush (at most ``mqtt.flush_timeout_s``), disconnect and end the thread. Idempotent."""
         if self._loop is None or self._loop.is_closed():
             return
         try:

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from websockets.asyncio.client import connect
 
+from streamer.testing import RANDOM_SIZES, save_random_model, speech_audio
+
 CHUNK_S = 0.1
 
 
@@ -38,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="an already running daemon (default: start one)")
     p.add_argument("--model", default="demo", help="model for the started daemon (default: demo)")
-    p.add_argument("--random-model", choices=["base", "xlsr-large", "tiny"],
+    p.add_argument("--random-model", choices=sorted(RANDOM_SIZES),
                    help="start the daemon with a random model of this size instead")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override for the daemon")
     p.add_argument("--audio", help="speech file (default: generated with espeak-ng, --seconds long)")
@@ -189,8 +191,6 @@ def load_audio(args: argparse.Namespace) -> np.ndarray:
 
         data, rate = sf.read(args.audio, dtype="float32", always_2d=True)
         return soxr.resample(data.mean(axis=1), rate, 16000)[: int(args.seconds * 16000)]
-    from streamer.cli.bench import speech_audio
-
     return speech_audio(args.seconds)
 
 
@@ -205,8 +205,6 @@ async def main_async(args: argparse.Namespace) -> int:
         else:
             model = args.model
             if args.random_model:
-                from streamer.cli.bench import save_random_model
-
                 tmp = tempfile.TemporaryDirectory()
                 model = str(save_random_model(args.random_model, tmp.name))
             proc, url = await start_daemon(args, model)

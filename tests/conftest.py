@@ -1,51 +1,16 @@
-"""Shared fixtures: tiny Wav2Vec2ForCTC checkpoints built in the test session, espeak-ng speech."""
+"""Shared fixtures: tiny Wav2Vec2ForCTC checkpoints built in the test session, espeak-ng speech, the daemon.
+
+The checkpoints and the speech come from :mod:`streamer.testing` (shared with the benchmarks and the recipe).
+"""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-LETTERS = list("abcdefghijklmnopqrstuvwxyz'")
-
-
-def make_tiny_model(path: Path, *, norm: str = "layer", pad_last: bool = False, seed: int = 0,
-                    hidden: int = 32, layers: int = 2) -> Path:
-    """Save a random tiny checkpoint in the Hugging Face layout and return its directory."""
-    import torch
-    from transformers import (
-        Wav2Vec2Config,
-        Wav2Vec2CTCTokenizer,
-        Wav2Vec2FeatureExtractor,
-        Wav2Vec2ForCTC,
-    )
-
-    tokens = ["|", *LETTERS, "<unk>"]
-    tokens = [*tokens, "<pad>"] if pad_last else ["<pad>", *tokens]
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    tok = Wav2Vec2CTCTokenizer(str(path / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
-                               word_delimiter_token="|")
-    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                                  return_attention_mask=(norm == "layer"))
-    cfg = Wav2Vec2Config(
-        vocab_size=len(tokens), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=2 * hidden, conv_dim=(16,) * 7, feat_extract_norm=norm,
-        do_stable_layer_norm=(norm == "layer"), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-        pad_token_id=tok.pad_token_id, ctc_loss_reduction="mean",
-    )
-    torch.manual_seed(seed)
-    model = Wav2Vec2ForCTC(cfg)
-    with torch.no_grad():  # spread the logits so that argmax is decisive
-        model.lm_head.weight.normal_(0, 2.0)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    fe.save_pretrained(path)
-    return path
+from streamer.testing import espeak, make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -58,24 +23,6 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             name = f"{norm}-pad{'last' if pad_last else 'first'}"
             out[name] = make_tiny_model(root / name, norm=norm, pad_last=pad_last, seed=len(out))
     return out
-
-
-def espeak(text: str, path: Path, *, voice: str = "en-us", speed: int = 150, rate: int = 16000) -> Path:
-    """Speak ``text`` into a WAV file at ``rate`` Hz (espeak-ng, resampled with soxr)."""
-    import soundfile as sf
-    import soxr
-
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        pytest.fail("espeak-ng is not installed; `apt-get install espeak-ng` (.ci/run does it)")
-    raw = path.with_suffix(".raw.wav")
-    subprocess.run([exe, "-v", voice, "-s", str(speed), "-w", str(raw), text], check=True)
-    audio, sr = sf.read(raw, dtype="float32")
-    raw.unlink()
-    if sr != rate:
-        audio = soxr.resample(audio, sr, rate)
-    sf.write(path, audio, rate)
-    return path
 
 
 @pytest.fixture(scope="session")

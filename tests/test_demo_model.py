@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import espeak
 
 from streamer.model import demo_model_dir
+from streamer.testing import espeak
 
 # Sentences in the demo model's vocabulary, spoken by espeak-ng's default en-us voice at 150 words/min.
 SENTENCES = [
@@ -55,8 +55,8 @@ def test_demo_model_transcribes_espeak_offline(tmp_path):
 
 
 def test_eval_on_generated_manifest(tmp_path, capsys):
+    from recipes.demo.data import write_manifest
     from streamer.cli import main
-    from streamer.training.data import write_manifest
 
     manifest = write_manifest(tmp_path / "heldout", "test", 4, seed=0, jobs=2, augmented=False, progress=False)
     assert manifest.is_file() and len(manifest.read_text().splitlines()) == 4
@@ -96,14 +96,14 @@ def test_eval_reads_tsv_manifest(tmp_path):
         read_manifest(tmp_path / "bad.tsv")
 
 
-# Held-out utterances (test split, seed 0, as `python -m streamer.training.data --split test --manifest` makes
+# Held-out utterances (test split, seed 0, as `python -m recipes.demo.data --split test --manifest` makes
 # them) that start with a word whose first letter the model emits at the sound's onset, followed by ~0.6 s of
 # CTC blanks before the rest of the word ("s ... et the lamps to white").
 EARLY_ONSET = [8, 24, 109, 120, 130, 146, 147]
 
 
 def _held_out(indices: list[int]) -> list[tuple[str, np.ndarray]]:
-    from streamer.training import data as D
+    from recipes.demo import data as D
 
     items = D.plan("test", max(indices) + 1, seed=0, unique=True)
     out = []

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import espeak, make_tiny_model
 
 from streamer.config import DecoderConfig, EndpointConfig, ModelConfig, load_config
 from streamer.ctc import CtcSegment
@@ -15,6 +14,7 @@ from streamer.events import Final, Partial
 from streamer.exceptions import ConfigError
 from streamer.lexicon import Lexicon
 from streamer.model import demo_model_dir, load_model
+from streamer.testing import espeak, make_tiny_model
 
 DEMO_VOCAB = json.loads((demo_model_dir() / "vocab.json").read_text())
 BLANK, DELIM = DEMO_VOCAB["<pad>"], DEMO_VOCAB["|"]
@@ -170,7 +170,7 @@ def test_word_list_cuts_the_demo_models_word_errors_on_held_out_speech(model_run
     of greedy decoding's misspellings."""
     from test_demo_model import _held_out
 
-    from streamer.training.metrics import ErrorRate
+    from streamer.scoring import ErrorRate
 
     lex, greedy_rate = ErrorRate(), ErrorRate()
     for ref, audio in _held_out(list(range(40))):

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from recipes.demo import data as D
+from recipes.demo import train as T
 from streamer.config import StreamConfig
 from streamer.engine import FRAME_SAMPLES, RECEPTIVE_FIELD, Schedule, n_frames
-from streamer.training import data as D
-from streamer.training import train as T
 
 
 @pytest.fixture(scope="module")

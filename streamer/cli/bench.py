@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from streamer.cli import add_config_args, load_cli_config
 from streamer.exceptions import StreamerError
-
-SENTENCES = [
-    "turn on the kitchen lights and set the thermostat to twenty one degrees",
-    "remind me to call my sister at seven thirty tomorrow morning",
-    "what is the weather going to be like this weekend",
-    "play some quiet music in the living room please",
-    "open the garage door and switch off the porch light",
-    "add milk eggs and bread to the shopping list",
-    "set a timer for twelve minutes",
-    "the meeting has been moved to thursday afternoon",
-]
-
-RANDOM_SIZES = {
-    # name: (feat_extract_norm, layers, hidden, heads, intermediate, conv_dim)
-    "base": ("group", 12, 768, 12, 3072, 512),
-    "xlsr-large": ("layer", 24, 1024, 16, 4096, 512),
-    "tiny": ("layer", 2, 64, 2, 128, 32),
-}
+from streamer.scoring import cer
+from streamer.testing import RANDOM_SIZES, random_runner, speech_audio
 
 
 def register(sub: Any) -> None:
@@ -56,79 +36,6 @@ def register(sub: Any) -> None:
                    help="also run several schedules and draw compute ratio and agreement against latency")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=run)
-
-
-def speech_audio(seconds: float) -> np.ndarray:
-    """Concatenate espeak-ng sentences (with short pauses) up to ``seconds``."""
-    import soundfile as sf
-    import soxr
-
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise StreamerError("espeak-ng is not installed (apt-get install espeak-ng); or pass --audio FILE")
-    parts: list[np.ndarray] = []
-    total = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        i = 0
-        while total < seconds * 16000:
-            wav = Path(tmp) / f"{i}.wav"
-            subprocess.run([exe, "-v", ["en-us", "en", "en-gb-x-rp"][i % 3], "-s", "160", "-w", str(wav),
-                            SENTENCES[i % len(SENTENCES)]], check=True)
-            a, sr = sf.read(wav, dtype="float32")
-            a = soxr.resample(a, sr, 16000)
-            parts += [a, np.zeros(6400, np.float32)]
-            total += len(a) + 6400
-            i += 1
-    return np.concatenate(parts)[: int(seconds * 16000)]
-
-
-def _random_parts(size: str) -> tuple[Any, Any, Any]:
-    import json
-
-    import torch
-    from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
-
-    norm, layers, hidden, heads, inter, conv = RANDOM_SIZES[size]
-    with tempfile.TemporaryDirectory() as tmp:
-        tokens = ["<pad>", "<s>", "</s>", "<unk>", "|", *"etaonihsrdlumwcfgypbvk'xjqz"]
-        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-        tok = Wav2Vec2CTCTokenizer(str(Path(tmp) / "vocab.json"))  # type: ignore[no-untyped-call]
-    fe = Wav2Vec2FeatureExtractor(return_attention_mask=(norm == "layer"))  # type: ignore[no-untyped-call]
-    cfg = Wav2Vec2Config(vocab_size=len(tokens), hidden_size=hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, intermediate_size=inter, conv_dim=(conv,) * 7,
-                         feat_extract_norm=norm, do_stable_layer_norm=(norm == "layer"), pad_token_id=0)
-    torch.manual_seed(0)
-    return Wav2Vec2ForCTC(cfg), tok, fe
-
-
-def save_random_model(size: str, path: str | Path) -> Path:
-    """Write a randomly initialised checkpoint of a real model's shape (for daemon benchmarks)."""
-    model, tok, fe = _random_parts(size)
-    for part in (model, tok, fe):
-        part.save_pretrained(path)
-    return Path(path)
-
-
-def random_runner(size: str, device: str) -> Any:
-    """A randomly initialised Wav2Vec2ForCTC of a real model's shape (no download)."""
-    import torch
-
-    from streamer.model import ModelRunner, _pick_device
-
-    model, tok, fe = _random_parts(size)
-    dev = _pick_device(device)
-    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
-    model = model.to(dtype).eval().to(dev)
-    return ModelRunner(model, tok, fe, name=f"random-{size}", device=dev, dtype=dtype)
-
-
-def cer(hyp: str, ref: str) -> float:
-    """Character error rate: Levenshtein distance / reference length."""
-    from streamer.training.metrics import edit_distance
-
-    if not ref:
-        return float(bool(hyp))
-    return edit_distance(ref, hyp) / len(ref)
 
 
 def measure(runner: Any, cfg: Any, audio: np.ndarray, chunk_ms: float, offline_ids: np.ndarray,
@@ -165,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
             parts.append(AudioConverter(rate, data.shape[1]).convert(data, last=True))
         audio = np.concatenate(parts)
     else:
-        audio = speech_audio(args.seconds)
+        try:
+            audio = speech_audio(args.seconds)
+        except StreamerError as exc:
+            raise StreamerError(f"{exc}; or pass --audio FILE") from exc
     dur = len(audio) / 16000
     sched = Schedule.from_config(cfg.stream)
     print(f"model {runner.name}: {runner.n_parameters / 1e6:.1f} M parameters on {runner.device} "

@@ -3,7 +3,7 @@
 A manifest lists ``(audio, text)`` pairs, either as JSON lines (``{"audio": "a.wav", "text": "..."}``; the
 keys ``audio_filepath``/``path`` and ``transcript``/``sentence`` work too) or as tab-separated lines
 (``a.wav<TAB>text``). Relative paths are read relative to the manifest's directory. Generate one with
-``python -m streamer.training.data --split test -n 500 --manifest --out DIR``.
+``python -m recipes.demo.data --split test -n 500 --manifest --out DIR`` (from a source checkout).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from streamer.model import load_model
-    from streamer.training.metrics import ErrorRate, normalise_text
+    from streamer.scoring import ErrorRate, normalise_text
     from streamer.transcribe import new_session, stream_array, text_of
 
     if args.chunk_ms <= 0:

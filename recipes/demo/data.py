@@ -8,11 +8,13 @@ hold lower-case letters, apostrophes and single spaces only.
 Every sentence belongs to one split by a hash of its text (``test`` 1/20, ``dev`` 1/20, ``train`` the
 rest), so a held-out sentence never appears in training, whatever seeds or sizes are used.
 
-Audio: espeak-ng at 22050 Hz (voices ``en``, ``en-us``, ``en-gb-x-rp``, ``en-029``, ... with variants
-``+m1``...``+m7``, ``+f1``...``+f5`` and others; 120-200 words/min; pitch 20-80; word gaps), trimmed,
-resampled to 16 kHz. Augmentation (:func:`augment`): short leading and trailing silence, random gain, white,
-pink or brown noise at 10-30 dB SNR. Everything is deterministic given the seed: utterance ``i`` of a split
-draws from ``numpy.random.default_rng([seed, split, i])`` whatever the number of worker processes.
+Audio: espeak-ng (voices ``en``, ``en-us``, ``en-gb-x-rp``, ``en-029``, ... with variants ``+m1``...``+m7``,
+``+f1``...``+f5`` and others; 120-200 words/min; pitch 20-80; word gaps) through
+:func:`streamer.testing.espeak_audio` (22050 Hz resampled to 16 kHz with soxr; ``$STREAMER_ESPEAK`` names
+another espeak-ng command), trimmed. Augmentation (:func:`augment`): short leading and trailing silence,
+random gain, white, pink or brown noise at 10-30 dB SNR. Everything is deterministic given the seed:
+utterance ``i`` of a split draws from ``numpy.random.default_rng([seed, split, i])`` whatever the number of
+worker processes.
 
 Outputs:
 
@@ -21,11 +23,11 @@ Outputs:
 * ``--manifest``: ``DIR/wav/NNNNN.wav`` (augmented unless ``--no-augment``) and ``DIR/manifest.jsonl`` with
   ``{"audio": "wav/NNNNN.wav", "text": ...}`` lines (paths relative to the manifest), for ``streamer eval``.
 
-Examples::
+Examples, from the repository root::
 
-    python -m streamer.training.data --split train -n 20000 --out data/train
-    python -m streamer.training.data --split test -n 500 --manifest --out data/test
-    python -m streamer.training.data --words        # the vocabulary, one word per line
+    python -m recipes.demo.data --split train -n 20000 --out data/train
+    python -m recipes.demo.data --split test -n 500 --manifest --out data/test
+    python -m recipes.demo.data --words        # the vocabulary, one word per line
 """
 
 from __future__ import annotations
@@ -35,9 +37,6 @@ import hashlib
 import io
 import json
 import os
-import shlex
-import shutil
-import subprocess
 import sys
 import wave
 from collections.abc import Iterator, Sequence
@@ -47,13 +46,14 @@ from pathlib import Path
 
 import numpy as np
 
+from streamer.testing import espeak_audio, espeak_command
+
 __all__ = [
     "SAMPLE_RATE",
     "SPLITS",
     "Utterance",
     "Voice",
     "augment",
-    "espeak_command",
     "generate",
     "load_dataset",
     "make_sentence",
@@ -68,7 +68,6 @@ __all__ = [
 ]
 
 SAMPLE_RATE = 16000
-ESPEAK_RATE = 22050
 SPLITS = {"train": 0, "dev": 1, "test": 2}
 MAX_WORDS = 12
 
@@ -360,50 +359,6 @@ def sample_voice(rng: np.random.Generator) -> Voice:
     )
 
 
-def espeak_command() -> list[str]:
-    """The espeak-ng command: ``$STREAMER_ESPEAK`` (shell-split, may hold a loader prefix) or ``espeak-ng``."""
-    env = os.environ.get("STREAMER_ESPEAK")
-    if env:
-        return shlex.split(env)
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng), or set STREAMER_ESPEAK")
-    return [exe]
-
-
-def _read_wav_bytes(data: bytes) -> tuple[np.ndarray, int]:
-    # espeak-ng --stdout writes a streaming header whose sizes may be wrong: find "data" and take the rest.
-    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise RuntimeError("espeak-ng did not write a WAV stream")
-    rate = int.from_bytes(data[24:28], "little")
-    pos = 12
-    while pos + 8 <= len(data):
-        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
-        if cid == b"data":
-            pcm = data[pos + 8:]
-            pcm = pcm[: len(pcm) // 2 * 2]
-            return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0, rate
-        pos += 8 + size
-    raise RuntimeError("no data chunk in espeak-ng output")
-
-
-def resample(audio: np.ndarray, rate_in: int, rate_out: int = SAMPLE_RATE) -> np.ndarray:
-    """soxr (HQ) when installed, else scipy's polyphase filter."""
-    if rate_in == rate_out:
-        return audio.astype(np.float32)
-    try:
-        import soxr
-
-        return np.asarray(soxr.resample(audio, rate_in, rate_out), dtype=np.float32)
-    except ImportError:
-        from math import gcd
-
-        from scipy.signal import resample_poly
-
-        g = gcd(rate_in, rate_out)
-        return np.asarray(resample_poly(audio, rate_out // g, rate_in // g), dtype=np.float32)
-
-
 def trim(audio: np.ndarray, margin: int = 160, threshold: float = 0.01) -> np.ndarray:
     """Cut leading and trailing silence, keeping ``margin`` samples around the speech."""
     peak = float(np.abs(audio).max()) if audio.size else 0.0
@@ -414,14 +369,9 @@ def trim(audio: np.ndarray, margin: int = 160, threshold: float = 0.01) -> np.nd
 
 
 def synthesize(text: str, voice: Voice, command: Sequence[str] | None = None) -> np.ndarray:
-    """Speak ``text`` with espeak-ng: trimmed float32 mono at 16 kHz."""
-    cmd = [*(command or espeak_command()), "-v", voice.name, "-s", str(voice.speed), "-p", str(voice.pitch),
-           "-g", str(voice.gap), "--stdout", text]
-    proc = subprocess.run(cmd, capture_output=True, check=False)
-    if proc.returncode != 0 or not proc.stdout:
-        raise RuntimeError(f"espeak-ng failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}")
-    audio, rate = _read_wav_bytes(proc.stdout)
-    return trim(resample(audio, rate))
+    """Speak ``text`` with espeak-ng in ``voice``: trimmed float32 mono at 16 kHz."""
+    return trim(espeak_audio(text, voice=voice.name, speed=voice.speed, pitch=voice.pitch, gap=voice.gap,
+                             command=command))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -589,7 +539,7 @@ def write_manifest(out: Path, split: str, n: int, seed: int = 0, jobs: int | Non
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m streamer.training.data",
+        prog="python -m recipes.demo.data",
         description="Generate espeak-ng speech for the demo model (see the module docstring).",
     )
     p.add_argument("--split", choices=sorted(SPLITS), default="train",

@@ -1,6 +1,6 @@
 """Weighted average of checkpoints of one architecture (a "model soup"), saved in the plain HF layout.
 
-    python -m streamer.training.average --out DIR run1/model:0.25 run2/model:0.75
+    python -m recipes.demo.average --out DIR run1/model:0.25 run2/model:0.75
 
 The tokenizer, feature extractor and ``words.txt`` files are copied from the first model.
 """
@@ -39,7 +39,7 @@ def average(models: Sequence[tuple[Path, float]], out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m streamer.training.average", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m recipes.demo.average", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", metavar="DIR:WEIGHT", help="model directory and its weight")
     p.add_argument("--out", type=Path, required=True, help="output model directory")

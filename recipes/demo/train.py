@@ -15,15 +15,16 @@ window's output over the frames that see the same samples. No alignments are nee
 model (its README), the effect is modest: most of its streaming/offline gap came from the schedule's
 look-ahead and from endpointing, not from what this loss trains.
 
-With no data directory present, it first generates the data (:mod:`streamer.training.data`). A checkpoint is
+With no data directory present, it first generates the data (:mod:`recipes.demo.data`). A checkpoint is
 written after every epoch (``--resume`` continues from it); the best epoch on the dev set (by WER, then CER)
 is saved with ``save_pretrained`` into ``--out`` in the plain Hugging Face layout, together with
 ``words.txt``, ``training.json`` (arguments, history) and ``curve.png`` (loss and error rates per epoch).
 
 The defaults train on the CPU for about an hour (6000 utterances generated in a few minutes, then 55 minutes
-of training whose learning-rate schedule is tied to the clock, so it ends on time on any machine)::
+of training whose learning-rate schedule is tied to the clock, so it ends on time on any machine), from the
+repository root::
 
-    python -m streamer.training.train --out data/model
+    python -m recipes.demo.train --out data/model
 
 That is a smoke-scale run (measured: dev WER 91 % greedy, 77 % with the word list, CER 49 %). The shipped
 model (``streamer/models/demo``) was trained on a GPU with far more data and then fine-tuned on the CPU; its
@@ -47,10 +48,11 @@ from typing import Any
 
 import numpy as np
 
+from recipes.demo import data as D
 from streamer.engine import FRAME_SAMPLES as FRAME
 from streamer.engine import RECEPTIVE_FIELD as RECEPTIVE
-from streamer.training import data as D
-from streamer.training.metrics import ErrorRate
+from streamer.scoring import ErrorRate
+from streamer.testing import ModelShape, processor, random_model, save_checkpoint
 
 __all__ = ["VOCAB", "build_model", "main"]
 
@@ -77,25 +79,16 @@ def greedy_decode(ids: Sequence[int]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 def build_model(args: argparse.Namespace) -> Any:
-    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
-
-    cfg = Wav2Vec2Config(
-        vocab_size=len(VOCAB),
-        pad_token_id=0,
+    """A fresh Wav2Vec2ForCTC of the recipe's shape, with its dropout and SpecAugment settings (torch's
+    generator as it is: :func:`train` seeds it)."""
+    shape = ModelShape("layer", args.layers, args.hidden, args.heads, args.ffn, args.conv_dim)
+    return random_model(
+        VOCAB, shape, seed=None,
         bos_token_id=None,
         eos_token_id=None,
-        conv_dim=(args.conv_dim,) * 7,
         conv_kernel=(10, 3, 3, 3, 3, 2, 2),
         conv_stride=(5, 2, 2, 2, 2, 2, 2),
         conv_bias=True,
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        intermediate_size=args.ffn,
-        num_conv_pos_embeddings=128,
-        num_conv_pos_embedding_groups=16,
         hidden_dropout=args.dropout,
         attention_dropout=args.dropout,
         activation_dropout=0.0,
@@ -108,27 +101,14 @@ def build_model(args: argparse.Namespace) -> Any:
         ctc_loss_reduction="mean",
         ctc_zero_infinity=True,
     )
-    return Wav2Vec2ForCTC(cfg)
 
 
 def save_hf(model: Any, out: Path, words: list[str]) -> None:
     """``save_pretrained`` of model, tokenizer and feature extractor, plus special_tokens_map and words."""
-    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor
-
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    vocab_file = out / "vocab.json"
-    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(VOCAB)}, indent=2) + "\n")
-    tok = Wav2Vec2CTCTokenizer(  # type: ignore[no-untyped-call]
-        str(vocab_file), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|", bos_token=None,
-        eos_token=None, do_lower_case=False)
-    tok.save_pretrained(out)
+    tok, fe = processor(VOCAB, norm="layer", bos_token=None, eos_token=None, do_lower_case=False)
+    save_checkpoint(out, model, tok, fe)
     (out / "special_tokens_map.json").write_text(
         json.dumps({"pad_token": "<pad>", "unk_token": "<unk>"}, indent=2) + "\n")
-    fe = Wav2Vec2FeatureExtractor(  # type: ignore[no-untyped-call]
-        feature_size=1, sampling_rate=D.SAMPLE_RATE, padding_value=0.0, do_normalize=True,
-        return_attention_mask=True)
-    fe.save_pretrained(out)
     (out / "words.txt").write_text("\n".join(words) + "\n")
 
 
@@ -531,7 +511,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m streamer.training.train",
+        prog="python -m recipes.demo.train",
         description="Train the demo Wav2Vec2ForCTC from scratch on espeak-ng speech (defaults: ~1 h on a "
                     "2-core CPU).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

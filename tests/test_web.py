@@ -16,15 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytest_asyncio
-from conftest import espeak
 from websockets.asyncio.client import connect
 
+from streamer.events import Event, Final
 from streamer.model import demo_model_dir
-
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+from streamer.testing import espeak
 
 CHROMIUM = "/usr/bin/chromium"
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshot.png"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS_SCREENSHOT = ROOT / "docs" / "screenshot.png"  # the README's picture: rewritten only on request
+VIEWPORT = {"width": 1000, "height": 560}
 SENTENCES = ["turn on the kitchen lights", "set a timer for twenty minutes"]
 WAIT_MS = 20_000
 # finals also while speaking, whatever the model makes of the pauses
@@ -36,6 +37,36 @@ WORDS_JS = """() => ['finals', 'partial'].map(id => document.getElementById(id).
 
 async def read(path) -> str:
     return await asyncio.to_thread(Path(path).read_text)
+
+
+def screenshot_path(tmp_path: Path) -> Path:
+    """Where the live-caption test saves its screenshot: ``$STREAMER_SCREENSHOT`` when set (relative to the
+    repository root: ``STREAMER_SCREENSHOT=docs/screenshot.png`` refreshes the README's picture), else
+    ``tmp_path``, so that a test run leaves the tracked file alone."""
+    requested = os.environ.get("STREAMER_SCREENSHOT")
+    return ROOT / requested if requested else tmp_path / "screenshot.png"
+
+
+def fingerprint(path: Path) -> tuple[int, bytes] | None:
+    """A file's modification time and contents (None if it is missing): equal only if nothing wrote it."""
+    return (path.stat().st_mtime_ns, path.read_bytes()) if path.exists() else None
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height of a PNG file, from its IHDR chunk; fails on anything that is not a PNG."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    assert data[-8:-4] == b"IEND", f"{path} is cut short"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_screenshot_is_written_only_on_request(tmp_path, monkeypatch):
+    monkeypatch.delenv("STREAMER_SCREENSHOT", raising=False)
+    assert screenshot_path(tmp_path) == tmp_path / "screenshot.png"
+    monkeypatch.setenv("STREAMER_SCREENSHOT", "docs/screenshot.png")
+    assert screenshot_path(tmp_path) == DOCS_SCREENSHOT
+    monkeypatch.setenv("STREAMER_SCREENSHOT", str(tmp_path / "elsewhere.png"))
+    assert screenshot_path(tmp_path) == tmp_path / "elsewhere.png"
 
 
 def state_is(state: str) -> str:
@@ -109,13 +140,13 @@ class Recorder:
     """An event sink on the daemon's hub: what the daemon produced, to compare with the page."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[str, dict]] = []
+        self.events: list[tuple[str, Event]] = []
 
-    def publish(self, stream: str, session: str, event: dict) -> None:
+    def publish(self, stream: str, session: str, event: Event) -> None:
         self.events.append((stream, event))
 
     def finals(self, stream: str) -> list[str]:
-        return [e["text"].strip() for s, e in self.events if s == stream and e["type"] == "final" and e["text"].strip()]
+        return [e.text.strip() for s, e in self.events if s == stream and isinstance(e, Final) and e.text.strip()]
 
 
 PAGE_ERRORS: dict[object, list[object]] = {}
@@ -123,9 +154,7 @@ PAGE_ERRORS: dict[object, list[object]] = {}
 
 async def open_page(browser, port: int, query: str = "", **context):
     """A new page in its own browser context (own permissions, downloads, storage)."""
-    ctx = await browser.new_context(
-        viewport=context.pop("viewport", {"width": 1000, "height": 560}), accept_downloads=True, **context
-    )
+    ctx = await browser.new_context(viewport=context.pop("viewport", VIEWPORT), accept_downloads=True, **context)
     page = await ctx.new_page()
     page.set_default_timeout(WAIT_MS)
     PAGE_ERRORS[page] = errors = []
@@ -154,9 +183,12 @@ async def listens_then_stops(page) -> None:
     await page.wait_for_function(state_is("idle"))
 
 
-async def test_live_captions_from_microphone(browser, daemon_factory, demo_runner):
+async def test_live_captions_from_microphone(browser, daemon_factory, demo_runner, tmp_path):
     """Fake microphone -> worklet -> /v1/stream (with a token) -> partials and finals on the page and on
-    a viewer page; stop sends the last finals; .txt/.vtt downloads hold the finals; screenshot."""
+    a viewer page; stop sends the last finals; .txt/.vtt downloads hold the finals; a screenshot, which
+    leaves docs/screenshot.png as it was unless $STREAMER_SCREENSHOT asks for it."""
+    screenshot = screenshot_path(tmp_path)
+    docs_before = fingerprint(DOCS_SCREENSHOT)
     d = await daemon_factory("server.auth_token='secret'", FAST_FINALS, runner=demo_runner)
     produced = Recorder()
     d.hub.sinks.append(produced)
@@ -181,9 +213,12 @@ async def test_live_captions_from_microphone(browser, daemon_factory, demo_runne
 
         await viewer.wait_for_selector("#finals .line")  # the viewer follows stream "desk"
         assert await viewer.is_hidden("#level")
-        SCREENSHOT.parent.mkdir(exist_ok=True)
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
         await page.evaluate("() => document.activeElement.blur()")  # no focus ring in the picture
-        await page.screenshot(path=str(SCREENSHOT))
+        await page.screenshot(path=str(screenshot))
+        assert png_size(screenshot) == (VIEWPORT["width"], VIEWPORT["height"])
+        if screenshot.resolve() != DOCS_SCREENSHOT.resolve():
+            assert fingerprint(DOCS_SCREENSHOT) == docs_before, "the test wrote docs/screenshot.png unasked"
 
         await page.click("#toggle")  # stop: the last finals arrive, then the server closes
         await page.wait_for_function(state_is("idle"))

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from streamer.endpoint import EndpointRules
+from streamer.engine import Schedule
 from streamer.exceptions import ConfigError
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "VoskConfig",
     "WorkerConfig",
     "load_config",
+    "needs_restart",
     "parse_overrides",
 ]
 
@@ -39,8 +42,10 @@ FRAME_MS = 20
 
 
 def _opt(default: Any, *, choices: Iterable[Any] | None = None, min: float | None = None,
-         max: float | None = None, doc: str = "") -> Any:
-    meta = {"choices": tuple(choices) if choices is not None else None, "min": min, "max": max, "doc": doc}
+         max: float | None = None, doc: str = "", restart: bool = False) -> Any:
+    """A config key: its default, allowed values, doc, and whether a reload can change it (``restart``: no)."""
+    meta = {"choices": tuple(choices) if choices is not None else None, "min": min, "max": max, "doc": doc,
+            "restart": restart}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -50,6 +55,8 @@ class _Section:
     """Checks the type, range and choices of every field after construction."""
 
     _name: typing.ClassVar[str] = ""
+    _restart: typing.ClassVar[bool] = False
+    """every key of the section needs a restart (what it configures is built once, at start)"""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -104,6 +111,7 @@ class ModelConfig(_Section):
     """Which checkpoint to load and where to run it."""
 
     _name = "model"
+    _restart = True  # the loaded model
     id: str = _opt("demo", doc="'demo', a local directory, or a Hugging Face hub id")
     device: str = _opt("auto", doc="auto, cpu, cuda or cuda:N")
     dtype: str = _opt("auto", choices=("auto", "float32", "float16", "bfloat16"))
@@ -125,6 +133,7 @@ class StreamConfig(_Section):
     """Window schedule, in milliseconds, rounded to whole 20 ms frames."""
 
     _name = "stream"
+    _restart = True  # the window schedule the model was warmed up with
     left_context_ms: int = _opt(1600, min=0, max=60_000)
     hop_ms: int = _opt(400, min=FRAME_MS, max=60_000)
     lookahead_ms: int = _opt(1000, min=0, max=60_000)
@@ -141,6 +150,10 @@ class StreamConfig(_Section):
     @property
     def lookahead_frames(self) -> int:
         return round(self.lookahead_ms / FRAME_MS)
+
+    def schedule(self) -> Schedule:
+        """The engine's window geometry in frames."""
+        return Schedule(self.left_frames, self.hop_frames, self.lookahead_frames, self.pipeline_compatible)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -160,6 +173,10 @@ class EndpointConfig(_Section):
     silence_after_speech_s: float = _opt(0.8, min=0.02, doc="trailing silence that ends a segment with text")
     max_utterance_s: float = _opt(20.0, min=0.2, doc="a segment is cut at this length regardless")
 
+    def rules(self) -> EndpointRules:
+        """The engine's endpoint rules."""
+        return EndpointRules(self.enabled, self.silence_no_speech_s, self.silence_after_speech_s, self.max_utterance_s)
+
 
 @dataclass(frozen=True)
 class DecoderConfig(_Section):
@@ -176,6 +193,7 @@ class WorkerConfig(_Section):
     """The model worker that batches windows of all streams."""
 
     _name = "worker"
+    _restart = True  # the worker thread
     max_batch: int = _opt(32, min=1, max=4096)
     max_wait_ms: float = _opt(10.0, min=0.0, max=10_000.0)
     queue_size: int = _opt(1024, min=1, doc="windows waiting for the model before streams are paused")
@@ -186,8 +204,8 @@ class ServerConfig(_Section):
     """The websocket / HTTP listener."""
 
     _name = "server"
-    host: str = _opt("127.0.0.1")
-    port: int = _opt(8765, min=0, max=65535)
+    host: str = _opt("127.0.0.1", restart=True)
+    port: int = _opt(8765, min=0, max=65535, restart=True)
     max_streams: int = _opt(64, min=1)
     max_message_bytes: int = _opt(1 << 20, min=1024)
     idle_timeout_s: float = _opt(30.0, min=0.1, doc="close a stream that sends nothing for this long")
@@ -219,8 +237,8 @@ class VoskConfig(_Section):
     """A second listener speaking vosk-server's websocket protocol."""
 
     _name = "vosk"
-    enabled: bool = _opt(False)
-    port: int = _opt(2700, min=0, max=65535)
+    enabled: bool = _opt(False, restart=True)
+    port: int = _opt(2700, min=0, max=65535, restart=True)
     sample_rate: int = _opt(16000, min=8000, doc="rate assumed until the client sends a config message")
 
 
@@ -229,6 +247,7 @@ class MqttConfig(_Section):
     """Publishing transcripts to an MQTT broker."""
 
     _name = "mqtt"
+    _restart = True  # the publisher and its connection
     enabled: bool = _opt(False)
     host: str = _opt("localhost")
     port: int = _opt(1883, min=1, max=65535)
@@ -264,6 +283,7 @@ class SourceConfig(_Section):
     """A capture source run by the daemon (``[[sources]]``)."""
 
     _name = "sources"
+    _restart = True  # the capture sources
     name: str = _opt("")
     kind: str = _opt("mic", choices=("mic",))
     device: str = _opt("", doc="sounddevice name or index; empty = default input")
@@ -282,7 +302,7 @@ class LoggingConfig(_Section):
 
     _name = "logging"
     level: str = _opt("info", choices=("debug", "info", "warning", "error"))
-    json: bool = _opt(False)
+    json: bool = _opt(False, restart=True)
 
 
 @dataclass(frozen=True)
@@ -348,9 +368,9 @@ def _parse_value(text: str) -> Any:
         return text  # a bare string such as --set model.id=/models/x
 
 
-def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+def parse_overrides(items: Iterable[str]) -> dict[str, dict[str, Any]]:
     """Turn ``["stream.hop_ms=500", ...]`` into a nested dict of TOML values."""
-    out: dict[str, Any] = {}
+    out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
@@ -373,8 +393,13 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Read a TOML file (or none: the defaults) and apply ``--set`` overrides."""
+def load_config(path: str | os.PathLike[str] | None = None,
+                overrides: Iterable[str] | Mapping[str, Mapping[str, Any]] = ()) -> Config:
+    """Read a TOML file (or none: the defaults) and apply overrides.
+
+    ``overrides``: ``--set`` strings (``["stream.hop_ms=500"]``) or their parsed form
+    (``{"stream": {"hop_ms": 500}}``, what :func:`streamer.cli.cli_overrides` returns).
+    """
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -386,8 +411,19 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[
             raise ConfigError(f"config file {os.fspath(path)!r} cannot be read: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {os.fspath(path)!r} is not valid TOML: {exc}") from None
-    data = _merge(data, parse_overrides(overrides))
+    data = _merge(data, overrides if isinstance(overrides, Mapping) else parse_overrides(overrides))
     return config_from_dict(data)
+
+
+def needs_restart(key: str) -> bool:
+    """Whether ``section.key`` (or ``sources``) keeps its running value on a reload until a restart."""
+    section, _, name = key.partition(".")
+    if section == "sources":
+        return SourceConfig._restart
+    cls = _SECTIONS[section]
+    if cls._restart:
+        return True
+    return bool(next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("restart", False))
 
 
 def iter_keys() -> Iterable[tuple[str, str, Any, str]]:

@@ -29,8 +29,8 @@ from typing import Protocol
 
 import numpy as np
 
-from streamer.config import EndpointConfig, StreamConfig
 from streamer.ctc import FRAME_S, CtcSegment, Vocabulary
+from streamer.endpoint import Endpointer, EndpointRules
 from streamer.events import Event, Final, Partial, Word
 from streamer.exceptions import AudioError
 
@@ -96,10 +96,6 @@ class Schedule:
     lookahead: int
     pipeline: bool = False
 
-    @classmethod
-    def from_config(cls, cfg: StreamConfig) -> Schedule:
-        return cls(cfg.left_frames, cfg.hop_frames, cfg.lookahead_frames, cfg.pipeline_compatible)
-
     @property
     def tail(self) -> int:
         """Samples after the last frame boundary that a window includes."""
@@ -134,9 +130,6 @@ class Window:
     final_from: int
     final_to: int
     """frames ``[final_from, final_to)`` become final; later frames are tentative"""
-    seq: int
-    """position in the session's order of windows"""
-    session: StreamSession | None = field(default=None, repr=False)
     handed: bool = field(default=False, repr=False)
 
     @property
@@ -211,7 +204,7 @@ class StreamSession:
         self,
         schedule: Schedule,
         vocab: Vocabulary,
-        endpoint: EndpointConfig | None = None,
+        endpoint: EndpointRules | None = None,
         *,
         record_frames: bool = False,
         words: WordDecoder | None = None,
@@ -221,11 +214,10 @@ class StreamSession:
         self.words = words
         """word-list decoding of partials and finals; None = greedy CTC (the letters of each frame's best id)"""
         self._search: WordSearch | None = None  # the open segment's, once it has final frames
-        self.endpoint = endpoint if endpoint is not None else EndpointConfig()
+        self.endpointer = Endpointer(endpoint)
         self._buf = _Buffer()
         self._planned_next = 0  # first frame not yet covered by a planned window
         self._pending: deque[Window | _Marker] = deque()
-        self._seq = 0
         self._events: list[Event] = []
         self._segment_index = 0
         self._seg = CtcSegment(vocab)
@@ -234,7 +226,6 @@ class StreamSession:
         self.finished = False
         """true once :meth:`finish` was called and every planned window was answered"""
         self.frame_ids: list[int] | None = [] if record_frames else None
-        self.samples_received = 0
 
     # -- input -------------------------------------------------------------
 
@@ -242,9 +233,7 @@ class StreamSession:
         """Add 16 kHz mono samples. Then call :meth:`windows_to_run`."""
         if self._finishing:
             raise AudioError("audio after the end of the stream")
-        x = as_float32(samples)
-        self._buf.append(x)
-        self.samples_received += len(x)
+        self._buf.append(as_float32(samples))
         self._plan_ready()
 
     def flush(self) -> None:
@@ -326,8 +315,7 @@ class StreamSession:
 
     def _add_window(self, start: int, final_from: int, final_to: int, stop: int) -> None:
         samples = self._buf.slice(FRAME_SAMPLES * start, stop)
-        self._pending.append(Window(samples, start, final_from, final_to, self._seq, self))
-        self._seq += 1
+        self._pending.append(Window(samples, start, final_from, final_to))
         self._planned_next = final_to
 
     def _drain_markers(self) -> None:
@@ -341,24 +329,12 @@ class StreamSession:
     def _push_final(self, t0: int, ids: np.ndarray, probs: np.ndarray, rows: np.ndarray) -> None:
         if self.frame_ids is not None:
             self.frame_ids.extend(ids.tolist())
-        ep = self.endpoint
-        no_speech = round(ep.silence_no_speech_s / FRAME_S)
-        after_speech = round(ep.silence_after_speech_s / FRAME_S)
-        max_frames = round(ep.max_utterance_s / FRAME_S)
+        endpointer = self.endpointer
         seg = self._seg
         stepped = 0  # rows handed to the word search
         for i, (frame_id, prob) in enumerate(zip(ids.tolist(), probs.tolist(), strict=True)):
             seg.push_frame(t0 + i, frame_id, prob)
-            if not ep.enabled:
-                continue
-            reason = ""
-            if seg.has_text:
-                if seg.trailing_silence >= after_speech:
-                    reason = "silence"
-                elif seg.n_frames >= max_frames:
-                    reason = "max_length"
-            elif seg.trailing_silence >= no_speech or seg.n_frames >= max_frames:
-                reason = "silence"  # nothing said: start a fresh segment, no event
+            reason = endpointer.reason(seg.has_text, seg.trailing_silence, seg.n_frames)
             if reason:
                 self._step_search(rows[stepped : i + 1])
                 stepped = i + 1
@@ -382,15 +358,14 @@ class StreamSession:
         segment). Finals then come ``silence_after_speech_s`` after the speech, not that plus the
         look-ahead.
         """
-        ep = self.endpoint
         seg = self._seg
-        if not ep.enabled or not seg.has_text or not len(lookahead_ids):
+        if not self.endpointer.enabled or not seg.has_text or not len(lookahead_ids):
             return False
         quiet = lookahead_ids == self.vocab.blank_id
         if self.vocab.delimiter_id is not None:  # may be 0 (XLS-R fine-tunes put "|" first)
             quiet |= lookahead_ids == self.vocab.delimiter_id
         lead = int(np.argmin(quiet)) if not quiet.all() else len(quiet)
-        return seg.trailing_silence + lead >= round(ep.silence_after_speech_s / FRAME_S)
+        return self.endpointer.silence_ahead(seg.has_text, seg.trailing_silence, lead)
 
     def _decode(self, seg: CtcSegment, lookahead: np.ndarray | None = None) -> tuple[str, list[Word]]:
         """The text and words of ``seg`` (final frames, then ``lookahead`` rows if given)."""
@@ -447,7 +422,7 @@ def reference(
     run: RunFn,
     schedule: Schedule,
     vocab: Vocabulary,
-    endpoint: EndpointConfig | None = None,
+    endpoint: EndpointRules | None = None,
     words: WordDecoder | None = None,
 ) -> tuple[list[int], list[Final]]:
     """Run the window schedule over a complete buffer in one model call.

@@ -7,7 +7,8 @@ Every error that streamer raises on purpose derives from :class:`StreamerError`:
     ├── ModelLoadError     a checkpoint cannot be found or loaded
     ├── AudioError         audio that cannot be read or used (empty, NaN, bad format)
     ├── ProtocolError      a client broke the wire protocol (bad JSON, unknown type, ...)
-    └── InferenceError     the model call failed for a batch of windows
+    ├── InferenceError     the model call failed for a batch of windows
+    └── DeviceError        an audio input device is missing, cannot be opened, or stopped delivering audio
 
 Messages are lower case, without a trailing period, and say what was wrong and what
 is accepted, so that the CLI can print them as they are.
@@ -46,3 +47,7 @@ class ProtocolError(StreamerError):
 
 class InferenceError(StreamerError):
     """The model failed on a batch of windows."""
+
+
+class DeviceError(StreamerError):
+    """An audio input device is missing, cannot be opened, or stopped delivering audio."""

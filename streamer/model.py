@@ -1,8 +1,9 @@
-"""Loading a Wav2Vec2ForCTC checkpoint and running windows through it.
+"""Loading a Wav2Vec2ForCTC checkpoint and running windows through it in this process (PyTorch).
 
 Everything model-specific goes through transformers: ``AutoModelForCTC``, the checkpoint's
 ``Wav2Vec2CTCTokenizer`` (blank = its pad token, word delimiter = its ``|``) and its
 ``Wav2Vec2FeatureExtractor`` (per-window normalisation, exactly as the ASR pipeline does it).
+:class:`TorchRunner` is the in-process :class:`streamer.runner.Runner`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,21 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from streamer.config import DecoderConfig, ModelConfig
+from streamer.config import ModelConfig
 from streamer.engine import FRAME_SAMPLES, RECEPTIVE_FIELD, SAMPLE_RATE
-from streamer.exceptions import ConfigError, InferenceError, ModelLoadError
-from streamer.lexicon import Lexicon, read_word_list
+from streamer.exceptions import InferenceError, ModelLoadError
 
-__all__ = [
-    "DEMO_MODEL", "WORD_LIST", "ModelRunner", "TokenizerVocabulary", "load_lexicon", "load_model", "resolve_model",
-    "word_list_lexicon",
-]
+__all__ = ["DEMO_MODEL", "TokenizerVocabulary", "TorchRunner", "load_model", "resolve_model"]
 
 logger = logging.getLogger("streamer.model")
 
 DEMO_MODEL = "demo"
-WORD_LIST = "words.txt"
-"""the file name of the word list a checkpoint may ship (``decoder.words = "auto"``)"""
 
 
 def demo_model_dir() -> Path:
@@ -119,15 +114,13 @@ def _pick_dtype(name: str, device: str) -> Any:
 
 @dataclass
 class RunStats:
-    """Counters of the model runner (read by benchmarks and metrics)."""
+    """Counters of the model runner (read by ``streamer eval``)."""
 
-    calls: int = 0
-    windows: int = 0
     seconds: float = 0.0
-    audio_seconds: float = 0.0
+    """time spent in :meth:`TorchRunner.run`"""
 
 
-class ModelRunner:
+class TorchRunner:
     """A loaded model: call it with windows of 16 kHz float32 audio, get log-probs back.
 
     Windows of equal length are stacked into batches of at most ``max_batch`` with no
@@ -136,7 +129,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: Any, tokenizer: Any, feature_extractor: Any, *, name: str, device: str,
-                 dtype: Any, max_batch: int = 64) -> None:
+                 dtype: Any, max_batch: int = 64, source: str | None = None, revision: str | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
@@ -145,15 +138,12 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.max_batch = max_batch
-        self.sampling_rate = int(getattr(feature_extractor, "sampling_rate", SAMPLE_RATE))
+        self.sample_rate = int(getattr(feature_extractor, "sampling_rate", SAMPLE_RATE))
         self.use_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
         self.stats = RunStats()
-        self.lexicon: Lexicon | None = None
-        """word-list decoding for the sessions of this model (see :func:`load_lexicon`); None = greedy"""
-        self.decoder: DecoderConfig | None = None
-        """the ``[decoder]`` settings :attr:`lexicon` was built from (None: not built from any)"""
-        self.source = name
-        """where the checkpoint was loaded from (a directory or a hub id): ``decoder.words = "auto"`` looks there"""
+        self.source = source or name
+        """where the checkpoint was loaded from (a directory or a hub id): :meth:`shipped_file` looks there"""
+        self.revision = revision
         self._lock = threading.Lock()
 
     @property
@@ -179,10 +169,7 @@ class ModelRunner:
                     part = idx[k : k + self.max_batch]
                     for i, lp in zip(part, self._forward([windows[i] for i in part]), strict=True):
                         out[i] = lp
-        self.stats.calls += 1
-        self.stats.windows += len(windows)
         self.stats.seconds += time.perf_counter() - t0
-        self.stats.audio_seconds += sum(len(w) for w in windows) / SAMPLE_RATE
         return [o for o in out if o is not None]
 
     def _forward(self, batch: list[np.ndarray]) -> list[np.ndarray]:
@@ -190,7 +177,7 @@ class ModelRunner:
 
         try:
             feats = self.feature_extractor(
-                batch, sampling_rate=self.sampling_rate, return_tensors="pt", return_attention_mask=self.use_mask
+                batch, sampling_rate=self.sample_rate, return_tensors="pt", return_attention_mask=self.use_mask
             )
             inputs = feats["input_values"].to(self.device, dtype=self.dtype)
             kwargs: dict[str, Any] = {}
@@ -202,6 +189,19 @@ class ModelRunner:
         except Exception as exc:  # torch raises many kinds (OOM, CUDA errors, shape errors)
             raise InferenceError(f"model call failed on a batch of {len(batch)} windows: {exc}") from exc
         return list(lp)
+
+    def shipped_file(self, name: str) -> Path | None:
+        """The checkpoint's own file ``name``: in its directory, or in the hub cache (never downloaded)."""
+        if Path(self.source).is_dir():
+            path = Path(self.source) / name
+            return path if path.is_file() else None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(self.source, name, revision=self.revision)
+        except Exception:  # not a valid repo id, no cache: no such file
+            return None
+        return Path(found) if isinstance(found, str) else None
 
     def warmup(self, samples: int) -> float:
         """Run one window of silence-like noise; return the seconds it took."""
@@ -229,52 +229,12 @@ def _from_pretrained(cls: Any, source: str, local_only: bool, revision: str | No
     return cls.from_pretrained(source, local_files_only=local_only, revision=revision, **kw)
 
 
-def _shipped_word_list(source: str, revision: str | None) -> Path | None:
-    """The checkpoint's own ``words.txt``: in its directory, or in the hub cache (never downloaded)."""
-    if Path(source).is_dir():
-        path = Path(source) / WORD_LIST
-        return path if path.is_file() else None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(source, WORD_LIST, revision=revision)
-    except Exception:  # not a valid repo id, no cache: no shipped list
-        return None
-    return Path(found) if isinstance(found, str) else None
-
-
-def load_lexicon(cfg: DecoderConfig, runner: ModelRunner, source: str, revision: str | None = None) -> Lexicon | None:
-    """The word list ``cfg.words`` asks for, spelled with ``runner``'s tokenizer; None for greedy decoding."""
-    if not cfg.words:
-        return None
-    if cfg.words == "auto":
-        path = _shipped_word_list(source, revision)
-        if path is None:
-            return None
-    else:
-        path = Path(cfg.words).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"decoder.words = {cfg.words!r}: no such file; give a word list (one word per "
-                              "line), 'auto', or '' for greedy decoding")
-    lexicon = word_list_lexicon(runner, read_word_list(path), cfg, str(path))
-    logger.info("decoding with the word list %s (%d words)", path, len(lexicon))
-    return lexicon
-
-
-def word_list_lexicon(runner: ModelRunner, words: Iterable[str], cfg: DecoderConfig, source: str) -> Lexicon:
-    """A word-list decoder spelled with ``runner``'s tokenizer; raises ConfigError naming ``source``."""
-    v = runner.vocab
-    return Lexicon(words, v.token_ids, v.blank_id, v.delimiter_id, beam_size=cfg.beam_size,
-                   word_score=cfg.word_score, source=source)
-
-
-def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64,
-               decoder: DecoderConfig | None = None) -> ModelRunner:
+def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64) -> TorchRunner:
     """Load a checkpoint from ``cfg.id``: ``demo``, a local directory, or a hub id.
 
     The hub is tried from the local cache first, so a cached model works offline; the
     network is used only when the cache misses and ``HF_HUB_OFFLINE`` is not set.
-    ``decoder`` (default: ``DecoderConfig()``) picks the word list the runner's sessions decode with.
+    The runner decodes nothing: build the word decoder with :func:`streamer.decoder.build_decoder`.
     """
     cfg = cfg or ModelConfig()
     source = resolve_model(cfg.id)
@@ -345,8 +305,5 @@ def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64,
     name = "demo" if cfg.id == DEMO_MODEL else cfg.id
     logger.info("loaded %s on %s (%s, %s attention)", name, device, str(dtype).removeprefix("torch."),
                 getattr(model.config, "_attn_implementation", "?"))
-    runner = ModelRunner(model, tokenizer, fe, name=name, device=device, dtype=dtype, max_batch=max_batch)
-    runner.source = source
-    runner.decoder = decoder or DecoderConfig()
-    runner.lexicon = load_lexicon(runner.decoder, runner, source, revision)
-    return runner
+    return TorchRunner(model, tokenizer, fe, name=name, device=device, dtype=dtype, max_batch=max_batch,
+                       source=source, revision=revision)

@@ -24,12 +24,15 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from streamer.engine import SAMPLE_RATE
 from streamer.exceptions import StreamerError
+
+if TYPE_CHECKING:
+    from streamer.model import TorchRunner
 
 __all__ = [
     "BENCH_SENTENCES",
@@ -164,17 +167,17 @@ def save_random_model(size: str, path: str | Path) -> Path:
     return save_checkpoint(path, *_random_parts(size))
 
 
-def random_runner(size: str, device: str) -> Any:
-    """A :class:`streamer.model.ModelRunner` over a random model of a real model's shape (no download)."""
+def random_runner(size: str, device: str) -> TorchRunner:
+    """A :class:`streamer.model.TorchRunner` over a random model of a real model's shape (no download)."""
     import torch
 
-    from streamer.model import ModelRunner, _pick_device
+    from streamer.model import TorchRunner, _pick_device
 
     model, tok, fe = _random_parts(size)
     dev = _pick_device(device)
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
     model = model.to(dtype).eval().to(dev)
-    return ModelRunner(model, tok, fe, name=f"random-{size}", device=dev, dtype=dtype)
+    return TorchRunner(model, tok, fe, name=f"random-{size}", device=dev, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------

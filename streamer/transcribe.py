@@ -15,7 +15,7 @@ import numpy as np
 from streamer.audio import AudioConverter, iter_file_chunks
 from streamer.config import Config
 from streamer.ctc import Vocabulary
-from streamer.engine import RunFn, Schedule, StreamSession, WordDecoder, run_session
+from streamer.engine import RunFn, StreamSession, WordDecoder, run_session
 from streamer.events import Event, Final
 
 __all__ = ["new_session", "stream_array", "stream_file", "text_of"]
@@ -25,9 +25,9 @@ def new_session(cfg: Config, vocab: Vocabulary, words: WordDecoder | None = None
                 record_frames: bool = False) -> StreamSession:
     """A session with the configured window schedule and endpoint rules.
 
-    ``words``: the runner's word-list decoder (``runner.lexicon``), or None for greedy CTC.
+    ``words``: the word decoder (:func:`streamer.decoder.build_decoder`), or None for greedy CTC.
     """
-    return StreamSession(Schedule.from_config(cfg.stream), vocab, cfg.endpoint, record_frames=record_frames,
+    return StreamSession(cfg.stream.schedule(), vocab, cfg.endpoint.rules(), record_frames=record_frames,
                          words=words)
 
 

@@ -50,6 +50,15 @@ def model_runner():
     return load_model(ModelConfig(id="demo", device="cpu"))
 
 
+@pytest.fixture(scope="session")
+def demo_words(model_runner):
+    """The demo model's word list, as the default ``[decoder]`` builds it (``words = "auto"``)."""
+    from streamer.config import DecoderConfig
+    from streamer.decoder import build_decoder
+
+    return build_decoder(DecoderConfig(), model_runner)
+
+
 @pytest.fixture
 async def daemon_factory(model_runner):
     """``await make("server.max_streams=2", ...)`` starts a Daemon on a free loopback port."""

@@ -10,6 +10,7 @@ import numpy as np
 import soundfile as sf
 
 from streamer.config import Config
+from streamer.decoder import build_decoder
 from streamer.events import Final
 from streamer.transcribe import new_session, stream_array
 
@@ -25,7 +26,7 @@ async def run(*cmd, stdin=None, limit=60):
 
 
 def expected_finals(runner, audio):
-    session = new_session(Config(), runner.vocab, runner.lexicon)
+    session = new_session(Config(), runner.vocab, build_decoder(Config().decoder, runner))
     return [e.text for e in stream_array(session, runner, audio) if isinstance(e, Final)]
 
 

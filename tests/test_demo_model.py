@@ -115,7 +115,7 @@ def _held_out(indices: list[int]) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def test_default_endpointing_does_not_split_words_at_their_onset(model_runner):
+def test_default_endpointing_does_not_split_words_at_their_onset(model_runner, demo_words):
     """Endpoint rule 2 counts CTC blank frames as silence; blanks also fill words, so a rule that fires after
     0.6 s cut these words in two (two final events, "s" and "et ..."); the default must not."""
     from streamer.cli.eval import offline_text
@@ -124,10 +124,10 @@ def test_default_endpointing_does_not_split_words_at_their_onset(model_runner):
 
     split = 0
     for text, audio in _held_out(EARLY_ONSET):
-        offline = offline_text(model_runner, audio)
+        offline = offline_text(model_runner, audio, demo_words)
         for after, expect_same in ((None, True), (0.6, False)):
             cfg = load_config(None, [f"endpoint.silence_after_speech_s={after}"] if after else [])
-            session = new_session(cfg, model_runner.vocab, model_runner.lexicon)
+            session = new_session(cfg, model_runner.vocab, demo_words)
             streamed = text_of(stream_array(session, model_runner, audio))
             if expect_same:
                 assert streamed == offline, (text, offline, streamed)
@@ -136,7 +136,7 @@ def test_default_endpointing_does_not_split_words_at_their_onset(model_runner):
     assert split >= 3, "the 0.6 s rule no longer splits these onsets: pick new examples"
 
 
-def test_final_comes_after_the_silence_not_after_the_lookahead(model_runner, tmp_path):
+def test_final_comes_after_the_silence_not_after_the_lookahead(model_runner, demo_words, tmp_path):
     """Rule 2 counts blank look-ahead frames: with 2 s of look-ahead, the final of a sentence followed by
     silence arrives about silence_after_speech_s (+ one hop) after the last word, well before the final
     frames could reach that silence (last word + 0.8 s + 2 s)."""
@@ -150,7 +150,7 @@ def test_final_comes_after_the_silence_not_after_the_lookahead(model_runner, tmp
     assert rate == 16000
     audio = np.concatenate([speech, np.zeros(4 * 16000, np.float32)])
     cfg = load_config(None, ["stream.lookahead_ms=2000", "endpoint.silence_after_speech_s=0.8"])
-    session = new_session(cfg, model_runner.vocab, model_runner.lexicon)
+    session = new_session(cfg, model_runner.vocab, demo_words)
     arrived = None
     for i in range(0, len(audio), 1600):
         session.accept_audio(audio[i:i + 1600])

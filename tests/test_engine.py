@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.config import EndpointConfig, ModelConfig
+from streamer.config import ModelConfig
+from streamer.endpoint import EndpointRules
 from streamer.engine import Schedule, StreamSession, n_frames, reference, run_session
 from streamer.events import Final, Partial
 from streamer.model import load_model
@@ -98,7 +99,7 @@ def test_pipeline_parity(runner, speech):
     n = schedule.left + schedule.hop + schedule.lookahead
     expected = pipe(audio.copy(), chunk_length_s=n * 0.02,
                     stride_length_s=(schedule.left * 0.02, schedule.lookahead * 0.02))["text"]
-    _, events = stream(audio, runner, schedule, arrival(1600, len(audio)), EndpointConfig(enabled=False))
+    _, events = stream(audio, runner, schedule, arrival(1600, len(audio)), EndpointRules(enabled=False))
     finals = [e for e in events if isinstance(e, Final)]
     assert len(finals) == 1
     assert finals[0].text == expected
@@ -158,7 +159,7 @@ def frames(text_spec):
     return [table[c] if c in table else ord(c) - ord("a") + 2 for c in text_spec]
 
 
-ENDPOINT = EndpointConfig(silence_no_speech_s=1.0, silence_after_speech_s=0.4, max_utterance_s=3.0)
+ENDPOINT = EndpointRules(silence_no_speech_s=1.0, silence_after_speech_s=0.4, max_utterance_s=3.0)
 SCHED = Schedule(left=20, hop=5, lookahead=8)
 
 

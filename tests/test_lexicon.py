@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from streamer.config import DecoderConfig, EndpointConfig, ModelConfig, load_config
+from streamer.config import DecoderConfig, ModelConfig, load_config
 from streamer.ctc import CtcSegment
+from streamer.decoder import build_decoder
+from streamer.endpoint import EndpointRules
 from streamer.engine import Schedule, StreamSession, reference, run_session
 from streamer.events import Final, Partial
 from streamer.exceptions import ConfigError
@@ -98,19 +100,20 @@ def test_word_list_errors_say_what_is_wrong(tmp_path):
     assert lex.words == ["ON", "THREE"]
 
 
-def test_decoder_words_config_picks_the_list(tmp_path):
+def test_decoder_words_config_picks_the_list(tmp_path, model_runner):
     model = make_tiny_model(tmp_path / "m")
-    cfg = ModelConfig(id=str(model), device="cpu")
-    assert load_model(cfg).lexicon is None  # auto, and this checkpoint ships no words.txt
+    runner = load_model(ModelConfig(id=str(model), device="cpu"))
+    assert not hasattr(runner, "lexicon")  # a runner decodes nothing: the decoder is built from [decoder]
+    assert build_decoder(DecoderConfig(), runner) is None  # auto, and this checkpoint ships no words.txt
     (model / "words.txt").write_text("on\noff\nthe\nlights\n")
-    assert load_model(cfg).lexicon.words == ["on", "off", "the", "lights"]  # auto finds it
-    assert load_model(cfg, decoder=DecoderConfig(words="")).lexicon is None  # greedy on request
+    assert build_decoder(DecoderConfig(), runner).words == ["on", "off", "the", "lights"]  # auto finds it
+    assert build_decoder(DecoderConfig(words=""), runner) is None  # greedy on request
     other = tmp_path / "domain.txt"
     other.write_text("# a domain list\nyes\nno\n")
-    assert load_model(cfg, decoder=DecoderConfig(words=str(other))).lexicon.words == ["yes", "no"]
+    assert build_decoder(DecoderConfig(words=str(other)), runner).words == ["yes", "no"]
     with pytest.raises(ConfigError, match=r"decoder.words = '.*nope.txt': no such file"):
-        load_model(cfg, decoder=DecoderConfig(words=str(tmp_path / "nope.txt")))
-    assert load_model(ModelConfig(id="demo", device="cpu")).lexicon is not None  # the demo model ships one
+        build_decoder(DecoderConfig(words=str(tmp_path / "nope.txt")), runner)
+    assert build_decoder(DecoderConfig(), model_runner) is not None  # the demo model ships one
 
 
 @pytest.mark.parametrize("pad_last", [False, True])
@@ -121,7 +124,7 @@ def test_streaming_finals_equal_the_reference_for_any_arrival(tmp_path, speech, 
     lex = Lexicon(["a", "an", "the", "on", "in", "it", "is", "tea", "eat", "sea", "see", "seat"],
                   runner.vocab.token_ids, runner.vocab.blank_id, runner.vocab.delimiter_id)
     schedule = Schedule(left=40, hop=10, lookahead=16)
-    endpoint = EndpointConfig(silence_after_speech_s=0.3, max_utterance_s=2.0)
+    endpoint = EndpointRules(silence_after_speech_s=0.3, max_utterance_s=2.0)
     _, ref = reference(speech, runner, schedule, runner.vocab, endpoint, words=lex)
     assert len(ref) >= 2 and all(set(f.text.split()) <= set(lex.words) for f in ref)
     # each final holds the words of its own frames only: times increase across finals
@@ -149,23 +152,23 @@ def test_streaming_finals_equal_the_reference_for_any_arrival(tmp_path, speech, 
         assert partials and all(set(p.text.split()) <= set(lex.words) for p in partials)
 
 
-def test_demo_model_streams_what_its_offline_pass_decodes(model_runner, tmp_path):
+def test_demo_model_streams_what_its_offline_pass_decodes(model_runner, demo_words, tmp_path):
     """The demo model decodes with its words.txt by default; the streamed final equals the offline pass."""
     import soundfile as sf
 
     from streamer.cli.eval import offline_text
     from streamer.transcribe import new_session, stream_array, text_of
 
-    assert model_runner.lexicon is not None
+    assert demo_words is not None
     text = "set the thermostat to twenty two degrees"
     audio, _ = sf.read(espeak(text, tmp_path / "a.wav", voice="en-gb-scotland", speed=190), dtype="float32")
-    session = new_session(load_config(None), model_runner.vocab, model_runner.lexicon)
+    session = new_session(load_config(None), model_runner.vocab, demo_words)
     streamed = text_of(stream_array(session, model_runner, audio))
-    assert streamed == offline_text(model_runner, audio)
-    assert set(streamed.split()) <= set(model_runner.lexicon.words)
+    assert streamed == offline_text(model_runner, audio, demo_words)
+    assert set(streamed.split()) <= set(demo_words.words)
 
 
-def test_word_list_cuts_the_demo_models_word_errors_on_held_out_speech(model_runner):
+def test_word_list_cuts_the_demo_models_word_errors_on_held_out_speech(model_runner, demo_words):
     """On held-out utterances (unseen sentences, voices across the ranges, noise), the word list removes most
     of greedy decoding's misspellings."""
     from test_demo_model import _held_out
@@ -176,17 +179,17 @@ def test_word_list_cuts_the_demo_models_word_errors_on_held_out_speech(model_run
     for ref, audio in _held_out(list(range(40))):
         lp = model_runner.run([audio])[0]
         greedy_rate.add(ref, greedy(lp, model_runner.vocab))
-        lex.add(ref, " ".join(w.word for w in model_runner.lexicon.decode(lp)))
+        lex.add(ref, " ".join(w.word for w in demo_words.decode(lp)))
     assert greedy_rate.wer > 0.05, "greedy decoding makes no errors here: pick harder utterances"
     assert lex.wer < greedy_rate.wer / 2, (lex.wer, greedy_rate.wer)
 
 
-def test_partial_reads_like_a_search_over_all_frames(model_runner):
+def test_partial_reads_like_a_search_over_all_frames(model_runner, demo_words):
     """A partial (words completed by the incremental search, then a fresh search over the rest and the
     look-ahead) reads like one search over all the frames, wherever the final frames end."""
     from test_demo_model import _held_out
 
-    lex = model_runner.lexicon
+    lex = demo_words
     same = total = 0
     for _, audio in _held_out(list(range(10))):
         lp = model_runner.run([audio])[0]

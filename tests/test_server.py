@@ -15,6 +15,7 @@ from conftest import pcm16
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from streamer.config import Config
 from streamer.events import Final
 from streamer.transcribe import new_session, stream_array, text_of
 
@@ -23,9 +24,10 @@ TIMEOUT = 60
 
 def reference_finals(runner, audio, *overrides):
     from streamer.config import load_config
+    from streamer.decoder import build_decoder
 
     cfg = load_config(None, list(overrides))
-    session = new_session(cfg, runner.vocab, runner.lexicon)
+    session = new_session(cfg, runner.vocab, build_decoder(cfg.decoder, runner))
     return [e.to_dict() for e in stream_array(session, runner, audio) if isinstance(e, Final)]
 
 
@@ -69,7 +71,7 @@ async def test_native_protocol_equals_transcribe(daemon_factory, model_runner, s
     assert spans == [(f["segment"], f["start"], f["end"]) for f in expected]
 
 
-async def test_start_message_with_other_rate_and_float(daemon_factory, model_runner, speech):
+async def test_start_message_with_other_rate_and_float(daemon_factory, model_runner, demo_words, speech):
     import soxr
 
     d = await daemon_factory()
@@ -80,8 +82,7 @@ async def test_start_message_with_other_rate_and_float(daemon_factory, model_run
         start={"type": "start", "sample_rate": 48000, "encoding": "f32le", "channels": 2, "name": "hall"})
     assert code == 1000
     text = " ".join(f["text"] for f in finals_of(msgs))
-    ref = text_of(stream_array(new_session(__import__("streamer.config").config.Config(), model_runner.vocab,
-                                           model_runner.lexicon), model_runner, speech))
+    ref = text_of(stream_array(new_session(Config(), model_runner.vocab, demo_words), model_runner, speech))
     from test_cli import cer
 
     assert cer(text, ref) < 0.15
@@ -179,6 +180,46 @@ async def test_stream_limit_closes_1013_without_slowing_running_streams(daemon_f
     assert d.metrics.streams_rejected.labels("busy")._value.get() == 1
 
 
+async def test_refused_connections_leave_no_task_behind(daemon_factory):
+    """A connection refused as busy (or during shutdown) costs nothing once it is closed: no pending task."""
+    d = await daemon_factory("server.max_streams=1")
+    url = f"ws://127.0.0.1:{d.port}/v1/stream"
+    async with asyncio.timeout(TIMEOUT), connect(url) as first:
+        await first.recv()
+        await asyncio.sleep(0.1)
+        before = len(asyncio.all_tasks())
+        for _ in range(20):
+            async with connect(url) as refused:
+                assert json.loads(await refused.recv())["code"] == "busy"
+                with pytest.raises(ConnectionClosed):
+                    await refused.recv()
+        for _ in range(50):  # the server side finishes its closing handshakes
+            if len(asyncio.all_tasks()) <= before:
+                break
+            await asyncio.sleep(0.05)
+        assert len(asyncio.all_tasks()) <= before, [t for t in asyncio.all_tasks() if not t.done()][-5:]
+    assert d.metrics.streams_rejected.labels("busy")._value.get() == 20
+
+
+async def test_stopping_the_worker_keeps_the_callers_cancellation(model_runner):
+    """BatchWorker.stop() swallows the CancelledError of its own loop, but not a cancellation of its caller."""
+    from streamer.aio.worker import BatchWorker
+    from streamer.config import WorkerConfig
+
+    worker = BatchWorker(model_runner, WorkerConfig())
+    worker.start()
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.sleep(0)  # stop() now waits for the loop to end
+    stopping.cancel()
+    await asyncio.wait({stopping})
+    assert stopping.cancelled()
+    assert not worker.alive
+    other = BatchWorker(model_runner, WorkerConfig())
+    other.start()
+    await other.stop()  # not cancelled: returns normally
+    assert not other.alive
+
+
 async def test_auth_token(daemon_factory, speech):
     d = await daemon_factory("server.auth_token='s3cret'")
     for headers, path in [(None, "/v1/stream"), ({"Authorization": "Bearer wrong"}, "/v1/stream"),
@@ -256,8 +297,7 @@ async def test_model_failure_reaches_the_stream_and_daemon_keeps_serving(daemon_
     class Flaky:
         def __init__(self, runner):
             self.inner, self.fail = runner, True
-            self.vocab, self.lexicon, self.source, self.decoder = (runner.vocab, runner.lexicon, runner.source,
-                                                                   runner.decoder)
+            self.vocab, self.shipped_file = runner.vocab, runner.shipped_file
             self.name, self.device = "flaky", "cpu"
 
         def run(self, windows):

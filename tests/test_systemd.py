@@ -295,7 +295,7 @@ async def test_reload_reads_the_word_list_again_for_new_streams(daemon_factory, 
 
     words.write_text("café\n")  # the model has no 'é': the reload fails and the running list stays
     await reloader.request()
-    assert d.lexicon.words == ["set", "a", "timer", "for", "twenty", "minutes"]
+    assert d.words.words == ["set", "a", "timer", "for", "twenty", "minutes"]
 
 
 # --- end to end: `streamer serve` under a stand-in for systemd ---------------------------------
@@ -388,3 +388,30 @@ async def test_sighup_reloads_a_limit_without_dropping_a_live_stream(tmp_path, t
     assert "reload: applied server.max_streams" in text
     assert "needs a restart" in text and "stream.hop_ms = 200 (running 400)" in text
     assert "server.max_streams = 0 is too small" in text and "keeping the running config" in text
+
+
+async def test_sighup_keeps_the_command_line_options(tmp_path, tiny_models, notify_socket):
+    """A reload re-reads the file with the same command line: `--words none` stays greedy decoding (it once
+    came back as decoder.words = "auto", and new streams silently switched to the checkpoint's word list)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["layer-padfirst"], model)
+    (model / "words.txt").write_text("on\noff\n")  # what "auto" would pick up
+    config = tmp_path / "streamer.toml"
+    config.write_text("[server]\nmax_streams = 3\n")
+    async with serve_process(tmp_path, model, notify_socket, "-c", str(config), "--words", "none",
+                             "--host", "127.0.0.1") as (proc, log):
+        await notify_socket.expect("READY=1", TIMEOUT)
+        proc.send_signal(signal.SIGHUP)
+        await notify_socket.expect("RELOADING=1", 10)
+        await notify_socket.expect("READY=1", 10)
+        config.write_text("[server]\nmax_streams = 2\n")
+        proc.send_signal(signal.SIGHUP)
+        await notify_socket.expect("RELOADING=1", 10)
+        await notify_socket.expect("READY=1", 10)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(TIMEOUT):
+            assert await proc.wait() == 0
+    text = log.read_text()
+    assert "reload: config unchanged" in text  # the first reload: nothing changed, --words and --host included
+    assert "reload: applied server.max_streams" in text and "decoder.words" not in text
+    assert "word list" not in text  # never decoded with words.txt

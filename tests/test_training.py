@@ -14,7 +14,7 @@ import torch
 from recipes.demo import data as D
 from recipes.demo import train as T
 from streamer.config import StreamConfig
-from streamer.engine import FRAME_SAMPLES, RECEPTIVE_FIELD, Schedule, n_frames
+from streamer.engine import FRAME_SAMPLES, RECEPTIVE_FIELD, n_frames
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_windows_lie_on_the_engine_grid():
     assert np.all(frames == np.round(frames)) and frames.min() >= 50 and frames.max() <= 200
     assert np.mean(start == 0) > 0.15  # a stream's first windows are trained on too
     # the default schedule's steady-state window is one of the shapes drawn
-    default = Schedule.from_config(StreamConfig())
+    default = StreamConfig().schedule()
     assert 50 <= default.left + default.hop + default.lookahead <= 200
 
 
@@ -92,7 +92,8 @@ def _weights(d: Path) -> dict[str, torch.Tensor]:
 
 
 def test_tiny_training_run_is_reproducible_resumable_and_loadable(tmp_path):
-    from streamer.config import ModelConfig
+    from streamer.config import DecoderConfig, ModelConfig
+    from streamer.decoder import build_decoder
     from streamer.model import load_model
 
     data = tmp_path / "data"
@@ -111,6 +112,7 @@ def test_tiny_training_run_is_reproducible_resumable_and_loadable(tmp_path):
 
     loaded = load_model(ModelConfig(id=str(tmp_path / "a"), device="cpu"))
     assert loaded.vocab.blank_id == 0
-    assert loaded.lexicon is not None and "kitchen" in loaded.lexicon.words  # its words.txt comes along
+    words = build_decoder(DecoderConfig(), loaded)
+    assert words is not None and "kitchen" in words.words  # its words.txt comes along
     out = loaded.run([np.zeros(16000, np.float32)])
     assert out[0].shape == (n_frames(16000), len(T.VOCAB))

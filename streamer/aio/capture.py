@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from streamer.events import Event
-from streamer.exceptions import StreamerError
+from streamer.exceptions import DeviceError
 
 __all__ = ["Capture", "CaptureStats", "DeviceError", "InputDevice", "find_device", "input_devices", "pump"]
 
@@ -46,10 +46,6 @@ _PA_LOCK = threading.Lock()
 _open_streams = 0  # streams opened and not closed yet: re-initialising PortAudio would kill them
 CLOSE_TIMEOUT_S = 3.0
 REPORT_EVERY_S = 10.0
-
-
-class DeviceError(StreamerError):
-    """An audio input device is missing, cannot be opened, or stopped delivering audio."""
 
 
 def _sd() -> Any:
@@ -205,8 +201,6 @@ class Capture:
         self._ended = False
         self._error: DeviceError | None = None
         self._stopping = False
-        self.abandoned = False
-        """true when the stream did not close within CLOSE_TIMEOUT_S and was left to the OS"""
         # Written by the audio thread only.
         self._frames = 0
         self._sent = 0
@@ -305,7 +299,6 @@ class Capture:
             await asyncio.wait_for(asyncio.shield(closing), CLOSE_TIMEOUT_S)
         except TimeoutError:
             # A device whose driver hangs: PortAudio would hang at exit too, so leave it to the OS.
-            self.abandoned = True
             self.logger.warning("input device %s did not close within %.0f s; abandoning it",
                                 self.device.describe(), CLOSE_TIMEOUT_S)
             atexit.unregister(self._sd._exit_handler)

@@ -36,7 +36,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 from aiomqtt import MqttError
@@ -47,6 +47,9 @@ from streamer.config import MqttConfig
 from streamer.events import Event, Final
 from streamer.exceptions import ConfigError, StreamerError
 from streamer.outbox import Drop, Message, Outbox
+
+if TYPE_CHECKING:
+    from streamer.aio.server import Daemon
 
 __all__ = [
     "HERMES_TEXT_CAPTURED",
@@ -437,7 +440,7 @@ class MqttPublisher:
         self._outbox.requeue()
 
 
-def attach_publisher(daemon: Any) -> MqttPublisher | None:
+def attach_publisher(daemon: Daemon) -> MqttPublisher | None:
     """With ``mqtt.enabled``: add a publisher to the daemon's event sinks and services."""
     if not daemon.cfg.mqtt.enabled:
         return None

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from streamer.aio.capture import Capture, find_device, pump
-from streamer.aio.stream import LiveStream
+from streamer.aio.stream import Streams
 from streamer.config import SourceConfig
 from streamer.exceptions import StreamerError
 
@@ -29,9 +28,9 @@ class MicSource:
     is_source = True
     """the daemon stops sources with the client streams, before viewers and publishers"""
 
-    def __init__(self, daemon: Any, cfg: SourceConfig, *, retry_min_s: float = 0.5, retry_max_s: float = 30.0,
+    def __init__(self, streams: Streams, cfg: SourceConfig, *, retry_min_s: float = 0.5, retry_max_s: float = 30.0,
                  stall_s: float = 5.0) -> None:
-        self.daemon = daemon
+        self.streams = streams
         self.cfg = cfg
         self.name = cfg.name
         self.retry_min_s = retry_min_s
@@ -58,7 +57,7 @@ class MicSource:
             self._capture.stop()
         if self._task is None:
             return
-        _, pending = await asyncio.wait({self._task}, timeout=self.daemon.cfg.server.shutdown_timeout_s)
+        _, pending = await asyncio.wait({self._task}, timeout=self.streams.cfg.server.shutdown_timeout_s)
         if pending:
             self.log.warning("source %s did not finish in time; cancelling it", self.name)
             self._task.cancel()
@@ -91,7 +90,6 @@ class MicSource:
     async def _capture_once(self, *, rescan: bool) -> None:
         """Capture until stopped or the device fails."""
         device = await asyncio.to_thread(find_device, self.cfg.device or None, rescan=rescan)
-        d = self.daemon
         capture = Capture(device, sample_rate=self.cfg.sample_rate, channels=self.cfg.channels,
                           stall_s=self.stall_s, logger=self.log)
         async with capture:
@@ -101,8 +99,8 @@ class MicSource:
                     capture.stop()
                 self.log.info("source %s: capturing from %s at %d Hz, %d ch", self.name, device.describe(),
                               capture.sample_rate, capture.channels)
-                stream = LiveStream(d.cfg, d.runner, d.worker, d.hub, d.metrics, sample_rate=capture.sample_rate,
-                                    channels=capture.channels, name=self.name, words=d.lexicon)
+                stream = self.streams.open(sample_rate=capture.sample_rate, channels=capture.channels,
+                                           name=self.name)
                 await pump(capture, stream)
             finally:
                 self._capture = None

@@ -1,10 +1,14 @@
-"""A live stream: audio bytes in, events out, the model reached through the batching worker."""
+"""Live streams: audio bytes in, events out, the model reached through the batching worker.
+
+:class:`Streams` is the one factory of live streams (the daemon's handlers and capture sources,
+``streamer mic``): it holds what every stream shares (the worker, the hub, the metrics, the
+model's vocabulary) and what a reload may change (the config, the word decoder).
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
 
 import numpy as np
 
@@ -13,28 +17,28 @@ from streamer.aio.metrics import Metrics
 from streamer.aio.worker import BatchWorker
 from streamer.audio import AudioConverter, decode_pcm
 from streamer.config import Config
-from streamer.engine import SAMPLE_RATE, WordDecoder
+from streamer.engine import SAMPLE_RATE, StreamSession, WordDecoder
 from streamer.events import Event, Final
+from streamer.runner import TokenVocabulary
 from streamer.transcribe import new_session
 
 
 class LiveStream:
     """Couples a :class:`StreamSession` to the worker, metrics and the event hub.
 
-    Every method returns the events it produced, already published to the hub.
+    Every method returns the events it produced, already published to the hub. Make one with
+    :meth:`Streams.open`.
     """
 
-    def __init__(self, cfg: Config, runner: Any, worker: BatchWorker, hub: Hub, metrics: Metrics, *,
-                 sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
-                 name: str | None = None, words: WordDecoder | None = None) -> None:
-        self.id = uuid.uuid4().hex[:12]
-        self.name = name or self.id
+    def __init__(self, session: StreamSession, worker: BatchWorker, hub: Hub, metrics: Metrics, *, id: str,
+                 name: str, sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le") -> None:
+        self.id = id
+        self.name = name
         self.encoding = encoding
         self.channels = channels
         self.sample_rate = sample_rate
         self.converter = AudioConverter(sample_rate, channels)
-        # ``words``: the word list this stream decodes with; None = greedy CTC
-        self.session = new_session(cfg, runner.vocab, words)
+        self.session = session
         self.worker = worker
         self.hub = hub
         self.metrics = metrics
@@ -78,3 +82,25 @@ class LiveStream:
                 self.metrics.events.labels(e.type).inc()
                 self.hub.publish(self.name, self.id, e)
         return events
+
+
+class Streams:
+    """Makes live streams with the config and word decoder in force (a reload replaces both)."""
+
+    def __init__(self, cfg: Config, vocab: TokenVocabulary, worker: BatchWorker, hub: Hub, metrics: Metrics,
+                 words: WordDecoder | None = None) -> None:
+        self.cfg = cfg
+        self.vocab = vocab
+        self.worker = worker
+        self.hub = hub
+        self.metrics = metrics
+        self.words = words
+        """the word decoder of ``[decoder]`` (None: greedy CTC)"""
+
+    def open(self, *, sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
+             name: str | None = None, id: str | None = None, words: WordDecoder | None = None) -> LiveStream:
+        """A new stream; ``words`` is the stream's own word list (default: the daemon's)."""
+        sid = id or uuid.uuid4().hex[:12]
+        session = new_session(self.cfg, self.vocab, words or self.words)
+        return LiveStream(session, self.worker, self.hub, self.metrics, id=sid, name=name or sid,
+                          sample_rate=sample_rate, channels=channels, encoding=encoding)

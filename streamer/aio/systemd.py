@@ -17,7 +17,8 @@ What ``streamer serve`` sends, in order (``systemd/streamer.service`` is ``Type=
 The watchdog pings come from a task on the event loop, so a loop that stalls stops pinging and
 systemd kills and restarts the daemon (``WatchdogSec=``). A dead model worker withholds the pings
 too. A reload re-reads the config file with the same ``--set`` overrides and applies what can
-change while streams run (see :func:`split_changes`); it logs the changed keys that need a
+change while streams run (see :func:`split_changes`; the keys that need a restart say so in
+``streamer/config.py``); it logs the changed keys that need a
 restart and keeps their running values until then.
 """
 
@@ -33,23 +34,16 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from streamer.config import Config
+from streamer.config import Config, needs_restart
 from streamer.exceptions import ConfigError
 
 if TYPE_CHECKING:
     from streamer.aio.server import Daemon
 
-__all__ = ["RESTART_KEYS", "Notifier", "Reloader", "split_changes"]
+__all__ = ["Notifier", "Reloader", "split_changes"]
 
 logger = logging.getLogger("streamer.systemd")
 
-#: Keys (or whole sections) that only a restart changes: the loaded model and its window
-#: schedule, the worker, the listening sockets, the services built at start (capture sources, the
-#: MQTT publisher and its connection settings), the log format.
-RESTART_KEYS = frozenset({
-    "model", "stream", "worker", "sources", "server.host", "server.port", "vosk.enabled", "vosk.port",
-    "mqtt", "logging.json",
-})
 _SECRETS = frozenset({"server.auth_token"})
 
 STATUS_INTERVAL_S = 5.0
@@ -191,10 +185,6 @@ def _flatten(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def _needs_restart(key: str) -> bool:
-    return key in RESTART_KEYS or key.partition(".")[0] in RESTART_KEYS
-
-
 def split_changes(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
     """Compare a reloaded config with the running one.
 
@@ -203,7 +193,7 @@ def split_changes(old: Config, new: Config) -> tuple[Config, list[str], list[str
     """
     before, after = _flatten(old), _flatten(new)
     changed = [k for k in after if after[k] != before[k]]
-    restart = [k for k in changed if _needs_restart(k)]
+    restart = [k for k in changed if needs_restart(k)]
     sections: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
         running, loaded = getattr(old, f.name), getattr(new, f.name)

@@ -7,7 +7,6 @@ import collections
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 
@@ -15,6 +14,7 @@ from streamer.aio.metrics import Metrics
 from streamer.config import WorkerConfig
 from streamer.engine import SAMPLE_RATE, Window
 from streamer.exceptions import InferenceError
+from streamer.runner import Runner
 
 logger = logging.getLogger("streamer.worker")
 
@@ -26,7 +26,7 @@ class BatchWorker:
     call fails the futures of that batch only; the worker keeps serving.
     """
 
-    def __init__(self, runner: Any, cfg: WorkerConfig, metrics: Metrics | None = None) -> None:
+    def __init__(self, runner: Runner, cfg: WorkerConfig, metrics: Metrics | None = None) -> None:
         self.runner = runner
         self.cfg = cfg
         self.metrics = metrics or Metrics()
@@ -50,18 +50,23 @@ class BatchWorker:
         self.metrics.worker_alive.set(1)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self.metrics.worker_alive.set(0)
-        for _, fut, _ in self._items:
-            if not fut.done():
-                fut.set_exception(InferenceError("the model worker stopped"))
-        self._items.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the loop and fail what is still queued. A cancellation of the caller still propagates."""
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                try:
+                    await self._task
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # the caller was cancelled, not (only) the loop: let it know
+        finally:
+            self.metrics.worker_alive.set(0)
+            for _, fut, _ in self._items:
+                if not fut.done():
+                    fut.set_exception(InferenceError("the model worker stopped"))
+            self._items.clear()
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, window: Window) -> np.ndarray:
         """Queue one window; return its log-probabilities once the model ran it."""

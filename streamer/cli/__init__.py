@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from streamer import __version__
 from streamer.exceptions import StreamerError
+
+if TYPE_CHECKING:
+    from streamer.config import Config
 
 # Subcommand modules, in the order --help lists them.
 COMMANDS = ["transcribe", "serve", "mic", "eval", "bench"]
@@ -42,19 +45,40 @@ def add_config_args(p: argparse.ArgumentParser, *, model: bool = True) -> None:
                        "'auto': the model's own words.txt if it ships one (the demo model does)")
 
 
-def load_cli_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """Config file + --set + the --model/--device shortcuts, in that order of precedence."""
+SHORTCUTS: dict[str, tuple[str, str]] = {
+    "model": ("model", "id"),
+    "device": ("model", "device"),
+    "model_device": ("model", "device"),  # streamer mic: --device is the microphone
+    "words": ("decoder", "words"),
+    "host": ("server", "host"),
+    "port": ("server", "port"),
+}
+"""option dest -> the config key it sets (options a command does not have are skipped)"""
+
+
+def cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """What the command line sets on top of the config file: ``--set``, then the shortcut options.
+
+    The one path from the command line to the config: used at start and again on every reload.
+    """
+    from streamer.config import parse_overrides
+
+    out = parse_overrides(getattr(args, "overrides", ()))
+    for dest, (section, key) in SHORTCUTS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if dest == "words" and value == "none":
+            value = ""
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def load_cli_config(args: argparse.Namespace) -> Config:
+    """Config file + --set + the --model/--device/--words/... shortcuts, in that order of precedence."""
     from streamer.config import load_config
 
-    overrides = list(args.overrides)
-    if getattr(args, "model", None):
-        overrides.append(f"model.id={args.model}")
-    if getattr(args, "device", None):
-        overrides.append(f"model.device={args.device}")
-    words = getattr(args, "words", None)
-    if words is not None:
-        overrides.append(f"decoder.words={json.dumps('' if words == 'none' else words)}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, cli_overrides(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

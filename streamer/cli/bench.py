@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,6 +13,11 @@ from streamer.cli import add_config_args, load_cli_config
 from streamer.exceptions import StreamerError
 from streamer.scoring import cer
 from streamer.testing import RANDOM_SIZES, random_runner, speech_audio
+
+if TYPE_CHECKING:
+    from streamer.config import Config
+    from streamer.lexicon import Lexicon
+    from streamer.runner import Runner
 
 
 def register(sub: Any) -> None:
@@ -38,13 +43,13 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def measure(runner: Any, cfg: Any, audio: np.ndarray, chunk_ms: float, offline_ids: np.ndarray,
-            offline_text: str) -> dict[str, float]:
+def measure(runner: Runner, cfg: Config, words: Lexicon | None, audio: np.ndarray, chunk_ms: float,
+            offline_ids: np.ndarray, offline_text: str) -> dict[str, float]:
     from streamer.transcribe import new_session, stream_array, text_of
 
-    session = new_session(cfg, runner.vocab, runner.lexicon, record_frames=True)
+    session = new_session(cfg, runner.vocab, words, record_frames=True)
     t0 = time.perf_counter()
-    events = stream_array(session, runner, audio, chunk=max(1, int(16 * chunk_ms)))
+    events = stream_array(session, runner.run, audio, chunk=max(1, int(16 * chunk_ms)))
     elapsed = time.perf_counter() - t0
     ids = np.asarray(session.frame_ids)
     n = min(len(ids), len(offline_ids))
@@ -55,14 +60,14 @@ def measure(runner: Any, cfg: Any, audio: np.ndarray, chunk_ms: float, offline_i
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from streamer.engine import Schedule
+    from streamer.decoder import build_decoder
     from streamer.model import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_cli_config(args)
-    runner = random_runner(args.random, cfg.model.device) if args.random else load_model(
-        cfg.model, decoder=cfg.decoder)
+    runner = random_runner(args.random, cfg.model.device) if args.random else load_model(cfg.model)
+    words = build_decoder(cfg.decoder, runner)
     if args.audio:
         from streamer.audio import AudioConverter, read_audio
 
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         except StreamerError as exc:
             raise StreamerError(f"{exc}; or pass --audio FILE") from exc
     dur = len(audio) / 16000
-    sched = Schedule.from_config(cfg.stream)
+    sched = cfg.stream.schedule()
     print(f"model {runner.name}: {runner.n_parameters / 1e6:.1f} M parameters on {runner.device} "
           f"({str(runner.dtype).removeprefix('torch.')}), torch threads {torch.get_num_threads()}")
     print(f"audio {dur:.1f} s; schedule left {sched.left * 20} ms, hop {sched.hop * 20} ms, "
@@ -91,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
     offline_ids = offline_lp.argmax(-1)
     greedy_text = str(runner.tokenizer.decode(offline_ids.tolist()))
     offline_text = greedy_text  # the engine decodes as the offline pass does: greedy, or the word list
-    if runner.lexicon is not None:
-        offline_text = " ".join(w.word for w in runner.lexicon.decode(offline_lp))
-    st = measure(runner, cfg, audio, args.chunk_ms, offline_ids, offline_text)
+    if words is not None:
+        offline_text = " ".join(w.word for w in words.decode(offline_lp))
+    st = measure(runner, cfg, words, audio, args.chunk_ms, offline_ids, offline_text)
     rows = [("offline (one pass)", offline_s, 1.0, 0.0),
             ("streaming engine", st["seconds"], st["agreement"], st["cer"])]
     if not args.no_pipeline:
@@ -114,12 +119,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"\ncompute ratio streaming/offline: {st['seconds'] / offline_s:.2f} "
           f"(schedule predicts ~{(sched.left + sched.hop + sched.lookahead) / sched.hop:.2f})")
     if args.plot:
-        plot_tradeoff(runner, cfg, audio, args, offline_s, offline_ids, offline_text)
+        plot_tradeoff(runner, cfg, words, audio, args, offline_s, offline_ids, offline_text)
     return 0
 
 
-def plot_tradeoff(runner: Any, cfg: Any, audio: np.ndarray, args: argparse.Namespace, offline_s: float,
-                  offline_ids: np.ndarray, offline_text: str) -> None:
+def plot_tradeoff(runner: Runner, cfg: Config, words: Lexicon | None, audio: np.ndarray, args: argparse.Namespace,
+                  offline_s: float, offline_ids: np.ndarray, offline_text: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +138,7 @@ def plot_tradeoff(runner: Any, cfg: Any, audio: np.ndarray, args: argparse.Names
     points = []
     for left, hop, look in tqdm(grid, desc="schedules", file=sys.stderr, disable=not sys.stderr.isatty()):
         c = cfg.replace(stream=StreamConfig(left_context_ms=left, hop_ms=hop, lookahead_ms=look))
-        m = measure(runner, c, audio, args.chunk_ms, offline_ids, offline_text)
+        m = measure(runner, c, words, audio, args.chunk_ms, offline_ids, offline_text)
         points.append((left, hop, look, m["seconds"] / offline_s, m["agreement"], m["cer"]))
         print(f"  left {left:>5} hop {hop:>5} lookahead {look:>5} ms: compute x{m['seconds'] / offline_s:.2f}, "
               f"agreement {m['agreement'] * 100:.2f} %, CER {m['cer'] * 100:.2f} %")

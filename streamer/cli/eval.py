@@ -13,12 +13,16 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from streamer.cli import add_config_args, load_cli_config
 from streamer.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from streamer.lexicon import Lexicon
+    from streamer.runner import Runner
 
 __all__ = ["ManifestItem", "offline_text", "read_manifest", "register"]
 
@@ -102,13 +106,13 @@ def load_16k(path: Path) -> np.ndarray:
     return np.concatenate([conv.convert(data), conv.convert(np.zeros((0, data.shape[1]), np.float32), last=True)])
 
 
-def offline_text(runner: Any, audio: np.ndarray) -> str:
-    """One full-utterance pass, decoded as the engine decodes: the runner's word list, or greedy CTC."""
+def offline_text(runner: Runner, audio: np.ndarray, words: Lexicon | None) -> str:
+    """One full-utterance pass, decoded as the engine decodes: with the word list ``words``, or greedy CTC."""
     from streamer.ctc import CtcSegment
 
     lp = runner.run([audio])[0]
-    if runner.lexicon is not None:
-        return " ".join(w.word for w in runner.lexicon.decode(lp))
+    if words is not None:
+        return " ".join(w.word for w in words.decode(lp))
     seg = CtcSegment(runner.vocab)
     if len(lp):
         ids = lp.argmax(axis=1)
@@ -119,6 +123,7 @@ def offline_text(runner: Any, audio: np.ndarray) -> str:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from streamer.decoder import build_decoder
     from streamer.model import load_model
     from streamer.scoring import ErrorRate, normalise_text
     from streamer.transcribe import new_session, stream_array, text_of
@@ -133,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--group-by {args.group_by}: no manifest line has that key; "
                           f"keys present: {', '.join(keys) or 'none (a TSV manifest has no extra keys)'}")
     cfg = load_cli_config(args)
-    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch, decoder=cfg.decoder)
+    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
+    lex = build_decoder(cfg.decoder, runner)
     chunk = max(1, int(round(16 * args.chunk_ms)))
     off, strm = ErrorRate(), ErrorRate()
     groups: dict[str, tuple[ErrorRate, ErrorRate]] = {}
@@ -145,14 +151,14 @@ def run(args: argparse.Namespace) -> int:
             audio = load_16k(item.audio)
             audio_s += len(audio) / 16000
             s0 = runner.stats.seconds
-            hyp_off = offline_text(runner, audio)
+            hyp_off = offline_text(runner, audio, lex)
             s1 = runner.stats.seconds
             t_off += s1 - s0
             off.add(item.text, hyp_off)
             hyp_str = None
             if not args.no_streaming:
-                session = new_session(cfg, runner.vocab, runner.lexicon)
-                hyp_str = " ".join(text_of(stream_array(session, runner, audio, chunk)).split())
+                session = new_session(cfg, runner.vocab, lex)
+                hyp_str = " ".join(text_of(stream_array(session, runner.run, audio, chunk)).split())
                 t_str += runner.stats.seconds - s1
                 strm.add(item.text, hyp_str)
             if args.group_by:
@@ -170,7 +176,6 @@ def run(args: argparse.Namespace) -> int:
         if out:
             out.close()
 
-    lex = runner.lexicon
     decoding = f"the word list {lex.source} ({len(lex)} words)" if lex else "greedy CTC (no word list)"
     print(f"model {runner.name} on {runner.device}, decoding with {decoding}: {len(items)} utterances, "
           f"{audio_s:.1f} s of audio")

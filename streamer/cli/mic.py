@@ -18,6 +18,9 @@ from streamer.formats import EventWriter
 
 if TYPE_CHECKING:
     from streamer.aio.capture import Capture
+    from streamer.config import Config
+    from streamer.engine import WordDecoder
+    from streamer.runner import Runner
 
 CLEAR_LINE = "\r\x1b[2K"
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -70,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--duration must be positive, got {args.duration}")
     if args.rate < 0 or args.channels < 0:
         raise ConfigError("--rate and --channels must be positive (0 = the device's)")
-    if args.model_device:
-        args.overrides = [*args.overrides, f"model.device={args.model_device}"]
     cfg = load_cli_config(args)
     # Before loading the model: a wrong device name, rate or channel count fails at once.
     capture = Capture(find_device(args.input_device), sample_rate=args.rate, channels=args.channels,
@@ -79,23 +80,26 @@ def run(args: argparse.Namespace) -> int:
     capture.check()
     append = open(args.output, "a", encoding="utf-8") if args.output else None  # noqa: SIM115
     try:
+        from streamer.decoder import build_decoder
         from streamer.model import load_model
 
-        runner = load_model(cfg.model, max_batch=cfg.worker.max_batch, decoder=cfg.decoder)
+        runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
+        words = build_decoder(cfg.decoder, runner)
         view = Dictation(args.format, sys.stdout, sys.stdout.isatty(), append)
-        return asyncio.run(dictate(cfg, runner, capture, view, name=args.name, mqtt=args.mqtt or cfg.mqtt.enabled))
+        return asyncio.run(dictate(cfg, runner, words, capture, view, name=args.name,
+                                   mqtt=args.mqtt or cfg.mqtt.enabled))
     finally:
         if append is not None:
             append.close()
 
 
-async def dictate(cfg: Any, runner: Any, capture: Capture, view: Dictation, *, name: str = "mic",
-                  mqtt: bool = False) -> int:
+async def dictate(cfg: Config, runner: Runner, words: WordDecoder | None, capture: Capture, view: Dictation, *,
+                  name: str = "mic", mqtt: bool = False) -> int:
     """Capture until Ctrl-C / SIGTERM / --duration; the model runs in the worker's thread."""
     from streamer.aio.capture import pump
     from streamer.aio.hub import Hub
     from streamer.aio.metrics import Metrics
-    from streamer.aio.stream import LiveStream
+    from streamer.aio.stream import Streams
     from streamer.aio.worker import BatchWorker
 
     loop = asyncio.get_running_loop()
@@ -124,8 +128,8 @@ async def dictate(cfg: Any, runner: Any, capture: Capture, view: Dictation, *, n
             if sys.stderr.isatty():
                 print(f"listening on {capture.device.describe()} at {capture.sample_rate} Hz, {capture.channels} ch; "
                       "Ctrl-C to stop", file=sys.stderr, flush=True)
-            stream = LiveStream(cfg, runner, worker, hub, metrics, sample_rate=capture.sample_rate,
-                                channels=capture.channels, name=name, words=runner.lexicon)
+            streams = Streams(cfg, runner.vocab, worker, hub, metrics, words)
+            stream = streams.open(sample_rate=capture.sample_rate, channels=capture.channels, name=name)
             try:
                 await pump(capture, stream, view.show)
             finally:

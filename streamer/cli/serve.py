@@ -9,11 +9,16 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from streamer.aio.systemd import Notifier, Reloader
-from streamer.cli import add_config_args, load_cli_config
+from streamer.cli import add_config_args, cli_overrides
 from streamer.config import Config, load_config
+
+if TYPE_CHECKING:
+    from streamer.aio.server import Daemon
+    from streamer.runner import Runner
 
 logger = logging.getLogger("streamer.serve")
 
@@ -44,45 +49,41 @@ def configure_logging(cfg: Config, verbose: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.host:
-        overrides.append(f"server.host='{args.host}'")
-    if args.port is not None:
-        overrides.append(f"server.port={args.port}")
-    args.overrides = overrides
-    cfg = load_cli_config(args)
+    overrides = cli_overrides(args)
+    cfg = load_config(args.config, overrides)
     configure_logging(cfg, args.verbose)
     cfg.server.token()  # fail early on a missing token variable or file
     from streamer.aio.mqtt import check_settings
 
     check_settings(cfg.mqtt)  # and on a missing MQTT password or TLS file, before the model loads
-    from streamer.engine import Schedule
     from streamer.model import load_model
 
     Notifier.from_environ().status(f"loading model {cfg.model.id}")  # systemd: shown while starting
     t0 = time.perf_counter()
-    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch, decoder=cfg.decoder)
-    warm = runner.warmup(Schedule.from_config(cfg.stream).window_samples)
+    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
+    warm = runner.warmup(cfg.stream.schedule().window_samples)
     logger.info("model %s loaded in %.1f s, warm-up window %.3f s", runner.name, time.perf_counter() - t0, warm)
     if args.check:
+        from streamer.decoder import build_decoder
+
+        words = build_decoder(cfg.decoder, runner)
         print(f"config ok; model {runner.name} on {runner.device} ({runner.n_parameters / 1e6:.1f} M parameters), "
-              f"warm-up window {warm * 1000:.0f} ms")
+              f"warm-up window {warm * 1000:.0f} ms, decoding "
+              + (f"with a word list of {len(words)} words" if words is not None else "letter by letter (greedy)"))
         return 0
-    # SIGHUP re-reads the file with the same overrides (systemd); --model and --device are overrides too
-    reload_overrides = [*args.overrides, *(f"model.{key}={value}" for key, value in
-                                           (("id", args.model), ("device", args.device)) if value)]
-    return asyncio.run(serve(cfg, runner, args.config, reload_overrides, verbose=args.verbose))
+    # SIGHUP re-reads the file with the same command-line overrides (systemd)
+    return asyncio.run(serve(cfg, runner, lambda: load_config(args.config, overrides), verbose=args.verbose))
 
 
-async def serve(cfg: Config, runner: Any, config_path: str | None = None, overrides: list[str] | None = None,
-                *, verbose: int = 0) -> int:
+async def serve(cfg: Config, runner: Runner, reload: Callable[[], Config], *, verbose: int = 0) -> int:
+    """Run the daemon until SIGTERM/SIGINT; ``reload`` reads the config again on SIGHUP."""
     from streamer.aio.server import Daemon
 
     daemon = Daemon(cfg, runner)
     add_services(daemon)
     # -- systemd: sd_notify and reload on SIGHUP (streamer/aio/systemd.py) --
     notifier = Notifier.from_environ()
-    reloader = Reloader(daemon, lambda: load_config(config_path, overrides or ()), notifier)
+    reloader = Reloader(daemon, reload, notifier)
     daemon.on_reload.append(lambda new: configure_logging(new, verbose))
     # -- end systemd --
     loop = asyncio.get_running_loop()
@@ -109,7 +110,7 @@ async def serve(cfg: Config, runner: Any, config_path: str | None = None, overri
     return 0
 
 
-def add_services(daemon: Any) -> None:
+def add_services(daemon: Daemon) -> None:
     """MQTT publisher and capture sources, as configured."""
     # -- mqtt (streamer/aio/mqtt.py): a bad password or TLS file raises ConfigError here, an unknown
     # host or refused login when the daemon starts it; a broker that is down is retried meanwhile.
@@ -123,5 +124,5 @@ def add_services(daemon: Any) -> None:
     if daemon.cfg.sources:
         from streamer.aio.sources import MicSource
 
-        daemon.services.extend(MicSource(daemon, src) for src in daemon.cfg.sources if src.kind == "mic")
+        daemon.services.extend(MicSource(daemon.streams, src) for src in daemon.cfg.sources if src.kind == "mic")
     # -- end mic sources --

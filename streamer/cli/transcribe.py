@@ -35,13 +35,15 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from streamer.decoder import build_decoder
     from streamer.model import load_model
     from streamer.transcribe import new_session, stream_file
 
     if args.chunk_ms <= 0:
         raise ConfigError(f"--chunk-ms must be positive, got {args.chunk_ms}")
     cfg = load_cli_config(args)
-    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch, decoder=cfg.decoder)
+    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
+    words = build_decoder(cfg.decoder, runner)
     mqtt = None
     if args.mqtt or cfg.mqtt.enabled:  # -- mqtt (streamer/aio/mqtt.py) --
         from streamer.aio.mqtt import PublisherThread
@@ -52,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
         for path in args.files:
             writer = EventWriter(args.format, out)
             bar = _progress_bar(path)
-            session = new_session(cfg, runner.vocab, runner.lexicon)
+            session = new_session(cfg, runner.vocab, words)
             stream, session_id = Path(path).stem, uuid.uuid4().hex[:12]
             try:
-                for event in stream_file(session, runner, path, args.chunk_ms, bar.update if bar else None):
+                for event in stream_file(session, runner.run, path, args.chunk_ms, bar.update if bar else None):
                     writer.write(event)
                     if mqtt:
                         mqtt.publish(stream, session_id, event)

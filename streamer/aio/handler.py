@@ -1,0 +1,111 @@
+"""What every stream handler shares: receiving with an idle timeout that shutdown interrupts, errors, word lists.
+
+A protocol handler (:mod:`streamer.aio.native`, :mod:`streamer.aio.vosk`) subclasses
+:class:`StreamHandler` and writes :meth:`StreamHandler.serve`: it reads messages with
+:meth:`~StreamHandler.recv`, feeds a :class:`~streamer.aio.stream.LiveStream` made by
+:meth:`~StreamHandler.open_stream`, and serialises the typed events its own way. A
+:class:`~streamer.exceptions.StreamerError` that escapes ``serve`` becomes that protocol's error
+reply and close code (:meth:`~StreamHandler.report`, from :func:`streamer.events.error_for`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from streamer.aio.stream import LiveStream
+from streamer.decoder import word_list_decoder
+from streamer.engine import SAMPLE_RATE, WordDecoder
+from streamer.events import CLOSE_POLICY, Error, error_for, to_json
+from streamer.exceptions import AudioError, ConfigError, InferenceError, ProtocolError
+
+if TYPE_CHECKING:
+    from streamer.aio.server import Daemon
+
+__all__ = ["IDLE", "STOP", "StreamHandler", "send_error"]
+
+logger = logging.getLogger("streamer.server")
+
+IDLE = object()
+"""what :meth:`StreamHandler.recv` returns when the client sent nothing for ``server.idle_timeout_s``"""
+STOP = object()
+"""what :meth:`StreamHandler.recv` returns when the daemon shuts down"""
+
+
+async def send_error(ws: ServerConnection, error: Error) -> None:
+    """Send a native error event and close with its code."""
+    try:
+        await ws.send(to_json(error))
+        await ws.close(error.close_code, error.close_reason)
+    except ConnectionClosed:
+        pass
+
+
+class StreamHandler:
+    """One client connection that streams audio."""
+
+    protocol: ClassVar[str] = "native"
+
+    def __init__(self, daemon: Daemon, ws: ServerConnection) -> None:
+        self.daemon = daemon
+        self.ws = ws
+        self.id = uuid.uuid4().hex[:12]
+        self.stream: LiveStream | None = None
+        self._stop: asyncio.Future[Any] | None = None  # made by run(): a refused connection leaves no task
+
+    async def word_list(self, words: tuple[str, ...]) -> WordDecoder:
+        """A stream's own word list, spelled with the model's tokens; a bad one is the client's error.
+
+        Built in a thread: a list of thousands of words takes a noticeable time, and other streams go on.
+        """
+        d = self.daemon
+        try:
+            return await asyncio.to_thread(word_list_decoder, d.runner.vocab, words, d.cfg.decoder,
+                                           "the stream's word list")
+        except ConfigError as exc:
+            raise ProtocolError(str(exc), kind="bad_words", code=CLOSE_POLICY) from None
+
+    def open_stream(self, rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
+                    name: str | None = None, words: WordDecoder | None = None) -> LiveStream:
+        return self.daemon.open_stream(sample_rate=rate, channels=channels, encoding=encoding, name=name,
+                                       id=self.id, words=words)
+
+    async def recv(self) -> Any:
+        """The next message (bytes or str), or :data:`IDLE` / :data:`STOP`."""
+        assert self._stop is not None, "call run()"
+        recv = asyncio.ensure_future(self.ws.recv())
+        done, _ = await asyncio.wait({recv, self._stop}, timeout=self.daemon.cfg.server.idle_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if recv in done:
+            return recv.result()
+        recv.cancel()
+        return STOP if self._stop in done else IDLE
+
+    async def run(self) -> None:
+        """Serve the connection until it ends; a client's or the model's error becomes the error reply."""
+        self._stop = asyncio.ensure_future(self.daemon.stopping.wait())
+        try:
+            await self.serve()
+        except (ProtocolError, AudioError, InferenceError) as exc:
+            error = error_for(exc)
+            self.daemon.metrics.errors.labels(error.code).inc()
+            logger.info("stream %s: %s", self.id, exc)
+            await self.report(error)
+        finally:
+            self._stop.cancel()
+            self.stream = None  # free everything of this stream at once
+
+    async def serve(self) -> None:
+        raise NotImplementedError
+
+    async def report(self, error: Error) -> None:
+        """Tell the client what went wrong and close (the native form by default)."""
+        await send_error(self.ws, error)
+
+    async def send_busy(self, error: Error) -> None:
+        """Tell a refused client why, before the daemon closes it (nothing, by default)."""

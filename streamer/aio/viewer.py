@@ -1,0 +1,63 @@
+"""Viewers at ``/v1/listen/NAME``: the events of stream or source NAME, as they are published."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from streamer.aio.handler import send_error
+from streamer.aio.http import STREAM_PATH
+from streamer.events import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN, Error, ViewerReady, to_json
+
+if TYPE_CHECKING:
+    from streamer.aio.server import Daemon
+
+__all__ = ["serve_viewer"]
+
+
+async def serve_viewer(daemon: Daemon, ws: ServerConnection, name: str, stop: asyncio.Event) -> None:
+    """Send ``ready`` and then the events of ``name`` until the viewer leaves or ``stop`` is set.
+
+    On ``stop`` (the daemon shuts down, after its streams sent their last finals) the queued events
+    are sent and the viewer closed with 1001. A viewer that sends anything is closed with 1008; one
+    that falls so far behind that finals would be lost is closed with 1013.
+    """
+    queue = daemon.hub.subscribe(name)
+    stopped = asyncio.ensure_future(stop.wait())
+    incoming = asyncio.ensure_future(ws.recv())
+    try:
+        await ws.send(to_json(ViewerReady(name)))
+        while True:
+            event = queue.get_nowait()
+            if event is not None:
+                await ws.send(to_json(event))
+                continue
+            if queue.overflowed:
+                await send_error(ws, Error("viewer_too_slow", f"this viewer fell more than {queue.size} events "
+                                           f"behind stream {name!r}; reconnect", CLOSE_TRY_AGAIN))
+                return
+            get = asyncio.ensure_future(queue.wait())
+            done, _ = await asyncio.wait({get, stopped, incoming}, return_when=asyncio.FIRST_COMPLETED)
+            if get in done:
+                continue
+            get.cancel()
+            if stopped in done:
+                while (event := queue.get_nowait()) is not None:  # the last finals of streams that ended
+                    await ws.send(to_json(event))
+                await ws.close(CLOSE_GOING_AWAY, "server shutting down")
+                return
+            incoming.result()  # raises ConnectionClosed when the viewer left
+            await send_error(ws, Error("viewer_sent_data", f"viewers send nothing; stream audio to {STREAM_PATH}",
+                                       CLOSE_POLICY))
+            return
+    except ConnectionClosed:
+        pass
+    finally:
+        stopped.cancel()
+        incoming.cancel()
+        if incoming.done() and not incoming.cancelled():
+            incoming.exception()  # retrieved: the viewer's own disconnect
+        daemon.hub.unsubscribe(name, queue)

@@ -226,6 +226,18 @@ class ServerConfig(_Section):
             return value
         if self.auth_token_file:
             try:
+    write_limit_bytes: int = _opt(1 << 15, min=1024, doc="outgoing bytes buffered per connection before sending waits")
+    max_unsent_bytes: int = _opt(1 << 20, min=4096,
+                                 doc="a client with more outgoing data waiting (it does not read) is closed 1008")
+    ping_interval_s: float = _opt(20.0, min=0.0, doc="keepalive ping interval; 0 = no keepalive pings")
+    ping_timeout_s: float = _opt(20.0, min=0.0, doc="close a client that answers no ping, or reads nothing of "
+                                 "what waits for it, for this long; 0 = never")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_unsent_bytes <= self.write_limit_bytes:
+            raise ConfigError(f"server.max_unsent_bytes = {self.max_unsent_bytes} must be larger than "
+                              f"server.write_limit_bytes = {self.write_limit_bytes}")
                 return Path(self.auth_token_file).read_text().splitlines()[0].strip()
             except (OSError, IndexError) as exc:
                 raise ConfigError(f"server.auth_token_file {self.auth_token_file!r} is unreadable: {exc}") from exc

@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from streamer.aio.handler import StreamHandler
 from streamer.aio.http import LISTEN_PREFIX, STREAM_PATH, HttpFront
 from streamer.aio.hub import Hub
+from streamer.aio.limits import BoundedConnection
 from streamer.aio.metrics import Metrics
 from streamer.aio.native import NativeHandler
 from streamer.aio.stream import LiveStream, Streams
@@ -117,6 +118,12 @@ class Daemon:
             "max_size": s.max_message_bytes,
             "process_request": self.http.process_request,
             "server_header": "streamer",
+            # bounded outgoing data and a keepalive that closes a client that never reads (aio/limits.py);
+            # connection_limits() sets them again from the config in force
+            "create_connection": BoundedConnection,
+            "write_limit": s.write_limit_bytes,
+            "ping_interval": s.ping_interval_s or None,
+            "ping_timeout": s.ping_timeout_s or None,
         }
         if s.allowed_origins:
             common["origins"] = [*s.allowed_origins, None]
@@ -209,6 +216,8 @@ class Daemon:
         setattr(protocol, "max_message_size" if hasattr(protocol, "max_message_size") else "max_size",
                 s.max_message_bytes)
         protocol.origins = [*s.allowed_origins, None] if s.allowed_origins else None  # type: ignore[list-item]
+        if isinstance(conn, BoundedConnection):
+            conn.apply_limits(s)
 
     # -- connections --------------------------------------------------------------
 

@@ -10,14 +10,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_ruff():
-    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "streamer", "clients", "tests"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "streamer", "clients", "tests", "recipes"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_mypy_strict():
-    proc = subprocess.run([sys.executable, "-m", "mypy", "streamer"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "mypy", "streamer", "recipes"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -22,6 +22,9 @@ from streamer.events import Event, Final
 from streamer.runner import TokenVocabulary
 from streamer.transcribe import new_session
 
+FEED_PIECE = SAMPLE_RATE
+"""samples (16 kHz) fed to the engine at a time: a second of audio, two to three hops"""
+
 
 class LiveStream:
     """Couples a :class:`StreamSession` to the worker, metrics and the event hub.
@@ -49,10 +52,19 @@ class LiveStream:
         return await self.feed(decode_pcm(data, self.encoding, self.channels))
 
     async def feed(self, block: np.ndarray) -> list[Event]:
+        """Feed a block at the stream's rate and channels; the events it produced.
+
+        A long block (a client may send a minute of audio in one message) goes into the engine one
+        piece at a time, each piece's windows run before the next is fed: the stream never has more
+        than a few windows waiting (memory), and the worker can serve other streams in between.
+        """
         mono = self.converter.convert(block)
         self.metrics.add_audio(len(block) / self.sample_rate)
-        self.session.accept_audio(mono)
-        return await self._run()
+        events: list[Event] = []
+        for i in range(0, max(len(mono), 1), FEED_PIECE):
+            self.session.accept_audio(mono[i : i + FEED_PIECE])
+            events += await self._run()
+        return events
 
     async def flush(self) -> list[Event]:
         self.session.accept_audio(self.converter.convert(np.zeros((0, self.channels), np.float32), last=True))
@@ -61,17 +73,26 @@ class LiveStream:
         return await self._run()
 
     async def finish(self) -> list[Event]:
+        """End of audio: the last finals. Then :meth:`close`."""
         if self.closed:
             return []
         self.closed = True
         self.session.accept_audio(self.converter.convert(np.zeros((0, self.channels), np.float32), last=True))
         self.session.finish()
-        return await self._run()
+        try:
+            return await self._run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release what the stream holds in the worker (queued windows, its lag gauge). Idempotent."""
+        self.closed = True
+        self.worker.forget(self.id)
 
     async def _run(self) -> list[Event]:
         t_ready = time.perf_counter()
         windows = self.session.windows_to_run()
-        results = await self.worker.run_many(windows)
+        results = await self.worker.run_many(windows, self.id)
         for w, lp in zip(windows, results, strict=True):
             self.session.accept_result(w, lp)
         events = self.session.events_received()

@@ -1,12 +1,19 @@
-"""The model worker: one thread owns the model; windows of all streams are batched into it."""
+"""The model worker: one thread owns the model; windows of all streams are batched into it, fairly.
+
+Each stream's windows wait in their own queue (:class:`streamer.fair.FairQueue`); a batch takes
+them round-robin, at most ``worker.max_windows_per_stream`` of one stream, so a client that sends
+a minute of audio at once shares every batch with the real-time streams instead of going first.
+A stream's windows are dropped before they run once its caller stops waiting (cancelled: the
+client left) or :meth:`BatchWorker.forget` is called.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,9 +21,17 @@ from streamer.aio.metrics import Metrics
 from streamer.config import WorkerConfig
 from streamer.engine import SAMPLE_RATE, Window
 from streamer.exceptions import InferenceError
+from streamer.fair import FairQueue
 from streamer.runner import Runner
 
 logger = logging.getLogger("streamer.worker")
+
+
+@dataclass(eq=False)
+class _Item:
+    window: Window
+    future: asyncio.Future[np.ndarray]
+    queued_at: float
 
 
 class BatchWorker:
@@ -30,11 +45,12 @@ class BatchWorker:
         self.runner = runner
         self.cfg = cfg
         self.metrics = metrics or Metrics()
-        self._items: collections.deque[tuple[Window, asyncio.Future[np.ndarray], float]] = collections.deque()
+        self._queue: FairQueue[str, _Item] = FairQueue()
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(cfg.queue_size)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-model")
         self._task: asyncio.Task[None] | None = None
+        self._lagging: set[str] = set()  # streams with a lag gauge to keep up to date
         self.batches = 0
 
     @property
@@ -43,7 +59,8 @@ class BatchWorker:
 
     @property
     def queued(self) -> int:
-        return len(self._items)
+        """Windows waiting for the model (of every stream)."""
+        return len(self._queue)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="streamer-worker")
@@ -62,37 +79,63 @@ class BatchWorker:
                         raise  # the caller was cancelled, not (only) the loop: let it know
         finally:
             self.metrics.worker_alive.set(0)
-            for _, fut, _ in self._items:
-                if not fut.done():
-                    fut.set_exception(InferenceError("the model worker stopped"))
-            self._items.clear()
+            for key in self._queue.keys():
+                for item in self._queue.drop(key):
+                    if not item.future.done():
+                        item.future.set_exception(InferenceError("the model worker stopped"))
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, window: Window) -> np.ndarray:
-        """Queue one window; return its log-probabilities once the model ran it."""
+    async def submit(self, window: Window, stream: str = "") -> np.ndarray:
+        """Queue one window of ``stream``; return its log-probabilities once the model ran it."""
         if not self.alive:
             raise InferenceError("the model worker is not running")
         async with self._slots:
             fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-            self._items.append((window, fut, time.perf_counter()))
+            self._queue.put(stream, _Item(window, fut, time.perf_counter()))
             self._arrived.set()
             return await fut
 
-    async def run_many(self, windows: list[Window]) -> list[np.ndarray]:
-        """Submit windows together (they may share a batch); results in the same order."""
+    async def run_many(self, windows: list[Window], stream: str = "") -> list[np.ndarray]:
+        """Submit the windows of ``stream`` together (they may share a batch); results in the same order."""
         if not windows:
             return []
-        return list(await asyncio.gather(*(self.submit(w) for w in windows)))
+        if stream:
+            self._lagging.add(stream)
+        return list(await asyncio.gather(*(self.submit(w, stream) for w in windows)))
+
+    def forget(self, stream: str) -> None:
+        """``stream`` ended: drop its queued windows (their callers get CancelledError) and its lag gauge."""
+        for item in self._queue.drop(stream):
+            item.future.cancel()
+        if stream in self._lagging:
+            self._lagging.discard(stream)
+            try:
+                self.metrics.stream_lag.remove(stream)
+            except KeyError:
+                pass
+
+    def lag(self, stream: str) -> float:
+        """Seconds the oldest queued window of ``stream`` has waited (0 when none waits)."""
+        item = self._queue.peek(stream)
+        return time.perf_counter() - item.queued_at if item is not None else 0.0
+
+    def _take(self) -> list[_Item]:
+        """The next batch, fairly across streams, without the windows nobody waits for any more."""
+        batch: list[_Item] = []
+        while not batch and len(self._queue):
+            taken = self._queue.take(self.cfg.max_batch, self.cfg.max_windows_per_stream)
+            batch = [item for _, item in taken if not item.future.done()]  # the stream's caller is gone
+        return batch
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         max_wait = self.cfg.max_wait_ms / 1000
         while True:
-            while not self._items:
+            while not len(self._queue):
                 self._arrived.clear()
                 await self._arrived.wait()
             deadline = time.perf_counter() + max_wait
-            while len(self._items) < self.cfg.max_batch:
+            while len(self._queue) < self.cfg.max_batch:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
@@ -101,29 +144,30 @@ class BatchWorker:
                     await asyncio.wait_for(self._arrived.wait(), remaining)
                 except TimeoutError:
                     break
-            batch = [self._items.popleft() for _ in range(min(len(self._items), self.cfg.max_batch))]
-            batch = [item for item in batch if not item[1].done()]  # drop those whose stream is gone
+            batch = self._take()
             if not batch:
                 continue
             now = time.perf_counter()
-            for _, _, t in batch:
-                self.metrics.queue_wait.observe(now - t)
-            samples = [w.samples for w, _, _ in batch]
+            for item in batch:
+                self.metrics.queue_wait.observe(now - item.queued_at)
+            for stream in self._lagging:
+                self.metrics.stream_lag.labels(stream).set(self.lag(stream))
+            samples = [item.window.samples for item in batch]
             t0 = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(self._executor, self.runner.run, samples)
             except Exception as exc:
                 logger.error("model call failed on %d windows: %s", len(batch), exc, exc_info=True)
                 err = exc if isinstance(exc, InferenceError) else InferenceError(f"model call failed: {exc}")
-                for _, fut, _ in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(err)
                 continue
             self.batches += 1
             self.metrics.add_model_time(time.perf_counter() - t0)
             self.metrics.batch_size.observe(len(batch))
             self.metrics.windows.inc(len(batch))
             self.metrics.window_audio_seconds.inc(sum(len(s) for s in samples) / SAMPLE_RATE)
-            for (_, fut, _), out in zip(batch, outputs, strict=True):
-                if not fut.done():
-                    fut.set_result(out)
+            for item, out in zip(batch, outputs, strict=True):
+                if not item.future.done():
+                    item.future.set_result(out)

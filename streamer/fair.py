@@ -1,0 +1,91 @@
+"""Fair scheduling of work items across streams, as a pure object (no asyncio, no clock).
+
+The batching worker keeps one :class:`FairQueue` of windows: each stream has its own FIFO, and
+:meth:`FairQueue.take` fills a batch round-robin, at most ``per_key`` items of one stream per
+batch, starting after the stream served first last time. A stream that sends a minute of audio
+at once therefore shares every batch with the real-time streams instead of going before them,
+and the windows of a stream that left are dropped with :meth:`FairQueue.drop` before they run.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+__all__ = ["FairQueue"]
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+class FairQueue(Generic[K, T]):
+    """Per-key FIFOs served round-robin."""
+
+    def __init__(self) -> None:
+        self._queues: OrderedDict[K, deque[T]] = OrderedDict()  # in round-robin order
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._queues
+
+    def put(self, key: K, item: T) -> None:
+        """Queue ``item`` behind the other items of ``key``; a new key joins at the end of the round."""
+        q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = deque()
+        q.append(item)
+        self._len += 1
+
+    def take(self, limit: int, per_key: int) -> list[tuple[K, T]]:
+        """Up to ``limit`` items, at most ``per_key`` of each key, in round-robin order.
+
+        Keys are visited in turn, one item at a time, so that a batch smaller than the number of
+        waiting streams is spread over as many streams as possible; the next call starts with the
+        key after the last one served.
+        """
+        out: list[tuple[K, T]] = []
+        taken: dict[K, int] = {}
+        while len(out) < limit and self._queues:
+            progressed = False
+            for key in list(self._queues):
+                if len(out) >= limit:
+                    break
+                if taken.get(key, 0) >= per_key:
+                    continue
+                q = self._queues[key]
+                out.append((key, q.popleft()))
+                self._len -= 1
+                taken[key] = taken.get(key, 0) + 1
+                progressed = True
+                if q:
+                    self._queues.move_to_end(key)  # served: go to the back of the round
+                else:
+                    del self._queues[key]
+            if not progressed:
+                break
+        return out
+
+    def drop(self, key: K) -> list[T]:
+        """Remove and return every item of ``key`` (a stream that left)."""
+        q = self._queues.pop(key, None)
+        if q is None:
+            return []
+        self._len -= len(q)
+        return list(q)
+
+    def pending(self, key: K) -> int:
+        """Items of ``key`` waiting."""
+        q = self._queues.get(key)
+        return len(q) if q is not None else 0
+
+    def peek(self, key: K) -> T | None:
+        """The oldest item of ``key``, or None."""
+        q = self._queues.get(key)
+        return q[0] if q else None
+
+    def keys(self) -> list[K]:
+        return list(self._queues)

@@ -1,0 +1,204 @@
+"""Fair service under load: streams are served in turn, a flood cannot starve a real-time stream, the windows
+of clients that left are dropped, and SIGTERM delivers every stream's finals. Real daemon, demo model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import numpy as np
+import pytest
+import soxr
+from conftest import pcm16
+from test_server import TIMEOUT, finals_of, native_session, reference_finals
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from streamer.fair import FairQueue
+
+# -- the pure scheduler -----------------------------------------------------------------------------
+
+
+def test_fair_queue_serves_keys_in_turn_with_a_bound_per_key():
+    q: FairQueue[str, int] = FairQueue()
+    for i in range(100):
+        q.put("flood", i)
+    q.put("live", 0)
+    q.put("other", 0)
+    batch = q.take(8, per_key=2)
+    assert [k for k, _ in batch].count("flood") == 2 and ("live", 0) in batch and ("other", 0) in batch
+    assert [v for k, v in batch if k == "flood"] == [0, 1]  # each key's items stay in order
+    assert len(q) == 98 and q.keys() == ["flood"]
+    q.put("live", 1)
+    assert q.take(1, per_key=2) == [("live", 1)] or q.pending("live") == 1  # one slot: whoever's turn it is
+    assert q.drop("flood") == list(range(2, 100)) or q.pending("flood") == 0
+    assert len(q) == q.pending("live")
+
+
+def test_fair_queue_rotates_the_first_key():
+    q: FairQueue[str, int] = FairQueue()
+    for key in "abc":
+        for i in range(10):
+            q.put(key, i)
+    firsts = [q.take(1, per_key=1)[0][0] for _ in range(6)]
+    assert firsts == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_fair_queue_against_a_brute_force_model():
+    rng = random.Random(7)
+    q: FairQueue[int, int] = FairQueue()
+    model: dict[int, list[int]] = {}
+    n = 0
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.6:
+            key = rng.randrange(5)
+            q.put(key, n)
+            model.setdefault(key, []).append(n)
+            n += 1
+        elif op < 0.9:
+            limit, per_key = rng.randrange(1, 9), rng.randrange(1, 4)
+            batch = q.take(limit, per_key)
+            assert len(batch) == min(limit, sum(min(per_key, len(v)) for v in model.values()))
+            for key, value in batch:
+                assert model[key].pop(0) == value  # FIFO within a key
+                if not model[key]:
+                    del model[key]
+            counts = {k: sum(1 for kk, _ in batch if kk == k) for k, _ in batch}
+            assert max(counts.values(), default=0) <= per_key
+        else:
+            key = rng.randrange(5)
+            assert q.drop(key) == model.pop(key, [])
+        assert len(q) == sum(len(v) for v in model.values())
+
+
+# -- the daemon -------------------------------------------------------------------------------------
+
+
+def _flood_audio(speech: np.ndarray, nbytes: int = 1_000_000) -> bytes:
+    """About a minute of 8 kHz s16le speech in one message of ``nbytes``."""
+    audio8 = soxr.resample(speech, 16000, 8000).astype(np.float32)
+    reps = nbytes // (2 * len(audio8)) + 1
+    return pcm16(np.tile(audio8, reps))[:nbytes]
+
+
+async def _flooder(port: int, message: bytes, *, stay: bool) -> float:
+    """Send one huge 8 kHz message; stay for its finals (return when the end came) or leave at once."""
+    loop = asyncio.get_running_loop()
+    async with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "start", "sample_rate": 8000}))
+        await ws.send(message)
+        if not stay:
+            return loop.time()
+        await ws.send(json.dumps({"type": "stop"}))
+        try:
+            async for msg in ws:
+                if json.loads(msg)["type"] == "end":
+                    break
+        except ConnectionClosed:
+            pass
+    return loop.time()
+
+
+async def test_a_flood_cannot_starve_a_real_time_stream(daemon_factory, model_runner, speech):
+    """Three clients each send a minute of audio in one message; a real-time stream beside them gets all its
+    finals, equal to `streamer transcribe`'s, and its end long before the flood is computed."""
+    d = await daemon_factory("server.idle_timeout_s=120")
+    loop = asyncio.get_running_loop()
+    message = _flood_audio(speech)
+
+    async def healthy() -> tuple[list, int | None, float]:
+        msgs, code = await native_session(d.port, pcm16(speech), chunk=3200, pace=0.1)
+        return msgs, code, loop.time()
+
+    async with asyncio.timeout(4 * TIMEOUT):
+        flood = [asyncio.create_task(_flooder(d.port, message, stay=True)) for _ in range(3)]
+        await asyncio.sleep(0.3)  # the flood is queued first
+        (msgs, code, healthy_end), ends = await asyncio.gather(healthy(), asyncio.gather(*flood))
+    assert code == 1000
+    assert [f["text"] for f in finals_of(msgs)] == [f["text"] for f in reference_finals(model_runner, speech)]
+    assert healthy_end < min(ends), "the real-time stream waited for the whole flood"
+
+
+async def test_windows_of_clients_that_left_are_not_computed(daemon_factory, model_runner, speech):
+    d = await daemon_factory()
+    message = _flood_audio(speech)
+    windows_per_flood = len(message) // 2 * 2 // (16000 * 400 // 1000 // 2 * 2) // 2  # hops of a minute: ~160
+    async with asyncio.timeout(4 * TIMEOUT):
+        await asyncio.gather(*(_flooder(d.port, message, stay=False) for _ in range(4)))
+        msgs, code = await native_session(d.port, pcm16(speech))  # a stream after them is served at once
+    assert code == 1000 and finals_of(msgs)
+    for _ in range(100):
+        if not d.active_streams and not d.worker.queued:
+            break
+        await asyncio.sleep(0.05)
+    computed = d.metrics.windows._value.get()
+    assert computed < windows_per_flood, f"{computed} windows computed for clients that had left"
+    assert d.worker.queued == 0
+
+
+async def test_stream_lag_is_reported_per_stream_and_released(daemon_factory, speech):
+    d = await daemon_factory()
+    message = _flood_audio(speech, 400_000)
+    task = asyncio.create_task(_flooder(d.port, message, stay=True))
+    seen = set()
+    async with asyncio.timeout(4 * TIMEOUT):
+        while not task.done():
+            text = d.metrics.render().decode()
+            seen |= {line.split("}")[0] for line in text.splitlines()
+                     if line.startswith("streamer_stream_lag_seconds{")}
+            await asyncio.sleep(0.05)
+        await task
+    assert len(seen) == 1  # one stream was lagging, under its session id
+    assert "streamer_stream_lag_seconds{" not in d.metrics.render().decode()  # gone with the stream
+
+
+@pytest.mark.parametrize("protocol", ["native", "vosk"])
+async def test_sigterm_under_load_delivers_every_final(daemon_factory, model_runner, speech, protocol):
+    """SIGTERM (shutdown) while a flood keeps the worker busy: every healthy stream gets its finals and a clean
+    close (1001), none is cut by the shutdown timeout."""
+    d = await daemon_factory("vosk.enabled=true", "vosk.port=0")  # shutdown_timeout_s: the default 10 s
+    message = _flood_audio(speech)
+    flood = [asyncio.create_task(_flooder(d.port, message, stay=True)) for _ in range(4)]
+    expected = " ".join(f["text"] for f in reference_finals(model_runner, speech))
+    half = pcm16(speech)
+
+    async def healthy() -> tuple[str, int | None]:
+        url = (f"ws://127.0.0.1:{d.port}/v1/stream" if protocol == "native"
+               else f"ws://127.0.0.1:{d.vosk_port}")
+        texts = []
+        async with connect(url) as ws:
+            if protocol == "native":
+                await ws.recv()
+            for i in range(0, len(half), 3200):
+                await ws.send(half[i : i + 3200])
+                if protocol == "vosk":
+                    reply = json.loads(await ws.recv())
+                    if reply.get("text"):
+                        texts.append(reply["text"])
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            shutdown.set()
+            try:
+                async for msg in ws:
+                    m = json.loads(msg)
+                    if m.get("type") == "final" or (protocol == "vosk" and m.get("text")):
+                        texts.append(m["text"])
+            except ConnectionClosed:
+                pass
+            return " ".join(t for t in texts if t), ws.close_code
+
+    shutdown = asyncio.Event()
+    async with asyncio.timeout(4 * TIMEOUT):
+        streams = [asyncio.create_task(healthy()) for _ in range(3)]
+        await shutdown.wait()
+        await d.shutdown()
+        results = await asyncio.gather(*streams)
+        for task in flood:
+            task.cancel()
+        await asyncio.gather(*flood, return_exceptions=True)
+    for text, code in results:
+        assert code == 1001
+        assert text == expected

@@ -13,7 +13,7 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-__all__ = ["FairQueue"]
+__all__ = ["AudioBudget", "FairQueue"]
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -89,3 +89,29 @@ class FairQueue(Generic[K, T]):
 
     def keys(self) -> list[K]:
         return list(self._queues)
+
+
+class AudioBudget:
+    """How fast one stream may send audio: a token bucket in audio seconds (pure; the caller keeps time).
+
+    A stream may run ``burst_s`` seconds ahead of real time at once (a client that uploads a file, or
+    catches up after a network hiccup), and beyond that at most ``speed`` times real time. The
+    asyncio layer asks :meth:`take` before feeding audio and waits the seconds it returns without
+    reading from the client, so a client that sends faster is slowed down by TCP backpressure
+    instead of costing memory or more than its share of the model. ``speed = 0`` turns it off.
+    """
+
+    def __init__(self, speed: float, burst_s: float, now: float) -> None:
+        self.speed = speed
+        self.burst_s = burst_s
+        self._tokens = burst_s
+        self._at = now
+
+    def take(self, seconds: float, now: float) -> float:
+        """Spend ``seconds`` of audio at time ``now``; return how long to wait before feeding it (0: at once)."""
+        if self.speed <= 0:
+            return 0.0
+        self._tokens = min(self.burst_s, self._tokens + (now - self._at) * self.speed)
+        self._at = now
+        self._tokens -= seconds
+        return max(0.0, -self._tokens / self.speed)

@@ -202,3 +202,25 @@ async def test_sigterm_under_load_delivers_every_final(daemon_factory, model_run
     for text, code in results:
         assert code == 1001
         assert text == expected
+
+
+def test_audio_budget_allows_a_burst_then_real_time_times_speed():
+    from streamer.fair import AudioBudget
+
+    b = AudioBudget(speed=2.0, burst_s=10.0, now=0.0)
+    assert b.take(10.0, now=0.0) == 0.0  # the burst
+    assert b.take(4.0, now=0.0) == pytest.approx(2.0)  # 4 s more at 2x real time: wait 2 s
+    assert b.take(3.0, now=3.0) == pytest.approx(0.5)  # 3 s later 6 s were earned, 4 owed: 1 s short
+    assert b.take(1.0, now=100.0) == 0.0  # a long pause refills up to the burst, not beyond
+    assert b.take(9.0, now=100.0) == 0.0 and b.take(1.0, now=100.0) == pytest.approx(0.5)
+    assert AudioBudget(speed=0.0, burst_s=0.0, now=0.0).take(1e6, now=0.0) == 0.0  # off
+
+
+async def test_a_client_faster_than_allowed_is_slowed_down(daemon_factory, speech):
+    """With max_speed = 2 and a 1 s burst, 6 s of audio sent at once takes at least (6 - 1) / 2 s to go in."""
+    d = await daemon_factory("server.max_speed=2.0", "server.max_burst_s=1.0")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    msgs, code = await native_session(d.port, pcm16(speech), chunk=len(speech) * 2)  # one message
+    assert code == 1000 and finals_of(msgs)
+    assert loop.time() - t0 >= (len(speech) / 16000 - 1.0) / 2 * 0.95

@@ -7,6 +7,7 @@ model's vocabulary) and what a reload may change (the config, the word decoder).
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -19,6 +20,7 @@ from streamer.audio import AudioConverter, decode_pcm
 from streamer.config import Config
 from streamer.engine import SAMPLE_RATE, StreamSession, WordDecoder
 from streamer.events import Event, Final
+from streamer.fair import AudioBudget
 from streamer.runner import TokenVocabulary
 from streamer.transcribe import new_session
 
@@ -34,7 +36,8 @@ class LiveStream:
     """
 
     def __init__(self, session: StreamSession, worker: BatchWorker, hub: Hub, metrics: Metrics, *, id: str,
-                 name: str, sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le") -> None:
+                 name: str, sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
+                 budget: AudioBudget | None = None) -> None:
         self.id = id
         self.name = name
         self.encoding = encoding
@@ -45,6 +48,8 @@ class LiveStream:
         self.worker = worker
         self.hub = hub
         self.metrics = metrics
+        self.budget = budget
+        """how fast the client may send (None: no limit); feeding waits when it sends faster"""
         self.closed = False
 
     async def feed_bytes(self, data: bytes) -> list[Event]:
@@ -58,8 +63,13 @@ class LiveStream:
         piece at a time, each piece's windows run before the next is fed: the stream never has more
         than a few windows waiting (memory), and the worker can serve other streams in between.
         """
+        seconds = len(block) / self.sample_rate
+        if self.budget is not None:
+            wait = self.budget.take(seconds, time.monotonic())
+            if wait > 0:  # faster than allowed: hold the audio (and stop reading from the client) a while
+                await asyncio.sleep(wait)
         mono = self.converter.convert(block)
-        self.metrics.add_audio(len(block) / self.sample_rate)
+        self.metrics.add_audio(seconds)
         events: list[Event] = []
         for i in range(0, max(len(mono), 1), FEED_PIECE):
             self.session.accept_audio(mono[i : i + FEED_PIECE])
@@ -123,5 +133,7 @@ class Streams:
         """A new stream; ``words`` is the stream's own word list (default: the daemon's)."""
         sid = id or uuid.uuid4().hex[:12]
         session = new_session(self.cfg, self.vocab, words or self.words)
+        srv = self.cfg.server
+        budget = AudioBudget(srv.max_speed, srv.max_burst_s, time.monotonic()) if srv.max_speed > 0 else None
         return LiveStream(session, self.worker, self.hub, self.metrics, id=sid, name=name or sid,
-                          sample_rate=sample_rate, channels=channels, encoding=encoding)
+                          sample_rate=sample_rate, channels=channels, encoding=encoding, budget=budget)

@@ -18,8 +18,10 @@ Vosk (vosk-server's websocket protocol)::
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from streamer.audio import ENCODINGS
@@ -27,16 +29,21 @@ from streamer.events import CLOSE_BAD_DATA, CLOSE_INVALID, CLOSE_POLICY, Final, 
 from streamer.exceptions import ProtocolError
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "Control",
     "Start",
     "VoskConfig",
     "parse_control",
     "parse_vosk_text",
+    "valid_name",
     "vosk_final",
     "vosk_partial",
 ]
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+"""a stream name, matched whole (:func:`valid_name`): it becomes an MQTT topic level and a viewer path"""
+MAX_JSON_DEPTH = 16
+"""the deepest nesting of arrays and objects a control message may have (they need 3)"""
 MAX_STREAM_WORDS = 20_000
 """the most distinct words a stream's own word list (``words``, Vosk's ``phrase_list``) may have"""
 
@@ -56,12 +63,40 @@ class Control:
     start: Start | None = None
 
 
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?')  # an unterminated string runs to the end: never rescanned
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def valid_name(name: object) -> bool:
+    """Whether ``name`` is a usable stream name: 1-64 of ``A-Za-z0-9_.-``, nothing before or after."""
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+
+
+def json_depth(text: str) -> int:
+    """How deeply the arrays and objects of JSON ``text`` nest (brackets inside strings do not count)."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _load_json(text: str) -> Any:
+    """Parse a control message: bounded nesting, no NaN or Infinity, numbers of sane length."""
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ProtocolError(f"JSON nested {depth} levels deep; control messages nest at most {MAX_JSON_DEPTH} "
+                            "levels", kind="bad_message", code=CLOSE_INVALID)
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"malformed JSON in text message: {exc.msg} at position {exc.pos}",
                             kind="malformed_json", code=CLOSE_INVALID) from None
+    except (ValueError, RecursionError) as exc:  # NaN/Infinity, an integer of thousands of digits
+        raise ProtocolError(f"malformed JSON in text message: {exc}", kind="malformed_json",
+                            code=CLOSE_INVALID) from None
 
 
 def word_list(value: Any, field: str, kind: str) -> tuple[str, ...]:
@@ -97,7 +132,7 @@ def parse_start(msg: dict[str, Any], min_rate: int, max_rate: int) -> Start:
         raise ProtocolError(f"unsupported channels {channels!r}; use an integer from 1 to 8",
                             kind="unsupported_channels", code=CLOSE_POLICY)
     name = msg.get("name")
-    if name is not None and (not isinstance(name, str) or not NAME_RE.match(name)):
+    if name is not None and not valid_name(name):
         raise ProtocolError(f"bad stream name {name!r}; use 1-64 letters, digits, '_', '-' or '.'",
                             kind="bad_start", code=CLOSE_POLICY)
     words = word_list(msg["words"], "words", "bad_words") if "words" in msg else None
@@ -148,8 +183,10 @@ def parse_vosk_text(text: str) -> VoskText:
         if not isinstance(cfg, dict):
             raise ProtocolError("'config' must be an object", kind="bad_message", code=CLOSE_INVALID)
         rate = cfg.get("sample_rate")
-        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0):
-            raise ProtocolError(f"unsupported sample_rate {rate!r}", kind="unsupported_rate", code=CLOSE_POLICY)
+        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool)
+                                 or not math.isfinite(rate) or rate <= 0):
+            raise ProtocolError(f"unsupported sample_rate {rate!r}; use a positive number of samples per second",
+                                kind="unsupported_rate", code=CLOSE_POLICY)
         words = cfg.get("words")
         alts = cfg.get("max_alternatives")
         if alts is not None and (not isinstance(alts, int) or alts < 0):

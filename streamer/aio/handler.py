@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from streamer.aio.stream import LiveStream
 from streamer.decoder import word_list_decoder
 from streamer.engine import SAMPLE_RATE, WordDecoder
-from streamer.events import CLOSE_POLICY, Error, error_for, to_json
+from streamer.events import CLOSE_POLICY, Error, Event, error_for, to_json
 from streamer.exceptions import AudioError, ConfigError, InferenceError, ProtocolError
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class StreamHandler:
         self.id = uuid.uuid4().hex[:12]
         self.stream: LiveStream | None = None
         self._stop: asyncio.Future[Any] | None = None  # made by run(): a refused connection leaves no task
+        self._waited_s = 0.0  # waited for a message since the last audio (the idle timeout counts this)
 
     async def word_list(self, words: tuple[str, ...]) -> WordDecoder:
         """A stream's own word list, spelled with the model's tokens; a bad one is the client's error.
@@ -76,13 +77,25 @@ class StreamHandler:
                                        id=self.id, words=words)
 
     async def recv(self) -> Any:
-        """The next message (bytes or str), or :data:`IDLE` / :data:`STOP`."""
+        """The next message (bytes or str), or :data:`IDLE` / :data:`STOP`.
+
+        Idle means no audio: the time spent waiting here since the last non-empty binary message
+        adds up, whatever came in between (control messages keep no stream open), and at
+        ``server.idle_timeout_s`` the stream is idle. Time the server spends on the stream's
+        audio does not count.
+        """
         assert self._stop is not None, "call run()"
+        left = self.daemon.cfg.server.idle_timeout_s - self._waited_s
+        if left <= 0:
+            return IDLE
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
         recv = asyncio.ensure_future(self.ws.recv())
-        done, _ = await asyncio.wait({recv, self._stop}, timeout=self.daemon.cfg.server.idle_timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({recv, self._stop}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
         if recv in done:
-            return recv.result()
+            msg = recv.result()
+            self._waited_s = 0.0 if isinstance(msg, bytes) and msg else self._waited_s + loop.time() - t0
+            return msg
         recv.cancel()
         return STOP if self._stop in done else IDLE
 
@@ -95,12 +108,29 @@ class StreamHandler:
             error = error_for(exc)
             self.daemon.metrics.errors.labels(error.code).inc()
             logger.info("stream %s: %s", self.id, exc)
+            if not isinstance(exc, InferenceError):  # the client's error: what it sent before still counts
+                await self.finish_before_error()
             await self.report(error)
         finally:
             self._stop.cancel()
             self.stream = None  # free everything of this stream at once
 
     async def serve(self) -> None:
+        raise NotImplementedError
+
+    async def finish_before_error(self) -> None:
+        """Before a client's error ends the stream: the finals of the audio it accepted, published and sent."""
+        if self.stream is None:
+            return
+        try:
+            events = await self.stream.finish()
+        except InferenceError as exc:
+            logger.info("stream %s: its last finals failed: %s", self.id, exc)
+            return
+        await self.send_last(events)
+
+    async def send_last(self, events: list[Event]) -> None:
+        """Send the stream's last events before the error reply (each protocol its own way)."""
         raise NotImplementedError
 
     async def report(self, error: Error) -> None:

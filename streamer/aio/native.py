@@ -24,6 +24,8 @@ class NativeHandler(StreamHandler):
         for e in events:
             await self.ws.send(to_json(e))
 
+    send_last = send_events
+
     async def close_stream(self, code: int, reason: str) -> None:
         """The stream's last finals, ``end``, and the close."""
         if self.stream is not None:

@@ -54,6 +54,10 @@ class VoskHandler(StreamHandler):
         await self.send(vosk_final([e for e in events if isinstance(e, Final)], words=self.words,
                                    max_alternatives=self.alternatives))
 
+    async def send_last(self, events: list[Event]) -> None:
+        if any(isinstance(e, Final) for e in events):
+            await self.final_reply(events)
+
     def ensure_stream(self) -> LiveStream:
         if self.stream is None:
             rate = int(round(self.rate))

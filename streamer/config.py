@@ -138,6 +138,8 @@ class StreamConfig(_Section):
     hop_ms: int = _opt(400, min=FRAME_MS, max=60_000)
     lookahead_ms: int = _opt(1000, min=0, max=60_000)
     pipeline_compatible: bool = _opt(False, doc="windows cut exactly as transformers' ASR pipeline")
+    early_partials: bool = _opt(True, doc="partials from provisional windows before a stream's first full window")
+    early_interval_ms: int = _opt(200, min=FRAME_MS, max=60_000, doc="audio between provisional windows")
 
     @property
     def left_frames(self) -> int:
@@ -151,9 +153,15 @@ class StreamConfig(_Section):
     def lookahead_frames(self) -> int:
         return round(self.lookahead_ms / FRAME_MS)
 
+    @property
+    def early_frames(self) -> int:
+        """Frames between provisional windows; 0 with early partials off."""
+        return max(1, round(self.early_interval_ms / FRAME_MS)) if self.early_partials else 0
+
     def schedule(self) -> Schedule:
         """The engine's window geometry in frames."""
-        return Schedule(self.left_frames, self.hop_frames, self.lookahead_frames, self.pipeline_compatible)
+        return Schedule(self.left_frames, self.hop_frames, self.lookahead_frames, self.pipeline_compatible,
+                        self.early_frames)
 
     def __post_init__(self) -> None:
         super().__post_init__()

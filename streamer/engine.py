@@ -14,6 +14,15 @@ The frame grid: frame t covers samples [320 t, 320 t + 400). Window geometry fol
 ``../shared/STREAMING.md`` §5: final frames ``[f, f + hop)`` are decoded with ``left`` frames
 of context before and ``lookahead`` frames after; the look-ahead frames form the partial.
 
+Early partials: the first full window of a stream needs ``hop + lookahead`` frames of audio (1.4 s by
+default), and so does the first one after a :meth:`StreamSession.flush`. Until it can run, a schedule with
+``early`` frames plans a *provisional* window every ``early`` frames over the audio that has arrived
+(:attr:`Window.provisional`). Its frames are all tentative: they only form a partial (a fresh word search
+with a word list), never enter the final CTC state, the word search or the endpoint rules, so finals stay
+exactly those of :func:`reference` whatever the arrival chunking. Provisional windows sit in the same
+ordered queue as full ones, so results still come back in the order they were handed out. After an
+endpoint the next full window is one hop away as always, so no provisional window is needed there.
+
 Text comes from greedy CTC (:mod:`streamer.ctc`), or, with ``words`` (a :class:`WordDecoder` such as
 :class:`streamer.lexicon.Lexicon`), from a beam search over a word list: each segment's final frames
 step one search, which the segment's final reads; partials add the look-ahead frames without keeping them.
@@ -95,6 +104,9 @@ class Schedule:
     hop: int
     lookahead: int
     pipeline: bool = False
+    early: int = 0
+    """frames between provisional windows while the first full window of a stream (or after a flush) cannot
+    run yet; 0: none, the first partial waits for that window"""
 
     @property
     def tail(self) -> int:
@@ -130,6 +142,8 @@ class Window:
     final_from: int
     final_to: int
     """frames ``[final_from, final_to)`` become final; later frames are tentative"""
+    provisional: bool = False
+    """an early window: no frame becomes final, its output only forms a partial"""
     handed: bool = field(default=False, repr=False)
 
     @property
@@ -217,6 +231,10 @@ class StreamSession:
         self.endpointer = Endpointer(endpoint)
         self._buf = _Buffer()
         self._planned_next = 0  # first frame not yet covered by a planned window
+        # Provisional windows: the frame the early phase started at (None once a full window was planned,
+        # or with early partials off) and how many provisional windows it has planned so far.
+        self._early_from: int | None = 0 if schedule.early > 0 else None
+        self._early_planned = 0
         self._pending: deque[Window | _Marker] = deque()
         self._events: list[Event] = []
         self._segment_index = 0
@@ -237,12 +255,18 @@ class StreamSession:
         self._plan_ready()
 
     def flush(self) -> None:
-        """Force an endpoint now: all audio so far is decoded and closed as a final."""
+        """Force an endpoint now: all audio so far is decoded and closed as a final. Then run the last windows.
+
+        With early partials, provisional windows follow again until the next full window can run.
+        """
         if self._finishing:
             return
         self._plan_rest()
         self._pending.append(_Marker("flush"))
         self._drain_markers()
+        if self.schedule.early > 0:
+            # The next full window is hop + lookahead away again: show early partials until it runs.
+            self._early_from, self._early_planned = self._planned_next, 0
 
     def finish(self) -> None:
         """End of stream: the rest becomes final. Then run the last windows."""
@@ -256,7 +280,10 @@ class StreamSession:
     # -- model side ---------------------------------------------------------
 
     def windows_to_run(self) -> list[Window]:
-        """Windows planned since the last call, in order; answer each with :meth:`accept_result`."""
+        """Windows planned since the last call, in order; answer each with :meth:`accept_result`.
+
+        Provisional windows (:attr:`Window.provisional`) are answered like the others, in the same order.
+        """
         out = [w for w in self._pending if isinstance(w, Window) and not w.handed]
         for w in out:
             w.handed = True
@@ -283,7 +310,8 @@ class StreamSession:
         self._push_final(window.final_from, ids[a:b], probs[a:b], lp[a:b])
         if self._pending and isinstance(self._pending[0], _Marker):
             self._drain_markers()
-        elif self._silence_ahead(ids[b:]):
+        elif not window.provisional and self._silence_ahead(ids[b:]):
+            # (a provisional window's frames are redone by a full window: they decide no endpoint)
             self._close_segment("silence")
         else:
             seg = self._seg.preview(window.start_frame + b, ids[b:], probs[b:])
@@ -304,8 +332,32 @@ class StreamSession:
                 break
             stop = FRAME_SAMPLES * end + sched.tail
             self._add_window(start, self._planned_next, final_end, stop)
+            self._early_from = None  # the first full window: from here on partials come from full windows
+        if self._early_from is not None:
+            self._plan_provisional(self._early_from)
         # Keep what the next window (or the closing one) needs as left context.
         self._buf.forget_before(FRAME_SAMPLES * max(0, self._planned_next - sched.left))
+
+    def _plan_provisional(self, origin: int) -> None:
+        """Plan a provisional window once another ``early`` frames of audio past frame ``origin`` have arrived.
+
+        It ends on a grid of ``early`` frames from ``origin`` (a big chunk plans only the latest point), so
+        the provisional windows of streams that started together have equal lengths and batch. It ends on the
+        grid point itself, not 80 samples later as a full window would: its last frame is given up so that
+        100 ms chunks do not wait for a further chunk.
+        """
+        step = self.schedule.early
+        due = (self._buf.end // FRAME_SAMPLES - origin) // step
+        if due <= self._early_planned or due * step < 2:  # (a window of one grid step of 20 ms has no frame)
+            return
+        if origin + due * step >= self.schedule.plan(origin)[2]:
+            return  # the full window needs at most 80 samples more: it shows this audio with its own look-ahead
+        self._early_planned = due
+        start = max(0, origin - self.schedule.left)
+        samples = self._buf.slice(FRAME_SAMPLES * start, FRAME_SAMPLES * (origin + due * step))
+        # Nothing becomes final (final_from == final_to): in accept_result the final state then still ends at
+        # ``origin``, since every window before this one was answered first, and all its frames form the partial.
+        self._pending.append(Window(samples, start, origin, origin, provisional=True))
 
     def _plan_rest(self) -> None:
         total = n_frames(self._buf.end)

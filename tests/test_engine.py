@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from streamer.config import ModelConfig
+from streamer.config import ModelConfig, StreamConfig
 from streamer.endpoint import EndpointRules
 from streamer.engine import Schedule, StreamSession, n_frames, reference, run_session
 from streamer.events import Final, Partial
@@ -23,20 +25,29 @@ def runner(request, tiny_models):
     return load_model(ModelConfig(id=str(tiny_models[request.param]), device="cpu"))
 
 
-def stream(audio, runner, schedule, chunks, endpoint=None, vocab=None):
-    session = StreamSession(schedule, vocab or runner.vocab, endpoint, record_frames=True)
+def stream(audio, runner, schedule, chunks, endpoint=None, vocab=None, words=None, seen=None):
+    """Feed ``audio`` in ``chunks``; return (final frame ids, events). ``seen`` collects the windows run."""
+    session = StreamSession(schedule, vocab or runner.vocab, endpoint, record_frames=True, words=words)
     events = []
+
+    def run():
+        windows = session.windows_to_run()
+        if seen is not None:
+            seen.extend(windows)
+        if windows:
+            for w, lp in zip(windows, runner([w.samples for w in windows]), strict=True):
+                session.accept_result(w, lp)
+        events.extend(session.events_received())
+
     i = 0
     for n in chunks:
         if i >= len(audio):
             break
         session.accept_audio(audio[i : i + n])
         i += n
-        run_session(session, runner)
-        events += session.events_received()
+        run()
     session.finish()
-    run_session(session, runner)
-    events += session.events_received()
+    run()
     assert session.finished
     return session.frame_ids, events
 
@@ -268,3 +279,174 @@ def test_lookahead_silence_counts_delimiters_whatever_their_id():
     assert blank is not None and delimiter == blank
     # the look-ahead rule: the final comes before the final frames alone could hold 0.4 s of silence
     assert blank < (2 + 20 + SCHED.lookahead) * 0.02
+
+
+# --- early partials: provisional windows before the first full window ---------------------------------------
+
+EARLY = {name: dataclasses.replace(s, early=5) for name, s in SCHEDULES.items()}
+
+
+@pytest.mark.parametrize("runner", ["layer-padlast", "group-padfirst"], indirect=True)
+@pytest.mark.parametrize("schedule", EARLY.values(), ids=EARLY.keys())
+@pytest.mark.parametrize("chunk", [1, 7, 320, 1000, "random"])
+def test_early_partials_leave_finals_arrival_invariant(runner, speech, schedule, chunk):
+    """Provisional windows run and show partials, yet frame ids, finals and their times are the reference's."""
+    audio = speech[: 16000 * 4 + 77]
+    ref_windows = []
+
+    def spy(windows):
+        ref_windows.extend(windows)
+        return runner(windows)
+
+    ref_ids, ref_finals = reference(audio, spy, schedule, runner.vocab)
+    seen = []
+    ids, events = stream(audio, runner, schedule, arrival(chunk, len(audio)), seen=seen)
+    provisional = [w for w in seen if w.provisional]
+    assert provisional and all(w.final_from == w.final_to for w in provisional)
+    full = [w.samples for w in seen if not w.provisional]
+    assert len(full) == len(ref_windows) and all(np.array_equal(a, b) for a, b in zip(full, ref_windows, strict=True))
+    assert ids == ref_ids
+    finals = [e for e in events if isinstance(e, Final)]
+    assert [(f.segment, f.text, f.start, f.end, f.reason) for f in finals] == [
+        (f.segment, f.text, f.start, f.end, f.reason) for f in ref_finals
+    ]
+    assert [(w.word, w.start, w.end) for f in finals for w in f.words] == [
+        (w.word, w.start, w.end) for f in ref_finals for w in f.words
+    ]
+
+
+def first_text_at(runner, audio, schedule, words=None, chunk=1600):
+    """Samples received when the first event with text came, or None if only finish() brought one."""
+    session = StreamSession(schedule, runner.vocab, EndpointRules(), words=words)
+    for i in range(0, len(audio), chunk):
+        session.accept_audio(audio[i : i + chunk])
+        run_session(session, runner)
+        if any(e.text for e in session.events_received()):
+            return min(len(audio), i + chunk)
+    return None
+
+
+@pytest.mark.parametrize("decoder", ["greedy", "words"])
+def test_first_words_show_before_the_first_full_window(model_runner, demo_words, speech, decoder):
+    """'turn on the kitchen lights': 'turn' ends after ~0.3 s; a partial shows it long before 1.4 s of audio."""
+    words = demo_words if decoder == "words" else None
+    on = StreamConfig().schedule()
+    off = StreamConfig(early_partials=False).schedule()
+    assert on.early > 0 and off.early == 0 and dataclasses.replace(on, early=0) == off
+    audio = speech[: 16000 * 3]
+    _, ref_finals = reference(audio, model_runner, on, model_runner.vocab, words=words)
+    assert ref_finals[0].words[0].word == "turn" and ref_finals[0].words[0].end < 0.5  # the first word ends early
+    full_window = 320 * (on.hop + on.lookahead) + 80
+    late = first_text_at(model_runner, audio, off, words)
+    assert late is not None and late >= full_window  # what the early partials improve on
+    early = first_text_at(model_runner, audio, on, words)
+    assert early is not None and early <= 16000 * 0.5 < full_window
+
+
+def test_stream_shorter_than_a_window_shows_a_partial_before_its_end(model_runner, speech):
+    audio = speech[: 16000 * 12 // 10]  # 1.2 s of "turn on the kitchen lights": no full window fits
+    on = StreamConfig().schedule()
+    assert len(audio) < 320 * (on.hop + on.lookahead) + 80
+    assert first_text_at(model_runner, audio, StreamConfig(early_partials=False).schedule()) is None
+    assert first_text_at(model_runner, audio, on) is not None
+
+
+def test_word_list_finals_untouched_by_provisional_windows(model_runner, demo_words, speech):
+    """Provisional windows never step the word search: finals equal the reference's, partials are words."""
+    schedule = StreamConfig().schedule()
+    audio = speech[: 16000 * 5]
+    _, ref_finals = reference(audio, model_runner, schedule, model_runner.vocab, words=demo_words)
+    seen = []
+    _, events = stream(audio, model_runner, schedule, arrival(1000, len(audio)), EndpointRules(),
+                       words=demo_words, seen=seen)
+    assert [w.provisional for w in seen[:2]] == [True, True]
+    assert [(f.text, f.start, f.end, f.reason) for f in events if isinstance(f, Final)] == [
+        (f.text, f.start, f.end, f.reason) for f in ref_finals
+    ]
+    early = [e for e in events if isinstance(e, Partial) and e.text][0]
+    assert early.end <= 1.4 and all(w.word in set(demo_words.words) for w in early.words)
+
+
+# Event timelines of the engine before early partials existed (scripted model, SCHED, 160-sample chunks), taken
+# from the commit that added them: (samples received or -1 after finish, type, segment, text, start, end).
+SPEC = "_ab|c__d|ef" + "_" * 24 + "cd__|a" + "_" * 6 + "fe|bb" + "_" * 10
+TODAY = [
+    (4320, "partial", 0, "ab cd ef", 0.02, 0.22), (10720, "final", 0, "ab cd ef", 0.02, 0.22),
+    (12320, "partial", 1, "cd", 0.7, 0.74), (13920, "partial", 1, "cd a", 0.7, 0.82),
+    (15520, "partial", 1, "cd af", 0.7, 0.96), (17120, "partial", 1, "cd afe b", 0.7, 1.04),
+    (-1, "final", 1, "cd afe b", 0.7, 1.04),
+]
+TODAY_FLUSH_AT_40 = [
+    (4320, "partial", 0, "ab cd ef", 0.02, 0.22), (10720, "final", 0, "ab cd ef", 0.02, 0.22),
+    (12320, "partial", 1, "cd", 0.7, 0.74), (12960, "final", 1, "cd", 0.7, 0.74),
+    (17120, "partial", 2, "afe b", 0.8, 1.04), (-1, "final", 2, "afe b", 0.8, 1.04),
+]
+
+
+def timeline(schedule, spec=SPEC, chunk=160, flush_at=None):
+    audio = script_audio(frames(spec))
+    session = StreamSession(schedule, ScriptVocab(), ENDPOINT)
+    out = []
+
+    def run(received):
+        run_session(session, script_model)
+        out.extend((received, e.type, e.segment, e.text, round(e.start, 2), round(e.end, 2))
+                   for e in session.events_received())
+
+    for i in range(0, len(audio), chunk):
+        session.accept_audio(audio[i : i + chunk])
+        if flush_at is not None and i <= 320 * flush_at < i + chunk:
+            session.flush()
+        run(i + chunk)
+    session.finish()
+    run(-1)
+    return out
+
+
+def test_early_partials_off_is_todays_event_sequence():
+    off = dataclasses.replace(SCHED, early=StreamConfig(early_partials=False).schedule().early)
+    assert timeline(off) == TODAY
+    assert timeline(off, flush_at=40) == TODAY_FLUSH_AT_40
+    # The comparison sees a difference where there is one: with early partials on, segment 0 shows sooner
+    # (and again after the flush), while the finals stay where they were.
+    on = dataclasses.replace(SCHED, early=2)
+    for got, today in [(timeline(on), TODAY), (timeline(on, flush_at=40), TODAY_FLUSH_AT_40)]:
+        assert got != today
+        assert [e for e in got if e[1] == "final"] == [e for e in today if e[1] == "final"]
+    assert timeline(on)[0][:2] == (1280, "partial") and timeline(on)[0][0] < TODAY[0][0]
+    after_flush = [e for e in timeline(on, flush_at=40) if e[2] == 2]
+    assert after_flush[0][1] == "partial" and after_flush[0][0] < 17120
+
+
+def test_provisional_result_after_a_full_window_was_planned():
+    """A provisional window answered after the first full window was planned: in order, and only a partial."""
+    audio = script_audio(frames("_ab|c" + "_" * 40))
+    schedule = dataclasses.replace(SCHED, early=2)
+    session = StreamSession(schedule, ScriptVocab(), ENDPOINT)
+    session.accept_audio(audio[:1600])  # 5 frames: provisional windows only
+    (provisional,) = session.windows_to_run()  # up to the grid point 4 (its last frame given up): "_ab"
+    assert provisional.provisional and provisional.final_from == provisional.final_to == 0
+    assert provisional.n_frames == 3
+    session.accept_audio(audio[1600:5000])  # the first full window (13 frames) is ready now
+    later = session.windows_to_run()
+    assert [w.provisional for w in later] == [False]
+    with pytest.raises(RuntimeError, match="order"):
+        session.accept_result(later[0], script_model([later[0].samples])[0])
+    session.accept_result(provisional, script_model([provisional.samples])[0])
+    assert [(e.type, e.text) for e in session.events_received()] == [("partial", "ab")]
+    session.accept_result(later[0], script_model([later[0].samples])[0])
+    assert [(e.type, e.text) for e in session.events_received()] == [("partial", "ab c")]
+    session.accept_audio(audio[5000:])
+    run_session(session, script_model)
+    session.finish()
+    run_session(session, script_model)
+    assert session.finished
+    assert [(e.type, e.text) for e in session.events_received() if isinstance(e, Final)] == [("final", "ab c")]
+
+
+def test_no_provisional_window_once_the_full_one_is_due():
+    """The grid point that coincides with the first full window plans no provisional window of the same audio."""
+    schedule = dataclasses.replace(SCHED, early=SCHED.hop + SCHED.lookahead)
+    session = StreamSession(schedule, ScriptVocab(), ENDPOINT)
+    session.accept_audio(script_audio(frames("_" * 13))[: 320 * 13])  # 80 samples short of the full window
+    assert session.windows_to_run() == []

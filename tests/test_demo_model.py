@@ -169,15 +169,26 @@ def test_final_comes_after_the_silence_not_after_the_lookahead(model_runner, dem
 
 
 def test_readme_quickstart_prints_what_it_says(tmp_path):
-    """The README's first example, run as written (espeak-ng's default voice and rate, a 22.05 kHz file), in an
-    empty directory with no network: `streamer transcribe` prints the words the README promises."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    say = re.search(r'^espeak-ng -w (\S+) "([^"]+)"$', readme, flags=re.M)
+    """The README's commands, run as written in an empty directory with no network: its first command's
+    ``streamer transcribe --sample`` (the recording shipped in the package: nothing else needed) and its
+    own-recording example (espeak-ng's default voice and rate, a 22.05 kHz file) print the words the README
+    promises; its test command is ``bash .ci/run``, which installs the test dependencies and runs pytest."""
+    from streamer.cli.transcribe import SAMPLE_TEXT
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    quick = re.search(r"^pip install (.+?) && streamer transcribe --sample\s+# -> (.+)$", readme, flags=re.M)
+    say = re.search(r'^espeak-ng -w (\S+) "([^"]+)"', readme, flags=re.M)
     run = re.search(r"^streamer transcribe (\S+)\s+# -> (.+)$", readme, flags=re.M)
-    assert say and run and say[1] == run[1], "the README's quickstart lines changed shape"
+    assert quick and say and run and say[1] == run[1], "the README's quickstart lines changed shape"
+    assert "torch==" in quick[1] and "[dev]" not in quick[1], "the first command installs the CPU torch, no extras"
+    assert re.search(r"^bash \.ci/run$", readme, flags=re.M), "the README's test command is bash .ci/run"
+    assert re.search(r"^exec \S+ -m pytest", (root / ".ci" / "run").read_text(), flags=re.M)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TRANSFORMERS_OFFLINE": "1"}
     subprocess.run(["espeak-ng", "-w", say[1], say[2]], cwd=tmp_path, check=True)
-    proc = subprocess.run([sys.executable, "-m", "streamer", "transcribe", run[1]], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == run[2].strip() == say[2]
+    for args, promised in [("--sample", quick[2]), (run[1], run[2])]:
+        proc = subprocess.run([sys.executable, "-m", "streamer", "transcribe", args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == promised.strip(), args
+    assert quick[2].strip() == SAMPLE_TEXT == say[2]

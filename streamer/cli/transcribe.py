@@ -5,12 +5,24 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from streamer.cli import add_config_args, load_cli_config
 from streamer.exceptions import ConfigError
 from streamer.formats import FORMATS, EventWriter
+
+SAMPLE_TEXT = "turn on the kitchen lights"
+"""what the shipped sample says (``streamer transcribe --sample``; the README's first command prints it)"""
+
+
+def sample_path() -> Path:
+    """The shipped sample recording: ``streamer/samples/kitchen.wav``, 1.9 s of espeak-ng speech at 16 kHz."""
+    path = Path(str(resources.files("streamer") / "samples" / "kitchen.wav"))
+    if not path.is_file():
+        raise ConfigError(f"the shipped sample is missing from {path}; reinstall streamer")
+    return path
 
 
 def register(sub: Any) -> None:
@@ -20,7 +32,10 @@ def register(sub: Any) -> None:
         description="Stream each FILE (any format libsndfile reads, any rate, any channels) through the "
         "streaming engine in chunks of --chunk-ms, exactly as live audio would arrive, and print the result.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE", help="audio files")
+    p.add_argument("files", nargs="*", metavar="FILE", help="audio files")
+    p.add_argument("--sample", action="store_true",
+                   help=f"transcribe the short recording that ships with streamer ({SAMPLE_TEXT!r}, 16 kHz, "
+                   "made with espeak-ng) before any FILE: a first try that needs nothing else")
     p.add_argument("-f", "--format", choices=FORMATS, default="text",
                    help="text: final transcript; jsonl: every partial/final event; srt/vtt: subtitles "
                    "(default: text)")
@@ -41,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.chunk_ms <= 0:
         raise ConfigError(f"--chunk-ms must be positive, got {args.chunk_ms}")
+    files = [str(sample_path()), *args.files] if args.sample else list(args.files)
+    if not files:
+        raise ConfigError("give one or more audio files, or --sample for the one that ships with streamer")
     cfg = load_cli_config(args)
     runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
     words = build_decoder(cfg.decoder, runner)
@@ -51,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         mqtt = PublisherThread.started(cfg.mqtt, role="transcribe")
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     try:
-        for path in args.files:
+        for path in files:
             writer = EventWriter(args.format, out)
             bar = _progress_bar(path)
             session = new_session(cfg, runner.vocab, words)

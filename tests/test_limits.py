@@ -4,12 +4,20 @@ healthy stream beside them gets the finals ``streamer transcribe`` gives."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import random
+import string
 import sys
 
 import numpy as np
+import pytest
 from conftest import pcm16
 from test_server import TIMEOUT, finals_of, native_session, reference_finals
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from streamer.decoder import trie_letters
 
 PING_FLOOD = r"""
 import base64, os, socket, sys, time
@@ -92,3 +100,104 @@ async def test_a_client_that_reads_nothing_is_closed_by_the_keepalive(daemon_fac
         outcome = await ping_flood(d.port, 20)
     assert outcome.startswith("closed"), outcome
     assert float(outcome.split()[1]) < 15
+
+
+# --- word lists: bounded per stream and across streams, memory returned when the stream ends ----------------
+
+
+def random_words(count: int, letters: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(string.ascii_lowercase) for _ in range(letters)) for _ in range(count)]
+
+
+async def start_with_words(port: int, words: list[str]):
+    """A native connection whose start message brings ``words``; its ``ready`` is read."""
+    ws = await connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None)
+    assert json.loads(await ws.recv())["type"] == "ready"
+    await ws.send(json.dumps({"type": "start", "words": words}))
+    return ws
+
+
+async def refused(ws) -> tuple[dict, int]:
+    """The error event a refused connection gets, and its close code."""
+    msgs = []
+    with pytest.raises(ConnectionClosed):
+        while True:
+            msgs.append(json.loads(await ws.recv()))
+    errors = [m for m in msgs if m["type"] == "error"]
+    assert len(errors) == 1, msgs
+    return errors[0], ws.close_code
+
+
+async def stop(ws) -> int:
+    await ws.send(json.dumps({"type": "stop"}))
+    _ = [m async for m in ws]
+    return ws.close_code
+
+
+async def budget_is(d, letters: int) -> None:
+    async with asyncio.timeout(10):
+        while d.word_lists.used != letters:  # noqa: ASYNC110 (polling a counter, bounded by the timeout)
+            await asyncio.sleep(0.01)
+
+
+async def test_word_lists_are_bounded_per_stream_and_across_streams(daemon_factory, model_runner, speech):
+    """A list over server.max_word_list_letters is refused bad_words (1008); a list that would take all lists
+    past server.max_word_list_letters_total is refused busy (1013) until another stream ends; every list's
+    letters come back when its stream ends. Before, a 1 MB start message of long words cost ~310 MB."""
+    d = await daemon_factory("server.max_word_list_letters=30000", "server.max_word_list_letters_total=50000")
+    lists = [random_words(1000, 20, seed) for seed in range(3)]
+    sizes = [trie_letters(w) for w in lists]
+    assert all(15_000 < n < 25_000 for n in sizes)  # two fit into the total, three do not
+    healthy = asyncio.ensure_future(native_session(d.port, pcm16(speech), chunk=1600, pace=0.01))
+    async with asyncio.timeout(TIMEOUT):
+        error, code = await refused(await start_with_words(d.port, random_words(2000, 20, 9)))
+        assert (error["code"], code) == ("bad_words", 1008)
+        assert "letters" in error["message"] and "30000" in error["message"], error
+        assert d.word_lists.used == 0
+
+        first, second = await start_with_words(d.port, lists[0]), await start_with_words(d.port, lists[1])
+        await budget_is(d, sizes[0] + sizes[1])
+        error, code = await refused(await start_with_words(d.port, lists[2]))
+        assert (error["code"], code) == ("busy", 1013)
+        assert "50000" in error["message"], error
+
+        assert await stop(first) == 1000
+        await budget_is(d, sizes[1])  # the first list is freed with its stream
+        third = await start_with_words(d.port, lists[2])
+        await budget_is(d, sizes[1] + sizes[2])
+        assert [await stop(second), await stop(third)] == [1000, 1000]
+        await budget_is(d, 0)
+        msgs, code = await healthy
+    assert code == 1000
+    assert [f["text"] for f in finals_of(msgs)] == expected_finals(model_runner, speech)
+
+
+async def test_a_word_lists_memory_returns_when_its_stream_ends(daemon_factory, speech):
+    """A list of 20,000 words of 15 letters (~280,000 trie letters, ~100 MB) is built, used and freed; the
+    daemon's RSS comes back near where it was. Before, the allocator kept the freed trie's memory."""
+    d = await daemon_factory("server.max_word_list_letters=400000", "server.max_word_list_letters_total=400000")
+    words = random_words(20_000, 15, 0)
+
+    async def session(words: list[str]) -> int:
+        ws = await start_with_words(d.port, words)
+        await ws.send(pcm16(speech[:32000]))
+        return await stop(ws)
+
+    async with asyncio.timeout(TIMEOUT):
+        await session(random_words(100, 5, 1))  # what any stream costs is in `before`
+        await budget_is(d, 0)
+        before = rss_mb()
+        task = asyncio.ensure_future(session(words))
+        built = await peak_rss_while(task)
+        assert task.result() == 1000
+        await budget_is(d, 0)  # the list is freed
+        after = rss_mb()
+        for _ in range(200):  # its memory goes back to the system in a thread, a second later
+            if after - before < 30:
+                break
+            await asyncio.sleep(0.05)
+            after = rss_mb()
+    print(f"RSS {before:.0f} MB, {built:.0f} MB with the word list, {after:.0f} MB after its stream")
+    assert built - before > 60, "the word list should cost memory"
+    assert after - before < 30, f"{after - before:.0f} MB of the freed word list stayed"

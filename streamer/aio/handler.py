@@ -19,9 +19,9 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from streamer.aio.stream import LiveStream
-from streamer.decoder import word_list_decoder
+from streamer.decoder import trie_letters
 from streamer.engine import SAMPLE_RATE, WordDecoder
-from streamer.events import CLOSE_POLICY, Error, Event, error_for, to_json
+from streamer.events import CLOSE_POLICY, CLOSE_TRY_AGAIN, Error, Event, error_for, to_json
 from streamer.exceptions import AudioError, ConfigError, InferenceError, ProtocolError
 
 if TYPE_CHECKING:
@@ -64,10 +64,19 @@ class StreamHandler:
 
         Built in a thread: a list of thousands of words takes a noticeable time, and other streams go on.
         """
-        d = self.daemon
-        try:
-            return await asyncio.to_thread(word_list_decoder, d.runner.vocab, words, d.cfg.decoder,
-                                           "the stream's word list")
+        d, srv = self.daemon, self.daemon.cfg.server
+        letters = trie_letters(words)  # what its search trie costs: about LETTER_BYTES each
+        if letters > srv.max_word_list_letters:
+            raise ProtocolError(f"the word list has {letters} letters (a prefix shared by several words counted "
+                                f"once, plus one per word); the limit is {srv.max_word_list_letters}",
+                                kind="bad_words", code=CLOSE_POLICY)
+        if not d.word_lists.reserve(letters, srv.max_word_list_letters_total):
+            raise ProtocolError(f"server busy: the word lists of other streams hold {d.word_lists.used} of "
+                                f"{srv.max_word_list_letters_total} letters and this one has {letters}; try again "
+                                "later or send a shorter list", kind="busy", code=CLOSE_TRY_AGAIN)
+        try:  # the letters come back when the list is freed, or at once if it cannot be built
+            return await asyncio.to_thread(d.word_lists.build, d.runner.vocab, words, d.cfg.decoder,
+                                           "the stream's word list", letters)
         except ConfigError as exc:
             raise ProtocolError(str(exc), kind="bad_words", code=CLOSE_POLICY) from None
 

@@ -28,7 +28,7 @@ from streamer.aio.viewer import serve_viewer
 from streamer.aio.vosk import VoskHandler
 from streamer.aio.worker import BatchWorker
 from streamer.config import Config
-from streamer.decoder import build_decoder
+from streamer.decoder import WordListBudget, build_decoder
 from streamer.engine import SAMPLE_RATE, WordDecoder
 from streamer.events import CLOSE_GOING_AWAY, busy
 from streamer.exceptions import StreamerError
@@ -64,6 +64,8 @@ class Daemon:
         self.streams = Streams(cfg, runner.vocab, self.worker, self.hub, self.metrics, words)
         """the factory of live streams: the config and ``[decoder]`` word list in force"""
         self.http = HttpFront(self, cfg.server.token())
+        self.word_lists = WordListBudget()
+        """the letters of the word lists clients brought, alive now (``server.max_word_list_letters_total``)"""
         self.services: list[Service] = []
         self.servers: list[Server] = []
         self.stopping = asyncio.Event()

@@ -235,34 +235,24 @@ class ServerConfig(_Section):
         if self.auth_token_file:
             try:
     write_limit_bytes: int = _opt(1 << 15, min=1024, doc="outgoing bytes buffered per connection before sending waits")
-    max_word_list_letters: int = _opt(200_000, min=1, doc="letters of one stream's own word list (shared "
-                                      "prefixes once, plus one per word); about 370 bytes of memory each")
-    max_word_list_letters_total: int = _opt(1_000_000, min=1, doc="letters of all streams' own word lists at once; "
-                                            "over it, a new list is refused busy (1013)")
     max_unsent_bytes: int = _opt(1 << 20, min=4096,
                                  doc="a client with more outgoing data waiting (it does not read) is closed 1008")
     ping_interval_s: float = _opt(20.0, min=0.0, doc="keepalive ping interval; 0 = no keepalive pings")
     ping_timeout_s: float = _opt(20.0, min=0.0, doc="close a client that answers no ping, or reads nothing of "
                                  "what waits for it, for this long; 0 = never")
+    max_word_list_letters: int = _opt(200_000, min=1, doc="letters of one stream's own word list (shared "
+                                      "prefixes once, plus one per word); about 370 bytes of memory each")
+    max_word_list_letters_total: int = _opt(1_000_000, min=1, doc="letters of all streams' own word lists at once; "
+                                            "over it, a new list is refused busy (1013)")
 
-        if self.max_word_list_letters_total < self.max_word_list_letters:
-            raise ConfigError(f"server.max_word_list_letters_total = {self.max_word_list_letters_total} must be at "
-                              f"least server.max_word_list_letters = {self.max_word_list_letters}")
-
-    def token(self) -> str:
-        """Return the configured auth token from the first source that is set."""
-        if self.auth_token_env:
-            value = os.environ.get(self.auth_token_env, "")
-            if not value:
-                raise ConfigError(f"server.auth_token_env names {self.auth_token_env!r}, which is not set")
-            return value
-        if self.auth_token_file:
-            try:
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.max_unsent_bytes <= self.write_limit_bytes:
             raise ConfigError(f"server.max_unsent_bytes = {self.max_unsent_bytes} must be larger than "
                               f"server.write_limit_bytes = {self.write_limit_bytes}")
+        if self.max_word_list_letters_total < self.max_word_list_letters:
+            raise ConfigError(f"server.max_word_list_letters_total = {self.max_word_list_letters_total} must be at "
+                              f"least server.max_word_list_letters = {self.max_word_list_letters}")
                 return Path(self.auth_token_file).read_text().splitlines()[0].strip()
             except (OSError, IndexError) as exc:
                 raise ConfigError(f"server.auth_token_file {self.auth_token_file!r} is unreadable: {exc}") from exc

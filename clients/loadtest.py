@@ -4,16 +4,29 @@
 Starts ``streamer serve`` (or uses --url), then for N = 1, 2, 4, ... clients that each feed
 speech at 1x real time, measures per word:
 
-* partial latency: from sending the audio that completes a word to receiving the first event that shows it
+* partial latency: from sending the audio that completes a word to receiving the first event that shows it,
+                   also apart for the words that end in the first 1.5 s of a stream (before the first full
+                   window, only early partials can show them) and for the rest
 * final latency:   from sending the audio that completes a final's last word to receiving that final
                    (finals close at an endpoint, so this is end of speech -> final; the earlier words of
                    an utterance were already shown by partials)
 
-and reports median/p95, the largest N whose p95 final latency is <= --max-p95 (2 s), the
-daemon's RSS per stream, and its RSS after --cycles connect/disconnect cycles.
+and reports median/p95, the largest N whose p95 final latency is <= --max-p95 (2 s), the model seconds
+per audio second (from the daemon's /metrics), the daemon's RSS per stream, and its RSS after --cycles
+connect/disconnect cycles.
+
+--commands N then plays N voice-command streams (one espeak-ng command of 1-2 s, then ``stop``, as Home
+Assistant or a push-to-talk client does), --command-clients at a time, and reports the time from stream
+start to the first partial, from the end of the first word (the final's word time) to the first text and to
+the first partial that has the right first word, and from ``stop`` to the final.
+
+--compare SET starts a second daemon with one more --set and runs every level and the commands on both,
+one after the other (never at the same time), for a side-by-side table:
 
     python clients/loadtest.py                                   # demo model, CPU
     python clients/loadtest.py --random-model xlsr-large --set model.dtype=bfloat16 --clients 8,16,32,64
+    python clients/loadtest.py --clients 1,2,4 --seconds 15 --commands 20 --cycles 0 \
+        --compare stream.early_partials=false                    # early partials on vs off
 """
 
 from __future__ import annotations
@@ -31,9 +44,13 @@ from pathlib import Path
 import numpy as np
 from websockets.asyncio.client import connect
 
-from streamer.testing import RANDOM_SIZES, save_random_model, speech_audio
+from streamer.testing import RANDOM_SIZES, espeak_audio, save_random_model, speech_audio
 
 CHUNK_S = 0.1
+EARLY_S = 1.5
+"""words ending before this many seconds of a stream are reported apart (the first full window needs 1.4 s)"""
+COMMANDS = ["turn on the kitchen lights", "what time is it", "set a timer for ten minutes", "play some music",
+            "turn off the bedroom lights", "what is the weather like", "open the garage door", "stop the music"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="client counts to try, in order; stops after the first over --max-p95 (default: %(default)s)")
     p.add_argument("--max-p95", type=float, default=2.0, help="p95 final latency limit in seconds (default: 2)")
     p.add_argument("--cycles", type=int, default=1000, help="connect/disconnect cycles for the leak check")
+    p.add_argument("--commands", type=int, default=0, help="voice-command streams to play after the levels")
+    p.add_argument("--command-clients", type=int, default=2,
+                   help="command streams open at a time (default: %(default)s)")
+    p.add_argument("--compare", metavar="SECTION.KEY=VALUE",
+                   help="also run a daemon with this extra --set, level by level, and print both side by side")
     p.add_argument("--json", help="write all figures here as JSON")
     return p.parse_args(argv)
 
@@ -62,33 +84,45 @@ def rss_mb(pid: int) -> float:
 
 @dataclass
 class ClientResult:
-    partial: list[float] = field(default_factory=list)
+    partial: list[tuple[float, float]] = field(default_factory=list)
+    """(word end in stream seconds, latency) per word"""
     final: list[float] = field(default_factory=list)
     words: int = 0
     ok: bool = True
+    events: list[tuple[float, dict]] = field(default_factory=list)
+    """(wall time received, event) of every partial and final"""
+    started: float = float("nan")
+    """wall time the first audio was sent"""
+    stopped: float = float("nan")
+    """wall time ``stop`` was sent"""
+    sent: list[tuple[float, float]] = field(default_factory=list)
+    """(audio seconds sent so far, wall time) after each chunk"""
+
+    def sent_at(self, t: float) -> float | None:
+        """Wall time the audio up to stream second ``t`` had been sent."""
+        for end, wall in self.sent:
+            if end >= t - 1e-6:
+                return wall
+        return None
 
 
 async def one_client(url: str, pcm: bytes, delay: float) -> ClientResult:
     res = ClientResult()
     await asyncio.sleep(delay)
     step = int(16000 * CHUNK_S) * 2
-    sent: list[tuple[float, float]] = []  # (audio seconds sent so far, wall time)
-
-    def sent_at(t: float) -> float | None:
-        for end, wall in sent:
-            if end >= t - 1e-6:
-                return wall
-        return None
+    sent = res.sent
+    sent_at = res.sent_at
 
     async with connect(url, max_size=None) as ws:
         await ws.recv()
 
         async def sender() -> None:
-            t0 = time.perf_counter()
+            t0 = res.started = time.perf_counter()
             for i in range(0, len(pcm), step):
                 await ws.send(pcm[i : i + step])
                 sent.append(((i + len(pcm[i : i + step])) / 32000, time.perf_counter()))
                 await asyncio.sleep(max(0.0, t0 + len(sent) * CHUNK_S - time.perf_counter()))
+            res.stopped = time.perf_counter()
             await ws.send(json.dumps({"type": "stop"}))
 
         task = asyncio.create_task(sender())
@@ -96,10 +130,12 @@ async def one_client(url: str, pcm: bytes, delay: float) -> ClientResult:
         async for raw in ws:
             now = time.perf_counter()
             ev = json.loads(raw)
+            if ev["type"] in ("partial", "final"):
+                res.events.append((now, ev))
             if ev["type"] == "partial" and ev["words"]:
                 for w in ev["words"]:
                     if w["end"] > seen_partial_end + 1e-6 and (s := sent_at(w["end"])) is not None:
-                        res.partial.append(now - s)
+                        res.partial.append((w["end"], now - s))
                         seen_partial_end = w["end"]
             elif ev["type"] == "final" and ev["words"]:
                 if (s := sent_at(ev["words"][-1]["end"])) is not None:
@@ -108,12 +144,44 @@ async def one_client(url: str, pcm: bytes, delay: float) -> ClientResult:
                 for w in ev["words"]:
                     if w["end"] > seen_partial_end:  # a word first shown in its final
                         if (s := sent_at(w["end"])) is not None:
-                            res.partial.append(now - s)
+                            res.partial.append((w["end"], now - s))
                         seen_partial_end = w["end"]
             elif ev["type"] == "error":
                 res.ok = False
         await task
     return res
+
+
+@dataclass
+class CommandResult:
+    """One command stream: seconds from start to the first partial, from the first word's end to the first
+    text and to the first partial whose first word is the final's, and from ``stop`` to the final."""
+
+    first_partial: float = float("nan")
+    first_text: float = float("nan")
+    right_word: float = float("nan")
+    final: float = float("nan")
+    ok: bool = True
+
+
+def command_result(res: ClientResult) -> CommandResult:
+    """Read a command stream's figures from its events (word times of the final are the truth)."""
+    out = CommandResult(ok=res.ok)
+    finals = [(t, ev) for t, ev in res.events if ev["type"] == "final" and ev["words"]]
+    texts = [(t, ev) for t, ev in res.events if ev["text"]]
+    if not finals or not texts:
+        out.ok = False
+        return out
+    first_word = finals[0][1]["words"][0]
+    word_sent = res.sent_at(first_word["end"])
+    out.first_partial = texts[0][0] - res.started
+    if word_sent is not None:
+        out.first_text = texts[0][0] - word_sent
+        right = [t for t, ev in texts if ev["words"] and ev["words"][0]["word"] == first_word["word"]]
+        out.right_word = right[0] - word_sent
+    # a final that came before stop (an endpoint in the command) waited for nothing: 0
+    out.final = max(0.0, finals[-1][0] - res.stopped)
+    return out
 
 
 def pct(values: list[float], q: float) -> float:
@@ -135,13 +203,79 @@ async def run_level(url: str, pcm: bytes, n: int, pid: int | None) -> dict:
     rng = np.random.default_rng(n)
     results = await asyncio.gather(*(one_client(url, pcm, float(rng.uniform(0, 1.0))) for _ in range(n)))
     sampler.cancel()
-    partial = [x for r in results for x in r.partial]
+    partial = [x for r in results for _, x in r.partial]
+    early = [x for r in results for end, x in r.partial if end <= EARLY_S]
+    later = [x for r in results for end, x in r.partial if end > EARLY_S]
     final = [x for r in results for x in r.final]
     return {
         "clients": n, "ok": all(r.ok for r in results), "words": sum(r.words for r in results),
         "partial_median": pct(partial, 50), "partial_p95": pct(partial, 95),
+        "partial_first_median": pct(early, 50), "partial_first_p95": pct(early, 95),
+        "partial_rest_median": pct(later, 50), "partial_rest_p95": pct(later, 95),
         "final_median": pct(final, 50), "final_p95": pct(final, 95), "peak_rss_mb": max(peak),
     }
+
+
+def command_audio() -> list[bytes]:
+    """:data:`COMMANDS` in three voices, as s16le PCM."""
+    out = []
+    for i, text in enumerate(COMMANDS):
+        audio = espeak_audio(text, voice=["en-us", "en", "en-gb-x-rp"][i % 3], speed=160)
+        out.append((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return out
+
+
+async def run_commands(url: str, commands: list[bytes], n: int, clients: int) -> dict:
+    """``n`` command streams, ``clients`` open at a time, each one command then ``stop``."""
+    sem = asyncio.Semaphore(clients)
+    rng = np.random.default_rng(0)
+    delays = rng.uniform(0, 0.5, n)
+
+    async def once(i: int) -> CommandResult:
+        async with sem:
+            return command_result(await one_client(url, commands[i % len(commands)], float(delays[i])))
+
+    results = await asyncio.gather(*(once(i) for i in range(n)))
+    good = [r for r in results if r.ok]
+    out: dict = {"commands": n, "ok": len(good)}
+    for name in ("first_partial", "first_text", "right_word", "final"):
+        values = [getattr(r, name) for r in good if not np.isnan(getattr(r, name))]
+        out[f"{name}_median"], out[f"{name}_p95"] = pct(values, 50), pct(values, 95)
+    return out
+
+
+def read_metrics(url: str) -> dict[str, float]:
+    """The daemon's counters that the figures need, from /metrics on the websocket's port."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    names = ("streamer_model_seconds_total", "streamer_audio_seconds_total", "streamer_provisional_windows_total",
+             "streamer_provisional_model_seconds_total", "streamer_windows_total")
+    try:
+        with urllib.request.urlopen(f"{scheme}://{parts.netloc}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            values[name.removeprefix("streamer_").removesuffix("_total")] = float(value)
+    return values
+
+
+def cost(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Model seconds per audio second and the provisional windows' share between two /metrics readings."""
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    audio = d.get("audio_seconds", 0.0)
+    return {
+        "model_s_per_audio_s": d["model_seconds"] / audio if audio else float("nan"),
+        "provisional_windows": d.get("provisional_windows", float("nan")),
+        "provisional_model_s": d.get("provisional_model_seconds", float("nan")),
+        "windows": d.get("windows", float("nan")), "audio_s": audio,
+    } if "model_seconds" in d else {}
 
 
 async def cycles(url: str, pcm: bytes, count: int) -> None:
@@ -160,10 +294,11 @@ async def cycles(url: str, pcm: bytes, count: int) -> None:
     await asyncio.gather(*(once(i) for i in range(count)))
 
 
-async def start_daemon(args: argparse.Namespace, model: str) -> tuple[asyncio.subprocess.Process, str]:
+async def start_daemon(args: argparse.Namespace, model: str, overrides: list[str]
+                       ) -> tuple[asyncio.subprocess.Process, str]:
     cmd = [sys.executable, "-m", "streamer", "serve", "--model", model, "--port", "0",
            "--set", "server.max_streams=1024", "--set", "server.idle_timeout_s=120"]
-    for o in args.overrides:
+    for o in overrides:
         cmd += ["--set", o]
     proc = await asyncio.create_subprocess_exec(*cmd, stderr=asyncio.subprocess.PIPE)
     assert proc.stderr is not None
@@ -194,57 +329,150 @@ def load_audio(args: argparse.Namespace) -> np.ndarray:
     return speech_audio(args.seconds)
 
 
+@dataclass
+class Target:
+    """One daemon under test and its figures."""
+
+    name: str
+    url: str
+    proc: asyncio.subprocess.Process | None = None
+    idle: float = float("nan")
+    levels: list[dict] = field(default_factory=list)
+    stopped: bool = False
+    """the capacity search went over --max-p95 (or failed): no more levels"""
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+
+LEVEL_HEAD = (f"{'':<22}{'clients':>8}{'partial p50':>13}{'p95':>7}{'first 1.5 s p50':>17}{'p95':>7}"
+              f"{'rest p50':>10}{'p95':>7}{'final p50':>11}{'p95':>7}{'words':>7}{'RSS MB':>8}")
+
+
+def level_row(name: str, lv: dict) -> str:
+    return (f"{name:<22}{lv['clients']:>8}{lv['partial_median']:>13.3f}{lv['partial_p95']:>7.3f}"
+            f"{lv['partial_first_median']:>17.3f}{lv['partial_first_p95']:>7.3f}{lv['partial_rest_median']:>10.3f}"
+            f"{lv['partial_rest_p95']:>7.3f}{lv['final_median']:>11.3f}{lv['final_p95']:>7.3f}{lv['words']:>7}"
+            f"{lv['peak_rss_mb']:>8.0f}")
+
+
+def side_by_side(targets: list[Target], args: argparse.Namespace) -> None:
+    """The figures of every target in one table, a column each."""
+    first = [next((lv for lv in t.levels if lv["clients"] == targets[0].levels[0]["clients"]), {}) for t in targets]
+    rows: list[tuple[str, list[str]]] = []
+
+    def pair(d: dict, key: str) -> str:
+        return f"{d.get(key + '_median', float('nan')):.3f} / {d.get(key + '_p95', float('nan')):.3f}"
+
+    n1 = targets[0].levels[0]["clients"] if targets[0].levels else 0
+    rows.append((f"partial p50 / p95, N={n1}", [pair(d, "partial") for d in first]))
+    rows.append((f"  words in the first {EARLY_S} s", [pair(d, "partial_first") for d in first]))
+    rows.append(("  the other words", [pair(d, "partial_rest") for d in first]))
+    rows.append((f"final p50 / p95, N={n1}", [pair(d, "final") for d in first]))
+    rows.append((f"most streams, p95 final <= {args.max_p95:.1f} s", [str(t.summary["max_clients_p95_ok"])
+                                                                     for t in targets]))
+    for key, label in [("levels_cost", "levels"), ("commands_cost", "commands")]:
+        costs = [t.summary.get(key, {}) for t in targets]
+        if any(costs):
+            rows.append((f"model s per audio s, {label}", [f"{c.get('model_s_per_audio_s', float('nan')):.3f}"
+                                                           for c in costs]))
+            rows.append(("  provisional windows / model s", [f"{c.get('provisional_windows', float('nan')):.0f} / "
+                                                              f"{c.get('provisional_model_s', float('nan')):.2f}"
+                                                              for c in costs]))
+    cmds = [t.summary.get("commands", {}) for t in targets]
+    if any(cmds):
+        rows.append(("command: start -> first partial", [pair(c, "first_partial") for c in cmds]))
+        rows.append(("command: first word end -> text", [pair(c, "first_text") for c in cmds]))
+        rows.append(("  -> the right first word", [pair(c, "right_word") for c in cmds]))
+        rows.append(("command: stop -> final", [pair(c, "final") for c in cmds]))
+    width = max(len(r[0]) for r in rows) + 2
+    print(f"\n{'':<{width}}" + "".join(f"{t.name:>24}" for t in targets))
+    for label, cells in rows:
+        print(f"{label:<{width}}" + "".join(f"{c:>24}" for c in cells))
+
+
 async def main_async(args: argparse.Namespace) -> int:
     audio = load_audio(args)
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-    proc = None
+    if args.url and args.compare:
+        raise SystemExit("loadtest: --compare starts its own daemons; leave out --url")
+    targets: list[Target] = []
     tmp = None
     try:
         if args.url:
-            url, pid = args.url, None
+            targets.append(Target("daemon", args.url))
         else:
             model = args.model
             if args.random_model:
                 tmp = tempfile.TemporaryDirectory()
                 model = str(save_random_model(args.random_model, tmp.name))
-            proc, url = await start_daemon(args, model)
-            pid = proc.pid
-        idle = rss_mb(pid) if pid else float("nan")
-        print(f"daemon {url}  idle RSS {idle:.0f} MB; {len(audio) / 16000:.1f} s of speech per client at 1x real time")
-        print(f"{'clients':>8}{'partial p50':>13}{'p95':>8}{'final p50':>11}{'p95':>8}{'words':>8}{'RSS MB':>9}")
-        levels = []
+            variants = [("as set", args.overrides)]
+            if args.compare:
+                variants.append((args.compare.split(".", 1)[-1], [*args.overrides, args.compare]))
+            for name, overrides in variants:
+                proc, url = await start_daemon(args, model, overrides)
+                targets.append(Target(name, url, proc, rss_mb(proc.pid)))
+        for t in targets:
+            print(f"daemon {t.url} ({t.name}) idle RSS {t.idle:.0f} MB")
+        print(f"{len(audio) / 16000:.1f} s of speech per client at 1x real time")
+        print(LEVEL_HEAD)
+        start = [read_metrics(t.url) for t in targets]
         for n in [int(x) for x in args.clients.split(",")]:
-            lv = await run_level(url, pcm, n, pid)
-            levels.append(lv)
-            print(f"{n:>8}{lv['partial_median']:>13.3f}{lv['partial_p95']:>8.3f}{lv['final_median']:>11.3f}"
-                  f"{lv['final_p95']:>8.3f}{lv['words']:>8}{lv['peak_rss_mb']:>9.0f}", flush=True)
-            if not lv["ok"] or not lv["final_p95"] <= args.max_p95:
+            for t in targets:  # one after the other: the daemons never share the CPU
+                if t.stopped:
+                    continue
+                lv = await run_level(t.url, pcm, n, t.pid)
+                t.levels.append(lv)
+                print(level_row(t.name, lv), flush=True)
+                t.stopped = not lv["ok"] or not lv["final_p95"] <= args.max_p95
+            if all(t.stopped for t in targets):
                 break
-        good = [lv for lv in levels if lv["ok"] and lv["final_p95"] <= args.max_p95]
-        best = good[-1]["clients"] if good else 0
-        summary: dict = {"levels": levels, "max_clients_p95_ok": best, "idle_rss_mb": idle}
-        print(f"\nlargest N with p95 final latency <= {args.max_p95:.1f} s: {best}"
-              + ("" if len(good) < len(levels) else " (limit not reached: try more clients)"))
-        if pid and good:
-            per = (good[-1]["peak_rss_mb"] - idle) / max(1, best)
-            summary["rss_per_stream_mb"] = per
-            print(f"RSS per stream: {per:.1f} MB (peak at N={best} minus idle, divided by N)")
+        for t, before in zip(targets, start, strict=True):
+            good = [lv for lv in t.levels if lv["ok"] and lv["final_p95"] <= args.max_p95]
+            best = good[-1]["clients"] if good else 0
+            t.summary = {"levels": t.levels, "max_clients_p95_ok": best, "idle_rss_mb": t.idle,
+                         "levels_cost": cost(before, read_metrics(t.url))}
+            print(f"\n{t.name}: largest N with p95 final latency <= {args.max_p95:.1f} s: {best}"
+                  + ("" if len(good) < len(t.levels) else " (limit not reached: try more clients)"))
+            if t.pid and good:
+                per = (good[-1]["peak_rss_mb"] - t.idle) / max(1, best)
+                t.summary["rss_per_stream_mb"] = per
+                print(f"RSS per stream: {per:.1f} MB (peak at N={best} minus idle, divided by N)")
+        if args.commands:
+            commands = command_audio()
+            lengths = ", ".join(f"{len(c) / 32000:.1f}" for c in commands)
+            print(f"\n{args.commands} command streams, {args.command_clients} at a time (commands of {lengths} s)")
+            for t in targets:
+                before = read_metrics(t.url)
+                t.summary["commands"] = await run_commands(t.url, commands, args.commands, args.command_clients)
+                t.summary["commands_cost"] = cost(before, read_metrics(t.url))
+                c = t.summary["commands"]
+                print(f"{t.name}: start -> first partial p50 {c['first_partial_median']:.3f} p95 "
+                      f"{c['first_partial_p95']:.3f}; first word end -> text p50 {c['first_text_median']:.3f} p95 "
+                      f"{c['first_text_p95']:.3f}; stop -> final p50 {c['final_median']:.3f} p95 "
+                      f"{c['final_p95']:.3f} ({c['ok']}/{c['commands']} ok)", flush=True)
         if args.cycles:
-            before = rss_mb(pid) if pid else float("nan")
+            t = targets[0]
+            before_mb = rss_mb(t.pid) if t.pid else float("nan")
             t0 = time.perf_counter()
-            await cycles(url, pcm, args.cycles)
+            await cycles(t.url, pcm, args.cycles)
             await asyncio.sleep(1.0)
-            after = rss_mb(pid) if pid else float("nan")
-            summary.update(cycles=args.cycles, rss_before_cycles_mb=before, rss_after_cycles_mb=after)
+            after_mb = rss_mb(t.pid) if t.pid else float("nan")
+            t.summary.update(cycles=args.cycles, rss_before_cycles_mb=before_mb, rss_after_cycles_mb=after_mb)
             print(f"{args.cycles} connect/disconnect cycles in {time.perf_counter() - t0:.1f} s: "
-                  f"RSS {before:.0f} MB -> {after:.0f} MB")
+                  f"RSS {before_mb:.0f} MB -> {after_mb:.0f} MB")
+        side_by_side(targets, args)
         if args.json:
-            await asyncio.to_thread(Path(args.json).write_text, json.dumps(summary, indent=2))
+            out = targets[0].summary if len(targets) == 1 else {t.name: t.summary for t in targets}
+            await asyncio.to_thread(Path(args.json).write_text, json.dumps(out, indent=2))
         return 0
     finally:
-        if proc is not None and proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
+        for t in targets:
+            if t.proc is not None and t.proc.returncode is None:
+                t.proc.terminate()
+                await t.proc.wait()
         if tmp is not None:
             tmp.cleanup()
 

@@ -497,3 +497,29 @@ async def test_shutdown_sends_a_sources_last_final_to_its_viewers(daemon_factory
     assert got == [{"type": "final", "segment": 0, "text": "last words", "start": 0.5, "end": 1.25, "words": [],
                     "reason": "end"}]
     assert viewer.close_code == 1001
+
+
+async def test_metrics_count_provisional_windows(daemon_factory, model_runner, speech):
+    """Early partials show in /metrics: the provisional windows run and their model seconds; none when off."""
+    from streamer.engine import StreamSession
+
+    command = speech[: 16000 * 12 // 10]  # 1.2 s: shorter than the first full window (1.4 s)
+    planned = StreamSession(Config().stream.schedule(), model_runner.vocab)  # plans what the daemon's session will
+    count = 0
+    for i in range(0, len(command), 1600):
+        planned.accept_audio(command[i : i + 1600])
+        count += sum(w.provisional for w in planned.windows_to_run())
+    assert count > 0
+
+    def value(text, name):
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+    for early, expected in [("true", count), ("false", 0)]:
+        d = await daemon_factory(f"stream.early_partials={early}")
+        messages, _ = await native_session(d.port, pcm16(command), chunk=3200)
+        _, _, metrics = await asyncio.to_thread(http_get, d.port, "/metrics")
+        assert value(metrics, "streamer_provisional_windows_total") == expected
+        seconds = value(metrics, "streamer_provisional_model_seconds_total")
+        assert (0 < seconds < value(metrics, "streamer_model_seconds_total")) if expected else seconds == 0
+        texts = [m["type"] for m in messages if m["type"] in ("partial", "final") and m["text"]]
+        assert texts[0] == ("partial" if expected else "final")  # the only text before the end is an early one

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from streamer.engine import Window
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -21,6 +25,12 @@ class Metrics:
                                      registry=r)
         self.window_audio_seconds = Counter("streamer_window_audio_seconds_total",
                                             "Audio seconds inside the windows run", registry=r)
+        self.provisional_windows = Counter("streamer_provisional_windows_total",
+                                           "Provisional windows run (early partials before a stream's first full "
+                                           "window; also counted in streamer_windows_total)", registry=r)
+        self.provisional_model_seconds = Counter("streamer_provisional_model_seconds_total",
+                                                 "Model wall time spent on provisional windows (each batch's time "
+                                                 "shared by window audio)", registry=r)
         self.batch_size = Histogram("streamer_batch_size", "Windows per model call", buckets=BATCH_BUCKETS,
                                     registry=r)
         self.queue_wait = Histogram("streamer_queue_wait_seconds", "Time a window waited for the model",
@@ -34,6 +44,9 @@ class Metrics:
         self.events = Counter("streamer_events_total", "Events sent", ["type"], registry=r)
         self.errors = Counter("streamer_errors_total", "Errors sent to clients", ["code"], registry=r)
         self.rtf = Gauge("streamer_rtf", "Model seconds per second of stream audio (lower is faster)", registry=r)
+        self.stream_lag = Gauge("streamer_stream_lag_seconds",
+                                "How long the oldest window of a stream has waited for the model", ["stream"],
+                                registry=r)
         self.worker_alive = Gauge("streamer_worker_alive", "1 while the model worker runs", registry=r)
         self.mqtt_dropped = Counter("streamer_mqtt_dropped_total", "MQTT messages dropped (queue full)",
                                     ["kind"], registry=r)
@@ -52,6 +65,13 @@ class Metrics:
         self.model_seconds.inc(seconds)
         self._model_s += seconds
         self._update_rtf()
+
+    def add_provisional(self, windows: Sequence[Window], model_seconds: float) -> None:
+        """Count the provisional windows of a batch that took ``model_seconds``; call after each model call."""
+        early = sum(len(w.samples) for w in windows if w.provisional)
+        if early:
+            self.provisional_windows.inc(sum(1 for w in windows if w.provisional))
+            self.provisional_model_seconds.inc(model_seconds * early / sum(len(w.samples) for w in windows))
 
     def _update_rtf(self) -> None:
         if self._audio_s > 0:

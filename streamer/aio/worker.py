@@ -164,7 +164,9 @@ class BatchWorker:
                         item.future.set_exception(err)
                 continue
             self.batches += 1
-            self.metrics.add_model_time(time.perf_counter() - t0)
+            model_s = time.perf_counter() - t0
+            self.metrics.add_model_time(model_s)
+            self.metrics.add_provisional([item.window for item in batch], model_s)  # early partials' share
             self.metrics.batch_size.observe(len(batch))
             self.metrics.windows.inc(len(batch))
             self.metrics.window_audio_seconds.inc(sum(len(s) for s in samples) / SAMPLE_RATE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from streamer.testing import RANDOM_SIZES, random_runner, speech_audio
 
 if TYPE_CHECKING:
     from streamer.config import Config
+    from streamer.events import Event
     from streamer.lexicon import Lexicon
     from streamer.runner import Runner
 
@@ -45,16 +47,47 @@ def register(sub: Any) -> None:
 
 def measure(runner: Runner, cfg: Config, words: Lexicon | None, audio: np.ndarray, chunk_ms: float,
             offline_ids: np.ndarray, offline_text: str) -> dict[str, float]:
-    from streamer.transcribe import new_session, stream_array, text_of
+    """Stream ``audio`` in ``chunk_ms`` chunks; time it, and the model calls on provisional windows apart.
+
+    ``first_partial`` is the audio (seconds) received when the first partial with text came.
+    """
+    from streamer.engine import Window
+    from streamer.transcribe import new_session, text_of
 
     session = new_session(cfg, runner.vocab, words, record_frames=True)
+    cost = {"provisional_windows": 0.0, "provisional_seconds": 0.0, "first_partial": float("nan")}
+    events: list[Event] = []
+
+    def run_windows(received: int) -> None:
+        windows = session.windows_to_run()
+        for provisional in (True, False):  # run apart to time them apart; each window's output is the same
+            group: list[Window] = [w for w in windows if w.provisional == provisional]
+            if not group:
+                continue
+            t = time.perf_counter()
+            outputs = runner.run([w.samples for w in group])
+            if provisional:
+                cost["provisional_windows"] += len(group)
+                cost["provisional_seconds"] += time.perf_counter() - t
+            for w, lp in zip(group, outputs, strict=True):
+                session.accept_result(w, lp)
+        for e in session.events_received():
+            if e.text and np.isnan(cost["first_partial"]):
+                cost["first_partial"] = received / 16000
+            events.append(e)
+
+    chunk = max(1, int(16 * chunk_ms))
     t0 = time.perf_counter()
-    events = stream_array(session, runner.run, audio, chunk=max(1, int(16 * chunk_ms)))
+    for i in range(0, len(audio), chunk):
+        session.accept_audio(audio[i : i + chunk])
+        run_windows(min(len(audio), i + chunk))
+    session.finish()
+    run_windows(len(audio))
     elapsed = time.perf_counter() - t0
     ids = np.asarray(session.frame_ids)
     n = min(len(ids), len(offline_ids))
     return {"seconds": elapsed, "agreement": float((ids[:n] == offline_ids[:n]).mean()),
-            "cer": cer(text_of(events).replace("  ", " "), offline_text)}
+            "cer": cer(text_of(events).replace("  ", " "), offline_text), **cost}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,6 +134,11 @@ def run(args: argparse.Namespace) -> int:
     st = measure(runner, cfg, words, audio, args.chunk_ms, offline_ids, offline_text)
     rows = [("offline (one pass)", offline_s, 1.0, 0.0),
             ("streaming engine", st["seconds"], st["agreement"], st["cer"])]
+    late = None
+    if sched.early:  # the same engine without early partials: what they cost, what they gain
+        late = measure(runner, cfg.replace(stream=dataclasses.replace(cfg.stream, early_partials=False)), words,
+                       audio, args.chunk_ms, offline_ids, offline_text)
+        rows.append(("  no early partials", late["seconds"], late["agreement"], late["cer"]))
     if not args.no_pipeline:
         from transformers import pipeline
 
@@ -118,6 +156,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:<24}{secs:>9.3f}{secs / dur:>9.4f}{secs / offline_s:>11.2f}x{agree_s:>13}{c * 100:>14.2f} %")
     print(f"\ncompute ratio streaming/offline: {st['seconds'] / offline_s:.2f} "
           f"(schedule predicts ~{(sched.left + sched.hop + sched.lookahead) / sched.hop:.2f})")
+    full_s = (sched.plan(0)[2] * 320 + sched.tail) / 16000
+    if late is not None:
+        print(f"early partials every {sched.early * 20} ms: {st['provisional_windows']:.0f} provisional windows, "
+              f"{st['provisional_seconds']:.3f} model s ({st['provisional_seconds'] / st['seconds'] * 100:.1f} % "
+              f"of the streaming time; they come once per stream start and flush); first partial after "
+              f"{st['first_partial']:.2f} s of audio, {late['first_partial']:.2f} s without "
+              f"(the first full window needs {full_s:.2f} s)")
+    else:
+        print(f"early partials off: first partial after {st['first_partial']:.2f} s of audio "
+              f"(the first full window needs {full_s:.2f} s)")
     if args.plot:
         plot_tradeoff(runner, cfg, words, audio, args, offline_s, offline_ids, offline_text)
     return 0

@@ -224,16 +224,6 @@ class ServerConfig(_Section):
     shutdown_timeout_s: float = _opt(10.0, min=0.0)
     max_sample_rate: int = _opt(192_000, min=8000)
     min_sample_rate: int = _opt(8000, min=1000)
-
-    def token(self) -> str:
-        """Return the configured auth token from the first source that is set."""
-        if self.auth_token_env:
-            value = os.environ.get(self.auth_token_env, "")
-            if not value:
-                raise ConfigError(f"server.auth_token_env names {self.auth_token_env!r}, which is not set")
-            return value
-        if self.auth_token_file:
-            try:
     write_limit_bytes: int = _opt(1 << 15, min=1024, doc="outgoing bytes buffered per connection before sending waits")
     max_unsent_bytes: int = _opt(1 << 20, min=4096,
                                  doc="a client with more outgoing data waiting (it does not read) is closed 1008")
@@ -253,6 +243,16 @@ class ServerConfig(_Section):
         if self.max_word_list_letters_total < self.max_word_list_letters:
             raise ConfigError(f"server.max_word_list_letters_total = {self.max_word_list_letters_total} must be at "
                               f"least server.max_word_list_letters = {self.max_word_list_letters}")
+
+    def token(self) -> str:
+        """Return the configured auth token from the first source that is set."""
+        if self.auth_token_env:
+            value = os.environ.get(self.auth_token_env, "")
+            if not value:
+                raise ConfigError(f"server.auth_token_env names {self.auth_token_env!r}, which is not set")
+            return value
+        if self.auth_token_file:
+            try:
                 return Path(self.auth_token_file).read_text().splitlines()[0].strip()
             except (OSError, IndexError) as exc:
                 raise ConfigError(f"server.auth_token_file {self.auth_token_file!r} is unreadable: {exc}") from exc

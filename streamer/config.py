@@ -215,6 +215,7 @@ class ServerConfig(_Section):
     host: str = _opt("127.0.0.1", restart=True)
     port: int = _opt(8765, min=0, max=65535, restart=True)
     max_streams: int = _opt(64, min=1)
+    max_viewers: int = _opt(256, min=0, doc="viewers (/v1/listen/NAME) at once; more are refused busy (1013)")
     max_message_bytes: int = _opt(1 << 20, min=1024)
     idle_timeout_s: float = _opt(30.0, min=0.1, doc="close a stream that sends nothing for this long")
     auth_token: str = _opt("", doc="shared secret; empty = no auth. Prefer auth_token_env or auth_token_file")

@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
+import resource
 import string
 import sys
 
 import numpy as np
 import pytest
 from conftest import pcm16
-from test_server import TIMEOUT, finals_of, native_session, reference_finals
+from test_server import TIMEOUT, finals_of, http_get, native_session, reference_finals
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from streamer.aio.limits import ACCEPT_ERROR
 from streamer.decoder import trie_letters
 
 PING_FLOOD = r"""
@@ -201,3 +204,89 @@ async def test_a_word_lists_memory_returns_when_its_stream_ends(daemon_factory, 
     print(f"RSS {before:.0f} MB, {built:.0f} MB with the word list, {after:.0f} MB after its stream")
     assert built - before > 60, "the word list should cost memory"
     assert after - before < 30, f"{after - before:.0f} MB of the freed word list stayed"
+
+
+# --- viewers and descriptors -----------------------------------------------------------------------------
+
+
+async def test_viewers_over_max_viewers_are_refused_1013(daemon_factory, model_runner, speech):
+    """server.max_viewers viewers at once; one more gets a busy error and 1013, while the stream it wanted to
+    follow goes on and its admitted viewers get its finals. Before, viewers were unlimited (~1,000 used up the
+    1,024 descriptors, and /healthz and new streams timed out)."""
+    d = await daemon_factory("server.max_viewers=2")
+    url = f"ws://127.0.0.1:{d.port}/v1/listen/desk"
+    expected = expected_finals(model_runner, speech)
+    async with asyncio.timeout(TIMEOUT), connect(url) as first, connect(url) as second:
+        for viewer in (first, second):
+            assert json.loads(await viewer.recv())["type"] == "ready"
+        error, code = await refused(await connect(url))
+        assert (error["code"], code) == ("busy", 1013) and "2 viewers" in error["message"], error
+        msgs, code = await native_session(d.port, pcm16(speech), chunk=1600, pace=0.01,
+                                          start={"type": "start", "name": "desk"})
+        assert code == 1000 and [f["text"] for f in finals_of(msgs)] == expected
+        for viewer in (first, second):
+            seen: list[str] = []
+            while len(seen) < len(expected):
+                event = json.loads(await viewer.recv())
+                seen += [event["text"]] if event["type"] == "final" else []
+            assert seen == expected
+    async with asyncio.timeout(TIMEOUT), connect(url) as again:  # the slots are free again
+        assert json.loads(await again.recv())["type"] == "ready"
+    assert d.metrics.streams_rejected.labels("viewers")._value.get() == 1
+
+
+async def test_the_open_file_limit_is_raised_to_fit_or_a_warning_says_it_does_not(daemon_factory, caplog):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    caplog.set_level(logging.INFO, "streamer.server")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (500, hard))
+        await daemon_factory()  # 64 streams + 256 viewers + 256 headroom: 576 descriptors
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 576
+        assert any("raised the open-file limit from 500 to 576" in r.getMessage() for r in caplog.records)
+        if hard != resource.RLIM_INFINITY:  # more than the hard limit allows: a warning, and the daemon serves
+            d = await daemon_factory(f"server.max_viewers={hard}")
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert any("open-file limit" in w and "LimitNOFILE" in w for w in warnings), warnings
+            assert d.health()["status"] == "ok"
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+HOLD_CONNECTIONS = r"""
+import socket, sys, time
+sys.stdin.readline()
+held = []
+for _ in range(200):
+    try:
+        held.append(socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2))
+    except OSError:
+        pass
+time.sleep(2)
+print(len(held))
+"""
+
+
+async def test_failed_accepts_are_logged_once_per_interval(daemon_factory, caplog):
+    """With the daemon's descriptors used up, asyncio fails accept() and logged each attempt with a traceback
+    (26,000 records in 10 s); now one record per 10 s passes, saying what is wrong. The daemon serves again
+    once descriptors are free."""
+    d = await daemon_factory()
+    caplog.set_level(logging.ERROR, "asyncio")
+    client = await asyncio.create_subprocess_exec(sys.executable, "-c", HOLD_CONNECTIONS, str(d.port),
+                                                  stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 10, hard))
+        assert client.stdin is not None
+        client.stdin.write(b"go\n")
+        await client.stdin.drain()
+        await asyncio.sleep(3)  # 200 connections come, about 10 are accepted; the loop keeps failing the rest
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    out, _ = await client.communicate()
+    assert int(out) > 20  # the connections reached the listen queue
+    failed = [r.getMessage() for r in caplog.records if r.name == "asyncio" and ACCEPT_ERROR in r.getMessage()]
+    assert len(failed) == 1, f"{len(failed)} records: {failed[:3]}"
+    assert "out of file descriptors?" in failed[0] and "max_viewers" in failed[0]
+    status, _, _ = await asyncio.to_thread(http_get, d.port, "/healthz")
+    assert status == 200

@@ -415,3 +415,13 @@ async def test_sighup_keeps_the_command_line_options(tmp_path, tiny_models, noti
     assert "reload: config unchanged" in text  # the first reload: nothing changed, --words and --host included
     assert "reload: applied server.max_streams" in text and "decoder.words" not in text
     assert "word list" not in text  # never decoded with words.txt
+
+
+@pytest.mark.parametrize("unit", ["streamer.service", "streamer@.service"])
+def test_units_give_descriptors_for_every_stream_and_viewer_with_headroom(unit):
+    """Each stream and viewer holds a descriptor; the units' LimitNOFILE fits the default limits four times."""
+    from streamer.aio.limits import descriptors_needed
+
+    s = unit_settings(UNITS / unit)
+    assert "LimitNOFILE" in s, f"{unit} sets no LimitNOFILE (systemd's default soft limit is 1024)"
+    assert int(s["LimitNOFILE"][0]) >= 4 * descriptors_needed(load_config().server)

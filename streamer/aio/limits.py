@@ -1,4 +1,4 @@
-"""What one connection may cost the daemon: its unsent outgoing data, and how long it may not read.
+"""What one connection may cost the daemon: its unsent outgoing data, how long it may not read, descriptors.
 
 websockets answers each ping with a pong written straight to the transport: ``write_limit`` only
 makes :meth:`~websockets.asyncio.connection.Connection.send` wait, pongs never wait. A client that
@@ -7,12 +7,19 @@ keepalive ping waited behind them in ``drain()``, so the keepalive never closed 
 :class:`BoundedConnection` closes such a client: when its unsent data passes
 ``server.max_unsent_bytes``, or when it has taken none of the data waiting for it for
 ``server.ping_timeout_s``.
+
+Every connection holds a file descriptor: :func:`check_descriptors` makes sure that
+``server.max_streams + server.max_viewers`` fit under ``RLIMIT_NOFILE`` with headroom, and
+:class:`AcceptErrorFilter` keeps asyncio from logging every failed ``accept()`` when they do not
+(~2,600 tracebacks a second, 12 MB of log in 10 s, with the descriptors used up).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
+import time
 
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
@@ -20,7 +27,8 @@ from websockets.protocol import State
 from streamer.config import ServerConfig
 from streamer.events import CLOSE_POLICY
 
-__all__ = ["BoundedConnection"]
+__all__ = ["AcceptErrorFilter", "BoundedConnection", "check_descriptors", "descriptors_needed",
+           "install_accept_error_filter"]
 
 logger = logging.getLogger("streamer.server")
 
@@ -77,3 +85,72 @@ class BoundedConnection(ServerConnection):
                        f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a client", why)
         self.protocol.fail(CLOSE_POLICY, "client does not read")  # the code its handler sees
         self.transport.abort()  # drops the unsent data
+
+
+FD_HEADROOM = 256
+"""descriptors besides the admitted connections: listeners, model and log files, MQTT, the worker's and
+torch's threads, and connections still in their handshake or being refused"""
+
+
+def descriptors_needed(cfg: ServerConfig) -> int:
+    """Descriptors the daemon may need at its limits: one per stream and viewer, plus :data:`FD_HEADROOM`."""
+    return cfg.max_streams + cfg.max_viewers + FD_HEADROOM
+
+
+def check_descriptors(cfg: ServerConfig) -> None:
+    """Raise the soft ``RLIMIT_NOFILE`` to what ``cfg`` needs when the hard limit allows; else warn.
+
+    (asyncio waits with epoll, so descriptors above 1024 are fine; systemd leaves the soft limit at
+    1024 for programs that still use select().)
+    """
+    need = descriptors_needed(cfg)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        logger.info("raised the open-file limit from %d to %d: server.max_streams + server.max_viewers = %d "
+                    "connections, plus %d for the rest", soft, need, need - FD_HEADROOM, FD_HEADROOM)
+        return
+    logger.warning("the open-file limit is %d (RLIMIT_NOFILE, hard %d), but server.max_streams + server.max_viewers "
+                   "= %d connections need about %d descriptors: new connections will fail before those limits; "
+                   "raise LimitNOFILE= in the unit (or ulimit -n), or lower max_streams or max_viewers",
+                   soft, hard, need - FD_HEADROOM, need)
+
+
+ACCEPT_ERROR = "socket.accept() out of system resource"
+"""how asyncio's event loop logs a failed accept() (EMFILE, ENFILE, ENOBUFS, ENOMEM)"""
+
+
+class AcceptErrorFilter(logging.Filter):
+    """Lets one failed-accept record of the ``asyncio`` logger through per ``interval_s``, with a count of those
+    held back since. asyncio logs one per attempt, with a traceback, and retries many times a second."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(ACCEPT_ERROR):
+            return True
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return False
+        self._next = now + self.interval_s
+        first, _, rest = message.partition("\n")
+        note = (f" ({self._held} more in the last {self.interval_s:g} s)" if self._held else "") + \
+            " -- out of file descriptors? see server.max_streams, server.max_viewers and LimitNOFILE"
+        record.msg, record.args = first + note + ("\n" + rest if rest else ""), None
+        self._held = 0
+        return True
+
+
+def install_accept_error_filter(interval_s: float = 10.0) -> None:
+    """Rate-limit asyncio's failed-accept log records (once per process)."""
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, AcceptErrorFilter) for f in log.filters):
+        log.addFilter(AcceptErrorFilter(interval_s))

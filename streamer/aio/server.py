@@ -20,11 +20,11 @@ from websockets.exceptions import ConnectionClosed
 from streamer.aio.handler import StreamHandler
 from streamer.aio.http import LISTEN_PREFIX, STREAM_PATH, HttpFront
 from streamer.aio.hub import Hub
-from streamer.aio.limits import BoundedConnection
+from streamer.aio.limits import BoundedConnection, check_descriptors, install_accept_error_filter
 from streamer.aio.metrics import Metrics
 from streamer.aio.native import NativeHandler
 from streamer.aio.stream import LiveStream, Streams
-from streamer.aio.viewer import serve_viewer
+from streamer.aio.viewer import refuse_viewer, serve_viewer
 from streamer.aio.vosk import VoskHandler
 from streamer.aio.worker import BatchWorker
 from streamer.config import Config
@@ -114,8 +114,10 @@ class Daemon:
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        self.worker.start()
         s = self.cfg.server
+        check_descriptors(s)  # every stream and viewer holds one
+        install_accept_error_filter()  # asyncio logs each failed accept() when they run out
+        self.worker.start()
         common: dict[str, Any] = {
             "max_size": s.max_message_bytes,
             "process_request": self.http.process_request,
@@ -210,6 +212,7 @@ class Daemon:
         words = build_decoder(cfg.decoder, self.runner)
         self.cfg, self.http.token = cfg, token
         self.streams.cfg, self.streams.words = cfg, words
+        check_descriptors(cfg.server)  # max_streams and max_viewers may have grown
 
     def connection_limits(self, conn: ServerConnection) -> None:
         """Give a new connection the message size and origins of the config in force."""
@@ -262,6 +265,11 @@ class Daemon:
             self._handlers.discard(task)
 
     async def _viewer(self, ws: ServerConnection, name: str) -> None:
+        """Admit a viewer (or refuse it: over max_viewers, 1013), then serve it."""
+        if len(self._viewers) >= self.cfg.server.max_viewers:
+            self.metrics.streams_rejected.labels("viewers").inc()
+            await refuse_viewer(ws, self.cfg.server.max_viewers)
+            return
         task = asyncio.current_task()
         assert task is not None
         self._viewers.add(task)

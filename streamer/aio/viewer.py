@@ -15,7 +15,13 @@ from streamer.events import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN, Err
 if TYPE_CHECKING:
     from streamer.aio.server import Daemon
 
-__all__ = ["serve_viewer"]
+__all__ = ["refuse_viewer", "serve_viewer"]
+
+
+async def refuse_viewer(ws: ServerConnection, max_viewers: int) -> None:
+    """Tell a viewer over ``server.max_viewers`` that the server is busy, and close it with 1013."""
+    await send_error(ws, Error("busy", f"server busy: {max_viewers} viewers at most, try again later",
+                               CLOSE_TRY_AGAIN))
 
 
 async def serve_viewer(daemon: Daemon, ws: ServerConnection, name: str, stop: asyncio.Event) -> None:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from streamer.endpoint import EndpointRules
 from streamer.engine import Schedule
 from streamer.exceptions import ConfigError
+from streamer.protocol import valid_name
 
 __all__ = [
     "Config",
@@ -302,8 +303,10 @@ class MqttConfig(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.topic_prefix or "#" in self.topic_prefix or "+" in self.topic_prefix:
-            raise ConfigError(f"mqtt.topic_prefix = {self.topic_prefix!r} must be non-empty without '#' or '+'")
+        if (not self.topic_prefix or "#" in self.topic_prefix or "+" in self.topic_prefix
+                or not self.topic_prefix.isprintable()):
+            raise ConfigError(f"mqtt.topic_prefix = {self.topic_prefix!r} must be non-empty without '#', '+' or "
+                              "control characters")
 
 
 @dataclass(frozen=True)
@@ -320,8 +323,8 @@ class SourceConfig(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.name or "/" in self.name:
-            raise ConfigError("sources.name must be a non-empty name without '/'")
+        if not valid_name(self.name):  # the rule of stream names: a topic level and a viewer path
+            raise ConfigError(f"sources.name = {self.name!r} must be 1-64 letters, digits, '_', '-' or '.'")
 
 
 @dataclass(frozen=True)

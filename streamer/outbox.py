@@ -12,7 +12,8 @@ the reconnect loop, the metrics and the log, and drives the outbox like this::
         ...send it...
     outbox.ack(message)                 # the broker acknowledged it (QoS 0: it was written)
     drop = outbox.fail(message, why)    # it can never be sent (a bad topic): dropped, not retried
-    outbox.requeue()                    # the connection broke: in flight goes back to the front
+    drops = outbox.requeue()            # the connection broke: in flight goes back to the front,
+                                        # except what broke it too often (a message the broker refuses)
     drops = outbox.clear(why)           # giving up at shutdown: everything left is dropped
 
 Each :class:`Drop` returned is the caller's to count and log; :attr:`Outbox.dropped` keeps the
@@ -24,7 +25,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass
 
-__all__ = ["PARTIAL", "QUEUE_FULL", "WINDOW", "Drop", "Message", "Outbox"]
+__all__ = ["BREAKS_TO_DROP", "PARTIAL", "QUEUE_FULL", "WINDOW", "Drop", "Message", "Outbox"]
 
 PARTIAL = "partial"
 """The kind of message that the drop policy sacrifices first: a later partial or the final replaces it."""
@@ -32,6 +33,13 @@ QUEUE_FULL = "the queue is full"
 """The reason of a :class:`Drop` made by :meth:`Outbox.put`."""
 WINDOW = 8
 """Messages in flight at once: pipelining hides the broker's round trip behind QoS 1 acks."""
+BREAKS_TO_DROP = 3
+"""A message in flight each of this many times the connection broke is dropped: the broker refuses it.
+
+mosquitto, for one, closes the connection on a topic with a control character or a packet over its
+``max_packet_size``; sent again after every reconnect, such a message would block everything queued behind it.
+After the first break the suspects are sent one at a time, so an innocent message is acknowledged alone and
+only the one that breaks the connection by itself reaches the count."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -66,18 +74,25 @@ class Outbox:
     is full, :meth:`put` makes room by dropping, in this order: the incoming message if it is a
     partial; else the oldest queued partial; else the oldest queued message. Messages in flight
     do not count against ``size`` and are never dropped to make room.
+
+    A message that was in flight when the connection broke is a suspect: :meth:`take` sends it alone
+    (nothing else in flight), and :meth:`requeue` drops it once it was in flight at ``breaks_to_drop``
+    breaks, so a message the broker refuses cannot hold back the others for long.
     """
 
-    def __init__(self, size: int, window: int = WINDOW) -> None:
-        if size < 1 or window < 1:
-            raise ValueError(f"outbox size and window must be at least 1, got {size} and {window}")
+    def __init__(self, size: int, window: int = WINDOW, breaks_to_drop: int = BREAKS_TO_DROP) -> None:
+        if size < 1 or window < 1 or breaks_to_drop < 1:
+            raise ValueError(f"outbox size, window and breaks_to_drop must be at least 1, got {size}, {window} "
+                             f"and {breaks_to_drop}")
         self.size = size
         self.window = window
+        self.breaks_to_drop = breaks_to_drop
         self.dropped: Counter[str] = Counter()
         """Messages dropped since the outbox was made, by kind."""
         self._queue: deque[Message] = deque()
         self._partials = 0  # partials in _queue, so that an overflow finds one without a scan
         self._in_flight: list[Message] = []  # oldest first
+        self._breaks: dict[Message, int] = {}  # suspects: how many broken connections each was in flight for
 
     @property
     def queued(self) -> int:
@@ -131,14 +146,22 @@ class Outbox:
         self._partials += msg.kind == PARTIAL
         return drop
 
+    @property
+    def suspects(self) -> int:
+        """Messages not acknowledged that were in flight when the connection broke."""
+        return len(self._breaks)
+
     def take(self) -> list[Message]:
         """Move the oldest queued messages into flight, as many as the window has room for, and return them.
 
-        Send each, in order; then :meth:`ack` or :meth:`fail` each one, or :meth:`requeue` them all
-        when the connection breaks.
+        A suspect goes alone: it waits until nothing else is in flight, and nothing follows it until it is
+        acknowledged. Send each, in order; then :meth:`ack` or :meth:`fail` each one, or :meth:`requeue`
+        them all when the connection breaks.
         """
         out: list[Message] = []
         while self._queue and len(self._in_flight) < self.window:
+            if self._in_flight and (self._queue[0] in self._breaks or self._in_flight[-1] in self._breaks):
+                break
             msg = self._pop()
             self._in_flight.append(msg)
             out.append(msg)
@@ -147,27 +170,38 @@ class Outbox:
     def ack(self, msg: Message) -> None:
         """The broker acknowledged ``msg`` (QoS 1 and 2) or it was written (QoS 0): it is done."""
         self._remove_in_flight(msg)
+        self._breaks.pop(msg, None)
 
     def fail(self, msg: Message, reason: str) -> Drop:
         """Publishing ``msg`` failed in a way that a retry would repeat (a bad topic): drop it."""
         self._remove_in_flight(msg)
         return self._dropped(msg, reason)
 
-    def requeue(self) -> int:
+    def requeue(self) -> list[Drop]:
         """After a broken connection: put every message in flight back at the front of the queue, in order.
 
-        Acknowledge first what the broker did acknowledge. The queue may then hold up to ``size + window``
-        messages; it shrinks back as they are sent. Returns how many went back.
+        Acknowledge first what the broker did acknowledge. Each message put back is a suspect; one that was
+        in flight at ``breaks_to_drop`` breaks is dropped instead, and returned. The queue may then hold up
+        to ``size + window`` messages; it shrinks back as they are sent.
         """
-        back = self._in_flight
+        back: list[Message] = []
+        drops: list[Drop] = []
+        for msg in self._in_flight:
+            breaks = self._breaks[msg] = self._breaks.get(msg, 0) + 1
+            if breaks >= self.breaks_to_drop:
+                drops.append(self._dropped(msg, f"the broker closed the connection each of the {breaks} times it "
+                                                "was sent (a topic or a size it refuses?)"))
+            else:
+                back.append(msg)
         self._in_flight = []
         self._queue.extendleft(reversed(back))
         self._partials += sum(m.kind == PARTIAL for m in back)
-        return len(back)
+        return drops
 
     def clear(self, reason: str) -> list[Drop]:
         """Drop every message, those in flight first, then the queued ones, in order (giving up at shutdown)."""
-        self.requeue()
+        self._queue.extendleft(reversed(self._in_flight))  # not a broken connection: nothing is a suspect for it
+        self._in_flight = []
         drops = [self._dropped(msg, reason) for msg in self._queue]
         self._queue.clear()
         self._partials = 0
@@ -186,4 +220,5 @@ class Outbox:
 
     def _dropped(self, msg: Message, reason: str) -> Drop:
         self.dropped[msg.kind] += 1
+        self._breaks.pop(msg, None)
         return Drop(msg, reason)

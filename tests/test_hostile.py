@@ -6,14 +6,20 @@ stream runs beside the hostile one and must get the finals ``streamer transcribe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
 from conftest import pcm16
-from test_server import TIMEOUT, finals_of, native_session, reference_finals
+from test_mqtt import brokers, counter, start_daemon, subscribers, until, without_ids  # noqa: F401 (fixtures)
+from test_server import TIMEOUT, finals_of, http_get, native_session, reference_finals, wait_for_no_streams
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+
+from streamer.config import SourceConfig
+from streamer.events import Final
 
 
 def as_s16(audio: np.ndarray) -> np.ndarray:
@@ -149,3 +155,107 @@ async def test_vosk_reset_does_not_keep_a_stream_open(daemon_factory, speech):
         waited = loop.time() - t0
     assert ws.close_code == 1000 and ws.close_reason == "idle timeout"
     assert waited < 2.5
+
+
+# --- finding 1 and 13: names and topics ------------------------------------------------------------------------
+
+
+async def hostile_named(port: int, name: str, audio: bytes) -> tuple[list[dict], int | None]:
+    """A client that starts a stream called ``name`` and speaks into it; every message it got, and the close code."""
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+        await ws.recv()
+        try:
+            await ws.send(json.dumps({"type": "start", "name": name}))
+            for i in range(0, len(audio), 6400):
+                await ws.send(audio[i : i + 6400])
+            await ws.send(json.dumps({"type": "stop"}))
+        except ConnectionClosed:
+            pass
+        return await until_closed(ws), ws.close_code
+
+
+async def test_a_name_in_use_is_refused_and_free_again_once_its_stream_ended(daemon_factory, model_runner, speech):
+    """Any client could take another live stream's or a capture source's name and speak on its viewers and topic."""
+    d = await daemon_factory()
+    d.cfg = dataclasses.replace(d.cfg, sources=(SourceConfig(name="room"),))  # as [[sources]] would
+    other = pcm16(speech[::-1].copy())
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.port}/v1/listen/desk") as viewer:
+        await viewer.recv()
+        healthy = asyncio.create_task(native_session(d.port, pcm16(speech), chunk=1600, pace=0.003,
+                                                     start={"type": "start", "name": "desk"}))
+        seen = [json.loads(await viewer.recv())]  # the healthy stream holds the name now
+        async with connect(f"ws://127.0.0.1:{d.port}/v1/stream") as unnamed:  # named by its session id
+            session = json.loads(await unnamed.recv())["session"]
+            await unnamed.send(other[:3200])
+            for name in ("desk", "room", session):
+                msgs, code = await hostile_named(d.port, name, other)
+                assert [(m["type"], m.get("code")) for m in msgs] == [("error", "name_in_use")], (name, msgs)
+                assert code == 1008 and repr(name) in msgs[0]["message"]
+            assert "capture source" in (await hostile_named(d.port, "room", b""))[0][0]["message"]
+        msgs, code = await healthy
+        assert code == 1000
+        expected = reference_finals(model_runner, as_s16(speech))
+        assert [f["text"] for f in finals_of(msgs)] == [f["text"] for f in expected]
+        while len(finals_of(seen)) < len(expected):
+            seen.append(json.loads(await viewer.recv()))
+        assert finals_of(seen) == finals_of(msgs)  # nobody else spoke on "desk"
+    msgs, code = await native_session(d.port, pcm16(speech[:16000]), start={"type": "start", "name": "desk"})
+    assert code == 1000 and msgs[-1]["type"] == "end"  # free again
+    await wait_for_no_streams(d)
+    assert not d._names
+
+
+async def test_a_message_the_broker_refuses_does_not_block_the_others(brokers, subscribers,  # noqa: F811
+                                                                     daemon_factory, model_runner, speech, caplog):
+    """mosquitto closes the connection on a topic with a control character or a packet over max_packet_size; such a
+    message went back to the front of the queue after each reconnect, and no later final reached MQTT."""
+    broker = await brokers(extra=("max_packet_size 4096",))
+    sub = await subscribers(broker.port, "streamer/+/final")
+    d, pub = await start_daemon(daemon_factory, broker.port)
+    async with asyncio.timeout(TIMEOUT):
+        await pub.wait_connected()
+    with caplog.at_level(logging.WARNING, logger="streamer.mqtt"):
+        d.hub.publish("x\n", "s1", Final(0, "a stream name with a newline", 0.0, 1.0))  # the topic level becomes x_
+        d.hub.publish("room", "s2", Final(0, "so long " * 1000, 0.0, 60.0))  # 8 kB: over the broker's limit
+        msgs, code = await native_session(d.port, pcm16(speech), chunk=1600, pace=0.003,
+                                          start={"type": "start", "name": "desk"})
+        expected = finals_of(msgs)
+        assert code == 1000
+        assert [f["text"] for f in expected] == [f["text"] for f in reference_finals(model_runner, as_s16(speech))]
+        await sub.wait_for(lambda s: len(s.finals()) >= 1 + len(expected))
+        await until(lambda: pub.pending == 0)
+    assert [m.topic.value for m in sub.messages][:1] == ["streamer/x_/final"]
+    assert [without_ids(p) for p in sub.finals()[1:]] == expected
+    assert counter(pub.metrics.mqtt_dropped, "final") == 1
+    assert "dropped 1 message(s) (latest: final to streamer/room/final): the broker closed the connection each of " \
+           "the 3 times it was sent" in caplog.text
+    status, _, body = await asyncio.to_thread(http_get, d.port, "/healthz")
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "degraded" and health["mqtt"] == "degraded"
+    assert "a final was dropped" in health["mqtt_reason"]
+
+
+async def test_healthz_says_mqtt_is_degraded_while_the_broker_is_away(brokers, daemon_factory):  # noqa: F811
+    broker = await brokers()
+    d, pub = await start_daemon(daemon_factory, broker.port)
+    pub.degraded_after_s = 0.5
+
+    async def health() -> tuple[int, dict]:
+        status, _, body = await asyncio.to_thread(http_get, d.port, "/healthz")
+        return status, json.loads(body)
+
+    async with asyncio.timeout(TIMEOUT):
+        await pub.wait_connected()
+    assert await health() == (200, {**(await health())[1], "status": "ok", "mqtt": "ok"})
+    await broker.kill()
+    await until(lambda: not pub.connected)
+    assert (await health())[1]["mqtt"] == "ok"  # a broker restart within the grace period is no news
+    await asyncio.sleep(0.6)
+    status, h = await health()
+    assert status == 200 and h["status"] == "degraded" and h["mqtt"] == "degraded"
+    assert h["mqtt_reason"].startswith(f"not connected to 127.0.0.1:{broker.port} for ")
+    await broker.start()
+    async with asyncio.timeout(TIMEOUT):
+        await pub.wait_connected()
+    status, h = await health()
+    assert status == 200 and h["status"] == "ok" and h["mqtt"] == "ok" and "mqtt_reason" not in h

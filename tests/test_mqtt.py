@@ -62,7 +62,7 @@ class Broker:
     """mosquitto on 127.0.0.1:port, restartable on the same port; its log lines can be awaited."""
 
     def __init__(self, root: Path, *, users: dict[str, str] | None = None, persistent: bool = False,
-                 tls: tuple[Path, Path] | None = None) -> None:
+                 tls: tuple[Path, Path] | None = None, extra: tuple[str, ...] = ()) -> None:
         self.root = root / f"broker-{uuid.uuid4().hex[:6]}"
         self.root.mkdir()
         self.port = free_port()
@@ -70,13 +70,14 @@ class Broker:
         self.users = users
         self.persistent = persistent
         self.tls = tls
+        self.extra = extra  # more lines of mosquitto.conf
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
         self._line = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
     def _config(self) -> Path:
-        lines = [f"listener {self.port} 127.0.0.1", "log_dest stderr", "log_type all"]
+        lines = [f"listener {self.port} 127.0.0.1", "log_dest stderr", "log_type all", *self.extra]
         if getpass.getuser() == "root":
             lines.append("user root")  # else mosquitto switches to user mosquitto, who cannot read tmp_path
         if self.users:

@@ -1,4 +1,4 @@
-"""The MQTT outbox as plain code: drop policy, in-flight window, requeue order, acks, failures, counts.
+"""The MQTT outbox as plain code: drop policy, in-flight window, requeue order, acks, failures, suspects, counts.
 
 No broker and no event loop: :class:`streamer.outbox.Outbox` does no I/O. ``tests/test_mqtt.py``
 checks the same rules end to end against mosquitto.
@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from streamer.outbox import QUEUE_FULL, WINDOW, Drop, Message, Outbox
+from streamer.outbox import BREAKS_TO_DROP, QUEUE_FULL, WINDOW, Drop, Message, Outbox
 
 
 def msg(name: str) -> Message:
@@ -27,8 +27,8 @@ def dropped(drop: Drop | None) -> str | None:
     return None if drop is None else drop.message.payload.decode()
 
 
-def filled(size: int, *items: str, window: int = WINDOW) -> Outbox:
-    outbox = Outbox(size, window)
+def filled(size: int, *items: str, window: int = WINDOW, breaks_to_drop: int = BREAKS_TO_DROP) -> Outbox:
+    outbox = Outbox(size, window, breaks_to_drop)
     for name in items:
         assert outbox.put(msg(name)) is None
     return outbox
@@ -134,9 +134,9 @@ def test_a_failed_message_is_dropped_with_its_reason_and_never_retried():
     drop = outbox.fail(bad, "invalid topic")
     assert drop.message is bad and drop.reason == "invalid topic"
     assert outbox.dropped == {"final": 1}
-    assert outbox.requeue() == 2  # the connection broke: f1 does not come back
+    assert outbox.requeue() == []  # the connection broke: f1 does not come back
     assert names(outbox.waiting) == ["f0", "f2"]
-    assert names(outbox.take()) == ["f0", "f2"]
+    assert names(outbox.take()) == ["f0"]  # a suspect now: alone
     assert outbox.pending == 2
 
 
@@ -147,12 +147,16 @@ def test_requeue_puts_what_is_not_acknowledged_back_in_front_in_order():
     outbox.ack(sent[0])
     outbox.ack(sent[2])
     outbox.put(msg("f3"))  # an event while the connection breaks
-    assert outbox.requeue() == 2
+    assert outbox.requeue() == []
     assert names(outbox.waiting) == ["f0", "f1", "p1", "f2", "f3"]
     assert outbox.in_flight == 0 and outbox.partials == recount(outbox) == 1
-    assert names(outbox.take()) == ["f0", "f1", "p1", "f2"]  # after the reconnect: the same order
-    assert outbox.requeue() == 4 and outbox.requeue() == 0  # twice is harmless
-    assert names(outbox.waiting) == ["f0", "f1", "p1", "f2", "f3"]
+    assert outbox.requeue() == [] and outbox.suspects == 2  # twice is harmless: nothing was in flight
+    # after the reconnect: the same order, the suspects one at a time
+    assert names(outbox.take()) == ["f0"] and outbox.take() == []
+    outbox.ack(outbox.sending[0])
+    assert names(outbox.take()) == ["f1"] and outbox.take() == []
+    outbox.ack(outbox.sending[0])
+    assert names(outbox.take()) == ["p1", "f2", "f3"] and outbox.suspects == 0
 
 
 def test_requeued_partials_are_counted_and_dropped_first():
@@ -160,7 +164,7 @@ def test_requeued_partials_are_counted_and_dropped_first():
     outbox.take()
     for name in ("f1", "f2", "f3"):
         assert outbox.put(msg(name)) is None
-    assert outbox.requeue() == 2
+    assert outbox.requeue() == []
     # size + window: the queue shrinks back as messages are sent, a put drops one to add one
     assert names(outbox.waiting) == ["p0", "f0", "f1", "f2", "f3"]
     assert outbox.partials == 1
@@ -182,10 +186,46 @@ def test_clear_drops_in_flight_first_then_queued_in_order():
 
 
 def test_size_and_window_must_be_positive():
-    with pytest.raises(ValueError, match="at least 1, got 0 and 8"):
+    with pytest.raises(ValueError, match="at least 1, got 0, 8 and 3"):
         Outbox(0)
-    with pytest.raises(ValueError, match="at least 1, got 5 and 0"):
+    with pytest.raises(ValueError, match="at least 1, got 5, 0 and 3"):
         Outbox(5, window=0)
+
+
+# --- a message the broker refuses --------------------------------------------------------------
+
+
+def test_a_message_that_breaks_the_connection_is_isolated_then_dropped():
+    """mosquitto closes the connection on some messages; sent again after every reconnect, one such message
+    blocked every later one. Suspects go alone; one in flight at BREAKS_TO_DROP breaks is dropped."""
+    assert BREAKS_TO_DROP == 3
+    outbox = filled(20, "f0", "f1", "f2", "f3", window=4)
+    poison = outbox.waiting[2]
+    outbox.take()
+    outbox.ack(outbox.sending[0])  # f0 acknowledged before the break
+    assert outbox.requeue() == []  # break 1: f1, f2 and f3 are suspects
+    assert outbox.suspects == 3
+    assert names(outbox.take()) == ["f1"]
+    outbox.ack(outbox.sending[0])  # innocent: acknowledged alone
+    assert names(outbox.take()) == ["f2"]
+    assert outbox.requeue() == []  # break 2, f2 alone in flight
+    outbox.put(msg("f4"))
+    assert names(outbox.take()) == ["f2"]
+    drops = outbox.requeue()  # break 3: dropped
+    assert [(d.message, "closed the connection each of the 3 times" in d.reason) for d in drops] == [(poison, True)]
+    assert outbox.dropped == {"final": 1} and outbox.suspects == 1  # f3
+    assert names(outbox.take()) == ["f3"]
+    outbox.ack(outbox.sending[0])
+    assert names(outbox.take()) == ["f4"] and outbox.suspects == 0
+
+
+def test_a_message_in_flight_at_two_outages_is_kept():
+    outbox = filled(20, "f0", "f1", breaks_to_drop=3)
+    for _ in range(2):
+        outbox.take()
+        assert outbox.requeue() == []
+    assert names(outbox.waiting) == ["f0", "f1"] and not outbox.dropped
+    assert Outbox(5, breaks_to_drop=1).requeue() == []
 
 
 # --- randomized: the outbox against a brute-force model -------------------------------------
@@ -194,11 +234,15 @@ def test_size_and_window_must_be_positive():
 class Model:
     """The rules of the outbox written the slow, obvious way: lists, scans, no counters."""
 
-    def __init__(self, size: int, window: int) -> None:
-        self.size, self.window = size, window
+    def __init__(self, size: int, window: int, breaks_to_drop: int) -> None:
+        self.size, self.window, self.breaks_to_drop = size, window, breaks_to_drop
         self.queue: list[Message] = []
         self.flight: list[Message] = []
         self.drops: list[Message] = []
+        self.breaks: list[tuple[Message, int]] = []
+
+    def suspect(self, m: Message) -> bool:
+        return any(s is m for s, _ in self.breaks)
 
     def put(self, m: Message) -> Message | None:
         victim = None
@@ -209,30 +253,46 @@ class Model:
             partials = [q for q in self.queue if q.kind == "partial"]
             victim = partials[0] if partials else self.queue[0]
             self.queue = [q for q in self.queue if q is not victim]
+            self.breaks = [(s, n) for s, n in self.breaks if s is not victim]
             self.drops.append(victim)
         self.queue.append(m)
         return victim
 
     def take(self) -> list[Message]:
-        n = max(0, min(len(self.queue), self.window - len(self.flight)))
-        out, self.queue = self.queue[:n], self.queue[n:]
-        self.flight += out
+        out = []
+        while self.queue and len(self.flight) < self.window:
+            if self.flight and (self.suspect(self.queue[0]) or self.suspect(self.flight[-1])):
+                break
+            out.append(self.queue.pop(0))
+            self.flight.append(out[-1])
         return out
 
     def done(self, m: Message, failed: bool) -> None:
         self.flight = [f for f in self.flight if f is not m]
+        self.breaks = [(s, n) for s, n in self.breaks if s is not m]
         if failed:
             self.drops.append(m)
 
-    def requeue(self) -> None:
-        self.queue, self.flight = self.flight + self.queue, []
+    def requeue(self) -> list[Message]:
+        back, dropped = [], []
+        for m in self.flight:
+            n = 1 + sum(k for s, k in self.breaks if s is m)
+            self.breaks = [(s, k) for s, k in self.breaks if s is not m]
+            if n >= self.breaks_to_drop:
+                dropped.append(m)
+            else:
+                self.breaks.append((m, n))
+                back.append(m)
+        self.drops += dropped
+        self.queue, self.flight = back + self.queue, []
+        return dropped
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_random_operations_match_the_model(seed):
     rng = random.Random(seed)
-    size, window = rng.randint(1, 6), rng.randint(1, 4)
-    outbox, model = Outbox(size, window), Model(size, window)
+    size, window, breaks_to_drop = rng.randint(1, 6), rng.randint(1, 4), rng.randint(1, 3)
+    outbox, model = Outbox(size, window, breaks_to_drop), Model(size, window, breaks_to_drop)
     counter = 0
     for _ in range(400):
         op = rng.choices(["put", "take", "ack", "fail", "requeue"], weights=[8, 3, 3, 1, 1])[0]
@@ -251,12 +311,12 @@ def test_random_operations_match_the_model(seed):
                 assert outbox.fail(m, "bad topic").message is m
             model.done(m, failed=op == "fail")
         elif op == "requeue":
-            outbox.requeue()
-            model.requeue()
+            assert [d.message for d in outbox.requeue()] == model.requeue()
         assert list(outbox.waiting) == model.queue
         assert list(outbox.sending) == model.flight
         assert outbox.partials == recount(outbox)
         assert outbox.pending == len(model.queue) + len(model.flight)
+        assert outbox.suspects == len(model.breaks)
         kinds: dict[str, int] = {}
         for d in model.drops:
             kinds[d.kind] = kinds.get(d.kind, 0) + 1

@@ -82,6 +82,11 @@ class StreamHandler:
 
     def open_stream(self, rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
                     name: str | None = None, words: WordDecoder | None = None) -> LiveStream:
+        """The connection's stream, under ``name`` (else its session id) unless another stream or a source has it."""
+        holder = self.daemon.claim_name(name or self.id, self.id)
+        if holder is not None:
+            raise ProtocolError(f"stream name {name!r} is in use by {holder}; choose another name, or use "
+                                f"{name!r} again once that stream has ended", kind="name_in_use", code=CLOSE_POLICY)
         return self.daemon.open_stream(sample_rate=rate, channels=channels, encoding=encoding, name=name,
                                        id=self.id, words=words)
 
@@ -122,6 +127,7 @@ class StreamHandler:
             await self.report(error)
         finally:
             self._stop.cancel()
+            self.daemon.release_names(self.id)
             self.stream = None  # free everything of this stream at once
 
     async def serve(self) -> None:

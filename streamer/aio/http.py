@@ -68,7 +68,7 @@ class HttpFront:
         path, query = url.path, parse_qs(url.query)
         if path == "/healthz":
             h = d.health()
-            return respond(conn, 200 if h["status"] == "ok" else 503, json.dumps(h), "application/json")
+            return respond(conn, 503 if h["status"] == "unavailable" else 200, json.dumps(h), "application/json")
         if path == "/metrics":
             return respond(conn, 200, d.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
         if request.headers.get("Upgrade", "").lower() != "websocket":

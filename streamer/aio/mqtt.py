@@ -14,9 +14,12 @@ Delivery: a message leaves the queue only when the broker acknowledged it (QoS 1
 it was written (QoS 0). When the connection breaks, every message not acknowledged goes
 back to the front of the queue, in order, and is sent again after the reconnect; with
 QoS 1 a subscriber may therefore see a final twice and de-duplicates by
-``(session, segment)``. When the queue is full, partials are dropped first (an arriving
-one, else the oldest queued one), then the oldest finals; drops are counted in
-``streamer_mqtt_dropped_total`` and logged.
+``(session, segment)``. Those messages are suspects and go one at a time; one that was in
+flight each of ``BREAKS_TO_DROP`` (3) times the connection broke is one the broker refuses,
+and is dropped so that the rest goes through. When the queue is full, partials are dropped
+first (an arriving one, else the oldest queued one), then the oldest finals; drops are
+counted in ``streamer_mqtt_dropped_total`` and logged. :meth:`MqttPublisher.health` says
+``degraded`` while finals do not get through (``/healthz``).
 
 For code without an event loop (``streamer transcribe``, a capture loop) use
 :class:`PublisherThread`; for asyncio code, :func:`running_publisher`.
@@ -35,6 +38,7 @@ import json
 import logging
 import threading
 import time
+import unicodedata
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +50,7 @@ from streamer.aio.mqtt_settings import check_settings, client_id_for, explain_fa
 from streamer.config import MqttConfig
 from streamer.events import Event, Final
 from streamer.exceptions import ConfigError, StreamerError
-from streamer.outbox import Drop, Message, Outbox
+from streamer.outbox import PARTIAL, QUEUE_FULL, Drop, Message, Outbox
 
 if TYPE_CHECKING:
     from streamer.aio.server import Daemon
@@ -74,6 +78,10 @@ START_WAIT_S = 12.0
 STOP_GRACE_S = 3.0
 """After ``flush_timeout_s``, time left to say ``offline`` and disconnect before the task is cancelled."""
 DROP_LOG_INTERVAL_S = 10.0
+DEGRADED_AFTER_S = 10.0
+"""``health()`` says degraded once the publisher has not been connected for this long ..."""
+DROPS_DEGRADE_S = 60.0
+"""... or for this long after a final (or Hermes message) was dropped."""
 
 _PAHO_LOGGER = logging.getLogger("streamer.mqtt.paho")
 
@@ -87,8 +95,12 @@ class _ConnectionLost(MqttError):
 
 
 def topic_level(name: str) -> str:
-    """Make a stream name usable as one topic level: no ``/``, ``+``, ``#`` or NUL."""
-    out = "".join("_" if c in "/+#\x00" else c for c in name)
+    """Make a name usable as one topic level: ``/``, ``+``, ``#``, control characters and surrogates become ``_``.
+
+    The daemon's stream and source names are validated already; this keeps any other caller from building a
+    topic that the broker refuses (mosquitto closes the connection on a control character).
+    """
+    out = "".join("_" if c in "/+#" or unicodedata.category(c) in ("Cc", "Cs") else c for c in name)
     return out or "_"
 
 
@@ -142,6 +154,9 @@ class MqttPublisher:
         self._task: asyncio.Task[None] | None = None
         self._drops_logged = 0  # of the outbox's drops, those that a log line reported
         self._drop_logged_at = -DROP_LOG_INTERVAL_S
+        self.degraded_after_s = DEGRADED_AFTER_S
+        self._down_since = time.monotonic()  # not connected since (the start counts)
+        self._final_dropped_at = -DROPS_DEGRADE_S
 
     # -- the sink side: synchronous, never waits ---------------------------------------
 
@@ -175,6 +190,21 @@ class MqttPublisher:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def health(self) -> dict[str, Any]:
+        """For ``/healthz``: ``{"mqtt": "ok"}``, or ``"degraded"`` with ``mqtt_reason`` while finals do not get
+        through: not connected for ``degraded_after_s`` (10 s), or a final dropped in the last 60 s."""
+        now = time.monotonic()
+        where = f"{self.cfg.host}:{self.cfg.port}"
+        if not self.connected and now - self._down_since >= self.degraded_after_s:
+            reason = f"not connected to {where} for {now - self._down_since:.0f} s; {self.pending} message(s) waiting"
+        elif now - self._final_dropped_at < DROPS_DEGRADE_S:
+            lost = self._outbox.dropped.total() - self._outbox.dropped[PARTIAL]
+            reason = (f"a final was dropped {now - self._final_dropped_at:.0f} s ago ({lost} since start; see the "
+                      "log and streamer_mqtt_dropped_total)")
+        else:
+            return {"mqtt": "ok"}
+        return {"mqtt": "degraded", "mqtt_reason": reason}
+
     async def wait_connected(self) -> None:
         """Return once the broker accepted the connection (at once when it already has)."""
         await self._connected.wait()
@@ -185,15 +215,19 @@ class MqttPublisher:
             self._drop(drop)
         self._wake.set()
 
-    def _drop(self, drop: Drop) -> None:
+    def _drop(self, drop: Drop, *, always: bool = False) -> None:
         """Count a message that will never be published; log it, at most once per interval in a long outage."""
         msg = drop.message
         self.metrics.mqtt_dropped.labels(msg.kind).inc()
         now = time.monotonic()
-        if now - self._drop_logged_at >= DROP_LOG_INTERVAL_S:
-            logger.warning("mqtt: dropped %d message(s) (latest: %s to %s): %s (mqtt.queue_size = %d, %d waiting)",
-                           self._unlogged_drops(), msg.kind, msg.topic, drop.reason, self.cfg.queue_size,
-                           self.pending)
+        if msg.kind != PARTIAL:
+            self._final_dropped_at = now
+        if always or now - self._drop_logged_at >= DROP_LOG_INTERVAL_S:
+            full = ""
+            if drop.reason == QUEUE_FULL:
+                full = f" (mqtt.queue_size = {self.cfg.queue_size}, {self.pending} waiting)"
+            logger.warning("mqtt: dropped %d message(s) (latest: %s to %s): %s%s", self._unlogged_drops(), msg.kind,
+                           msg.topic, drop.reason, full)
             self._drop_logged_at = now
 
     def _log_drops(self) -> None:
@@ -322,8 +356,9 @@ class MqttPublisher:
     def _set_connected(self, up: bool) -> None:
         if up:
             self._connected.set()
-        else:
+        elif self._connected.is_set():
             self._connected.clear()
+            self._down_since = time.monotonic()
         self.metrics.mqtt_connected.set(1 if up else 0)
 
     async def _session(self) -> None:
@@ -437,7 +472,8 @@ class MqttPublisher:
                 self.metrics.mqtt_published.labels(msg.kind).inc()
             else:
                 send.cancel()
-        self._outbox.requeue()
+        for drop in self._outbox.requeue():  # a message the broker refuses
+            self._drop(drop, always=True)
 
 
 def attach_publisher(daemon: Daemon) -> MqttPublisher | None:

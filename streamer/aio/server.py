@@ -74,6 +74,7 @@ class Daemon:
         self._viewers: set[asyncio.Task[Any]] = set()
         self._viewers_stop = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
+        self._names: dict[str, str] = {}  # the name of every live stream (its own, else its session id) -> session
         self.started_at = time.time()
         self.on_reload: list[Callable[[Config], Awaitable[None] | None]] = []
 
@@ -89,6 +90,23 @@ class Daemon:
         """A new live stream with the config in force; ``words``: the stream's own list (default: the daemon's)."""
         return self.streams.open(sample_rate=sample_rate, channels=channels, encoding=encoding, name=name, id=id,
                                  words=words)
+
+    def claim_name(self, name: str, session: str) -> str | None:
+        """Give stream ``session`` the name ``name`` while it lives; or say who has it (and give nothing).
+
+        A capture source's name (``[[sources]]``) is never given to a client, so no client speaks for another
+        stream or source to its viewers and on its MQTT topic. :meth:`release_names` gives it back.
+        """
+        if any(source.name == name for source in self.cfg.sources):
+            return "a capture source ([[sources]])"
+        if self._names.setdefault(name, session) != session:
+            return "another live stream"
+        return None
+
+    def release_names(self, session: str) -> None:
+        """The stream ``session`` ended: its name is free again."""
+        for name in [n for n, s in self._names.items() if s == session]:
+            del self._names[name]
 
     @property
     def port(self) -> int:
@@ -106,10 +124,21 @@ class Daemon:
         return len(self._handlers)
 
     def health(self) -> dict[str, Any]:
+        """``/healthz``: ``status`` is ``unavailable`` (503) when not serving, ``degraded`` when a service (MQTT)
+        reports so, else ``ok``; a service's ``health()`` adds its own keys (``mqtt``, ``mqtt_reason``)."""
         ok = self.worker.alive and not self.stopping.is_set()
-        return {"status": "ok" if ok else "unavailable", "model": self.runner.name, "device": self.runner.device,
-                "worker_alive": self.worker.alive, "streams": self.active_streams,
-                "uptime_s": round(time.time() - self.started_at, 1)}
+        out: dict[str, Any] = {
+            "status": "ok" if ok else "unavailable", "model": self.runner.name, "device": self.runner.device,
+            "worker_alive": self.worker.alive, "streams": self.active_streams,
+            "uptime_s": round(time.time() - self.started_at, 1)}
+        for service in self.services:
+            report = getattr(service, "health", None)
+            if callable(report):
+                extra: dict[str, Any] = report()
+                out.update(extra)
+                if ok and "degraded" in extra.values():
+                    out["status"] = "degraded"
+        return out
 
     # -- lifecycle -----------------------------------------------------------
 

@@ -1,0 +1,82 @@
+"""Who may open a websocket: the browser ``Origin`` check, and the token a page keeps in a cookie.
+
+A browser sends ``Origin`` with every websocket upgrade, and any page may try to open one: without
+a check, a page of any site could stream to the daemon or follow its viewers from a visitor's
+browser (cross-site websocket hijacking). :func:`origin_allowed` accepts an upgrade without
+``Origin`` (not a browser), one from the daemon's own host (the page it serves), and the origins
+listed in ``server.allowed_origins`` (``"*"``: any).
+
+The caption page gets the token once, as ``/?token=TOKEN``: :func:`token_cookie` turns it into an
+HttpOnly cookie and the page is reloaded without it (303), so the token stays out of the browser's
+history and out of reach of scripts. Browsers cannot set headers on a websocket, but they send the
+page's cookies with the upgrade; the cookie is ``SameSite=Strict``, so other sites' pages never send it.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote, unquote, urlsplit
+
+__all__ = ["LOOPBACK", "cookie_name", "origin_allowed", "read_cookie", "token_cookie"]
+
+LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+"""host names of this machine that browsers treat as secure, and that a page and the daemon may mix"""
+
+_DEFAULT_PORT = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+
+
+def _host_port(host: str, scheme: str) -> tuple[str, int | None] | None:
+    """``host[:port]`` split into its (lower-case) name and port, the scheme's port when it has none."""
+    try:
+        url = urlsplit(f"{scheme}://{host}")
+        name, port = url.hostname, url.port
+    except ValueError:  # a port that is no number, or out of range
+        return None
+    if not name or url.path or url.query or url.username:
+        return None
+    return name, port if port is not None else _DEFAULT_PORT.get(scheme)
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...], tls: bool) -> bool:
+    """Whether a websocket upgrade with ``Origin: origin`` to ``Host: host`` may go on.
+
+    Allowed: no ``Origin`` (not a browser); an origin listed in ``allowed`` (``"*"``: any); the daemon's own
+    host, as the ``Host`` header names it (same name, and the same port when ``Host`` names one: behind a
+    proxy that does not forward the port, the name alone); and the loopback names among themselves, on the
+    same port (a page at ``http://localhost:8765/`` and ``ws://127.0.0.1:8765``).
+    """
+    if origin is None or "*" in allowed or origin in allowed:
+        return True
+    if origin.rstrip("/") in allowed:
+        return True
+    scheme, sep, rest = origin.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not host:
+        return False  # "null" (a file or a sandboxed frame) and anything odd
+    page = _host_port(rest.rstrip("/"), scheme.lower())
+    own = _host_port(host, "https" if tls else "http")
+    if page is None or own is None:
+        return False
+    same_port = page[1] == own[1] or ":" not in host.rsplit("]", 1)[-1]
+    if page[0] == own[0]:
+        return same_port
+    return page[0] in LOOPBACK and own[0] in LOOPBACK and page[1] == own[1]
+
+
+def cookie_name(port: int) -> str:
+    """The token cookie of the daemon listening on ``port``: cookies are shared by all ports of a host."""
+    return f"streamer_token_{port}"
+
+
+def token_cookie(port: int, token: str, secure: bool) -> str:
+    """A ``Set-Cookie`` value that keeps ``token`` for the page's websockets (HttpOnly, SameSite=Strict)."""
+    return (f"{cookie_name(port)}={quote(token, safe='')}; Path=/; HttpOnly; SameSite=Strict"
+            + ("; Secure" if secure else ""))
+
+
+def read_cookie(header: str, port: int) -> str:
+    """The token in a ``Cookie`` header (empty if none)."""
+    name = cookie_name(port)
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return unquote(value)
+    return ""

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+from http import HTTPStatus
 
 import numpy as np
 import pytest
@@ -259,3 +260,65 @@ async def test_healthz_says_mqtt_is_degraded_while_the_broker_is_away(brokers, d
         await pub.wait_connected()
     status, h = await health()
     assert status == 200 and h["status"] == "ok" and h["mqtt"] == "ok" and "mqtt_reason" not in h
+
+
+# --- finding 12: HTTP edges ---------------------------------------------------------------------------------------
+
+
+async def raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send one raw HTTP request; the status, headers (lower-case names) and body of the answer."""
+    async with asyncio.timeout(TIMEOUT):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(request)
+            await writer.drain()
+            data = await reader.read()  # up to the server's end of stream
+        finally:
+            writer.close()
+    assert data, f"no answer to {request[:60]!r}"
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *fields = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (f.partition(":") for f in fields)}
+    return int(status_line.split()[1]), headers, body
+
+
+HTTP_CASES = [
+    (b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: h\r\n\r\n", 404),  # 500 and a traceback per request
+    (b"GET /js/" + b"b" * 256 + b"/app.js HTTP/1.1\r\nHost: h\r\n\r\n", 404),
+    (b"GET /index.html\x00.png HTTP/1.1\r\nHost: h\r\n\r\n", 404),
+    (b"POST /healthz HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nx=1", 405),  # no answer at all
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nx=1\r\n0\r\n\r\n", 405),
+    (b"GET /healthz HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi", 405),
+    (b"PUT /healthz HTTP/1.1\r\nHost: h\r\n\r\n", 405),
+    (b"DELETE /v1/stream HTTP/1.1\r\nHost: h\r\n\r\n", 405),
+    (b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n", 405),
+]
+
+
+async def test_odd_http_requests_get_a_4xx_and_one_log_line(daemon_factory, caplog):
+    d = await daemon_factory()
+    for request, expected in HTTP_CASES:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            status, headers, body = await raw_http(d.port, request)
+        assert status == expected, (request[:40], status, body)
+        assert body.endswith(b"\n") and len(body) == int(headers["content-length"])
+        if status == 405:
+            assert headers["allow"] == "GET, HEAD" and b"use GET, HEAD" in body
+        sent = [r.getMessage() for r in caplog.records if r.getMessage().startswith("HTTP response sent")]
+        assert sent == [f"HTTP response sent ({status} {HTTPStatus(status).phrase})"]  # websockets' line
+        assert not any(r.exc_info or r.levelno >= logging.WARNING for r in caplog.records)
+    status, _, body = await raw_http(d.port, b"GET /healthz HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert status == 200 and json.loads(body)["status"] == "ok"  # and the daemon serves on
+
+
+async def test_head_gets_the_headers_without_the_body(daemon_factory):
+    d = await daemon_factory()
+    for path, status in [("/", 200), ("/healthz", 200), ("/metrics", 200), ("/nope.txt", 404)]:
+        got, get_headers, get_body = await raw_http(d.port, f"GET {path} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        assert got == status and get_body
+        got, headers, body = await raw_http(d.port, f"HEAD {path} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        assert (got, body) == (status, b""), path
+        assert headers["content-type"] == get_headers["content-type"]
+        if path in ("/", "/nope.txt"):  # the same bytes each time
+            assert headers["content-length"] == get_headers["content-length"] == str(len(get_body))

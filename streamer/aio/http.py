@@ -7,23 +7,34 @@ plain HTTP requests itself and refuses upgrades that lack the token (401) or go 
 from __future__ import annotations
 
 import hmac
+import http
 import json
 import mimetypes
+from collections.abc import Generator
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import Server, ServerConnection
 from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
+
+from streamer.aio.limits import BoundedConnection
 
 if TYPE_CHECKING:
     from streamer.aio.server import Daemon
 
-__all__ = ["LISTEN_PREFIX", "STREAM_PATH", "HttpFront"]
+__all__ = ["ALLOW", "LISTEN_PREFIX", "STREAM_PATH", "HttpConnection", "HttpFront"]
 
 STREAM_PATH = "/v1/stream"
 LISTEN_PREFIX = "/v1/listen/"
+ALLOW = "GET, HEAD"
+"""the methods the daemon answers (``Allow`` of a 405)"""
+MAX_NAME_BYTES = 255
+"""the longest file name (one path component) a file system holds"""
+SCREEN_BYTES = 1 << 16
+"""how much of a request head :class:`HttpConnection` reads to find its method and body; beyond, websockets decides"""
 
 
 def _web_root() -> Path:
@@ -61,7 +72,22 @@ class HttpFront:
         return hmac.compare_digest(given.encode(), self.token.encode())
 
     def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        """websockets' ``process_request`` hook: a response ends the request, None lets the upgrade go on."""
+        """websockets' ``process_request`` hook: a response ends the request, None lets the upgrade go on.
+
+        Odd requests get a 4xx and websockets' one log line (``HTTP response sent (405 Method Not Allowed)``),
+        never a traceback: ``HEAD`` gets the headers of the ``GET`` answer without its body, other methods 405
+        (websockets 14 and later hand them here; :class:`HttpConnection` answers those that websockets' parser
+        would drop), a path no file can have (a component over 255 bytes, a NUL) 404.
+        """
+        if request.method not in ("GET", "HEAD"):
+            return not_allowed(conn.protocol, request.method)
+        response = self.route(conn, request)
+        if request.method == "HEAD" and response is not None:
+            response.body = b""  # Content-Length stays: the length of what GET returns
+        return response
+
+    def route(self, conn: ServerConnection, request: Request) -> Response | None:
+        """The answer to a GET (None: go on with the websocket upgrade)."""
         d = self.daemon
         d.connection_limits(conn)  # the limits of the config now in force (reload)
         url = urlsplit(request.path)
@@ -89,10 +115,59 @@ class HttpFront:
         """A file of the caption page (``streamer/web/``), or 404."""
         root = _web_root()
         rel = "index.html" if path in ("/", "") else path.lstrip("/")
-        target = (root / rel).resolve()
-        if root.is_dir() and target.is_file() and root.resolve() in target.parents:
+        if any(len(part.encode()) > MAX_NAME_BYTES for part in rel.split("/")) or "\x00" in rel:
+            return respond(conn, 404, "not found: no file has such a name\n", "text/plain")
+        try:
+            target = (root / rel).resolve()
+            found = root.is_dir() and target.is_file() and root.resolve() in target.parents
+        except (OSError, ValueError):  # a name the file system refuses: nothing to find
+            found = False
+        if found:
             ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
             if ctype.startswith("text/") or ctype.endswith("javascript"):
                 ctype += "; charset=utf-8"
             return respond(conn, 200, target.read_bytes(), ctype)
         return respond(conn, 404, f"not found: {path}\n", "text/plain")
+
+
+def not_allowed(protocol: ServerProtocol, method: str) -> Response:
+    """405 for a method the daemon does not serve, with ``Allow``."""
+    response = protocol.reject(http.HTTPStatus.METHOD_NOT_ALLOWED,
+                               f"method {method[:40]!r} is not allowed here; use {ALLOW}\n")
+    response.headers["Allow"] = ALLOW
+    return response
+
+
+def _screen(protocol: ServerProtocol) -> Generator[None]:
+    """Read the request head before websockets does; answer 405 where websockets would drop the request.
+
+    websockets' parser closes the connection without a word on a request with a body (``Content-Length``
+    other than 0, or ``Transfer-Encoding``: a POST with data), and before websockets 14 on any method but
+    GET. A generator like websockets' own parsers: the protocol resumes it whenever data or the end of the
+    stream arrived. Nothing is consumed: websockets' parser reads the same bytes afterwards.
+    """
+    reader, seen = protocol.reader, 0
+    while (end := reader.buffer.find(b"\r\n\r\n", max(0, seen - 3))) < 0:
+        seen = len(reader.buffer)
+        if seen > SCREEN_BYTES or reader.eof:
+            break
+        yield
+    if end >= 0:
+        lines = bytes(reader.buffer[:end]).decode("latin-1").split("\r\n")
+        method = lines[0].split(" ", 1)[0]
+        fields = [(name.strip().lower(), value.strip()) for name, _, value in (f.partition(":") for f in lines[1:])]
+        body = any(name == "transfer-encoding" or (name == "content-length" and value != "0") for name, value in fields)
+        if method not in ("GET", "HEAD") or body:
+            protocol.send_response(not_allowed(protocol, f"{method} with a body" if body else method))
+            yield  # the protocol discards what follows
+            return
+    yield from protocol.parse()
+
+
+class HttpConnection(BoundedConnection):
+    """A server connection that answers, instead of dropping, the requests websockets' parser refuses (405)."""
+
+    def __init__(self, protocol: ServerProtocol, server: Server, **kwargs: Any) -> None:
+        super().__init__(protocol, server, **kwargs)
+        protocol.parser = _screen(protocol)  # nothing has arrived yet
+        next(protocol.parser)

@@ -18,7 +18,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from streamer.aio.handler import StreamHandler
-from streamer.aio.http import LISTEN_PREFIX, STREAM_PATH, HttpFront
+from streamer.aio.http import LISTEN_PREFIX, STREAM_PATH, HttpConnection, HttpFront
 from streamer.aio.hub import Hub
 from streamer.aio.limits import BoundedConnection, check_descriptors, install_accept_error_filter
 from streamer.aio.metrics import Metrics
@@ -153,7 +153,7 @@ class Daemon:
             "server_header": "streamer",
             # bounded outgoing data and a keepalive that closes a client that never reads (aio/limits.py);
             # connection_limits() sets them again from the config in force
-            "create_connection": BoundedConnection,
+            "create_connection": HttpConnection,  # a BoundedConnection that answers odd requests (aio/http.py)
             "write_limit": s.write_limit_bytes,
             "ping_interval": s.ping_interval_s or None,
             "ping_timeout": s.ping_timeout_s or None,

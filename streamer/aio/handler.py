@@ -83,12 +83,20 @@ class StreamHandler:
     def open_stream(self, rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
                     name: str | None = None, words: WordDecoder | None = None) -> LiveStream:
         """The connection's stream, under ``name`` (else its session id) unless another stream or a source has it."""
-        holder = self.daemon.claim_name(name or self.id, self.id)
-        if holder is not None:
-            raise ProtocolError(f"stream name {name!r} is in use by {holder}; choose another name, or use "
-                                f"{name!r} again once that stream has ended", kind="name_in_use", code=CLOSE_POLICY)
+        self.claim_name(name)
         return self.daemon.open_stream(sample_rate=rate, channels=channels, encoding=encoding, name=name,
                                        id=self.id, words=words)
+
+    def claim_name(self, name: str | None) -> None:
+        """Hold ``name`` (else the session id) for this connection's stream until it ends; again is harmless.
+
+        Raises ``name_in_use`` (1008) when another live stream or a capture source has it.
+        """
+        wanted = name or self.id
+        holder = self.daemon.claim_name(wanted, self.id)
+        if holder is not None:
+            raise ProtocolError(f"stream name {wanted!r} is in use by {holder}; choose another name, or use "
+                                f"{wanted!r} again once that stream has ended", kind="name_in_use", code=CLOSE_POLICY)
 
     async def recv(self) -> Any:
         """The next message (bytes or str), or :data:`IDLE` / :data:`STOP`.

@@ -66,6 +66,7 @@ class NativeHandler(StreamHandler):
                                         code=CLOSE_POLICY)
                 assert ctrl.start is not None
                 s = ctrl.start
+                self.claim_name(s.name)  # before the word list is built: a refusal costs nothing
                 words = await self.word_list(s.words) if s.words is not None else None
                 self.stream = self.open_stream(s.sample_rate, s.channels, s.encoding, s.name, words)
             elif ctrl.type == "flush":

@@ -222,7 +222,8 @@ class ServerConfig(_Section):
     auth_token: str = _opt("", doc="shared secret; empty = no auth. Prefer auth_token_env or auth_token_file")
     auth_token_env: str = _opt("", doc="name of an environment variable that holds the token")
     auth_token_file: str = _opt("", doc="file whose first line is the token")
-    allowed_origins: tuple[str, ...] = _opt([], doc="browser Origin values allowed; empty = any")
+    allowed_origins: tuple[str, ...] = _opt([], doc="browser Origin values allowed besides the daemon's own host; "
+                                            "['*'] = any")
     shutdown_timeout_s: float = _opt(10.0, min=0.0)
     max_sample_rate: int = _opt(192_000, min=8000)
     min_sample_rate: int = _opt(8000, min=1000)

@@ -4,6 +4,7 @@ healthy stream beside them gets the finals ``streamer transcribe`` gives."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import pytest
 from conftest import pcm16
 from test_server import TIMEOUT, finals_of, http_get, native_session, reference_finals
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 from streamer.aio.limits import ACCEPT_ERROR
 from streamer.decoder import trie_letters
@@ -290,3 +291,69 @@ async def test_failed_accepts_are_logged_once_per_interval(daemon_factory, caplo
     assert "out of file descriptors?" in failed[0] and "max_viewers" in failed[0]
     status, _, _ = await asyncio.to_thread(http_get, d.port, "/healthz")
     assert status == 200
+
+
+# --- browsers: other sites' pages are refused, the page's token lives in a cookie -----------------------------
+
+
+async def upgrade_status(url: str, **kwargs) -> int:
+    """101 when the upgrade succeeds (then the connection is closed), else the HTTP status of the refusal."""
+    try:
+        async with connect(url, **kwargs) as ws:
+            assert json.loads(await ws.recv())["type"] == "ready"
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+async def test_pages_of_other_sites_cannot_open_websockets(daemon_factory):
+    """With no allowed_origins, a browser page of another origin gets 403 (any site could stream or follow
+    viewers from a visitor's browser before); the daemon's own pages and clients without Origin are served."""
+    d = await daemon_factory()
+    stream, viewer = f"ws://127.0.0.1:{d.port}/v1/stream", f"ws://127.0.0.1:{d.port}/v1/listen/desk"
+    async with asyncio.timeout(TIMEOUT):
+        for origin in ("https://evil.example", f"http://127.0.0.1:{d.port + 1}", "null", f"http://evil.example:{d.port}"):
+            assert await upgrade_status(stream, origin=origin) == 403, origin
+            assert await upgrade_status(viewer, origin=origin) == 403, origin
+        for origin in (None, f"http://127.0.0.1:{d.port}", f"http://localhost:{d.port}", f"http://[::1]:{d.port}"):
+            assert await upgrade_status(stream, origin=origin) == 101, origin
+    assert d.metrics.streams_rejected.labels("origin")._value.get() == 8
+    listed = await daemon_factory("server.allowed_origins=['https://captions.example']")
+    url = f"ws://127.0.0.1:{listed.port}/v1/stream"
+    assert await upgrade_status(url, origin="https://captions.example") == 101
+    assert await upgrade_status(url, origin=f"http://127.0.0.1:{listed.port}") == 101  # its own page, still
+    assert await upgrade_status(url, origin="https://evil.example") == 403
+    anyone = await daemon_factory("server.allowed_origins=['*']")
+    assert await upgrade_status(f"ws://127.0.0.1:{anyone.port}/v1/stream", origin="https://evil.example") == 101
+
+
+def page_request(port: int, target: str) -> tuple[int, dict[str, str]]:
+    """GET ``target`` without following redirects: the status and headers."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", target)
+        response = conn.getresponse()
+        response.read()
+        return response.status, dict(response.getheaders())
+    finally:
+        conn.close()
+
+
+async def test_the_page_keeps_its_token_in_a_cookie_not_in_its_address(daemon_factory):
+    """/?token=TOKEN with the right token sets an HttpOnly, SameSite=Strict cookie and sends the page again
+    without the token (303); a websocket upgrade that carries the cookie is authorised."""
+    d = await daemon_factory("server.auth_token='s3 cret'")
+    status, headers = await asyncio.to_thread(page_request, d.port, "/?token=s3%20cret&name=desk")
+    assert status == 303 and headers["Location"] == "/?name=desk"
+    cookie = headers["Set-Cookie"]
+    assert cookie.startswith(f"streamer_token_{d.port}=s3%20cret;")
+    assert {"HttpOnly", "SameSite=Strict", "Path=/"} <= {p.strip() for p in cookie.split(";")}
+    assert "Secure" not in cookie  # plain http
+    status, headers = await asyncio.to_thread(page_request, d.port, "/?token=wrong")
+    assert status == 200 and "Set-Cookie" not in headers  # the page itself says the token is wrong
+    url = f"ws://127.0.0.1:{d.port}/v1/stream"
+    async with asyncio.timeout(TIMEOUT):
+        assert await upgrade_status(url, additional_headers={"Cookie": f"a=b; {cookie.split(';')[0]}"}) == 101
+        assert await upgrade_status(url, additional_headers={"Cookie": f"streamer_token_{d.port}=wrong"}) == 401
+        assert await upgrade_status(url, additional_headers={"Cookie": "streamer_token_1=s3%20cret"}) == 401
+        assert await upgrade_status(url) == 401

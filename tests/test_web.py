@@ -152,14 +152,14 @@ class Recorder:
 PAGE_ERRORS: dict[object, list[object]] = {}
 
 
-async def open_page(browser, port: int, query: str = "", **context):
-    """A new page in its own browser context (own permissions, downloads, storage)."""
+async def open_page(browser, port: int, query: str = "", scheme: str = "http", **context):
+    """A new page in its own browser context (own permissions, downloads, storage, cookies)."""
     ctx = await browser.new_context(viewport=context.pop("viewport", VIEWPORT), accept_downloads=True, **context)
     page = await ctx.new_page()
     page.set_default_timeout(WAIT_MS)
     PAGE_ERRORS[page] = errors = []
     page.on("pageerror", lambda exc: errors.append(exc))
-    await page.goto(f"http://127.0.0.1:{port}/{query}")
+    await page.goto(f"{scheme}://127.0.0.1:{port}/{query}")
     return page
 
 
@@ -195,6 +195,10 @@ async def test_live_captions_from_microphone(browser, daemon_factory, demo_runne
     viewer = await open_page(browser, d.port, "?listen=desk&token=secret")
     page = await open_page(browser, d.port, "?token=secret&name=desk", color_scheme="dark")
     try:
+        # the token went into an HttpOnly cookie: out of the pages' addresses (history) and out of scripts' reach
+        assert (page.url, viewer.url) == (f"http://127.0.0.1:{d.port}/?name=desk",
+                                          f"http://127.0.0.1:{d.port}/?listen=desk")
+        assert await page.evaluate("document.cookie") == ""
         await viewer.wait_for_function(state_is("listening"))
         assert await page.get_attribute("body", "data-state") == "idle"
         await page.focus("#toggle")
@@ -275,6 +279,7 @@ async def test_wrong_or_missing_token_message(browser, daemon_factory):
     d = await daemon_factory("server.auth_token='secret'")
     page = await open_page(browser, d.port, "?token=wrong")
     try:
+        assert page.url == f"http://127.0.0.1:{d.port}/"  # a wrong token leaves the address too
         await page.click("#toggle")
         await page.wait_for_function(state_is("error"))
         text = await message(page)
@@ -312,5 +317,27 @@ async def test_microphone_denied_on_a_phone_screen(browser, daemon_factory):
         box = await page.locator("#toggle").bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375 and box["height"] >= 44
         assert box["y"] + box["height"] <= 667
+    finally:
+        await close(page)
+
+
+OPEN_SOCKET_JS = """url => new Promise(done => {
+    const ws = new WebSocket(url);
+    ws.onopen = () => { ws.close(); done("open"); };
+    ws.onclose = ev => done("closed " + ev.code);
+})"""
+
+
+async def test_a_page_of_another_site_cannot_open_a_websocket(browser, daemon_factory):
+    """A page served by one daemon (another origin: another port) cannot open a viewer or a stream on a second
+    daemon, which answers its upgrade with 403; the page's own daemon lets it in."""
+    home, other = await daemon_factory(), await daemon_factory()
+    page = await open_page(browser, home.port)
+    try:
+        for path in ("v1/listen/desk", "v1/stream"):
+            assert await page.evaluate(OPEN_SOCKET_JS, f"ws://127.0.0.1:{other.port}/{path}") == "closed 1006"
+            assert await page.evaluate(OPEN_SOCKET_JS, f"ws://127.0.0.1:{home.port}/{path}") == "open"
+        assert other.metrics.streams_rejected.labels("origin")._value.get() == 2
+        assert home.metrics.streams_rejected.labels("origin")._value.get() == 0
     finally:
         await close(page)

@@ -1,7 +1,8 @@
 """The HTTP side of the daemon's port: ``/healthz``, ``/metrics``, the caption page, and the token check.
 
 websockets calls :meth:`HttpFront.process_request` for every request before the upgrade: it answers
-plain HTTP requests itself and refuses upgrades that lack the token (401) or go nowhere (404).
+plain HTTP requests itself and refuses upgrades that go nowhere (404), come from another site's page
+(403, :func:`streamer.aio.access.origin_allowed`) or lack the token (401).
 """
 
 from __future__ import annotations
@@ -9,17 +10,19 @@ from __future__ import annotations
 import hmac
 import http
 import json
+import logging
 import mimetypes
 from collections.abc import Generator
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
+from streamer.aio.access import origin_allowed, read_cookie, token_cookie
 from streamer.aio.limits import BoundedConnection
 
 if TYPE_CHECKING:
@@ -35,6 +38,14 @@ MAX_NAME_BYTES = 255
 """the longest file name (one path component) a file system holds"""
 SCREEN_BYTES = 1 << 16
 """how much of a request head :class:`HttpConnection` reads to find its method and body; beyond, websockets decides"""
+
+
+logger = logging.getLogger("streamer.server")
+
+
+def is_tls(conn: ServerConnection) -> bool:
+    """Whether the connection came in over TLS (``server.tls_cert``)."""
+    return conn.transport.get_extra_info("ssl_object") is not None
 
 
 def _web_root() -> Path:
@@ -60,7 +71,8 @@ class HttpFront:
         self.daemon = daemon
         self.token = token
 
-    def authorized(self, request: Request, query: dict[str, list[str]]) -> bool:
+    def authorized(self, request: Request, query: dict[str, list[str]], port: int = 0) -> bool:
+        """The token as a bearer header, ``?token=``, or the caption page's cookie (:mod:`streamer.aio.access`)."""
         if not self.token:
             return True
         given = ""
@@ -69,7 +81,24 @@ class HttpFront:
             given = auth[7:].strip()
         elif query.get("token"):
             given = query["token"][0]
+        else:
+            given = read_cookie(request.headers.get("Cookie", ""), port)
         return hmac.compare_digest(given.encode(), self.token.encode())
+
+    def keep_token(self, conn: ServerConnection, path: str, query: dict[str, list[str]]) -> Response | None:
+        """The page asked for as ``/?token=TOKEN`` with the right token: a cookie keeps the token for the page's
+        websockets, and the page is loaded again without it in its address (303), so the token stays out of
+        the browser's history. A wrong token: None (the page shows the error when it connects)."""
+        given = query["token"][0]
+        if not self.token or not hmac.compare_digest(given.encode(), self.token.encode()):
+            return None
+        rest = {k: v for k, v in query.items() if k != "token"}
+        response = respond(conn, 303, "", "text/plain")
+        response.headers["Location"] = path + (f"?{urlencode(rest, doseq=True)}" if rest else "")
+        response.headers["Set-Cookie"] = token_cookie(conn.local_address[1], self.token, is_tls(conn))
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
 
     def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         """websockets' ``process_request`` hook: a response ends the request, None lets the upgrade go on.
@@ -98,11 +127,21 @@ class HttpFront:
         if path == "/metrics":
             return respond(conn, 200, d.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
         if request.headers.get("Upgrade", "").lower() != "websocket":
+            if query.get("token") and path in ("/", "/index.html"):
+                redirect = self.keep_token(conn, path, query)
+                if redirect is not None:
+                    return redirect
             return self.static(conn, path)
         if conn.local_address[1] == d.port and not (path == STREAM_PATH or path.startswith(LISTEN_PREFIX)):
             return respond(conn, 404, f"no websocket endpoint at {path}; use {STREAM_PATH} or "
                            f"{LISTEN_PREFIX}<name>\n", "text/plain")
-        if not self.authorized(request, query):
+        origin = request.headers.get("Origin")
+        if not origin_allowed(origin, request.headers.get("Host"), d.cfg.server.allowed_origins, is_tls(conn)):
+            d.metrics.streams_rejected.labels("origin").inc()
+            logger.info("refused a websocket from a page of %s (not this host; server.allowed_origins)", origin)
+            return respond(conn, 403, f"a page of {origin} may not open websockets here: only this server's own "
+                           "pages and the origins in server.allowed_origins may\n", "text/plain")
+        if not self.authorized(request, query, conn.local_address[1]):
             d.metrics.streams_rejected.labels("auth").inc()
             response = respond(conn, 401, "missing or wrong token: send 'Authorization: Bearer TOKEN' "
                                "or ?token=TOKEN\n", "text/plain")

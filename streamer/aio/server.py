@@ -158,8 +158,6 @@ class Daemon:
             "ping_interval": s.ping_interval_s or None,
             "ping_timeout": s.ping_timeout_s or None,
         }
-        if s.allowed_origins:
-            common["origins"] = [*s.allowed_origins, None]
         self.servers.append(await self._listen(self._native, s.host, s.port, "server.port", common))
         if self.cfg.vosk.enabled:
             self.servers.append(await self._listen(self._vosk, s.host, self.cfg.vosk.port, "vosk.port", common))
@@ -249,7 +247,7 @@ class Daemon:
         # websockets renamed Protocol.max_size to max_message_size; serve() set it from the old config
         setattr(protocol, "max_message_size" if hasattr(protocol, "max_message_size") else "max_size",
                 s.max_message_bytes)
-        protocol.origins = [*s.allowed_origins, None] if s.allowed_origins else None  # type: ignore[list-item]
+        protocol.origins = None  # HttpFront checks Origin (allowed_origins and the daemon's own host)
         if isinstance(conn, BoundedConnection):
             conn.apply_limits(s)
 

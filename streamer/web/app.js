@@ -1,7 +1,10 @@
 // Live captions: microphone -> AudioWorklet (mono s16le PCM) -> the daemon's native websocket
 // protocol (/v1/stream) -> partial and final captions on the page. With ?listen=NAME the page is a
-// viewer of stream NAME (/v1/listen/NAME) and uses no microphone. ?token=TOKEN and ?name=NAME
-// pre-fill the settings. No build step, no dependencies.
+// viewer of stream NAME (/v1/listen/NAME) and uses no microphone. ?name=NAME pre-fills the settings.
+// ?token=TOKEN: with the right token the server keeps it in an HttpOnly cookie, which the browser sends
+// with the websocket, and loads the page again without it; a token typed in the settings (or a wrong
+// one in the address) goes in the websocket's address. Either way the page's address loses it, so
+// it stays out of the browser's history. No build step, no dependencies.
 "use strict";
 
 (() => {
@@ -478,6 +481,11 @@
 
   ui.body.dataset.mode = mode;
   ui.token.value = params.get("token") || "";
+  if (params.has("token")) {
+    const url = new URL(location.href);
+    url.searchParams.delete("token");
+    history.replaceState(history.state, "", url.href);
+  }
   ui.name.value = params.get("name") || "";
   ui.toggle.addEventListener("click", () => (st.want ? stop() : start()));
   ui.txt.addEventListener("click", () => download("txt"));

@@ -206,6 +206,8 @@ class WorkerConfig(_Section):
     max_batch: int = _opt(32, min=1, max=4096)
     max_wait_ms: float = _opt(10.0, min=0.0, max=10_000.0)
     queue_size: int = _opt(1024, min=1, doc="windows waiting for the model before streams are paused")
+    max_windows_per_stream: int = _opt(2, min=1, max=4096,
+                                       doc="most windows of one stream in one batch (streams are served in turn)")
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,8 @@ class ServerConfig(_Section):
     allowed_origins: tuple[str, ...] = _opt([], doc="browser Origin values allowed besides the daemon's own host; "
                                             "['*'] = any")
     shutdown_timeout_s: float = _opt(10.0, min=0.0)
+    max_speed: float = _opt(10.0, min=0.0, doc="times real time a stream may send beyond max_burst_s; 0 = no limit")
+    max_burst_s: float = _opt(60.0, min=0.0, doc="seconds of audio a stream may send ahead of real time at once")
     max_sample_rate: int = _opt(192_000, min=8000)
     min_sample_rate: int = _opt(8000, min=1000)
     write_limit_bytes: int = _opt(1 << 15, min=1024, doc="outgoing bytes buffered per connection before sending waits")

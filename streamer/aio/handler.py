@@ -122,10 +122,24 @@ class StreamHandler:
         return STOP if self._stop in done else IDLE
 
     async def run(self) -> None:
-        """Serve the connection until it ends; a client's or the model's error becomes the error reply."""
+        """Serve the connection until it ends; a client's or the model's error becomes the error reply.
+
+        A client that leaves while its audio is still being computed (it sent a minute at once and
+        closed) stops the computing: its windows are dropped before they reach the model.
+        """
         self._stop = asyncio.ensure_future(self.daemon.stopping.wait())
+        serving = asyncio.ensure_future(self.serve())
+        left = asyncio.ensure_future(self.ws.wait_closed())
         try:
-            await self.serve()
+            await asyncio.wait({serving, left}, return_when=asyncio.FIRST_COMPLETED)
+            if not serving.done():
+                logger.info("stream %s: the client left; its remaining windows are dropped", self.id)
+                serving.cancel()
+                await asyncio.wait({serving})
+                if not serving.cancelled() and serving.exception() is not None:
+                    serving.exception()  # retrieved: nobody is left to tell
+                return
+            serving.result()
         except (ProtocolError, AudioError, InferenceError) as exc:
             error = error_for(exc)
             self.daemon.metrics.errors.labels(error.code).inc()
@@ -134,7 +148,10 @@ class StreamHandler:
                 await self.finish_before_error()
             await self.report(error)
         finally:
-            self._stop.cancel()
+            for task in (serving, left, self._stop):
+                task.cancel()
+            if self.stream is not None:
+                self.stream.close()  # its queued windows and lag gauge go
             self.daemon.release_names(self.id)
             self.stream = None  # free everything of this stream at once
 

@@ -231,6 +231,8 @@ class ServerConfig(_Section):
     max_burst_s: float = _opt(60.0, min=0.0, doc="seconds of audio a stream may send ahead of real time at once")
     max_sample_rate: int = _opt(192_000, min=8000)
     min_sample_rate: int = _opt(8000, min=1000)
+    tls_cert: str = _opt("", restart=True, doc="PEM certificate (chain): both ports speak TLS (https, wss); '' = no")
+    tls_key: str = _opt("", restart=True, doc="the certificate's PEM private key, unencrypted")
     write_limit_bytes: int = _opt(1 << 15, min=1024, doc="outgoing bytes buffered per connection before sending waits")
     max_unsent_bytes: int = _opt(1 << 20, min=4096,
                                  doc="a client with more outgoing data waiting (it does not read) is closed 1008")
@@ -250,6 +252,9 @@ class ServerConfig(_Section):
         if self.max_word_list_letters_total < self.max_word_list_letters:
             raise ConfigError(f"server.max_word_list_letters_total = {self.max_word_list_letters_total} must be at "
                               f"least server.max_word_list_letters = {self.max_word_list_letters}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("server.tls_cert and server.tls_key go together: give both PEM files for TLS, or "
+                              "neither")
 
     def token(self) -> str:
         """Return the configured auth token from the first source that is set."""

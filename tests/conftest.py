@@ -83,3 +83,29 @@ async def daemon_factory(model_runner):
 def pcm16(audio: np.ndarray) -> bytes:
     """float32 [-1, 1] -> s16le bytes."""
     return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+
+# --- TLS: a self-signed certificate for 127.0.0.1 and localhost, made in the test session ------------------
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``cert``/``key``: a self-signed PEM certificate for 127.0.0.1 and localhost and its key (openssl);
+    ``other_key``: a key that is not the certificate's; ``encrypted_key``: the key under a passphrase."""
+    import shutil
+    import subprocess
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is not installed; `apt-get install openssl` (.ci/run does it)")
+    root = tmp_path_factory.mktemp("tls")
+    files = {"cert": root / "cert.pem", "key": root / "key.pem", "other_key": root / "other.pem",
+             "encrypted_key": root / "encrypted.pem"}
+    ec = ["-pkeyopt", "ec_paramgen_curve:prime256v1"]
+    for args in (["req", "-x509", "-newkey", "ec", *ec, "-nodes", "-keyout", files["key"], "-out", files["cert"],
+                  "-days", "2", "-subj", "/CN=streamer test", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                 ["genpkey", "-algorithm", "EC", *ec, "-out", files["other_key"]],
+                 ["pkey", "-in", files["key"], "-aes256", "-passout", "pass:pw", "-out", files["encrypted_key"]]):
+        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True, timeout=60)
+    return files

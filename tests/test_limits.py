@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import resource
+import ssl
 import string
 import sys
 
@@ -22,6 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatu
 
 from streamer.aio.limits import ACCEPT_ERROR
 from streamer.decoder import trie_letters
+from streamer.exceptions import ConfigError
 
 PING_FLOOD = r"""
 import base64, os, socket, sys, time
@@ -327,9 +329,10 @@ async def test_pages_of_other_sites_cannot_open_websockets(daemon_factory):
     assert await upgrade_status(f"ws://127.0.0.1:{anyone.port}/v1/stream", origin="https://evil.example") == 101
 
 
-def page_request(port: int, target: str) -> tuple[int, dict[str, str]]:
-    """GET ``target`` without following redirects: the status and headers."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def page_request(port: int, target: str, tls: ssl.SSLContext | None = None) -> tuple[int, dict[str, str]]:
+    """GET ``target`` (over https with ``tls``) without following redirects: the status and headers."""
+    conn = (http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=tls) if tls is not None
+            else http.client.HTTPConnection("127.0.0.1", port, timeout=10))
     try:
         conn.request("GET", target)
         response = conn.getresponse()
@@ -357,3 +360,69 @@ async def test_the_page_keeps_its_token_in_a_cookie_not_in_its_address(daemon_fa
         assert await upgrade_status(url, additional_headers={"Cookie": f"streamer_token_{d.port}=wrong"}) == 401
         assert await upgrade_status(url, additional_headers={"Cookie": "streamer_token_1=s3%20cret"}) == 401
         assert await upgrade_status(url) == 401
+
+
+# --- TLS: both ports over wss://, the page over https:// ---------------------------------------------------
+
+
+def tls_overrides(files, key: str = "key") -> list[str]:
+    return [f"server.tls_cert='{files['cert']}'", f"server.tls_key='{files[key]}'"]
+
+
+async def test_native_vosk_and_http_over_tls(daemon_factory, model_runner, speech, tls_files, caplog):
+    """server.tls_cert/tls_key: the native and the Vosk port speak wss://, /healthz and the page https:// (the
+    page's token cookie is Secure); transcripts are the same as without TLS. A plain ws:// client to the TLS
+    port has its connection closed in the TLS handshake: it gets no HTTP answer (InvalidMessage)."""
+    d = await daemon_factory(*tls_overrides(tls_files), "vosk.enabled=true", "vosk.port=0",
+                             "server.auth_token='s3cret'")
+    trust = ssl.create_default_context(cafile=str(tls_files["cert"]))
+    audio = pcm16(speech)
+    expected = expected_finals(model_runner, speech)
+    async with asyncio.timeout(TIMEOUT):
+        async with connect(f"wss://127.0.0.1:{d.port}/v1/stream?token=s3cret", ssl=trust) as ws:
+            assert json.loads(await ws.recv())["type"] == "ready"
+            for i in range(0, len(audio), 3200):
+                await ws.send(audio[i : i + 3200])
+            await ws.send(json.dumps({"type": "stop"}))
+            msgs = [json.loads(m) async for m in ws]
+        assert ws.close_code == 1000 and [f["text"] for f in finals_of(msgs)] == expected
+
+        async with connect(f"wss://127.0.0.1:{d.vosk_port}/", ssl=trust,
+                           additional_headers={"Authorization": "Bearer s3cret"}) as ws:
+            replies = []
+            for i in range(0, len(audio), 6400):
+                await ws.send(audio[i : i + 6400])
+                replies.append(json.loads(await ws.recv()))
+            await ws.send('{"eof" : 1}')
+            replies.append(json.loads(await ws.recv()))
+        assert " ".join(r["text"] for r in replies if r.get("text")) == " ".join(expected)
+
+        caplog.set_level(logging.INFO)
+        for port in (d.port, d.vosk_port):
+            with pytest.raises(InvalidMessage):
+                async with connect(f"ws://127.0.0.1:{port}/v1/stream?token=s3cret", open_timeout=10):
+                    pass
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text  # nothing to log
+
+    status, _ = await asyncio.to_thread(page_request, d.port, "/healthz", trust)
+    assert status == 200
+    status, headers = await asyncio.to_thread(page_request, d.port, "/?token=s3cret", trust)
+    assert status == 303 and "Secure" in {p.strip() for p in headers["Set-Cookie"].split(";")}
+
+
+async def test_tls_files_that_do_not_work_are_a_clear_error_at_start(daemon_factory, tls_files, tmp_path):
+    with pytest.raises(ConfigError, match="tls_cert and server.tls_key go together"):
+        await daemon_factory(f"server.tls_cert='{tls_files['cert']}'")
+    cases = [
+        (tls_overrides(tls_files, "other_key"), "is not the key of server.tls_cert"),
+        ([f"server.tls_cert='{tmp_path / 'missing.pem'}'", f"server.tls_key='{tls_files['key']}'"],
+         "tls_cert = .*missing.pem.* cannot be read"),
+        ([f"server.tls_cert='{tls_files['key']}'", f"server.tls_key='{tls_files['key']}'"],
+         "holds no PEM certificate"),
+        ([f"server.tls_cert='{tls_files['cert']}'", f"server.tls_key='{tls_files['cert']}'"],
+         "holds no PEM private key"),
+        (tls_overrides(tls_files, "encrypted_key"), "is encrypted"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            await daemon_factory(*overrides)

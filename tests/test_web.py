@@ -341,3 +341,28 @@ async def test_a_page_of_another_site_cannot_open_a_websocket(browser, daemon_fa
         assert home.metrics.streams_rejected.labels("origin")._value.get() == 0
     finally:
         await close(page)
+
+
+async def test_live_captions_over_https(browser, daemon_factory, demo_runner, tls_files):
+    """With server.tls_cert/tls_key the page is served over https:// (a secure context: the microphone works
+    from other machines too) and streams over wss://, its token in a Secure cookie. The test's certificate is
+    self-signed, so this browser context ignores certificate errors."""
+    d = await daemon_factory(f"server.tls_cert='{tls_files['cert']}'", f"server.tls_key='{tls_files['key']}'",
+                             "server.auth_token='secret'", FAST_FINALS, runner=demo_runner)
+    produced = Recorder()
+    d.hub.sinks.append(produced)
+    page = await open_page(browser, d.port, "?token=secret&name=tls", scheme="https", ignore_https_errors=True)
+    try:
+        assert page.url == f"https://127.0.0.1:{d.port}/?name=tls"
+        assert await page.evaluate("window.isSecureContext")
+        cookies = await page.context.cookies()
+        assert [(c["name"], c["secure"], c["httpOnly"]) for c in cookies] == [(f"streamer_token_{d.port}", True, True)]
+        await page.click("#toggle")
+        await page.wait_for_function(state_is("listening"))
+        await page.wait_for_selector("#finals .line")
+        await page.click("#toggle")
+        await page.wait_for_function(state_is("idle"))
+        lines = await page.locator("#finals .line").all_inner_texts()
+        assert lines and lines == produced.finals("tls")
+    finally:
+        await close(page)

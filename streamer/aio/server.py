@@ -24,6 +24,7 @@ from streamer.aio.limits import BoundedConnection, check_descriptors, install_ac
 from streamer.aio.metrics import Metrics
 from streamer.aio.native import NativeHandler
 from streamer.aio.stream import LiveStream, Streams
+from streamer.aio.tls import server_ssl_context
 from streamer.aio.viewer import refuse_viewer, serve_viewer
 from streamer.aio.vosk import VoskHandler
 from streamer.aio.worker import BatchWorker
@@ -144,6 +145,7 @@ class Daemon:
 
     async def start(self) -> None:
         s = self.cfg.server
+        tls = server_ssl_context(s)  # a ConfigError for unreadable or mismatched files, before anything runs
         check_descriptors(s)  # every stream and viewer holds one
         install_accept_error_filter()  # asyncio logs each failed accept() when they run out
         self.worker.start()
@@ -158,13 +160,16 @@ class Daemon:
             "ping_interval": s.ping_interval_s or None,
             "ping_timeout": s.ping_timeout_s or None,
         }
+        if tls is not None:
+            common["ssl"] = tls  # both ports: https/wss
         self.servers.append(await self._listen(self._native, s.host, s.port, "server.port", common))
         if self.cfg.vosk.enabled:
             self.servers.append(await self._listen(self._vosk, s.host, self.cfg.vosk.port, "vosk.port", common))
         for service in self.services:
             await service.start()
-        logger.info("listening on ws://%s:%d%s%s", s.host, self.port, STREAM_PATH,
-                    f" and vosk ws://{s.host}:{self.vosk_port}" if self.vosk_port else "")
+        ws = "wss" if tls is not None else "ws"
+        logger.info("listening on %s://%s:%d%s%s", ws, s.host, self.port, STREAM_PATH,
+                    f" and vosk {ws}://{s.host}:{self.vosk_port}" if self.vosk_port else "")
 
     async def _listen(self, handler: Callable[[ServerConnection], Awaitable[None]], host: str, port: int, key: str,
                       kwargs: dict[str, Any]) -> Server:

@@ -101,8 +101,9 @@ async def serve(cfg: Config, runner: Runner, reload: Callable[[], Config], *, ve
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     await daemon.start()
-    print(f"streamer: listening on ws://{cfg.server.host}:{daemon.port}/v1/stream"
-          + (f", vosk on ws://{cfg.server.host}:{daemon.vosk_port}" if daemon.vosk_port else ""),
+    ws = "wss" if cfg.server.tls_cert else "ws"
+    print(f"streamer: listening on {ws}://{cfg.server.host}:{daemon.port}/v1/stream"
+          + (f", vosk on {ws}://{cfg.server.host}:{daemon.vosk_port}" if daemon.vosk_port else ""),
           file=sys.stderr, flush=True)
     loop.add_signal_handler(signal.SIGHUP, reloader.request)  # systemctl reload
     notifier.start(daemon)  # READY=1: model warm, listeners and services up; then STATUS= and WATCHDOG=1

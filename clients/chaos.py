@@ -1,0 +1,1145 @@
+#!/usr/bin/env python3
+"""Attack a streamer daemon as a hostile client would, next to healthy real-time streams, and tabulate the harm.
+
+A benchmark, not a test: it starts ``python -m streamer serve`` (the demo model unless --model) on a free
+loopback port, and for each attack runs the attack for --seconds beside --healthy streams of espeak-ng speech
+sent at 1x real time. Per attack it prints the daemon's RSS before / at its peak / after, the p95 lag of the
+healthy streams' finals (from sending the audio that completes a final's last word to receiving the final),
+the finals they lost against ``streamer transcribe`` of the same audio (and over MQTT, when mosquitto is
+installed), whether ``/healthz`` stayed ok, what the daemon logged, and the attack's own check. Everything
+is on loopback and bounded: every attack has a timeout, the daemon is restarted when an attack killed or
+wedged it, and it is killed at the end.
+
+    python clients/chaos.py                                  # every attack, 20 s each (about 8 minutes)
+    python clients/chaos.py --attacks ping-flood,viewers --seconds 10
+    python clients/chaos.py --list                           # the attacks, one line each
+
+The exit status is 0 when every row passes, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import difflib
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from streamer.testing import speech_audio
+
+CHUNK_S = 0.1
+HOST = "127.0.0.1"
+SETTLE_S = 2.0
+"""pause after an attack before the 'after' RSS and the last health check"""
+GRACE_S = 30.0
+"""how long an attack or a healthy stream may run past --seconds before it is cancelled"""
+CAPTION = Path(__file__).resolve().parent / "caption.py"
+PROBE_S = 15.0
+"""after an attack, a 2-second stream must get its end within this, or the daemon is restarted"""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small tools
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    """The resident memory of process ``pid`` in MB (/proc/PID/status VmRSS); nan once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    return bytes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+async def http(port: int, request: bytes, limit: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """Send a raw HTTP request; (status, headers, body read until close or 1 s of quiet). Status 0: no answer."""
+    writer = None
+    try:
+        async with asyncio.timeout(limit):
+            reader, writer = await asyncio.open_connection(HOST, port)
+            writer.write(request)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        body = b""
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(1.0):
+                while chunk := await reader.read(65536):
+                    body += chunk
+        return status, headers, body
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError):
+        return 0, {}, b""
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def get(path: str, method: str = "GET", extra: str = "", body: bytes = b"") -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n{extra}\r\n").encode() + body
+
+
+async def healthz(port: int) -> bool:
+    status, _, body = await http(port, get("/healthz"), limit=3.0)
+    try:
+        return status == 200 and json.loads(body or b"{}").get("status") == "ok"
+    except ValueError:
+        return False
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client frame (final fragment) with a payload shorter than 64 KiB."""
+    mask = os.urandom(4)
+    head = bytes([0x80 | opcode])
+    if len(payload) < 126:
+        head += bytes([0x80 | len(payload)])
+    else:
+        head += bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def raw_upgrade(port: int, path: str, extra: str = ""
+                      ) -> tuple[int, asyncio.StreamReader | None, asyncio.StreamWriter | None]:
+    """A websocket handshake by hand: (HTTP status, reader, writer); 0 when nothing answered."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+    writer = None
+    try:
+        async with asyncio.timeout(10.0):
+            reader, writer = await asyncio.open_connection(HOST, port)
+            writer.write(request)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+        return int(head.split()[1]), reader, writer
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError):
+        if writer is not None:
+            writer.close()
+        return 0, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the daemon and the broker
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Daemon:
+    """``python -m streamer serve --port 0`` in a subprocess: its ports, pid and how much it logged."""
+
+    def __init__(self, args: argparse.Namespace, overrides: list[str]) -> None:
+        self.args = args
+        self.overrides = overrides
+        self.proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+        self.vosk_port = 0
+        self.log_bytes = 0
+        self.log_tail: list[str] = []
+        self._drain: asyncio.Task[None] | None = None
+        self.starts = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    @property
+    def url(self) -> str:
+        return f"ws://{HOST}:{self.port}/v1/stream"
+
+    async def start(self) -> None:
+        cmd = [sys.executable, "-m", "streamer", "serve", "--model", self.args.model, "--host", HOST, "--port", "0"]
+        for o in self.overrides:
+            cmd += ["--set", o]
+        nofile = self.args.nofile
+
+        def limit_descriptors() -> None:  # as systemd's default soft limit, unless the unit sets LimitNOFILE
+            if nofile:
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
+
+        self.proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
+                                                         stdout=asyncio.subprocess.DEVNULL,
+                                                         stderr=asyncio.subprocess.PIPE, preexec_fn=limit_descriptors)
+        self.starts += 1
+        assert self.proc.stderr is not None
+        try:
+            async with asyncio.timeout(self.args.start_timeout):
+                while True:
+                    raw = await self.proc.stderr.readline()
+                    if not raw:
+                        raise SystemExit("chaos: the daemon exited before listening:\n" + "".join(self.log_tail[-20:]))
+                    line = raw.decode(errors="replace")
+                    self._keep(line)
+                    if line.startswith("streamer: listening on "):
+                        self.port = int(line.split()[3].rstrip(",").rsplit(":", 1)[1].split("/")[0])
+                        if "vosk on ws://" in line:
+                            self.vosk_port = int(line.rsplit(":", 1)[1].strip().split("/")[0])
+                        break
+        except TimeoutError:
+            await self.stop()
+            raise SystemExit(f"chaos: the daemon did not listen within {self.args.start_timeout:g} s") from None
+        self._drain = asyncio.create_task(self._read_log())
+
+    def _keep(self, line: str) -> None:
+        self.log_bytes += len(line)
+        self.log_tail.append(line)
+        del self.log_tail[:-200]
+
+    async def _read_log(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while raw := await self.proc.stderr.readline():
+            self._keep(raw.decode(errors="replace"))
+
+    async def wait(self, limit: float) -> int | None:
+        """The exit status, or None if it is still running after ``limit`` seconds."""
+        assert self.proc is not None
+        try:
+            async with asyncio.timeout(limit):
+                return await self.proc.wait()
+        except TimeoutError:
+            return None
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 15 s; waits for the process and its log."""
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            if await self.wait(15.0) is None:
+                self.proc.kill()
+                await self.proc.wait()
+        if self._drain is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(5.0):
+                    await self._drain
+
+
+class Broker:
+    """mosquitto on a free loopback port (as tests/test_mqtt.py starts it), and a subscriber to the finals."""
+
+    def __init__(self, exe: str, root: Path) -> None:
+        self.exe = exe
+        self.root = root
+        self.port = free_port()
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        lines = [f"listener {self.port} {HOST}", "allow_anonymous true", "log_dest stderr"]
+        if os.geteuid() == 0:
+            lines.append("user root")  # else mosquitto switches to user mosquitto
+        conf = self.root / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        self.proc = await asyncio.create_subprocess_exec(self.exe, "-c", str(conf), stdin=asyncio.subprocess.DEVNULL,
+                                                         stdout=asyncio.subprocess.DEVNULL,
+                                                         stderr=asyncio.subprocess.DEVNULL)
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    _, w = await asyncio.open_connection(HOST, self.port)
+                    w.close()
+                    return
+                except OSError:
+                    if self.proc.returncode is not None:
+                        raise SystemExit("chaos: mosquitto exited at start") from None
+                    await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    async def count_finals(self, prefix: str, counts: Counter[str], ready: asyncio.Event) -> None:
+        """Count the finals published under ``P/<stream>/final`` until cancelled."""
+        import aiomqtt
+
+        async with aiomqtt.Client(HOST, self.port, identifier=f"chaos-{os.getpid()}-{time.monotonic_ns()}") as client:
+            await client.subscribe(f"{prefix}/+/final", qos=1)
+            ready.set()
+            async for message in client.messages:
+                counts[str(message.topic).split("/")[-2]] += 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# healthy streams
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Expected:
+    """What ``streamer transcribe`` makes of the healthy audio: final texts and their last words' ends."""
+
+    texts: list[str]
+    ends: list[float]
+
+
+@dataclass
+class Healthy:
+    """One healthy stream's result."""
+
+    name: str
+    finals: list[str] = field(default_factory=list)
+    lags: list[float] = field(default_factory=list)
+    started: float = float("nan")
+    close: str = ""
+    error: str = ""
+
+    def lost(self, expected: list[str]) -> tuple[int, int]:
+        """(expected finals not received, received finals that differ), in order."""
+        matched = sum(b.size for b in difflib.SequenceMatcher(None, expected, self.finals).get_matching_blocks())
+        return len(expected) - matched, len(self.finals) - matched
+
+
+async def healthy_stream(url: str, pcm: bytes, name: str, seconds: float) -> Healthy:
+    """Send ``pcm`` at 1x real time in 100 ms messages with ``name``; collect the finals and their lag."""
+    res = Healthy(name)
+    step = int(16000 * CHUNK_S) * 2
+    sent: list[tuple[float, float]] = []  # (audio seconds sent, wall time)
+
+    def sent_at(t: float) -> float | None:
+        for end, wall in sent:
+            if end >= t - 1e-6:
+                return wall
+        return None
+
+    try:
+        async with asyncio.timeout(seconds + GRACE_S):
+            async with connect(url, max_size=None, open_timeout=10, close_timeout=2) as ws:
+                ready = json.loads(await ws.recv())
+                if ready.get("type") != "ready":
+                    res.error = f"refused: {ready.get('message', ready)}"
+                    return res
+                await ws.send(json.dumps({"type": "start", "sample_rate": 16000, "encoding": "s16le", "name": name}))
+
+                async def send() -> None:
+                    t0 = res.started = time.monotonic()
+                    for i in range(0, len(pcm), step):
+                        await ws.send(pcm[i:i + step])
+                        sent.append(((i + len(pcm[i:i + step])) / 32000, time.monotonic()))
+                        await asyncio.sleep(max(0.0, t0 + len(sent) * CHUNK_S - time.monotonic()))
+                    await ws.send(json.dumps({"type": "stop"}))
+
+                sender = asyncio.create_task(send())
+                try:
+                    async for raw in ws:
+                        ev = json.loads(raw)
+                        if ev["type"] == "final":
+                            res.finals.append(ev["text"])
+                            end = ev["words"][-1]["end"] if ev.get("words") else ev["end"]
+                            if (s := sent_at(end)) is not None:
+                                res.lags.append(time.monotonic() - s)
+                        elif ev["type"] == "error":
+                            res.error = f"{ev.get('code')}: {ev.get('message')}"
+                finally:
+                    sender.cancel()
+                    await asyncio.gather(sender, return_exceptions=True)
+                res.close = str(ws.close_code)
+    except ConnectionClosed as exc:
+        res.close = str(exc.rcvd.code if exc.rcvd else exc.sent.code if exc.sent else 1006)
+    except TimeoutError:
+        res.error = res.error or "timed out"
+    except (OSError, InvalidHandshake) as exc:
+        res.error = f"cannot connect: {exc}"
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the attacks
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What an attack may use. ``deadline`` is when it should stop (loop.time()); it returns a note and
+    whether its own check passed."""
+
+    args: argparse.Namespace
+    daemon: Daemon
+    pcm: bytes
+    """the healthy speech, s16le 16 kHz"""
+    audio: np.ndarray
+    expected: Expected
+    names: list[str]
+    deadline: float = 0.0
+    broker: Broker | None = None
+    sigterm_expected: int = 0
+    """sigterm: finals the healthy streams must still get"""
+    sigterm_at: float = 0.0
+
+    def left(self) -> float:
+        return self.deadline - asyncio.get_running_loop().time()
+
+
+Result = tuple[bool, str]
+
+
+def native(ctx: Context) -> str:
+    return ctx.daemon.url
+
+
+async def hold_until(ctx: Context, ws: ClientConnection) -> None:
+    """Read (and drop) what the daemon sends until the deadline or the close."""
+    with contextlib.suppress(TimeoutError, ConnectionClosed):
+        async with asyncio.timeout(max(0.0, ctx.left())):
+            async for _ in ws:
+                pass
+
+
+async def attack_none(ctx: Context) -> Result:
+    await asyncio.sleep(max(0.0, ctx.left()))
+    return True, "the healthy streams alone, for comparison"
+
+
+async def attack_mqtt_name(ctx: Context) -> Result:
+    """A stream named "x\\n" (a control character in its MQTT topic), again and again."""
+    if ctx.broker is None:
+        await asyncio.sleep(max(0.0, ctx.left()))
+        return True, "skipped: mosquitto is not installed (apt-get install mosquitto)"
+    refused = accepted = 0
+    while ctx.left() > 1:
+        try:
+            async with asyncio.timeout(min(10.0, ctx.left())):
+                async with connect(native(ctx), max_size=None, open_timeout=5, close_timeout=2) as ws:
+                    await ws.recv()
+                    await ws.send(json.dumps({"type": "start", "name": "x\n"}))
+                    await ws.send(ctx.pcm[: 32000 * 2])
+                    await ws.send(json.dumps({"type": "stop"}))
+                    async for raw in ws:
+                        ev = json.loads(raw)
+                        if ev["type"] == "error":
+                            refused += 1
+                        elif ev["type"] == "end":
+                            accepted += 1
+        except (TimeoutError, ConnectionClosed, OSError, InvalidHandshake):
+            pass
+    return refused > 0 and accepted == 0, f"name 'x\\n': {accepted} accepted, {refused} refused"
+
+
+async def attack_ping_flood(ctx: Context) -> Result:
+    """Clients that flood ping frames and never read a byte."""
+    closed_after: list[float] = []
+
+    async def flood() -> None:
+        status, _, writer = await raw_upgrade(ctx.daemon.port, "/v1/stream")
+        if status != 101 or writer is None:
+            return
+        t0 = time.monotonic()
+        ping = ws_frame(0x9, b"p" * 125)
+        try:
+            async with asyncio.timeout(max(0.0, ctx.left())):
+                while True:
+                    writer.write(ping * 64)
+                    await writer.drain()
+                    if writer.transport.is_closing():
+                        break
+        except (TimeoutError, OSError):
+            pass
+        if writer.transport.is_closing() or ctx.left() > 0.5:
+            closed_after.append(time.monotonic() - t0)
+        writer.close()
+
+    await asyncio.gather(*(flood() for _ in range(ctx.args.flooders)))
+    note = f"{ctx.args.flooders} flooders, {len(closed_after)} closed by the daemon"
+    if closed_after:
+        note += f" after {max(closed_after):.1f} s"
+    return len(closed_after) == ctx.args.flooders, note
+
+
+async def attack_big_words(ctx: Context) -> Result:
+    """Start messages with a word list of about 1 MB (20,000 words of 48 letters)."""
+    rng = np.random.default_rng(0)
+    codes: Counter[str] = Counter()
+
+    async def one(i: int) -> None:
+        words = [row.tobytes().decode() for row in rng.integers(97, 123, (20_000, 48), dtype=np.uint8)]
+        start = json.dumps({"type": "start", "name": f"words-{i}", "words": words})
+        try:
+            async with asyncio.timeout(max(1.0, ctx.left())):
+                async with connect(native(ctx), max_size=None, open_timeout=5, close_timeout=2) as ws:
+                    await ws.recv()
+                    await ws.send(start)
+                    await ws.send(ctx.pcm[: 32000 * 2])
+                    await ws.send(json.dumps({"type": "stop"}))
+                    async for _ in ws:
+                        pass
+                    codes[str(ws.close_code)] += 1
+        except ConnectionClosed as exc:
+            codes[str(exc.rcvd.code if exc.rcvd else 1006)] += 1
+        except (TimeoutError, OSError, InvalidHandshake) as exc:
+            codes[type(exc).__name__] += 1
+
+    await asyncio.gather(*(one(i) for i in range(ctx.args.word_clients)))
+    await asyncio.sleep(max(0.0, ctx.left()))
+    return True, f"{ctx.args.word_clients} lists of 1 MB, closes {dict(codes)} (see RSS after)"
+
+
+def audio_8k(ctx: Context, seconds: float) -> bytes:
+    """The healthy speech at 8 kHz, repeated to ``seconds``."""
+    import soxr
+
+    a = np.asarray(soxr.resample(ctx.audio, 16000, 8000), dtype=np.float32)
+    return pcm16(np.tile(a, math.ceil(seconds * 8000 / len(a)))[: int(seconds * 8000)])
+
+
+async def flood_8k(ctx: Context, clients: int, deadline: Callable[[], float]) -> int:
+    """``clients`` that each send big messages of 8 kHz audio as fast as they can, then leave; returns how many."""
+    msg = audio_8k(ctx, (ctx.args.message_bytes // 2) / 8000)
+    left = 0
+
+    async def one() -> None:
+        nonlocal left
+        while deadline() > 1:
+            try:
+                async with asyncio.timeout(max(1.0, deadline())):
+                    async with connect(native(ctx), max_size=None, open_timeout=5, close_timeout=1) as ws:
+                        if json.loads(await ws.recv()).get("type") != "ready":
+                            await asyncio.sleep(0.5)
+                            continue
+                        await ws.send(json.dumps({"type": "start", "sample_rate": 8000, "encoding": "s16le"}))
+                        for _ in range(ctx.args.messages):
+                            await ws.send(msg)
+                        left += 1  # and leave, with the audio in flight
+            except (TimeoutError, ConnectionClosed, OSError, InvalidHandshake):
+                await asyncio.sleep(0.1)
+
+    await asyncio.gather(*(one() for _ in range(clients)))
+    return left
+
+
+async def attack_flood_8k(ctx: Context) -> Result:
+    """Many clients that send big 8 kHz messages as fast as they can, then leave."""
+    left = await flood_8k(ctx, ctx.args.flood_clients, ctx.left)
+    mb = ctx.args.message_bytes / 2**20
+    return True, f"{ctx.args.flood_clients} clients, {left} left after {ctx.args.messages} x {mb:.1f} MiB"
+
+
+async def attack_fast_sender(ctx: Context) -> Result:
+    """``clients/caption.py --fast`` on the healthy audio, several at once, again and again."""
+    runs: list[tuple[int, int]] = []  # (exit code, finals lost)
+    wav = Path(ctx.args.workdir) / "healthy.wav"
+
+    async def one() -> None:
+        while ctx.left() > 2:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(CAPTION), "--fast", "--url", native(ctx), str(wav),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            try:
+                async with asyncio.timeout(ctx.left() + GRACE_S / 2):
+                    out, _ = await proc.communicate()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                runs.append((-1, len(ctx.expected.texts)))
+                continue
+            got = Healthy("fast", finals=[line.split("] ", 1)[-1] for line in out.decode().splitlines()])
+            runs.append((proc.returncode or 0, got.lost(ctx.expected.texts)[0]))
+
+    await asyncio.gather(*(one() for _ in range(ctx.args.fast_clients)))
+    bad = [r for r in runs if r != (0, 0)]
+    lost = sum(lost for _, lost in runs)
+    return not bad, f"{len(runs)} caption.py --fast runs, {len(bad)} failed, {lost} of their finals lost"
+
+
+async def attack_viewers(ctx: Context) -> Result:
+    """Over a thousand viewers (of the healthy streams and of other names), all holding on and reading."""
+    sem = asyncio.Semaphore(100)
+    outcome: Counter[str] = Counter()
+
+    async def one(j: int) -> None:
+        # every fifth one follows a healthy stream, the others 16 names of streams that may come
+        name = ctx.names[j % len(ctx.names)] if j % 5 == 0 else f"crowd-{j % 16}"
+        async with sem:
+            try:
+                ws = await connect(f"ws://{HOST}:{ctx.daemon.port}/v1/listen/{name}", open_timeout=10,
+                                   close_timeout=1)
+            except InvalidStatus as exc:
+                outcome[f"HTTP {exc.response.status_code}"] += 1
+                return
+            except (TimeoutError, OSError, InvalidHandshake) as exc:
+                outcome[type(exc).__name__] += 1
+                return
+        try:
+            first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            outcome["accepted" if first.get("type") == "ready" else f"refused {first.get('code')}"] += 1
+            await hold_until(ctx, ws)
+        except (TimeoutError, ConnectionClosed) as exc:
+            outcome[type(exc).__name__] += 1
+        finally:
+            await ws.close()
+
+    await asyncio.gather(*(one(j) for j in range(ctx.args.viewers)))
+    return True, f"{ctx.args.viewers} viewers: {dict(outcome)}"
+
+
+async def attack_idle_bypass(ctx: Context) -> Result:
+    """Streams that send no audio, only a flush every few seconds, to hold their slots."""
+    idle = ctx.args.idle_timeout
+    closed: list[float] = []
+    hold = max(ctx.left(), idle + 3)  # long enough to see the idle timeout, whatever --seconds says
+
+    async def one() -> None:
+        try:
+            async with connect(native(ctx), open_timeout=5, close_timeout=1) as ws:
+                if json.loads(await ws.recv()).get("type") != "ready":
+                    return
+                t0 = time.monotonic()
+                await ws.send(json.dumps({"type": "start"}))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(hold):
+                        while True:
+                            await ws.send(json.dumps({"type": "flush"}))
+                            with contextlib.suppress(TimeoutError):
+                                async with asyncio.timeout(idle * 0.6):
+                                    async for _ in ws:
+                                        pass
+                                    closed.append(time.monotonic() - t0)
+                                    return
+        except (ConnectionClosed, OSError, InvalidHandshake):
+            closed.append(float("nan"))
+
+    n = ctx.args.idle_clients
+    await asyncio.gather(*(one() for _ in range(n)))
+    in_time = [c for c in closed if c <= idle + 3]
+    note = f"{n} streams flushing every {idle * 0.6:.1f} s: {len(in_time)} closed by the idle timeout ({idle:g} s)"
+    return len(in_time) == n, note
+
+
+async def attack_refused_storm(ctx: Context) -> Result:
+    """All stream slots taken, then thousands of connections that are refused (1013)."""
+    holders: list[ClientConnection] = []
+    keep = asyncio.Event()
+
+    async def hold() -> None:
+        try:
+            ws = await connect(native(ctx), open_timeout=5, close_timeout=1)
+        except (TimeoutError, OSError, InvalidHandshake):
+            return
+        try:
+            if json.loads(await asyncio.wait_for(ws.recv(), 5)).get("type") != "ready":
+                return
+            holders.append(ws)
+            silence = bytes(3200)
+            while not keep.is_set():  # audio keeps the slot (the idle timeout counts audio)
+                await ws.send(silence)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(keep.wait(), 1.0)
+        except (TimeoutError, ConnectionClosed):
+            pass
+        finally:
+            await ws.close()
+
+    hold_tasks = [asyncio.create_task(hold()) for _ in range(ctx.args.max_streams - len(ctx.names))]
+    await asyncio.sleep(2.0)
+    codes: Counter[str] = Counter()
+    sem = asyncio.Semaphore(50)
+    t0 = time.monotonic()
+
+    async def knock() -> None:
+        async with sem:
+            if ctx.left() <= 0:
+                codes["not tried"] += 1
+                return
+            try:
+                async with asyncio.timeout(10):
+                    async with connect(native(ctx), open_timeout=5, close_timeout=1) as ws:
+                        async for _ in ws:
+                            pass
+                        codes[str(ws.close_code)] += 1
+            except ConnectionClosed as exc:
+                codes[str(exc.rcvd.code if exc.rcvd else 1006)] += 1
+            except InvalidStatus as exc:
+                codes[f"HTTP {exc.response.status_code}"] += 1
+            except (TimeoutError, OSError, InvalidHandshake) as exc:
+                codes[type(exc).__name__] += 1
+
+    await asyncio.gather(*(knock() for _ in range(ctx.args.refusals)))
+    rate = sum(v for k, v in codes.items() if k != "not tried") / max(1e-3, time.monotonic() - t0)
+    await asyncio.sleep(max(0.0, ctx.left()))
+    keep.set()
+    await asyncio.gather(*hold_tasks, return_exceptions=True)
+    ok = codes.get("1013", 0) == sum(v for k, v in codes.items() if k != "not tried")
+    return ok, f"{len(holders)} slots held; {ctx.args.refusals} knocks at {rate:.0f}/s: {dict(codes)}"
+
+
+async def bad_input_checks(ctx: Context) -> list[tuple[str, bool, str]]:
+    """Each bad input once: (name, passed, what happened). Passing: an error event and no 1011."""
+
+    async def exchange(url: str, messages: list[str | bytes], need_final: bool = False) -> tuple[bool, str]:
+        error = False
+        final = False
+        code: Any = None
+        try:
+            async with asyncio.timeout(20):
+                async with connect(url, max_size=None, open_timeout=5, close_timeout=2) as ws:
+                    for m in messages:
+                        await ws.send(m)
+                    async for raw in ws:
+                        if isinstance(raw, str):
+                            ev = json.loads(raw)
+                            error |= ev.get("type") == "error" or "error" in ev  # native or Vosk
+                            final |= ev.get("type") == "final" and bool(ev.get("text"))
+                    code = ws.close_code
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else 1006
+        except (TimeoutError, OSError, InvalidHandshake) as exc:
+            code = type(exc).__name__
+        passed = error and code not in (1011, 1006, None) and (final or not need_final)
+        return passed, f"close {code}, error event {'yes' if error else 'no'}" + (
+            f", final before it {'yes' if final else 'no'}" if need_final else "")
+
+    checks: list[tuple[str, bool, str]] = []
+    deep = '{"type": "start", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    checks.append(("deep-json", *await exchange(native(ctx), [deep])))
+    f32 = np.frombuffer(ctx.pcm[: 32000 * 3], "<i2").astype("<f4") / 32768
+    chunks: list[str | bytes] = [json.dumps({"type": "start", "encoding": "f32le"})]
+    chunks += [f32[i:i + 1600].tobytes() for i in range(0, len(f32), 1600)]
+    chunks += [np.full(1600, 3e38, "<f4").tobytes(), json.dumps({"type": "stop"})]
+    checks.append(("f32-3e38", *await exchange(native(ctx), chunks, need_final=True)))
+    if ctx.daemon.vosk_port:
+        vosk = f"ws://{HOST}:{ctx.daemon.vosk_port}"
+        for name, value in (("vosk-nan", "NaN"), ("vosk-inf", "Infinity")):
+            checks.append((name, *await exchange(vosk, ['{"config": {"sample_rate": ' + value + "}}",
+                                                        ctx.pcm[:3200], '{"eof": 1}'])))
+    return checks
+
+
+async def attack_bad_input(ctx: Context) -> Result:
+    """Deeply nested JSON, a Vosk sample rate of NaN / Infinity, f32 samples of 3e38 after speech."""
+    first = await bad_input_checks(ctx)
+    rounds = 1
+    while ctx.left() > 5:
+        await bad_input_checks(ctx)
+        rounds += 1
+    note = "; ".join(f"{name} {'ok' if ok else 'FAIL'} ({what})" for name, ok, what in first)
+    return all(ok for _, ok, _ in first), f"{rounds} rounds: {note}"
+
+
+async def attack_http_edges(ctx: Context) -> Result:
+    """A path component over 255 bytes, HEAD, POST with a body; repeated (how much does each one log?)."""
+    port = ctx.daemon.port
+    long = "a" * 300
+    cases: dict[str, tuple[bytes, Callable[[int, dict[str, str], bytes], bool]]] = {
+        "long-path": (get(f"/{long}"), lambda s, h, b: 400 <= s < 500),
+        "long-viewer": (get(f"/v1/listen/{long}"), lambda s, h, b: 400 <= s < 500),
+        "HEAD": (get("/", "HEAD"), lambda s, h, b: s != 0 and s < 500 and not b),
+        "POST": (get("/", "POST", "Content-Length: 1000\r\nContent-Type: text/plain\r\n", b"x" * 1000),
+                 lambda s, h, b: 400 <= s < 500),
+    }
+    seen: dict[str, Counter[int]] = {k: Counter() for k in cases}
+    ok = {k: True for k in cases}
+    n = 0
+    while ctx.left() > 0 and n < ctx.args.http_requests:
+        for name, (request, check) in cases.items():
+            status, headers, body = await http(port, request)
+            seen[name][status] += 1
+            ok[name] &= check(status, headers, body)
+            n += 1
+    note = ", ".join(f"{k} {'ok' if ok[k] else 'FAIL'} {dict(v)}" for k, v in seen.items())
+    await asyncio.sleep(max(0.0, ctx.left()))
+    return all(ok.values()), f"{n} requests (status: count): {note}"
+
+
+async def attack_cross_origin(ctx: Context) -> Result:
+    """Websocket upgrades from another site's page (Origin: https://evil.example)."""
+    origin = "Origin: https://evil.example\r\n"
+    results = []
+    for path in ("/v1/stream", f"/v1/listen/{ctx.names[0]}"):
+        status, _, writer = await raw_upgrade(ctx.daemon.port, path, origin)
+        if writer is not None:
+            writer.close()
+        results.append((path, status))
+    await asyncio.sleep(max(0.0, ctx.left()))
+    note = ", ".join(f"{p}: {'accepted (101)' if s == 101 else f'refused ({s})'}" for p, s in results)
+    return all(s not in (101, 0) for _, s in results), note
+
+
+async def attack_sigterm(ctx: Context) -> Result:
+    """SIGTERM while the worker is busy: every healthy stream must still get its finals before the close."""
+    load = asyncio.create_task(flood_8k(ctx, ctx.args.sigterm_load, ctx.left))
+    await asyncio.sleep(max(0.0, ctx.sigterm_at - asyncio.get_running_loop().time()))
+    t0 = time.monotonic()
+    ctx.daemon.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    limit = ctx.args.shutdown_timeout + 20
+    code = await ctx.daemon.wait(limit)
+    load.cancel()
+    await asyncio.gather(load, return_exceptions=True)
+    if code is None:
+        return False, f"still running {limit:g} s after SIGTERM"
+    return code == 0, f"exit {code} {time.monotonic() - t0:.1f} s after SIGTERM"
+
+
+@dataclass(frozen=True)
+class Attack:
+    run: Callable[[Context], Coroutine[Any, Any, Result]]
+    about: str
+
+
+ATTACKS: dict[str, Attack] = {
+    "none": Attack(attack_none, "no attack: the healthy streams alone (a baseline)"),
+    "mqtt-name": Attack(attack_mqtt_name, "streams named 'x\\n' with MQTT on: must be refused, MQTT must go on"),
+    "ping-flood": Attack(attack_ping_flood, "clients flood ping frames and never read: must be closed"),
+    "big-words": Attack(attack_big_words, "start messages with a 1 MB word list: bounded memory, given back"),
+    "flood-8k": Attack(attack_flood_8k, "clients send 1 MiB messages of 8 kHz audio as fast as they can, leave"),
+    "fast-sender": Attack(attack_fast_sender, "clients/caption.py --fast on the healthy audio: no final lost"),
+    "viewers": Attack(attack_viewers, "over a thousand viewers: /healthz and the streams must go on"),
+    "idle-bypass": Attack(attack_idle_bypass, "streams that only send flush: the idle timeout must close them"),
+    "refused-storm": Attack(attack_refused_storm, "slots full, thousands of connections refused with 1013"),
+    "bad-input": Attack(attack_bad_input, "deep JSON, Vosk NaN/Infinity rate, 3e38 f32 samples: error events"),
+    "http-edges": Attack(attack_http_edges, "a 300-byte path component, HEAD, POST with a body: 4xx, one line"),
+    "cross-origin": Attack(attack_cross_origin, "websocket upgrades with another site's Origin: refused"),
+    "sigterm": Attack(attack_sigterm, "SIGTERM under load: every healthy final before the close (always last)"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running an attack
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    attack: str
+    rss: tuple[float, float, float] = (float("nan"),) * 3
+    lag_p95: float = float("nan")
+    lost: int = 0
+    changed: int = 0
+    mqtt_lost: int | None = None
+    healthy: str = ""
+    log_kb: float = 0.0
+    passed: bool = True
+    check: bool = True
+    note: str = ""
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    """(short tag for the table, what happened)"""
+
+    def fail(self, tag: str, detail: str) -> None:
+        self.problems.append((tag, detail))
+        self.passed = False
+
+
+async def run_attack(name: str, ctx: Context, index: int) -> Row:
+    """One attack beside the healthy streams, with its RSS, health and log watched."""
+    args, daemon = ctx.args, ctx.daemon
+    loop = asyncio.get_running_loop()
+    row = Row(name)
+    ctx.names = [f"healthy-{index}-{i}" for i in range(args.healthy)]
+    before, log0 = rss_mb(daemon.pid), daemon.log_bytes
+    peak = [before]
+    polls: list[bool] = []
+    sigterm = name == "sigterm"
+
+    async def watch() -> None:
+        next_poll = loop.time()
+        while True:
+            await asyncio.sleep(0.2)
+            peak.append(rss_mb(daemon.pid))
+            if peak[-1] > args.rss_limit_mb and not attack.done():
+                attack.cancel()
+                row.fail("rss limit", f"stopped at RSS {peak[-1]:.0f} MB (--rss-limit-mb)")
+            if loop.time() >= next_poll and not sigterm:
+                next_poll = loop.time() + 1.0
+                polls.append(await healthz(daemon.port))
+
+    mqtt: Counter[str] = Counter()
+    subscriber = None
+    if ctx.broker is not None and not sigterm:
+        ready = asyncio.Event()
+        subscriber = asyncio.create_task(ctx.broker.count_finals("streamer", mqtt, ready))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ready.wait(), 10)
+    audio_s = len(ctx.pcm) / 32000
+    ctx.deadline = loop.time() + args.seconds
+    if sigterm:
+        ctx.sigterm_at = loop.time() + sigterm_offset(ctx.expected, audio_s, ctx)
+    streams = asyncio.gather(*(healthy_stream(daemon.url, ctx.pcm, n, audio_s) for n in ctx.names))
+    attack = asyncio.create_task(ATTACKS[name].run(ctx))
+    watcher = asyncio.create_task(watch())
+    try:
+        async with asyncio.timeout(args.seconds + GRACE_S):
+            row.check, row.note = await attack
+    except TimeoutError:
+        row.check, row.note = False, f"the attack did not end within {args.seconds + GRACE_S:g} s"
+    except asyncio.CancelledError:
+        if not row.problems:
+            raise
+        row.check, row.note = False, "cancelled"
+    except Exception as exc:  # an attack's own bug must not end the benchmark
+        row.check, row.note = False, f"the attack failed: {type(exc).__name__}: {exc}"
+    results: list[Healthy] = await streams
+    if not sigterm:
+        await asyncio.sleep(SETTLE_S)
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
+    if subscriber is not None:
+        await asyncio.sleep(1.0)
+        subscriber.cancel()
+        await asyncio.gather(subscriber, return_exceptions=True)
+        row.mqtt_lost = sum(max(0, len(ctx.expected.texts) - mqtt[n]) for n in ctx.names)
+    after = rss_mb(daemon.pid)
+    row.rss = (before, max(p for p in peak if not math.isnan(p)), after)
+    row.log_kb = (daemon.log_bytes - log0) / 1024
+    expected = ctx.expected.texts[: ctx.sigterm_expected] if sigterm else ctx.expected.texts
+    for r in results:
+        lost, changed = r.lost(expected)
+        row.lost += lost
+        row.changed += 0 if sigterm else changed  # after SIGTERM the streams may get a final of later audio
+        if r.error:
+            row.fail("stream error", f"{r.name}: {r.error}")
+        elif r.close not in ("1000", "1001" if sigterm else "1000"):
+            row.fail(f"closed {r.close or '?'}", f"{r.name}: closed {r.close or 'abnormally'}")
+    row.lag_p95 = pct([x for r in results for x in r.lags], 95)
+    if sigterm:
+        row.healthy = "exit 0" if row.check else "no"
+    else:
+        final_ok = daemon.alive and await healthz(daemon.port)
+        failed = polls.count(False)
+        row.healthy = "yes" if final_ok and not failed else (
+            "died" if not daemon.alive else f"no ({failed}/{len(polls)} polls failed{'' if final_ok else ', still'})")
+    kept = after - before
+    if row.lost or row.changed:
+        row.fail("finals lost", f"healthy streams: {row.lost} finals lost, {row.changed} changed")
+    if row.mqtt_lost:
+        row.fail("mqtt lost", f"{row.mqtt_lost} healthy finals missing on MQTT")
+    if not sigterm and row.healthy != "yes":
+        row.fail("unhealthy", f"/healthz: {row.healthy}")
+    if not sigterm and kept > args.max_kept_mb:
+        row.fail("memory kept", f"kept +{kept:.0f} MB after the attack (--max-kept-mb)")
+    if row.lag_p95 > args.max_lag:
+        row.fail("lag", f"healthy final lag p95 {row.lag_p95:.1f} s (--max-lag)")
+    if not row.check:
+        row.fail("attack succeeded", "the attack's own check failed (its note)")
+    return row
+
+
+async def settled(ctx: Context) -> str:
+    """Whether the daemon is itself again after an attack: alive, /healthz ok, and a 2-second stream sent at
+    once gets its end within PROBE_S. '' when it is, else what is wrong (then it is restarted)."""
+    if not ctx.daemon.alive:
+        return "the daemon died"
+    t0 = time.monotonic()
+    try:
+        async with asyncio.timeout(PROBE_S):
+            async with connect(native(ctx), max_size=None, open_timeout=5, close_timeout=2) as ws:
+                await ws.recv()
+                await ws.send(ctx.pcm[: 32000 * 2])
+                await ws.send(json.dumps({"type": "stop"}))
+                async for _ in ws:
+                    pass
+    except (TimeoutError, ConnectionClosed, OSError, InvalidHandshake) as exc:
+        return f"a probe stream {type(exc).__name__} after {time.monotonic() - t0:.0f} s: the daemon is still busy"
+    return "" if await healthz(ctx.daemon.port) else "/healthz not ok after the attack"
+
+
+def sigterm_offset(expected: Expected, audio_s: float, ctx: Context) -> float:
+    """When to send SIGTERM (seconds after the healthy streams start): 0.3 s after the last word of a final
+    that ends past the middle, before its endpoint: the daemon must finalise that segment itself."""
+    late = [i for i, end in enumerate(expected.ends) if end + 0.3 < min(audio_s, ctx.args.seconds) * 0.8]
+    k = late[-1] if late else 0
+    ctx.sigterm_expected = k + 1 if expected.ends else 0
+    return (expected.ends[k] + 0.3) if expected.ends else ctx.args.seconds / 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    epilog = "attacks (--attacks, in this order; sigterm always runs last):\n" + "\n".join(
+        f"  {name:<14} {a.about}" for name, a in ATTACKS.items())
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--attacks", default=",".join(ATTACKS), metavar="A,B",
+                   help="which attacks, comma-separated (default: all)")
+    p.add_argument("--list", action="store_true", help="list the attacks and exit")
+    p.add_argument("--seconds", type=float, default=20.0, help="how long each attack runs (default: 20)")
+    p.add_argument("--healthy", type=int, default=2, help="healthy real-time streams beside each attack (default: 2)")
+    p.add_argument("--model", default="demo", help="the daemon's model (default: demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override for the daemon and for the reference transcription (repeatable)")
+    p.add_argument("--max-streams", type=int, default=24, help="the daemon's server.max_streams (default: 24)")
+    p.add_argument("--idle-timeout", type=float, default=5.0,
+                   help="the daemon's server.idle_timeout_s, short so that idle-bypass shows (default: 5)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="the daemon's server.shutdown_timeout_s (default: 10)")
+    p.add_argument("--nofile", type=int, default=1024,
+                   help="the daemon's soft descriptor limit, as systemd's default; 0 keeps ours (default: 1024)")
+    p.add_argument("--flooders", type=int, default=2, help="ping-flood clients (default: 2)")
+    p.add_argument("--word-clients", type=int, default=4, help="big-words clients, in all (default: 4)")
+    p.add_argument("--flood-clients", type=int, default=8, help="flood-8k clients (default: 8)")
+    p.add_argument("--messages", type=int, default=2, help="messages each flood-8k client sends (default: 2)")
+    p.add_argument("--message-bytes", type=int, default=1_000_000,
+                   help="bytes per flood-8k message, under server.max_message_bytes (default: 1000000)")
+    p.add_argument("--fast-clients", type=int, default=2, help="caption.py --fast runs at a time (default: 2)")
+    p.add_argument("--viewers", type=int, default=1200, help="viewers, more than --nofile (default: 1200)")
+    p.add_argument("--idle-clients", type=int, default=4, help="idle-bypass streams (default: 4)")
+    p.add_argument("--refusals", type=int, default=5000, help="refused-storm connections (default: 5000)")
+    p.add_argument("--http-requests", type=int, default=2000, help="most http-edges requests (default: 2000)")
+    p.add_argument("--sigterm-load", type=int, default=4, help="flood-8k clients during sigterm (default: 4)")
+    p.add_argument("--max-lag", type=float, default=4.0,
+                   help="a healthy final lag p95 above this fails the row (default: 4 s)")
+    p.add_argument("--max-kept-mb", type=float, default=200.0,
+                   help="RSS kept after an attack above this fails the row (default: 200)")
+    p.add_argument("--rss-limit-mb", type=float, default=8000.0,
+                   help="stop an attack when the daemon's RSS passes this (default: 8000)")
+    p.add_argument("--start-timeout", type=float, default=120.0, help="for the daemon to listen (default: 120 s)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows here as JSON")
+    args = p.parse_args(argv)
+    if args.list:
+        print(epilog)
+        raise SystemExit(0)
+    names = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown or not names:
+        p.error(f"unknown attack {', '.join(unknown)}; choose from {', '.join(ATTACKS)}" if unknown
+                else "--attacks names none")
+    args.attacks = sorted(set(names), key=list(ATTACKS).index)  # sigterm last
+    if args.seconds <= 0 or args.healthy < 1:
+        p.error("--seconds must be positive and --healthy at least 1")
+    if args.max_streams <= args.healthy + max(args.flood_clients, args.word_clients, args.idle_clients,
+                                              args.fast_clients, args.sigterm_load):
+        p.error("--max-streams leaves no room for the attack's clients beside the healthy streams")
+    return args
+
+
+async def reference(args: argparse.Namespace, wav: Path) -> Expected:
+    """``streamer transcribe --format jsonl`` of the healthy audio, with the same model and overrides."""
+    cmd = [sys.executable, "-m", "streamer", "transcribe", "--format", "jsonl", "--model", args.model, str(wav)]
+    for o in args.overrides:
+        cmd += ["--set", o]
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(600):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        raise SystemExit("chaos: streamer transcribe of the healthy audio took over 600 s") from None
+    if proc.returncode != 0:
+        raise SystemExit(f"chaos: streamer transcribe failed: {err.decode(errors='replace')[-2000:]}")
+    finals = [e for e in map(json.loads, out.decode().splitlines()) if e.get("type") == "final"]
+    return Expected([e["text"] for e in finals], [e["words"][-1]["end"] if e["words"] else e["end"] for e in finals])
+
+
+def table(rows: list[Row], args: argparse.Namespace) -> str:
+    head = ("attack", "RSS MB before/peak/after", "lag p95 s", "lost", "mqtt lost", "healthy", "log KB", "result")
+    body = []
+    for r in rows:
+        rss = "/".join("-" if math.isnan(x) else f"{x:.0f}" for x in r.rss)
+        lost = f"{r.lost}" + (f" (+{r.changed} changed)" if r.changed else "")
+        body.append((r.attack, rss, "-" if math.isnan(r.lag_p95) else f"{r.lag_p95:.2f}", lost,
+                     "-" if r.mqtt_lost is None else str(r.mqtt_lost), r.healthy, f"{r.log_kb:.0f}",
+                     "pass" if r.passed else "FAIL: " + ", ".join(dict.fromkeys(tag for tag, _ in r.problems))))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+    lines = [" | ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
+             for line in (head, tuple("-" * w for w in widths), *body)]
+    notes = []
+    for r in rows:
+        notes.append(f"  {r.attack}: {r.note}")
+        notes += [f"    {tag}: {detail}" for tag, detail in r.problems]
+    return "\n".join(lines + ["", "what each attack saw, and what failed:", *notes])
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # our own viewers and knocks need descriptors
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+        args.workdir = tmp
+        import soundfile as sf
+
+        audio = speech_audio(args.seconds)
+        wav = Path(tmp) / "healthy.wav"
+        sf.write(wav, audio, 16000, subtype="PCM_16")
+        audio = sf.read(wav, dtype="float32")[0]  # exactly what the file holds
+        broker = None
+        overrides = [f"server.max_streams={args.max_streams}", f"server.idle_timeout_s={args.idle_timeout}",
+                     f"server.shutdown_timeout_s={args.shutdown_timeout}", "vosk.enabled=true", "vosk.port=0"]
+        sbin = "/usr/sbin/mosquitto"  # not on a user's PATH on Debian
+        exe = shutil.which("mosquitto") or (sbin if os.access(sbin, os.X_OK) else None)
+        if exe and "mqtt-name" in args.attacks:
+            broker = Broker(exe, Path(tmp))
+            await broker.start()
+            overrides += ["mqtt.enabled=true", f"mqtt.host='{HOST}'", f"mqtt.port={broker.port}"]
+        daemon = Daemon(args, overrides + args.overrides)
+        rows: list[Row] = []
+        try:
+            print(f"chaos: starting the daemon ({args.model}) and transcribing {args.seconds:g} s of healthy speech",
+                  file=sys.stderr)
+            expected, _ = await asyncio.gather(reference(args, wav), daemon.start())
+            print(f"chaos: daemon on port {daemon.port} (pid {daemon.pid}); the healthy audio has "
+                  f"{len(expected.texts)} finals", file=sys.stderr)
+            ctx = Context(args, daemon, pcm16(audio), audio, expected, [], broker=broker)
+            restart = False
+            for i, name in enumerate(args.attacks):
+                if restart:
+                    print("chaos: restarting the daemon", file=sys.stderr)
+                    await daemon.stop()
+                    await daemon.start()
+                    restart = False
+                print(f"chaos: {name} ({args.seconds:g} s)", file=sys.stderr)
+                row = await run_attack(name, ctx, i)
+                if name != "sigterm" and (trouble := await settled(ctx)):
+                    row.fail("busy after", trouble)
+                    restart = True  # the next attack gets a fresh daemon
+                rows.append(row)
+                print(f"chaos: {name}: {'pass' if row.passed else 'FAIL'} ({row.note})", file=sys.stderr)
+        finally:
+            await daemon.stop()
+            if broker is not None:
+                await broker.stop()
+    print(table(rows, args))
+    if args.json:
+        await asyncio.to_thread(Path(args.json).write_text, json.dumps([r.__dict__ for r in rows], indent=1,
+                                                                         default=str))
+    return 0 if all(r.passed for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return asyncio.run(main_async(parse_args(argv)))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,8 +20,8 @@ Assistant or a push-to-talk client does), --command-clients at a time, and repor
 start to the first partial, from the end of the first word (the final's word time) to the first text and to
 the first partial that has the right first word, and from ``stop`` to the final.
 
---compare SET starts a second daemon with one more --set and runs every level and the commands on both,
-one after the other (never at the same time), for a side-by-side table:
+--compare SET starts a further daemon with one more --set (repeat it for more) and runs every level and the
+commands on each, one after the other (never at the same time), for a side-by-side table:
 
     python clients/loadtest.py                                   # demo model, CPU
     python clients/loadtest.py --random-model xlsr-large --set model.dtype=bfloat16 --clients 8,16,32,64
@@ -69,8 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--commands", type=int, default=0, help="voice-command streams to play after the levels")
     p.add_argument("--command-clients", type=int, default=2,
                    help="command streams open at a time (default: %(default)s)")
-    p.add_argument("--compare", metavar="SECTION.KEY=VALUE",
-                   help="also run a daemon with this extra --set, level by level, and print both side by side")
+    p.add_argument("--compare", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                   help="also run a daemon with this extra --set (repeatable: one daemon each), level by level, "
+                   "and print all side by side")
     p.add_argument("--json", help="write all figures here as JSON")
     return p.parse_args(argv)
 
@@ -226,14 +227,20 @@ def command_audio() -> list[bytes]:
 
 
 async def run_commands(url: str, commands: list[bytes], n: int, clients: int) -> dict:
-    """``n`` command streams, ``clients`` open at a time, each one command then ``stop``."""
+    """``n`` command streams, ``clients`` open at a time, each one command then ``stop``.
+
+    Each command starts after 0-0.5 s of silence (the same for every daemon compared), so where its first
+    word ends falls anywhere between two provisional windows, as it does for a real speaker.
+    """
     sem = asyncio.Semaphore(clients)
     rng = np.random.default_rng(0)
     delays = rng.uniform(0, 0.5, n)
+    leads = [bytes(2 * int(16000 * x)) for x in rng.uniform(0, 0.5, n)]
 
     async def once(i: int) -> CommandResult:
         async with sem:
-            return command_result(await one_client(url, commands[i % len(commands)], float(delays[i])))
+            pcm = leads[i] + commands[i % len(commands)]
+            return command_result(await one_client(url, pcm, float(delays[i])))
 
     results = await asyncio.gather(*(once(i) for i in range(n)))
     good = [r for r in results if r.ok]
@@ -244,8 +251,16 @@ async def run_commands(url: str, commands: list[bytes], n: int, clients: int) ->
     return out
 
 
-def read_metrics(url: str) -> dict[str, float]:
-    """The daemon's counters that the figures need, from /metrics on the websocket's port."""
+def cpu_seconds(pid: int | None) -> dict[str, float]:
+    """CPU time the daemon process used so far (user + system): less disturbed by other load than wall time."""
+    if not pid:
+        return {}
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return {"cpu_seconds": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")}
+
+
+def read_metrics(url: str, pid: int | None = None) -> dict[str, float]:
+    """The daemon's counters that the figures need, from /metrics on the websocket's port (and /proc)."""
     import urllib.request
     from urllib.parse import urlsplit
 
@@ -263,15 +278,16 @@ def read_metrics(url: str) -> dict[str, float]:
         name, _, value = line.partition(" ")
         if name in names:
             values[name.removeprefix("streamer_").removesuffix("_total")] = float(value)
-    return values
+    return values | cpu_seconds(pid)
 
 
 def cost(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Model seconds per audio second and the provisional windows' share between two /metrics readings."""
+    """Model (and daemon CPU) seconds per audio second, the provisional windows' share, between two readings."""
     d = {k: after[k] - before.get(k, 0.0) for k in after}
     audio = d.get("audio_seconds", 0.0)
     return {
         "model_s_per_audio_s": d["model_seconds"] / audio if audio else float("nan"),
+        "cpu_s_per_audio_s": d["cpu_seconds"] / audio if audio and "cpu_seconds" in d else float("nan"),
         "provisional_windows": d.get("provisional_windows", float("nan")),
         "provisional_model_s": d.get("provisional_model_seconds", float("nan")),
         "windows": d.get("windows", float("nan")), "audio_s": audio,
@@ -348,14 +364,14 @@ class Target:
 
 
 LEVEL_HEAD = (f"{'':<22}{'clients':>8}{'partial p50':>13}{'p95':>7}{'first 1.5 s p50':>17}{'p95':>7}"
-              f"{'rest p50':>10}{'p95':>7}{'final p50':>11}{'p95':>7}{'words':>7}{'RSS MB':>8}")
+              f"{'rest p50':>10}{'p95':>7}{'final p50':>11}{'p95':>7}{'words':>7}{'RSS MB':>8}{'CPU/audio':>10}")
 
 
 def level_row(name: str, lv: dict) -> str:
     return (f"{name:<22}{lv['clients']:>8}{lv['partial_median']:>13.3f}{lv['partial_p95']:>7.3f}"
             f"{lv['partial_first_median']:>17.3f}{lv['partial_first_p95']:>7.3f}{lv['partial_rest_median']:>10.3f}"
             f"{lv['partial_rest_p95']:>7.3f}{lv['final_median']:>11.3f}{lv['final_p95']:>7.3f}{lv['words']:>7}"
-            f"{lv['peak_rss_mb']:>8.0f}")
+            f"{lv['peak_rss_mb']:>8.0f}{lv.get('cost', {}).get('cpu_s_per_audio_s', float('nan')):>10.3f}")
 
 
 def side_by_side(targets: list[Target], args: argparse.Namespace) -> None:
@@ -378,6 +394,8 @@ def side_by_side(targets: list[Target], args: argparse.Namespace) -> None:
         if any(costs):
             rows.append((f"model s per audio s, {label}", [f"{c.get('model_s_per_audio_s', float('nan')):.3f}"
                                                            for c in costs]))
+            rows.append(("  daemon CPU s per audio s", [f"{c.get('cpu_s_per_audio_s', float('nan')):.3f}"
+                                                        for c in costs]))
             rows.append(("  provisional windows / model s", [f"{c.get('provisional_windows', float('nan')):.0f} / "
                                                               f"{c.get('provisional_model_s', float('nan')):.2f}"
                                                               for c in costs]))
@@ -409,8 +427,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 tmp = tempfile.TemporaryDirectory()
                 model = str(save_random_model(args.random_model, tmp.name))
             variants = [("as set", args.overrides)]
-            if args.compare:
-                variants.append((args.compare.split(".", 1)[-1], [*args.overrides, args.compare]))
+            variants += [(extra.split(".", 1)[-1], [*args.overrides, extra]) for extra in args.compare]
             for name, overrides in variants:
                 proc, url = await start_daemon(args, model, overrides)
                 targets.append(Target(name, url, proc, rss_mb(proc.pid)))
@@ -418,12 +435,14 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"daemon {t.url} ({t.name}) idle RSS {t.idle:.0f} MB")
         print(f"{len(audio) / 16000:.1f} s of speech per client at 1x real time")
         print(LEVEL_HEAD)
-        start = [read_metrics(t.url) for t in targets]
+        start = [read_metrics(t.url, t.pid) for t in targets]
         for n in [int(x) for x in args.clients.split(",")]:
             for t in targets:  # one after the other: the daemons never share the CPU
                 if t.stopped:
                     continue
+                before = read_metrics(t.url, t.pid)
                 lv = await run_level(t.url, pcm, n, t.pid)
+                lv["cost"] = cost(before, read_metrics(t.url, t.pid))
                 t.levels.append(lv)
                 print(level_row(t.name, lv), flush=True)
                 t.stopped = not lv["ok"] or not lv["final_p95"] <= args.max_p95
@@ -433,7 +452,7 @@ async def main_async(args: argparse.Namespace) -> int:
             good = [lv for lv in t.levels if lv["ok"] and lv["final_p95"] <= args.max_p95]
             best = good[-1]["clients"] if good else 0
             t.summary = {"levels": t.levels, "max_clients_p95_ok": best, "idle_rss_mb": t.idle,
-                         "levels_cost": cost(before, read_metrics(t.url))}
+                         "levels_cost": cost(before, read_metrics(t.url, t.pid))}
             print(f"\n{t.name}: largest N with p95 final latency <= {args.max_p95:.1f} s: {best}"
                   + ("" if len(good) < len(t.levels) else " (limit not reached: try more clients)"))
             if t.pid and good:
@@ -445,9 +464,9 @@ async def main_async(args: argparse.Namespace) -> int:
             lengths = ", ".join(f"{len(c) / 32000:.1f}" for c in commands)
             print(f"\n{args.commands} command streams, {args.command_clients} at a time (commands of {lengths} s)")
             for t in targets:
-                before = read_metrics(t.url)
+                before = read_metrics(t.url, t.pid)
                 t.summary["commands"] = await run_commands(t.url, commands, args.commands, args.command_clients)
-                t.summary["commands_cost"] = cost(before, read_metrics(t.url))
+                t.summary["commands_cost"] = cost(before, read_metrics(t.url, t.pid))
                 c = t.summary["commands"]
                 print(f"{t.name}: start -> first partial p50 {c['first_partial_median']:.3f} p95 "
                       f"{c['first_partial_p95']:.3f}; first word end -> text p50 {c['first_text_median']:.3f} p95 "

@@ -158,22 +158,23 @@ async def test_stream_lag_is_reported_per_stream_and_released(daemon_factory, sp
 @pytest.mark.parametrize("protocol", ["native", "vosk"])
 async def test_sigterm_under_load_delivers_every_final(daemon_factory, model_runner, speech, protocol):
     """SIGTERM (shutdown) while a flood keeps the worker busy: every healthy stream gets its finals and a clean
-    close (1001), none is cut by the shutdown timeout."""
-    d = await daemon_factory("vosk.enabled=true", "vosk.port=0")  # shutdown_timeout_s: the default 10 s
+    close (1001), and gets them before the flood's remaining minutes of audio are computed, not after."""
+    d = await daemon_factory("vosk.enabled=true", "vosk.port=0", "server.shutdown_timeout_s=120")
+    loop = asyncio.get_running_loop()
     message = _flood_audio(speech)
     flood = [asyncio.create_task(_flooder(d.port, message, stay=True)) for _ in range(4)]
     expected = " ".join(f["text"] for f in reference_finals(model_runner, speech))
-    half = pcm16(speech)
+    audio = pcm16(speech)
 
-    async def healthy() -> tuple[str, int | None]:
+    async def healthy() -> tuple[str, int | None, float]:
         url = (f"ws://127.0.0.1:{d.port}/v1/stream" if protocol == "native"
                else f"ws://127.0.0.1:{d.vosk_port}")
         texts = []
         async with connect(url) as ws:
             if protocol == "native":
                 await ws.recv()
-            for i in range(0, len(half), 3200):
-                await ws.send(half[i : i + 3200])
+            for i in range(0, len(audio), 3200):
+                await ws.send(audio[i : i + 3200])
                 if protocol == "vosk":
                     reply = json.loads(await ws.recv())
                     if reply.get("text"):
@@ -188,20 +189,20 @@ async def test_sigterm_under_load_delivers_every_final(daemon_factory, model_run
                         texts.append(m["text"])
             except ConnectionClosed:
                 pass
-            return " ".join(t for t in texts if t), ws.close_code
+            return " ".join(t for t in texts if t), ws.close_code, loop.time()
 
     shutdown = asyncio.Event()
-    async with asyncio.timeout(4 * TIMEOUT):
+    async with asyncio.timeout(6 * TIMEOUT):
         streams = [asyncio.create_task(healthy()) for _ in range(3)]
         await shutdown.wait()
-        await d.shutdown()
+        stopping = asyncio.create_task(d.shutdown())
         results = await asyncio.gather(*streams)
-        for task in flood:
-            task.cancel()
-        await asyncio.gather(*flood, return_exceptions=True)
-    for text, code in results:
+        ends = await asyncio.gather(*flood)
+        await stopping
+    for text, code, _ in results:
         assert code == 1001
         assert text == expected
+    assert max(t for _, _, t in results) < min(ends), "the healthy streams' finals waited for the flood"
 
 
 def test_audio_budget_allows_a_burst_then_real_time_times_speed():

@@ -115,7 +115,9 @@ class ModelConfig(_Section):
     _restart = True  # the loaded model
     id: str = _opt("demo", doc="'demo', a local directory, or a Hugging Face hub id")
     device: str = _opt("auto", doc="auto, cpu, cuda or cuda:N")
-    dtype: str = _opt("auto", choices=("auto", "float32", "float16", "bfloat16"))
+    backend: str = _opt("auto", choices=("auto", "torch", "onnxruntime"),
+                        doc="auto = onnxruntime for a `streamer export` directory, else torch")
+    dtype: str = _opt("auto", choices=("auto", "float32", "float16", "bfloat16", "int8"))
     attention: str = _opt("sdpa", choices=("sdpa", "eager", "flash_attention_2"))
     threads: int = _opt(0, min=0, doc="CPU threads for torch; 0 keeps torch's default")
     revision: str = _opt("", doc="hub revision; empty = default branch")
@@ -127,6 +129,12 @@ class ModelConfig(_Section):
             raise ConfigError(f"model.device = {d!r} is not allowed; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if not self.id:
             raise ConfigError("model.id is empty; use 'demo', a local directory or a hub id")
+        if self.backend == "onnxruntime" and self.dtype in ("float16", "bfloat16"):
+            raise ConfigError(f"model.dtype = {self.dtype!r} is not available with model.backend = 'onnxruntime'; "
+                              "use 'auto' (float32), 'float32' or 'int8', or model.backend = 'torch'")
+        if self.dtype == "int8" and d.startswith("cuda"):
+            raise ConfigError(f"model.dtype = 'int8' runs on the CPU, not model.device = {d!r}; set model.device = "
+                              "'cpu', or use 'bfloat16' or 'float16' on a GPU")
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,20 @@
-"""Loading a Wav2Vec2ForCTC checkpoint and running windows through it in this process (PyTorch).
+"""Loading a Wav2Vec2ForCTC checkpoint and choosing where and how it runs.
 
 Everything model-specific goes through transformers: ``AutoModelForCTC``, the checkpoint's
 ``Wav2Vec2CTCTokenizer`` (blank = its pad token, word delimiter = its ``|``) and its
 ``Wav2Vec2FeatureExtractor`` (per-window normalisation, exactly as the ASR pipeline does it).
-:class:`TorchRunner` is the in-process :class:`streamer.runner.Runner`.
+:func:`load_model` returns a :class:`streamer.runner.LocalRunner`: :class:`TorchRunner` (PyTorch in this
+process, float32, float16, bfloat16 or int8) or, with ``model.backend = "onnxruntime"``, the ONNX Runtime
+runner of :mod:`streamer.onnx` (float32 or int8).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
-import threading
 import time
-from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,18 @@ import numpy as np
 from streamer.config import ModelConfig
 from streamer.engine import FRAME_SAMPLES, RECEPTIVE_FIELD, SAMPLE_RATE
 from streamer.exceptions import InferenceError, ModelLoadError
+from streamer.runner import LocalRunner, TokenizerVocabulary, probe_windows
 
-__all__ = ["DEMO_MODEL", "TokenizerVocabulary", "TorchRunner", "load_model", "resolve_model"]
+__all__ = ["DEMO_MODEL", "TokenizerVocabulary", "TorchRunner", "cpu_has_bf16", "load_checkpoint", "load_model",
+           "resolve_model"]
 
 logger = logging.getLogger("streamer.model")
 
 DEMO_MODEL = "demo"
+
+BF16_PROBE_MIN_PARAMETERS = 100_000_000
+"""``dtype = "auto"`` on a CPU with bfloat16 instructions times bfloat16 against float32 for models at least
+this large; smaller ones keep float32 (they run many times faster than real time anyway, and stay exact)"""
 
 
 def demo_model_dir() -> Path:
@@ -49,166 +55,79 @@ def resolve_model(model_id: str) -> str:
     return model_id
 
 
-class TokenizerVocabulary:
-    """A :class:`streamer.ctc.Vocabulary` backed by a Hugging Face CTC tokenizer."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            raise ModelLoadError("the tokenizer has no pad token, which CTC uses as its blank")
-        self._blank = int(pad)
-        delim_token = getattr(tokenizer, "word_delimiter_token", None)
-        delim = tokenizer.convert_tokens_to_ids(delim_token) if delim_token else None
-        self._delim = None if delim is None or delim == tokenizer.unk_token_id else int(delim)
-        self.size = len(tokenizer)
-        self._cache: dict[tuple[int, ...], str] = {}
-
-    @property
-    def blank_id(self) -> int:
-        return self._blank
-
-    @property
-    def delimiter_id(self) -> int | None:
-        return self._delim
-
-    @property
-    def token_ids(self) -> dict[str, int]:
-        """Token string to id, as the tokenizer spells words."""
-        return dict(self.tokenizer.get_vocab())
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """The tokenizer's own decoding, memoised: words and partials are decoded again and again."""
-        if not ids:
-            return ""
-        key = tuple(ids)
-        text = self._cache.get(key)
-        if text is None:
-            if len(self._cache) > 100_000:
-                self._cache.clear()
-            text = self._cache[key] = str(
-                self.tokenizer.decode(list(ids), skip_special_tokens=False, group_tokens=False)
-            )
-        return text
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), as /proc/cpuinfo lists them."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _pick_device(name: str) -> str:
+def _pick_device(name: str, dtype: str = "auto") -> str:
     import torch
 
     if name == "auto":
+        if dtype == "int8":  # dynamic int8 runs on the CPU
+            return "cpu"
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"model.device = {name!r} but no CUDA GPU is visible; use 'cpu' or 'auto'")
     return name
 
 
-def _pick_dtype(name: str, device: str) -> Any:
+def _pick_precision(name: str, device: str) -> str:
+    """The precision to load in; ``auto`` on a CPU is decided after loading (:func:`_auto_cpu_precision`)."""
     import torch
 
-    if name == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, name)
+    if name == "auto" and device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if name == "bfloat16" and device == "cpu" and not cpu_has_bf16():
+        logger.warning("model.dtype = 'bfloat16' on a CPU without bfloat16 instructions (avx512_bf16, amx_bf16): "
+                       "it is emulated and slower than float32; use 'float32' or 'int8'")
+    return name
 
 
-@dataclass
-class RunStats:
-    """Counters of the model runner (read by ``streamer eval``)."""
+class TorchRunner(LocalRunner):
+    """A PyTorch model in this process (a :class:`streamer.runner.LocalRunner`).
 
-    seconds: float = 0.0
-    """time spent in :meth:`TorchRunner.run`"""
-
-
-class TorchRunner:
-    """A loaded model: call it with windows of 16 kHz float32 audio, get log-probs back.
-
-    Windows of equal length are stacked into batches of at most ``max_batch`` with no
-    padding and no mask, so a window's output does not depend on what it was batched with
-    beyond float rounding. Windows of other lengths run in their own batches.
+    ``dtype`` is what the inputs are cast to (the weights' dtype; float32 for an int8 model, whose linear
+    layers quantise their inputs themselves); ``precision`` names the arithmetic (``int8`` for such a model).
     """
 
+    backend = "torch"
+
     def __init__(self, model: Any, tokenizer: Any, feature_extractor: Any, *, name: str, device: str,
-                 dtype: Any, max_batch: int = 64, source: str | None = None, revision: str | None = None) -> None:
+                 dtype: Any, max_batch: int = 64, source: str | None = None, revision: str | None = None,
+                 precision: str | None = None, n_parameters: int | None = None) -> None:
+        precision = precision or str(dtype).removeprefix("torch.")
+        super().__init__(tokenizer, feature_extractor, name=name, device=device, precision=precision,
+                         max_batch=max_batch, source=source, revision=revision, per_window=precision == "int8")
         self.model = model
-        self.tokenizer = tokenizer
-        self.feature_extractor = feature_extractor
-        self.vocab = TokenizerVocabulary(tokenizer)
-        self.name = name
-        self.device = device
         self.dtype = dtype
-        self.max_batch = max_batch
-        self.sample_rate = int(getattr(feature_extractor, "sampling_rate", SAMPLE_RATE))
         self.use_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
-        self.stats = RunStats()
-        self.source = source or name
-        """where the checkpoint was loaded from (a directory or a hub id): :meth:`shipped_file` looks there"""
-        self.revision = revision
-        self._lock = threading.Lock()
+        self._n_parameters = n_parameters
 
     @property
     def n_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def __call__(self, windows: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return self.run(windows)
-
-    def run(self, windows: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Return one ``[frames, vocab]`` float32 log-probability array per window."""
-        out: list[np.ndarray | None] = [None] * len(windows)
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, w in enumerate(windows):
-            if len(w) < RECEPTIVE_FIELD:
-                out[i] = np.zeros((0, self.vocab.size), dtype=np.float32)
-            else:
-                groups[len(w)].append(i)
-        t0 = time.perf_counter()
-        with self._lock:
-            for idx in groups.values():
-                for k in range(0, len(idx), self.max_batch):
-                    part = idx[k : k + self.max_batch]
-                    for i, lp in zip(part, self._forward([windows[i] for i in part]), strict=True):
-                        out[i] = lp
-        self.stats.seconds += time.perf_counter() - t0
-        return [o for o in out if o is not None]
+        if self._n_parameters is None:
+            self._n_parameters = sum(p.numel() for p in self.model.parameters())
+        return self._n_parameters
 
     def _forward(self, batch: list[np.ndarray]) -> list[np.ndarray]:
         import torch
 
         try:
-            feats = self.feature_extractor(
-                batch, sampling_rate=self.sample_rate, return_tensors="pt", return_attention_mask=self.use_mask
-            )
-            inputs = feats["input_values"].to(self.device, dtype=self.dtype)
+            inputs = torch.from_numpy(self.normalise(batch)).to(self.device, dtype=self.dtype)
             kwargs: dict[str, Any] = {}
-            if self.use_mask:
-                kwargs["attention_mask"] = feats["attention_mask"].to(self.device)
+            if self.use_mask:  # no padding: a mask of ones, as the feature extractor returns it
+                kwargs["attention_mask"] = torch.ones(inputs.shape, dtype=torch.int32, device=self.device)
             with torch.inference_mode():
                 logits = self.model(inputs, **kwargs).logits
                 lp = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
         except Exception as exc:  # torch raises many kinds (OOM, CUDA errors, shape errors)
             raise InferenceError(f"model call failed on a batch of {len(batch)} windows: {exc}") from exc
         return list(lp)
-
-    def shipped_file(self, name: str) -> Path | None:
-        """The checkpoint's own file ``name``: in its directory, or in the hub cache (never downloaded)."""
-        if Path(self.source).is_dir():
-            path = Path(self.source) / name
-            return path if path.is_file() else None
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(self.source, name, revision=self.revision)
-        except Exception:  # not a valid repo id, no cache: no such file
-            return None
-        return Path(found) if isinstance(found, str) else None
-
-    def warmup(self, samples: int) -> float:
-        """Run one window of silence-like noise; return the seconds it took."""
-        t0 = time.perf_counter()
-        rng = np.random.default_rng(0)
-        self.run([rng.normal(0, 1e-3, samples).astype(np.float32)])
-        return time.perf_counter() - t0
 
 
 def _check_geometry(config: Any, source: str) -> None:
@@ -229,26 +148,22 @@ def _from_pretrained(cls: Any, source: str, local_only: bool, revision: str | No
     return cls.from_pretrained(source, local_files_only=local_only, revision=revision, **kw)
 
 
-def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64) -> TorchRunner:
-    """Load a checkpoint from ``cfg.id``: ``demo``, a local directory, or a hub id.
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
-    The hub is tried from the local cache first, so a cached model works offline; the
-    network is used only when the cache misses and ``HF_HUB_OFFLINE`` is not set.
-    The runner decodes nothing: build the word decoder with :func:`streamer.decoder.build_decoder`.
+
+def load_checkpoint(source: str, *, revision: str | None, dtype: Any, attention: str = "sdpa"
+                    ) -> tuple[Any, Any, Any]:
+    """The tokenizer, feature extractor and ``Wav2Vec2ForCTC`` (eval mode, on the CPU) of ``source``.
+
+    ``source`` is a directory or a hub id (tried from the local cache first; fetched only when the cache misses
+    and ``HF_HUB_OFFLINE`` is not set). Raises :class:`ModelLoadError` saying how to fix what is wrong.
     """
-    cfg = cfg or ModelConfig()
-    source = resolve_model(cfg.id)
-    import torch
     from transformers import AutoModelForCTC, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = _pick_device(cfg.device)
-    dtype = _pick_dtype(cfg.dtype, device)
-    revision = cfg.revision or None
     is_dir = Path(source).is_dir()
     if not is_dir and (os.sep in source and source.count("/") != 1 or source.startswith((".", "~"))):
         raise ModelLoadError(f"model directory {source!r} does not exist; pass an existing checkpoint directory")
@@ -258,11 +173,11 @@ def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64) -> TorchR
         fe = _from_pretrained(Wav2Vec2FeatureExtractor, source, local_only, revision)
         try:
             model = _from_pretrained(AutoModelForCTC, source, local_only, revision, dtype=dtype,
-                                     attn_implementation=cfg.attention)
+                                     attn_implementation=attention)
         except (ValueError, ImportError) as exc:
-            if cfg.attention == "eager":
+            if attention == "eager":
                 raise
-            logger.warning("attention %r unavailable (%s); using eager attention", cfg.attention, exc)
+            logger.warning("attention %r unavailable (%s); using eager attention", attention, exc)
             model = _from_pretrained(AutoModelForCTC, source, local_only, revision, dtype=dtype,
                                      attn_implementation="eager")
         return tok, fe, model
@@ -271,7 +186,7 @@ def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64) -> TorchR
         try:
             tokenizer, fe, model = load_all(local_only=True)
         except OSError:
-            if is_dir or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            if is_dir or _hub_offline():
                 raise
             tokenizer, fe, model = load_all(local_only=False)
     except ModelLoadError:
@@ -284,10 +199,9 @@ def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64) -> TorchR
                 "preprocessor_config.json as written by save_pretrained"
             )
         else:
-            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
             why = (
                 "HF_HUB_OFFLINE is set and it is not in the local cache"
-                if offline
+                if _hub_offline()
                 else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}"
             )
             msg = (
@@ -300,10 +214,99 @@ def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64) -> TorchR
     _check_geometry(model.config, source)
     if int(getattr(fe, "sampling_rate", SAMPLE_RATE)) != SAMPLE_RATE:
         raise ModelLoadError(f"{source}: feature extractor expects {fe.sampling_rate} Hz; streamer needs 16000 Hz")
-    model.eval()
-    model.to(device)
+    return tokenizer, fe, model.eval()
+
+
+def quantize_int8(model: Any) -> Any:
+    """Dynamic int8 quantisation of the linear layers (weights int8 per tensor, activations per call), in place.
+
+    torch 2.13 marks ``torch.ao.quantization`` deprecated in favour of torchao, but torchao does not fit here
+    (as of 0.18): its PyPI wheel is built for CUDA (its kernels fail to load next to CPU torch, with a warning
+    on every import), and once installed, transformers imports it on every ``from_pretrained`` (+0.4 s and
+    those warnings at each model load). The eager ``quantize_dynamic`` still works in 2.13; its notice is
+    silenced here, and the ONNX Runtime backend is the int8 path to prefer (faster, and maintained).
+    """
+    import torch
+
+    quantization = getattr(getattr(torch, "ao", None), "quantization", None)
+    if quantization is None or not hasattr(quantization, "quantize_dynamic"):
+        raise ModelLoadError(f"model.dtype = 'int8' with model.backend = 'torch' needs torch.ao.quantization, "
+                             f"which torch {torch.__version__} no longer has; use model.backend = 'onnxruntime'")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+        return quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def _auto_cpu_precision(model: Any, n_parameters: int) -> tuple[Any, str]:
+    """``dtype = "auto"`` on a CPU: bfloat16 where the CPU has it and a timing shows it faster, else float32."""
+    if n_parameters < BF16_PROBE_MIN_PARAMETERS or not cpu_has_bf16():
+        return model, "float32"
+    import torch
+
+    x32 = torch.from_numpy(probe_windows(1, SAMPLE_RATE))
+    fast = copy.deepcopy(model).to(torch.bfloat16)
+    seconds: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    with torch.inference_mode():
+        model(x32)  # the first call of each builds its kernels: not timed
+        fast(x32.bfloat16())
+        for _ in range(2):  # interleaved, so that load from elsewhere hits both alike
+            for name, m, x in (("float32", model, x32), ("bfloat16", fast, x32.bfloat16())):
+                t0 = time.perf_counter()
+                m(x)
+                seconds[name].append(time.perf_counter() - t0)
+    t32, t16 = min(seconds["float32"]), min(seconds["bfloat16"])
+    pick = "bfloat16" if t16 < 0.8 * t32 else "float32"
+    logger.info("model.dtype = 'auto' on this CPU: %s (a 1 s window took %.3f s in bfloat16, %.3f s in float32)",
+                pick, t16, t32)
+    return (fast, pick) if pick == "bfloat16" else (model, pick)
+
+
+def resolve_backend(cfg: ModelConfig, source: str) -> str:
+    """``torch`` or ``onnxruntime``: ``auto`` is ONNX Runtime for a ``streamer export`` directory, else torch."""
+    from streamer.onnx import is_export
+
+    exported = is_export(source)
+    if cfg.backend == "auto":
+        return "onnxruntime" if exported else "torch"
+    if cfg.backend == "torch" and exported:
+        raise ModelLoadError(f"{source} is an ONNX export (model.onnx, no torch weights); set model.backend = "
+                             "'onnxruntime' (or 'auto'), or point model.id at the torch checkpoint it came from")
+    return cfg.backend
+
+
+def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64) -> LocalRunner:
+    """Load a checkpoint from ``cfg.id``: ``demo``, a local directory, a hub id, or a ``streamer export`` directory.
+
+    The hub is tried from the local cache first, so a cached model works offline; the network is used only
+    when the cache misses and ``HF_HUB_OFFLINE`` is not set. ``cfg.backend`` picks PyTorch or ONNX Runtime
+    (:func:`streamer.onnx.load_onnx`; a torch checkpoint is exported once and cached), ``cfg.dtype`` the
+    precision. The runner decodes nothing: build the word decoder with :func:`streamer.decoder.build_decoder`.
+    """
+    cfg = cfg or ModelConfig()
+    source = resolve_model(cfg.id)
     name = "demo" if cfg.id == DEMO_MODEL else cfg.id
-    logger.info("loaded %s on %s (%s, %s attention)", name, device, str(dtype).removeprefix("torch."),
+    if resolve_backend(cfg, source) == "onnxruntime":
+        from streamer.onnx import load_onnx
+
+        return load_onnx(cfg, source, name=name, max_batch=max_batch)
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _pick_device(cfg.device, cfg.dtype)
+    precision = _pick_precision(cfg.dtype, device)
+    load_dtype = getattr(torch, precision) if precision in ("float32", "float16", "bfloat16") else torch.float32
+    revision = cfg.revision or None
+    tokenizer, fe, model = load_checkpoint(source, revision=revision, dtype=load_dtype, attention=cfg.attention)
+    model.to(device)
+    n_parameters = sum(p.numel() for p in model.parameters())
+    if precision == "int8":
+        model = quantize_int8(model)
+    elif precision == "auto":
+        model, precision = _auto_cpu_precision(model, n_parameters)
+    dtype = torch.float32 if precision == "int8" else getattr(torch, precision)
+    logger.info("loaded %s on %s (torch, %s, %s attention)", name, device, precision,
                 getattr(model.config, "_attn_implementation", "?"))
     return TorchRunner(model, tokenizer, fe, name=name, device=device, dtype=dtype, max_batch=max_batch,
-                       source=source, revision=revision)
+                       source=source, revision=revision, precision=precision, n_parameters=n_parameters)

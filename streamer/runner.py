@@ -7,20 +7,30 @@ everything above it (the batching worker, the daemon, ``transcribe``, ``mic``) w
 A runner knows nothing about words or decoding: the word decoder is built from ``[decoder]``
 (:func:`streamer.decoder.build_decoder`) and passed where sessions are made.
 
-No torch here: this module only names the contract.
+:class:`LocalRunner` is what the in-process backends share (PyTorch, ONNX Runtime): the checkpoint's own
+tokenizer and feature extractor around a model call, and equal-length windows batched without padding.
+
+No torch here: this module names the contract and the backend-neutral part of running windows.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from streamer.ctc import Vocabulary
+from streamer.engine import RECEPTIVE_FIELD, SAMPLE_RATE
+from streamer.exceptions import ModelLoadError
 
-__all__ = ["Runner", "TokenVocabulary"]
+__all__ = ["LocalRunner", "RunStats", "Runner", "TokenVocabulary", "TokenizerVocabulary", "probe_windows"]
 
 
 @runtime_checkable
@@ -82,3 +92,159 @@ class Runner(Protocol):
     def shipped_file(self, name: str) -> Path | None:
         """A file the checkpoint ships next to its weights (``words.txt``), if it has one; never downloads."""
         ...
+
+
+class TokenizerVocabulary:
+    """A :class:`streamer.ctc.Vocabulary` backed by a Hugging Face CTC tokenizer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            raise ModelLoadError("the tokenizer has no pad token, which CTC uses as its blank")
+        self._blank = int(pad)
+        delim_token = getattr(tokenizer, "word_delimiter_token", None)
+        delim = tokenizer.convert_tokens_to_ids(delim_token) if delim_token else None
+        self._delim = None if delim is None or delim == tokenizer.unk_token_id else int(delim)
+        self.size = len(tokenizer)
+        self._cache: dict[tuple[int, ...], str] = {}
+
+    @property
+    def blank_id(self) -> int:
+        return self._blank
+
+    @property
+    def delimiter_id(self) -> int | None:
+        return self._delim
+
+    @property
+    def token_ids(self) -> dict[str, int]:
+        """Token string to id, as the tokenizer spells words."""
+        return dict(self.tokenizer.get_vocab())
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The tokenizer's own decoding, memoised: words and partials are decoded again and again."""
+        if not ids:
+            return ""
+        key = tuple(ids)
+        text = self._cache.get(key)
+        if text is None:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            text = self._cache[key] = str(
+                self.tokenizer.decode(list(ids), skip_special_tokens=False, group_tokens=False)
+            )
+        return text
+
+
+@dataclass
+class RunStats:
+    """Counters of a local runner (read by ``streamer eval``)."""
+
+    seconds: float = 0.0
+    """time spent in :meth:`LocalRunner.run`"""
+    calls: int = 0
+    """model calls (batches)"""
+
+
+class LocalRunner(ABC):
+    """A model in this process: windows of 16 kHz float32 audio in, log-probs out (a :class:`Runner`).
+
+    Each window is normalised on its own by the checkpoint's ``Wav2Vec2FeatureExtractor`` (as the ASR
+    pipeline does it), so a window's output depends on its samples alone. Windows of equal length are stacked
+    into batches of at most ``max_batch`` with no padding and no mask; windows of other lengths run in their
+    own batches. A backend whose output for a window would depend on its batch companions (dynamic int8
+    quantisation scales each call's activations as a whole) sets ``per_window``: it is called with one window
+    at a time, which keeps the finals independent of how audio arrived.
+
+    Subclasses implement :meth:`_forward` and :attr:`n_parameters`.
+    """
+
+    def __init__(self, tokenizer: Any, feature_extractor: Any, *, name: str, device: str, precision: str,
+                 max_batch: int = 64, source: str | None = None, revision: str | None = None,
+                 per_window: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor
+        self.vocab = TokenizerVocabulary(tokenizer)
+        self.name = name
+        self.device = device
+        self.precision = precision
+        """the arithmetic the model runs in: ``float32``, ``float16``, ``bfloat16`` or ``int8``"""
+        self.max_batch = 1 if per_window else max_batch
+        self.per_window = per_window
+        self.sample_rate = int(getattr(feature_extractor, "sampling_rate", SAMPLE_RATE))
+        self.stats = RunStats()
+        self.source = source or name
+        """where the checkpoint was loaded from (a directory or a hub id): :meth:`shipped_file` looks there"""
+        self.revision = revision
+        self._lock = threading.Lock()
+
+    backend: str = ""
+    """``torch`` or ``onnxruntime``"""
+
+    @property
+    @abstractmethod
+    def n_parameters(self) -> int:
+        """Model size, for summaries."""
+
+    @abstractmethod
+    def _forward(self, batch: list[np.ndarray]) -> list[np.ndarray]:
+        """Log-probs of equal-length windows (at most ``max_batch``); raise InferenceError on failure."""
+
+    def __call__(self, windows: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.run(windows)
+
+    def run(self, windows: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Return one ``[frames, vocab]`` float32 log-probability array per window."""
+        out: list[np.ndarray | None] = [None] * len(windows)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, w in enumerate(windows):
+            if len(w) < RECEPTIVE_FIELD:
+                out[i] = np.zeros((0, self.vocab.size), dtype=np.float32)
+            else:
+                groups[len(w)].append(i)
+        t0 = time.perf_counter()
+        with self._lock:
+            for idx in groups.values():
+                for k in range(0, len(idx), self.max_batch):
+                    part = idx[k : k + self.max_batch]
+                    self.stats.calls += 1
+                    for i, lp in zip(part, self._forward([windows[i] for i in part]), strict=True):
+                        out[i] = lp
+        self.stats.seconds += time.perf_counter() - t0
+        return [o for o in out if o is not None]
+
+    def normalise(self, batch: list[np.ndarray]) -> np.ndarray:
+        """``[windows, samples]`` float32 model input: each window normalised by the feature extractor."""
+        feats = self.feature_extractor(batch, sampling_rate=self.sample_rate, return_tensors="np",
+                                       return_attention_mask=False)
+        return np.asarray(feats["input_values"], dtype=np.float32)
+
+    def shipped_file(self, name: str) -> Path | None:
+        """The checkpoint's own file ``name``: in its directory, or in the hub cache (never downloaded)."""
+        if Path(self.source).is_dir():
+            path = Path(self.source) / name
+            return path if path.is_file() else None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(self.source, name, revision=self.revision)
+        except Exception:  # not a valid repo id, no cache: no such file
+            return None
+        return Path(found) if isinstance(found, str) else None
+
+    def warmup(self, samples: int) -> float:
+        """Run one window of silence-like noise; return the seconds it took."""
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        self.run([rng.normal(0, 1e-3, samples).astype(np.float32)])
+        return time.perf_counter() - t0
+
+
+def probe_windows(n: int, samples: int) -> np.ndarray:
+    """``[n, samples]`` speech-like model inputs (noise in bursts of different rhythms), normalised as the feature
+    extractor normalises a window: for checking an export and timing a backend without real audio."""
+    rng = np.random.default_rng(0)
+    bursts = np.sin(np.arange(samples) / (1600.0 / np.arange(1, n + 1))[:, None]) > 0
+    x = rng.normal(0, 1, (n, samples)) * bursts
+    return np.asarray((x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-7), dtype=np.float32)

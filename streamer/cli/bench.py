@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,9 +18,10 @@ from streamer.testing import RANDOM_SIZES, random_runner, speech_audio
 
 if TYPE_CHECKING:
     from streamer.config import Config
+    from streamer.engine import Schedule
     from streamer.events import Event
     from streamer.lexicon import Lexicon
-    from streamer.runner import Runner
+    from streamer.runner import LocalRunner, Runner
 
 
 def register(sub: Any) -> None:
@@ -94,12 +96,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from streamer.decoder import build_decoder
-    from streamer.model import load_model
+    from streamer.model import TorchRunner, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_cli_config(args)
-    runner = random_runner(args.random, cfg.model.device) if args.random else load_model(cfg.model)
+    if args.threads:  # the onnxruntime backend takes its threads from the config
+        cfg = cfg.replace(model=dataclasses.replace(cfg.model, threads=args.threads))
+    if args.random and (cfg.model.backend, cfg.model.dtype) == ("auto", "auto"):
+        runner: LocalRunner = random_runner(args.random, cfg.model.device)
+    elif args.random:  # other backends and dtypes load it from a checkpoint on disk (cached)
+        runner = load_model(dataclasses.replace(cfg.model, id=str(random_checkpoint(args.random))))
+    else:
+        runner = load_model(cfg.model)
     words = build_decoder(cfg.decoder, runner)
     if args.audio:
         from streamer.audio import AudioConverter, read_audio
@@ -116,8 +125,9 @@ def run(args: argparse.Namespace) -> int:
             raise StreamerError(f"{exc}; or pass --audio FILE") from exc
     dur = len(audio) / 16000
     sched = cfg.stream.schedule()
+    threads = cfg.model.threads or "default" if runner.backend == "onnxruntime" else torch.get_num_threads()
     print(f"model {runner.name}: {runner.n_parameters / 1e6:.1f} M parameters on {runner.device} "
-          f"({str(runner.dtype).removeprefix('torch.')}), torch threads {torch.get_num_threads()}")
+          f"({runner.backend}, {runner.precision}), {runner.backend} threads {threads}")
     print(f"audio {dur:.1f} s; schedule left {sched.left * 20} ms, hop {sched.hop * 20} ms, "
           f"lookahead {sched.lookahead * 20} ms (window {sched.window_samples / 16000:.2f} s)")
     runner.warmup(sched.window_samples)
@@ -139,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         late = measure(runner, cfg.replace(stream=dataclasses.replace(cfg.stream, early_partials=False)), words,
                        audio, args.chunk_ms, offline_ids, offline_text)
         rows.append(("  no early partials", late["seconds"], late["agreement"], late["cer"]))
-    if not args.no_pipeline:
+    if not args.no_pipeline and isinstance(runner, TorchRunner):
         from transformers import pipeline
 
         pipe = pipeline("automatic-speech-recognition", model=runner.model, tokenizer=runner.tokenizer,
@@ -150,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
                         stride_length_s=(sched.left * 0.02, sched.lookahead * 0.02), batch_size=8)
         text = str(out["text"])  # the pipeline decodes greedily: compare with greedy offline text
         rows.append(("transformers pipeline", time.perf_counter() - t0, float("nan"), cer(text, greedy_text)))
+    elif not args.no_pipeline:
+        print(f"(no transformers pipeline row: it runs torch models, not {runner.backend})")
     print(f"\n{'mode':<24}{'seconds':>9}{'RTF':>9}{'vs offline':>12}{'frame agree':>13}{'CER vs offline':>16}")
     for name, secs, agree, c in rows:
         agree_s = "-" if np.isnan(agree) else f"{agree * 100:.2f} %"
@@ -166,9 +178,48 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"early partials off: first partial after {st['first_partial']:.2f} s of audio "
               f"(the first full window needs {full_s:.2f} s)")
+    capacity(runner, sched, audio)
+    print(f"peak memory (max RSS of this process): {peak_rss_mb():.0f} MB")
     if args.plot:
         plot_tradeoff(runner, cfg, words, audio, args, offline_s, offline_ids, offline_text)
     return 0
+
+
+def random_checkpoint(size: str) -> Path:
+    """A random checkpoint of a real model's shape, written once to the cache (``streamer.testing``)."""
+    from streamer.onnx import cache_dir
+    from streamer.testing import save_random_model
+
+    path = cache_dir().parent / "random" / size
+    if not (path / "config.json").is_file():
+        print(f"writing a random {size} checkpoint to {path} (once)", file=sys.stderr)
+        save_random_model(size, path)
+    return path
+
+
+def capacity(runner: LocalRunner, sched: Schedule, audio: np.ndarray) -> None:
+    """Throughput at full windows batched as the worker batches many streams: how many live streams fit."""
+    n = 8
+    windows = [audio[i * 3200 : i * 3200 + sched.window_samples] for i in range(n)]
+    windows = [w for w in windows if len(w) == sched.window_samples]
+    if not windows:
+        return
+    runner.run(windows)
+    t0 = time.perf_counter()
+    runner.run(windows)
+    secs = time.perf_counter() - t0
+    per_s = len(windows) / secs
+    batching = "one window per call (int8)" if runner.per_window else f"batches of {len(windows)}"
+    print(f"{len(windows)} full windows, {batching}: {per_s:.1f} windows/s; at one window per "
+          f"{sched.hop * 20} ms hop that is about {per_s * sched.hop * 0.02:.1f} live streams on this machine "
+          "(model time only)")
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
 
 
 def plot_tradeoff(runner: Runner, cfg: Config, words: Lexicon | None, audio: np.ndarray, args: argparse.Namespace,

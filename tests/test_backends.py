@@ -193,6 +193,50 @@ def test_demo_onnx_int8_transcribes_the_readme_sentence(demo_export, tmp_path, c
     assert capsys.readouterr().out.strip() == SENTENCE
 
 
+def test_export_round_trip(tiny_models, tmp_path, capsys):
+    """Export, reuse, load by directory; a changed checkpoint makes the export stale until it is made anew."""
+    import onnxruntime as ort
+
+    from streamer.cli import main
+
+    source = Path(shutil.copytree(tiny_models["group-padlast"], tmp_path / "checkpoint"))
+    out = tmp_path / "onnx"
+    assert main(["export", "--model", str(source), "--out", str(out), "--set", "stream.hop_ms=500"]) == 0
+    assert capsys.readouterr().out.startswith(f"exported: {out}\n")
+    info = json.loads((out / EXPORT_INFO).read_text())
+    assert info["source"] == str(source.resolve()) and info["window_samples"] == 320 * (80 + 25 + 50 - 1) + 400
+    assert info["check"]["float32_max_logprob_diff"] < 1e-3
+    for name in (FLOAT_FILE, INT8_FILE, "config.json", "vocab.json", "preprocessor_config.json"):
+        assert (out / name).is_file()
+    session = ort.InferenceSession(str(out / FLOAT_FILE), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", "samples"]  # dynamic axes
+    # made once: the same command reuses it
+    assert main(["export", "--model", str(source), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"up to date (reused): {out}\n")
+    assert json.loads((out / EXPORT_INFO).read_text())["created"] == info["created"]
+    # loaded by directory like a checkpoint: model.backend = "auto" sees the export
+    runner = load_model(ModelConfig(id=str(out)))
+    assert (runner.backend, runner.precision, runner.n_parameters) == ("onnxruntime", "float32", info["n_parameters"])
+    torch_runner = load_model(ModelConfig(id=str(source), device="cpu", dtype="float32"))
+    audio = np.random.default_rng(0).normal(0, 0.1, 20000).astype(np.float32)
+    np.testing.assert_allclose(runner.run([audio])[0], torch_runner.run([audio])[0], rtol=0, atol=FLOAT_ATOL)
+
+    # the checkpoint changes: the export is refused as stale, with the command that makes it anew
+    original = (source / "config.json").read_text()
+    changed = json.dumps(json.loads(original) | {"streamer_note": "changed"})
+    (source / "config.json").write_text(changed)
+    with pytest.raises(ModelLoadError, match=rf"{re.escape(str(out))} is stale: its checkpoint .* has changed since "
+                       rf"it was exported .*; export it again: streamer export -m {re.escape(str(source.resolve()))} "
+                       rf"--out {re.escape(str(out))}$"):
+        load_model(ModelConfig(id=str(out)))
+    (source / "config.json").write_text(original)  # the same contents, a new modification time: not stale
+    load_model(ModelConfig(id=str(out)))
+    (source / "config.json").write_text(changed)
+    assert main(["export", "--model", str(source), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"exported: {out}\n")
+    assert load_model(ModelConfig(id=str(out))).backend == "onnxruntime"
+
+
 def test_exports_made_on_first_use_are_cached(tiny_models, tmp_path, caplog):
     """model.backend = "onnxruntime" on a torch checkpoint: exported once into the cache, made anew when it changes."""
     from streamer.onnx import cached_export_dir

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from streamer.config import Config
 
 # Subcommand modules, in the order --help lists them.
-COMMANDS = ["transcribe", "serve", "mic", "eval", "bench"]
+COMMANDS = ["transcribe", "serve", "mic", "eval", "bench", "export"]
 
 EPILOG = """\
 examples:

@@ -193,6 +193,27 @@ def test_demo_onnx_int8_transcribes_the_readme_sentence(demo_export, tmp_path, c
     assert capsys.readouterr().out.strip() == SENTENCE
 
 
+def test_eval_compare_backend_int8_within_half_a_point(demo_export, tmp_path, capsys):
+    from recipes.demo.data import write_manifest
+    from streamer.cli import main
+
+    manifest = write_manifest(tmp_path / "m", "test", 40, seed=0, jobs=2, progress=False)
+    args = ["eval", "--model", str(demo_export), "--device", "cpu", "--no-streaming", "--compare-backend",
+            "onnxruntime:int8", "--max-wer-increase", "0.5", str(manifest)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^(torch float32|onnxruntime int8 on cpu)\s+([\d.]+)%", out, flags=re.M))
+    assert set(rows) == {"torch float32", "onnxruntime int8 on cpu"}, out
+    assert float(rows["onnxruntime int8 on cpu"]) - float(rows["torch float32"]) <= 0.5, out
+    assert float(rows["torch float32"]) < 15.0, out  # a trained model on its own kind of speech
+    agree = float(re.search(r"frame agreement with torch float32 \(offline argmax\): ([\d.]+) %", out)[1])
+    assert agree >= 99.0, out
+    assert "gate: WER" in out and "passed" in out
+    assert main(["eval", "--compare-backend", "onnxruntime:bfloat16", str(manifest)]) == 1
+    assert "--compare-backend onnxruntime:bfloat16: model.dtype = 'bfloat16' is not available" in (
+        capsys.readouterr().err)
+
+
 def test_export_round_trip(tiny_models, tmp_path, capsys):
     """Export, reuse, load by directory; a changed checkpoint makes the export stale until it is made anew."""
     import onnxruntime as ort

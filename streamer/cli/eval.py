@@ -9,6 +9,7 @@ keys ``audio_filepath``/``path`` and ``transcript``/``sentence`` work too) or as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -21,10 +22,12 @@ from streamer.cli import add_config_args, load_cli_config
 from streamer.exceptions import ConfigError
 
 if TYPE_CHECKING:
+    from streamer.config import Config
     from streamer.lexicon import Lexicon
-    from streamer.runner import Runner
+    from streamer.runner import LocalRunner, Runner
+    from streamer.scoring import ErrorRate
 
-__all__ = ["ManifestItem", "offline_text", "read_manifest", "register"]
+__all__ = ["Evaluation", "ManifestItem", "evaluate", "offline_text", "read_manifest", "register"]
 
 TEXT_KEYS = ("text", "transcript", "sentence")
 AUDIO_KEYS = ("audio", "audio_filepath", "path", "file")
@@ -58,6 +61,13 @@ def register(sub: Any) -> None:
     p.add_argument("--jsonl", metavar="FILE", help="write per-utterance results (references, hypotheses)")
     p.add_argument("--group-by", metavar="KEY",
                    help="also print WER per value of this manifest key (e.g. voice, speaker), worst first")
+    p.add_argument("--compare-backend", metavar="BACKEND[:DTYPE]",
+                   help="accuracy gate: run the manifest through torch float32 and through this backend (e.g. "
+                   "onnxruntime:int8, torch:int8, torch:bfloat16) and print frame agreement and the WER and CER "
+                   "differences; run it before using int8 with a checkpoint")
+    p.add_argument("--max-wer-increase", type=float, metavar="POINTS",
+                   help="with --compare-backend: exit 1 when the backend's WER (offline or streaming) is more than "
+                   "POINTS above torch float32's")
     add_config_args(p)
     p.set_defaults(func=run)
 
@@ -108,9 +118,13 @@ def load_16k(path: Path) -> np.ndarray:
 
 def offline_text(runner: Runner, audio: np.ndarray, words: Lexicon | None) -> str:
     """One full-utterance pass, decoded as the engine decodes: with the word list ``words``, or greedy CTC."""
+    return decode_offline(runner, runner.run([audio])[0], words)
+
+
+def decode_offline(runner: Runner, lp: np.ndarray, words: Lexicon | None) -> str:
+    """The log-probs of a full-utterance pass decoded as the engine decodes (word list or greedy CTC)."""
     from streamer.ctc import CtcSegment
 
-    lp = runner.run([audio])[0]
     if words is not None:
         return " ".join(w.word for w in words.decode(lp))
     seg = CtcSegment(runner.vocab)
@@ -120,13 +134,64 @@ def offline_text(runner: Runner, audio: np.ndarray, words: Lexicon | None) -> st
     return " ".join(seg.text().split())
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class Evaluation:
+    """One runner's results over a manifest (:func:`evaluate`)."""
+
+    offline: ErrorRate
+    streaming: ErrorRate
+    offline_seconds: float = 0.0
+    streaming_seconds: float = 0.0
+    audio_seconds: float = 0.0
+    hypotheses: list[tuple[str, str | None]] = field(default_factory=list)
+    """per utterance: the offline text and the streaming text (None without streaming)"""
+    frame_ids: list[np.ndarray] = field(default_factory=list)
+    """per utterance: the argmax token of every frame of the offline pass"""
+
+
+def evaluate(runner: LocalRunner, cfg: Config, lex: Lexicon | None, items: list[ManifestItem], *, chunk: int,
+             streaming: bool, desc: str = "eval") -> Evaluation:
+    """Transcribe every item offline (one pass) and, with ``streaming``, through the engine in ``chunk`` samples."""
     from tqdm import tqdm
 
+    from streamer.scoring import ErrorRate
+    from streamer.transcribe import new_session, stream_array, text_of
+
+    ev = Evaluation(ErrorRate(), ErrorRate())
+    for item in tqdm(items, desc=desc, unit="utt", file=sys.stderr, disable=not sys.stderr.isatty()):
+        audio = load_16k(item.audio)
+        ev.audio_seconds += len(audio) / 16000
+        s0 = runner.stats.seconds
+        lp = runner.run([audio])[0]
+        hyp_off = decode_offline(runner, lp, lex)
+        s1 = runner.stats.seconds
+        ev.offline_seconds += s1 - s0
+        ev.frame_ids.append(lp.argmax(-1) if len(lp) else np.zeros(0, np.int64))
+        ev.offline.add(item.text, hyp_off)
+        hyp_str = None
+        if streaming:
+            session = new_session(cfg, runner.vocab, lex)
+            hyp_str = " ".join(text_of(stream_array(session, runner.run, audio, chunk)).split())
+            ev.streaming_seconds += runner.stats.seconds - s1
+            ev.streaming.add(item.text, hyp_str)
+        ev.hypotheses.append((hyp_off, hyp_str))
+    return ev
+
+
+def _load(cfg: Config) -> tuple[LocalRunner, Lexicon | None]:
     from streamer.decoder import build_decoder
     from streamer.model import load_model
+
+    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
+    return runner, build_decoder(cfg.decoder, runner)
+
+
+def _describe(runner: LocalRunner) -> str:
+    return f"{runner.backend} {runner.precision} on {runner.device}"
+
+
+def run(args: argparse.Namespace) -> int:
     from streamer.scoring import ErrorRate, normalise_text
-    from streamer.transcribe import new_session, stream_array, text_of
 
     if args.chunk_ms <= 0:
         raise ConfigError(f"--chunk-ms must be positive, got {args.chunk_ms}")
@@ -138,29 +203,17 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--group-by {args.group_by}: no manifest line has that key; "
                           f"keys present: {', '.join(keys) or 'none (a TSV manifest has no extra keys)'}")
     cfg = load_cli_config(args)
-    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
-    lex = build_decoder(cfg.decoder, runner)
     chunk = max(1, int(round(16 * args.chunk_ms)))
-    off, strm = ErrorRate(), ErrorRate()
+    if args.compare_backend:
+        return compare(args, cfg, items, chunk)
+    runner, lex = _load(cfg)
+    ev = evaluate(runner, cfg, lex, items, chunk=chunk, streaming=not args.no_streaming)
+    off, strm = ev.offline, ev.streaming
     groups: dict[str, tuple[ErrorRate, ErrorRate]] = {}
-    t_off = t_str = audio_s = 0.0
     bad: list[tuple[str, str, str]] = []
     out = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else None  # noqa: SIM115
     try:
-        for item in tqdm(items, desc="eval", unit="utt", file=sys.stderr, disable=not sys.stderr.isatty()):
-            audio = load_16k(item.audio)
-            audio_s += len(audio) / 16000
-            s0 = runner.stats.seconds
-            hyp_off = offline_text(runner, audio, lex)
-            s1 = runner.stats.seconds
-            t_off += s1 - s0
-            off.add(item.text, hyp_off)
-            hyp_str = None
-            if not args.no_streaming:
-                session = new_session(cfg, runner.vocab, lex)
-                hyp_str = " ".join(text_of(stream_array(session, runner.run, audio, chunk)).split())
-                t_str += runner.stats.seconds - s1
-                strm.add(item.text, hyp_str)
+        for item, (hyp_off, hyp_str) in zip(items, ev.hypotheses, strict=True):
             if args.group_by:
                 g_off, g_str = groups.setdefault(str(item.extra.get(args.group_by, "-")), (ErrorRate(), ErrorRate()))
                 g_off.add(item.text, hyp_off)
@@ -176,18 +229,17 @@ def run(args: argparse.Namespace) -> int:
         if out:
             out.close()
 
-    decoding = f"the word list {lex.source} ({len(lex)} words)" if lex else "greedy CTC (no word list)"
-    print(f"model {runner.name} on {runner.device}, decoding with {decoding}: {len(items)} utterances, "
-          f"{audio_s:.1f} s of audio")
+    print(f"model {runner.name} ({_describe(runner)}), decoding with {_decoding(lex)}: {len(items)} utterances, "
+          f"{ev.audio_seconds:.1f} s of audio")
     print(f"{'':10s} {'WER':>8s} {'CER':>8s} {'exact':>8s} {'RTF':>8s}")
 
     def row(name: str, e: ErrorRate, secs: float) -> None:
         print(f"{name:10s} {100 * e.wer:7.2f}% {100 * e.cer:7.2f}% {100 * e.sentence_accuracy:7.1f}% "
-              f"{secs / max(audio_s, 1e-9):8.4f}")
+              f"{secs / max(ev.audio_seconds, 1e-9):8.4f}")
 
-    row("offline", off, t_off)
+    row("offline", off, ev.offline_seconds)
     if not args.no_streaming:
-        row("streaming", strm, t_str)
+        row("streaming", strm, ev.streaming_seconds)
         print(f"{'difference':10s} {100 * (strm.wer - off.wer):+7.2f}  {100 * (strm.cer - off.cer):+7.2f}   "
               "(streaming - offline, points)")
     if groups:
@@ -198,3 +250,70 @@ def run(args: argparse.Namespace) -> int:
     for ref, h_off, h_str in bad[: args.errors]:
         print(f"\n  ref:       {ref}\n  offline:   {h_off}" + ("" if args.no_streaming else f"\n  streaming: {h_str}"))
     return 0
+
+
+def _decoding(lex: Lexicon | None) -> str:
+    return f"the word list {lex.source} ({len(lex)} words)" if lex else "greedy CTC (no word list)"
+
+
+def parse_backend(text: str) -> tuple[str, str]:
+    """``BACKEND[:DTYPE]`` of ``--compare-backend``: ``onnxruntime:int8``, ``torch:bfloat16``, ``onnxruntime``."""
+    from streamer.config import ModelConfig
+
+    backend, _, dtype = text.partition(":")
+    try:
+        ModelConfig(backend=backend, dtype=dtype or "auto")
+    except ConfigError as exc:
+        raise ConfigError(f"--compare-backend {text}: {exc}; e.g. onnxruntime:int8, torch:int8, torch:bfloat16"
+                          ) from None
+    return backend, dtype or "auto"
+
+
+def compare(args: argparse.Namespace, cfg: Config, items: list[ManifestItem], chunk: int) -> int:
+    """``--compare-backend``: the manifest through torch float32 and through the chosen backend, side by side."""
+    from streamer.model import resolve_model
+    from streamer.onnx import check_export, is_export
+
+    backend, dtype = parse_backend(args.compare_backend)
+    ref_id = cfg.model.id
+    if is_export(resolve_model(ref_id)):  # the reference is the torch checkpoint the export came from
+        info = check_export(Path(resolve_model(ref_id)), files=())
+        ref_id = "demo" if info.data.get("name") == "demo" else info.source
+    ref_cfg = cfg.replace(model=dataclasses.replace(cfg.model, id=ref_id, backend="torch", dtype="float32"))
+    new_cfg = cfg.replace(model=dataclasses.replace(cfg.model, backend=backend, dtype=dtype))
+    streaming = not args.no_streaming
+    ref_runner, ref_lex = _load(ref_cfg)
+    ref = evaluate(ref_runner, ref_cfg, ref_lex, items, chunk=chunk, streaming=streaming, desc="torch float32")
+    del ref_runner
+    new_runner, new_lex = _load(new_cfg)
+    new = evaluate(new_runner, new_cfg, new_lex, items, chunk=chunk, streaming=streaming,
+                   desc=_describe(new_runner))
+    frames = sum(len(a) for a in ref.frame_ids)
+    agree = sum(int((a == b).sum()) for a, b in zip(ref.frame_ids, new.frame_ids, strict=True))
+    same = sum(a[0] == b[0] for a, b in zip(ref.hypotheses, new.hypotheses, strict=True))
+    print(f"model {cfg.model.id}, decoding with {_decoding(new_lex)}: {len(items)} utterances, "
+          f"{ref.audio_seconds:.1f} s of audio")
+    print(f"{'':24s} {'offline WER':>12s} {'CER':>8s} {'RTF':>8s}" + (
+        f" {'streaming WER':>14s} {'CER':>8s} {'RTF':>8s}" if streaming else ""))
+    for name, ev in (("torch float32", ref), (_describe(new_runner), new)):
+        line = (f"{name:24s} {100 * ev.offline.wer:11.2f}% {100 * ev.offline.cer:7.2f}% "
+                f"{ev.offline_seconds / max(ev.audio_seconds, 1e-9):8.4f}")
+        if streaming:
+            line += (f" {100 * ev.streaming.wer:13.2f}% {100 * ev.streaming.cer:7.2f}% "
+                     f"{ev.streaming_seconds / max(ev.audio_seconds, 1e-9):8.4f}")
+        print(line)
+    d_wer = 100 * (new.offline.wer - ref.offline.wer)
+    line = f"{'difference (points)':24s} {d_wer:+11.2f}  {100 * (new.offline.cer - ref.offline.cer):+7.2f}  {'':8s}"
+    if streaming:
+        d_wer = max(d_wer, 100 * (new.streaming.wer - ref.streaming.wer))
+        line += (f" {100 * (new.streaming.wer - ref.streaming.wer):+13.2f}  "
+                 f"{100 * (new.streaming.cer - ref.streaming.cer):+7.2f}")
+    print(line)
+    print(f"frame agreement with torch float32 (offline argmax): {100 * agree / max(frames, 1):.2f} % of {frames} "
+          f"frames; same offline text: {same}/{len(items)} utterances")
+    if args.max_wer_increase is None:
+        return 0
+    ok = d_wer <= args.max_wer_increase
+    print(f"gate: WER {d_wer:+.2f} points against torch float32, at most {args.max_wer_increase:+.2f} allowed: "
+          + ("passed" if ok else "FAILED: keep float32 for this checkpoint"))
+    return 0 if ok else 1

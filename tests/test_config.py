@@ -42,7 +42,7 @@ def test_ms_round_to_whole_frames():
         ("stream.hop_ms=abc", "stream.hop_ms must be an integer"),
         ("stream.hop_ms=0", "stream.hop_ms = 0 is too small; the minimum is 20"),
         ("stream.bogus=1", "unknown key stream.bogus; keys of [stream] are"),
-        ("model.dtype='int8'", "model.dtype = 'int8' is not allowed; use one of 'auto', 'float32'"),
+        ("model.dtype='int4'", "model.dtype = 'int4' is not allowed; use one of 'auto', 'float32'"),
         ("model.device='tpu'", "model.device = 'tpu' is not allowed"),
         ("mqtt.qos_final=3", "mqtt.qos_final = 3 is not allowed; use one of 0, 1, 2"),
         ("nosuch.key=1", "unknown section [nosuch]"),

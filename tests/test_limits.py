@@ -69,6 +69,15 @@ async def peak_rss_while(task: asyncio.Future[object]) -> float:
     return peak
 
 
+async def peak_letters_while(d, task: asyncio.Future[object]) -> int:
+    """The most word-list letters the daemon held until ``task`` is done."""
+    peak = 0
+    while not task.done():
+        peak = max(peak, d.word_lists.used)
+        await asyncio.sleep(0.01)
+    return peak
+
+
 def expected_finals(runner, speech):
     return [f["text"] for f in reference_finals(runner, np.frombuffer(pcm16(speech), "<i2").astype(np.float32) / 32768)]
 
@@ -195,8 +204,9 @@ async def test_a_word_lists_memory_returns_when_its_stream_ends(daemon_factory, 
         await budget_is(d, 0)
         before = rss_mb()
         task = asyncio.ensure_future(session(words))
+        counted = asyncio.ensure_future(peak_letters_while(d, task))
         built = await peak_rss_while(task)
-        assert task.result() == 1000
+        assert task.result() == 1000 and await counted > 200_000  # the list was built and held
         await budget_is(d, 0)  # the list is freed
         after = rss_mb()
         for _ in range(200):  # its memory goes back to the system in a thread, a second later
@@ -205,7 +215,7 @@ async def test_a_word_lists_memory_returns_when_its_stream_ends(daemon_factory, 
             await asyncio.sleep(0.05)
             after = rss_mb()
     print(f"RSS {before:.0f} MB, {built:.0f} MB with the word list, {after:.0f} MB after its stream")
-    assert built - before > 60, "the word list should cost memory"
+    # (RSS need not grow while it is built: free heap left by earlier tests in this process can hold it)
     assert after - before < 30, f"{after - before:.0f} MB of the freed word list stayed"
 
 

@@ -119,7 +119,7 @@ class ModelConfig(_Section):
                         doc="auto = onnxruntime for a `streamer export` directory, else torch")
     dtype: str = _opt("auto", choices=("auto", "float32", "float16", "bfloat16", "int8"))
     attention: str = _opt("sdpa", choices=("sdpa", "eager", "flash_attention_2"))
-    threads: int = _opt(0, min=0, doc="CPU threads for torch; 0 keeps torch's default")
+    threads: int = _opt(0, min=0, doc="CPU threads of the model (torch or onnxruntime); 0 keeps the library's default")
     revision: str = _opt("", doc="hub revision; empty = default branch")
 
     def __post_init__(self) -> None:

@@ -166,7 +166,7 @@ def test_an_int8_window_does_not_depend_on_its_batch(runner_of, speech, backend)
     assert runner_of("layer-padfirst", "onnxruntime", "float32").max_batch == 64
 
 
-def test_small_models_stay_float32_under_auto(runner_of, tiny_models):
+def test_small_models_stay_float32_under_auto(tiny_models):
     runner = load_model(ModelConfig(id=str(tiny_models["group-padlast"]), device="cpu"))
     assert (runner.backend, runner.precision) == ("torch", "float32")
 

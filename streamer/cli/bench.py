@@ -38,7 +38,8 @@ def register(sub: Any) -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="length of the generated speech (default: 30)")
     p.add_argument("--random", choices=sorted(RANDOM_SIZES), metavar="SIZE",
                    help="use a randomly initialised model of this size instead of --model: "
-                   + ", ".join(sorted(RANDOM_SIZES)))
+                   + ", ".join(sorted(RANDOM_SIZES)) + " (with a model.backend or model.dtype set, it is written "
+                   "once to $XDG_CACHE_HOME/streamer/random and loaded from there)")
     p.add_argument("--chunk-ms", type=float, default=100.0, help="arrival chunk for streaming (default: 100)")
     p.add_argument("--no-pipeline", action="store_true", help="skip the transformers pipeline run")
     p.add_argument("--plot", metavar="FILE.png",

@@ -136,7 +136,7 @@ class StreamHandler:
                 logger.info("stream %s: the client left; its remaining windows are dropped", self.id)
                 serving.cancel()
                 await asyncio.wait({serving})
-                if not serving.cancelled() and serving.exception() is not None:
+                if not serving.cancelled():
                     serving.exception()  # retrieved: nobody is left to tell
                 return
             serving.result()

@@ -2,7 +2,9 @@
 
 The daemon, ``transcribe``, ``mic``, ``eval`` and ``bench`` call :func:`build_decoder` once and pass
 the result explicitly where sessions are made; a stream's own list (native ``words``, Vosk
-``phrase_list``) comes from :func:`word_list_decoder`.
+``phrase_list``) comes from :func:`word_list_decoder` (``unk=True`` for a list that asks for ``[unk]``),
+a stream's own hotwords or n-best count from the daemon decoder's ``with_options``.
+``docs/decoding.md`` describes the decoders side by side.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from streamer.config import DecoderConfig
 from streamer.exceptions import ConfigError
-from streamer.lexicon import Lexicon, read_word_list
+from streamer.lexicon import Lexicon, OpenVocabulary, read_word_list
+from streamer.lm import Hotwords, LanguageModel, find_lm_folder, load_language_model, read_hotwords
 from streamer.runner import Runner, TokenVocabulary
 
-__all__ = ["LETTER_BYTES", "WORD_LIST", "WordListBudget", "build_decoder", "trie_letters", "word_list_decoder"]
+__all__ = ["LETTER_BYTES", "LM_FOLDER", "WORD_LIST", "Decoder", "WordListBudget", "build_decoder", "find_lm", "load_lm",
+           "speller", "trie_letters", "word_list_decoder"]
 
 logger = logging.getLogger("streamer.decoder")
 
@@ -29,32 +34,100 @@ WORD_LIST = "words.txt"
 """the file name of the word list a checkpoint may ship (``decoder.words = "auto"``)"""
 
 
-def build_decoder(cfg: DecoderConfig, runner: Runner) -> Lexicon | None:
-    """The word list ``cfg.words`` asks for, spelled with ``runner``'s tokens; None for greedy decoding.
+Decoder = Lexicon | OpenVocabulary
+"""a word decoder: a word list (with or without an LM), or the LM's open-vocabulary search"""
+LM_FOLDER = "language_model"
+"""where ``Wav2Vec2ProcessorWithLM`` keeps a checkpoint's n-gram (``decoder.lm = "auto"``)"""
 
-    ``auto`` uses the checkpoint's own ``words.txt`` when it ships one (the demo model does).
-    Raises :class:`ConfigError` naming the file or the words that cannot be spelled.
+
+def build_decoder(cfg: DecoderConfig, runner: Runner) -> Decoder | None:
+    """The decoder ``cfg`` asks for, spelled with ``runner``'s tokens; None for greedy decoding.
+
+    ``words = "auto"`` uses the checkpoint's own ``words.txt`` when it ships one (the demo model does);
+    ``lm = "auto"`` its ``language_model/`` folder. A word list gives the word-list search (with the LM
+    and hotwords when given); an LM or hotwords without a list give the lexicon-free search.
+    Raises :class:`ConfigError` naming the file that is missing or wrong, at start.
     """
-    if not cfg.words:
-        return None
+    lm = load_lm(cfg, runner)
+    hotwords = read_hotwords(cfg.hotwords, speller(runner.vocab), cfg.hotword_weight) if cfg.hotwords else None
+    path: Path | None = None
     if cfg.words == "auto":
         path = runner.shipped_file(WORD_LIST)
-        if path is None:
-            return None
-    else:
+    elif cfg.words:
         path = Path(cfg.words).expanduser()
         if not path.is_file():
             raise ConfigError(f"decoder.words = {cfg.words!r}: no such file; give a word list (one word per "
                               "line), 'auto', or '' for greedy decoding")
-    lexicon = word_list_decoder(runner.vocab, read_word_list(path), cfg, str(path))
-    logger.info("decoding with the word list %s (%d words)", path, len(lexicon))
-    return lexicon
+    if path is not None:
+        lexicon = word_list_decoder(runner.vocab, read_word_list(path), cfg, str(path), lm=lm, hotwords=hotwords)
+        logger.info("decoding with the word list %s (%d words)%s", path, len(lexicon),
+                    f" and the language model {lm.source}" if lm else "")
+        return lexicon
+    if lm is None and hotwords is None:
+        return None
+    v = runner.vocab
+    logger.info("decoding with %s, without a word list", f"the language model {lm.source}" if lm else "hotwords")
+    return OpenVocabulary(v.token_ids, v.blank_id, v.delimiter_id, lm=lm, hotwords=hotwords,
+                          beam_size=cfg.lm_beam_size, beam_size_token=cfg.lm_beam_size_token,
+                          alternatives=cfg.alternatives, source=lm.source if lm else "hotwords")
 
 
-def word_list_decoder(vocab: TokenVocabulary, words: Iterable[str], cfg: DecoderConfig, source: str) -> Lexicon:
-    """A word-list decoder spelled with ``vocab``; raises ConfigError naming ``source``."""
+def speller(vocab: TokenVocabulary) -> Callable[[str], str | None]:
+    """A word as ``vocab`` spells it (its own, lower- or upper-case form), or None when it cannot be."""
+    letters = {t: i for t, i in vocab.token_ids.items()
+               if len(t) == 1 and i not in (vocab.blank_id, vocab.delimiter_id)}
+
+    def spell(word: str) -> str | None:
+        found = Lexicon._spell(word, letters)
+        return found[0] if found else None
+
+    return spell
+
+
+def find_lm(cfg: DecoderConfig, runner: Runner) -> tuple[Path, dict[str, Any], Path | None] | None:
+    """The n-gram file, its ``attrs.json`` values and ``unigrams.txt`` that ``cfg.lm`` names, or None."""
+    if not cfg.lm:
+        return None
+    if cfg.lm == "auto":
+        folder: Path | None = None
+        for name in ("attrs.json", "unigrams.txt"):  # a local checkpoint's folder, or the hub cache's
+            found = runner.shipped_file(f"{LM_FOLDER}/{name}")
+            if found is not None:
+                folder = found.parent
+                break
+        if folder is None:
+            return None
+        return find_lm_folder(folder)
+    path = Path(cfg.lm).expanduser()
+    if path.is_dir():
+        return find_lm_folder(path)
+    return path, {}, None
+
+
+def load_lm(cfg: DecoderConfig, runner: Runner) -> LanguageModel | None:
+    """The language model ``cfg.lm`` names, loaded and checked against the model's letters; None for none."""
+    found = find_lm(cfg, runner)
+    if found is None:
+        return None
+    path, attrs, unigrams = found
+    weights = {} if cfg.lm_weight < 0 else {"alpha": cfg.lm_weight, "beta": cfg.lm_word_score}
+    lm = load_language_model(path, speller(runner.vocab), attrs=attrs, unigrams=unigrams, **weights)
+    logger.info("language model %s: %d words, alpha %.3g, beta %.3g", path, len(lm.index), lm.alpha, lm.beta)
+    return lm
+
+
+def word_list_decoder(vocab: TokenVocabulary, words: Iterable[str], cfg: DecoderConfig, source: str, *,
+                      unk: bool = False, lm: LanguageModel | None = None,
+                      hotwords: Hotwords | None = None) -> Lexicon:
+    """A word-list decoder spelled with ``vocab``; raises ConfigError naming ``source``.
+
+    ``unk``: speech that fits no listed word reads as ``[unk]`` (a Vosk ``phrase_list`` with ``"[unk]"``);
+    without it every stretch of speech is read as listed words. ``lm``: the daemon's language model
+    (:attr:`Lexicon.lm` of the daemon's decoder) to score the list's word sequences with.
+    """
     return Lexicon(words, vocab.token_ids, vocab.blank_id, vocab.delimiter_id, beam_size=cfg.beam_size,
-                   word_score=cfg.word_score, source=source)
+                   word_score=cfg.word_score, source=source, unk=unk, unk_score=cfg.unk_score, lm=lm,
+                   hotwords=hotwords, alternatives=cfg.alternatives)
 
 
 LETTER_BYTES = 370
@@ -112,10 +185,12 @@ class WordListBudget:
             return True
 
     def build(self, vocab: TokenVocabulary, words: Iterable[str], cfg: DecoderConfig, source: str,
-              letters: int) -> Lexicon:
-        """Build a reserved list (in a thread); its letters come back when it is freed or fails to build."""
+              letters: int, *, unk: bool = False, lm: LanguageModel | None = None) -> Lexicon:
+        """Build a reserved list (in a thread); its letters come back when it is freed or fails to build.
+
+        ``unk`` and ``lm`` as :func:`word_list_decoder`."""
         try:
-            lexicon = word_list_decoder(vocab, words, cfg, source)
+            lexicon = word_list_decoder(vocab, words, cfg, source, unk=unk, lm=lm)
         except BaseException:
             self._release(letters)
             raise

@@ -14,6 +14,7 @@ decoder, so calls do not share search state.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,10 @@ import numpy as np
 from streamer.ctc import FRAME_S
 from streamer.events import Word
 from streamer.exceptions import ConfigError
+from streamer.lm import Hotwords, LanguageModel, make_search_lm
 
-__all__ = ["MAX_WORD_LETTERS", "Lexicon", "LexiconSearch", "read_word_list"]
+__all__ = ["MAX_ALTERNATIVES", "MAX_WORD_LETTERS", "UNK", "Alternative", "Lexicon", "LexiconSearch", "OpenVocabulary",
+           "merge_unk", "read_word_list"]
 
 MAX_WORD_LETTERS = 100
 """longer words are refused: the search's letter trie is walked recursively, one level per letter"""
@@ -41,13 +44,155 @@ def read_word_list(path: str | Path) -> list[str]:
     return [w.strip() for w in lines if w.strip() and not w.lstrip().startswith("#")]
 
 
-class Lexicon:
+UNK = "[unk]"
+"""what speech outside a word list reads as when the list asks for it (Vosk's ``[unk]``)"""
+MAX_ALTERNATIVES = 10
+"""the most alternatives (n-best) a final may carry"""
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One reading of a segment from the search's final hypotheses (n-best)."""
+
+    text: str
+    confidence: float
+    """the reading's share of the probability of the search's final hypotheses (their scores as log
+    probabilities, the alignments of one text summed): 0..1, the alternatives of a final sum to at most 1"""
+    words: tuple[Word, ...] = ()
+
+
+class _Searcher:
+    """What the word-list and the lexicon-free searches share: results into words, n-best, searches."""
+
+    source: str
+    blank_id: int
+    delimiter_id: int
+    alternatives: int
+    _needs: int
+    _fl: Any
+
+    def search(self, start_frame: int = 0) -> LexiconSearch:
+        """A search over frames that arrive in pieces, the first being global frame ``start_frame``."""
+        return LexiconSearch(self, start_frame)
+
+    def decode(self, log_probs: np.ndarray, start_frame: int = 0) -> list[Word]:
+        """The best word sequence for ``[frames, tokens]`` log-probs whose first frame is ``start_frame``.
+
+        Word times come from the best path's letters (frame index × 20 ms, as greedy decoding);
+        confidence is the mean probability of the word's letter frames.
+        """
+        search = self.search(start_frame)
+        search.step(log_probs)
+        return search.finish()
+
+    def _new_decoder(self) -> tuple[Any, Any]:
+        """A flashlight decoder and the LM it scores with (which must live as long as it)."""
+        raise NotImplementedError
+
+    def _check(self, log_probs: np.ndarray) -> np.ndarray:
+        lp = np.ascontiguousarray(log_probs, dtype=np.float32)
+        if lp.ndim != 2 or (len(lp) and lp.shape[1] <= self._needs):
+            raise ValueError(f"expected [frames, > {self._needs}] log-probs, got shape {lp.shape}")
+        return lp
+
+    def _word_text(self, label: int, letters: list[int]) -> str | None:
+        """The word a hypothesis completes: by its trie label, or spelled from ``letters`` (label -1)."""
+        raise NotImplementedError
+
+    def _words(self, result: Any, lp: np.ndarray, start_frame: int, complete: bool = False) -> tuple[list[Word], int]:
+        """The words of a flashlight result, and the frame after the last one's last letter (0: none).
+
+        ``result.tokens[t + 1]`` is the token of frame ``t`` (``tokens[0]`` is the start state); the
+        word-list search emits a word's label on the frame that completes it (its delimiter, or the letter
+        of an ``[unk]`` stretch); the lexicon-free search's words end at a delimiter, or at the end when
+        ``complete``.
+        """
+        toks = list(result.tokens)[1:]
+        labels = list(result.words)[1:]
+        n = len(lp)
+        words: list[Word] = []
+        frames: list[int] = []  # the current word's letter frames
+        letters: list[int] = []  # its letters, CTC-collapsed
+        prev = -1
+        done = 0
+
+        def emit(text: str | None) -> None:
+            nonlocal done
+            if text is not None and frames:
+                probs = np.exp(lp[frames, [toks[t] for t in frames]])
+                words.append(Word(text, (start_frame + frames[0]) * FRAME_S, (start_frame + frames[-1] + 1) * FRAME_S,
+                                  float(probs.mean())))
+                done = frames[-1] + 1
+            frames.clear()
+            letters.clear()
+
+        for t, tok in enumerate(toks):
+            if tok != self.blank_id and tok != self.delimiter_id and tok >= 0 and t < n:
+                frames.append(t)
+                if tok != prev:
+                    letters.append(tok)
+            label = labels[t] if t < len(labels) else -1
+            if label >= 0:
+                emit(self._word_text(label, letters))
+            elif tok == self.delimiter_id and letters and self._spells():
+                emit(self._word_text(-1, letters))
+            prev = tok
+        if complete and letters and self._spells():
+            emit(self._word_text(-1, letters))
+        return merge_unk(words), done
+
+    def _spells(self) -> bool:
+        return False
+
+    def _finals(self, decoder: Any, rows: np.ndarray, start_frame: int) -> tuple[list[Word], tuple[Alternative, ...]]:
+        results = decoder.get_all_final_hypothesis()
+        if not results:
+            return [], ()
+        best = self._words(results[0], rows, start_frame, complete=True)[0]
+        if not self.alternatives:
+            return best, ()
+        readings: dict[str, tuple[float, float, list[Word]]] = {}  # text -> (log-sum of scores, best, words)
+        for r in results:
+            words = self._words(r, rows, start_frame, complete=True)[0]
+            text = " ".join(w.word for w in words)
+            if text in readings:
+                total, top, kept = readings[text]
+                readings[text] = (float(np.logaddexp(total, r.score)), max(top, r.score), kept)
+            else:
+                readings[text] = (float(r.score), float(r.score), words)
+        texts = sorted(readings, key=lambda k: -readings[k][1])
+        norm = float(np.logaddexp.reduce([readings[k][0] for k in texts]))
+        alts = tuple(Alternative(k, float(np.exp(readings[k][0] - norm)), tuple(readings[k][2]))
+                     for k in texts[: self.alternatives])
+        first = alts[0].words if alts else ()
+        return list(first) if first else best, alts
+
+
+def merge_unk(words: list[Word]) -> list[Word]:
+    """Consecutive ``[unk]`` words (an unlisted word read letter by letter) as one."""
+    out: list[Word] = []
+    for w in words:
+        if w.word == UNK and out and out[-1].word == UNK:
+            last = out[-1]
+            out[-1] = Word(UNK, last.start, w.end, (last.conf + w.conf) / 2)
+        else:
+            out.append(w)
+    return out
+
+
+class Lexicon(_Searcher):
     """Decode CTC log-probabilities into words of a fixed list.
 
     ``token_ids`` maps the tokenizer's tokens (single characters for wav2vec2 CTC models) to ids;
     every word must be spelled with them (its lower- or upper-case form is tried too, for
     tokenizers with upper-case letters). ``word_score`` is added per word (negative values
     prefer fewer, longer words); ``beam_size`` bounds the hypotheses kept per frame.
+
+    ``unk``: speech that fits no listed word may read as ``[unk]`` (Vosk's behaviour when its phrase list
+    has ``[unk]``): any letter can start an unlisted stretch, at ``unk_score`` per letter, so a listed
+    word wins wherever the letters fit it. ``lm`` scores word sequences (an n-gram, see
+    :mod:`streamer.lm`); ``hotwords`` are added to the list and boosted. ``alternatives``: how many
+    readings (n-best) a finished search reports.
     """
 
     def __init__(
@@ -60,6 +205,12 @@ class Lexicon:
         beam_size: int = 50,
         word_score: float = -1.0,
         source: str = "word list",
+        unk: bool = False,
+        unk_score: float = -5.0,
+        lm: LanguageModel | None = None,
+        hotwords: Hotwords | None = None,
+        alternatives: int = 0,
+        beam_size_token: int = 0,
     ) -> None:
         from flashlight.lib.text import decoder as fl
 
@@ -72,15 +223,22 @@ class Lexicon:
         self.source = source
         self.blank_id = blank_id
         self.delimiter_id = delimiter_id
+        self.token_ids = dict(token_ids)
         self.n_tokens = max(token_ids.values()) + 1
         self.words: list[str] = []
+        self.unk, self.unk_score, self.lm, self.hotwords = unk, unk_score, lm, hotwords
+        self.alternatives = min(alternatives, MAX_ALTERNATIVES)
+        self._settings = {"beam_size": beam_size, "word_score": word_score, "unk_score": unk_score,
+                          "beam_size_token": beam_size_token}
         self._needs = max(blank_id, delimiter_id)  # the highest id the search reads from the log-probs
         bad: list[str] = []
         self._trie = fl.Trie(self.n_tokens, delimiter_id)
         seen: set[str] = set()
         # letters: single-character tokens other than the blank and the word delimiter
-        letters = {t: i for t, i in token_ids.items() if len(t) == 1 and i not in (blank_id, delimiter_id)}
-        for word in words:
+        self.letters = letters = {t: i for t, i in token_ids.items()
+                                  if len(t) == 1 and i not in (blank_id, delimiter_id)}
+        spellings: list[list[int]] = []
+        for word in [*words, *(hotwords.weights if hotwords else ())]:
             if len(word) > MAX_WORD_LETTERS:
                 raise ConfigError(f"{source}: a word of {len(word)} letters ({word[:20]!r}...); words may have at "
                                   f"most {MAX_WORD_LETTERS}")
@@ -92,7 +250,7 @@ class Lexicon:
             if text in seen:
                 continue
             seen.add(text)
-            self._trie.insert([*spelling[1], delimiter_id], len(self.words), 0.0)
+            spellings.append(spelling[1])
             self.words.append(text)
             self._needs = max(self._needs, *spelling[1])
         if bad:
@@ -103,13 +261,43 @@ class Lexicon:
             )
         if not self.words:
             raise ConfigError(f"{source} has no words; give one word per line")
+        self._scored = bool(lm or hotwords or unk)
+        unigram = self._unigram_scores() if self._scored else None
+        for i, ids in enumerate(spellings):
+            self._trie.insert([*ids, delimiter_id], i, unigram[i] if unigram else 0.0)
+        self.unk_label = len(self.words)
+        if unk:
+            for i in sorted(set(letters.values())):
+                self._trie.insert([i], self.unk_label, unk_score)
+                self._needs = max(self._needs, i)
         self._trie.smear(fl.SmearingMode.MAX)
         self._options = fl.LexiconDecoderOptions(
-            beam_size=beam_size, beam_size_token=self.n_tokens, beam_threshold=25.0, lm_weight=0.0,
-            word_score=word_score, unk_score=float("-inf"), sil_score=0.0, log_add=False,
-            criterion_type=fl.CriterionType.CTC,
+            beam_size=beam_size, beam_size_token=beam_size_token or self.n_tokens, beam_threshold=25.0,
+            lm_weight=1.0 if self._scored else 0.0, word_score=0.0 if lm else word_score,
+            unk_score=float("-inf"), sil_score=0.0, log_add=False, criterion_type=fl.CriterionType.CTC,
         )
         self._lm = fl.ZeroLM()
+
+    def _unigram_scores(self) -> list[float]:
+        """Each word's score from the start of a segment: what the trie's look-ahead (smearing) uses."""
+        lm = make_search_lm(self.lm, self.hotwords, labels=self.words, unk_label=-2)
+        state = lm.start(False)
+        return [lm.score(state, i)[1] for i in range(len(self.words))]
+
+    def with_options(self, *, hotwords: Hotwords | None = None, alternatives: int | None = None,
+                     unk: bool | None = None) -> Lexicon:
+        """This list with a stream's own hotwords (added to the list and boosted), n-best count or ``[unk]``."""
+        if hotwords is None and (unk is None or unk == self.unk):
+            clone = object.__new__(Lexicon)
+            clone.__dict__.update(self.__dict__)
+            clone.alternatives = min(self.alternatives if alternatives is None else alternatives, MAX_ALTERNATIVES)
+            return clone
+        merged = hotwords.merged(self.hotwords) if hotwords else self.hotwords
+        base = [w for w in self.words if not (self.hotwords and w in self.hotwords.weights)]
+        return Lexicon(base, self.token_ids, self.blank_id, self.delimiter_id, source=self.source,
+                       unk=self.unk if unk is None else unk, lm=self.lm, hotwords=merged,
+                       alternatives=self.alternatives if alternatives is None else alternatives,
+                       **self._settings)  # type: ignore[arg-type]
 
     @classmethod
     def from_file(cls, path: str | Path, token_ids: Mapping[str, int], blank_id: int, delimiter_id: int | None,
@@ -126,56 +314,67 @@ class Lexicon:
     def __len__(self) -> int:
         return len(self.words)
 
-    def search(self, start_frame: int = 0) -> LexiconSearch:
-        """A search over frames that arrive in pieces, the first being global frame ``start_frame``."""
-        return LexiconSearch(self, start_frame)
+    def _new_decoder(self) -> tuple[Any, Any]:
+        lm = (make_search_lm(self.lm, self.hotwords, labels=self.words, unk_label=self.unk_label,
+                             unk_score=self.unk_score) if self._scored else self._lm)
+        return self._fl.LexiconDecoder(self._options, self._trie, lm, self.delimiter_id, self.blank_id,
+                                       -1, [], False), lm
 
-    def decode(self, log_probs: np.ndarray, start_frame: int = 0) -> list[Word]:
-        """The best word sequence for ``[frames, tokens]`` log-probs whose first frame is ``start_frame``.
+    def _word_text(self, label: int, letters: list[int]) -> str | None:
+        if label < 0:
+            return None
+        return UNK if label == self.unk_label else self.words[label]
 
-        Word times come from the best path's letters (frame index × 20 ms, as greedy decoding);
-        confidence is the mean probability of the word's letter frames.
-        """
-        search = self.search(start_frame)
-        search.step(log_probs)
-        return search.finish()
 
-    def _new_decoder(self) -> Any:
-        return self._fl.LexiconDecoder(self._options, self._trie, self._lm, self.delimiter_id, self.blank_id,
-                                       -1, [], False)
+class OpenVocabulary(_Searcher):
+    """A lexicon-free search over the model's letters with an n-gram LM (and hotwords): any spelling can
+    come out, the LM prefers the word sequences it knows (words it lacks cost ``unk_score_offset``).
 
-    def _check(self, log_probs: np.ndarray) -> np.ndarray:
-        lp = np.ascontiguousarray(log_probs, dtype=np.float32)
-        if lp.ndim != 2 or (len(lp) and lp.shape[1] <= self._needs):
-            raise ValueError(f"expected [frames, > {self._needs}] log-probs, got shape {lp.shape}")
-        return lp
+    Costs one Python call per hypothesis and letter tried, so ``beam_size_token`` (letters tried per
+    frame) and ``beam_size`` are kept small.
+    """
 
-    def _words(self, result: Any, lp: np.ndarray, start_frame: int) -> tuple[list[Word], int]:
-        """The words of a flashlight result, and the frame after the last one's last letter (0: none).
+    def __init__(self, token_ids: Mapping[str, int], blank_id: int, delimiter_id: int | None, *,
+                 lm: LanguageModel | None, hotwords: Hotwords | None = None, beam_size: int = 20,
+                 beam_size_token: int = 8, alternatives: int = 0, source: str = "language model") -> None:
+        from flashlight.lib.text import decoder as fl
 
-        ``result.tokens[t + 1]`` is the token of frame ``t`` (``tokens[0]`` is the start state);
-        the search emits a word id when the word is complete.
-        """
-        path = list(result.tokens)[1 : len(lp) + 1]
-        ids = [w for w in result.words if w >= 0]
-        groups: list[list[int]] = []  # frames of each word's letters
-        current: list[int] = []
-        for t, tok in enumerate(path):
-            if tok == self.delimiter_id:
-                if current:
-                    groups.append(current)
-                    current = []
-            elif tok != self.blank_id:
-                current.append(t)
-        if current:
-            groups.append(current)
-        words = []
-        for word_id, frames in zip(ids, groups, strict=False):
-            probs = np.exp(lp[frames, [path[t] for t in frames]])
-            words.append(Word(self.words[word_id], (start_frame + frames[0]) * FRAME_S,
-                              (start_frame + frames[-1] + 1) * FRAME_S, float(probs.mean())))
-        done = groups[len(words) - 1][-1] + 1 if words else 0
-        return words, done
+        if delimiter_id is None:
+            raise ConfigError(f"{source}: the model's tokenizer has no word delimiter token (such as '|'), which "
+                              "decoding with a language model needs; set decoder.lm = \"\"")
+        self._fl = fl
+        self.source = source
+        self.blank_id, self.delimiter_id = blank_id, delimiter_id
+        self.token_ids = dict(token_ids)
+        self.lm, self.hotwords = lm, hotwords
+        self.alternatives = min(alternatives, MAX_ALTERNATIVES)
+        self.chars = {i: t for t, i in token_ids.items() if len(t) == 1 and i not in (blank_id, delimiter_id)}
+        self._needs = max(blank_id, delimiter_id)  # letters beyond the model's outputs are never tried
+        self._settings = {"beam_size": beam_size, "beam_size_token": beam_size_token}
+        self._options = fl.LexiconFreeDecoderOptions(
+            beam_size=beam_size, beam_size_token=beam_size_token, beam_threshold=25.0, lm_weight=1.0,
+            sil_score=0.0, log_add=False, criterion_type=fl.CriterionType.CTC)
+
+    def __len__(self) -> int:
+        return 0
+
+    def with_options(self, *, hotwords: Hotwords | None = None, alternatives: int | None = None,
+                     unk: bool | None = None) -> OpenVocabulary:
+        """This search with a stream's own hotwords or n-best count (``unk`` has no meaning here)."""
+        return OpenVocabulary(self.token_ids, self.blank_id, self.delimiter_id, lm=self.lm,
+                              hotwords=hotwords.merged(self.hotwords) if hotwords else self.hotwords,
+                              alternatives=self.alternatives if alternatives is None else alternatives,
+                              source=self.source, **self._settings)
+
+    def _new_decoder(self) -> tuple[Any, Any]:
+        lm = make_search_lm(self.lm, self.hotwords, chars=self.chars, delimiter=self.delimiter_id)
+        return self._fl.LexiconFreeDecoder(self._options, lm, self.delimiter_id, self.blank_id, []), lm
+
+    def _spells(self) -> bool:
+        return True
+
+    def _word_text(self, label: int, letters: list[int]) -> str | None:
+        return "".join(self.chars[i] for i in letters)
 
 
 class LexiconSearch:
@@ -184,15 +383,17 @@ class LexiconSearch:
     :meth:`step` costs only the new frames. :meth:`partial` shows the words completed so far plus a
     fresh search over the frames after them and the tentative look-ahead frames (which must not
     enter the search: they change in the next window), so its cost does not grow with the segment.
+    After :meth:`finish`, :attr:`alternatives` holds the n-best readings (when the decoder asks for any).
     """
 
-    def __init__(self, lexicon: Lexicon, start_frame: int) -> None:
+    def __init__(self, lexicon: _Searcher, start_frame: int) -> None:
         self.lexicon = lexicon
         self.start_frame = start_frame
-        self._decoder: Any = lexicon._new_decoder()
+        self._decoder, self._lm = lexicon._new_decoder()
         self._decoder.decode_begin()
         self._rows: list[np.ndarray] = []
         self._finished = False
+        self.alternatives: tuple[Alternative, ...] = ()
 
     def step(self, log_probs: np.ndarray) -> None:
         if self._finished:
@@ -218,7 +419,7 @@ class LexiconSearch:
         la = self.lexicon._check(lookahead)
         if len(la):
             tail = np.concatenate([tail, la]) if len(tail) else la
-        return done + (self.lexicon.decode(tail, self.start_frame + boundary) if len(tail) else [])
+        return merge_unk(done + (self.lexicon.decode(tail, self.start_frame + boundary) if len(tail) else []))
 
     def finish(self) -> list[Word]:
         """The best word sequence over all frames stepped; the search ends."""
@@ -233,4 +434,5 @@ class LexiconSearch:
         close[0, self.lexicon.delimiter_id] = 0.0
         self._decoder.decode_step(close.ctypes.data, 1, close.shape[1])
         self._decoder.decode_end()
-        return self.lexicon._words(self._decoder.get_all_final_hypothesis()[0], rows, self.start_frame)[0]
+        words, self.alternatives = self.lexicon._finals(self._decoder, rows, self.start_frame)
+        return words

@@ -13,7 +13,13 @@ speech at 1x real time, measures per word:
 
 and reports median/p95, the largest N whose p95 final latency is <= --max-p95 (2 s), the model seconds
 per audio second (from the daemon's /metrics), the daemon's RSS per stream, and its RSS after --cycles
-connect/disconnect cycles.
+connect/disconnect cycles. Beside the clients, a probe connection pings the daemon every 100 ms: the
+ping's round trip is how long the daemon's event loop took to get to it (its lag under that load).
+
+--procs P spreads each level's clients over P client processes (one asyncio process caps out at a few
+dozen streams, long before a daemon with several front-end processes); their figures are merged as if
+one process had measured them. Each stream's ``ready`` names the server process that serves it
+(``server_pid``), and each level reports how many streams each server process served.
 
 --commands N then plays N voice-command streams (one espeak-ng command of 1-2 s, then ``stop``, as Home
 Assistant or a push-to-talk client does), --command-clients at a time, and reports the time from stream
@@ -27,6 +33,7 @@ commands on each, one after the other (never at the same time), for a side-by-si
     python clients/loadtest.py --random-model xlsr-large --set model.dtype=bfloat16 --clients 8,16,32,64
     python clients/loadtest.py --clients 1,2,4 --seconds 15 --commands 20 --cycles 0 \
         --compare stream.early_partials=false                    # early partials on vs off
+    python clients/loadtest.py --url ws://lb:8765/v1/stream --procs 8 --clients 64,128,256 --cycles 0
 """
 
 from __future__ import annotations
@@ -34,10 +41,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,15 +82,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare", metavar="SECTION.KEY=VALUE", action="append", default=[],
                    help="also run a daemon with this extra --set (repeatable: one daemon each), level by level, "
                    "and print all side by side")
+    p.add_argument("--procs", type=int, default=1,
+                   help="client processes each level's clients are spread over (default: %(default)s)")
     p.add_argument("--json", help="write all figures here as JSON")
     return p.parse_args(argv)
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a daemon with --processes N runs its front-ends as child processes)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The resident memory of ``pid`` and its descendants, MB."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total or float("nan")
 
 
 @dataclass
@@ -98,6 +133,9 @@ class ClientResult:
     """wall time ``stop`` was sent"""
     sent: list[tuple[float, float]] = field(default_factory=list)
     """(audio seconds sent so far, wall time) after each chunk"""
+    server: str = "?"
+    """the server process that served the stream (``server_pid`` of its ``ready``, with the address it
+    connected to when the daemon does not say)"""
 
     def sent_at(self, t: float) -> float | None:
         """Wall time the audio up to stream second ``t`` had been sent."""
@@ -105,6 +143,17 @@ class ClientResult:
             if end >= t - 1e-6:
                 return wall
         return None
+
+
+def server_of(ready: dict, headers: object) -> str:
+    """Which server process a stream landed on: the ``ready`` message's ``server_pid`` (a daemon with several
+    front-end processes names the one serving it), else an ``X-Streamer-Process`` header, else unknown."""
+    pid = ready.get("server_pid")
+    if pid is not None:
+        return f"pid {pid}"
+    get = getattr(headers, "get", None)
+    value = get("X-Streamer-Process") if get is not None else None
+    return str(value) if value else "?"
 
 
 async def one_client(url: str, pcm: bytes, delay: float) -> ClientResult:
@@ -115,7 +164,7 @@ async def one_client(url: str, pcm: bytes, delay: float) -> ClientResult:
     sent_at = res.sent_at
 
     async with connect(url, max_size=None) as ws:
-        await ws.recv()
+        res.server = server_of(json.loads(await ws.recv()), ws.response.headers if ws.response else {})
 
         async def sender() -> None:
             t0 = res.started = time.perf_counter()
@@ -191,7 +240,39 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-async def run_level(url: str, pcm: bytes, n: int, pid: int | None) -> dict:
+def run_clients(url: str, pcm: bytes, delays: list[float]) -> list[ClientResult]:
+    """A client process's share of a level: one streaming client per delay, in one event loop."""
+    async def clients() -> list[ClientResult]:
+        return list(await asyncio.gather(*(one_client(url, pcm, d) for d in delays)))
+
+    return asyncio.run(clients())
+
+
+def warm() -> int:
+    """Nothing: makes a pool process start (and import this module) before the first level."""
+    return os.getpid()
+
+
+async def probe(url: str, out: list[float], interval: float = 0.1) -> None:
+    """Ping the daemon every ``interval`` s on a stream connection that sends no audio; ``out`` gets each round
+    trip. The daemon answers pings on its event loop, so a late answer is a busy loop (the lag a client sees)."""
+    try:
+        async with connect(url, max_size=None) as ws:
+            await ws.recv()
+            while True:
+                t0 = time.perf_counter()
+                await (await ws.ping())
+                out.append(time.perf_counter() - t0)
+                await asyncio.sleep(interval)
+    except (OSError, ConnectionError, TimeoutError):  # the level is over or the daemon closed it: enough
+        pass
+
+
+async def run_level(url: str, pcm: bytes, n: int, pid: int | None, pool: ProcessPoolExecutor | None = None,
+                    procs: int = 1) -> dict:
+    """``n`` clients (over ``procs`` processes of ``pool``), each starting after 0-1 s; their merged figures."""
+    from websockets.exceptions import ConnectionClosed
+
     peak = [rss_mb(pid) if pid else float("nan")]
 
     async def sample() -> None:
@@ -201,9 +282,31 @@ async def run_level(url: str, pcm: bytes, n: int, pid: int | None) -> dict:
                 peak.append(rss_mb(pid))
 
     sampler = asyncio.create_task(sample())
+    pings: list[float] = []
+    pinger = asyncio.create_task(probe(url, pings))
     rng = np.random.default_rng(n)
-    results = await asyncio.gather(*(one_client(url, pcm, float(rng.uniform(0, 1.0))) for _ in range(n)))
-    sampler.cancel()
+    delays = [float(x) for x in rng.uniform(0, 1.0, n)]
+    try:
+        if pool is None or procs <= 1:
+            results = list(await asyncio.gather(*(one_client(url, pcm, d) for d in delays)))
+        else:
+            loop = asyncio.get_running_loop()
+            shares = [delays[i::procs] for i in range(procs) if delays[i::procs]]
+            parts = await asyncio.gather(*(loop.run_in_executor(pool, run_clients, url, pcm, share)
+                                           for share in shares))
+            results = [r for part in parts for r in part]
+    finally:
+        sampler.cancel()
+        pinger.cancel()
+        try:
+            await pinger
+        except (asyncio.CancelledError, ConnectionClosed):
+            pass
+    return level_figures(n, results, pings, max(peak))
+
+
+def level_figures(n: int, results: list[ClientResult], pings: list[float], peak_rss: float) -> dict:
+    """The figures of one level from every client's result, wherever it ran."""
     partial = [x for r in results for _, x in r.partial]
     early = [x for r in results for end, x in r.partial if end <= EARLY_S]
     later = [x for r in results for end, x in r.partial if end > EARLY_S]
@@ -213,7 +316,9 @@ async def run_level(url: str, pcm: bytes, n: int, pid: int | None) -> dict:
         "partial_median": pct(partial, 50), "partial_p95": pct(partial, 95),
         "partial_first_median": pct(early, 50), "partial_first_p95": pct(early, 95),
         "partial_rest_median": pct(later, 50), "partial_rest_p95": pct(later, 95),
-        "final_median": pct(final, 50), "final_p95": pct(final, 95), "peak_rss_mb": max(peak),
+        "final_median": pct(final, 50), "final_p95": pct(final, 95), "peak_rss_mb": peak_rss,
+        "ping_median": pct(pings, 50), "ping_p95": pct(pings, 95), "ping_max": max(pings, default=float("nan")),
+        "servers": dict(Counter(r.server for r in results)),
     }
 
 
@@ -255,8 +360,14 @@ def cpu_seconds(pid: int | None) -> dict[str, float]:
     """CPU time the daemon process used so far (user + system): less disturbed by other load than wall time."""
     if not pid:
         return {}
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return {"cpu_seconds": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")}
+    ticks = 0
+    for p in tree(pid):  # and its front-end processes
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return {"cpu_seconds": ticks / os.sysconf("SC_CLK_TCK")}
 
 
 def read_metrics(url: str, pid: int | None = None) -> dict[str, float]:
@@ -364,14 +475,22 @@ class Target:
 
 
 LEVEL_HEAD = (f"{'':<22}{'clients':>8}{'partial p50':>13}{'p95':>7}{'first 1.5 s p50':>17}{'p95':>7}"
-              f"{'rest p50':>10}{'p95':>7}{'final p50':>11}{'p95':>7}{'words':>7}{'RSS MB':>8}{'CPU/audio':>10}")
+              f"{'rest p50':>10}{'p95':>7}{'final p50':>11}{'p95':>7}{'words':>7}{'RSS MB':>8}{'CPU/audio':>10}"
+              f"{'ping p95':>10}")
 
 
 def level_row(name: str, lv: dict) -> str:
     return (f"{name:<22}{lv['clients']:>8}{lv['partial_median']:>13.3f}{lv['partial_p95']:>7.3f}"
             f"{lv['partial_first_median']:>17.3f}{lv['partial_first_p95']:>7.3f}{lv['partial_rest_median']:>10.3f}"
             f"{lv['partial_rest_p95']:>7.3f}{lv['final_median']:>11.3f}{lv['final_p95']:>7.3f}{lv['words']:>7}"
-            f"{lv['peak_rss_mb']:>8.0f}{lv.get('cost', {}).get('cpu_s_per_audio_s', float('nan')):>10.3f}")
+            f"{lv['peak_rss_mb']:>8.0f}{lv.get('cost', {}).get('cpu_s_per_audio_s', float('nan')):>10.3f}"
+            f"{lv.get('ping_p95', float('nan')):>10.3f}")
+
+
+def servers_row(lv: dict) -> str:
+    """How many streams of a level each server process served."""
+    counts = sorted(lv.get("servers", {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    return f"{'':<22}served by: " + ", ".join(f"{name} x{n}" for name, n in counts)
 
 
 def side_by_side(targets: list[Target], args: argparse.Namespace) -> None:
@@ -387,6 +506,11 @@ def side_by_side(targets: list[Target], args: argparse.Namespace) -> None:
     rows.append((f"  words in the first {EARLY_S} s", [pair(d, "partial_first") for d in first]))
     rows.append(("  the other words", [pair(d, "partial_rest") for d in first]))
     rows.append((f"final p50 / p95, N={n1}", [pair(d, "final") for d in first]))
+    rows.append((f"ping round trip p50 / p95, N={n1}", [pair(d, "ping") for d in first]))
+    last = [t.levels[-1] if t.levels else {} for t in targets]
+    rows.append(("at the last level run: N", [str(d.get("clients", "")) for d in last]))
+    rows.append(("  final p50 / p95", [pair(d, "final") for d in last]))
+    rows.append(("  ping round trip p50 / p95", [pair(d, "ping") for d in last]))
     rows.append((f"most streams, p95 final <= {args.max_p95:.1f} s", [str(t.summary["max_clients_p95_ok"])
                                                                      for t in targets]))
     for key, label in [("levels_cost", "levels"), ("commands_cost", "commands")]:
@@ -418,6 +542,11 @@ async def main_async(args: argparse.Namespace) -> int:
         raise SystemExit("loadtest: --compare starts its own daemons; leave out --url")
     targets: list[Target] = []
     tmp = None
+    pool = None
+    if args.procs > 1:  # spawn: a fork of this process would copy its event loop
+        pool = ProcessPoolExecutor(args.procs, mp_context=multiprocessing.get_context("spawn"))
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(pool, warm) for _ in range(args.procs)))
     try:
         if args.url:
             targets.append(Target("daemon", args.url))
@@ -433,7 +562,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 targets.append(Target(name, url, proc, rss_mb(proc.pid)))
         for t in targets:
             print(f"daemon {t.url} ({t.name}) idle RSS {t.idle:.0f} MB")
-        print(f"{len(audio) / 16000:.1f} s of speech per client at 1x real time")
+        print(f"{len(audio) / 16000:.1f} s of speech per client at 1x real time, clients spread over "
+              f"{max(1, args.procs)} process(es)")
         print(LEVEL_HEAD)
         start = [read_metrics(t.url, t.pid) for t in targets]
         for n in [int(x) for x in args.clients.split(",")]:
@@ -441,10 +571,11 @@ async def main_async(args: argparse.Namespace) -> int:
                 if t.stopped:
                     continue
                 before = read_metrics(t.url, t.pid)
-                lv = await run_level(t.url, pcm, n, t.pid)
+                lv = await run_level(t.url, pcm, n, t.pid, pool, args.procs)
                 lv["cost"] = cost(before, read_metrics(t.url, t.pid))
                 t.levels.append(lv)
                 print(level_row(t.name, lv), flush=True)
+                print(servers_row(lv), flush=True)
                 t.stopped = not lv["ok"] or not lv["final_p95"] <= args.max_p95
             if all(t.stopped for t in targets):
                 break
@@ -488,6 +619,8 @@ async def main_async(args: argparse.Namespace) -> int:
             await asyncio.to_thread(Path(args.json).write_text, json.dumps(out, indent=2))
         return 0
     finally:
+        if pool is not None:
+            pool.shutdown()
         for t in targets:
             if t.proc is not None and t.proc.returncode is None:
                 t.proc.terminate()

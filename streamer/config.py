@@ -265,6 +265,8 @@ class ServerConfig(_Section):
                                       "prefixes once, plus one per word); about 370 bytes of memory each")
     max_word_list_letters_total: int = _opt(1_000_000, min=1, doc="letters of all streams' own word lists at once; "
                                             "over it, a new list is refused busy (1013)")
+    engine_thread: bool = _opt(True, doc="engine work (audio windowing, merging model outputs, word-list search) "
+                               "in one thread beside the event loop; false = on the event loop")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -2,7 +2,17 @@
 
 :class:`Streams` is the one factory of live streams (the daemon's handlers and capture sources,
 ``streamer mic``): it holds what every stream shares (the worker, the hub, the metrics, the
-model's vocabulary) and what a reload may change (the config, the word decoder).
+model's vocabulary, the engine thread) and what a reload may change (the config, the word decoder).
+
+Engine work off the event loop: with ``server.engine_thread`` (the default) a stream's engine calls
+(converting and windowing its audio, merging the model's outputs, the word-list search that makes
+its text) run in one engine thread per process, so the event loop only moves bytes: websocket
+reads, writes and pings of other clients are served while a word list is searched. One thread,
+not a pool: flashlight-text's search holds the GIL (two threads decode no faster than one,
+measured in ``docs/scaling.md``), so more threads would only contend; more cores are used with
+more processes (``serve --processes N``). A stream awaits each engine call before the next, so
+its events keep their order; the calls of all streams queue in the thread in the order they
+came, as the event loop ran them before.
 """
 
 from __future__ import annotations
@@ -10,6 +20,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
@@ -18,7 +31,7 @@ from streamer.aio.metrics import Metrics
 from streamer.aio.worker import BatchWorker
 from streamer.audio import AudioConverter, decode_pcm
 from streamer.config import Config
-from streamer.engine import SAMPLE_RATE, StreamSession, WordDecoder
+from streamer.engine import SAMPLE_RATE, StreamSession, Window, WordDecoder
 from streamer.events import Event, Final
 from streamer.fair import AudioBudget
 from streamer.runner import TokenVocabulary
@@ -26,6 +39,8 @@ from streamer.transcribe import new_session
 
 FEED_PIECE = SAMPLE_RATE
 """samples (16 kHz) fed to the engine at a time: a second of audio, two to three hops"""
+
+T = TypeVar("T")
 
 
 class LiveStream:
@@ -37,7 +52,7 @@ class LiveStream:
 
     def __init__(self, session: StreamSession, worker: BatchWorker, hub: Hub, metrics: Metrics, *, id: str,
                  name: str, sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
-                 budget: AudioBudget | None = None) -> None:
+                 budget: AudioBudget | None = None, engine: ThreadPoolExecutor | None = None) -> None:
         self.id = id
         self.name = name
         self.encoding = encoding
@@ -50,6 +65,8 @@ class LiveStream:
         self.metrics = metrics
         self.budget = budget
         """how fast the client may send (None: no limit); feeding waits when it sends faster"""
+        self.engine = engine
+        """the thread the session's engine calls run in (None: on the event loop)"""
         self.closed = False
 
     async def feed_bytes(self, data: bytes) -> list[Event]:
@@ -68,29 +85,23 @@ class LiveStream:
             wait = self.budget.take(seconds, time.monotonic())
             if wait > 0:  # faster than allowed: hold the audio (and stop reading from the client) a while
                 await asyncio.sleep(wait)
-        mono = self.converter.convert(block)
         self.metrics.add_audio(seconds)
-        events: list[Event] = []
-        for i in range(0, max(len(mono), 1), FEED_PIECE):
-            self.session.accept_audio(mono[i : i + FEED_PIECE])
-            events += await self._run()
+        mono, windows = await self._call(self._take, block)
+        events = await self._run(windows)
+        for i in range(FEED_PIECE, len(mono), FEED_PIECE):
+            events += await self._run(await self._call(self._accept, mono[i : i + FEED_PIECE]))
         return events
 
     async def flush(self) -> list[Event]:
-        self.session.accept_audio(self.converter.convert(np.zeros((0, self.channels), np.float32), last=True))
-        self.converter = AudioConverter(self.sample_rate, self.channels)  # the resampler was drained
-        self.session.flush()
-        return await self._run()
+        return await self._run(await self._call(self._end, False))
 
     async def finish(self) -> list[Event]:
         """End of audio: the last finals. Then :meth:`close`."""
         if self.closed:
             return []
         self.closed = True
-        self.session.accept_audio(self.converter.convert(np.zeros((0, self.channels), np.float32), last=True))
-        self.session.finish()
         try:
-            return await self._run()
+            return await self._run(await self._call(self._end, True))
         finally:
             self.close()
 
@@ -99,13 +110,46 @@ class LiveStream:
         self.closed = True
         self.worker.forget(self.id)
 
-    async def _run(self) -> list[Event]:
-        t_ready = time.perf_counter()
-        windows = self.session.windows_to_run()
-        results = await self.worker.run_many(windows, self.id)
+    # -- the engine calls (in the engine thread, one at a time per stream) ----------------
+
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in the engine thread (or here, without one); the stream's calls never overlap."""
+        if self.engine is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.engine, fn, *args)
+
+    def _take(self, block: np.ndarray) -> tuple[np.ndarray, list[Window]]:
+        """Convert a block to 16 kHz mono and accept its first piece: the mono audio, the piece's windows."""
+        mono = self.converter.convert(block)
+        return mono, self._accept(mono[:FEED_PIECE])
+
+    def _accept(self, piece: np.ndarray) -> list[Window]:
+        self.session.accept_audio(piece)
+        return self.session.windows_to_run()
+
+    def _end(self, last: bool) -> list[Window]:
+        """Drain the resampler, then flush (``last``: finish) the session; the windows that remain."""
+        self.session.accept_audio(self.converter.convert(np.zeros((0, self.channels), np.float32), last=True))
+        self.converter = AudioConverter(self.sample_rate, self.channels)  # the resampler was drained
+        if last:
+            self.session.finish()
+        else:
+            self.session.flush()
+        return self.session.windows_to_run()
+
+    def _merge(self, windows: list[Window], results: list[np.ndarray]) -> list[Event]:
         for w, lp in zip(windows, results, strict=True):
             self.session.accept_result(w, lp)
-        events = self.session.events_received()
+        return self.session.events_received()
+
+    async def _run(self, windows: list[Window]) -> list[Event]:
+        """Run ``windows`` through the worker, merge their outputs, publish the events (on the loop)."""
+        t_ready = time.perf_counter()
+        if windows:
+            results = await self.worker.run_many(windows, self.id)
+            events = await self._call(self._merge, windows, results)
+        else:  # nothing to merge (a flush or the end may have closed a segment): no trip to the engine thread
+            events = self.session.events_received()
         if events:
             latency = time.perf_counter() - t_ready
             for e in events:
@@ -127,6 +171,21 @@ class Streams:
         self.metrics = metrics
         self.words = words
         """the word decoder of ``[decoder]`` (None: greedy CTC)"""
+        self._engine: ThreadPoolExecutor | None = None
+
+    def engine(self) -> ThreadPoolExecutor | None:
+        """The engine thread new streams use (made on first use); None with ``server.engine_thread = false``."""
+        if not self.cfg.server.engine_thread:
+            return None
+        if self._engine is None:
+            self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-engine")
+        return self._engine
+
+    def close(self) -> None:
+        """Let the engine thread go once the streams are done (their last calls still run). Idempotent."""
+        if self._engine is not None:
+            self._engine.shutdown(wait=False)
+            self._engine = None
 
     def open(self, *, sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
              name: str | None = None, id: str | None = None, words: WordDecoder | None = None) -> LiveStream:
@@ -136,4 +195,5 @@ class Streams:
         srv = self.cfg.server
         budget = AudioBudget(srv.max_speed, srv.max_burst_s, time.monotonic()) if srv.max_speed > 0 else None
         return LiveStream(session, self.worker, self.hub, self.metrics, id=sid, name=name or sid,
-                          sample_rate=sample_rate, channels=channels, encoding=encoding, budget=budget)
+                          sample_rate=sample_rate, channels=channels, encoding=encoding, budget=budget,
+                          engine=self.engine())

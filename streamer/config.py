@@ -34,6 +34,7 @@ __all__ = [
     "StreamConfig",
     "VoskConfig",
     "WorkerConfig",
+    "WyomingConfig",
     "load_config",
     "needs_restart",
     "parse_overrides",
@@ -302,7 +303,34 @@ class VoskConfig(_Section):
     _name = "vosk"
     enabled: bool = _opt(False, restart=True)
     port: int = _opt(2700, min=0, max=65535, restart=True)
-    sample_rate: int = _opt(16000, min=8000, doc="rate assumed until the client sends a config message")
+    sample_rate: int = _opt(8000, min=8000, doc="rate assumed until the client sends a config message "
+                            "(8000, as vosk-server's VOSK_SAMPLE_RATE)")
+
+
+@dataclass(frozen=True)
+class WyomingConfig(_Section):
+    """A listener speaking the Wyoming protocol (Home Assistant's voice pipeline) as a speech-to-text server."""
+
+    _name = "wyoming"
+    enabled: bool = _opt(False, restart=True)
+    uri: str = _opt("tcp://0.0.0.0:10300", restart=True, doc="tcp://HOST:PORT or unix://PATH")
+    zeroconf: bool = _opt(False, restart=True, doc="advertise _wyoming._tcp over mDNS so Home Assistant finds it")
+    languages: tuple[str, ...] = _opt(["en"], doc="the languages the model speaks (Home Assistant offers it for "
+                                      "pipelines in these), e.g. [\"de\"]")
+    max_audio_s: float = _opt(300.0, min=1.0, doc="longest transcription; longer audio ends it with an error")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.languages or not all(self.languages):
+            raise ConfigError("wyoming.languages must name at least one language, e.g. [\"en\"]")
+        scheme, sep, rest = self.uri.partition("://")
+        if not sep or scheme not in ("tcp", "unix") or not rest:
+            raise ConfigError(f"wyoming.uri = {self.uri!r} is not allowed; use tcp://HOST:PORT or unix://PATH")
+        if scheme == "tcp":
+            host, colon, port = rest.rpartition(":")
+            if not colon or not host or not port.isdigit() or int(port) > 65535:
+                raise ConfigError(f"wyoming.uri = {self.uri!r} needs a host and a port from 0 to 65535, e.g. "
+                                  "tcp://0.0.0.0:10300")
 
 
 @dataclass(frozen=True)
@@ -381,6 +409,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     vosk: VoskConfig = field(default_factory=VoskConfig)
+    wyoming: WyomingConfig = field(default_factory=WyomingConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sources: tuple[SourceConfig, ...] = ()

@@ -32,12 +32,15 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "Control",
     "Start",
+    "VOSK_UNK",
     "VoskConfig",
     "parse_control",
     "parse_vosk_text",
     "valid_name",
     "vosk_final",
+    "vosk_number",
     "vosk_partial",
+    "vosk_phrase_list",
 ]
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -165,6 +168,9 @@ class VoskConfig:
     words: bool | None = None
     max_alternatives: int | None = None
     phrase_list: tuple[str, ...] | None = None
+    """the words of ``phrase_list`` without ``[unk]``; None: not sent; (): no restriction (``[]``, ``["[unk]"]``)"""
+    unk: bool = False
+    """``[unk]`` was in the list (with other words): speech outside the list comes out as ``[unk]``"""
 
 
 @dataclass(frozen=True)
@@ -173,8 +179,49 @@ class VoskText:
     config: VoskConfig | None = None
 
 
+VOSK_UNK = "[unk]"
+"""Vosk's unknown-word token: in a ``phrase_list`` it lets speech outside the list come out as itself"""
+
+
+def vosk_number(value: Any, field: str, convert: type[int] | type[float]) -> int | float:
+    """A number of a Vosk config as vosk-server reads it: ``float(x)`` / ``int(x)``, so ``"16000"`` is 16000.
+
+    vosk-server crashes the connection on what Python cannot convert; here that is a clear error.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (
+            isinstance(value, str) and len(value) > 64):
+        raise ProtocolError(f"bad {field} {value!r}; send a number (or a string holding one)",
+                            kind="unsupported_rate" if field == "sample_rate" else "bad_message", code=CLOSE_POLICY)
+    try:
+        number = convert(value)
+    except (ValueError, OverflowError):  # int("2.5"), int(float("inf")), float("x")
+        raise ProtocolError(f"bad {field} {value!r}; send a number (or a string holding one)",
+                            kind="unsupported_rate" if field == "sample_rate" else "bad_message",
+                            code=CLOSE_POLICY) from None
+    return number
+
+
+def vosk_phrase_list(value: Any) -> tuple[tuple[str, ...], bool]:
+    """A ``phrase_list``: its words without ``[unk]`` (none: no restriction) and whether ``[unk]`` was in it.
+
+    As vosk-server: an empty list means no grammar; so does a list of only ``[unk]`` here (Vosk
+    would then hear nothing but ``[unk]``). Which words the model can spell is the daemon's check.
+    """
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ProtocolError("'phrase_list' must be a list of strings (words or phrases)", kind="bad_words",
+                            code=CLOSE_POLICY)
+    words = dict.fromkeys(w for phrase in value for w in phrase.split())
+    unk = words.pop(VOSK_UNK, False) is None
+    if len(words) > MAX_STREAM_WORDS:
+        raise ProtocolError(f"'phrase_list' has {len(words)} distinct words; the limit is {MAX_STREAM_WORDS}",
+                            kind="bad_words", code=CLOSE_POLICY)
+    if not words:
+        return (), False
+    return tuple(words), unk
+
+
 def parse_vosk_text(text: str) -> VoskText:
-    """Parse a Vosk control message leniently as JSON (any spacing)."""
+    """Parse a Vosk control message leniently as JSON (any spacing); numbers may come as strings."""
     msg = _load_json(text)
     if not isinstance(msg, dict):
         raise ProtocolError("vosk control message must be a JSON object", kind="bad_message", code=CLOSE_INVALID)
@@ -183,16 +230,20 @@ def parse_vosk_text(text: str) -> VoskText:
         if not isinstance(cfg, dict):
             raise ProtocolError("'config' must be an object", kind="bad_message", code=CLOSE_INVALID)
         rate = cfg.get("sample_rate")
-        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool)
-                                 or not math.isfinite(rate) or rate <= 0):
-            raise ProtocolError(f"unsupported sample_rate {rate!r}; use a positive number of samples per second",
-                                kind="unsupported_rate", code=CLOSE_POLICY)
+        if rate is not None:
+            rate = float(vosk_number(rate, "sample_rate", float))
+            if not math.isfinite(rate) or rate <= 0:
+                raise ProtocolError(f"unsupported sample_rate {cfg['sample_rate']!r}; use a positive number of "
+                                    "samples per second", kind="unsupported_rate", code=CLOSE_POLICY)
         words = cfg.get("words")
         alts = cfg.get("max_alternatives")
-        if alts is not None and (not isinstance(alts, int) or alts < 0):
-            raise ProtocolError(f"bad max_alternatives {alts!r}", kind="bad_message", code=CLOSE_INVALID)
-        phrases = word_list(cfg["phrase_list"], "phrase_list", "bad_words") if "phrase_list" in cfg else None
-        return VoskText("config", VoskConfig(rate, None if words is None else bool(words), alts, phrases))
+        if alts is not None:
+            alts = int(vosk_number(alts, "max_alternatives", int))
+            if alts < 0:
+                raise ProtocolError(f"bad max_alternatives {cfg['max_alternatives']!r}; use 0 or more",
+                                    kind="bad_message", code=CLOSE_POLICY)
+        phrases, unk = vosk_phrase_list(cfg["phrase_list"]) if "phrase_list" in cfg else (None, False)
+        return VoskText("config", VoskConfig(rate, None if words is None else bool(words), alts, phrases, unk))
     if msg.get("eof"):
         return VoskText("eof")
     if msg.get("reset"):

@@ -384,7 +384,7 @@ async def test_native_vosk_and_http_over_tls(daemon_factory, model_runner, speec
     page's token cookie is Secure); transcripts are the same as without TLS. A plain ws:// client to the TLS
     port has its connection closed in the TLS handshake: it gets no HTTP answer (InvalidMessage)."""
     d = await daemon_factory(*tls_overrides(tls_files), "vosk.enabled=true", "vosk.port=0",
-                             "server.auth_token='s3cret'")
+                             "vosk.sample_rate=16000", "server.auth_token='s3cret'")
     trust = ssl.create_default_context(cafile=str(tls_files["cert"]))
     audio = pcm16(speech)
     expected = expected_finals(model_runner, speech)

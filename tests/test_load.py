@@ -159,7 +159,8 @@ async def test_stream_lag_is_reported_per_stream_and_released(daemon_factory, sp
 async def test_sigterm_under_load_delivers_every_final(daemon_factory, model_runner, speech, protocol):
     """SIGTERM (shutdown) while a flood keeps the worker busy: every healthy stream gets its finals and a clean
     close (1001), and gets them before the flood's remaining minutes of audio are computed, not after."""
-    d = await daemon_factory("vosk.enabled=true", "vosk.port=0", "server.shutdown_timeout_s=120")
+    d = await daemon_factory("vosk.enabled=true", "vosk.port=0", "vosk.sample_rate=16000",
+                             "server.shutdown_timeout_s=120")
     loop = asyncio.get_running_loop()
     message = _flood_audio(speech)
     flood = [asyncio.create_task(_flooder(d.port, message, stay=True)) for _ in range(4)]

@@ -125,10 +125,18 @@ def test_vosk_messages_and_replies():
                           ' "phrase_list": ["lights on", "[unk]"]}}')
     assert cfg.kind == "config" and cfg.config is not None
     assert (cfg.config.sample_rate, cfg.config.words, cfg.config.max_alternatives,
-            cfg.config.phrase_list) == (8000.0, True, 2, ("lights", "on"))
+            cfg.config.phrase_list, cfg.config.unk) == (8000.0, True, 2, ("lights", "on"), True)
+    # as vosk-server reads them: numbers in strings, [] and ["[unk]"] for no restriction (an empty tuple)
+    cfg = parse_vosk_text('{"config": {"sample_rate": "16000", "max_alternatives": "2", "phrase_list": ["[unk]"]}}')
+    assert cfg.config is not None
+    assert (cfg.config.sample_rate, cfg.config.max_alternatives, cfg.config.phrase_list) == (16000.0, 2, ())
+    assert parse_vosk_text('{"config": {"phrase_list": []}}').config.phrase_list == ()
+    assert parse_vosk_text('{"config": {"words": 0}}').config.phrase_list is None
     assert parse_vosk_text('{"eof" : 1}').kind == "eof"
     assert parse_vosk_text('{"reset": 1}').kind == "reset"
     for bad, kind in (('{"config": 3}', "bad_message"), ('{"config": {"sample_rate": -1}}', "unsupported_rate"),
+                      ('{"config": {"sample_rate": "x"}}', "unsupported_rate"),
+                      ('{"config": {"max_alternatives": "2.5"}}', "bad_message"),
                       ('{"hello": 1}', "unknown_type"), ("{", "malformed_json")):
         with pytest.raises(ProtocolError) as info:
             parse_vosk_text(bad)

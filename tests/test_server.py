@@ -386,31 +386,34 @@ async def test_vosk_reset_keeps_session_and_8k_rate(daemon_factory, speech):
 
 async def test_vosk_phrase_list_restricts_the_words(daemon_factory, speech):
     d = await daemon_factory("vosk.enabled=true", "vosk.port=0")
-    phrases = ["turn on the lights", "set a timer for twenty minutes", "[unk]"]
-    replies = await vosk_session(d.vosk_port, pcm16(speech), config={"phrase_list": phrases})
+    phrases = ["turn on the lights", "set a timer for twenty minutes"]
+    replies = await vosk_session(d.vosk_port, pcm16(speech), config={"sample_rate": 16000, "phrase_list": phrases})
     words = [w["word"] for r in replies for w in r.get("result", [])]
-    assert words and set(words) <= {w for p in phrases for w in p.split()} - {"[unk]"}
+    assert words and set(words) <= {w for p in phrases for w in p.split()}
     assert "kitchen" not in " ".join(r.get("text", "") for r in replies)
-    # a phrase list after audio is refused: the stream's decoder is fixed by then
+    # a phrase list after audio is ignored, as vosk-server ignores it (tests/test_vosk_exact.py)
     async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.vosk_port}/") as ws:
         await ws.send(pcm16(speech)[:6400])
         await ws.recv()
         await ws.send(json.dumps({"config": {"phrase_list": ["yes", "no"]}}))
-        assert "phrase_list must come before" in json.loads(await ws.recv())["error"]
+        await ws.send('{"eof" : 1}')
+        assert "text" in json.loads(await ws.recv())
         with pytest.raises(ConnectionClosed):
             await ws.recv()
-    assert ws.close_code == 1008
+    assert ws.close_code == 1000
 
 
-async def test_vosk_bad_frame_errors_and_closes(daemon_factory):
+async def test_vosk_odd_frame_drops_its_last_byte(daemon_factory):
+    """As vosk-api (len // 2 samples): not an error, the session goes on."""
     d = await daemon_factory("vosk.enabled=true", "vosk.port=0")
     async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.vosk_port}/") as ws:
         await ws.send(b"\x01\x02\x03")
-        reply = json.loads(await ws.recv())
+        assert json.loads(await ws.recv()) == {"partial": ""}
+        await ws.send('{"eof" : 1}')
+        assert json.loads(await ws.recv()) == {"text": ""}
         with pytest.raises(ConnectionClosed):
             await ws.recv()
-    assert "error" in reply and "s16le" in reply["error"]
-    assert ws.close_code == 1007
+    assert ws.close_code == 1000
 
 
 # --- SIGTERM on a real `streamer serve` process ------------------------------------------------

@@ -221,14 +221,14 @@ def test_split_changes_keeps_what_needs_a_restart():
     old = load_config(None, ["server.port=8765"])
     new = load_config(None, ["server.port=9000", "server.max_streams=2", "stream.hop_ms=200", "model.id=other",
                              "logging.level='debug'", "endpoint.silence_after_speech_s=0.9",
-                             "vosk.sample_rate=8000", "vosk.enabled=true", "mqtt.enabled=true"])
+                             "vosk.sample_rate=16000", "vosk.enabled=true", "mqtt.enabled=true"])
     run, live, restart = split_changes(old, new)
     assert sorted(live) == ["endpoint.silence_after_speech_s", "logging.level", "server.max_streams",
                             "vosk.sample_rate"]
     assert sorted(restart) == ["model.id", "mqtt.enabled", "server.port", "stream.hop_ms", "vosk.enabled"]
     assert (run.server.max_streams, run.logging.level, run.endpoint.silence_after_speech_s) == (2, "debug", 0.9)
     assert (run.server.port, run.stream, run.model, run.vosk.enabled) == (8765, old.stream, old.model, False)
-    assert run.vosk.sample_rate == 8000
+    assert run.vosk.sample_rate == 16000
     assert split_changes(old, old) == (old, [], [])
 
 

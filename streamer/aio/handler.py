@@ -59,8 +59,10 @@ class StreamHandler:
         self._stop: asyncio.Future[Any] | None = None  # made by run(): a refused connection leaves no task
         self._waited_s = 0.0  # waited for a message since the last audio (the idle timeout counts this)
 
-    async def word_list(self, words: tuple[str, ...]) -> WordDecoder:
+    async def word_list(self, words: tuple[str, ...], *, unk: bool = False) -> WordDecoder:
         """A stream's own word list, spelled with the model's tokens; a bad one is the client's error.
+
+        ``unk``: speech that fits no listed word reads as ``[unk]`` (a Vosk ``phrase_list`` with ``"[unk]"``).
 
         Built in a thread: a list of thousands of words takes a noticeable time, and other streams go on.
         """
@@ -76,7 +78,7 @@ class StreamHandler:
                                 "later or send a shorter list", kind="busy", code=CLOSE_TRY_AGAIN)
         try:  # the letters come back when the list is freed, or at once if it cannot be built
             return await asyncio.to_thread(d.word_lists.build, d.runner.vocab, words, d.cfg.decoder,
-                                           "the stream's word list", letters)
+                                           "the stream's word list", letters, unk=unk)
         except ConfigError as exc:
             raise ProtocolError(str(exc), kind="bad_words", code=CLOSE_POLICY) from None
 

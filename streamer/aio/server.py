@@ -28,10 +28,11 @@ from streamer.aio.tls import server_ssl_context
 from streamer.aio.viewer import refuse_viewer, serve_viewer
 from streamer.aio.vosk import VoskHandler
 from streamer.aio.worker import BatchWorker
+from streamer.aio.wyoming import WyomingServer
 from streamer.config import Config
 from streamer.decoder import WordListBudget, build_decoder
 from streamer.engine import SAMPLE_RATE, WordDecoder
-from streamer.events import CLOSE_GOING_AWAY, busy
+from streamer.events import CLOSE_GOING_AWAY, Error, busy
 from streamer.exceptions import StreamerError
 from streamer.runner import Runner
 
@@ -78,6 +79,8 @@ class Daemon:
         self._names: dict[str, str] = {}  # the name of every live stream (its own, else its session id) -> session
         self.started_at = time.time()
         self.on_reload: list[Callable[[Config], Awaitable[None] | None]] = []
+        self.wyoming: WyomingServer | None = None
+        """the Wyoming listener (``[wyoming] enabled``), a service once started"""
 
     # -- what the handlers use --------------------------------------------------
 
@@ -118,6 +121,29 @@ class Daemon:
         if len(self.servers) < 2:
             return None
         return int(self.servers[1].sockets[0].getsockname()[1])
+
+    async def admit(self, protocol: str) -> Error | None:
+        """Serve the running task as a stream of ``protocol`` (a transport other than websockets: Wyoming):
+        counted against ``server.max_streams`` and awaited at shutdown; or say why not (shutting down, busy).
+        Call :meth:`leave` when it ends."""
+        if self.stopping.is_set():
+            return Error("shutting_down", "server shutting down", CLOSE_GOING_AWAY)
+        if self.active_streams >= self.cfg.server.max_streams:
+            self.metrics.streams_rejected.labels("busy").inc()
+            return busy(self.cfg.server.max_streams)
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self.metrics.streams_active.labels(protocol).inc()
+        self.metrics.streams_total.labels(protocol).inc()
+        return None
+
+    def leave(self, protocol: str) -> None:
+        """The running task, admitted by :meth:`admit`, is no longer a stream."""
+        task = asyncio.current_task()
+        if task in self._handlers:
+            self._handlers.discard(task)
+            self.metrics.streams_active.labels(protocol).dec()
 
     @property
     def active_streams(self) -> int:
@@ -165,6 +191,9 @@ class Daemon:
         self.servers.append(await self._listen(self._native, s.host, s.port, "server.port", common))
         if self.cfg.vosk.enabled:
             self.servers.append(await self._listen(self._vosk, s.host, self.cfg.vosk.port, "vosk.port", common))
+        if self.cfg.wyoming.enabled:  # Home Assistant's protocol, a service: it stops after the streams end
+            self.wyoming = WyomingServer(self)
+            self.services.append(self.wyoming)
         for service in self.services:
             await service.start()
         ws = "wss" if tls is not None else "ws"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterable
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
@@ -12,9 +14,21 @@ from streamer.aio.stream import LiveStream
 from streamer.engine import WordDecoder
 from streamer.events import CLOSE_BAD_DATA, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Error, Event, Final, Partial
 from streamer.exceptions import ProtocolError
-from streamer.protocol import parse_vosk_text, vosk_final, vosk_partial
+from streamer.lexicon import MAX_WORD_LETTERS
+from streamer.protocol import VoskConfig, parse_vosk_text, vosk_final, vosk_partial
+from streamer.runner import TokenVocabulary
 
-__all__ = ["VoskHandler"]
+__all__ = ["VoskHandler", "unspellable"]
+
+logger = logging.getLogger("streamer.server")
+
+
+def unspellable(words: Iterable[str], vocab: TokenVocabulary) -> list[str]:
+    """The words the model cannot spell (the rule of :class:`streamer.lexicon.Lexicon`: the word, its lower-
+    or its upper-case form, in the model's letters): Vosk skips the words missing from its vocabulary."""
+    letters = {t for t, i in vocab.token_ids.items() if len(t) == 1 and i not in (vocab.blank_id, vocab.delimiter_id)}
+    return [w for w in words if len(w) > MAX_WORD_LETTERS
+            or not any(form and set(form) <= letters for form in (w, w.lower(), w.upper()))]
 
 
 class VoskHandler(StreamHandler):
@@ -73,7 +87,8 @@ class VoskHandler(StreamHandler):
             msg = await self.recv()
             if isinstance(msg, bytes):
                 stream = self.ensure_stream()
-                await self.send(self.reply(await stream.feed_bytes(msg)))
+                # vosk-api takes len // 2 samples: an odd frame's last byte is dropped, not refused
+                await self.send(self.reply(await stream.feed_bytes(msg[: len(msg) & ~1])))
                 continue
             if not isinstance(msg, str):  # idle, or the daemon shuts down
                 if self.stream is not None:
@@ -87,20 +102,44 @@ class VoskHandler(StreamHandler):
             cmd = parse_vosk_text(msg)
             if cmd.kind == "config":
                 assert cmd.config is not None
-                if cmd.config.sample_rate is not None and self.stream is None:
-                    self.rate = cmd.config.sample_rate
-                if cmd.config.words is not None:
-                    self.words = cmd.config.words
-                if cmd.config.max_alternatives is not None:
-                    self.alternatives = cmd.config.max_alternatives
-                if cmd.config.phrase_list is not None:
-                    if self.stream is not None:
-                        raise ProtocolError("phrase_list must come before the first audio", kind="late_config",
-                                            code=CLOSE_POLICY)
-                    self.word_decoder = await self.word_list(cmd.config.phrase_list)
+                await self.configure(cmd.config)
             elif cmd.kind == "reset":
                 await self.final_reply(await self.stream.flush() if self.stream is not None else [])
             else:  # eof
                 await self.final_reply(await self.stream.finish() if self.stream is not None else [])
                 await self.ws.close(CLOSE_NORMAL, "eof")
                 return
+
+    async def configure(self, cfg: VoskConfig) -> None:
+        """A config message, read as vosk-server does: the recognizer (our stream) is made at the first audio,
+        so a later ``sample_rate`` or ``phrase_list`` is ignored (with a log line); ``words`` and
+        ``max_alternatives`` apply from the next reply."""
+        if cfg.words is not None:
+            self.words = cfg.words
+        if cfg.max_alternatives is not None:
+            self.alternatives = cfg.max_alternatives
+        if self.stream is not None:
+            if cfg.sample_rate is not None:
+                logger.info("stream %s: vosk sample_rate after audio is ignored (as vosk-server)", self.id)
+            if cfg.phrase_list is not None:
+                logger.info("stream %s: vosk phrase_list after audio is ignored (as vosk-server)", self.id)
+            return
+        if cfg.sample_rate is not None:
+            self.rate = cfg.sample_rate
+        if cfg.phrase_list is None:  # not sent: the list sent before (if any) stays
+            return
+        if not cfg.phrase_list:  # [] or ["[unk]"]: no restriction
+            self.word_decoder = None
+            return
+        missing = unspellable(cfg.phrase_list, self.daemon.runner.vocab)
+        if missing:
+            logger.info("stream %s: vosk phrase_list: ignoring %d word(s) the model cannot spell: %s", self.id,
+                        len(missing), ", ".join(repr(w) for w in missing[:10]))
+        skip = set(missing)
+        words = tuple(w for w in cfg.phrase_list if w not in skip)
+        if not words:
+            logger.info("stream %s: vosk phrase_list has no word the model can spell: no restriction", self.id)
+            self.word_decoder = None
+            return
+        # with [unk] in the list, speech outside it comes out as [unk] instead of the nearest listed words
+        self.word_decoder = await self.word_list(words, unk=cfg.unk)

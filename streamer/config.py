@@ -28,6 +28,7 @@ __all__ = [
     "EndpointConfig",
     "LoggingConfig",
     "ModelConfig",
+    "ModelServerConfig",
     "MqttConfig",
     "ServerConfig",
     "SourceConfig",
@@ -234,6 +235,32 @@ class WorkerConfig(_Section):
 
 
 @dataclass(frozen=True)
+class ModelServerConfig(_Section):
+    """Where the model runs: in the daemon (``local``) or on a Triton Inference Server (``triton``)."""
+
+    _name = "model_server"
+    _restart = True  # the runner and its connection
+    kind: str = _opt("local", choices=("local", "triton"),
+                     doc="local = the model in this process; triton = windows sent to a Triton server over gRPC")
+    url: str = _opt("", doc="host:port of a running server's gRPC endpoint; '' = `streamer serve` starts one")
+    model_name: str = _opt("streamer", doc="the model's name on the server")
+    dtype: str = _opt("float32", choices=("float32", "int16"),
+                      doc="samples on the wire; int16 halves the bytes, exact for 16 kHz 16-bit audio")
+    host: str = _opt("127.0.0.1", doc="address a started server (or `streamer model-server`) listens on")
+    grpc_port: int = _opt(8001, min=0, max=65535, doc="its gRPC port; 0 = a free port")
+    http_port: int = _opt(8000, min=0, max=65535, doc="its HTTP port; 0 = a free port")
+    metrics_port: int = _opt(8002, min=0, max=65535, doc="its Prometheus metrics port; 0 = a free port")
+    max_batch: int = _opt(64, min=1, max=4096, doc="most windows the server's dynamic batcher runs at once")
+    max_queue_delay_ms: float = _opt(5.0, min=0.0, max=10_000.0,
+                                     doc="how long the server's batcher waits for more windows")
+    max_inflight: int = _opt(4, min=1, max=1024, doc="requests one front-end has on the server at once")
+    timeout_s: float = _opt(10.0, min=0.1, doc="a request not answered in this time fails its windows")
+    retry_s: float = _opt(5.0, min=0.0, doc="how long windows wait for an unreachable server before their "
+                          "streams get inference_failed (1011)")
+    start_timeout_s: float = _opt(120.0, min=1.0, doc="how long to wait for the server to be ready at start")
+
+
+@dataclass(frozen=True)
 class ServerConfig(_Section):
     """The websocket / HTTP listener."""
 
@@ -407,6 +434,7 @@ class Config:
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    model_server: ModelServerConfig = field(default_factory=ModelServerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     vosk: VoskConfig = field(default_factory=VoskConfig)
     wyoming: WyomingConfig = field(default_factory=WyomingConfig)

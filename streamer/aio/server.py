@@ -165,6 +165,10 @@ class Daemon:
                 out.update(extra)
                 if ok and "degraded" in extra.values():
                     out["status"] = "degraded"
+        if self.worker.remote is not None:  # [model_server] kind = "triton": unavailable (503) while unreachable
+            out["model_server"] = "up" if self.worker.remote.available else "unreachable"
+            if not self.worker.remote.available:
+                out["status"] = "unavailable"
         return out
 
     # -- lifecycle -----------------------------------------------------------

@@ -5,6 +5,10 @@ them round-robin, at most ``worker.max_windows_per_stream`` of one stream, so a 
 a minute of audio at once shares every batch with the real-time streams instead of going first.
 A stream's windows are dropped before they run once its caller stops waiting (cancelled: the
 client left) or :meth:`BatchWorker.forget` is called.
+
+With a remote model server (``[model_server] kind = "triton"``, :class:`streamer.triton.AsyncRunner`) the batches
+are awaited on the event loop instead of run in the model thread, up to ``max_inflight`` of them at once, and the
+runner's health check runs beside the loop.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from streamer.engine import SAMPLE_RATE, Window
 from streamer.exceptions import InferenceError
 from streamer.fair import FairQueue
 from streamer.runner import Runner
+from streamer.triton import AsyncRunner
 
 logger = logging.getLogger("streamer.worker")
 
@@ -52,6 +57,11 @@ class BatchWorker:
         self._task: asyncio.Task[None] | None = None
         self._lagging: set[str] = set()  # streams with a lag gauge to keep up to date
         self.batches = 0
+        self.remote = runner if isinstance(runner, AsyncRunner) else None
+        """the model server the batches go to (awaited on the loop), or None: the model thread runs them"""
+        self._inflight = asyncio.Semaphore(self.remote.max_inflight if self.remote is not None else 1)
+        self._calls: set[asyncio.Task[None]] = set()  # batches on the model server
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def alive(self) -> bool:
@@ -64,6 +74,8 @@ class BatchWorker:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="streamer-worker")
+        if self.remote is not None:
+            self._watch = asyncio.create_task(self.remote.watch(), name="streamer-model-server-health")
         self.metrics.worker_alive.set(1)
 
     async def stop(self) -> None:
@@ -79,11 +91,21 @@ class BatchWorker:
                         raise  # the caller was cancelled, not (only) the loop: let it know
         finally:
             self.metrics.worker_alive.set(0)
+            if self.remote is not None:
+                await self._stop_remote(self.remote)
             for key in self._queue.keys():
                 for item in self._queue.drop(key):
                     if not item.future.done():
                         item.future.set_exception(InferenceError("the model worker stopped"))
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _stop_remote(self, remote: AsyncRunner) -> None:
+        """Cancel the health check and the batches on the model server (their windows fail), close the connection."""
+        tasks = [t for t in (self._watch, *self._calls) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await remote.aclose()
 
     async def submit(self, window: Window, stream: str = "") -> np.ndarray:
         """Queue one window of ``stream``; return its log-probabilities once the model ran it."""
@@ -153,6 +175,12 @@ class BatchWorker:
             for stream in self._lagging:
                 self.metrics.stream_lag.labels(stream).set(self.lag(stream))
             samples = [item.window.samples for item in batch]
+            if self.remote is not None:
+                await self._inflight.acquire()
+                call = asyncio.create_task(self._run_remote(self.remote, batch, samples))
+                self._calls.add(call)
+                call.add_done_callback(self._calls.discard)
+                continue
             t0 = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(self._executor, self.runner.run, samples)
@@ -163,13 +191,38 @@ class BatchWorker:
                     if not item.future.done():
                         item.future.set_exception(err)
                 continue
-            self.batches += 1
-            model_s = time.perf_counter() - t0
-            self.metrics.add_model_time(model_s)
-            self.metrics.add_provisional([item.window for item in batch], model_s)  # early partials' share
-            self.metrics.batch_size.observe(len(batch))
-            self.metrics.windows.inc(len(batch))
-            self.metrics.window_audio_seconds.inc(sum(len(s) for s in samples) / SAMPLE_RATE)
-            for item, out in zip(batch, outputs, strict=True):
+            self._deliver(batch, samples, outputs, time.perf_counter() - t0)
+
+    async def _run_remote(self, remote: AsyncRunner, batch: list[_Item], samples: list[np.ndarray]) -> None:
+        """One batch on the model server (several run at once); a failure fails this batch's windows only."""
+        t0 = time.perf_counter()
+        try:
+            outputs = await remote.infer(samples)
+        except Exception as exc:
+            logger.error("model server call failed on %d windows: %s", len(batch), exc)
+            err = exc if isinstance(exc, InferenceError) else InferenceError(f"model call failed: {exc}")
+            for item in batch:
                 if not item.future.done():
-                    item.future.set_result(out)
+                    item.future.set_exception(err)
+            return
+        except asyncio.CancelledError:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(InferenceError("the model worker stopped"))
+            raise
+        finally:
+            self._inflight.release()
+        self._deliver(batch, samples, outputs, time.perf_counter() - t0)
+
+    def _deliver(self, batch: list[_Item], samples: list[np.ndarray], outputs: list[np.ndarray],
+                 model_s: float) -> None:
+        """Count a batch that ran and hand each window its output."""
+        self.batches += 1
+        self.metrics.add_model_time(model_s)
+        self.metrics.add_provisional([item.window for item in batch], model_s)  # early partials' share
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.windows.inc(len(batch))
+        self.metrics.window_audio_seconds.inc(sum(len(s) for s in samples) / SAMPLE_RATE)
+        for item, out in zip(batch, outputs, strict=True):
+            if not item.future.done():
+                item.future.set_result(out)

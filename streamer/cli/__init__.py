@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from streamer.config import Config
 
 # Subcommand modules, in the order --help lists them.
-COMMANDS = ["transcribe", "serve", "mic", "eval", "bench", "export"]
+COMMANDS = ["transcribe", "serve", "mic", "eval", "bench", "export", "model-server"]
 
 EPILOG = """\
 examples:
@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"streamer.cli.{name}")
+            module = importlib.import_module(f"streamer.cli.{name.replace('-', '_')}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"streamer.cli.{name}":
+            if exc.name != f"streamer.cli.{name.replace('-', '_')}":
                 raise
             continue  # not built yet
         module.register(sub)

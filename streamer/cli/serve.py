@@ -56,11 +56,25 @@ def run(args: argparse.Namespace) -> int:
     from streamer.aio.mqtt import check_settings
 
     check_settings(cfg.mqtt)  # and on a missing MQTT password or TLS file, before the model loads
-    from streamer.model import load_model
+    # -- model server: [model_server] kind = "triton" with no url starts one (streamer/aio/model_server.py),
+    # before the front-end(s), and stops it last --
+    from streamer.aio.model_server import start_model_server
+
+    cfg, model_server = start_model_server(cfg)
+    try:
+        return _run_with_model(args, cfg, overrides)
+    finally:
+        if model_server is not None:
+            model_server.stop()
+    # -- end model server --
+
+
+def _run_with_model(args: argparse.Namespace, cfg: Config, overrides: dict[str, dict[str, Any]]) -> int:
+    from streamer.aio.model_server import open_runner
 
     Notifier.from_environ().status(f"loading model {cfg.model.id}")  # systemd: shown while starting
     t0 = time.perf_counter()
-    runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
+    runner = open_runner(cfg)  # the model here ([model_server] kind = "local"), or a model server's client
     warm = runner.warmup(cfg.stream.schedule().window_samples)
     logger.info("model %s loaded in %.1f s, warm-up window %.3f s", runner.name, time.perf_counter() - t0, warm)
     if args.check:

@@ -167,9 +167,89 @@ async def openai_realtime(url: str, utt: Utterance) -> Timing:
     return out
 
 
+ENDPOINTS: dict[str, str] = {}
+"""the daemon's other listeners: ``vosk`` (ws://host:port) and ``wyoming`` (tcp://host:port)"""
+
+
+async def vosk(url: str, utt: Utterance) -> Timing:
+    """vosk-server's protocol (``[vosk] port``): a config, 0.1 s frames each answered with a partial or a result."""
+    out, player = Timing(), Player(16000)
+    first_text_at = final_at = float("nan")
+    async with connect(ENDPOINTS["vosk"], max_size=None) as ws:
+        await ws.send(json.dumps({"config": {"sample_rate": 16000}}))
+
+        async def send(chunk: bytes) -> None:  # lock-step: every frame gets its reply before the next
+            nonlocal first_text_at, final_at
+            await ws.send(chunk)
+            reply = json.loads(await ws.recv())
+            now = time.perf_counter()
+            if "error" in reply:
+                out.ok = False
+            text = reply.get("partial") or reply.get("text") or ""
+            if text and first_text_at != first_text_at:
+                first_text_at = now
+            if reply.get("text") and final_at != final_at:
+                final_at, out.text = now, reply["text"]
+
+        await player.play(utt.pcm16(16000), send)
+        await ws.send('{"eof" : 1}')
+        await ws.recv()
+    out.first_text = first_text_at - player.sent_at(utt.speech_start_s)
+    out.final = final_at - player.sent_at(utt.speech_end_s)
+    return out
+
+
+async def wyoming(url: str, utt: Utterance) -> Timing:
+    """Wyoming (``[wyoming] uri``), as Home Assistant streams a voice command: audio up to the end of speech,
+    ``audio-stop`` there (a perfect VAD's; Home Assistant's own adds its silence wait), then ``transcript``.
+    First text: the first ``transcript-chunk``; final: ``transcript`` after the audio-stop at the speech end."""
+    from urllib.parse import urlsplit
+
+    from wyoming.asr import Transcribe, Transcript
+    from wyoming.audio import AudioChunk, AudioStart, AudioStop
+    from wyoming.client import AsyncTcpClient
+
+    out, player = Timing(), Player(16000)
+    first_text_at = final_at = float("nan")
+    where = urlsplit(ENDPOINTS["wyoming"])
+    pcm = utt.pcm16(16000)[: int(utt.speech_end_s * 16000) * 2]
+    async with AsyncTcpClient(where.hostname or "127.0.0.1", where.port or 10300) as client:
+
+        async def read() -> None:
+            nonlocal first_text_at, final_at
+            while (event := await client.read_event()) is not None:
+                now = time.perf_counter()
+                if event.type == "transcript-chunk" and event.data.get("text", "").strip():
+                    if first_text_at != first_text_at:
+                        first_text_at = now
+                elif Transcript.is_type(event.type):
+                    final_at, out.text = now, Transcript.from_event(event).text
+                elif event.type == "error":
+                    out.ok = False
+                    return
+                elif event.type == "transcript-stop":
+                    return
+
+        reader = asyncio.create_task(read())
+        await client.write_event(Transcribe(language="en").event())
+        await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+
+        async def send(chunk: bytes) -> None:
+            await client.write_event(AudioChunk(rate=16000, width=2, channels=1, audio=chunk).event())
+
+        await player.play(pcm, send)
+        await client.write_event(AudioStop().event())
+        await reader
+    out.first_text = first_text_at - player.sent_at(utt.speech_start_s)
+    out.final = final_at - player.sent_at(utt.speech_end_s)
+    return out
+
+
 PROTOCOLS: dict[str, Callable[[str, Utterance], Awaitable[Timing]]] = {
     "native": native,
     "openai-realtime": openai_realtime,
+    "vosk": vosk,
+    "wyoming": wyoming,
 }
 
 
@@ -200,6 +280,15 @@ async def start_daemon(model: str, overrides: list[str]) -> tuple[asyncio.subpro
     return proc, url.rsplit("/v1/", 1)[0]
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for the started daemon's Vosk and Wyoming listeners)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def pct(values: list[float], q: float) -> float:
     ok = sorted(v for v in values if v == v)
     if not ok:
@@ -217,7 +306,13 @@ async def main_async(args: argparse.Namespace) -> int:
     proc = None
     url = args.url
     if url is None:
-        proc, url = await start_daemon(args.model, args.set)
+        vosk_port, wyoming_port = free_port(), free_port()
+        ENDPOINTS.update(vosk=f"ws://127.0.0.1:{vosk_port}", wyoming=f"tcp://127.0.0.1:{wyoming_port}")
+        overrides = ["vosk.enabled=true", f"vosk.port={vosk_port}", "wyoming.enabled=true",
+                     f"wyoming.uri='tcp://127.0.0.1:{wyoming_port}'", *args.set]
+        proc, url = await start_daemon(args.model, overrides)
+    else:
+        ENDPOINTS.update(vosk=args.vosk_url, wyoming=args.wyoming_url)
     results: dict[str, list[Timing]] = {n: [] for n in names}
     try:
         for utt in utterances:  # protocols take turns on each utterance: the same load for each
@@ -241,6 +336,8 @@ async def main_async(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="an already running daemon, ws://host:port (default: start one)")
+    p.add_argument("--vosk-url", default="ws://127.0.0.1:2700", help="with --url: its Vosk listener")
+    p.add_argument("--wyoming-url", default="tcp://127.0.0.1:10300", help="with --url: its Wyoming listener")
     p.add_argument("--model", default="demo", help="model for the started daemon (default: demo)")
     p.add_argument("--set", action="append", default=[], help="config override for the started daemon")
     p.add_argument("--rounds", type=int, default=12, help="utterances per protocol (default: 12)")

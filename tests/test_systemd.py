@@ -49,7 +49,7 @@ def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
 def unit_root(tmp_path_factory):
     """A root file system for ``systemd-analyze --root``: the units as shipped and what they refer to.
 
-    ``streamer@room`` is the template as is; ``streamer@gpu`` has both drop-ins (GPU, microphone).
+    ``streamer@room`` is the template as is; ``streamer@gpu`` has the drop-ins (GPU, microphone, Wyoming).
     """
     root = tmp_path_factory.mktemp("root")
     for d in ("usr/bin", "usr/lib/systemd", "opt/streamer/bin", "etc/systemd/system/streamer@gpu.service.d"):
@@ -65,7 +65,7 @@ def unit_root(tmp_path_factory):
     shutil.copy2(script, root / "opt/streamer/bin/streamer")  # the script pip puts in /opt/streamer/bin
     for unit in ("streamer.service", "streamer@.service"):
         shutil.copy2(UNITS / unit, root / "etc/systemd/system" / unit)
-    for dropin in ("gpu.conf", "microphone.conf"):
+    for dropin in ("gpu.conf", "microphone.conf", "wyoming.conf"):
         shutil.copy2(UNITS / dropin, root / "etc/systemd/system/streamer@gpu.service.d" / dropin)
     return root
 

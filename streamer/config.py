@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 FRAME_MS = 20
+MAX_PROCESSES = 1024
 
 
 def _opt(default: Any, *, choices: Iterable[Any] | None = None, min: float | None = None,
@@ -267,6 +268,8 @@ class ServerConfig(_Section):
     _name = "server"
     host: str = _opt("127.0.0.1", restart=True)
     port: int = _opt(8765, min=0, max=65535, restart=True)
+    processes: int | str = _opt(1, restart=True, doc="front-end processes sharing the ports (SO_REUSEPORT); "
+                                "'auto' = usable CPU cores")
     max_streams: int = _opt(64, min=1)
     max_viewers: int = _opt(256, min=0, doc="viewers (/v1/listen/NAME) at once; more are refused busy (1013)")
     max_message_bytes: int = _opt(1 << 20, min=1024)
@@ -307,6 +310,16 @@ class ServerConfig(_Section):
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("server.tls_cert and server.tls_key go together: give both PEM files for TLS, or "
                               "neither")
+        p = self.processes
+        if not (p == "auto" or (isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= MAX_PROCESSES)):
+            raise ConfigError(f"server.processes = {p!r} is not allowed; use a whole number from 1 to "
+                              f"{MAX_PROCESSES}, or 'auto' (one per usable CPU core)")
+
+    def process_count(self) -> int:
+        """How many front-end processes to run: ``processes``, with ``auto`` = the CPU cores this process may use."""
+        if self.processes == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return int(self.processes)
 
     def token(self) -> str:
         """Return the configured auth token from the first source that is set."""

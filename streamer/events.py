@@ -146,10 +146,15 @@ class Ready:
     """left_context_ms, hop_ms, lookahead_ms, window_samples"""
     endpoint: dict[str, Any]
     """enabled, silence_after_speech_s"""
+    server_pid: int | None = None
+    """the front-end process that serves the stream, in a daemon of several (``server.processes``); else None"""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "session": self.session, "model": self.model, "sample_rate": self.sample_rate,
-                "encodings": list(self.encodings), "schedule": dict(self.schedule), "endpoint": dict(self.endpoint)}
+        out = {"type": self.type, "session": self.session, "model": self.model, "sample_rate": self.sample_rate,
+               "encodings": list(self.encodings), "schedule": dict(self.schedule), "endpoint": dict(self.endpoint)}
+        if self.server_pid is not None:
+            out["server_pid"] = self.server_pid
+        return out
 
 
 @dataclass(frozen=True)
@@ -158,9 +163,14 @@ class ViewerReady:
 
     type: ClassVar[str] = "ready"
     stream: str
+    server_pid: int | None = None
+    """the front-end process that serves the viewer, in a daemon of several (``server.processes``); else None"""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "stream": self.stream, "mode": "listen"}
+        out: dict[str, Any] = {"type": self.type, "stream": self.stream, "mode": "listen"}
+        if self.server_pid is not None:
+            out["server_pid"] = self.server_pid
+        return out
 
 
 @dataclass(frozen=True)
@@ -233,10 +243,11 @@ def parse_event(text: str) -> Message:
         if kind == "final":
             return Final.from_dict(d)
         if kind == "ready" and d.get("mode") == "listen":
-            return ViewerReady(str(d["stream"]))
+            return ViewerReady(str(d["stream"]), int(d["server_pid"]) if d.get("server_pid") is not None else None)
         if kind == "ready":
             return Ready(str(d["session"]), str(d["model"]), int(d["sample_rate"]), tuple(d["encodings"]),
-                         dict(d["schedule"]), dict(d["endpoint"]))
+                         dict(d["schedule"]), dict(d["endpoint"]),
+                         int(d["server_pid"]) if d.get("server_pid") is not None else None)
         if kind == "error":
             return Error(str(d["code"]), str(d["message"]))
         if kind == "end":

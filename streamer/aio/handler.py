@@ -95,7 +95,16 @@ class StreamHandler:
         Raises ``name_in_use`` (1008) when another live stream or a capture source has it.
         """
         wanted = name or self.id
-        holder = self.daemon.claim_name(wanted, self.id)
+        self._refuse_name(wanted, self.daemon.claim_name(wanted, self.id))
+
+    async def claim(self, name: str | None) -> None:
+        """:meth:`claim_name` in the whole daemon: with several front-end processes, a name one process's stream
+        has is refused by the others too. Call it before :meth:`open_stream` with a client's chosen name."""
+        wanted = name or self.id
+        self._refuse_name(wanted, await self.daemon.claim_name_everywhere(wanted, self.id))
+
+    @staticmethod
+    def _refuse_name(wanted: str, holder: str | None) -> None:
         if holder is not None:
             raise ProtocolError(f"stream name {wanted!r} is in use by {holder}; choose another name, or use "
                                 f"{wanted!r} again once that stream has ended", kind="name_in_use", code=CLOSE_POLICY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict, deque
+from collections.abc import Callable
 from typing import Protocol
 
 from streamer.events import Event, Final
@@ -76,6 +77,9 @@ class Hub:
         self.sinks: list[EventSink] = []
         self._viewers: dict[str, set[ViewerQueue]] = defaultdict(set)
         self._viewer_queue = viewer_queue
+        self.on_watch: Callable[[str, bool], None] | None = None
+        """called when a name gets its first viewer here (True) or loses its last (False); a front-end process
+        of several tells its supervisor, which relays other processes' events of that name (``deliver``)"""
 
     def publish(self, stream: str, session: str, event: Event) -> None:
         for sink in self.sinks:
@@ -83,15 +87,24 @@ class Hub:
                 sink.publish(stream, session, event)
             except Exception:
                 logger.exception("event sink %r failed", sink)
+        self.deliver(stream, session, event)
+
+    def deliver(self, stream: str, session: str, event: Event) -> None:
+        """Hand an event to the viewers of ``stream`` only (the sinks had it where it was published)."""
         for q in self._viewers.get(stream, ()):
             q.put(event)
 
     def subscribe(self, stream: str) -> ViewerQueue:
         q = ViewerQueue(self._viewer_queue)
+        first = stream not in self._viewers
         self._viewers[stream].add(q)
+        if first and self.on_watch is not None:
+            self.on_watch(stream, True)
         return q
 
     def unsubscribe(self, stream: str, q: ViewerQueue) -> None:
         self._viewers[stream].discard(q)
         if not self._viewers[stream]:
             del self._viewers[stream]
+            if self.on_watch is not None:
+                self.on_watch(stream, False)

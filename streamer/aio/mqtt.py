@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 from aiomqtt import MqttError
 
-from streamer.aio.metrics import Metrics
+from streamer.aio.metrics import Metrics, MqttMetrics
 from streamer.aio.mqtt_settings import check_settings, client_id_for, explain_failure, password, tls_context
 from streamer.config import MqttConfig
 from streamer.events import Event, Final
@@ -131,10 +131,10 @@ class MqttPublisher:
     a one-shot command that shares the daemon's prefix.
     """
 
-    def __init__(self, cfg: MqttConfig, metrics: Metrics | None = None, *, status: bool = True,
+    def __init__(self, cfg: MqttConfig, metrics: MqttMetrics | None = None, *, status: bool = True,
                  client_id: str | None = None) -> None:
         self.cfg = cfg
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics: MqttMetrics = metrics if metrics is not None else Metrics()
         self.status = status
         self.client_id = client_id or client_id_for(cfg)
         self.prefix = cfg.topic_prefix.rstrip("/")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from streamer.aio.handler import IDLE, STOP, StreamHandler
 from streamer.audio import ENCODINGS
 from streamer.engine import SAMPLE_RATE
@@ -41,6 +43,7 @@ class NativeHandler(StreamHandler):
             {"left_context_ms": st.left_frames * 20, "hop_ms": st.hop_frames * 20,
              "lookahead_ms": st.lookahead_frames * 20, "window_samples": st.schedule().window_samples},
             {"enabled": ep.enabled, "silence_after_speech_s": ep.silence_after_speech_s},
+            server_pid=os.getpid() if d.cluster is not None else None,  # which of several front-end processes
         )
 
     async def serve(self) -> None:
@@ -66,7 +69,7 @@ class NativeHandler(StreamHandler):
                                         code=CLOSE_POLICY)
                 assert ctrl.start is not None
                 s = ctrl.start
-                self.claim_name(s.name)  # before the word list is built: a refusal costs nothing
+                await self.claim(s.name)  # before the word list is built: a refusal costs nothing
                 words = await self.word_list(s.words) if s.words is not None else None
                 self.stream = self.open_stream(s.sample_rate, s.channels, s.encoding, s.name, words)
             elif ctrl.type == "flush":

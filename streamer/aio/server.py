@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -35,6 +36,9 @@ from streamer.engine import SAMPLE_RATE, WordDecoder
 from streamer.events import CLOSE_GOING_AWAY, Error, busy
 from streamer.exceptions import StreamerError
 from streamer.runner import Runner
+
+if TYPE_CHECKING:
+    from streamer.aio.cluster import ClusterLink
 
 __all__ = ["Daemon", "Service"]
 
@@ -79,6 +83,14 @@ class Daemon:
         self._names: dict[str, str] = {}  # the name of every live stream (its own, else its session id) -> session
         self.started_at = time.time()
         self.on_reload: list[Callable[[Config], Awaitable[None] | None]] = []
+        # -- several front-end processes (streamer/aio/cluster.py, supervisor.py) --
+        self.cluster: ClusterLink | None = None
+        """the link to the supervisor when this is one of several front-end processes (``server.processes``)"""
+        self.reuse_port = False
+        """listen with SO_REUSEPORT: the daemon's other processes listen on the same ports"""
+        self.listening: dict[str, Any] = {}
+        """config key -> what a sibling process sets it to, to share this listener (``{"server.port": 41234}``)"""
+        # -- end several front-end processes --
         self.wyoming: WyomingServer | None = None
         """the Wyoming listener (``[wyoming] enabled``), a service once started"""
 
@@ -111,6 +123,19 @@ class Daemon:
         """The stream ``session`` ended: its name is free again."""
         for name in [n for n, s in self._names.items() if s == session]:
             del self._names[name]
+        if self.cluster is not None:
+            self.cluster.unclaim(session)
+
+    async def claim_name_everywhere(self, name: str, session: str) -> str | None:
+        """:meth:`claim_name` in the whole daemon: with several front-end processes, the supervisor says
+        whether another process's stream has ``name``. Then :meth:`claim_name` here holds it again, harmlessly."""
+        holder = self.claim_name(name, session)
+        if holder is not None or self.cluster is None:
+            return holder
+        holder = await self.cluster.claim(name, session)
+        if holder is not None:
+            self.release_names(session)
+        return holder
 
     @property
     def port(self) -> int:
@@ -128,11 +153,11 @@ class Daemon:
         Call :meth:`leave` when it ends."""
         if self.stopping.is_set():
             return Error("shutting_down", "server shutting down", CLOSE_GOING_AWAY)
-        if self.active_streams >= self.cfg.server.max_streams:
-            self.metrics.streams_rejected.labels("busy").inc()
-            return busy(self.cfg.server.max_streams)
         task = asyncio.current_task()
         assert task is not None
+        if not await self._admit("stream", f"task-{id(task)}", self.active_streams, self.cfg.server.max_streams):
+            self.metrics.streams_rejected.labels("busy").inc()
+            return busy(self.cfg.server.max_streams)
         self._handlers.add(task)
         self.metrics.streams_active.labels(protocol).inc()
         self.metrics.streams_total.labels(protocol).inc()
@@ -144,6 +169,8 @@ class Daemon:
         if task in self._handlers:
             self._handlers.discard(task)
             self.metrics.streams_active.labels(protocol).dec()
+            if self.cluster is not None:
+                self.cluster.release("stream", f"task-{id(task)}")
 
     @property
     def active_streams(self) -> int:
@@ -165,6 +192,13 @@ class Daemon:
                 out.update(extra)
                 if ok and "degraded" in extra.values():
                     out["status"] = "degraded"
+        if self.cluster is not None:  # the whole daemon: every process's streams, the supervisor's MQTT
+            view = self.cluster.health()
+            out["process_streams"] = out["streams"]
+            out.update(view)
+            processes = view.get("processes", {})
+            if ok and ("degraded" in view.values() or processes.get("serving", 0) < processes.get("configured", 0)):
+                out["status"] = "degraded"
         if self.worker.remote is not None:  # [model_server] kind = "triton": unavailable (503) while unreachable
             out["model_server"] = "up" if self.worker.remote.available else "unreachable"
             if not self.worker.remote.available:
@@ -207,7 +241,9 @@ class Daemon:
     async def _listen(self, handler: Callable[[ServerConnection], Awaitable[None]], host: str, port: int, key: str,
                       kwargs: dict[str, Any]) -> Server:
         try:
-            return await serve(handler, host, port, **kwargs)
+            server = await serve(handler, host, port, reuse_port=self.reuse_port or None, **kwargs)
+            self.listening[key] = int(server.sockets[0].getsockname()[1])
+            return server
         except OSError as exc:
             await self.worker.stop()
             for server in self.servers:
@@ -235,6 +271,8 @@ class Daemon:
         # so they receive the last finals too; publishers (MQTT) stop last and flush what is queued.
         sources = [s for s in reversed(self.services) if getattr(s, "is_source", False)]
         await asyncio.gather(self._stop_services(sources), self._wait_handlers(self._handlers))
+        if self.cluster is not None:  # other processes' streams send their last finals to viewers here too
+            await self.cluster.drained(self.cfg.server.shutdown_timeout_s)
         self._viewers_stop.set()
         await self._wait_handlers(self._viewers, limit_s=2.0)
         for server in self.servers:
@@ -307,7 +345,7 @@ class Daemon:
         if self.stopping.is_set():
             await ws.close(CLOSE_GOING_AWAY, "server shutting down")
             return
-        if self.active_streams >= self.cfg.server.max_streams:
+        if not await self._admit("stream", handler.id, self.active_streams, self.cfg.server.max_streams):
             self.metrics.streams_rejected.labels("busy").inc()
             error = busy(self.cfg.server.max_streams)
             try:
@@ -328,10 +366,20 @@ class Daemon:
         finally:
             self.metrics.streams_active.labels(handler.protocol).dec()
             self._handlers.discard(task)
+            if self.cluster is not None:
+                self.cluster.release("stream", handler.id)
+
+    async def _admit(self, kind: str, key: str, here: int, limit: int) -> bool:
+        """Whether one more stream or viewer fits under ``limit``: ``here`` counts this process's; with several
+        front-end processes the supervisor counts the whole daemon's (and holds the place for ``key``)."""
+        if self.cluster is None:
+            return here < limit
+        return await self.cluster.admit(kind, key, limit)
 
     async def _viewer(self, ws: ServerConnection, name: str) -> None:
         """Admit a viewer (or refuse it: over max_viewers, 1013), then serve it."""
-        if len(self._viewers) >= self.cfg.server.max_viewers:
+        key = uuid.uuid4().hex
+        if not await self._admit("viewer", key, len(self._viewers), self.cfg.server.max_viewers):
             self.metrics.streams_rejected.labels("viewers").inc()
             await refuse_viewer(ws, self.cfg.server.max_viewers)
             return
@@ -342,3 +390,5 @@ class Daemon:
             await serve_viewer(self, ws, name, self._viewers_stop)
         finally:
             self._viewers.discard(task)
+            if self.cluster is not None:
+                self.cluster.release("viewer", key)

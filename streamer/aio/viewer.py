@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import ServerConnection
@@ -35,7 +36,7 @@ async def serve_viewer(daemon: Daemon, ws: ServerConnection, name: str, stop: as
     stopped = asyncio.ensure_future(stop.wait())
     incoming = asyncio.ensure_future(ws.recv())
     try:
-        await ws.send(to_json(ViewerReady(name)))
+        await ws.send(to_json(ViewerReady(name, os.getpid() if daemon.cluster is not None else None)))
         while True:
             event = queue.get_nowait()
             if event is not None:

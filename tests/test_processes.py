@@ -1,0 +1,492 @@
+"""``streamer serve --processes 2``: real front-end processes behind one port, their supervisor, real clients.
+
+Each test starts ``python -m streamer serve --processes 2`` with the demo model on port 0 (the first
+process picks the ports, the second shares them with SO_REUSEPORT) and drives it over loopback. The
+kernel spreads connections over the processes; the native ``ready`` message says which process
+(``server_pid``) serves a stream, so a test opens connections until it has the spread it needs
+(bounded). What must not depend on the process a client lands on: the transcripts, the stream limit,
+viewers, names, /healthz, /metrics, MQTT; and a process that dies takes only its own clients along.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import pcm16
+from test_mqtt import MOSQUITTO, Broker, Subscriber, mqtt_overrides  # noqa: F401  (MOSQUITTO: the skip check)
+from test_server import finals_of, reference_finals, vosk_session
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+TIMEOUT = 60.0
+START_TIMEOUT = 240.0
+"""two processes each load the demo model, one after the other (port 0), on a shared machine"""
+TRIES = 40
+"""connections opened at most to land one on a wanted process (each lands on either at random: 2**-40)"""
+LISTENING = re.compile(r"streamer: listening on ws://127\.0\.0\.1:(\d+)/v1/stream(?:, vosk on ws://127\.0\.0\.1:(\d+))?")
+
+
+class Served:
+    """``streamer serve --processes 2`` in a subprocess; its log (every process's) collected line by line."""
+
+    def __init__(self, *overrides: str, config: Path | None = None) -> None:
+        self.overrides = overrides
+        self.config = config
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []
+        self.port = self.vosk_port = 0
+        self._new = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> Served:
+        args = [a for o in ("server.processes=2", "vosk.enabled=true", "vosk.port=0", *self.overrides)
+                for a in ("--set", o)]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streamer", "serve", "--model", "demo", "--device", "cpu", "--port", "0", *args,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self._reader = asyncio.create_task(self._read())
+        match = await self.wait_log(LISTENING, limit_s=START_TIMEOUT)
+        self.port, self.vosk_port = int(match.group(1)), int(match.group(2))
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.lines.append(line.decode(errors="replace").rstrip())
+            self._new.set()
+        self._new.set()
+
+    async def wait_log(self, pattern: re.Pattern[str] | str, since: int = 0, limit_s: float = TIMEOUT) -> re.Match[str]:
+        """The first log line from ``since`` on that matches ``pattern``."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        assert self._reader is not None
+        async with asyncio.timeout(limit_s):
+            while True:
+                for line in self.lines[since:]:
+                    if m := regex.search(line):
+                        return m
+                since = len(self.lines)
+                if self._reader.done():
+                    raise AssertionError("streamer serve exited:\n" + "\n".join(self.lines[-30:]))
+                self._new.clear()
+                await self._new.wait()
+
+    def children(self) -> dict[int, int]:
+        """slot -> pid of the latest process started in each slot."""
+        out = {}
+        for line in self.lines:
+            if m := re.search(r"started front-end process (\d+) \(pid (\d+)\)", line):
+                out[int(m.group(1))] = int(m.group(2))
+        return out
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        async with asyncio.timeout(TIMEOUT):
+            code = await self.proc.wait()
+            if self._reader is not None:
+                await self._reader
+        return code
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            for pid in self.children().values():  # the processes end when the supervisor does; do not wait
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.kill()
+            await self.proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=TIMEOUT) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    async def health(self) -> dict:
+        status, body = await asyncio.to_thread(self.get, "/healthz")
+        return json.loads(body)
+
+    async def until_health(self, condition, limit_s: float = TIMEOUT) -> dict:
+        """Poll /healthz (it has no event to await) until ``condition(health)``, bounded."""
+        async with asyncio.timeout(limit_s):
+            while not condition(health := await self.health()):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        return health
+
+
+@pytest.fixture
+async def served():
+    """``await served(*overrides, config=...)`` starts a daemon of two processes; all are killed at the end."""
+    started: list[Served] = []
+
+    async def make(*overrides: str, config: Path | None = None) -> Served:
+        s = Served(*overrides, config=config)
+        started.append(s)
+        return await s.start()
+
+    yield make
+    for s in started:
+        await s.kill()
+
+
+# --- clients ------------------------------------------------------------------------------------------
+
+
+class Client:
+    """A native client whose messages are collected as they come."""
+
+    def __init__(self, ws: ClientConnection, ready: dict) -> None:
+        self.ws = ws
+        self.ready = ready
+        self.messages: list[dict] = [ready]
+        self.code: int | None = None
+        self._new = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @property
+    def pid(self) -> int:
+        return int(self.ready["server_pid"])
+
+    async def _read(self) -> None:
+        try:
+            async for msg in self.ws:
+                self.messages.append(json.loads(msg))
+                self._new.set()
+        except ConnectionClosed:
+            pass
+        self.code = self.ws.close_code
+        self._new.set()
+
+    async def wait_for(self, condition) -> None:
+        """Until ``condition(messages)``; fails when the connection closes first."""
+        async with asyncio.timeout(TIMEOUT):
+            while not condition(self.messages):
+                assert not self._reader.done(), self.messages[-3:]
+                self._new.clear()
+                await self._new.wait()
+
+    async def send(self, audio: bytes, chunk: int = 3200) -> None:
+        for i in range(0, len(audio), chunk):
+            await self.ws.send(audio[i : i + chunk])
+
+    async def finish(self) -> list[dict]:
+        """Stop; the messages up to the close."""
+        await self.ws.send(json.dumps({"type": "stop"}))
+        return await self.closed()
+
+    async def closed(self) -> list[dict]:
+        async with asyncio.timeout(TIMEOUT):
+            await self._reader
+        return self.messages
+
+    async def heard(self) -> None:
+        """The server sent an event for this stream's audio: it is mid-stream."""
+        await self.wait_for(lambda m: len(m) >= 2)
+
+    async def flushed(self, finals: int) -> None:
+        """Everything sent so far was computed and is final: ``finals`` finals came (a flush closes the open
+        segment; its final may say ``silence`` when the flush's own padding ends the segment first)."""
+        await self.ws.send(json.dumps({"type": "flush"}))
+        await self.wait_for(lambda m: len(finals_of(m)) >= finals)
+
+
+async def open_client(port: int, start: dict | None = None) -> Client:
+    ws = await connect(f"ws://127.0.0.1:{port}/v1/stream")
+    client = Client(ws, json.loads(await ws.recv()))
+    if start is not None:
+        await ws.send(json.dumps(start))
+    return client
+
+
+async def spread(port: int, per_process: int, *, pids: int = 2) -> list[Client]:
+    """``per_process`` clients on each of the ``pids`` processes (extra connections are closed)."""
+    kept: dict[int, list[Client]] = {}
+    for _ in range(TRIES * per_process):
+        client = await open_client(port)
+        assert client.ready["type"] == "ready", client.ready
+        if len(kept.setdefault(client.pid, [])) < per_process:
+            kept[client.pid].append(client)
+        else:
+            await client.ws.close()
+        if len(kept) == pids and all(len(c) == per_process for c in kept.values()):
+            return [c for cs in kept.values() for c in cs]
+    raise AssertionError(f"connections landed on {sorted(kept)} only")
+
+
+def as_float(audio: bytes) -> np.ndarray:
+    return np.frombuffer(audio, "<i2").astype(np.float32) / 32768
+
+
+def texts(finals: list[dict]) -> list[str]:
+    return [f["text"] for f in finals]
+
+
+@pytest.fixture(scope="module")
+def expected(model_runner, speech) -> list[dict]:
+    """What ``streamer transcribe`` makes of the test speech (default config, demo model)."""
+    return reference_finals(model_runner, as_float(pcm16(speech)))
+
+
+# --- serving ------------------------------------------------------------------------------------------
+
+
+async def test_two_processes_serve_native_and_vosk_clients_like_transcribe(served, speech, expected):
+    """8 native and 2 Vosk clients at once, over both processes, get the finals `streamer transcribe` gives;
+    server.max_streams = 10 is the daemon's total: an 11th client is refused busy (1013) wherever it lands;
+    /healthz and /metrics count both processes' streams."""
+    s = await served("server.max_streams=10")
+    audio = pcm16(speech)
+    natives = await spread(s.port, 4)
+    assert len({c.pid for c in natives}) == 2 and set(s.children().values()) == {c.pid for c in natives}
+
+    async def vosk() -> list[dict]:
+        return await vosk_session(s.vosk_port, audio, config={"sample_rate": 16000})
+
+    async def native(client: Client) -> list[dict]:
+        await client.send(audio)
+        return await client.finish()
+
+    voskers = [asyncio.ensure_future(vosk()) for _ in range(2)]
+    await s.until_health(lambda h: h["streams"] == 10)  # all ten admitted: the daemon is full
+    for _ in range(4):  # wherever it lands, an eleventh is refused
+        extra = await open_client(s.port)
+        messages = await extra.closed()
+        assert (messages[-1].get("code"), extra.code) == ("busy", 1013), messages
+    health = await s.health()
+    assert health["streams"] == 10 and health["processes"] == {"configured": 2, "serving": 2}
+    assert health["status"] == "ok"
+
+    results = await asyncio.gather(*(native(c) for c in natives), *voskers)
+    for messages in results[:8]:
+        assert texts(finals_of(messages)) == texts(expected) and messages[-1]["type"] == "end"
+    for replies in results[8:]:
+        assert " ".join(r["text"] for r in replies if r.get("text")) == " ".join(texts(expected))
+
+    status, body = await asyncio.to_thread(s.get, "/metrics")
+    metrics = body.decode()
+    assert status == 200
+    total = {m.group(1): float(m.group(2))
+             for m in re.finditer(r'^streamer_streams_total\{protocol="(\w+)"\} (\S+)$', metrics, re.M)}
+    assert total == {"native": 8.0, "vosk": 2.0}  # each counted once, by the process that served it
+    rejected = re.search(r'^streamer_streams_rejected_total\{reason="busy"\} (\S+)$', metrics, re.M)
+    assert rejected is not None and float(rejected.group(1)) == 4.0
+    await s.until_health(lambda h: h["streams"] == 0)
+    s.signal(signal.SIGTERM)
+    assert await s.wait() == 0
+
+
+async def test_viewer_and_names_across_processes(served, speech, expected):
+    """A viewer on one process receives the stream its name names on the other; the name is the daemon's: a
+    client on either process asking for it while it is taken is refused name_in_use."""
+    s = await served()
+    viewer_ws = None
+    for _ in range(TRIES):
+        viewer_ws = await connect(f"ws://127.0.0.1:{s.port}/v1/listen/hall")
+        ready = json.loads(await viewer_ws.recv())
+        assert ready["type"] == "ready" and ready["stream"] == "hall"
+        viewer_pid = ready["server_pid"]
+        break
+    assert viewer_ws is not None
+    speaker = None
+    for _ in range(TRIES):
+        client = await open_client(s.port)
+        if client.pid != viewer_pid:
+            speaker = client
+            break
+        await client.ws.close()
+    assert speaker is not None, "every connection landed on the viewer's process"
+    await speaker.ws.send(json.dumps({"type": "start", "name": "hall"}))
+    await speaker.send(pcm16(speech))
+    await speaker.flushed(len(expected))  # the name is held now
+
+    refused_on = set()
+    for _ in range(TRIES):
+        rival = await open_client(s.port, {"type": "start", "name": "hall"})
+        messages = await rival.closed()
+        assert (messages[-1].get("code"), rival.code) == ("name_in_use", 1008), messages
+        refused_on.add(rival.pid)
+        if len(refused_on) == 2:
+            break
+    assert len(refused_on) == 2
+
+    messages = await speaker.finish()
+    seen: list[dict] = []
+    async with asyncio.timeout(TIMEOUT):
+        while len(finals_of(seen)) < len(finals_of(messages)):
+            seen.append(json.loads(await viewer_ws.recv()))
+    assert finals_of(seen) == finals_of(messages)
+    assert [t for t in texts(finals_of(messages)) if t] == texts(expected)
+    await viewer_ws.close()
+    again = await open_client(s.port, {"type": "start", "name": "hall"})  # free again once the stream ended
+    await again.send(pcm16(speech[:16000]))
+    await again.heard()
+    assert (await again.finish())[-1]["type"] == "end"
+
+
+# --- a process dies; signals --------------------------------------------------------------------------------
+
+
+async def test_a_killed_process_is_restarted_and_takes_only_its_own_clients(served, speech, expected):
+    """SIGKILL one front-end process mid-stream: its clients' connections close, the other process's streams go
+    on to the same finals; the supervisor starts a new process in its place, its stream slots are free again,
+    and the killed clients can reconnect and be served."""
+    s = await served("server.max_streams=5")
+    audio = pcm16(speech)
+    half = len(audio) // 2 & ~1
+    clients = await spread(s.port, 2)
+    for c in clients:
+        await c.send(audio[:half])
+    for c in clients:
+        await c.heard()
+    victim = clients[0].pid
+    doomed = [c for c in clients if c.pid == victim]
+    survivors = [c for c in clients if c.pid != victim]
+    mark = len(s.lines)
+    os.kill(victim, signal.SIGKILL)
+    for c in doomed:
+        await c.closed()
+        assert c.messages[-1]["type"] != "end" and c.code == 1006  # the connection went, no close frame
+    for c in survivors:  # untouched: the rest of their audio, their finals, their end
+        await c.send(audio[half:])
+    for c in survivors:
+        messages = await c.finish()
+        assert [t for t in texts(finals_of(messages)) if t] == texts(expected) and messages[-1]["type"] == "end"
+    await s.wait_log(rf"front-end process \d \(pid {victim}\) killed by SIGKILL", since=mark)
+    await s.wait_log(r"started front-end process \d \(pid \d+\)", since=mark)
+    await s.until_health(lambda h: h["processes"]["serving"] == 2 and h["streams"] == 0, START_TIMEOUT)
+    new_pid = next(pid for pid in s.children().values() if pid not in {c.pid for c in clients})
+    again = await spread(s.port, 2)  # four of five slots at once: the dead process's two were released
+    assert {c.pid for c in again} == {new_pid, survivors[0].pid}
+    for c in again:
+        await c.send(audio)
+    for c in again:
+        assert texts(finals_of(await c.finish())) == texts(expected)
+    s.signal(signal.SIGTERM)
+    assert await s.wait() == 0
+
+
+async def test_sigterm_finalises_every_process_and_sighup_reaches_every_process(served, speech, tmp_path, expected):
+    """SIGHUP: every process reloads the config file (the endpoint setting each `ready` shows changes on both).
+    SIGTERM: every stream of every process gets its finals, `end` and 1001; a viewer on one process of a stream
+    on the other receives that stream's last final before its own 1001; the supervisor exits 0."""
+    config = tmp_path / "streamer.toml"
+    config.write_text("[endpoint]\nsilence_after_speech_s = 0.8\n")
+    s = await served(config=config)
+    config.write_text("[endpoint]\nsilence_after_speech_s = 0.7\n")
+    mark = len(s.lines)
+    s.signal(signal.SIGHUP)
+    for slot in (0, 1):
+        await s.wait_log(rf"\[p{slot}\]: reload: applied endpoint\.silence_after_speech_s", since=mark)
+    reloaded = await spread(s.port, 1)
+    assert {c.ready["endpoint"]["silence_after_speech_s"] for c in reloaded} == {0.7}
+    for c in reloaded:
+        await c.ws.close()
+
+    audio = pcm16(speech)
+    clients = await spread(s.port, 2)
+    named = clients[0]  # a stream's name is its session id
+    viewer = None
+    for _ in range(TRIES):
+        ws = await connect(f"ws://127.0.0.1:{s.port}/v1/listen/{named.ready['session']}")
+        if json.loads(await ws.recv())["server_pid"] != named.pid:
+            viewer = ws
+            break
+        await ws.close()
+    assert viewer is not None
+    before = {}
+
+    async def speak(c: Client) -> None:
+        await c.send(audio)
+        await c.flushed(len(expected))  # all of it computed and final
+        before[c] = len(finals_of(c.messages))
+        mark = len(c.messages)
+        await c.send(audio[: 2 * 16000])  # then two seconds of speech, not final yet when SIGTERM comes
+        await c.wait_for(lambda m: any(e["type"] == "partial" and e["text"] for e in m[mark:]))
+
+    await asyncio.gather(*(speak(c) for c in clients))
+    s.signal(signal.SIGTERM)
+    for c in clients:
+        messages = await c.closed()
+        assert messages[-1] == {"type": "end", "session": c.ready["session"], "reason": "server shutting down"}
+        assert c.code == 1001
+        finals = finals_of(messages)
+        assert [t for t in texts(finals[: before[c]]) if t] == texts(expected)
+        assert any(f["text"] for f in finals[before[c] :])  # the open segment was finalised
+    seen = []
+    try:
+        async for msg in viewer:
+            seen.append(json.loads(msg))
+    except ConnectionClosed:
+        pass
+    assert viewer.close_code == 1001
+    assert finals_of(seen) and finals_of(seen)[-1] == finals_of(named.messages)[-1]
+    assert await s.wait() == 0
+
+
+# --- MQTT ---------------------------------------------------------------------------------------------------
+
+
+async def test_mqtt_with_two_processes(served, speech, tmp_path):
+    """One MQTT connection for the daemon: every final a websocket client got is on MQTT exactly once per
+    (session, segment), also those of a process killed mid-stream; `status` stays online while a process
+    dies and comes back, and goes offline only when the whole daemon stopped."""
+    broker = Broker(tmp_path)
+    await broker.start()
+    sub = await Subscriber(broker.port, "procs/#").connect()
+    try:
+        s = await served(*mqtt_overrides(broker.port, "mqtt.topic_prefix='procs'"))
+        await sub.wait_for(lambda x: x.status("procs")[-1:] == ["online"])
+        audio = pcm16(speech)
+        half = len(audio) * 7 // 10 & ~1  # past the first phrase's final
+        clients = await spread(s.port, 2)
+        for c in clients:
+            await c.send(audio[:half])
+        for c in clients:
+            await c.wait_for(lambda m: len(finals_of(m)) >= 1)
+        victim = clients[0].pid
+        os.kill(victim, signal.SIGKILL)
+        for c in clients:
+            if c.pid == victim:
+                await c.closed()
+            else:
+                await c.send(audio[half:])
+                await c.finish()
+        sent = {(c.ready["session"], f["segment"]): f for c in clients for f in finals_of(c.messages)}
+        await sub.wait_for(lambda x: len(x.on("procs/+/final")) >= len(sent))
+        await s.wait_log(r"started front-end process \d \(pid \d+\)", since=0)
+        health = await s.until_health(lambda h: h["processes"]["serving"] == 2, START_TIMEOUT)
+        assert health["mqtt"] == "ok"
+        s.signal(signal.SIGTERM)
+        assert await s.wait() == 0
+        await sub.wait_for(lambda x: x.status("procs")[-1:] == ["offline"])
+        received = [json.loads(m.payload) for m in sub.on("procs/+/final")]
+        keys = [(p["session"], p["segment"]) for p in received]
+        assert sorted(keys) == sorted(sent)  # each exactly once, none missing
+        for p in received:
+            assert {k: v for k, v in p.items() if k not in ("stream", "session")} == sent[(p["session"],
+                                                                                            p["segment"])]
+        assert sub.status("procs") == ["online", "offline"]  # the killed process never spoke for the daemon
+    finally:
+        await sub.close()
+        await broker.kill()

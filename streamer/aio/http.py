@@ -132,6 +132,14 @@ class HttpFront:
                 if redirect is not None:
                     return redirect
             return self.static(conn, path)
+        if d.stopping.is_set():
+            # Draining (SIGTERM): the listeners are closed, and so is this daemon to new streams and viewers. A
+            # connection it accepted just before gets 503, which a load balancer retries on another daemon
+            # (HAProxy's retry-on 503, deploy/haproxy.cfg), and the client a clear answer.
+            response = respond(conn, 503, "server shutting down: connect again to reach another server\n",
+                               "text/plain")
+            response.headers["Retry-After"] = "1"
+            return response
         if conn.local_address[1] == d.port and not (path == STREAM_PATH or path.startswith(LISTEN_PREFIX)):
             return respond(conn, 404, f"no websocket endpoint at {path}; use {STREAM_PATH} or "
                            f"{LISTEN_PREFIX}<name>\n", "text/plain")

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import socket
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -24,7 +25,7 @@ from wyoming.event import Event as WyomingEvent
 from wyoming.event import async_write_event
 from wyoming.info import AsrModel, AsrProgram, Attribution, Info
 from wyoming.ping import Pong
-from wyoming.server import AsyncEventHandler, AsyncServer
+from wyoming.server import AsyncEventHandler, AsyncServer, AsyncTcpServer, HandlerFactory
 
 from streamer import __version__
 from streamer.aio.stream import LiveStream
@@ -64,7 +65,14 @@ class WyomingServer:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.uri = daemon.cfg.wyoming.uri
-        self.server = AsyncServer.from_uri(self.uri)
+        # with several front-end processes (server.processes) each listens on the port too (SO_REUSEPORT);
+        # one of them (the first) announces it over zeroconf, and alone listens on a Unix socket
+        cluster = getattr(daemon, "cluster", None)
+        self.first = cluster is None or getattr(cluster, "slot", 0) == 0
+        self.shared = bool(getattr(daemon, "reuse_port", False))
+        where = urlsplit(self.uri)
+        self.server = (SharedTcpServer(where.hostname or "0.0.0.0", where.port or 0)
+                       if self.shared and where.scheme == "tcp" else AsyncServer.from_uri(self.uri))
         self.handlers: set[WyomingHandler] = set()
         self._zeroconf: Any = None
         self._watch: asyncio.Task[None] | None = None
@@ -94,13 +102,19 @@ class WyomingServer:
                                     version=__version__, models=[model], supports_transcript_streaming=True)])
 
     async def start(self) -> None:
+        if self.shared and not self.first and not isinstance(self.server, SharedTcpServer):
+            logger.info("wyoming on %s is served by the first front-end process", self.uri)
+            return
         try:
             await self.server.start(self._handler)
         except OSError as exc:
             raise StreamerError(f"cannot listen on wyoming.uri {self.uri!r} ({exc.strerror or exc}); another "
                                 "program may use it: choose another with wyoming.uri, or stop that program") from None
         self._watch = asyncio.ensure_future(self._close_on_stop())
-        if self.daemon.cfg.wyoming.zeroconf:
+        listening = getattr(self.daemon, "listening", None)
+        if isinstance(listening, dict) and self.port is not None:  # sibling processes take the port it got
+            listening["wyoming.uri"] = f"tcp://{urlsplit(self.uri).hostname}:{self.port}"
+        if self.daemon.cfg.wyoming.zeroconf and self.first:
             await self._advertise()
         logger.info("wyoming listening on %s%s", self.uri,
                     f" (port {self.port})" if self.port is not None and self.uri.endswith(":0") else "")
@@ -158,6 +172,16 @@ class WyomingServer:
         await self.server.stop()  # closes the listener and any connection still open
         if self.handlers:
             await asyncio.wait([h.task for h in self.handlers if h.task is not None], timeout=2.0)
+
+
+class SharedTcpServer(AsyncTcpServer):
+    """The ``wyoming`` package's TCP server, listening with ``SO_REUSEPORT``: the daemon's front-end processes
+    (``server.processes``) share the port, and the kernel spreads the connections over them."""
+
+    async def start(self, handler_factory: HandlerFactory) -> None:
+        self._server = await asyncio.start_server(partial(self._handler_callback, handler_factory), host=self.host,
+                                                  port=self.port, reuse_port=True)
+        await self._server.start_serving()
 
 
 def _local_addresses() -> list[str]:

@@ -80,7 +80,8 @@ def parse_header(line: bytes, max_payload: int) -> Header:
     kind = header.get("type")
     if not isinstance(kind, str) or not kind:
         raise _bad("event header needs a string 'type' (describe, transcribe, audio-start, audio-chunk, audio-stop)")
-    data = header.get("data") or {}
+    data = header.get("data")
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise _bad(f"'data' of {kind} must be an object")
     return Header(kind, data, _length(header, "data_length", MAX_DATA_BYTES),

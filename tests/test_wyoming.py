@@ -188,6 +188,7 @@ BAD = {
     "not-json": (b"{not json\n", "malformed_json"),
     "no-type": (b'{"data": {}}\n', "bad_event"),
     "data-not-object": (b'{"type": "transcribe", "data": [1]}\n', "bad_event"),
+    "data-empty-list": (b'{"type": "transcribe", "data": []}\n', "bad_event"),
     "data-length-not-int": (b'{"type": "transcribe", "data_length": "12"}\n', "bad_event"),
     "payload-too-big": (b'{"type": "audio-chunk", "payload_length": 99999999}\n', "too_big"),
     "header-line-too-long": (b'{"type": "' + b"x" * 70000 + b'"}\n', "too_big"),

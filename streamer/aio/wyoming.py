@@ -93,8 +93,11 @@ class WyomingServer:
     def info(self) -> Info:
         """The ``info`` answer to ``describe``: one ASR program with the loaded model."""
         runner = self.daemon.runner
-        attribution = Attribution(name="streamer", url="https://github.com/")
-        model = AsrModel(name=runner.name, attribution=attribution, installed=True,
+        attribution = Attribution(name="streamer", url="")
+        hub_id = runner.name.count("/") == 1 and not runner.name.startswith((".", "/", "~"))
+        made_by = Attribution(name=runner.name.split("/")[0] if hub_id else runner.name,
+                              url=f"https://huggingface.co/{runner.name}" if hub_id else "")
+        model = AsrModel(name=runner.name, attribution=made_by, installed=True,
                          description=f"{runner.name} (streaming CTC)", version=__version__,
                          languages=list(self.daemon.cfg.wyoming.languages))
         return Info(asr=[AsrProgram(name="streamer", attribution=attribution, installed=True,

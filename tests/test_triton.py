@@ -168,6 +168,46 @@ async def test_front_ends_get_the_local_finals_and_triton_merges_their_windows(d
           f"(mean batch {windows / executions:.2f} windows)")
 
 
+async def test_two_front_end_processes_share_one_model_server(server, model_runner, speech):
+    """``streamer serve --processes 2`` with kind = "triton": 8 native and 2 Vosk clients over both processes get
+    the finals of `streamer transcribe`; Triton merged the two processes' requests into shared forward passes."""
+    from test_processes import Served, spread
+    from test_server import vosk_session
+
+    s = Served("model_server.kind='triton'", f"model_server.url='{server.url}'", "worker.max_wait_ms=2")
+    await s.start()
+    try:
+        health = await s.until_health(lambda h: h.get("model_server") == "up")
+        assert health["device"] == f"triton://{server.url}"
+        audio = pcm16(speech)
+        natives = await spread(s.port, 4)
+        assert len({c.pid for c in natives}) == 2
+        before = await asyncio.to_thread(server.stats)
+
+        async def native(client):
+            for i in range(0, len(audio), 3200):
+                await client.ws.send(audio[i : i + 3200])
+                await asyncio.sleep(0.02)
+            return await client.finish()
+
+        results = await asyncio.gather(*(native(c) for c in natives),
+                                       *(vosk_session(s.vosk_port, audio, config={"sample_rate": 16000})
+                                         for _ in range(2)))
+        expected = [f["text"] for f in reference_finals(model_runner, _i16(speech))]
+        for messages in results[:8]:
+            assert [f["text"] for f in finals_of(messages)] == expected and messages[-1]["type"] == "end"
+        for replies in results[8:]:
+            assert " ".join(r["text"] for r in replies if r.get("text")) == " ".join(expected)
+        after = await asyncio.to_thread(server.stats)
+        requests = after["nv_inference_request_success"] - before["nv_inference_request_success"]
+        executions = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
+        assert 0 < executions < requests  # forward passes that served requests of both processes at once
+        s.signal(signal.SIGTERM)
+        assert await s.wait() == 0
+    finally:
+        await s.kill()
+
+
 def _health(port):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:

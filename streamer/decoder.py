@@ -22,11 +22,12 @@ from typing import Any
 from streamer.config import DecoderConfig
 from streamer.exceptions import ConfigError
 from streamer.lexicon import Lexicon, OpenVocabulary, read_word_list
-from streamer.lm import Hotwords, LanguageModel, find_lm_folder, load_language_model, read_hotwords
+from streamer.lm import Hotwords, LanguageModel, find_lm_folder, load_language_model, parse_hotwords, read_hotwords
 from streamer.runner import Runner, TokenVocabulary
 
 __all__ = ["LETTER_BYTES", "LM_FOLDER", "WORD_LIST", "Decoder", "WordListBudget", "build_decoder", "find_lm", "load_lm",
-           "speller", "trie_letters", "word_list_decoder"]
+           "hotword_letters", "speller", "stream_decoder", "trie_letters",
+           "word_list_decoder"]
 
 logger = logging.getLogger("streamer.decoder")
 
@@ -130,6 +131,30 @@ def word_list_decoder(vocab: TokenVocabulary, words: Iterable[str], cfg: Decoder
                    hotwords=hotwords, alternatives=cfg.alternatives)
 
 
+def stream_decoder(base: Decoder | None, vocab: TokenVocabulary, cfg: DecoderConfig,
+                   hotwords: Iterable[tuple[str, float | None]] | None = None,
+                   alternatives: int | None = None) -> Decoder | None:
+    """A stream's decoder: ``base`` (the daemon's, or the stream's own word list) with the stream's own
+    hotwords (added to a word list and boosted; boosted in the lexicon-free search, which greedy decoding
+    becomes when hotwords come) and n-best count. Raises ConfigError for hotwords the model cannot spell.
+    """
+    hw = parse_hotwords(hotwords, speller(vocab), cfg.hotword_weight, "the stream's hotwords") if hotwords else None
+    if base is None:
+        if hw is None:
+            return None  # greedy decoding reads no alternatives
+        return OpenVocabulary(vocab.token_ids, vocab.blank_id, vocab.delimiter_id, lm=None, hotwords=hw,
+                              beam_size=cfg.lm_beam_size, beam_size_token=cfg.lm_beam_size_token,
+                              alternatives=alternatives or 0, source="the stream's hotwords")
+    return base.with_options(hotwords=hw, alternatives=alternatives)
+
+
+def hotword_letters(base: Decoder | None, hotwords: Iterable[tuple[str, float | None]] | None) -> int:
+    """The letters of the search trie a stream's hotwords make (its word list rebuilt with them); 0: none."""
+    if not hotwords or not isinstance(base, Lexicon):
+        return 0
+    return trie_letters([*base.words, *(w for phrase, _ in hotwords for w in phrase.split())])
+
+
 LETTER_BYTES = 370
 """measured memory (RSS) per letter of a word list's search trie (flashlight-text), in bytes"""
 
@@ -196,6 +221,10 @@ class WordListBudget:
             raise
         weakref.finalize(lexicon, self._release, letters)
         return lexicon
+
+    def release(self, letters: int) -> None:
+        """Give back ``letters`` reserved for a trie that was not built, or has been freed."""
+        self._release(letters)
 
     def _release(self, letters: int) -> None:
         with self._lock:

@@ -434,11 +434,13 @@ class StreamSession:
 
     def _close_segment(self, reason: str) -> None:
         seg = self._seg
+        search = self._search
         text, words = self._decode(seg)
         self._search = None
         if text:
             start, end = seg.span(words)
-            self._events.append(Final(self._segment_index, text, start, end, tuple(words), reason))
+            alternatives = tuple(getattr(search, "alternatives", ()))  # n-best, when the search reads them
+            self._events.append(Final(self._segment_index, text, start, end, tuple(words), reason, alternatives))
             self._segment_index += 1
         elif self._last_partial:
             # The open segment showed text that turned out to be nothing: clear it.

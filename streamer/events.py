@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from streamer.exceptions import AudioError, ProtocolError
 
 __all__ = [
+    "Alternative",
     "CLOSE_BAD_DATA",
     "CLOSE_GOING_AWAY",
     "CLOSE_INVALID",
@@ -120,13 +121,37 @@ class Final(Transcript):
 
     type: ClassVar[str] = "final"
     reason: str = "end"
+    alternatives: tuple[Alternative, ...] = field(default=())
+    """the search's n-best readings, best first (``[decoder] alternatives``); empty: not asked, or greedy"""
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "reason": self.reason}
+        d = {**super().to_dict(), "reason": self.reason}
+        if self.alternatives:
+            d["alternatives"] = [a.to_dict() for a in self.alternatives]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Final:
-        return cls(**cls._fields(d), reason=str(d.get("reason", "end")))
+        return cls(**cls._fields(d), reason=str(d.get("reason", "end")),
+                   alternatives=tuple(Alternative.from_dict(a) for a in d.get("alternatives", [])))
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One reading of a final's segment from the word search's final hypotheses (n-best, issue 18)."""
+
+    text: str
+    confidence: float
+    """the reading's share of the probability of the search's final hypotheses (their scores taken as
+    log-probabilities, the alignments of one text summed): 0..1; a final's alternatives sum to at most 1"""
+    words: tuple[Word, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "confidence": round(self.confidence, 6)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Alternative:
+        return cls(str(d["text"]), float(d["confidence"]))
 
 
 Event = Partial | Final

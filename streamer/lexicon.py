@@ -14,14 +14,13 @@ decoder, so calls do not share search state.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from streamer.ctc import FRAME_S
-from streamer.events import Word
+from streamer.events import Alternative, Word
 from streamer.exceptions import ConfigError
 from streamer.lm import Hotwords, LanguageModel, make_search_lm
 
@@ -48,17 +47,6 @@ UNK = "[unk]"
 """what speech outside a word list reads as when the list asks for it (Vosk's ``[unk]``)"""
 MAX_ALTERNATIVES = 10
 """the most alternatives (n-best) a final may carry"""
-
-
-@dataclass(frozen=True)
-class Alternative:
-    """One reading of a segment from the search's final hypotheses (n-best)."""
-
-    text: str
-    confidence: float
-    """the reading's share of the probability of the search's final hypotheses (their scores as log
-    probabilities, the alignments of one text summed): 0..1, the alternatives of a final sum to at most 1"""
-    words: tuple[Word, ...] = ()
 
 
 class _Searcher:
@@ -356,7 +344,10 @@ class OpenVocabulary(_Searcher):
             sil_score=0.0, log_add=False, criterion_type=fl.CriterionType.CTC)
 
     def __len__(self) -> int:
-        return 0
+        return 0  # no list of words
+
+    def __bool__(self) -> bool:
+        return True  # a decoder, though it has no list (``words or default`` must keep it)
 
     def with_options(self, *, hotwords: Hotwords | None = None, alternatives: int | None = None,
                      unk: bool | None = None) -> OpenVocabulary:

@@ -270,11 +270,10 @@ def parse_hotwords(entries: Iterable[tuple[str, float | None]], spell: Spell, de
                    source: str) -> Hotwords:
     """Hotwords from ``(phrase, weight or None)`` pairs; raises ConfigError naming ``source``."""
     weights: dict[str, float] = {}
-    n = 0
-    for phrase, weight in entries:
-        n += 1
-        if n > MAX_HOTWORDS:
-            raise ConfigError(f"{source}: more than {MAX_HOTWORDS} hotwords; give at most {MAX_HOTWORDS}")
+    items = list(entries)
+    if len(items) > MAX_HOTWORDS:
+        raise ConfigError(f"{source}: more than {MAX_HOTWORDS} hotwords ({len(items)}); give at most {MAX_HOTWORDS}")
+    for phrase, weight in items:
         w = default_weight if weight is None else weight
         if not math.isfinite(w) or not 0 < w <= MAX_HOTWORD_WEIGHT:
             raise ConfigError(f"{source}: hotword {phrase!r} has weight {w!r}; weights are numbers above 0 and "

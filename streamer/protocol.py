@@ -32,11 +32,14 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "Control",
     "Start",
+    "alternatives_count",
+    "hotword_list",
     "VOSK_UNK",
     "VoskConfig",
     "parse_control",
     "parse_vosk_text",
     "valid_name",
+    "vosk_alternatives",
     "vosk_final",
     "vosk_number",
     "vosk_partial",
@@ -58,6 +61,10 @@ class Start:
     channels: int = 1
     name: str | None = None
     words: tuple[str, ...] | None = None
+    hotwords: tuple[tuple[str, float | None], ...] | None = None
+    """the stream's own hotwords: (word or phrase, weight or None for ``[decoder] hotword_weight``)"""
+    alternatives: int | None = None
+    """readings (n-best) each final should carry; None: ``[decoder] alternatives``"""
 
 
 @dataclass(frozen=True)
@@ -117,7 +124,7 @@ def word_list(value: Any, field: str, kind: str) -> tuple[str, ...]:
 
 
 def parse_start(msg: dict[str, Any], min_rate: int, max_rate: int) -> Start:
-    known = {"type", "sample_rate", "encoding", "channels", "name", "words"}
+    known = {"type", "sample_rate", "encoding", "channels", "name", "words", "hotwords", "alternatives"}
     unknown = sorted(set(msg) - known)
     if unknown:
         raise ProtocolError(f"unknown field(s) in start message: {', '.join(unknown)}; "
@@ -139,7 +146,52 @@ def parse_start(msg: dict[str, Any], min_rate: int, max_rate: int) -> Start:
         raise ProtocolError(f"bad stream name {name!r}; use 1-64 letters, digits, '_', '-' or '.'",
                             kind="bad_start", code=CLOSE_POLICY)
     words = word_list(msg["words"], "words", "bad_words") if "words" in msg else None
-    return Start(rate, encoding, channels, name, words)
+    hotwords = hotword_list(msg["hotwords"]) if "hotwords" in msg else None
+    alternatives = alternatives_count(msg["alternatives"]) if "alternatives" in msg else None
+    return Start(rate, encoding, channels, name, words, hotwords, alternatives)
+
+
+MAX_STREAM_HOTWORDS = 1000
+"""the most hotwords (words or phrases) a stream's ``hotwords`` may list"""
+MAX_HOTWORD_CHARS = 200
+MAX_ALTERNATIVES = 10
+
+
+def hotword_list(value: Any) -> tuple[tuple[str, float | None], ...]:
+    """A start message's ``hotwords``: words or phrases, each a string or a ``[phrase, weight]`` pair."""
+    def bad(why: str) -> ProtocolError:
+        return ProtocolError(f"'hotwords' {why}; send a list of words or phrases, each a string or a "
+                             "[phrase, weight] pair with a weight above 0", kind="bad_hotwords", code=CLOSE_POLICY)
+
+    if not isinstance(value, list):
+        raise bad("must be a list")
+    if len(value) > MAX_STREAM_HOTWORDS:
+        raise bad(f"has {len(value)} entries; the limit is {MAX_STREAM_HOTWORDS}")
+    out: list[tuple[str, float | None]] = []
+    for item in value:
+        if isinstance(item, str):
+            phrase, weight = item, None
+        elif (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+              and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)):
+            phrase, weight = item[0], float(item[1])
+        else:
+            raise bad(f"has an entry {str(item)[:40]!r}")
+        if not phrase.split():
+            raise bad("has an empty entry")
+        if len(phrase) > MAX_HOTWORD_CHARS:
+            raise bad(f"has an entry of {len(phrase)} characters; the limit is {MAX_HOTWORD_CHARS}")
+        out.append((" ".join(phrase.split()), weight))
+    if not out:
+        raise bad("is empty; leave it out for none")
+    return tuple(out)
+
+
+def alternatives_count(value: Any) -> int:
+    """A start message's ``alternatives``: how many readings each final carries (0-10)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ALTERNATIVES:
+        raise ProtocolError(f"'alternatives' must be an integer from 0 to {MAX_ALTERNATIVES}, got {value!r}",
+                            kind="bad_start", code=CLOSE_POLICY)
+    return value
 
 
 def parse_control(text: str, *, min_rate: int = 8000, max_rate: int = 192000) -> Control:
@@ -261,6 +313,8 @@ def vosk_final(finals: list[Final], *, words: bool = True, max_alternatives: int
     text = " ".join(f.text for f in finals if f.text)
     result = [{"conf": round(w.conf, 6), "end": round(w.end, 3), "start": round(w.start, 3), "word": w.word}
               for f in finals for w in f.words]
+    if max_alternatives and any(f.alternatives for f in finals):
+        return vosk_alternatives(finals, words=words, max_alternatives=max_alternatives)
     if max_alternatives:
         confs = [float(w.conf) for f in finals for w in f.words]
         alt: dict[str, Any] = {"text": text, "confidence": round(sum(confs) / len(confs), 6) if confs else 1.0}
@@ -272,3 +326,24 @@ def vosk_final(finals: list[Final], *, words: bool = True, max_alternatives: int
         out["result"] = result
     out["text"] = text
     return out
+
+
+def vosk_alternatives(finals: list[Final], *, words: bool, max_alternatives: int) -> dict[str, Any]:
+    """Vosk's n-best result from finals that carry the search's alternatives (issue 18).
+
+    The last final with alternatives gives the readings; the finals before it contribute their best
+    text. ``confidence`` is ours (0..1, the reading's share of the search's probability), not Vosk's
+    lattice likelihood: it orders the readings the same way.
+    """
+    last = max(i for i, f in enumerate(finals) if f.alternatives)
+    before = [w for f in finals[:last] for w in f.words]
+    after = [w for f in finals[last + 1:] for w in f.words]
+    out = []
+    for alt in finals[last].alternatives[:max_alternatives]:
+        ws = [*before, *alt.words, *after]
+        item: dict[str, Any] = {"confidence": round(alt.confidence, 6)}
+        if words:
+            item["result"] = [{"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3)} for w in ws]
+        item["text"] = " ".join(w.word for w in ws)
+        out.append(item)
+    return {"alternatives": out}

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import weakref
 
 from streamer.aio.handler import IDLE, STOP, StreamHandler
 from streamer.audio import ENCODINGS
-from streamer.engine import SAMPLE_RATE
-from streamer.events import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, End, Error, Event, Ready, to_json
-from streamer.exceptions import ProtocolError
-from streamer.protocol import parse_control
+from streamer.decoder import hotword_letters, stream_decoder
+from streamer.engine import SAMPLE_RATE, WordDecoder
+from streamer.events import (
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_TRY_AGAIN,
+    End,
+    Error,
+    Event,
+    Ready,
+    to_json,
+)
+from streamer.exceptions import ConfigError, ProtocolError
+from streamer.lexicon import Lexicon, OpenVocabulary
+from streamer.protocol import Start, parse_control
 
 __all__ = ["NativeHandler"]
 
@@ -71,6 +85,7 @@ class NativeHandler(StreamHandler):
                 s = ctrl.start
                 await self.claim(s.name)  # before the word list is built: a refusal costs nothing
                 words = await self.word_list(s.words) if s.words is not None else None
+                words = await self.tuned_decoder(words, s)
                 self.stream = self.open_stream(s.sample_rate, s.channels, s.encoding, s.name, words)
             elif ctrl.type == "flush":
                 if self.stream is not None:
@@ -78,3 +93,34 @@ class NativeHandler(StreamHandler):
             else:  # stop
                 await self.close_stream(CLOSE_NORMAL, "stopped by client")
                 return
+
+    async def tuned_decoder(self, words: WordDecoder | None, start: Start) -> WordDecoder | None:
+        """The stream's decoder with the start message's ``hotwords`` and ``alternatives`` (issue 18).
+
+        Hotwords with a word list rebuild its search trie for this stream (in a thread), counted like a
+        stream's own word list; bad hotwords are the client's error (``bad_hotwords``).
+        """
+        if start.hotwords is None and start.alternatives is None:
+            return words
+        d, srv = self.daemon, self.daemon.cfg.server
+        base = words if words is not None else d.words
+        if not isinstance(base, (Lexicon, OpenVocabulary)) and base is not None:
+            return words
+        letters = hotword_letters(base, start.hotwords)
+        if letters > srv.max_word_list_letters:
+            raise ProtocolError(f"hotwords rebuild the word list's search trie for this stream: {letters} letters, "
+                                f"the limit is {srv.max_word_list_letters}; send a shorter word list",
+                                kind="bad_hotwords", code=CLOSE_POLICY)
+        if letters and not d.word_lists.reserve(letters, srv.max_word_list_letters_total):
+            raise ProtocolError("server busy: the word lists of other streams hold their letters; try again later",
+                                kind="busy", code=CLOSE_TRY_AGAIN)
+        try:
+            tuned = await asyncio.to_thread(stream_decoder, base, d.runner.vocab, d.cfg.decoder, start.hotwords,
+                                            start.alternatives)
+        except ConfigError as exc:
+            if letters:
+                d.word_lists.release(letters)
+            raise ProtocolError(str(exc), kind="bad_hotwords", code=CLOSE_POLICY) from None
+        if letters:
+            weakref.finalize(tuned, d.word_lists.release, letters)
+        return tuned

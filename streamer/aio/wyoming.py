@@ -67,9 +67,8 @@ class WyomingServer:
         self.uri = daemon.cfg.wyoming.uri
         # with several front-end processes (server.processes) each listens on the port too (SO_REUSEPORT);
         # one of them (the first) announces it over zeroconf, and alone listens on a Unix socket
-        cluster = getattr(daemon, "cluster", None)
-        self.first = cluster is None or getattr(cluster, "slot", 0) == 0
-        self.shared = bool(getattr(daemon, "reuse_port", False))
+        self.first = daemon.cluster is None or daemon.cluster.slot == 0
+        self.shared = daemon.reuse_port
         where = urlsplit(self.uri)
         self.server = (SharedTcpServer(where.hostname or "0.0.0.0", where.port or 0)
                        if self.shared and where.scheme == "tcp" else AsyncServer.from_uri(self.uri))
@@ -114,9 +113,8 @@ class WyomingServer:
             raise StreamerError(f"cannot listen on wyoming.uri {self.uri!r} ({exc.strerror or exc}); another "
                                 "program may use it: choose another with wyoming.uri, or stop that program") from None
         self._watch = asyncio.ensure_future(self._close_on_stop())
-        listening = getattr(self.daemon, "listening", None)
-        if isinstance(listening, dict) and self.port is not None:  # sibling processes take the port it got
-            listening["wyoming.uri"] = f"tcp://{urlsplit(self.uri).hostname}:{self.port}"
+        if self.port is not None:  # sibling front-end processes take the port it got (port 0)
+            self.daemon.listening["wyoming.uri"] = f"tcp://{urlsplit(self.uri).hostname}:{self.port}"
         if self.daemon.cfg.wyoming.zeroconf and self.first:
             await self._advertise()
         logger.info("wyoming listening on %s%s", self.uri,

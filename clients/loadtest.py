@@ -16,6 +16,10 @@ per audio second (from the daemon's /metrics), the daemon's RSS per stream, and 
 connect/disconnect cycles. Beside the clients, a probe connection pings the daemon every 100 ms: the
 ping's round trip is how long the daemon's event loop took to get to it (its lag under that load).
 
+--profile N samples the daemon (with py-spy, every process of it) during the level of N clients and prints a
+profile summary per daemon: the share of samples of each thread (event loop, engine thread, model thread)
+and, within it, of each kind of work (websocket frames, word-list search, CTC merge, model, ...).
+
 --procs P spreads each level's clients over P client processes (one asyncio process caps out at a few
 dozen streams, long before a daemon with several front-end processes); their figures are merged as if
 one process had measured them. Each stream's ``ready`` names the server process that serves it
@@ -84,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "and print all side by side")
     p.add_argument("--procs", type=int, default=1,
                    help="client processes each level's clients are spread over (default: %(default)s)")
+    p.add_argument("--profile", type=int, metavar="N",
+                   help="sample the daemon's processes with py-spy during the level of N clients and print where "
+                   "their CPU time went (needs py-spy: pip install py-spy; ptrace allowed)")
     p.add_argument("--json", help="write all figures here as JSON")
     return p.parse_args(argv)
 
@@ -133,6 +140,8 @@ class ClientResult:
     """wall time ``stop`` was sent"""
     sent: list[tuple[float, float]] = field(default_factory=list)
     """(audio seconds sent so far, wall time) after each chunk"""
+    process: int = field(default_factory=os.getpid)
+    """the client process that ran it (--procs)"""
     server: str = "?"
     """the server process that served the stream (``server_pid`` of its ``ready``, with the address it
     connected to when the daemon does not say)"""
@@ -319,7 +328,77 @@ def level_figures(n: int, results: list[ClientResult], pings: list[float], peak_
         "final_median": pct(final, 50), "final_p95": pct(final, 95), "peak_rss_mb": peak_rss,
         "ping_median": pct(pings, 50), "ping_p95": pct(pings, 95), "ping_max": max(pings, default=float("nan")),
         "servers": dict(Counter(r.server for r in results)),
+        "client_processes": len({r.process for r in results}),
     }
+
+
+PROFILE_KINDS = [  # (label, path fragments); a sample counts for the kind of its innermost frame that has one
+    ("word-list search (flashlight)", ("streamer/lexicon.py", "streamer/lm.py")),
+    ("engine: CTC merge, endpoints, events", ("streamer/engine.py", "streamer/ctc.py", "streamer/endpoint.py")),
+    ("model", ("streamer/onnx.py", "streamer/runner.py", "streamer/model.py", "streamer/triton", "torch/",
+               "tritonclient/", "grpc/")),
+    ("audio decoding / resampling", ("streamer/audio.py",)),
+    ("events to JSON, hub, MQTT", ("streamer/events.py", "streamer/aio/hub.py", "streamer/outbox.py",
+                                   "streamer/aio/mqtt.py", "json/", "aiomqtt/", "paho/")),
+    ("metrics", ("streamer/aio/metrics.py", "prometheus_client/")),
+    ("websocket frames and handshakes", ("websockets/",)),
+    ("asyncio, sockets", ("asyncio/", "selectors.py", "socket.py")),
+]
+
+
+def profile_summary(raw: str) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """py-spy's raw (collapsed) samples: the share of each thread, and within it the share of each kind of work.
+
+    Only samples of running threads count (py-spy leaves idle ones out): the shares say where the CPU went.
+    The engine thread is ``streamer-engine``, the model thread ``streamer-model``, the event loop ``MainThread``.
+    """
+    threads: Counter[str] = Counter()
+    kinds: dict[str, Counter[str]] = {}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        parts = stack.split(";")  # [process ...;] thread (ID): NAME; frames, outermost first
+        at = next((i for i, f in enumerate(parts) if f.startswith("thread (")), -1)
+        name = parts[at].split(": ", 1)[-1] if at >= 0 else "?"
+        frames = ";".join(parts[at + 1 :])
+        thread = "event loop" if "MainThread" in name else name.rstrip("_0123456789") or "?"
+        n = int(count)
+        threads[thread] += n
+        kind = next((label for f in reversed(frames.split(";")) for label, keys in PROFILE_KINDS
+                     if any(k in f for k in keys)), "other")
+        kinds.setdefault(thread, Counter())[kind] += n
+    total = sum(threads.values()) or 1
+    return ({t: n / total for t, n in threads.most_common()},
+            {t: {k: n / total for k, n in kinds[t].most_common()} for t in threads})
+
+
+async def profile_daemon(pid: int, seconds: float) -> str:
+    """Record the daemon (and its front-end processes) with py-spy for ``seconds``; the raw samples."""
+    out = Path(tempfile.mkdtemp()) / "profile.txt"
+    proc = await asyncio.create_subprocess_exec(
+        "py-spy", "record", "--pid", str(pid), "--subprocesses", "--threads", "--nonblocking", "--rate", "100",
+        "--duration", str(max(1, int(seconds))), "--format", "raw", "--output", str(out),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0 or not out.exists():
+        print(f"loadtest: py-spy failed: {err.decode().strip()[-300:]}", file=sys.stderr)
+        return ""
+    text = out.read_text()
+    out.unlink()
+    out.parent.rmdir()
+    return text
+
+
+def print_profile(name: str, n: int, raw: str) -> dict:
+    threads, kinds = profile_summary(raw)
+    print(f"\nprofile of {name} at {n} clients (share of the CPU samples of its processes):")
+    for thread, share in threads.items():
+        print(f"  {thread:<40}{share:7.1%}")
+        for kind, k in kinds[thread].items():
+            if k >= 0.005:
+                print(f"      {kind:<36}{k:7.1%}")
+    return {"threads": threads, "kinds": kinds}
 
 
 def command_audio() -> list[bytes]:
@@ -468,6 +547,8 @@ class Target:
     stopped: bool = False
     """the capacity search went over --max-p95 (or failed): no more levels"""
     summary: dict = field(default_factory=dict)
+    profile: tuple[int, str] | None = None
+    """(clients, py-spy's raw samples) of the level --profile asked for"""
 
     @property
     def pid(self) -> int | None:
@@ -571,7 +652,15 @@ async def main_async(args: argparse.Namespace) -> int:
                 if t.stopped:
                     continue
                 before = read_metrics(t.url, t.pid)
+                profiling = None
+                if args.profile == n and t.pid:  # from 1.5 s in (every client started) for most of the audio
+                    async def later(pid: int) -> str:
+                        await asyncio.sleep(1.5)
+                        return await profile_daemon(pid, max(1.0, len(audio) / 16000 - 2.0))
+                    profiling = asyncio.ensure_future(later(t.pid))
                 lv = await run_level(t.url, pcm, n, t.pid, pool, args.procs)
+                if profiling is not None:
+                    t.profile = (n, await profiling)
                 lv["cost"] = cost(before, read_metrics(t.url, t.pid))
                 t.levels.append(lv)
                 print(level_row(t.name, lv), flush=True)
@@ -613,6 +702,9 @@ async def main_async(args: argparse.Namespace) -> int:
             t.summary.update(cycles=args.cycles, rss_before_cycles_mb=before_mb, rss_after_cycles_mb=after_mb)
             print(f"{args.cycles} connect/disconnect cycles in {time.perf_counter() - t0:.1f} s: "
                   f"RSS {before_mb:.0f} MB -> {after_mb:.0f} MB")
+        for t in targets:
+            if t.profile is not None and t.profile[1]:
+                t.summary["profile"] = print_profile(t.name, *t.profile)
         side_by_side(targets, args)
         if args.json:
             out = targets[0].summary if len(targets) == 1 else {t.name: t.summary for t in targets}

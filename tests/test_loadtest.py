@@ -1,0 +1,31 @@
+"""clients/loadtest.py against a real daemon: clients spread over client processes, their figures merged."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from conftest import pcm16
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients"))  # the spawned processes inherit it
+
+import loadtest  # noqa: E402
+
+
+async def test_loadtest_procs_spreads_clients_and_merges_their_figures(daemon_factory, speech):
+    """Two client processes with one client each: both streams' words and latencies land in one level's figures,
+    with the server process of each stream and the ping probe's round trips."""
+    d = await daemon_factory()
+    pcm = pcm16(speech[: 16000 * 4])
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        lv = await loadtest.run_level(f"ws://127.0.0.1:{d.port}/v1/stream", pcm, 2, None, pool, procs=2)
+    assert lv["ok"] and lv["clients"] == 2
+    assert lv["client_processes"] == 2  # one client in each process
+    assert sum(lv["servers"].values()) == 2  # every stream says where it was served
+    assert lv["words"] >= 2 * 4  # "turn on the kitchen lights" twice: both processes' finals were merged
+    for key in ("partial_median", "partial_p95", "final_median", "final_p95", "ping_median"):
+        assert np.isfinite(lv[key]) and lv[key] >= 0, key
+    assert int(d.metrics.streams_total.labels("native")._value.get()) >= 2 + 1  # the clients and the ping probe

@@ -318,3 +318,39 @@ def test_pcm_of_every_width_decodes_to_the_same_samples():
     s24 = b"".join(int(v * (1 << 23)).to_bytes(3, "little", signed=True) for v in (0.5, -0.25, -1.0, 0.0))
     assert np.allclose(decode_samples(s24, AudioFormat(16000, 3, 2)), x)
     assert np.allclose(decode_samples(bytes([64, 192]), AudioFormat(8000, 1, 1)).ravel(), [0.5, -0.5])
+
+
+@pytest.mark.slow
+async def test_several_front_end_processes_share_the_port(model_runner, speech):
+    """``server.processes = 2``: both processes listen on the Wyoming port (SO_REUSEPORT; port 0 is picked by the
+    first and shared), transcriptions work through it, and SIGTERM ends the daemon cleanly."""
+    import os
+    import re
+    import signal
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamer", "serve", "--model", "demo", "--port", "0", "--set", "server.processes=2",
+        "--set", "wyoming.enabled=true", "--set", "wyoming.uri='tcp://127.0.0.1:0'",
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stderr is not None
+    try:
+        ports = []
+        async with asyncio.timeout(240):
+            while True:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "streamer serve exited before listening"
+                if m := re.search(r"wyoming listening on tcp://127\.0\.0\.1:(\d+)(?: \(port (\d+)\))?", line):
+                    ports.append(int(m.group(2) or m.group(1)))
+                if line.startswith("streamer: listening on "):
+                    break
+        assert len(ports) == 2 and ports[0] == ports[1] != 0
+        log = asyncio.ensure_future(proc.stderr.read())  # the pipe never fills
+        results = await asyncio.gather(*(transcribe(ports[0], pcm(mono(speech))) for _ in range(3)))
+        expected = reference_text(model_runner, mono(speech))
+        assert [Transcript.from_event(after[-2]).text for _, after in results] == [expected] * 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            await proc.wait()
+    assert proc.returncode == 0 and "Traceback" not in (await log).decode()

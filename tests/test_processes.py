@@ -490,3 +490,74 @@ async def test_mqtt_with_two_processes(served, speech, tmp_path):
     finally:
         await sub.close()
         await broker.kill()
+
+
+# --- the supervisor's cluster service alone (no model, no processes) ------------------------------------------
+
+
+async def test_cluster_service_counts_names_and_relays_and_frees_what_a_gone_process_held(tmp_path):
+    """Admission is counted over every process; a name is one process's; an event of a watched name reaches the
+    other process's viewers (not its own process again) and the MQTT hook; when a process's connection goes,
+    its slots, names and watches are free at once."""
+    from streamer.aio.cluster import ClusterLink, ClusterService
+    from streamer.events import Final
+
+    published: list[tuple[str, str, str]] = []
+    service = ClusterService(str(tmp_path / "c.sock"), on_event=lambda n, s, e: published.append((n, s, e.text)),
+                             forward_all=True)
+    await service.start()
+    try:
+        a = await ClusterLink.connect(service.path, 0)
+        b = await ClusterLink.connect(service.path, 1)
+        got: list[tuple[str, str]] = []
+        b.deliver = lambda name, session, event: got.append((name, event.text))
+        a.deliver = lambda name, session, event: got.append(("echo", event.text))
+        assert [await a.admit("stream", k, 3) for k in ("a1", "a2")] == [True, True]
+        assert await b.admit("stream", "b1", 3) is True
+        assert await b.admit("stream", "b2", 3) is False  # 3 in the daemon, whichever process asks
+        b.release("stream", "b1")
+        assert await b.admit("stream", "b2", 3) is True
+        assert await a.claim("hall", "s1") is None
+        assert await a.claim("hall", "s1") is None  # again, same stream: harmless
+        assert await b.claim("hall", "s2") == "another live stream"
+        assert await a.claim("hall", "s3") == "another live stream"
+
+        b.viewing("hall", True)
+        async with asyncio.timeout(TIMEOUT):
+            while "hall" not in a.watched:  # noqa: ASYNC110  (the supervisor's broadcast has no event to await)
+                await asyncio.sleep(0.01)
+        a.publish("hall", "s1", Final(0, "hello there", 0.0, 1.0))
+        async with asyncio.timeout(TIMEOUT):
+            while not got or not published:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert got == [("hall", "hello there")] and published == [("hall", "s1", "hello there")]
+
+        await a.close()  # the process is gone: its two streams and its name are free
+        async with asyncio.timeout(TIMEOUT):
+            while service.count("stream") != 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert await b.claim("hall", "s2") is None
+        assert await b.admit("stream", "b3", 3) is True and await b.admit("stream", "b4", 3) is True
+        assert service.state()["streams"] == 3
+        await b.close()
+    finally:
+        await service.stop()
+
+
+async def test_a_process_whose_supervisor_is_gone_hears_of_it(tmp_path):
+    """The supervisor went away: the process's link says so (the process then finalises and exits) and every
+    question it asks is answered no rather than waited on."""
+    from streamer.aio.cluster import ClusterLink, ClusterService
+
+    service = ClusterService(str(tmp_path / "c.sock"))
+    await service.start()
+    link = await ClusterLink.connect(service.path, 0)
+    lost = asyncio.Event()
+    link.on_lost = lost.set
+    assert await link.admit("stream", "x", 10) is True
+    await service.stop()
+    async with asyncio.timeout(TIMEOUT):
+        await lost.wait()
+    assert await link.admit("stream", "x", 10) is False
+    assert (await link.claim("n", "s")) is not None
+    await link.close()

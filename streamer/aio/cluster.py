@@ -106,6 +106,7 @@ class ClusterService:
         self._server: asyncio.Server | None = None
         self._state_task: asyncio.Task[None] | None = None
         self._drained_sent = False
+        self._closed = False
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._serve, self.path, limit=LINE_LIMIT)
@@ -113,6 +114,7 @@ class ClusterService:
         self._state_task = asyncio.create_task(self._push_state(), name="streamer-cluster-state")
 
     async def stop(self) -> None:
+        self._closed = True
         if self._state_task is not None:
             self._state_task.cancel()
         if self._server is not None:
@@ -161,6 +163,9 @@ class ClusterService:
     # -- one process's connection -------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closed:  # accepted just before stop(): end it too
+            writer.close()
+            return
         member = Member(writer)
         self.members.add(member)
         member.send({"op": "watching", "names": sorted(self.watched()), "forward_all": self.forward_all,

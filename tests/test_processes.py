@@ -15,9 +15,12 @@ import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +42,10 @@ LISTENING = re.compile(r"streamer: listening on ws://127\.0\.0\.1:(\d+)/v1/strea
 class Served:
     """``streamer serve --processes 2`` in a subprocess; its log (every process's) collected line by line."""
 
-    def __init__(self, *overrides: str, config: Path | None = None) -> None:
+    def __init__(self, *overrides: str, config: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.overrides = overrides
         self.config = config
+        self.env = env or {}
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
         self.port = self.vosk_port = 0
@@ -56,7 +60,7 @@ class Served:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "streamer", "serve", "--model", "demo", "--device", "cpu", "--port", "0", *args,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         self._reader = asyncio.create_task(self._read())
         match = await self.wait_log(LISTENING, limit_s=START_TIMEOUT)
         self.port, self.vosk_port = int(match.group(1)), int(match.group(2))
@@ -140,8 +144,8 @@ async def served():
     """``await served(*overrides, config=...)`` starts a daemon of two processes; all are killed at the end."""
     started: list[Served] = []
 
-    async def make(*overrides: str, config: Path | None = None) -> Served:
-        s = Served(*overrides, config=config)
+    async def make(*overrides: str, config: Path | None = None, env: dict[str, str] | None = None) -> Served:
+        s = Served(*overrides, config=config, env=env)
         started.append(s)
         return await s.start()
 
@@ -561,3 +565,85 @@ async def test_a_process_whose_supervisor_is_gone_hears_of_it(tmp_path):
     assert await link.admit("stream", "x", 10) is False
     assert (await link.claim("n", "s")) is not None
     await link.close()
+
+
+# --- systemd -------------------------------------------------------------------------------------------------
+
+
+class NotifyMain:
+    """systemd's side of sd_notify, keeping each message's sender pid (SO_PASSCRED), as NotifyAccess=main checks."""
+
+    def __init__(self) -> None:
+        self.name = f"@streamer-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind("\0" + self.name[1:])
+        self.sock.setblocking(False)
+        self.senders: set[int] = set()
+        self._ready = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._ready.set)
+
+    def _recv(self) -> list[str] | None:
+        try:
+            data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        except BlockingIOError:
+            return None
+        for level, kind, value in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                self.senders.add(struct.unpack("3i", value[:12])[0])
+        return data.decode().split("\n")
+
+    async def expect(self, field: str, within: float = TIMEOUT) -> list[str]:
+        async with asyncio.timeout(within):
+            while True:
+                lines = self._recv()
+                if lines is None:
+                    self._ready.clear()
+                    await self._ready.wait()
+                elif any(line.startswith(field) for line in lines):
+                    return lines
+
+    def drain(self) -> list[list[str]]:
+        got = []
+        while (lines := self._recv()) is not None:
+            got.append(lines)
+        return got
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+async def test_systemd_hears_the_supervisor_only_ready_once_all_serve_and_a_stalled_process_stops_the_pings(
+        served):
+    """READY=1 comes from the supervisor once both processes serve; WATCHDOG=1 pings stop while one process's
+    event loop is stalled (SIGSTOP) and come back when it runs again; a reload is RELOADING=1 then READY=1;
+    SIGTERM is STOPPING=1 and exit 0. Every message comes from the supervisor's pid (NotifyAccess=main)."""
+    notify = NotifyMain()
+    try:
+        s = await served(env={"NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": "1000000"})
+        ready = await notify.expect("READY=1", START_TIMEOUT)
+        assert any(line.startswith("STATUS=2/2 processes serving") for line in ready), ready
+        for slot in (0, 1):  # both were listening before READY=1
+            await s.wait_log(rf"\[p{slot}\]: listening on ws://", limit_s=1)
+        for _ in range(2):
+            await notify.expect("WATCHDOG=1", 5)
+        stalled = s.children()[1]
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            await s.wait_log(r"stopped reporting or lost their model worker: withholding watchdog pings")
+            notify.drain()
+            await asyncio.sleep(1.5)  # three ping intervals
+            assert not any("WATCHDOG=1" in lines for lines in notify.drain())
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        await notify.expect("WATCHDOG=1", 10)
+        s.signal(signal.SIGHUP)
+        await notify.expect("RELOADING=1", 10)
+        await notify.expect("READY=1", 30)
+        s.signal(signal.SIGTERM)
+        await notify.expect("STOPPING=1", 10)
+        assert await s.wait() == 0
+        assert notify.senders == {s.proc.pid}
+    finally:
+        notify.close()

@@ -439,6 +439,17 @@ class LoggingConfig(_Section):
 
 
 @dataclass(frozen=True)
+class OpenAIConfig(_Section):
+    """OpenAI-compatible transcription on ``server.port``: REST uploads, ``/v1/models`` and ``/v1/realtime``."""
+
+    _name = "openai"
+    enabled: bool = _opt(True, doc="answer the OpenAI endpoints (the same token as the websockets)")
+    max_upload_bytes: int = _opt(25 << 20, min=1024, doc="largest request body of /v1/audio/transcriptions (413)")
+    upload_timeout_s: float = _opt(120.0, min=1.0, doc="the whole request body must arrive within this time (408)")
+    max_audio_s: float = _opt(3600.0, min=1.0, doc="longest audio one request may hold (400)")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; build it with :func:`load_config`."""
 
@@ -454,6 +465,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sources: tuple[SourceConfig, ...] = ()
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

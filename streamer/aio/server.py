@@ -19,11 +19,12 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from streamer.aio.handler import StreamHandler
-from streamer.aio.http import LISTEN_PREFIX, STREAM_PATH, HttpConnection, HttpFront
+from streamer.aio.http import LISTEN_PREFIX, OPEN_TIMEOUT_S, REALTIME_PATH, STREAM_PATH, HttpFront
 from streamer.aio.hub import Hub
 from streamer.aio.limits import BoundedConnection, check_descriptors, install_accept_error_filter
 from streamer.aio.metrics import Metrics
 from streamer.aio.native import NativeHandler
+from streamer.aio.realtime import RealtimeHandler
 from streamer.aio.stream import LiveStream, Streams
 from streamer.aio.tls import server_ssl_context
 from streamer.aio.viewer import refuse_viewer, serve_viewer
@@ -219,13 +220,17 @@ class Daemon:
             "server_header": "streamer",
             # bounded outgoing data and a keepalive that closes a client that never reads (aio/limits.py);
             # connection_limits() sets them again from the config in force
-            "create_connection": HttpConnection,  # a BoundedConnection that answers odd requests (aio/http.py)
+            # a BoundedConnection that answers odd requests and uploads (aio/http.py); it times the request
+            # head itself (OPEN_TIMEOUT_S), so that an upload's answer may take longer than websockets' open_timeout
+            "create_connection": self.http.connection,
+            "open_timeout": None,
             "write_limit": s.write_limit_bytes,
             "ping_interval": s.ping_interval_s or None,
             "ping_timeout": s.ping_timeout_s or None,
         }
         if tls is not None:
             common["ssl"] = tls  # both ports: https/wss
+            common["ssl_handshake_timeout"] = OPEN_TIMEOUT_S
         self.servers.append(await self._listen(self._native, s.host, s.port, "server.port", common))
         if self.cfg.vosk.enabled:
             self.servers.append(await self._listen(self._vosk, s.host, self.cfg.vosk.port, "vosk.port", common))
@@ -280,7 +285,6 @@ class Daemon:
             await server.wait_closed()
         await self._stop_services([s for s in reversed(self.services) if s not in sources])
         await self.worker.stop()
-        self.streams.close()  # the engine thread ends once the calls it still has ran
         self.closed.set()
         logger.info("stopped")
 
@@ -334,6 +338,8 @@ class Daemon:
         path = urlsplit(ws.request.path).path if ws.request else ""
         if path.startswith(LISTEN_PREFIX):
             await self._viewer(ws, path[len(LISTEN_PREFIX):])
+        elif path == REALTIME_PATH:
+            await self._serve(RealtimeHandler(self, ws))
         else:
             await self._serve(NativeHandler(self, ws))
 
@@ -376,6 +382,26 @@ class Daemon:
         if self.cluster is None:
             return here < limit
         return await self.cluster.admit(kind, key, limit)
+
+    async def serve_request(self, protocol: str, key: str, serve: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``serve`` (a plain HTTP request that transcribes: :mod:`streamer.aio.openai`) as one of the streams
+        counted against ``server.max_streams``, which shutdown waits for; False, without running it, when full."""
+        if not await self._admit("stream", key, self.active_streams, self.cfg.server.max_streams):
+            self.metrics.streams_rejected.labels("busy").inc()
+            return False
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self.metrics.streams_active.labels(protocol).inc()
+        self.metrics.streams_total.labels(protocol).inc()
+        try:
+            await serve()
+        finally:
+            self.metrics.streams_active.labels(protocol).dec()
+            self._handlers.discard(task)
+            if self.cluster is not None:
+                self.cluster.release("stream", key)
+        return True
 
     async def _viewer(self, ws: ServerConnection, name: str) -> None:
         """Admit a viewer (or refuse it: over max_viewers, 1013), then serve it."""

@@ -285,6 +285,7 @@ class Daemon:
             await server.wait_closed()
         await self._stop_services([s for s in reversed(self.services) if s not in sources])
         await self.worker.stop()
+        self.streams.close()  # the engine thread ends once the calls it still has ran
         self.closed.set()
         logger.info("stopped")
 

@@ -651,3 +651,36 @@ async def test_systemd_hears_the_supervisor_only_ready_once_all_serve_and_a_stal
         assert notify.senders == {s.proc.pid}
     finally:
         notify.close()
+
+
+async def test_a_process_that_reads_nothing_costs_the_supervisor_bounded_memory(tmp_path, monkeypatch):
+    """Events relayed to a process that stopped reading (a viewer's name) are dropped past a bound, and counted;
+    the supervisor's buffer toward it stays at the bound."""
+    from streamer.aio import cluster
+    from streamer.events import Partial
+
+    monkeypatch.setattr(cluster, "EVENT_BUFFER_LIMIT", 1 << 16)
+    service = cluster.ClusterService(str(tmp_path / "c.sock"))
+    await service.start()
+    try:
+        speaker = await cluster.ClusterLink.connect(service.path, 0)
+        reader, writer = await asyncio.open_unix_connection(service.path)  # a process that never reads again
+        writer.write(b'{"op":"hello","slot":1,"pid":1}\n{"op":"watch","name":"hall","on":true}\n')
+        await writer.drain()
+        async with asyncio.timeout(TIMEOUT):
+            while "hall" not in speaker.watched:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        stuck = next(m for m in service.members if m.slot == 1)
+        for i in range(20_000):
+            speaker.publish("hall", "s1", Partial(i, "turn on the kitchen lights " * 4, 0.0, 1.0))
+            if i % 500 == 0:
+                await asyncio.sleep(0)  # let the supervisor read
+        await speaker.close()
+        async with asyncio.timeout(TIMEOUT):
+            while service.count("stream") or any(m.slot == 0 for m in service.members):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert stuck.drops.dropped > 0
+        assert stuck.writer.transport.get_write_buffer_size() <= (1 << 16) + 1000
+        writer.close()
+    finally:
+        await service.stop()

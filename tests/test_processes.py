@@ -684,3 +684,63 @@ async def test_a_process_that_reads_nothing_costs_the_supervisor_bounded_memory(
         writer.close()
     finally:
         await service.stop()
+
+
+# --- capture sources ----------------------------------------------------------------------------------------
+
+
+async def test_a_capture_source_runs_in_one_process_and_reaches_viewers_on_both(served, tmp_path, speech, expected):
+    """A [[sources]] microphone (an ALSA device reading a FIFO, as in test_mic) is captured by the first process
+    only; viewers of it on either process receive its finals; its name is refused to clients on both."""
+    import ctypes.util
+
+    from test_mic import ALSA_CONF, LiveMic, alsa_env
+
+    if not ALSA_CONF.is_file() or ctypes.util.find_library("portaudio") is None:
+        pytest.skip("needs ALSA and PortAudio (libasound2, libportaudio2)")
+    config = tmp_path / "streamer.toml"
+    config.write_text('[[sources]]\nname = "room"\nkind = "mic"\ndevice = "roommic"\nchannels = 1\n')
+    env = alsa_env(tmp_path, {"roommic": (tmp_path / "room.raw", 16000, 1)})
+    s = await served(config=config, env={"ALSA_CONFIG_PATH": env["ALSA_CONFIG_PATH"]})
+    viewers: dict[int, ClientConnection] = {}
+    for _ in range(TRIES):
+        ws = await connect(f"ws://127.0.0.1:{s.port}/v1/listen/room")
+        pid = json.loads(await ws.recv())["server_pid"]
+        if pid in viewers:
+            await ws.close()
+        else:
+            viewers[pid] = ws
+        if len(viewers) == 2:
+            break
+    assert len(viewers) == 2
+    refused_on = set()
+    for _ in range(TRIES):
+        rival = await open_client(s.port, {"type": "start", "name": "room"})
+        messages = await rival.closed()
+        assert messages[-1].get("code") == "name_in_use" and "capture source" in messages[-1]["message"]
+        refused_on.add(rival.pid)
+        if len(refused_on) == 2:
+            break
+    assert len(refused_on) == 2
+
+    await s.wait_log(r"\[p0\]: source room: no input device matches 'roommic'")  # retrying with backoff
+    live = LiveMic(tmp_path / "room.raw")  # plugged in: a later attempt finds it
+    try:
+        live.say(pcm16(speech))
+        live.keep_quiet()
+        for ws in viewers.values():
+            finals: list[dict] = []
+            async with asyncio.timeout(START_TIMEOUT):
+                while len(finals) < len(expected):
+                    event = json.loads(await ws.recv())
+                    if event["type"] == "final" and event["text"]:
+                        finals.append(event)
+            assert texts(finals) == texts(expected)
+        assert not [line for line in s.lines if "[p1]" in line and "source room" in line]
+        assert any("[p0]" in line and "source room: capturing" in line for line in s.lines)
+        s.signal(signal.SIGTERM)
+        assert await s.wait() == 0
+    finally:
+        live.close()
+        for ws in viewers.values():
+            await ws.close()

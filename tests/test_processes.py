@@ -744,3 +744,23 @@ async def test_a_capture_source_runs_in_one_process_and_reaches_viewers_on_both(
         live.close()
         for ws in viewers.values():
             await ws.close()
+
+
+async def test_a_process_that_cannot_start_stops_the_daemon_with_its_error():
+    """Before the daemon first served, a process that fails (here: the port is taken) is not restarted in a loop:
+    the supervisor stops and exits 1, and the process's error says what to fix."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streamer", "serve", "--model", "demo", "--device", "cpu", "--processes", "2",
+            "--port", str(port), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        async with asyncio.timeout(START_TIMEOUT):
+            _, err = await proc.communicate()
+    text = err.decode()
+    assert proc.returncode == 1, text
+    assert f"cannot listen on 127.0.0.1:{port}" in text and "choose another with server.port" in text
+    assert "before the daemon served; stopping" in text
+    started = re.findall(r"started front-end process (\d)", text)
+    assert sorted(started) == ["0", "1"]  # both at once (the port is set), neither restarted

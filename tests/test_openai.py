@@ -237,8 +237,9 @@ async def test_requests_without_a_form_or_a_file(daemon):
     assert status == 400 and b"no audio samples" in body
     status, body = await raw_post(daemon.port, b"garbage" * 100)
     assert status == 400 and b"libsndfile" in body and b"BytesIO" not in body
-    with pytest.raises(openai.NotFoundError):
-        await http.audio.translations.create(model="whisper-1", file=("a.wav", b"RIFF"))
+    with pytest.raises(openai.NotFoundError) as info:  # translations are not served
+        await http.post("/audio/translations", body={"model": "x"}, cast_to=object)
+    assert "/v1/audio/transcriptions" in info.value.message
 
 
 async def test_requests_count_against_max_streams(daemon_factory, files, speech):

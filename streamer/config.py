@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from streamer.endpoint import EndpointRules
-from streamer.engine import Schedule
+from streamer.engine import FRAME_SAMPLES, RECEPTIVE_FIELD, SAMPLE_RATE, Schedule
 from streamer.exceptions import ConfigError
 from streamer.protocol import valid_name
 
@@ -172,10 +172,22 @@ class StreamConfig(_Section):
         """Frames between provisional windows; 0 with early partials off."""
         return max(1, round(self.early_interval_ms / FRAME_MS)) if self.early_partials else 0
 
-    def schedule(self) -> Schedule:
-        """The engine's window geometry in frames."""
-        return Schedule(self.left_frames, self.hop_frames, self.lookahead_frames, self.pipeline_compatible,
-                        self.early_frames)
+    def schedule(self, frame_samples: int = FRAME_SAMPLES, receptive_field: int = RECEPTIVE_FIELD) -> Schedule:
+        """The engine's window geometry in frames of the model's grid (the runner's ``geometry``).
+
+        The defaults are wav2vec2's 20 ms frames; with other frames (Wav2Vec2-BERT's 40 ms adapter frames)
+        each duration is rounded to whole frames of that length.
+        """
+        if (frame_samples, receptive_field) == (FRAME_SAMPLES, RECEPTIVE_FIELD):
+            return Schedule(self.left_frames, self.hop_frames, self.lookahead_frames, self.pipeline_compatible,
+                            self.early_frames)
+        ms = frame_samples * 1000 / SAMPLE_RATE
+        early = max(1, round(self.early_interval_ms / ms)) if self.early_partials else 0
+        lookahead = round(self.lookahead_ms / ms)
+        if self.pipeline_compatible:
+            lookahead = max(1, lookahead)
+        return Schedule(round(self.left_context_ms / ms), max(1, round(self.hop_ms / ms)), lookahead,
+                        self.pipeline_compatible, early, frame_samples, receptive_field)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -259,8 +271,6 @@ class ModelServerConfig(_Section):
     retry_s: float = _opt(5.0, min=0.0, doc="how long windows wait for an unreachable server before their "
                           "streams get inference_failed (1011)")
     start_timeout_s: float = _opt(120.0, min=1.0, doc="how long to wait for the server to be ready at start")
-    python: str = _opt("", doc="the interpreter that runs the server `streamer serve` starts ('' = this one): one "
-                       "with streamer[triton-server], whose PyTriton holds numpy below 2")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ A :class:`StreamSession` is one audio stream. Use it like a sans-I/O protocol::
         ...
     session.finish()                         # end of stream: the rest becomes final
 
-The frame grid: frame t covers samples [320 t, 320 t + 400). Window geometry follows
+The frame grid is the model's (:class:`Schedule` carries it as plain numbers, the runner reports it):
+frame t covers samples [320 t, 320 t + 400) for wav2vec2's convolutional feature encoder; 20 ms frames
+(fbank shift 160 × stacking 2, ``receptive_field`` 560) or 40 ms frames with an adapter for
+Wav2Vec2-BERT. Window geometry follows
 ``../shared/STREAMING.md`` §5: final frames ``[f, f + hop)`` are decoded with ``left`` frames
 of context before and ``lookahead`` frames after; the look-ahead frames form the partial.
 
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -83,11 +86,15 @@ class WordDecoder(Protocol):
     def search(self, start_frame: int = 0) -> WordSearch: ...
 
 
-def n_frames(n_samples: int) -> int:
-    """Frames the wav2vec2 feature encoder yields for ``n_samples`` samples."""
-    if n_samples < RECEPTIVE_FIELD:
+def n_frames(n_samples: int, frame_samples: int = FRAME_SAMPLES, receptive_field: int = RECEPTIVE_FIELD) -> int:
+    """Frames a model yields for ``n_samples`` samples (default: the wav2vec2 feature encoder's grid).
+
+    Frame ``t`` of a window starting at sample ``frame_samples · s`` is global frame ``s + t``; the first frame
+    needs ``receptive_field`` samples, every further one ``frame_samples`` more.
+    """
+    if n_samples < receptive_field:
         return 0
-    return (n_samples - RECEPTIVE_FIELD) // FRAME_SAMPLES + 1
+    return (n_samples - receptive_field) // frame_samples + 1
 
 
 @dataclass(frozen=True)
@@ -95,9 +102,9 @@ class Schedule:
     """Window geometry in frames.
 
     ``pipeline=True`` cuts windows exactly as transformers' ASR pipeline with
-    ``chunk_length_s = (l+h+r)·0.02`` and ``stride_length_s = (l·0.02, r·0.02)``: the first
-    window finalises ``l + h`` frames, windows are ``320·(l+h+r)`` samples long (one frame
-    fewer), and a window exactly at the end of the audio counts as the last one.
+    ``chunk_length_s = (l+h+r)·frame_s`` and ``stride_length_s = (l·frame_s, r·frame_s)``: the first
+    window finalises ``l + h`` frames, windows are ``frame_samples·(l+h+r)`` samples long (one frame
+    fewer on wav2vec2's grid), and a window exactly at the end of the audio counts as the last one.
     """
 
     left: int
@@ -107,16 +114,34 @@ class Schedule:
     early: int = 0
     """frames between provisional windows while the first full window of a stream (or after a flush) cannot
     run yet; 0: none, the first partial waits for that window"""
+    frame_samples: int = FRAME_SAMPLES
+    """the model's samples per output frame (its grid; the runner's ``geometry``)"""
+    receptive_field: int = RECEPTIVE_FIELD
+    """samples the model needs for its first output frame; each further frame needs ``frame_samples`` more"""
+
+    def __post_init__(self) -> None:
+        if self.frame_samples < 1 or self.receptive_field < 1:
+            raise ValueError(f"frame_samples and receptive_field must be positive, got {self.frame_samples}, "
+                             f"{self.receptive_field}")
+
+    @property
+    def frame_s(self) -> float:
+        """Seconds per output frame."""
+        return self.frame_samples / SAMPLE_RATE
+
+    def n_frames(self, n_samples: int) -> int:
+        """Frames the model yields for a window of ``n_samples`` samples."""
+        return n_frames(n_samples, self.frame_samples, self.receptive_field)
 
     @property
     def tail(self) -> int:
-        """Samples after the last frame boundary that a window includes."""
-        return 0 if self.pipeline else RECEPTIVE_FIELD - FRAME_SAMPLES
+        """Samples after the last frame boundary that a window includes (negative: it ends before it)."""
+        return 0 if self.pipeline else self.receptive_field - self.frame_samples
 
     @property
     def window_samples(self) -> int:
         """Length of a steady-state window: all such windows batch without padding."""
-        return FRAME_SAMPLES * (self.left + self.hop + self.lookahead) + self.tail
+        return self.frame_samples * (self.left + self.hop + self.lookahead) + self.tail
 
     def plan(self, next_final: int) -> tuple[int, int, int]:
         """Return ``(start, final_end, end)`` frames of the window that finalises from ``next_final``."""
@@ -128,7 +153,7 @@ class Schedule:
         return start, final_end, final_end + self.lookahead
 
     def ready(self, end_frame: int, n_available: int) -> bool:
-        need = FRAME_SAMPLES * end_frame + self.tail
+        need = self.frame_samples * end_frame + self.tail
         # The pipeline treats a chunk that ends exactly at the end of the audio as the last one.
         return n_available > need if self.pipeline else n_available >= need
 
@@ -145,10 +170,13 @@ class Window:
     provisional: bool = False
     """an early window: no frame becomes final, its output only forms a partial"""
     handed: bool = field(default=False, repr=False)
+    frame_samples: int = field(default=FRAME_SAMPLES, repr=False)
+    receptive_field: int = field(default=RECEPTIVE_FIELD, repr=False)
+    """the model's grid (the schedule's), which says how many frames the window yields"""
 
     @property
     def n_frames(self) -> int:
-        return n_frames(len(self.samples))
+        return n_frames(len(self.samples), self.frame_samples, self.receptive_field)
 
 
 @dataclass(frozen=True)
@@ -228,7 +256,9 @@ class StreamSession:
         self.words = words
         """word-list decoding of partials and finals; None = greedy CTC (the letters of each frame's best id)"""
         self._search: WordSearch | None = None  # the open segment's, once it has final frames
-        self.endpointer = Endpointer(endpoint)
+        self.endpointer = Endpointer(endpoint, schedule.frame_s)
+        # Segments and word searches count time in 20 ms frames; a model with other frames scales their times.
+        self._time_scale = schedule.frame_s / FRAME_S
         self._buf = _Buffer()
         self._planned_next = 0  # first frame not yet covered by a planned window
         # Provisional windows: the frame the early phase started at (None once a full window was planned,
@@ -330,13 +360,13 @@ class StreamSession:
             start, final_end, end = sched.plan(self._planned_next)
             if not sched.ready(end, self._buf.end):
                 break
-            stop = FRAME_SAMPLES * end + sched.tail
+            stop = sched.frame_samples * end + sched.tail
             self._add_window(start, self._planned_next, final_end, stop)
             self._early_from = None  # the first full window: from here on partials come from full windows
         if self._early_from is not None:
             self._plan_provisional(self._early_from)
         # Keep what the next window (or the closing one) needs as left context.
-        self._buf.forget_before(FRAME_SAMPLES * max(0, self._planned_next - sched.left))
+        self._buf.forget_before(sched.frame_samples * max(0, self._planned_next - sched.left))
 
     def _plan_provisional(self, origin: int) -> None:
         """Plan a provisional window once another ``early`` frames of audio past frame ``origin`` have arrived.
@@ -347,27 +377,31 @@ class StreamSession:
         100 ms chunks do not wait for a further chunk.
         """
         step = self.schedule.early
-        due = (self._buf.end // FRAME_SAMPLES - origin) // step
+        fs = self.schedule.frame_samples
+        due = (self._buf.end // fs - origin) // step
         if due <= self._early_planned or due * step < 2:  # (a window of one grid step of 20 ms has no frame)
             return
         if origin + due * step >= self.schedule.plan(origin)[2]:
             return  # the full window needs at most 80 samples more: it shows this audio with its own look-ahead
         self._early_planned = due
         start = max(0, origin - self.schedule.left)
-        samples = self._buf.slice(FRAME_SAMPLES * start, FRAME_SAMPLES * (origin + due * step))
+        samples = self._buf.slice(fs * start, fs * (origin + due * step))
         # Nothing becomes final (final_from == final_to): in accept_result the final state then still ends at
         # ``origin``, since every window before this one was answered first, and all its frames form the partial.
-        self._pending.append(Window(samples, start, origin, origin, provisional=True))
+        self._pending.append(Window(samples, start, origin, origin, provisional=True, frame_samples=fs,
+                                    receptive_field=self.schedule.receptive_field))
 
     def _plan_rest(self) -> None:
-        total = n_frames(self._buf.end)
+        total = self.schedule.n_frames(self._buf.end)
         if total > self._planned_next:
             start = max(0, self._planned_next - self.schedule.left)
             self._add_window(start, self._planned_next, total, self._buf.end)
 
     def _add_window(self, start: int, final_from: int, final_to: int, stop: int) -> None:
-        samples = self._buf.slice(FRAME_SAMPLES * start, stop)
-        self._pending.append(Window(samples, start, final_from, final_to))
+        sched = self.schedule
+        samples = self._buf.slice(sched.frame_samples * start, stop)
+        self._pending.append(Window(samples, start, final_from, final_to, frame_samples=sched.frame_samples,
+                                    receptive_field=sched.receptive_field))
         self._planned_next = final_to
 
     def _drain_markers(self) -> None:
@@ -424,13 +458,25 @@ class StreamSession:
         if not seg.has_text:
             return "", []
         if self.words is None:
-            return seg.text(), seg.words()
+            return seg.text(), self._scaled(seg.words())
         search = self._search
         if lookahead is None:
             words = search.finish() if search is not None else []
         else:
             words = (search or self.words.search(seg.start_frame)).partial(lookahead)
-        return " ".join(w.word for w in words), words
+        return " ".join(w.word for w in words), self._scaled(words)
+
+    def _scaled(self, words: list[Word]) -> list[Word]:
+        """Word times in seconds of this model's frames (segments and searches count 20 ms frames)."""
+        k = self._time_scale
+        if k == 1.0:
+            return words
+        return [replace(w, start=w.start * k, end=w.end * k) for w in words]
+
+    def _span(self, seg: CtcSegment, words: list[Word]) -> tuple[float, float]:
+        if words:
+            return words[0].start, words[-1].end
+        return seg.start_frame * self.schedule.frame_s, seg.end_frame * self.schedule.frame_s
 
     def _close_segment(self, reason: str) -> None:
         seg = self._seg
@@ -438,13 +484,13 @@ class StreamSession:
         text, words = self._decode(seg)
         self._search = None
         if text:
-            start, end = seg.span(words)
+            start, end = self._span(seg, words)
             alternatives = tuple(getattr(search, "alternatives", ()))  # n-best, when the search reads them
             self._events.append(Final(self._segment_index, text, start, end, tuple(words), reason, alternatives))
             self._segment_index += 1
         elif self._last_partial:
             # The open segment showed text that turned out to be nothing: clear it.
-            self._events.append(Partial(self._segment_index, "", seg.start_frame * FRAME_S, seg.end_frame * FRAME_S))
+            self._events.append(Partial(self._segment_index, "", *self._span(seg, [])))
         self._seg = CtcSegment(self.vocab, start_frame=seg.end_frame)
         self._last_partial = ""
 
@@ -457,9 +503,9 @@ class StreamSession:
             text = seg.text()
             if text == self._last_partial:
                 return
-            words = seg.words()
+            words = self._scaled(seg.words())
         self._last_partial = text
-        start, end = seg.span(words)
+        start, end = self._span(seg, words)
         self._events.append(Partial(self._segment_index, text, start, end, tuple(words)))
 
 
@@ -485,18 +531,19 @@ def reference(
     :class:`StreamSession` must produce exactly these.
     """
     x = as_float32(audio)
-    total = n_frames(len(x))
+    total = schedule.n_frames(len(x))
+    fs = schedule.frame_samples
     spans: list[tuple[int, int, int, int]] = []  # start frame, final_from, final_to, stop sample
     f = 0
     while f < total:
         start, final_end, end = schedule.plan(f)
         if schedule.ready(end, len(x)):
-            spans.append((start, f, final_end, FRAME_SAMPLES * end + schedule.tail))
+            spans.append((start, f, final_end, fs * end + schedule.tail))
             f = final_end
         else:
             spans.append((start, f, total, len(x)))
             f = total
-    outputs = run([x[FRAME_SAMPLES * s : stop] for s, _, _, stop in spans]) if spans else []
+    outputs = run([x[fs * s : stop] for s, _, _, stop in spans]) if spans else []
     session = StreamSession(schedule, vocab, endpoint, record_frames=True, words=words)
     for (s, a, b, _), lp in zip(spans, outputs, strict=True):
         lp = np.asarray(lp)

@@ -1,8 +1,11 @@
-"""Loading a Wav2Vec2ForCTC checkpoint and choosing where and how it runs.
+"""Loading a CTC checkpoint (``Wav2Vec2ForCTC`` and its kin, or ``Wav2Vec2BertForCTC``) and choosing where and how
+it runs.
 
 Everything model-specific goes through transformers: ``AutoModelForCTC``, the checkpoint's
-``Wav2Vec2CTCTokenizer`` (blank = its pad token, word delimiter = its ``|``) and its
-``Wav2Vec2FeatureExtractor`` (per-window normalisation, exactly as the ASR pipeline does it).
+``Wav2Vec2CTCTokenizer`` (blank = its pad token, word delimiter = its ``|``) and its feature extractor
+(``Wav2Vec2FeatureExtractor``, or Wav2Vec2-BERT's ``SeamlessM4TFeatureExtractor`` filterbanks; per-window
+normalisation, exactly as the ASR pipeline does it for each chunk). :func:`frame_geometry` derives the output
+frame grid from the checkpoint's own length arithmetic (feature extractor and model), so windows land on it.
 :func:`load_model` returns a :class:`streamer.runner.LocalRunner`: :class:`TorchRunner` (PyTorch in this
 process, float32, float16, bfloat16 or int8) or, with ``model.backend = "onnxruntime"``, the ONNX Runtime
 runner of :mod:`streamer.onnx` (float32 or int8).
@@ -22,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from streamer.config import ModelConfig
-from streamer.engine import FRAME_SAMPLES, RECEPTIVE_FIELD, SAMPLE_RATE
+from streamer.engine import SAMPLE_RATE
 from streamer.exceptions import InferenceError, ModelLoadError
-from streamer.runner import LocalRunner, TokenizerVocabulary, probe_windows
+from streamer.runner import WAV2VEC2_GEOMETRY, FrameGeometry, LocalRunner, TokenizerVocabulary, probe_windows
 
-__all__ = ["DEMO_MODEL", "TokenizerVocabulary", "TorchRunner", "cpu_has_bf16", "load_checkpoint", "load_model",
-           "resolve_model"]
+__all__ = ["DEMO_MODEL", "TokenizerVocabulary", "TorchRunner", "cpu_has_bf16", "frame_geometry", "load_checkpoint",
+           "load_model", "resolve_model"]
 
 logger = logging.getLogger("streamer.model")
 
@@ -99,10 +102,14 @@ class TorchRunner(LocalRunner):
 
     def __init__(self, model: Any, tokenizer: Any, feature_extractor: Any, *, name: str, device: str,
                  dtype: Any, max_batch: int = 64, source: str | None = None, revision: str | None = None,
-                 precision: str | None = None, n_parameters: int | None = None) -> None:
+                 precision: str | None = None, n_parameters: int | None = None,
+                 geometry: FrameGeometry | None = None) -> None:
         precision = precision or str(dtype).removeprefix("torch.")
+        if geometry is None:
+            geometry = frame_geometry(model, feature_extractor, name)
         super().__init__(tokenizer, feature_extractor, name=name, device=device, precision=precision,
-                         max_batch=max_batch, source=source, revision=revision, per_window=precision == "int8")
+                         max_batch=max_batch, source=source, revision=revision, per_window=precision == "int8",
+                         geometry=geometry)
         self.model = model
         self.dtype = dtype
         self.use_mask = bool(getattr(feature_extractor, "return_attention_mask", False))
@@ -118,10 +125,15 @@ class TorchRunner(LocalRunner):
         import torch
 
         try:
-            inputs = torch.from_numpy(self.normalise(batch)).to(self.device, dtype=self.dtype)
             kwargs: dict[str, Any] = {}
-            if self.use_mask:  # no padding: a mask of ones, as the feature extractor returns it
-                kwargs["attention_mask"] = torch.ones(inputs.shape, dtype=torch.int32, device=self.device)
+            if self.geometry.kind == "wav2vec2-bert":
+                features, mask = self.filterbanks(batch)
+                inputs = torch.from_numpy(features).to(self.device, dtype=self.dtype)
+                kwargs["attention_mask"] = torch.from_numpy(mask).to(self.device)
+            else:
+                inputs = torch.from_numpy(self.normalise(batch)).to(self.device, dtype=self.dtype)
+                if self.use_mask:  # no padding: a mask of ones, as the feature extractor returns it
+                    kwargs["attention_mask"] = torch.ones(inputs.shape, dtype=torch.int32, device=self.device)
             with torch.inference_mode():
                 logits = self.model(inputs, **kwargs).logits
                 lp = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
@@ -130,18 +142,92 @@ class TorchRunner(LocalRunner):
         return list(lp)
 
 
-def _check_geometry(config: Any, source: str) -> None:
-    stride = int(np.prod(getattr(config, "conv_stride", [0])))
-    kernels = getattr(config, "conv_kernel", [])
-    rf, jump = 1, 1
-    for k, s in zip(kernels, getattr(config, "conv_stride", []), strict=False):
-        rf += (k - 1) * jump
-        jump *= s
-    if stride != FRAME_SAMPLES or rf != RECEPTIVE_FIELD:
-        raise ModelLoadError(
-            f"{source}: feature encoder has stride {stride} and receptive field {rf} samples; "
-            f"streamer needs the wav2vec2 grid ({FRAME_SAMPLES}, {RECEPTIVE_FIELD})"
-        )
+SUPPORTED = ("CTC models with wav2vec2's convolutional feature encoder (Wav2Vec2ForCTC: wav2vec2, XLS-R, MMS; "
+             "HuBERT, WavLM and the like) and Wav2Vec2BertForCTC (Wav2Vec2-BERT 2.0)")
+
+
+def _fit_grid(count: Any, what: str, source: str) -> tuple[int, int]:
+    """``(frame_samples, receptive_field)`` such that ``count(n) == (n - rf) // fs + 1`` (0 below ``rf``).
+
+    ``count(n)`` is the number of output frames the checkpoint gives ``n`` samples (non-decreasing). The first
+    two thresholds are found by bisection, and the formula is then checked on either side of the next eight.
+    """
+    def first(at_least: int, lo: int, hi: int) -> int:
+        if count(hi) < at_least:
+            raise ModelLoadError(f"{source}: {what} gives fewer than {at_least} frames for {hi} samples; "
+                                 f"streamer streams {SUPPORTED}")
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if count(mid) < at_least else (lo, mid)
+        return lo
+
+    rf = first(1, 1, 4 * SAMPLE_RATE)
+    fs = first(2, rf, 8 * SAMPLE_RATE) - rf
+    for k in range(1, 9):
+        n = rf + k * fs
+        if count(n) != k + 1 or count(n - 1) != k:
+            raise ModelLoadError(
+                f"{source}: {what} gives frames on no regular grid ({count(n - 1)} and {count(n)} frames for "
+                f"{n - 1} and {n} samples, where one frame every {fs} samples after the first {rf} predicts "
+                f"{k} and {k + 1}); streamer streams {SUPPORTED}")
+    return fs, rf
+
+
+def frame_geometry(model: Any, feature_extractor: Any, source: str) -> FrameGeometry:
+    """The output frame grid of a loaded checkpoint, derived from its own length arithmetic.
+
+    wav2vec2 and its kin (raw samples in, ``conv_kernel`` / ``conv_stride``): the model's
+    ``_get_feat_extract_output_lengths`` of ``n`` samples (the conv stack, and its adapter when it has one;
+    (320, 400) for wav2vec2). Wav2Vec2-BERT (``input_features``): the feature extractor's unmasked feature
+    frames for ``n`` samples (10 ms fbank shift × stacking 2 = 320 samples, 560 for the first), through the
+    model's ``_get_feat_extract_output_lengths`` (× ``adapter_stride`` per adapter layer with
+    ``add_adapter``: 40 ms frames). Windows that start on a multiple of ``frame_samples`` put their frames on the
+    stream's grid: neither front end pads on the left. Anything else raises :class:`ModelLoadError`.
+    """
+    import torch
+
+    config = model.config
+    kind = str(getattr(config, "model_type", "?"))
+    main = str(getattr(model, "main_input_name", "input_values"))
+    lengths = getattr(model, "_get_feat_extract_output_lengths", None)
+    arch = f"{type(model).__name__} (model_type {kind!r}, input {main!r})"
+    if lengths is None:
+        raise ModelLoadError(f"{source}: {arch} does not say how many frames it gives; streamer streams {SUPPORTED}")
+
+    def out_frames(n_features: int) -> int:
+        return max(0, int(lengths(torch.tensor([n_features]))[0]))
+
+    if main == "input_values" and getattr(config, "conv_stride", None) and getattr(config, "conv_kernel", None):
+        if any(int(p) for p in getattr(config, "conv_padding", []) or []):
+            raise ModelLoadError(f"{source}: {arch} pads its feature encoder; streamer streams {SUPPORTED}")
+        fs, rf = _fit_grid(out_frames, f"{type(model).__name__}'s feature encoder", source)
+        geometry = FrameGeometry(fs, rf, "wav2vec2")
+        return WAV2VEC2_GEOMETRY if geometry == WAV2VEC2_GEOMETRY else geometry
+    if kind == "wav2vec2-bert" and main == "input_features":
+        if type(feature_extractor).__name__ != "SeamlessM4TFeatureExtractor":
+            raise ModelLoadError(f"{source}: {arch} needs its SeamlessM4TFeatureExtractor (preprocessor_config.json), "
+                                 f"not {type(feature_extractor).__name__}")
+        cache: dict[int, int] = {}
+
+        def features(n: int) -> int:  # the feature extractor's unmasked feature frames for n samples
+            if n not in cache:
+                if n < 2:
+                    cache[n] = 0
+                else:
+                    with warnings.catch_warnings(), np.errstate(all="ignore"):
+                        warnings.simplefilter("ignore")  # (one 10 ms frame: its variance is undefined)
+                        try:
+                            got = feature_extractor([np.zeros(n, np.float32)], sampling_rate=SAMPLE_RATE,
+                                                    return_tensors="np", return_attention_mask=True)
+                        except ValueError:  # shorter than one 25 ms frame
+                            got = {"attention_mask": np.zeros(0)}
+                    cache[n] = int(np.asarray(got["attention_mask"]).sum())
+            return cache[n]
+
+        fs, rf = _fit_grid(lambda n: out_frames(features(n)) if features(n) else 0,
+                           "the Wav2Vec2-BERT feature extractor and adapter", source)
+        return FrameGeometry(fs, rf, "wav2vec2-bert")
+    raise ModelLoadError(f"{source}: {arch} is not supported; streamer streams {SUPPORTED}")
 
 
 def _from_pretrained(cls: Any, source: str, local_only: bool, revision: str | None, **kw: Any) -> Any:
@@ -159,7 +245,13 @@ def load_checkpoint(source: str, *, revision: str | None, dtype: Any, attention:
     ``source`` is a directory or a hub id (tried from the local cache first; fetched only when the cache misses
     and ``HF_HUB_OFFLINE`` is not set). Raises :class:`ModelLoadError` saying how to fix what is wrong.
     """
-    from transformers import AutoModelForCTC, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor
+    from transformers import (
+        AutoConfig,
+        AutoModelForCTC,
+        SeamlessM4TFeatureExtractor,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
@@ -170,7 +262,10 @@ def load_checkpoint(source: str, *, revision: str | None, dtype: Any, attention:
 
     def load_all(local_only: bool) -> tuple[Any, Any, Any]:
         tok = _from_pretrained(Wav2Vec2CTCTokenizer, source, local_only, revision)
-        fe = _from_pretrained(Wav2Vec2FeatureExtractor, source, local_only, revision)
+        kind = getattr(_from_pretrained(AutoConfig, source, local_only, revision), "model_type", "")
+        # Wav2Vec2-BERT takes log-mel filterbanks (its own extractor); everything else raw normalised samples.
+        fe_class = SeamlessM4TFeatureExtractor if kind == "wav2vec2-bert" else Wav2Vec2FeatureExtractor
+        fe = _from_pretrained(fe_class, source, local_only, revision)
         try:
             model = _from_pretrained(AutoModelForCTC, source, local_only, revision, dtype=dtype,
                                      attn_implementation=attention)
@@ -211,7 +306,7 @@ def load_checkpoint(source: str, *, revision: str | None, dtype: Any, attention:
                 "set model.id to DIR (or --model DIR), or point HF_HOME at a cache that holds it"
             )
         raise ModelLoadError(msg) from exc
-    _check_geometry(model.config, source)
+    frame_geometry(model, fe, source)  # refuses what does not stream, naming it
     if int(getattr(fe, "sampling_rate", SAMPLE_RATE)) != SAMPLE_RATE:
         raise ModelLoadError(f"{source}: feature extractor expects {fe.sampling_rate} Hz; streamer needs 16000 Hz")
     return tokenizer, fe, model.eval()
@@ -238,13 +333,17 @@ def quantize_int8(model: Any) -> Any:
         return quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
-def _auto_cpu_precision(model: Any, n_parameters: int) -> tuple[Any, str]:
+def _auto_cpu_precision(model: Any, n_parameters: int, fe: Any = None) -> tuple[Any, str]:
     """``dtype = "auto"`` on a CPU: bfloat16 where the CPU has it and a timing shows it faster, else float32."""
     if n_parameters < BF16_PROBE_MIN_PARAMETERS or not cpu_has_bf16():
         return model, "float32"
     import torch
 
-    x32 = torch.from_numpy(probe_windows(1, SAMPLE_RATE))
+    probe = probe_windows(1, SAMPLE_RATE)
+    if getattr(model, "main_input_name", "input_values") == "input_features":  # Wav2Vec2-BERT: its filterbanks
+        probe = np.asarray(fe([probe[0]], sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"],
+                           dtype=np.float32)
+    x32 = torch.from_numpy(probe)
     fast = copy.deepcopy(model).to(torch.bfloat16)
     seconds: dict[str, list[float]] = {"float32": [], "bfloat16": []}
     with torch.inference_mode():
@@ -304,9 +403,13 @@ def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64) -> LocalR
     if precision == "int8":
         model = quantize_int8(model)
     elif precision == "auto":
-        model, precision = _auto_cpu_precision(model, n_parameters)
+        model, precision = _auto_cpu_precision(model, n_parameters, fe)
     dtype = torch.float32 if precision == "int8" else getattr(torch, precision)
     logger.info("loaded %s on %s (torch, %s, %s attention)", name, device, precision,
                 getattr(model.config, "_attn_implementation", "?"))
+    geometry = frame_geometry(model, fe, source)
+    if geometry != WAV2VEC2_GEOMETRY:
+        logger.info("%s: %s", name, geometry.describe())
     return TorchRunner(model, tokenizer, fe, name=name, device=device, dtype=dtype, max_batch=max_batch,
-                       source=source, revision=revision, precision=precision, n_parameters=n_parameters)
+                       source=source, revision=revision, precision=precision, n_parameters=n_parameters,
+                       geometry=geometry)

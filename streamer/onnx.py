@@ -275,6 +275,11 @@ def export(model_id: str, out: str | Path, *, revision: str | None = None, windo
         with steps.step("loading the torch checkpoint"):
             tokenizer, fe, model = load_checkpoint(source, revision=revision, dtype=torch.float32)
             n_parameters = sum(p.numel() for p in model.parameters())
+        if getattr(model, "main_input_name", "input_values") != "input_values":
+            raise ModelLoadError(
+                f"{model_id} is a {type(model).__name__} (Wav2Vec2-BERT: filterbank features in, not samples); "
+                "the ONNX export and the onnxruntime backend take raw-sample models (wav2vec2 and its kin) only. "
+                "Run it with model.backend = 'torch' (float32, bfloat16 or int8)")
         src = _source_dir(source, revision)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -10,6 +10,11 @@ A runner knows nothing about words or decoding: the word decoder is built from `
 :class:`LocalRunner` is what the in-process backends share (PyTorch, ONNX Runtime): the checkpoint's own
 tokenizer and feature extractor around a model call, and equal-length windows batched without padding.
 
+A runner also says where its output frames lie on the audio (:class:`FrameGeometry`, its ``geometry``
+attribute, read through :func:`geometry_of`): the engine's windows are cut on that grid. A runner without
+one is taken to have wav2vec2's (320 samples per frame, 400 for the first), so runners written before the
+attribute existed keep working unchanged.
+
 No torch here: this module names the contract and the backend-neutral part of running windows.
 """
 
@@ -27,10 +32,56 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from streamer.ctc import Vocabulary
-from streamer.engine import RECEPTIVE_FIELD, SAMPLE_RATE
+from streamer.engine import FRAME_SAMPLES, RECEPTIVE_FIELD, SAMPLE_RATE, Schedule, n_frames
 from streamer.exceptions import ModelLoadError
 
-__all__ = ["LocalRunner", "RunStats", "Runner", "TokenVocabulary", "TokenizerVocabulary", "probe_windows"]
+__all__ = ["WAV2VEC2_GEOMETRY", "FrameGeometry", "LocalRunner", "RunStats", "Runner", "TokenVocabulary",
+           "TokenizerVocabulary", "geometry_of", "probe_windows"]
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """Where a model's output frames lie on 16 kHz audio: the grid the engine cuts windows on.
+
+    A window of ``n`` samples that starts at sample ``frame_samples · s`` yields
+    ``(n - receptive_field) // frame_samples + 1`` frames (none below ``receptive_field``), and its frame ``t``
+    is the stream's frame ``s + t``; windows on this grid stack without padding. ``receptive_field`` is what the
+    model's length arithmetic asks for the first frame; with global attention every frame still depends on the
+    whole window.
+    """
+
+    frame_samples: int = FRAME_SAMPLES
+    """samples per output frame (320 = 20 ms for wav2vec2; 640 = 40 ms for Wav2Vec2-BERT with its adapter)"""
+    receptive_field: int = RECEPTIVE_FIELD
+    """samples a window needs for its first frame (400 for wav2vec2's conv stack, 560 for Wav2Vec2-BERT)"""
+    kind: str = "wav2vec2"
+    """which front end it was derived from: ``wav2vec2`` (convolutional feature encoder) or ``wav2vec2-bert``"""
+
+    def n_frames(self, n_samples: int) -> int:
+        """Frames for a window of ``n_samples`` samples."""
+        return n_frames(n_samples, self.frame_samples, self.receptive_field)
+
+    @property
+    def frame_ms(self) -> float:
+        return self.frame_samples * 1000 / SAMPLE_RATE
+
+    def schedule(self, stream: Any) -> Schedule:
+        """The window schedule of a ``[stream]`` config section (:class:`streamer.config.StreamConfig`) on this grid."""
+        return stream.schedule(self.frame_samples, self.receptive_field)  # type: ignore[no-any-return]
+
+    def describe(self) -> str:
+        return (f"{self.kind} grid: {self.frame_ms:g} ms frames ({self.frame_samples} samples), first frame after "
+                f"{self.receptive_field} samples")
+
+
+WAV2VEC2_GEOMETRY = FrameGeometry()
+"""the grid of wav2vec2's feature encoder (``conv_kernel`` 10,3,3,3,3,2,2 and ``conv_stride`` 5,2,2,2,2,2,2)"""
+
+
+def geometry_of(runner: object) -> FrameGeometry:
+    """The runner's frame grid: its ``geometry`` attribute, or wav2vec2's for runners that have none."""
+    geometry = getattr(runner, "geometry", None)
+    return geometry if isinstance(geometry, FrameGeometry) else WAV2VEC2_GEOMETRY
 
 
 @runtime_checkable
@@ -92,6 +143,9 @@ class Runner(Protocol):
     def shipped_file(self, name: str) -> Path | None:
         """A file the checkpoint ships next to its weights (``words.txt``), if it has one; never downloads."""
         ...
+
+    # Optional (read with :func:`geometry_of`, so that runners without it keep working):
+    # ``geometry: FrameGeometry`` -- where the output frames lie; default wav2vec2's grid.
 
 
 class TokenizerVocabulary:
@@ -162,7 +216,7 @@ class LocalRunner(ABC):
 
     def __init__(self, tokenizer: Any, feature_extractor: Any, *, name: str, device: str, precision: str,
                  max_batch: int = 64, source: str | None = None, revision: str | None = None,
-                 per_window: bool = False) -> None:
+                 per_window: bool = False, geometry: FrameGeometry = WAV2VEC2_GEOMETRY) -> None:
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         self.vocab = TokenizerVocabulary(tokenizer)
@@ -177,6 +231,8 @@ class LocalRunner(ABC):
         self.source = source or name
         """where the checkpoint was loaded from (a directory or a hub id): :meth:`shipped_file` looks there"""
         self.revision = revision
+        self.geometry = geometry
+        """where the output frames lie (the engine's schedule is cut on this grid)"""
         self._lock = threading.Lock()
 
     backend: str = ""
@@ -199,7 +255,7 @@ class LocalRunner(ABC):
         out: list[np.ndarray | None] = [None] * len(windows)
         groups: dict[int, list[int]] = defaultdict(list)
         for i, w in enumerate(windows):
-            if len(w) < RECEPTIVE_FIELD:
+            if len(w) < self.geometry.receptive_field:
                 out[i] = np.zeros((0, self.vocab.size), dtype=np.float32)
             else:
                 groups[len(w)].append(i)
@@ -209,8 +265,11 @@ class LocalRunner(ABC):
                 for k in range(0, len(idx), self.max_batch):
                     part = idx[k : k + self.max_batch]
                     self.stats.calls += 1
+                    # (a feature extractor may pad a window's features, and the model give a frame for the
+                    # padding: frames past the grid's count are the padding's, never the window's)
+                    n = self.geometry.n_frames(len(windows[part[0]]))
                     for i, lp in zip(part, self._forward([windows[i] for i in part]), strict=True):
-                        out[i] = lp
+                        out[i] = lp[:n]
         self.stats.seconds += time.perf_counter() - t0
         return [o for o in out if o is not None]
 
@@ -219,6 +278,18 @@ class LocalRunner(ABC):
         feats = self.feature_extractor(batch, sampling_rate=self.sample_rate, return_tensors="np",
                                        return_attention_mask=False)
         return np.asarray(feats["input_values"], dtype=np.float32)
+
+    def filterbanks(self, batch: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``[windows, frames, 160]`` stacked log-mel features and their ``[windows, frames]`` attention mask.
+
+        For Wav2Vec2-BERT: the checkpoint's ``SeamlessM4TFeatureExtractor`` computes each window's filterbanks and
+        normalises them per mel bin over that window alone, as the ASR pipeline does for each chunk; the mask
+        is the one it returns (it pads to an even number of 10 ms frames), which the pipeline passes on too.
+        """
+        feats = self.feature_extractor(batch, sampling_rate=self.sample_rate, return_tensors="np",
+                                       return_attention_mask=True)
+        return (np.asarray(feats["input_features"], dtype=np.float32),
+                np.asarray(feats["attention_mask"], dtype=np.int64))
 
     def shipped_file(self, name: str) -> Path | None:
         """The checkpoint's own file ``name``: in its directory, or in the hub cache (never downloaded)."""

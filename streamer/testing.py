@@ -6,7 +6,9 @@ vocabulary, :func:`processor` makes the tokenizer and feature extractor that go 
 :func:`save_checkpoint` writes the three in the plain Hugging Face layout that ``streamer`` loads. The test
 suite's tiny models (:func:`make_tiny_model`), the benchmarks' random models of real shapes
 (:data:`RANDOM_SIZES`, :func:`save_random_model`, :func:`random_runner`) and the demo recipe's model
-(``recipes/demo/train.py``) are all built this way.
+(``recipes/demo/train.py``) are all built this way. Wav2Vec2-BERT checkpoints (``Wav2Vec2BertForCTC`` with its
+``SeamlessM4TFeatureExtractor``) come from :func:`random_bert_model` / :func:`bert_processor`:
+:func:`make_tiny_bert_model` for the tests, ``RANDOM_SIZES["w2v-bert-2.0"]`` (:class:`BertShape`) for benchmarks.
 
 Speech: :func:`espeak_audio` runs espeak-ng (``$STREAMER_ESPEAK`` or ``espeak-ng`` on the path) and resamples
 its 22050 Hz output with soxr; :func:`espeak` writes it to a WAV file, :func:`speech_audio` strings sentences
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BENCH_SENTENCES",
+    "BertShape",
     "RANDOM_SIZES",
     "TINY_LETTERS",
     "XLSR_VOCAB",
@@ -43,8 +46,11 @@ __all__ = [
     "espeak",
     "espeak_audio",
     "espeak_command",
+    "bert_processor",
+    "make_tiny_bert_model",
     "make_tiny_model",
     "processor",
+    "random_bert_model",
     "random_model",
     "random_runner",
     "save_checkpoint",
@@ -79,10 +85,23 @@ class ModelShape:
     conv_pos_groups: int = 16
 
 
-RANDOM_SIZES: dict[str, ModelShape] = {
+@dataclass(frozen=True)
+class BertShape:
+    """The size of a Wav2Vec2BertForCTC (a Conformer over 20 ms filterbank features)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    adapter: bool = True
+    """``add_adapter``: one strided convolution after the encoder, 40 ms output frames (the fine-tuning guide's)"""
+
+
+RANDOM_SIZES: dict[str, ModelShape | BertShape] = {
     "base": ModelShape("group", 12, 768, 12, 3072, 512),
     "xlsr-large": ModelShape("layer", 24, 1024, 16, 4096, 512),
     "tiny": ModelShape("layer", 2, 64, 2, 128, 32),
+    "w2v-bert-2.0": BertShape(24, 1024, 16, 4096),
 }
 """the shapes of real models (``streamer bench --random``, ``clients/loadtest.py --random-model``)"""
 
@@ -133,6 +152,38 @@ def processor(vocab: Sequence[str], *, norm: str = "layer", **tokenizer: Any) ->
     return tok, fe
 
 
+def random_bert_model(vocab: Sequence[str], shape: BertShape, *, seed: int | None = 0, logit_std: float | None = None,
+                      **config: Any) -> Any:
+    """A randomly initialised ``Wav2Vec2BertForCTC`` of ``shape`` whose outputs are ``vocab`` (``<pad>`` = blank).
+
+    ``seed`` and ``logit_std`` as for :func:`random_model`; ``config`` holds further ``Wav2Vec2BertConfig``
+    arguments. Layer drop is off, as the fine-tuning guide sets it.
+    """
+    import torch
+    from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForCTC
+
+    settings: dict[str, Any] = {
+        "vocab_size": len(vocab), "pad_token_id": list(vocab).index("<pad>"), "hidden_size": shape.hidden,
+        "output_hidden_size": shape.hidden, "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
+        "intermediate_size": shape.intermediate, "add_adapter": shape.adapter, "layerdrop": 0.0,
+    }
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = Wav2Vec2BertForCTC(Wav2Vec2BertConfig(**(settings | config)))
+    if logit_std is not None:
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, logit_std)
+    return model
+
+
+def bert_processor(vocab: Sequence[str], **tokenizer: Any) -> tuple[Any, Any]:
+    """The tokenizer (as :func:`processor`) and the ``SeamlessM4TFeatureExtractor`` of a Wav2Vec2-BERT model."""
+    from transformers import SeamlessM4TFeatureExtractor
+
+    tok, _ = processor(vocab, **tokenizer)
+    return tok, SeamlessM4TFeatureExtractor(sampling_rate=SAMPLE_RATE)  # type: ignore[no-untyped-call]
+
+
 def save_checkpoint(path: str | Path, model: Any, tokenizer: Any, feature_extractor: Any) -> Path:
     """``save_pretrained`` of the three parts into ``path`` (created); returns it."""
     out = Path(path)
@@ -157,8 +208,24 @@ def make_tiny_model(path: Path, *, norm: str = "layer", pad_last: bool = False, 
     return save_checkpoint(path, model, *processor(vocab, norm=norm))
 
 
+def make_tiny_bert_model(path: Path, *, adapter: bool = False, pad_last: bool = False, seed: int = 0,
+                         hidden: int = 32, layers: int = 2) -> Path:
+    """Save a random tiny ``Wav2Vec2BertForCTC`` with its processor, as :func:`make_tiny_model` does for wav2vec2.
+
+    ``adapter``: ``add_adapter`` (40 ms frames) or not (20 ms). Same vocabulary and spread logits as the tiny
+    wav2vec2 models.
+    """
+    tokens = ["|", *TINY_LETTERS, "<unk>"]
+    vocab = [*tokens, "<pad>"] if pad_last else ["<pad>", *tokens]
+    shape = BertShape(layers, hidden, heads=2, intermediate=2 * hidden, adapter=adapter)
+    model = random_bert_model(vocab, shape, seed=seed, logit_std=2.0, ctc_loss_reduction="mean")
+    return save_checkpoint(path, model, *bert_processor(vocab))
+
+
 def _random_parts(size: str) -> tuple[Any, Any, Any]:
     shape = RANDOM_SIZES[size]
+    if isinstance(shape, BertShape):
+        return random_bert_model(XLSR_VOCAB, shape, seed=0), *bert_processor(XLSR_VOCAB)
     return random_model(XLSR_VOCAB, shape, seed=0), *processor(XLSR_VOCAB, norm=shape.norm)
 
 

@@ -17,18 +17,22 @@ from streamer.config import Config
 from streamer.ctc import Vocabulary
 from streamer.engine import RunFn, StreamSession, WordDecoder, run_session
 from streamer.events import Event, Final
+from streamer.runner import FrameGeometry
 
 __all__ = ["new_session", "stream_array", "stream_file", "text_of"]
 
 
 def new_session(cfg: Config, vocab: Vocabulary, words: WordDecoder | None = None, *,
-                record_frames: bool = False) -> StreamSession:
+                record_frames: bool = False, geometry: FrameGeometry | None = None) -> StreamSession:
     """A session with the configured window schedule and endpoint rules.
 
     ``words``: the word decoder (:func:`streamer.decoder.build_decoder`), or None for greedy CTC.
+    ``geometry``: the model's frame grid (:func:`streamer.runner.geometry_of` the runner); None = wav2vec2's.
     """
-    return StreamSession(cfg.stream.schedule(), vocab, cfg.endpoint.rules(), record_frames=record_frames,
-                         words=words)
+    schedule = cfg.stream.schedule()
+    if geometry is not None:
+        schedule = cfg.stream.schedule(geometry.frame_samples, geometry.receptive_field)
+    return StreamSession(schedule, vocab, cfg.endpoint.rules(), record_frames=record_frames, words=words)
 
 
 def stream_blocks(

@@ -24,6 +24,7 @@ from streamer.events import (
 from streamer.exceptions import ConfigError, ProtocolError
 from streamer.lexicon import Lexicon, OpenVocabulary
 from streamer.protocol import Start, parse_control
+from streamer.runner import geometry_of
 
 __all__ = ["NativeHandler"]
 
@@ -52,10 +53,12 @@ class NativeHandler(StreamHandler):
     def ready(self) -> Ready:
         d = self.daemon
         st, ep = d.cfg.stream, d.cfg.endpoint
+        sched = geometry_of(d.runner).schedule(st)  # in the model's frames (20 ms, or 40 ms for some models)
+        ms = sched.frame_samples * 1000 // SAMPLE_RATE
         return Ready(
             self.id, d.runner.name, SAMPLE_RATE, ENCODINGS,
-            {"left_context_ms": st.left_frames * 20, "hop_ms": st.hop_frames * 20,
-             "lookahead_ms": st.lookahead_frames * 20, "window_samples": st.schedule().window_samples},
+            {"left_context_ms": sched.left * ms, "hop_ms": sched.hop * ms,
+             "lookahead_ms": sched.lookahead * ms, "window_samples": sched.window_samples},
             {"enabled": ep.enabled, "silence_after_speech_s": ep.silence_after_speech_s},
             server_pid=os.getpid() if d.cluster is not None else None,  # which of several front-end processes
         )

@@ -34,7 +34,7 @@ from streamer.config import Config
 from streamer.engine import SAMPLE_RATE, StreamSession, Window, WordDecoder
 from streamer.events import Event, Final
 from streamer.fair import AudioBudget
-from streamer.runner import TokenVocabulary
+from streamer.runner import TokenVocabulary, geometry_of
 from streamer.transcribe import new_session
 
 FEED_PIECE = SAMPLE_RATE
@@ -191,7 +191,7 @@ class Streams:
              name: str | None = None, id: str | None = None, words: WordDecoder | None = None) -> LiveStream:
         """A new stream; ``words`` is the stream's own word list (default: the daemon's)."""
         sid = id or uuid.uuid4().hex[:12]
-        session = new_session(self.cfg, self.vocab, words or self.words)
+        session = new_session(self.cfg, self.vocab, words or self.words, geometry=geometry_of(self.worker.runner))
         srv = self.cfg.server
         budget = AudioBudget(srv.max_speed, srv.max_burst_s, time.monotonic()) if srv.max_speed > 0 else None
         return LiveStream(session, self.worker, self.hub, self.metrics, id=sid, name=name or sid,

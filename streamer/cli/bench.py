@@ -18,9 +18,9 @@ from streamer.testing import RANDOM_SIZES, random_runner, speech_audio
 
 if TYPE_CHECKING:
     from streamer.config import Config
+    from streamer.decoder import Decoder
     from streamer.engine import Schedule
     from streamer.events import Event
-    from streamer.lexicon import Lexicon
     from streamer.runner import LocalRunner, Runner
 
 
@@ -48,16 +48,17 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def measure(runner: Runner, cfg: Config, words: Lexicon | None, audio: np.ndarray, chunk_ms: float,
+def measure(runner: Runner, cfg: Config, words: Decoder | None, audio: np.ndarray, chunk_ms: float,
             offline_ids: np.ndarray, offline_text: str) -> dict[str, float]:
     """Stream ``audio`` in ``chunk_ms`` chunks; time it, and the model calls on provisional windows apart.
 
     ``first_partial`` is the audio (seconds) received when the first partial with text came.
     """
     from streamer.engine import Window
+    from streamer.runner import geometry_of
     from streamer.transcribe import new_session, text_of
 
-    session = new_session(cfg, runner.vocab, words, record_frames=True)
+    session = new_session(cfg, runner.vocab, words, record_frames=True, geometry=geometry_of(runner))
     cost = {"provisional_windows": 0.0, "provisional_seconds": 0.0, "first_partial": float("nan")}
     events: list[Event] = []
 
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     from streamer.decoder import build_decoder
     from streamer.model import TorchRunner, load_model
+    from streamer.runner import geometry_of
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,12 +127,15 @@ def run(args: argparse.Namespace) -> int:
         except StreamerError as exc:
             raise StreamerError(f"{exc}; or pass --audio FILE") from exc
     dur = len(audio) / 16000
-    sched = cfg.stream.schedule()
+    geometry = geometry_of(runner)
+    sched = geometry.schedule(cfg.stream)  # on the model's grid: 20 ms frames, or 40 ms (Wav2Vec2-BERT's adapter)
+    ms = sched.frame_samples * 1000 // 16000
     threads = cfg.model.threads or "default" if runner.backend == "onnxruntime" else torch.get_num_threads()
     print(f"model {runner.name}: {runner.n_parameters / 1e6:.1f} M parameters on {runner.device} "
           f"({runner.backend}, {runner.precision}), {runner.backend} threads {threads}")
-    print(f"audio {dur:.1f} s; schedule left {sched.left * 20} ms, hop {sched.hop * 20} ms, "
-          f"lookahead {sched.lookahead * 20} ms (window {sched.window_samples / 16000:.2f} s)")
+    print(f"{geometry.describe()}")
+    print(f"audio {dur:.1f} s; schedule left {sched.left * ms} ms, hop {sched.hop * ms} ms, "
+          f"lookahead {sched.lookahead * ms} ms (window {sched.window_samples / 16000:.2f} s)")
     runner.warmup(sched.window_samples)
     runner.run([audio[: 16000 * 5]])
 
@@ -157,8 +162,8 @@ def run(args: argparse.Namespace) -> int:
                         feature_extractor=runner.feature_extractor, device=runner.device)
         n = sched.left + sched.hop + sched.lookahead
         t0 = time.perf_counter()
-        out: Any = pipe(audio.copy(), chunk_length_s=n * 0.02,
-                        stride_length_s=(sched.left * 0.02, sched.lookahead * 0.02), batch_size=8)
+        out: Any = pipe(audio.copy(), chunk_length_s=n * sched.frame_s,
+                        stride_length_s=(sched.left * sched.frame_s, sched.lookahead * sched.frame_s), batch_size=8)
         text = str(out["text"])  # the pipeline decodes greedily: compare with greedy offline text
         rows.append(("transformers pipeline", time.perf_counter() - t0, float("nan"), cer(text, greedy_text)))
     elif not args.no_pipeline:
@@ -169,9 +174,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:<24}{secs:>9.3f}{secs / dur:>9.4f}{secs / offline_s:>11.2f}x{agree_s:>13}{c * 100:>14.2f} %")
     print(f"\ncompute ratio streaming/offline: {st['seconds'] / offline_s:.2f} "
           f"(schedule predicts ~{(sched.left + sched.hop + sched.lookahead) / sched.hop:.2f})")
-    full_s = (sched.plan(0)[2] * 320 + sched.tail) / 16000
+    full_s = (sched.plan(0)[2] * sched.frame_samples + sched.tail) / 16000
     if late is not None:
-        print(f"early partials every {sched.early * 20} ms: {st['provisional_windows']:.0f} provisional windows, "
+        print(f"early partials every {sched.early * ms} ms: {st['provisional_windows']:.0f} provisional windows, "
               f"{st['provisional_seconds']:.3f} model s ({st['provisional_seconds'] / st['seconds'] * 100:.1f} % "
               f"of the streaming time; they come once per stream start and flush); first partial after "
               f"{st['first_partial']:.2f} s of audio, {late['first_partial']:.2f} s without "
@@ -212,7 +217,8 @@ def capacity(runner: LocalRunner, sched: Schedule, audio: np.ndarray) -> None:
     per_s = len(windows) / secs
     batching = "one window per call (int8)" if runner.per_window else f"batches of {len(windows)}"
     print(f"{len(windows)} full windows, {batching}: {per_s:.1f} windows/s; at one window per "
-          f"{sched.hop * 20} ms hop that is about {per_s * sched.hop * 0.02:.1f} live streams on this machine "
+          f"{sched.hop * sched.frame_s * 1000:.0f} ms hop that is about {per_s * sched.hop * sched.frame_s:.1f} live "
+          "streams on this machine "
           "(model time only)")
 
 
@@ -223,7 +229,7 @@ def peak_rss_mb() -> float:
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
 
 
-def plot_tradeoff(runner: Runner, cfg: Config, words: Lexicon | None, audio: np.ndarray, args: argparse.Namespace,
+def plot_tradeoff(runner: Runner, cfg: Config, words: Decoder | None, audio: np.ndarray, args: argparse.Namespace,
                   offline_s: float, offline_ids: np.ndarray, offline_text: str) -> None:
     import matplotlib
 

@@ -154,6 +154,7 @@ def evaluate(runner: LocalRunner, cfg: Config, lex: Lexicon | None, items: list[
     """Transcribe every item offline (one pass) and, with ``streaming``, through the engine in ``chunk`` samples."""
     from tqdm import tqdm
 
+    from streamer.runner import geometry_of
     from streamer.scoring import ErrorRate
     from streamer.transcribe import new_session, stream_array, text_of
 
@@ -170,7 +171,7 @@ def evaluate(runner: LocalRunner, cfg: Config, lex: Lexicon | None, items: list[
         ev.offline.add(item.text, hyp_off)
         hyp_str = None
         if streaming:
-            session = new_session(cfg, runner.vocab, lex)
+            session = new_session(cfg, runner.vocab, lex, geometry=geometry_of(runner))
             hyp_str = " ".join(text_of(stream_array(session, runner.run, audio, chunk)).split())
             ev.streaming_seconds += runner.stats.seconds - s1
             ev.streaming.add(item.text, hyp_str)

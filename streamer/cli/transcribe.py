@@ -52,6 +52,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from streamer.decoder import build_decoder
     from streamer.model import load_model
+    from streamer.runner import geometry_of
     from streamer.transcribe import new_session, stream_file
 
     if args.chunk_ms <= 0:
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         for path in files:
             writer = EventWriter(args.format, out)
             bar = _progress_bar(path)
-            session = new_session(cfg, runner.vocab, words)
+            session = new_session(cfg, runner.vocab, words, geometry=geometry_of(runner))
             stream, session_id = Path(path).stem, uuid.uuid4().hex[:12]
             try:
                 for event in stream_file(session, runner.run, path, args.chunk_ms, bar.update if bar else None):

@@ -271,6 +271,8 @@ class ModelServerConfig(_Section):
     retry_s: float = _opt(5.0, min=0.0, doc="how long windows wait for an unreachable server before their "
                           "streams get inference_failed (1011)")
     start_timeout_s: float = _opt(120.0, min=1.0, doc="how long to wait for the server to be ready at start")
+    python: str = _opt("", doc="the interpreter that runs the server `streamer serve` starts ('' = this one): one "
+                       "with streamer[triton-server], whose PyTriton holds numpy below 2")
 
 
 @dataclass(frozen=True)

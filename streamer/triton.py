@@ -13,7 +13,8 @@ shorter ones (a stream's first windows, early partials, a final flush) go in req
 The model on the server carries a version computed from its vocabulary (:func:`model_version`): the front-end asks
 for that version, so a server started from another checkpoint is refused at start with the reason, never used.
 
-No asyncio server code here; ``tritonclient`` is imported when a runner is made (``pip install 'streamer[triton]'``).
+No asyncio server code here; ``tritonclient`` is imported when a runner is made (``pip install 'streamer[triton]'``:
+the client alone, which takes numpy 2; the server, PyTriton, is ``streamer[triton-server]``).
 """
 
 from __future__ import annotations

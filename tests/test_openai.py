@@ -194,6 +194,22 @@ async def test_chunked_and_expect_continue_uploads(daemon, files, cli_finals):
     assert await raw_post(daemon.port, wav, expect=True) == (200, (expected + "\n").encode())
 
 
+async def test_a_slow_or_abandoned_upload_is_bounded(daemon_factory):
+    d = await daemon_factory("openai.upload_timeout_s=1")
+    head = (b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b"
+            b"\r\nContent-Length: 100000\r\n\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+    writer.write(head + b"--b\r\n" + b"x" * 1000)  # then nothing
+    answer = await asyncio.wait_for(reader.read(), TIMEOUT)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"openai.upload_timeout_s" in answer
+    reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+    writer.write(head + b"x" * 1000)
+    await writer.drain()
+    writer.close()  # leaves during its upload: nothing to answer, its slot comes back
+    assert await _drained(d)
+
+
 @pytest.mark.parametrize(("kwargs", "param", "words"), [
     ({"file": ("notes.txt", b"this is not audio at all " * 40)}, "file", "libsndfile"),
     ({"response_format": "diarized_json"}, "response_format", "json, text"),
@@ -221,8 +237,9 @@ async def test_requests_without_a_form_or_a_file(daemon):
     assert status == 400 and b"no audio samples" in body
     status, body = await raw_post(daemon.port, b"garbage" * 100)
     assert status == 400 and b"libsndfile" in body and b"BytesIO" not in body
-    with pytest.raises(openai.NotFoundError):
-        await http.audio.translations.create(model="whisper-1", file=("a.wav", b"RIFF"))
+    with pytest.raises(openai.NotFoundError) as info:  # translations are not served
+        await http.post("/audio/translations", body={"model": "x"}, cast_to=object)
+    assert "/v1/audio/transcriptions" in info.value.message
 
 
 async def test_requests_count_against_max_streams(daemon_factory, files, speech):

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +48,30 @@ BEAT_INTERVAL_S = 1.0
 """how often a process reports its health; the supervisor pushes the daemon's state as often"""
 LINE_LIMIT = 1 << 22
 """the longest line on the socket (an event with many words stays far below)"""
+EVENT_BUFFER_LIMIT = 1 << 23
+"""unsent bytes toward a peer beyond which events to it are dropped (a peer that stopped reading): memory
+stays bounded; admissions, names and state are small and always sent"""
+DROP_LOG_INTERVAL_S = 10.0
+
+
+class _DropLog:
+    """Counts events dropped toward a peer that does not read, and logs them at most once per interval."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.dropped = 0
+        self._logged_at = -DROP_LOG_INTERVAL_S
+
+    def full(self, writer: asyncio.StreamWriter) -> bool:
+        if writer.transport.get_write_buffer_size() <= EVENT_BUFFER_LIMIT:
+            return False
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._logged_at >= DROP_LOG_INTERVAL_S:
+            self._logged_at = now
+            logger.warning("cluster: %s reads nothing of the %d bytes waiting for it: dropped %d event(s) so far",
+                           self.peer, writer.transport.get_write_buffer_size(), self.dropped)
+        return True
 
 
 def _line(msg: dict[str, Any]) -> bytes:
@@ -75,6 +98,7 @@ class Member:
     health: dict[str, Any] = field(default_factory=dict)
     beat_at: float = field(default_factory=time.monotonic)
     listening: dict[str, Any] = field(default_factory=dict)
+    drops: _DropLog = field(default_factory=lambda: _DropLog("a front-end process"))
 
     def send(self, msg: dict[str, Any]) -> None:
         if not self.writer.is_closing():
@@ -210,7 +234,8 @@ class ClusterService:
             name = msg["stream"]
             data = _line(msg)
             for other in self.members:
-                if other is not m and name in other.watches and not other.writer.is_closing():
+                if (other is not m and name in other.watches and not other.writer.is_closing()
+                        and not other.drops.full(other.writer)):
                     other.writer.write(data)
             if self.on_event is not None:
                 self.on_event(name, msg["session"], parse_event_dict(msg["event"]))
@@ -306,7 +331,7 @@ class ClusterLink:
         self.lost = asyncio.Event()
         self._drained = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._names: Counter[str] = Counter()
+        self._drops = _DropLog("the supervisor")
 
     @classmethod
     async def connect(cls, path: str, slot: int) -> ClusterLink:
@@ -403,7 +428,8 @@ class ClusterLink:
     def publish(self, stream: str, session: str, event: Event) -> None:
         """Event sink: relay an event of this process's stream to viewers elsewhere and to MQTT."""
         final = isinstance(event, Final)
-        if stream in self.watched or (self.forward_all and (final or self.forward_partials)):
+        if (stream in self.watched or (self.forward_all and (final or self.forward_partials))) \
+                and not self._drops.full(self._writer):
             # written to the socket now (asyncio writes at once when nothing waits): a final the client
             # is sent afterwards reaches the supervisor even if this process is killed right then
             self.send({"op": "event", "stream": stream, "session": session, "event": event.to_dict()})

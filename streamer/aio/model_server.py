@@ -71,8 +71,10 @@ def serve_model(cfg: Config, *, ready: Any = None) -> None:
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
         from pytriton.triton import Triton, TritonConfig
     except ImportError as exc:
-        raise ModelLoadError(f"the model server needs PyTriton ({exc}); install it with "
-                             "pip install 'streamer[triton]'") from None
+        raise ModelLoadError(f"the model server needs PyTriton ({exc}); install it with pip install "
+                             "'streamer[triton-server]', in an environment of its own (PyTriton holds numpy below 2), "
+                             "and run streamer model-server from there or name its python in "
+                             "model_server.python") from None
     from streamer.model import load_model
 
     ms = cfg.model_server
@@ -141,9 +143,14 @@ class ModelServerProcess:
         """Start the server and wait until its model is ready; return its gRPC address (``host:port``)."""
         from streamer.triton import TritonRunner, load_vocabulary
 
-        cmd = [sys.executable, "-m", "streamer", "model-server", *_set_args(self.cfg)]
+        python = os.path.expanduser(self.cfg.model_server.python) or sys.executable
+        cmd = [python, "-m", "streamer", "model-server", *_set_args(self.cfg)]
         # its own session: stopping it stops Triton and the proxy processes it started
-        self.proc = subprocess.Popen(cmd, start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(cmd, start_new_session=True)
+        except OSError as exc:
+            raise StreamerError(f"cannot start the model server with model_server.python = {python!r}: "
+                                f"{exc.strerror or exc}") from None
         vocab, source, name = load_vocabulary(self.cfg.model)
         probe = TritonRunner(self.cfg.model_server, self.url, vocab, name=name, source=source)
         deadline = time.monotonic() + self.cfg.model_server.start_timeout_s

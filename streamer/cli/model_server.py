@@ -17,7 +17,8 @@ def register(sub: Any) -> None:
         "([model_server] host, grpc_port; HTTP on http_port, Prometheus metrics on metrics_port), with a "
         "dynamic batcher that merges the windows of every front-end (model_server.max_batch, "
         "max_queue_delay_ms). Front-ends use it with model_server.kind = \"triton\" and model_server.url = "
-        "HOST:GRPC_PORT, and read the same checkpoint's vocabulary. Needs pip install 'streamer[triton]'. "
+        "HOST:GRPC_PORT, and read the same checkpoint's vocabulary. Needs pip install 'streamer[triton-server]' "
+        "(PyTriton, which holds numpy below 2: best in an environment of its own). "
         "SIGTERM or Ctrl-C stops it.",
     )
     add_config_args(p)

@@ -264,6 +264,8 @@ async def test_two_processes_serve_native_and_vosk_clients_like_transcribe(serve
     /healthz and /metrics count both processes' streams."""
     s = await served("server.max_streams=10")
     audio = pcm16(speech)
+    async with connect(f"ws://127.0.0.1:{s.vosk_port}/") as probe:  # Vosk has no ready: a header names the process
+        assert probe.response is not None and int(probe.response.headers["X-Streamer-Pid"]) in s.children().values()
     opened: list[Client] = []
     natives = await spread(s.port, 4, opened=opened)
     assert len({c.pid for c in natives}) == 2 and set(s.children().values()) == {c.pid for c in natives}
@@ -296,7 +298,8 @@ async def test_two_processes_serve_native_and_vosk_clients_like_transcribe(serve
     assert status == 200
     total = {m.group(1): float(m.group(2))
              for m in re.finditer(r'^streamer_streams_total\{protocol="(\w+)"\} (\S+)$', metrics, re.M)}
-    assert total == {"native": float(len(opened)), "vosk": 2.0}  # each counted once, by the process that served it
+    # each counted once, by the process that served it (vosk: the probe and the two clients)
+    assert total == {"native": float(len(opened)), "vosk": 3.0}
     rejected = re.search(r'^streamer_streams_rejected_total\{reason="busy"\} (\S+)$', metrics, re.M)
     assert rejected is not None and float(rejected.group(1)) == 4.0
     await s.until_health(lambda h: h["streams"] == 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
 from streamer.aio.handler import StreamHandler
 from streamer.aio.http import LISTEN_PREFIX, OPEN_TIMEOUT_S, REALTIME_PATH, STREAM_PATH, HttpFront
@@ -228,6 +230,8 @@ class Daemon:
             "ping_interval": s.ping_interval_s or None,
             "ping_timeout": s.ping_timeout_s or None,
         }
+        if self.cluster is not None:  # which of several front-end processes answered (Vosk has no ready message)
+            common["process_response"] = self._tag_process
         if tls is not None:
             common["ssl"] = tls  # both ports: https/wss
             common["ssl_handshake_timeout"] = OPEN_TIMEOUT_S
@@ -242,6 +246,11 @@ class Daemon:
         ws = "wss" if tls is not None else "ws"
         logger.info("listening on %s://%s:%d%s%s", ws, s.host, self.port, STREAM_PATH,
                     f" and vosk {ws}://{s.host}:{self.vosk_port}" if self.vosk_port else "")
+
+    @staticmethod
+    def _tag_process(conn: ServerConnection, request: Request, response: Response) -> None:
+        """websockets' ``process_response`` with several front-end processes: ``X-Streamer-Pid`` names this one."""
+        response.headers["X-Streamer-Pid"] = str(os.getpid())
 
     async def _listen(self, handler: Callable[[ServerConnection], Awaitable[None]], host: str, port: int, key: str,
                       kwargs: dict[str, Any]) -> Server:

@@ -210,6 +210,27 @@ async def test_a_slow_or_abandoned_upload_is_bounded(daemon_factory):
     assert await _drained(d)
 
 
+async def test_uploads_and_realtime_over_tls(daemon_factory, files, cli_finals, tls_files):
+    """With server.tls_cert/tls_key the SDK talks https:// and wss:// (the answer's close differs: no half-close)."""
+    import ssl
+
+    d = await daemon_factory(f"server.tls_cert='{tls_files['cert']}'", f"server.tls_key='{tls_files['key']}'",
+                             f"server.auth_token='{TOKEN}'")
+    trust = ssl.create_default_context(cafile=str(tls_files["cert"]))
+    c = openai.AsyncOpenAI(base_url=f"https://127.0.0.1:{d.port}/v1", api_key=TOKEN, max_retries=0,
+                           http_client=openai.DefaultAsyncHttpxClient(verify=trust))
+    for _ in range(2):
+        got = await c.audio.transcriptions.create(model="x", file=("a.wav", files["wav24"].read_bytes()))
+        assert got.text == text_of(cli_finals["wav24"])
+    with pytest.raises(openai.AuthenticationError):
+        await openai.AsyncOpenAI(base_url=f"https://127.0.0.1:{d.port}/v1", api_key="bad", max_retries=0,
+                                 http_client=openai.DefaultAsyncHttpxClient(verify=trust)).models.list()
+    assert await _drained(d)
+    async with connect(f"wss://127.0.0.1:{d.port}/v1/realtime?intent=transcription", ssl=trust,
+                       additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+        assert (await realtime_events(ws, "session.created"))[-1]["session"]["type"] == "transcription"
+
+
 @pytest.mark.parametrize(("kwargs", "param", "words"), [
     ({"file": ("notes.txt", b"this is not audio at all " * 40)}, "file", "libsndfile"),
     ({"response_format": "diarized_json"}, "response_format", "json, text"),

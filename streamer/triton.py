@@ -305,6 +305,8 @@ class TritonRunner:
                 self._mark(bool(ready), "the model is not ready")
             except InferenceServerException as exc:
                 self._mark(False, exc.message() or str(exc))
+            except Exception as exc:  # whatever else the channel raises: down, and keep watching
+                self._mark(False, f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(interval_s)
 
     async def aclose(self) -> None:

@@ -297,7 +297,7 @@ async def test_a_restart_within_retry_s_loses_nothing(daemon_factory, server, mo
 @pytest.mark.slow
 def test_serve_starts_and_stops_its_own_model_server(tmp_path, speech):
     """``streamer serve`` with kind = "triton" and no url: int16 windows to a server it started (with
-    model_server.python); SIGTERM stops both."""
+    model_server.python); SIGHUP keeps it; SIGTERM stops both."""
     import soundfile as sf
 
     wav = tmp_path / "speech.wav"
@@ -327,6 +327,11 @@ def test_serve_starts_and_stops_its_own_model_server(tmp_path, speech):
         msgs, code = asyncio.run(native_session(port, (np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes()))
         assert code == 1000
         assert " ".join(f["text"] for f in finals_of(msgs)) == " ".join(ref.split())
+        # a reload reads the same file: the url and ports of the server it started are no change to restart for
+        proc.send_signal(signal.SIGHUP)
+        while "reload:" not in (line := proc.stderr.readline()):
+            assert line, "streamer serve exited"
+        assert "config unchanged" in line, line
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         with socket.socket() as s:  # the model server is gone too

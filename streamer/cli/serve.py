@@ -88,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
             from streamer.aio.supervisor import supervise, with_changes
 
             return supervise(started, args.config, with_changes(overrides, cfg, started), verbose=args.verbose)
-        return _run_with_model(args, started, overrides)
+        from streamer.aio.supervisor import with_changes
+
+        # a reload (SIGHUP) reads the file again: the started server's url and ports stay, not "wait for a restart"
+        return _run_with_model(args, started, with_changes(overrides, cfg, started))
     finally:
         if model_server is not None:
             model_server.stop()

@@ -30,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "ModelServerConfig",
     "MqttConfig",
+    "OpenAIConfig",
     "ServerConfig",
     "SourceConfig",
     "StreamConfig",

@@ -77,6 +77,10 @@ class _Searcher:
         """A flashlight decoder and the LM it scores with (which must live as long as it)."""
         raise NotImplementedError
 
+    def _partial_searcher(self) -> _Searcher:
+        """What reads a partial's tentative tail (the frames after the last completed word and the look-ahead)."""
+        return self
+
     def _check(self, log_probs: np.ndarray) -> np.ndarray:
         lp = np.ascontiguousarray(log_probs, dtype=np.float32)
         if lp.ndim != 2 or (len(lp) and lp.shape[1] <= self._needs):
@@ -357,6 +361,21 @@ class OpenVocabulary(_Searcher):
                               alternatives=self.alternatives if alternatives is None else alternatives,
                               source=self.source, **self._settings)
 
+    PARTIAL_BEAM = (8, 4)
+    """beam size and letters per frame of a partial's fresh search over its tail: a partial is only shown,
+    and the search without a word list costs a Python call per hypothesis and letter, every hop"""
+
+    def _partial_searcher(self) -> OpenVocabulary:
+        quick = self.__dict__.get("_quick")
+        if quick is None:
+            beam, tokens = self.PARTIAL_BEAM
+            quick = OpenVocabulary(self.token_ids, self.blank_id, self.delimiter_id, lm=self.lm,
+                                   hotwords=self.hotwords, beam_size=min(beam, self._settings["beam_size"]),
+                                   beam_size_token=min(tokens, self._settings["beam_size_token"]),
+                                   source=self.source)
+            self.__dict__["_quick"] = quick
+        return quick
+
     def _new_decoder(self) -> tuple[Any, Any]:
         lm = make_search_lm(self.lm, self.hotwords, chars=self.chars, delimiter=self.delimiter_id)
         return self._fl.LexiconFreeDecoder(self._options, lm, self.delimiter_id, self.blank_id, []), lm
@@ -410,7 +429,10 @@ class LexiconSearch:
         la = self.lexicon._check(lookahead)
         if len(la):
             tail = np.concatenate([tail, la]) if len(tail) else la
-        return merge_unk(done + (self.lexicon.decode(tail, self.start_frame + boundary) if len(tail) else []))
+        if not len(tail):
+            return merge_unk(done)
+        quick = self.lexicon._partial_searcher()  # a lighter search for what is only shown
+        return merge_unk(done + quick.decode(tail, self.start_frame + boundary))
 
     def finish(self) -> list[Word]:
         """The best word sequence over all frames stepped; the search ends."""

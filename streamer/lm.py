@@ -336,6 +336,7 @@ def make_search_lm(lm: LanguageModel | None, hotwords: Hotwords | None, *, label
             self.keys: dict[Any, tuple[tuple[str, ...], str, Any]] = {}  # state -> (history, partial, kenlm state)
             self.memo: dict[tuple[tuple[str, ...], str], Any] = {}
             self.partial_scores: dict[str, float] = {}
+            self.edges: dict[tuple[Any, int], tuple[Any, float]] = {}
             self.keep = max(1, (lm.order if lm else 1) - 1)
 
         def _state(self, history: tuple[str, ...], partial: str, ken: Any) -> Any:
@@ -350,6 +351,7 @@ def make_search_lm(lm: LanguageModel | None, hotwords: Hotwords | None, *, label
         def start(self, start_with_nothing: bool) -> Any:
             self.keys.clear()
             self.memo.clear()
+            self.edges.clear()
             ken = lm.kenlm.start(not (lm.score_boundary and not start_with_nothing)) if lm else None
             return self._state((), "", ken)
 
@@ -377,6 +379,14 @@ def make_search_lm(lm: LanguageModel | None, hotwords: Hotwords | None, *, label
             return s
 
         def score(self, state: Any, token: int) -> tuple[Any, float]:
+            # the search asks again for every frame a hypothesis lives: answer repeats from the memo
+            key = (state, token)
+            found = self.edges.get(key)
+            if found is None:
+                found = self.edges[key] = self._score(state, token)
+            return found
+
+        def _score(self, state: Any, token: int) -> tuple[Any, float]:
             history, partial, ken = self.keys[state]
             if chars is None:  # word-list search: token is a trie label
                 if token == unk_label:
@@ -401,7 +411,7 @@ def make_search_lm(lm: LanguageModel | None, hotwords: Hotwords | None, *, label
             history, partial, ken = self.keys[state]
             total = 0.0
             if chars is not None and partial:
-                state, total = self.score(state, delimiter)
+                state, total = self._score(state, delimiter)
                 history, partial, ken = self.keys[state]
             if lm is not None and lm.score_boundary:
                 ken2, s = lm.kenlm.finish(ken)

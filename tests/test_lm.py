@@ -90,11 +90,17 @@ def lm_checkpoint(tmp_path_factory, arpa):
     return model
 
 
-def test_arpa_writer_distributions_sum_to_one(arpa):
-    """Every context's next-word distribution (the words, </s> and <unk>) sums to one through KenLM."""
+@pytest.mark.parametrize("min_count", [1, 2])
+def test_arpa_writer_distributions_sum_to_one(tmp_path, min_count):
+    """Every context's next-word distribution (the words, </s> and <unk>) sums to one through KenLM,
+    with every n-gram written and with the singletons of order 2 and up left out."""
     from flashlight.lib.text.decoder.kenlm import KenLM
     from flashlight.lib.text.dictionary import Dictionary
 
+    arpa = tmp_path / "x.arpa"
+    sizes = write_arpa([*TEXT, "switch off the night", "a light in town"], arpa, order=3, min_count=min_count)
+    assert sizes[1] == len(WORDS) + 3  # and <s>, </s>, <unk>
+    assert ("\tswitch off the\n" in arpa.read_text()) == (min_count == 1)  # seen once
     d = Dictionary()
     for w in [*WORDS, "<unk>"]:
         d.add_entry(w)

@@ -48,8 +48,13 @@ def _discount(counts: Counter[tuple[str, ...]]) -> float:
     return n1 / (n1 + 2 * n2) if n1 + n2 else 0.5
 
 
-def write_arpa(sentences: Iterable[str], path: str | Path, order: int = 3) -> dict[int, int]:
-    """Write an ARPA model of ``sentences``; returns the number of n-grams per order."""
+def write_arpa(sentences: Iterable[str], path: str | Path, order: int = 3, min_count: int = 1) -> dict[int, int]:
+    """Write an ARPA model of ``sentences``; returns the number of n-grams per order.
+
+    ``min_count``: n-grams of order 2 and up seen fewer times are left out (their probability comes from
+    the back-off), which keeps the file small; a kept n-gram's prefix and suffix are always kept too
+    (they were seen at least as often).
+    """
     if order < 1:
         raise ValueError("order must be at least 1")
     counts = ngram_counts(sentences, order)
@@ -69,14 +74,24 @@ def write_arpa(sentences: Iterable[str], path: str | Path, order: int = 3) -> di
         for g, c in grams.items():
             context_total[g[:-1]] += c
             followers[g[:-1]] += 1
-        gamma = {h: d * followers[h] / context_total[h] for h in context_total}
         level: dict[tuple[str, ...], float] = {}
+        kept_mass: Counter[tuple[str, ...]] = Counter()  # per context: the kept n-grams' probabilities
+        lower_mass: Counter[tuple[str, ...]] = Counter()  # and their lower-order probabilities
         for g, c in grams.items():
+            if c < min_count:
+                continue
             h = g[:-1]
-            level[g] = (c - d) / context_total[h] + gamma[h] * _prob(probs, backoffs, g[1:])
+            lower = _prob(probs, backoffs, g[1:])
+            gamma = d * followers[h] / context_total[h]
+            level[g] = (c - d) / context_total[h] + gamma * lower
+            kept_mass[h] += level[g]
+            lower_mass[h] += lower
         probs.append(level)
-        for h, weight in gamma.items():
-            backoffs[n - 2][h] = weight
+        # the back-off weight spreads what the kept n-grams leave over the words they do not cover
+        for h in context_total:
+            if h in probs[n - 2] or n == 2:
+                rest = 1.0 - lower_mass[h]
+                backoffs[n - 2][h] = max(1.0 - kept_mass[h], 1e-12) / rest if rest > 1e-12 else 1.0
     sizes = {n + 1: len(probs[n]) + (1 if n == 0 else 0) for n in range(order)}  # + <s> in the 1-grams
     with open(path, "w", encoding="utf-8") as f:
         f.write("\\data\\\n")
@@ -118,20 +133,71 @@ def training_sentences(n: int, seed: int) -> list[str]:
     return [make_sentence(rng, "train") for _ in range(n)]
 
 
+def tune(folder: Path, manifest: Path, alphas: Sequence[float], betas: Sequence[float],
+         limit: int = 0) -> tuple[float, float]:
+    """Offline WER on a dev manifest for each (alpha, beta), decoding with the demo model's word list and the
+    LM in ``folder`` (and without the list: reported only); writes the best pair for the list into attrs.json."""
+    import dataclasses
+
+    from streamer.cli.eval import load_16k, read_manifest
+    from streamer.config import Config, ModelConfig
+    from streamer.decoder import build_decoder
+    from streamer.model import load_model
+    from streamer.scoring import ErrorRate
+
+    items = read_manifest(manifest)[: limit or None]
+    runner = load_model(ModelConfig(id="demo", device="cpu"))
+    lps = [runner.run([load_16k(i.audio)])[0] for i in items]
+    base = Config().decoder
+    results: dict[tuple[float, float], tuple[float, float]] = {}
+    for alpha in alphas:
+        for beta in betas:
+            wer = []
+            for words in ("auto", ""):
+                cfg = dataclasses.replace(base, words=words, lm=str(folder), lm_weight=alpha, lm_word_score=beta)
+                dec = build_decoder(cfg, runner)
+                assert dec is not None
+                er = ErrorRate()
+                for item, lp in zip(items, lps, strict=True):
+                    er.add(item.text, " ".join(w.word for w in dec.decode(lp)))
+                wer.append(er.wer)
+            results[(alpha, beta)] = (wer[0], wer[1])
+            print(f"alpha {alpha:5.2f} beta {beta:5.2f}: WER with the word list {100 * wer[0]:6.2f} %, "
+                  f"without {100 * wer[1]:6.2f} %", flush=True)
+    best = min(results, key=lambda k: (results[k][0], results[k][1]))
+    attrs_path = folder / "attrs.json"
+    attrs = json.loads(attrs_path.read_text()) if attrs_path.is_file() else {}
+    attrs.update(alpha=best[0], beta=best[1])
+    attrs_path.write_text(json.dumps(attrs, indent=2) + "\n", encoding="utf-8")
+    print(f"best with the word list: alpha {best[0]}, beta {best[1]} -> {attrs_path}")
+    return best
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recipes.demo.lm", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="the language_model/ folder to write")
     p.add_argument("-n", "--sentences", type=int, default=200_000, help="training sentences (default 200000)")
     p.add_argument("--order", type=int, default=3, help="n-gram order (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the sentences (default 0)")
+    p.add_argument("--min-count", type=int, default=2,
+                   help="leave out 2-grams and longer seen fewer times (default 2: keeps the file small)")
     p.add_argument("--alpha", type=float, default=0.5, help="attrs.json alpha (LM weight; tune on dev)")
     p.add_argument("--beta", type=float, default=1.0, help="attrs.json beta (word score; tune on dev)")
+    p.add_argument("--tune", type=Path, metavar="MANIFEST",
+                   help="instead: tune alpha and beta of the LM in --out on this dev manifest (offline WER with the "
+                   "demo model's word list) and write the best into its attrs.json")
+    p.add_argument("--alphas", default="0.1,0.2,0.3,0.5,0.8,1.2", help="--tune: alphas to try")
+    p.add_argument("--betas", default="-1,0,1,2,3", help="--tune: betas to try")
+    p.add_argument("--limit", type=int, default=0, help="--tune: only the first N utterances")
     a = p.parse_args(argv)
+    if a.tune:
+        tune(a.out, a.tune, [float(x) for x in a.alphas.split(",")], [float(x) for x in a.betas.split(",")], a.limit)
+        return 0
     from recipes.demo.data import vocabulary
 
     a.out.mkdir(parents=True, exist_ok=True)
     sentences = training_sentences(a.sentences, a.seed)
-    sizes = write_arpa(sentences, a.out / "lm.arpa", a.order)
+    sizes = write_arpa(sentences, a.out / "lm.arpa", a.order, a.min_count)
     words = sorted(set(vocabulary()) | {w for s in sentences for w in s.split()})
     (a.out / "unigrams.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
     attrs = {"alpha": a.alpha, "beta": a.beta, "unk_score_offset": -10.0, "score_boundary": True}

@@ -23,7 +23,7 @@ from streamer.exceptions import ConfigError
 
 if TYPE_CHECKING:
     from streamer.config import Config
-    from streamer.lexicon import Lexicon
+    from streamer.decoder import Decoder
     from streamer.runner import LocalRunner, Runner
     from streamer.scoring import ErrorRate
 
@@ -68,6 +68,10 @@ def register(sub: Any) -> None:
     p.add_argument("--max-wer-increase", type=float, metavar="POINTS",
                    help="with --compare-backend: exit 1 when the backend's WER (offline or streaming) is more than "
                    "POINTS above torch float32's")
+    p.add_argument("--decoders", metavar="LIST",
+                   help="compare decoders on the same model outputs: 'all' or a comma-separated subset of greedy, "
+                   "words, lm, lm+words (the configured word list and LM, alone and together); prints WER, CER and "
+                   "decoding CPU per audio second of each, offline and streaming")
     add_config_args(p)
     p.set_defaults(func=run)
 
@@ -116,12 +120,12 @@ def load_16k(path: Path) -> np.ndarray:
     return np.concatenate([conv.convert(data), conv.convert(np.zeros((0, data.shape[1]), np.float32), last=True)])
 
 
-def offline_text(runner: Runner, audio: np.ndarray, words: Lexicon | None) -> str:
+def offline_text(runner: Runner, audio: np.ndarray, words: Decoder | None) -> str:
     """One full-utterance pass, decoded as the engine decodes: with the word list ``words``, or greedy CTC."""
     return decode_offline(runner, runner.run([audio])[0], words)
 
 
-def decode_offline(runner: Runner, lp: np.ndarray, words: Lexicon | None) -> str:
+def decode_offline(runner: Runner, lp: np.ndarray, words: Decoder | None) -> str:
     """The log-probs of a full-utterance pass decoded as the engine decodes (word list or greedy CTC)."""
     from streamer.ctc import CtcSegment
 
@@ -149,7 +153,7 @@ class Evaluation:
     """per utterance: the argmax token of every frame of the offline pass"""
 
 
-def evaluate(runner: LocalRunner, cfg: Config, lex: Lexicon | None, items: list[ManifestItem], *, chunk: int,
+def evaluate(runner: LocalRunner, cfg: Config, lex: Decoder | None, items: list[ManifestItem], *, chunk: int,
              streaming: bool, desc: str = "eval") -> Evaluation:
     """Transcribe every item offline (one pass) and, with ``streaming``, through the engine in ``chunk`` samples."""
     from tqdm import tqdm
@@ -179,7 +183,7 @@ def evaluate(runner: LocalRunner, cfg: Config, lex: Lexicon | None, items: list[
     return ev
 
 
-def _load(cfg: Config) -> tuple[LocalRunner, Lexicon | None]:
+def _load(cfg: Config) -> tuple[LocalRunner, Decoder | None]:
     from streamer.decoder import build_decoder
     from streamer.model import load_model
 
@@ -207,6 +211,10 @@ def run(args: argparse.Namespace) -> int:
     chunk = max(1, int(round(16 * args.chunk_ms)))
     if args.compare_backend:
         return compare(args, cfg, items, chunk)
+    if args.decoders:
+        from streamer.cli.eval_decoders import compare_decoders
+
+        return compare_decoders(args, cfg, items, chunk)
     runner, lex = _load(cfg)
     ev = evaluate(runner, cfg, lex, items, chunk=chunk, streaming=not args.no_streaming)
     off, strm = ev.offline, ev.streaming
@@ -253,8 +261,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _decoding(lex: Lexicon | None) -> str:
-    return f"the word list {lex.source} ({len(lex)} words)" if lex else "greedy CTC (no word list)"
+def _decoding(lex: Decoder | None) -> str:
+    from streamer.cli.eval_decoders import describe
+
+    return describe(lex)
 
 
 def parse_backend(text: str) -> tuple[str, str]:

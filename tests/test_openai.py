@@ -154,7 +154,7 @@ async def test_an_oversized_upload_is_413_before_its_body_is_read(daemon_factory
 
 
 async def raw_post(port: int, payload: bytes, *, chunked: bool = False, expect: bool = False,
-                   boundary: str = "XyZ", token: str = TOKEN) -> tuple[int, bytes]:
+                   boundary: str = "XyZ", token: str = TOKEN, chunk: int = 7000) -> tuple[int, bytes]:
     """A multipart POST written by hand (chunked or with a length, with Expect: 100-continue); status, body."""
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
             "Content-Type: application/octet-stream\r\n\r\n").encode() + payload + \
@@ -170,8 +170,8 @@ async def raw_post(port: int, payload: bytes, *, chunked: bool = False, expect: 
         if expect:
             assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT) == b"HTTP/1.1 100 Continue\r\n\r\n"
         if chunked:
-            for i in range(0, len(body), 7000):
-                piece = body[i : i + 7000]
+            for i in range(0, len(body), chunk):
+                piece = body[i : i + chunk]
                 writer.write(f"{len(piece):x};ext=1\r\n".encode() + piece + b"\r\n")
             writer.write(b"0\r\nX-Trailer: 1\r\n\r\n")
         else:
@@ -192,6 +192,8 @@ async def test_chunked_and_expect_continue_uploads(daemon, files, cli_finals):
     expected = text_of(cli_finals["wav24"])
     assert await raw_post(daemon.port, wav, chunked=True) == (200, (expected + "\n").encode())
     assert await raw_post(daemon.port, wav, expect=True) == (200, (expected + "\n").encode())
+    status, body = await raw_post(daemon.port, wav[:20000], chunked=True, chunk=1)  # 20,000 one-byte chunks
+    assert status == 400 and b"16384 chunks" in body
 
 
 async def test_a_slow_or_abandoned_upload_is_bounded(daemon_factory):

@@ -240,6 +240,10 @@ LINGER_S = 5.0
 """how long an answered upload's connection stays open for the client to finish sending and read the answer"""
 CHUNK_LINE_BYTES = 4096
 """the longest chunk-size line (with extensions) or trailer line of a chunked body"""
+MAX_TRAILERS = 64
+"""trailer fields after a chunked body (ignored)"""
+MAX_CHUNKS = 16384
+"""chunks of one chunked body: each costs the event loop a few microseconds, and clients send 8-64 KiB ones"""
 
 
 def _read_body(conn: HttpConnection, upload: Upload) -> Generator[None]:
@@ -255,7 +259,7 @@ def _read_body(conn: HttpConnection, upload: Upload) -> Generator[None]:
             upload.body.set_result(bytes((yield from reader.read_exact(upload.length))))
         else:
             body = bytearray()
-            while True:
+            for _ in range(MAX_CHUNKS + 1):
                 line = yield from reader.read_line(CHUNK_LINE_BYTES, ValueError)
                 size_text = bytes(line).split(b";", 1)[0].strip()
                 try:
@@ -270,12 +274,17 @@ def _read_body(conn: HttpConnection, upload: Upload) -> Generator[None]:
                 body += yield from reader.read_exact(size)
                 upload.received = len(body)
                 if size == 0:
-                    while (yield from reader.read_line(CHUNK_LINE_BYTES, ValueError)).strip():
-                        pass  # trailer fields: ignored
+                    for _ in range(MAX_TRAILERS + 1):  # trailer fields: read and ignored
+                        if not (yield from reader.read_line(CHUNK_LINE_BYTES, ValueError)).strip():
+                            break
+                    else:
+                        raise ValueError(f"the chunked body has more than {MAX_TRAILERS} trailer fields")
                     upload.body.set_result(bytes(body))
                     break
                 if (yield from reader.read_exact(2)) != b"\r\n":
                     raise ValueError("a chunk of a chunked body does not end with CRLF")
+            else:
+                raise ValueError(f"the chunked body has more than {MAX_CHUNKS} chunks; send larger chunks")
     except (EOFError, ValueError) as exc:
         if not upload.body.done():
             upload.body.set_exception(exc)

@@ -155,14 +155,14 @@ class ClientResult:
 
 
 def server_of(ready: dict, headers: object) -> str:
-    """Which server process a stream landed on: the ``ready`` message's ``server_pid`` (a daemon with several
-    front-end processes names the one serving it), else an ``X-Streamer-Process`` header, else unknown."""
+    """Which server process a stream landed on: the ``ready`` message's ``server_pid``, else the handshake's
+    ``X-Streamer-Pid`` header (a daemon with several front-end processes sends both), else unknown."""
     pid = ready.get("server_pid")
     if pid is not None:
         return f"pid {pid}"
     get = getattr(headers, "get", None)
-    value = get("X-Streamer-Process") if get is not None else None
-    return str(value) if value else "?"
+    value = get("X-Streamer-Pid") if get is not None else None
+    return f"pid {value}" if value else "?"
 
 
 async def one_client(url: str, pcm: bytes, delay: float) -> ClientResult:

@@ -32,11 +32,12 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from streamer.config import Config, ModelConfig, ModelServerConfig
-from streamer.engine import RECEPTIVE_FIELD, SAMPLE_RATE
+from streamer.engine import SAMPLE_RATE
 from streamer.exceptions import InferenceError, ModelLoadError
-from streamer.runner import Runner, TokenizerVocabulary, TokenVocabulary
+from streamer.runner import WAV2VEC2_GEOMETRY, FrameGeometry, Runner, TokenizerVocabulary, TokenVocabulary
 
-__all__ = ["INPUT", "OUTPUT", "AsyncRunner", "TritonRunner", "connect_runner", "load_vocabulary", "model_version"]
+__all__ = ["INPUT", "OUTPUT", "AsyncRunner", "TritonRunner", "checkpoint_geometry", "connect_runner", "load_vocabulary",
+           "model_version"]
 
 logger = logging.getLogger("streamer.triton")
 
@@ -86,11 +87,39 @@ class AsyncRunner(Runner, Protocol):
         ...
 
 
-def model_version(vocab: TokenVocabulary) -> int:
-    """A Triton model version (a positive integer) that names this vocabulary: blank, delimiter and every token."""
+def model_version(vocab: TokenVocabulary, geometry: FrameGeometry = WAV2VEC2_GEOMETRY) -> int:
+    """A Triton model version (a positive integer) that names this vocabulary (blank, delimiter, every token) and
+    frame grid: what a front-end must share with the model to decode its output."""
+    grid = [geometry.frame_samples, geometry.receptive_field, geometry.kind]
     ident = json.dumps({"tokens": sorted(vocab.token_ids.items()), "blank": vocab.blank_id,
-                        "delimiter": vocab.delimiter_id, "size": vocab.size, "rate": SAMPLE_RATE}, sort_keys=True)
+                        "delimiter": vocab.delimiter_id, "size": vocab.size, "rate": SAMPLE_RATE, "grid": grid},
+                       sort_keys=True)
     return 1 + int(hashlib.sha256(ident.encode()).hexdigest()[:7], 16)
+
+
+def checkpoint_geometry(cfg: ModelConfig, source: str) -> FrameGeometry:
+    """The checkpoint's output frame grid, from its config and feature extractor, without its weights (the model is
+    built on torch's meta device): what the engine cuts windows on, as the server's model has it."""
+    import torch
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC
+
+    from streamer.model import frame_geometry
+
+    kw: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
+    try:
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=True, **kw)
+            fe = AutoFeatureExtractor.from_pretrained(source, local_files_only=True, **kw)  # type: ignore[no-untyped-call]
+        except OSError:
+            if Path(source).is_dir():
+                raise
+            config = AutoConfig.from_pretrained(source, **kw)
+            fe = AutoFeatureExtractor.from_pretrained(source, **kw)  # type: ignore[no-untyped-call]
+        with torch.device("meta"):
+            model = AutoModelForCTC.from_config(config)  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the configuration of model.id = {cfg.id!r} ({source}): {exc}") from exc
+    return frame_geometry(model, fe, source)
 
 
 def load_vocabulary(cfg: ModelConfig) -> tuple[TokenizerVocabulary, str, str]:
@@ -129,7 +158,7 @@ class TritonRunner:
     backend = "triton"
 
     def __init__(self, cfg: ModelServerConfig, url: str, vocab: TokenizerVocabulary, *, name: str, source: str,
-                 revision: str | None = None) -> None:
+                 revision: str | None = None, geometry: FrameGeometry = WAV2VEC2_GEOMETRY) -> None:
         self.cfg = cfg
         self.url = url
         self.vocab = vocab
@@ -139,7 +168,9 @@ class TritonRunner:
         self.sample_rate = SAMPLE_RATE
         self.n_parameters = 0
         self.precision = ""
-        self.version = model_version(vocab)
+        self.geometry = geometry
+        """where the output frames lie (the engine's schedule is cut on this grid)"""
+        self.version = model_version(vocab, geometry)
         self.max_inflight = cfg.max_inflight
         self.available = True
         """whether the server answered its last check or request"""
@@ -184,8 +215,8 @@ class TritonRunner:
         if self.version not in versions:
             raise ModelLoadError(
                 f"the model server at {self.url} serves {self.cfg.model_name!r} version(s) {versions}, made from "
-                f"another vocabulary than model.id = {self.name!r} here (version {self.version}): give the "
-                "front-ends and the server the same checkpoint")
+                f"another vocabulary or frame grid than model.id = {self.name!r} here (version {self.version}): "
+                "give the front-ends and the server the same checkpoint")
         inputs = {i["name"]: i["datatype"] for i in meta.get("inputs", [])}
         want = WIRE_DTYPES[self.cfg.dtype]
         if inputs.get(INPUT) != want:
@@ -330,7 +361,7 @@ class TritonRunner:
         out: list[np.ndarray | None] = [None] * len(windows)
         groups: dict[int, list[int]] = defaultdict(list)
         for i, w in enumerate(windows):
-            if len(w) < RECEPTIVE_FIELD:
+            if len(w) < self.geometry.receptive_field:
                 out[i] = np.zeros((0, self.vocab.size), dtype=np.float32)
             else:
                 groups[len(w)].append(i)
@@ -354,6 +385,7 @@ def connect_runner(cfg: Config, url: str | None = None) -> TritonRunner:
         raise ModelLoadError("model_server.url is empty: give the address of a running model server (host:port)")
     address = address.removeprefix("grpc://")
     vocab, source, name = load_vocabulary(cfg.model)
-    runner = TritonRunner(ms, address, vocab, name=name, source=source, revision=cfg.model.revision or None)
+    runner = TritonRunner(ms, address, vocab, name=name, source=source, revision=cfg.model.revision or None,
+                          geometry=checkpoint_geometry(cfg.model, source))
     runner.check()
     return runner

@@ -146,9 +146,27 @@ async def test_windows_of_every_length_equal_the_local_runner(server, model_runn
     await runner.aclose()
 
 
+def test_front_ends_know_the_frame_grid_without_the_weights(tmp_path, tiny_models):
+    """A front-end's windows are cut on the server's model's grid: read from the checkpoint's config alone."""
+    from streamer.config import ModelConfig
+    from streamer.model import load_model
+    from streamer.testing import make_tiny_bert_model
+    from streamer.triton import checkpoint_geometry, model_version
+
+    bert = make_tiny_bert_model(tmp_path / "bert", adapter=True)
+    grids = set()
+    for path in (next(iter(tiny_models.values())), bert):
+        cfg = ModelConfig(id=str(path), device="cpu")
+        local = load_model(cfg)
+        assert checkpoint_geometry(cfg, str(path)) == local.geometry
+        grids.add(local.geometry)
+    assert len(grids) == 2  # wav2vec2's 20 ms frames and the adapter's 40 ms ones
+    assert model_version(local.vocab, local.geometry) != model_version(local.vocab)  # the grid is in the version
+
+
 def test_another_checkpoint_or_dtype_is_refused_at_start(server, tiny_models):
     tiny = next(iter(tiny_models.values()))
-    with pytest.raises(ModelLoadError, match="another vocabulary than model.id"):
+    with pytest.raises(ModelLoadError, match="another vocabulary or frame grid than model.id"):
         connect_runner(triton_config(server, f"model.id='{tiny}'"))
     with pytest.raises(ModelLoadError, match=r"model_server.dtype = 'int16'"):
         connect_runner(triton_config(server, "model_server.dtype='int16'"))

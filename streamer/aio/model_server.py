@@ -28,7 +28,7 @@ import numpy as np
 
 from streamer.config import Config
 from streamer.exceptions import ModelLoadError, StreamerError
-from streamer.runner import Runner
+from streamer.runner import Runner, geometry_of
 from streamer.triton import INPUT, OUTPUT, model_version
 
 __all__ = ["ModelServerProcess", "free_ports", "open_runner", "serve_model", "start_model_server"]
@@ -80,7 +80,7 @@ def serve_model(cfg: Config, *, ready: Any = None) -> None:
     ms = cfg.model_server
     runner = load_model(cfg.model, max_batch=ms.max_batch)
     warm = runner.warmup(cfg.stream.schedule().window_samples)
-    version = model_version(runner.vocab)
+    version = model_version(runner.vocab, geometry_of(runner))
     int16 = ms.dtype == "int16"
     logger.info("model %s on %s (%s), warm-up window %.3f s; serving it as %r version %d",
                 runner.name, runner.device, runner.precision, warm, ms.model_name, version)
@@ -141,7 +141,7 @@ class ModelServerProcess:
 
     def start(self) -> str:
         """Start the server and wait until its model is ready; return its gRPC address (``host:port``)."""
-        from streamer.triton import TritonRunner, load_vocabulary
+        from streamer.triton import TritonRunner, checkpoint_geometry, load_vocabulary
 
         python = os.path.expanduser(self.cfg.model_server.python) or sys.executable
         cmd = [python, "-m", "streamer", "model-server", *_set_args(self.cfg)]
@@ -152,7 +152,8 @@ class ModelServerProcess:
             raise StreamerError(f"cannot start the model server with model_server.python = {python!r}: "
                                 f"{exc.strerror or exc}") from None
         vocab, source, name = load_vocabulary(self.cfg.model)
-        probe = TritonRunner(self.cfg.model_server, self.url, vocab, name=name, source=source)
+        probe = TritonRunner(self.cfg.model_server, self.url, vocab, name=name, source=source,
+                             geometry=checkpoint_geometry(self.cfg.model, source))
         deadline = time.monotonic() + self.cfg.model_server.start_timeout_s
         while True:
             if self.proc.poll() is not None:

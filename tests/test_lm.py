@@ -257,3 +257,23 @@ def test_lm_scores_are_pyctcdecodes(arpa):
     s0 = ken.start(False)
     assert turn == pytest.approx(0.5 * ken.score(s0, lm.index["turn"])[1] * math.log(10) + 1.0)
     assert zzz == pytest.approx(0.5 * ken.score(s0, lm.unk_index)[1] * math.log(10) + 1.0 - 10.0)
+
+
+def test_eval_compares_the_decoders_side_by_side(tmp_path, capsys):
+    """``streamer eval --decoders all``: greedy, word list, LM and LM + word list (the demo model ships both)."""
+    import re
+
+    from recipes.demo.data import write_manifest
+    from streamer.cli import main
+
+    manifest = write_manifest(tmp_path / "m", "test", 2, seed=0, jobs=1, augmented=False, progress=False)
+    assert main(["eval", "--device", "cpu", "--decoders", "all", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^(greedy|words|lm|lm\+words)\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)%", out,
+                      flags=re.M)
+    assert [r[0] for r in rows] == ["greedy", "words", "lm", "lm+words"], out
+    assert all(float(r[2]) < 25 and float(r[4]) >= 0 for r in rows), out  # CER of a trained model; CPU figures
+    assert "language_model/lm.arpa" in out and "words.txt" in out
+    assert main(["eval", "--device", "cpu", "--decoders", "lm", "--set", "decoder.lm=", str(manifest)]) == 1
+    assert "--decoders lm: no language model" in capsys.readouterr().err
+    assert main(["eval", "--device", "cpu", "--decoders", "beam", str(manifest)]) == 1

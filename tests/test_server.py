@@ -318,7 +318,7 @@ async def test_start_words_restrict_that_stream_only(daemon_factory, speech):
     """A stream's own word list (start "words") decodes that stream with a beam search over those words only;
     other streams keep the daemon's decoding. Works on a daemon that decodes greedily, too."""
     listed = ["turn", "off", "the", "lights", "set", "a", "timer", "for", "twenty", "minutes", "on"]
-    d = await daemon_factory("decoder.words=")
+    d = await daemon_factory("decoder.words=", "decoder.lm=")
     plain, restricted = await asyncio.gather(
         native_session(d.port, pcm16(speech)),
         native_session(d.port, pcm16(speech), start={"type": "start", "words": [" ".join(listed)]}))

@@ -103,8 +103,15 @@ def _source_dir(source: str, revision: str | None) -> Path | None:
 
 def _checkpoint_files(d: Path) -> list[Path]:
     names = set(CHECKPOINT_FILES)
-    return sorted(p for p in d.iterdir() if p.is_file() and (
+    files = sorted(p for p in d.iterdir() if p.is_file() and (
         p.name in names or p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")))
+    return files + _lm_files(d)
+
+
+def _lm_files(d: Path) -> list[Path]:
+    """The checkpoint's n-gram LM (``language_model/``, ``decoder.lm = "auto"``): copied into its export."""
+    folder = d / "language_model"
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
 
 def _stats(d: Path) -> list[list[Any]]:
@@ -359,6 +366,8 @@ def _write(d: Path, model: Any, tokenizer: Any, fe: Any, steps: _Steps, *, windo
         model.config.save_pretrained(d)
         if src is not None and (src / "words.txt").is_file():
             shutil.copyfile(src / "words.txt", d / "words.txt")
+        if src is not None and _lm_files(src):  # the LM decodes the export's outputs as it does the checkpoint's
+            shutil.copytree(src / "language_model", d / "language_model", dirs_exist_ok=True)
     import onnx
 
     return {

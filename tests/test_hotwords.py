@@ -176,3 +176,45 @@ async def test_bad_stream_hotwords_close_that_stream_only(daemon_factory, speech
     errors = [m for m in msgs if m["type"] == "error"]
     assert [e["code"] for e in errors] == ["bad_hotwords"] and "'café' cannot be spelled" in errors[0]["message"]
     assert finals(await healthy)
+
+
+async def vosk(port, audio, config):
+    replies = []
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{port}/") as ws:
+        await ws.send(json.dumps({"config": config}))
+        for i in range(0, len(audio), 6400):
+            await ws.send(audio[i : i + 6400])
+            replies.append(json.loads(await ws.recv()))
+        await ws.send('{"eof" : 1}')
+        replies.append(json.loads(await ws.recv()))
+    return replies
+
+
+async def test_vosk_max_alternatives_and_unk(daemon_factory, tmp_path):
+    """Vosk clients: ``max_alternatives`` answers with the search's readings in vosk-server's shape; a
+    ``phrase_list`` with ``[unk]`` reads speech outside it as ``[unk]``."""
+    import soundfile as sf
+
+    from streamer.testing import espeak
+
+    speech, _ = sf.read(espeak("please add dog food to the shopping list", tmp_path / "dog.wav"), dtype="float32")
+    d = await daemon_factory("vosk.enabled=true", "vosk.port=0")
+    audio = pcm16(speech)
+    listed = "please add food to the shopping list"
+    plain, nbest, unk = await asyncio.gather(
+        vosk(d.vosk_port, audio, {"sample_rate": 16000}),
+        vosk(d.vosk_port, audio, {"sample_rate": 16000, "max_alternatives": 3}),
+        vosk(d.vosk_port, audio, {"sample_rate": 16000, "phrase_list": [listed, "[unk]"]}))
+    texts = [r["text"] for r in plain if "text" in r and r["text"]]
+    results = [r for r in nbest if "alternatives" in r]
+    assert results and all("text" not in r and "partial" not in r for r in results)
+    said = [r["alternatives"][0]["text"] for r in results if r["alternatives"][0]["text"]]
+    assert said == texts  # the best reading is the plain result's text
+    for r in results:
+        alts = r["alternatives"]
+        assert 1 <= len(alts) <= 3 and [sorted(a) for a in alts] == [["confidence", "result", "text"]] * len(alts)
+        assert all(0 <= a["confidence"] <= 1 for a in alts)
+        assert all(" ".join(w["word"] for w in a["result"]) == a["text"] for a in alts)
+        assert all(sorted(w) == ["end", "start", "word"] for a in alts for w in a["result"])
+    words = " ".join(r["text"] for r in unk if r.get("text")).split()
+    assert "[unk]" in words and set(words) - {"[unk]"} <= set(listed.split()), words

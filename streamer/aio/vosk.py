@@ -14,7 +14,7 @@ from streamer.aio.stream import LiveStream
 from streamer.engine import WordDecoder
 from streamer.events import CLOSE_BAD_DATA, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Error, Event, Final, Partial
 from streamer.exceptions import ProtocolError
-from streamer.lexicon import MAX_WORD_LETTERS
+from streamer.lexicon import MAX_ALTERNATIVES, MAX_WORD_LETTERS
 from streamer.protocol import VoskConfig, parse_vosk_text, vosk_final, vosk_partial
 from streamer.runner import TokenVocabulary
 
@@ -79,8 +79,17 @@ class VoskHandler(StreamHandler):
             if not srv.min_sample_rate <= rate <= srv.max_sample_rate:
                 raise ProtocolError(f"unsupported sample_rate {rate}; use {srv.min_sample_rate} to "
                                     f"{srv.max_sample_rate}", kind="unsupported_rate", code=CLOSE_POLICY)
-            self.stream = self.open_stream(rate, words=self.word_decoder)
+            self.stream = self.open_stream(rate, words=self.n_best(self.word_decoder))
         return self.stream
+
+    def n_best(self, words: WordDecoder | None) -> WordDecoder | None:
+        """The stream's decoder (its phrase list's, else the daemon's) reading ``max_alternatives`` readings per
+        result from its search (``docs/decoding.md``); greedy decoding has none (one alternative, as before)."""
+        base = words if words is not None else self.daemon.words
+        with_options = getattr(base, "with_options", None)
+        if not self.alternatives or with_options is None:
+            return words
+        return with_options(alternatives=min(self.alternatives, MAX_ALTERNATIVES))  # type: ignore[no-any-return]
 
     async def serve(self) -> None:
         while True:

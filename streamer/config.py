@@ -228,7 +228,8 @@ class DecoderConfig(_Section):
                             "alpha and beta from the LM's attrs.json (pyctcdecode's 0.5 and 1.0 without one)")
     lm_word_score: float = _opt(1.0, doc="beta: score added per word with an LM (used when lm_weight >= 0)")
     lm_beam_size: int = _opt(20, min=1, max=1000, doc="hypotheses kept per frame by the LM search without a word list")
-    lm_beam_size_token: int = _opt(8, min=1, max=1000, doc="letters tried per frame by the LM search without a word list")
+    lm_beam_size_token: int = _opt(8, min=1, max=1000,
+                                   doc="letters tried per frame by the LM search without a word list")
     unk_score: float = _opt(-4.0, max=0.0, doc="score per letter of speech read as [unk] (word lists asking for it)")
     hotwords: str = _opt("", doc="a file of words or phrases to boost, one per line, optionally 'phrase<TAB>weight'")
     hotword_weight: float = _opt(5.0, min=0.0, max=100.0, doc="the bonus of a hotword given without a weight")

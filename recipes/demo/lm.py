@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -75,8 +75,8 @@ def write_arpa(sentences: Iterable[str], path: str | Path, order: int = 3, min_c
             context_total[g[:-1]] += c
             followers[g[:-1]] += 1
         level: dict[tuple[str, ...], float] = {}
-        kept_mass: Counter[tuple[str, ...]] = Counter()  # per context: the kept n-grams' probabilities
-        lower_mass: Counter[tuple[str, ...]] = Counter()  # and their lower-order probabilities
+        kept_mass: dict[tuple[str, ...], float] = defaultdict(float)  # per context: the kept n-grams' probabilities
+        lower_mass: dict[tuple[str, ...], float] = defaultdict(float)  # and their lower-order probabilities
         for g, c in grams.items():
             if c < min_count:
                 continue

@@ -170,6 +170,13 @@ def test_bad_language_model_files_are_clear_errors_at_start(lm_checkpoint, tmp_p
     binary.write_bytes(b"\x00\x01garbage" * 10)
     with pytest.raises(ConfigError, match=r"'.*x.bin' is neither an ARPA file"):
         build(binary)
+    kenlm_binary = tmp_path / "lm.bin"
+    kenlm_binary.write_bytes(b"mmap lm http://kheafield.com/code" + b"\x00" * 64)
+    with pytest.raises(ConfigError, match=r"KenLM binary '.*lm.bin' needs its vocabulary beside it as unigrams.txt"):
+        build(kenlm_binary)
+    (tmp_path / "unigrams.txt").write_text("turn\non\n")
+    with pytest.raises(ConfigError, match=r"KenLM cannot read the language model '.*lm.bin'"):
+        build(kenlm_binary)  # a damaged binary: KenLM's own reason, the file named
     foreign = tmp_path / "greek.arpa"
     write_arpa(["καλή νύχτα", "καλή μέρα"], foreign, order=2)
     with pytest.raises(ConfigError, match=r"'.*greek.arpa' does not fit the model's vocabulary: 3 of its 3 words"):

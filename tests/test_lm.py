@@ -216,14 +216,16 @@ def test_n_best_readings_with_confidences():
     assert Lexicon(WORDS, DEMO_VOCAB, BLANK, DELIM).search(0).alternatives == ()
 
 
-@pytest.mark.parametrize("with_list", [False, True])
-def test_streaming_finals_with_an_lm_equal_the_reference_for_any_arrival(tmp_path, speech, with_list):
+@pytest.mark.parametrize(("with_list", "hot"), [(False, False), (True, False), (False, True)])
+def test_streaming_finals_with_an_lm_equal_the_reference_for_any_arrival(tmp_path, speech, with_list, hot):
     runner = load_model(ModelConfig(id=str(make_tiny_model(tmp_path / "m")), device="cpu"))
     path = tmp_path / "lm.arpa"
     words = ["a", "an", "the", "on", "in", "it", "is", "tea", "eat", "sea", "see", "seat"]
     write_arpa(["the tea is on", "eat it", "see the sea", "a seat in the sea"], path, order=3)
+    hotwords = tmp_path / "hot.txt"
+    hotwords.write_text("tea\t3\nseat\n")
     cfg = DecoderConfig(words=str(_list(tmp_path, words)) if with_list else "", lm=str(path), lm_weight=1.0,
-                        lm_word_score=0.5)
+                        lm_word_score=0.5, hotwords=str(hotwords) if hot else "", alternatives=2)
     dec = build_decoder(cfg, runner)
     assert isinstance(dec, Lexicon if with_list else OpenVocabulary) and dec.lm is not None
     schedule = Schedule(left=40, hop=10, lookahead=16)
@@ -243,6 +245,8 @@ def test_streaming_finals_with_an_lm_equal_the_reference_for_any_arrival(tmp_pat
         finals = [e for e in events if isinstance(e, Final)]
         assert [(f.text, f.start, f.end, [(w.word, w.start, w.end) for w in f.words]) for f in finals] == [
             (f.text, f.start, f.end, [(w.word, w.start, w.end) for w in f.words]) for f in ref]
+        assert [[a.text for a in f.alternatives] for f in finals] == [[a.text for a in f.alternatives] for f in ref]
+    assert all(f.alternatives and f.alternatives[0].text == f.text for f in ref)
 
 
 def _list(tmp_path, words):

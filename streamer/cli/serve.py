@@ -108,12 +108,13 @@ def _run_with_model(args: argparse.Namespace, cfg: Config, overrides: dict[str, 
     warm = runner.warmup(geometry_of(runner).schedule(cfg.stream).window_samples)
     logger.info("model %s loaded in %.1f s, warm-up window %.3f s", runner.name, time.perf_counter() - t0, warm)
     if args.check:
+        from streamer.cli.eval_decoders import describe
         from streamer.decoder import build_decoder
 
         words = build_decoder(cfg.decoder, runner)
         print(f"config ok; model {runner.name} on {runner.device} ({runner.n_parameters / 1e6:.1f} M parameters), "
               f"warm-up window {warm * 1000:.0f} ms, decoding "
-              + (f"with a word list of {len(words)} words" if words is not None else "letter by letter (greedy)"))
+              + (f"with {describe(words)}" if words is not None else "letter by letter (greedy)"))
         return 0
     # SIGHUP re-reads the file with the same command-line overrides (systemd)
     return asyncio.run(serve(cfg, runner, lambda: load_config(args.config, overrides), verbose=args.verbose))

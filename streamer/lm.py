@@ -20,11 +20,15 @@ Pure numpy/flashlight: no torch, no asyncio. Files are read only by the loaders.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 import math
+import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +168,26 @@ class LanguageModel:
                              self.unk_offset, self.score_boundary, self.sorted_words)
 
 
+@contextlib.contextmanager
+def _kenlm_chatter(path: Path) -> Iterator[None]:
+    """KenLM (C++) writes a hint and a progress bar straight to file descriptor 2 while it reads an ARPA file;
+    keep them off the terminal of `streamer transcribe` and the daemon's log, and log them at debug level.
+    Its errors are exceptions, so nothing a user needs is lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            chatter = sink.read(4096).decode("utf-8", "replace").strip()
+            if chatter:
+                logger.debug("KenLM reading %s: %s", path, chatter)
+
+
 def load_language_model(path: str | Path, spell: Spell, *, alpha: float | None = None, beta: float | None = None,
                         attrs: Mapping[str, Any] | None = None, unigrams: Path | None = None) -> LanguageModel:
     """Load an ARPA or KenLM binary file for a model whose spelling is ``spell``.
@@ -220,7 +244,8 @@ def load_language_model(path: str | Path, spell: Spell, *, alpha: float | None =
     unk_index = dictionary.index_size()
     dictionary.add_entry("<unk>")
     try:
-        kenlm = KenLM(str(p), dictionary)
+        with _kenlm_chatter(p):
+            kenlm = KenLM(str(p), dictionary)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1][:200]
         raise ConfigError(f"KenLM cannot read the language model {str(p)!r}: {reason}") from None

@@ -201,6 +201,21 @@ class RunStats:
     """model calls (batches)"""
 
 
+def checkpoint_file(source: str, name: str, revision: str | None = None) -> Path | None:
+    """The file ``name`` of the checkpoint ``source`` (a directory or a hub id): in the directory, or in the hub
+    cache; never downloaded. None when it has no such file (or the id is not valid, or nothing is cached)."""
+    if Path(source).is_dir():
+        path = Path(source) / name
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source, name, revision=revision)
+    except Exception:  # not a valid repo id, no cache: no such file
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
 class LocalRunner(ABC):
     """A model in this process: windows of 16 kHz float32 audio in, log-probs out (a :class:`Runner`).
 
@@ -293,16 +308,7 @@ class LocalRunner(ABC):
 
     def shipped_file(self, name: str) -> Path | None:
         """The checkpoint's own file ``name``: in its directory, or in the hub cache (never downloaded)."""
-        if Path(self.source).is_dir():
-            path = Path(self.source) / name
-            return path if path.is_file() else None
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(self.source, name, revision=self.revision)
-        except Exception:  # not a valid repo id, no cache: no such file
-            return None
-        return Path(found) if isinstance(found, str) else None
+        return checkpoint_file(self.source, name, self.revision)
 
     def warmup(self, samples: int) -> float:
         """Run one window of silence-like noise; return the seconds it took."""

@@ -34,7 +34,14 @@ import numpy as np
 from streamer.config import Config, ModelConfig, ModelServerConfig
 from streamer.engine import SAMPLE_RATE
 from streamer.exceptions import InferenceError, ModelLoadError
-from streamer.runner import WAV2VEC2_GEOMETRY, FrameGeometry, Runner, TokenizerVocabulary, TokenVocabulary
+from streamer.runner import (
+    WAV2VEC2_GEOMETRY,
+    FrameGeometry,
+    Runner,
+    TokenizerVocabulary,
+    TokenVocabulary,
+    checkpoint_file,
+)
 
 __all__ = ["INPUT", "OUTPUT", "AsyncRunner", "TritonRunner", "checkpoint_geometry", "connect_runner", "load_vocabulary",
            "model_version"]
@@ -266,16 +273,7 @@ class TritonRunner:
 
     def shipped_file(self, name: str) -> Path | None:
         """The checkpoint's own file ``name`` (``words.txt``): in its directory or the hub cache; never downloads."""
-        if Path(self.source).is_dir():
-            path = Path(self.source) / name
-            return path if path.is_file() else None
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(self.source, name, revision=self.revision)
-        except Exception:  # not a valid repo id, no cache: no such file
-            return None
-        return Path(found) if isinstance(found, str) else None
+        return checkpoint_file(self.source, name, self.revision)
 
     # -- the asyncio path ---------------------------------------------------------
 

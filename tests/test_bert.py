@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from test_engine import stream  # a runner is callable: the same feeding loop
 
 from streamer.config import Config, ModelConfig, StreamConfig
 from streamer.endpoint import EndpointRules
@@ -45,31 +46,6 @@ def schedule_for(runner, left_ms=800, hop_ms=200, lookahead_ms=320, **kw):
     """The same schedule in milliseconds, on the runner's grid (40 ms frames halve the frame counts)."""
     return geometry_of(runner).schedule(StreamConfig(left_context_ms=left_ms, hop_ms=hop_ms, lookahead_ms=lookahead_ms,
                                                      **kw))
-
-
-def stream(audio, runner, schedule, chunks, endpoint=None, words=None):
-    """Feed ``audio`` in ``chunks``; return (final frame ids, events)."""
-    session = StreamSession(schedule, runner.vocab, endpoint, record_frames=True, words=words)
-    events = []
-
-    def run():
-        windows = session.windows_to_run()
-        if windows:
-            for w, lp in zip(windows, runner.run([w.samples for w in windows]), strict=True):
-                session.accept_result(w, lp)
-        events.extend(session.events_received())
-
-    i = 0
-    for n in chunks:
-        if i >= len(audio):
-            break
-        session.accept_audio(audio[i : i + n])
-        i += n
-        run()
-    session.finish()
-    run()
-    assert session.finished
-    return session.frame_ids, events
 
 
 def same_finals(got, want):
@@ -205,7 +181,7 @@ def test_word_list_streams_as_its_reference(bert, speech, tmp_path):
     audio = speech[: 16000 * 4 + 5]
     schedule = schedule_for(bert)
     ref_ids, ref_finals = reference(audio, bert.run, schedule, bert.vocab, EndpointRules(), words)
-    ids, events = stream(audio, bert, schedule, arrival("random"), EndpointRules(), words)
+    ids, events = stream(audio, bert, schedule, arrival("random"), EndpointRules(), words=words)
     assert ids == ref_ids
     same_finals([e for e in events if isinstance(e, Final)], ref_finals)
     assert any(f.words for f in ref_finals)

@@ -155,6 +155,9 @@ class StreamConfig(_Section):
     # 400 ms (one hop) shows a command's first text 0.3 s after its first word at p95 for +3-5 % CPU on 15-20 s
     # streams; 200 ms shows it 0.15 s after for +8-13 %: each short window costs most of a full one on a CPU.
     early_interval_ms: int = _opt(400, min=FRAME_MS, max=60_000, doc="audio between provisional windows")
+    refresh_interval_ms: int = _opt(200, min=0, max=60_000,
+                                    doc="audio between partial refreshes inside a hop (spare model time only); 0 = off")
+    refresh_left_context_ms: int = _opt(800, min=0, max=60_000, doc="left context of a refresh window")
 
     @property
     def left_frames(self) -> int:
@@ -173,6 +176,13 @@ class StreamConfig(_Section):
         """Frames between provisional windows; 0 with early partials off."""
         return max(1, round(self.early_interval_ms / FRAME_MS)) if self.early_partials else 0
 
+    def _refresh(self, ms: float) -> dict[str, int]:
+        """The schedule's refresh fields in frames of ``ms`` milliseconds (none with the pipeline's windows)."""
+        if self.refresh_interval_ms <= 0 or self.pipeline_compatible:
+            return {}
+        return {"refresh": max(1, round(self.refresh_interval_ms / ms)),
+                "refresh_left": min(round(self.refresh_left_context_ms / ms), round(self.left_context_ms / ms))}
+
     def schedule(self, frame_samples: int = FRAME_SAMPLES, receptive_field: int = RECEPTIVE_FIELD) -> Schedule:
         """The engine's window geometry in frames of the model's grid (the runner's ``geometry``).
 
@@ -181,19 +191,25 @@ class StreamConfig(_Section):
         """
         if (frame_samples, receptive_field) == (FRAME_SAMPLES, RECEPTIVE_FIELD):
             return Schedule(self.left_frames, self.hop_frames, self.lookahead_frames, self.pipeline_compatible,
-                            self.early_frames)
+                            self.early_frames, **self._refresh(FRAME_MS))
         ms = frame_samples * 1000 / SAMPLE_RATE
         early = max(1, round(self.early_interval_ms / ms)) if self.early_partials else 0
         lookahead = round(self.lookahead_ms / ms)
         if self.pipeline_compatible:
             lookahead = max(1, lookahead)
         return Schedule(round(self.left_context_ms / ms), max(1, round(self.hop_ms / ms)), lookahead,
-                        self.pipeline_compatible, early, frame_samples, receptive_field)
+                        self.pipeline_compatible, early, frame_samples, receptive_field, **self._refresh(ms))
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.pipeline_compatible and self.lookahead_frames < 1:
             raise ConfigError("stream.lookahead_ms must be at least 20 when stream.pipeline_compatible = true")
+        if self.refresh_interval_ms and self.refresh_interval_ms < FRAME_MS:
+            raise ConfigError(f"stream.refresh_interval_ms = {self.refresh_interval_ms} is below one 20 ms frame; "
+                              "use 0 (no refreshes) or at least 20")
+        if self.refresh_left_context_ms > self.left_context_ms:
+            raise ConfigError(f"stream.refresh_left_context_ms = {self.refresh_left_context_ms} is more than "
+                              f"stream.left_context_ms = {self.left_context_ms}; use at most that")
 
 
 @dataclass(frozen=True)
@@ -247,6 +263,9 @@ class WorkerConfig(_Section):
     queue_size: int = _opt(1024, min=1, doc="windows waiting for the model before streams are paused")
     max_windows_per_stream: int = _opt(2, min=1, max=4096,
                                        doc="most windows of one stream in one batch (streams are served in turn)")
+    refresh_max_load: float = _opt(0.5, min=0.0, max=1.0,
+                                   doc="partial refreshes run only while the other windows keep the model busy "
+                                       "less than this share of the time (0 = never)")
 
 
 @dataclass(frozen=True)

@@ -118,11 +118,20 @@ class Schedule:
     """the model's samples per output frame (its grid; the runner's ``geometry``)"""
     receptive_field: int = RECEPTIVE_FIELD
     """samples the model needs for its first output frame; each further frame needs ``frame_samples`` more"""
+    refresh: int = 0
+    """frames between partial refreshes once full windows run: a refresh window is planned every ``refresh``
+    frames of audio between two full windows (optional: a caller short of model time skips it); 0: none,
+    partials come once per hop"""
+    refresh_left: int | None = None
+    """left context (frames before the first non-final frame) of a refresh window; None: ``left``"""
 
     def __post_init__(self) -> None:
         if self.frame_samples < 1 or self.receptive_field < 1:
             raise ValueError(f"frame_samples and receptive_field must be positive, got {self.frame_samples}, "
                              f"{self.receptive_field}")
+        if self.refresh < 0 or (self.refresh_left is not None and not 0 <= self.refresh_left <= self.left):
+            raise ValueError(f"refresh must be >= 0 and refresh_left within 0..left ({self.left}), got "
+                             f"{self.refresh}, {self.refresh_left}")
 
     @property
     def frame_s(self) -> float:
@@ -168,7 +177,10 @@ class Window:
     final_to: int
     """frames ``[final_from, final_to)`` become final; later frames are tentative"""
     provisional: bool = False
-    """an early window: no frame becomes final, its output only forms a partial"""
+    """an early window or a refresh: no frame becomes final, its output only forms a partial"""
+    optional: bool = False
+    """a refresh between full windows: it only makes the partial fresher, so a caller short of model time may
+    answer it with :meth:`StreamSession.skip` instead of running it"""
     handed: bool = field(default=False, repr=False)
     frame_samples: int = field(default=FRAME_SAMPLES, repr=False)
     receptive_field: int = field(default=RECEPTIVE_FIELD, repr=False)
@@ -265,6 +277,8 @@ class StreamSession:
         # or with early partials off) and how many provisional windows it has planned so far.
         self._early_from: int | None = 0 if schedule.early > 0 else None
         self._early_planned = 0
+        self._full_end = 0  # end frame of the last full window planned
+        self._refreshed_to = 0  # end frame of the last refresh window planned
         self._pending: deque[Window | _Marker] = deque()
         self._events: list[Event] = []
         self._segment_index = 0
@@ -294,6 +308,7 @@ class StreamSession:
         self._plan_rest()
         self._pending.append(_Marker("flush"))
         self._drain_markers()
+        self._full_end = 0  # no refresh until the next full window: early partials (if on) fill that gap
         if self.schedule.early > 0:
             # The next full window is hop + lookahead away again: show early partials until it runs.
             self._early_from, self._early_planned = self._planned_next, 0
@@ -326,10 +341,7 @@ class StreamSession:
 
     def accept_result(self, window: Window, log_probs: np.ndarray) -> None:
         """Merge the model output of ``window`` (``[frames, vocab]``). Then read :meth:`events_received`."""
-        head = self._pending[0] if self._pending else None
-        if head is not window:
-            raise RuntimeError("results must be accepted in the order the windows were handed out")
-        self._pending.popleft()
+        self._pop(window)
         lp = np.asarray(log_probs)
         expected = window.n_frames
         if lp.ndim != 2 or lp.shape[0] != expected:
@@ -347,6 +359,23 @@ class StreamSession:
             seg = self._seg.preview(window.start_frame + b, ids[b:], probs[b:])
             self._emit_partial(seg, lp[b:])
 
+    def skip(self, window: Window) -> None:
+        """Answer an optional window (:attr:`Window.optional`) without running it: it shows nothing.
+
+        In the same order as :meth:`accept_result`; the partial stays as the last window left it.
+        """
+        if not window.optional:
+            raise ValueError("only an optional window (a partial refresh) may be skipped")
+        self._pop(window)
+        if self._pending and isinstance(self._pending[0], _Marker):
+            self._drain_markers()
+
+    def _pop(self, window: Window) -> None:
+        head = self._pending[0] if self._pending else None
+        if head is not window:
+            raise RuntimeError("results must be accepted in the order the windows were handed out")
+        self._pending.popleft()
+
     def events_received(self) -> list[Event]:
         """Return the events produced since the last call."""
         events, self._events = self._events, []
@@ -363,8 +392,11 @@ class StreamSession:
             stop = sched.frame_samples * end + sched.tail
             self._add_window(start, self._planned_next, final_end, stop)
             self._early_from = None  # the first full window: from here on partials come from full windows
+            self._full_end = end
         if self._early_from is not None:
             self._plan_provisional(self._early_from)
+        elif sched.refresh > 0 and self._full_end > 0:
+            self._plan_refresh()
         # Keep what the next window (or the closing one) needs as left context.
         self._buf.forget_before(sched.frame_samples * max(0, self._planned_next - sched.left))
 
@@ -390,6 +422,26 @@ class StreamSession:
         # ``origin``, since every window before this one was answered first, and all its frames form the partial.
         self._pending.append(Window(samples, start, origin, origin, provisional=True, frame_samples=fs,
                                     receptive_field=self.schedule.receptive_field))
+
+    def _plan_refresh(self) -> None:
+        """Plan a refresh window once another ``refresh`` frames of audio past the last full window arrived.
+
+        Its frames after the final ones form the partial, as a provisional window's do; it ends on a grid of
+        ``refresh`` frames from the last full window's end (a big chunk plans only the latest point), so the
+        refreshes of streams in step batch, and none is planned where the next full window is due anyway.
+        """
+        sched = self.schedule
+        fs = sched.frame_samples
+        due = (self._buf.end // fs - self._full_end) // sched.refresh
+        end = self._full_end + due * sched.refresh
+        if due < 1 or end <= self._refreshed_to or end >= sched.plan(self._planned_next)[2]:
+            return
+        self._refreshed_to = end
+        origin = self._planned_next
+        left = sched.left if sched.refresh_left is None else sched.refresh_left
+        start = max(0, origin - left)
+        self._pending.append(Window(self._buf.slice(fs * start, fs * end), start, origin, origin, provisional=True,
+                                    optional=True, frame_samples=fs, receptive_field=sched.receptive_field))
 
     def _plan_rest(self) -> None:
         total = self.schedule.n_frames(self._buf.end)
@@ -509,12 +561,20 @@ class StreamSession:
         self._events.append(Partial(self._segment_index, text, start, end, tuple(words)))
 
 
-def run_session(session: StreamSession, run: RunFn) -> None:
-    """Run every window the session has handed out, synchronously, in one batched call."""
+def run_session(session: StreamSession, run: RunFn, *, refresh: bool = False) -> None:
+    """Run every window the session has handed out, synchronously, in one batched call.
+
+    Partial refreshes (optional windows) are skipped unless ``refresh``: a file transcribed offline
+    has nobody waiting for fresher partials.
+    """
     windows = session.windows_to_run()
-    if windows:
-        for w, lp in zip(windows, run([w.samples for w in windows]), strict=True):
-            session.accept_result(w, lp)
+    todo = [w for w in windows if refresh or not w.optional]
+    outputs = iter(run([w.samples for w in todo]) if todo else [])
+    for w in windows:
+        if refresh or not w.optional:
+            session.accept_result(w, next(outputs))
+        else:
+            session.skip(w)
 
 
 def reference(

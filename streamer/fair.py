@@ -13,7 +13,7 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-__all__ = ["AudioBudget", "FairQueue"]
+__all__ = ["AudioBudget", "FairQueue", "LoadMeter"]
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -115,3 +115,39 @@ class AudioBudget:
         self._at = now
         self._tokens -= seconds
         return max(0.0, -self._tokens / self.speed)
+
+
+class LoadMeter:
+    """The share of the last ``horizon`` seconds a resource was busy (pure; the caller keeps time).
+
+    The worker adds the model time of each batch's mandatory windows when the batch ends; :meth:`load` is
+    that time within the horizon divided by the horizon (above 1 when calls overlap, as several batches
+    on a model server do).
+    """
+
+    def __init__(self, horizon: float = 2.0) -> None:
+        if horizon <= 0:
+            raise ValueError(f"horizon must be positive, got {horizon}")
+        self.horizon = horizon
+        self._spans: deque[tuple[float, float]] = deque()  # (end time, busy seconds) per addition
+        self._busy = 0.0
+
+    def add(self, now: float, seconds: float) -> None:
+        """``seconds`` of work that ended at ``now``."""
+        if seconds > 0:
+            self._spans.append((now, seconds))
+            self._busy += seconds
+
+    def load(self, now: float) -> float:
+        """Busy share of the ``horizon`` seconds before ``now``."""
+        start = now - self.horizon
+        spans = self._spans
+        while spans and spans[0][0] <= start:
+            self._busy -= spans.popleft()[1]
+        if not spans:
+            self._busy = 0.0  # no float drift once everything left the horizon
+            return 0.0
+        # work that began before the horizon counts only for its part inside it
+        end, seconds = spans[0]
+        outside = max(0.0, seconds - (end - start))
+        return max(0.0, self._busy - outside) / self.horizon

@@ -6,6 +6,7 @@ runner the daemon uses, without asyncio.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -23,15 +24,19 @@ __all__ = ["new_session", "stream_array", "stream_file", "text_of"]
 
 
 def new_session(cfg: Config, vocab: Vocabulary, words: WordDecoder | None = None, *,
-                record_frames: bool = False, geometry: FrameGeometry | None = None) -> StreamSession:
+                record_frames: bool = False, geometry: FrameGeometry | None = None,
+                refresh: bool = True) -> StreamSession:
     """A session with the configured window schedule and endpoint rules.
 
     ``words``: the word decoder (:func:`streamer.decoder.build_decoder`), or None for greedy CTC.
     ``geometry``: the model's frame grid (:func:`streamer.runner.geometry_of` the runner); None = wav2vec2's.
+    ``refresh = False``: no partial refreshes, whatever ``[stream] refresh_interval_ms`` says.
     """
     schedule = cfg.stream.schedule()
     if geometry is not None:
         schedule = cfg.stream.schedule(geometry.frame_samples, geometry.receptive_field)
+    if not refresh:
+        schedule = dataclasses.replace(schedule, refresh=0)
     return StreamSession(schedule, vocab, cfg.endpoint.rules(), record_frames=record_frames, words=words)
 
 

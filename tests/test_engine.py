@@ -25,8 +25,9 @@ def runner(request, tiny_models):
     return load_model(ModelConfig(id=str(tiny_models[request.param]), device="cpu"))
 
 
-def stream(audio, runner, schedule, chunks, endpoint=None, vocab=None, words=None, seen=None):
-    """Feed ``audio`` in ``chunks``; return (final frame ids, events). ``seen`` collects the windows run."""
+def stream(audio, runner, schedule, chunks, endpoint=None, vocab=None, words=None, seen=None, skip=None):
+    """Feed ``audio`` in ``chunks``; return (final frame ids, events). ``seen`` collects the windows planned;
+    ``skip(window)`` says whether to skip an optional one (a partial refresh) instead of running it."""
     session = StreamSession(schedule, vocab or runner.vocab, endpoint, record_frames=True, words=words)
     events = []
 
@@ -34,9 +35,13 @@ def stream(audio, runner, schedule, chunks, endpoint=None, vocab=None, words=Non
         windows = session.windows_to_run()
         if seen is not None:
             seen.extend(windows)
-        if windows:
-            for w, lp in zip(windows, runner([w.samples for w in windows]), strict=True):
-                session.accept_result(w, lp)
+        todo = [w for w in windows if not (w.optional and skip is not None and skip(w))]
+        outputs = dict(zip(map(id, todo), runner([w.samples for w in todo]) if todo else [], strict=True))
+        for w in windows:
+            if id(w) in outputs:
+                session.accept_result(w, outputs[id(w)])
+            else:
+                session.skip(w)
         events.extend(session.events_received())
 
     i = 0
@@ -383,13 +388,22 @@ TODAY_FLUSH_AT_40 = [
 ]
 
 
-def timeline(schedule, spec=SPEC, chunk=160, flush_at=None):
+def timeline(schedule, spec=SPEC, chunk=160, flush_at=None, seen=None, skip=False):
+    """(samples received, type, segment, text, start, end) of every event; partial refreshes run unless ``skip``.
+    ``seen`` collects (samples received, window) of every window planned."""
     audio = script_audio(frames(spec))
     session = StreamSession(schedule, ScriptVocab(), ENDPOINT)
     out = []
 
     def run(received):
-        run_session(session, script_model)
+        windows = session.windows_to_run()
+        if seen is not None:
+            seen.extend((received, w) for w in windows)
+        for w in windows:
+            if w.optional and skip:
+                session.skip(w)
+            else:
+                session.accept_result(w, script_model([w.samples])[0])
         out.extend((received, e.type, e.segment, e.text, round(e.start, 2), round(e.end, 2))
                    for e in session.events_received())
 
@@ -450,3 +464,166 @@ def test_no_provisional_window_once_the_full_one_is_due():
     session = StreamSession(schedule, ScriptVocab(), ENDPOINT)
     session.accept_audio(script_audio(frames("_" * 13))[: 320 * 13])  # 80 samples short of the full window
     assert session.windows_to_run() == []
+
+
+# --- partial refreshes between full windows ----------------------------------------------------------------
+
+REFRESH = {name: dataclasses.replace(s, early=5, refresh=4, refresh_left=20) for name, s in SCHEDULES.items()}
+
+
+@pytest.mark.parametrize("runner", ["layer-padfirst", "group-padlast"], indirect=True)
+@pytest.mark.parametrize("schedule", REFRESH.values(), ids=REFRESH.keys())
+@pytest.mark.parametrize("chunk", [1, 7, 320, 1000, "random"])
+def test_partial_refreshes_leave_finals_arrival_invariant(runner, speech, schedule, chunk):
+    """Refresh windows, some run and some skipped, show partials; frame ids, finals and the full windows are the
+    reference's."""
+    audio = speech[: 16000 * 4 + 77]
+    ref_windows = []
+
+    def spy(windows):
+        ref_windows.extend(windows)
+        return runner(windows)
+
+    ref_ids, ref_finals = reference(audio, spy, schedule, runner.vocab)
+    seen = []
+    flip = iter(lambda: len(seen) % 3 == 0, None)  # skip about a third of them, run the rest
+    ids, events = stream(audio, runner, schedule, arrival(chunk, len(audio)), seen=seen, skip=lambda w: next(flip))
+    refresh = [w for w in seen if w.optional]
+    assert refresh and all(w.provisional and w.final_from == w.final_to for w in refresh)
+    assert all(w.start_frame == max(0, w.final_from - schedule.refresh_left) for w in refresh)
+    full = [w.samples for w in seen if not w.provisional]
+    assert len(full) == len(ref_windows) and all(np.array_equal(a, b) for a, b in zip(full, ref_windows, strict=True))
+    assert ids == ref_ids
+    finals = [e for e in events if isinstance(e, Final)]
+    assert [(f.segment, f.text, f.start, f.end, f.reason) for f in finals] == [
+        (f.segment, f.text, f.start, f.end, f.reason) for f in ref_finals
+    ]
+    assert [(w.word, w.start, w.end) for f in finals for w in f.words] == [
+        (w.word, w.start, w.end) for f in ref_finals for w in f.words
+    ]
+
+
+def test_refresh_windows_fall_between_full_windows_on_their_grid():
+    """refresh = 2 frames with a 5-frame hop: refreshes end 2 and 4 frames after each full window, never where
+    the next full window ends; each starts refresh_left frames before the first non-final frame."""
+    schedule = dataclasses.replace(SCHED, refresh=2, refresh_left=6)
+    seen = []
+    timeline(schedule, seen=seen)
+    full_end = None
+    refreshes = 0
+    for i, (_, w) in enumerate(seen):
+        end = round((len(w.samples) + w.start_frame * 320 - 80) / 320)  # a full window's end frame (80-sample tail)
+        if not w.provisional:
+            following = [x for _, x in seen[i + 1 :] if not x.provisional]
+            full_end, final_to = end, w.final_to
+            continue
+        assert w.optional and full_end is not None
+        refreshes += 1
+        assert w.final_from == w.final_to == final_to and w.start_frame == max(0, final_to - 6)
+        end = w.start_frame + len(w.samples) // 320  # a refresh ends on the frame grid itself
+        assert end - full_end in (2, 4)
+        if following and following[0].final_from == final_to:
+            assert end < schedule.plan(final_to)[2]
+    assert refreshes >= 6
+
+
+def test_refreshes_show_text_sooner_and_skipped_ones_change_nothing():
+    """With refreshes the letters show sooner than once a hop; finals stay; every refresh skipped is the
+    engine without refreshes, event for event (also across a flush)."""
+    off = SCHED
+    on = dataclasses.replace(SCHED, refresh=2, refresh_left=10)
+    for flush_at, today in [(None, TODAY), (40, TODAY_FLUSH_AT_40)]:
+        assert timeline(off, flush_at=flush_at) == today
+        assert timeline(on, flush_at=flush_at, skip=True) == today
+        got = timeline(on, flush_at=flush_at)
+        assert [e for e in got if e[1] == "final"] == [e for e in today if e[1] == "final"]
+
+        def first_shown(events):
+            shown = {}
+            for received, kind, segment, text, *_ in events:
+                for n in range(1, len(text) + 1):
+                    shown.setdefault((segment, text[:n]), received if received >= 0 else 10**9)
+            return shown
+
+        sooner, later = first_shown(got), first_shown(today)
+        common = sooner.keys() & later.keys()
+        assert common and any(sooner[k] < later[k] for k in common)
+    # text that the full window showed at 15520 (segment 1 "cd af") shows one refresh earlier
+    assert min(r for r, kind, seg, text, *_ in timeline(on) if text.startswith("cd af")) < 15520
+
+
+def test_no_refresh_after_a_flush_until_the_next_full_window():
+    """After a flush the early partials (if on) show the new segment; refreshes wait for its first full window."""
+    for early in (0, 2):
+        schedule = dataclasses.replace(SCHED, early=early, refresh=2, refresh_left=6)
+        timeline(schedule, flush_at=40, seen=(pairs := []))
+        seen = [w for _, w in pairs]
+        flushed = next(i for i, w in enumerate(seen) if not w.provisional and w.final_to - w.final_from != SCHED.hop)
+        assert seen[flushed].final_to == 40  # the window the flush closed the segment with
+        after = seen[flushed + 1 :]
+        first_full = next(i for i, w in enumerate(after) if not w.provisional)
+        assert not any(w.optional for w in after[:first_full])
+        assert all(w.provisional for w in after[:first_full]) and (first_full > 0) == (early > 0)
+        assert any(w.optional for w in after[first_full:])
+
+
+def test_only_an_optional_window_can_be_skipped_in_order():
+    audio = script_audio(frames("_ab|c" + "_" * 40))
+    session = StreamSession(dataclasses.replace(SCHED, refresh=2, refresh_left=6), ScriptVocab(), ENDPOINT)
+    session.accept_audio(audio[: 320 * 15])  # the first full window (13 frames) and a refresh 2 frames on
+    full, refresh = session.windows_to_run()
+    assert (full.optional, refresh.optional) == (False, True)
+    with pytest.raises(ValueError, match="optional"):
+        session.skip(full)
+    with pytest.raises(RuntimeError, match="order"):
+        session.skip(refresh)
+    session.accept_result(full, script_model([full.samples])[0])
+    session.skip(refresh)
+    assert session.pending == 0
+    # run_session (streamer transcribe, eval) skips refreshes unless asked: a file has nobody to show them to
+    ran = []
+    session.accept_audio(audio[320 * 15 : 320 * 17])  # the refresh 4 frames on
+    run_session(session, lambda ws: ran.extend(ws) or script_model(ws))
+    assert ran == [] and session.pending == 0
+    session.accept_audio(audio[320 * 17 : 320 * 20])  # the next full window (18) and a refresh (20)
+    run_session(session, lambda ws: ran.extend(ws) or script_model(ws), refresh=True)
+    assert len(ran) == 2 and session.pending == 0
+
+
+def partial_delays(runner, audio, schedule, words=None, chunk=1600):
+    """Seconds of audio received past each word's end when a partial (or final) first shows it up to there,
+    with every window run: what a live client waits, less the compute."""
+    session = StreamSession(schedule, runner.vocab, EndpointRules(), words=words)
+    delays, shown = [], -1.0
+    for i in range(0, len(audio) + chunk, chunk):
+        if i < len(audio):
+            session.accept_audio(audio[i : i + chunk])
+        else:
+            session.finish()
+        run_session(session, runner, refresh=True)
+        received = min(len(audio), i + chunk) / 16000
+        for e in session.events_received():
+            for w in e.words:
+                if w.end > shown + 1e-6:
+                    delays.append(received - np.ceil(w.end / 0.1 - 1e-6) * 0.1)  # from the chunk that held it
+                    shown = w.end
+    return np.array(delays)
+
+
+@pytest.mark.parametrize("decoder", ["greedy", "words"])
+def test_refreshes_cut_the_partial_delay_of_real_speech(model_runner, demo_words, speech, decoder):
+    """The demo model on espeak speech: the slowest words (p90) show about a refresh interval after their end
+    instead of a hop or more; the finals are the same."""
+    words = demo_words if decoder == "words" else None
+    on = StreamConfig().schedule()
+    off = dataclasses.replace(on, refresh=0)
+    assert on.refresh == 10 and on.refresh_left == 40 and on.hop == 20
+    audio = np.concatenate([speech, speech])
+    slow_on = np.percentile(partial_delays(model_runner, audio, on, words), 90)
+    slow_off = np.percentile(partial_delays(model_runner, audio, off, words), 90)
+    print(f"p90 partial delay {slow_on:.2f} s with refreshes, {slow_off:.2f} s without")
+    assert slow_on <= slow_off - 0.15, (slow_on, slow_off)
+    assert slow_on <= 0.45
+    _, events_on = stream(audio, model_runner, on, arrival(1600, len(audio)), EndpointRules(), words=words)
+    _, events_off = stream(audio, model_runner, off, arrival(1600, len(audio)), EndpointRules(), words=words)
+    assert [f for f in events_on if isinstance(f, Final)] == [f for f in events_off if isinstance(f, Final)]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
+import time
 
 import numpy as np
 import pytest
@@ -226,3 +228,89 @@ async def test_a_client_faster_than_allowed_is_slowed_down(daemon_factory, speec
     msgs, code = await native_session(d.port, pcm16(speech), chunk=len(speech) * 2)  # one message
     assert code == 1000 and finals_of(msgs)
     assert loop.time() - t0 >= (len(speech) / 16000 - 1.0) / 2 * 0.95
+
+
+# -- partial refreshes: spare model time only ---------------------------------------------------------------
+
+
+def test_load_meter_counts_busy_time_within_its_horizon():
+    from streamer.fair import LoadMeter
+
+    m = LoadMeter(2.0)
+    assert m.load(0.0) == 0.0
+    m.add(1.0, 0.5)  # busy 0.5 .. 1.0
+    m.add(2.0, 0.5)  # busy 1.5 .. 2.0
+    assert m.load(2.0) == pytest.approx(0.5)
+    assert m.load(2.9) == pytest.approx(0.3)  # the horizon 0.9 .. 2.9 holds 0.1 s of the first span
+    assert m.load(3.5) == pytest.approx(0.25)
+    assert m.load(4.1) == 0.0  # everything left the horizon
+    m.add(5.0, 3.0)  # a call longer than the horizon counts the horizon's share only
+    assert m.load(5.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        LoadMeter(0)
+
+
+def _refresh_windows(runner, speech):
+    """A full window and the partial refresh after it, as a live session plans them (default schedule)."""
+    from streamer.config import StreamConfig
+    from streamer.engine import StreamSession
+
+    session = StreamSession(StreamConfig().schedule(), runner.vocab)
+    session.accept_audio(speech[: 16000 * 2])  # the first full window ends at 1.4 s, a refresh at 1.6 s
+    windows = [w for w in session.windows_to_run() if not (w.provisional and not w.optional)]
+    full, refresh = windows[-2:]
+    assert (full.optional, refresh.optional) == (False, True)
+    return full, refresh
+
+
+async def test_worker_runs_refreshes_only_on_spare_model_time(model_runner, speech):
+    """An idle worker runs a refresh; behind other windows, above refresh_max_load or with it 0 it answers None at
+    once; the load is the model time of the other windows in the last 2 s, so it frees up again."""
+    from streamer.aio.worker import BatchWorker
+    from streamer.config import WorkerConfig
+
+    full, refresh = _refresh_windows(model_runner, speech)
+
+    def outcomes(worker):
+        c = worker.metrics.refresh_windows
+        return c.labels("run")._value.get(), c.labels("skipped")._value.get()
+
+    async with asyncio.timeout(TIMEOUT):
+        idle = BatchWorker(model_runner, WorkerConfig())
+        idle.start()
+        try:
+            out = await idle.submit(refresh, "a")
+            assert out is not None and out.shape[0] == refresh.n_frames
+            assert outcomes(idle) == (1, 0)
+            # behind other windows (one window per batch here): skipped at once, the others all run
+            busy = BatchWorker(model_runner, WorkerConfig(max_batch=1))
+            busy.start()
+            try:
+                got = await asyncio.gather(busy.submit(full, "a"), busy.submit(refresh, "b"),
+                                           busy.submit(full, "c"))
+                assert got[1] is None and got[0] is not None and got[2] is not None
+                assert outcomes(busy) == (0, 1)
+            finally:
+                await busy.stop()
+            # load: a burst of full windows (about 1.6 s of model time) keeps the model busy most of the last 2 s
+            t0 = time.perf_counter()
+            model_runner([full.samples] * 4)
+            burst = [full] * max(8, math.ceil(1.6 / ((time.perf_counter() - t0) / 4)))
+            t0 = time.perf_counter()
+            await idle.run_many(burst, "flood")
+            took = time.perf_counter() - t0
+            load = idle.load.load(time.perf_counter())
+            assert load == pytest.approx(min(took, 2.0) / 2.0, abs=0.15) and load >= 0.5
+            assert await idle.submit(refresh, "a") is None
+            assert outcomes(idle) == (1, 1)
+            await asyncio.sleep(2.1)  # the burst leaves the horizon
+            assert await idle.submit(refresh, "a") is not None
+        finally:
+            await idle.stop()
+        never = BatchWorker(model_runner, WorkerConfig(refresh_max_load=0.0))
+        never.start()
+        try:
+            assert await never.submit(refresh, "a") is None
+            assert outcomes(never) == (0, 1)
+        finally:
+            await never.stop()

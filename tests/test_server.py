@@ -526,3 +526,28 @@ async def test_metrics_count_provisional_windows(daemon_factory, model_runner, s
         assert (0 < seconds < value(metrics, "streamer_model_seconds_total")) if expected else seconds == 0
         texts = [m["type"] for m in messages if m["type"] in ("partial", "final") and m["text"]]
         assert texts[0] == ("partial" if expected else "final")  # the only text before the end is an early one
+
+
+async def test_partial_refreshes_on_spare_time_and_counted(daemon_factory, model_runner, speech):
+    """A live stream gets partials between full windows (refreshes run while the model is idle) and the same
+    finals; with refresh_max_load = 0 every refresh is skipped and the events are those without refreshes."""
+
+    def value(text, name):
+        return float(next((line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")), 0))
+
+    runs = {}
+    for name, overrides in [("on", ()), ("off", ("stream.refresh_interval_ms=0",)),
+                            ("skipped", ("worker.refresh_max_load=0",))]:
+        d = await daemon_factory(*overrides)
+        messages, code = await native_session(d.port, pcm16(speech))  # 100 ms messages
+        assert code == 1000
+        _, _, metrics = await asyncio.to_thread(http_get, d.port, "/metrics")
+        runs[name] = ([(m["type"], m["text"]) for m in messages if m["type"] in ("partial", "final")],
+                      value(metrics, 'streamer_refresh_windows_total{outcome="run"}'),
+                      value(metrics, 'streamer_refresh_windows_total{outcome="skipped"}'))
+        assert finals_of(messages) == reference_finals(model_runner, speech)
+    (on, ran, skipped), (off, *none), (skip_all, ran_0, skipped_all) = runs["on"], runs["off"], runs["skipped"]
+    assert ran >= 10 and none == [0, 0]
+    assert ran_0 == 0 and skipped_all == ran + skipped  # the same refreshes were planned
+    assert len([e for e in on if e[0] == "partial"]) > len([e for e in off if e[0] == "partial"])
+    assert skip_all == off

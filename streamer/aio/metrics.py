@@ -72,7 +72,11 @@ class Metrics(MqttMetrics):
                                             "Audio seconds inside the windows run", registry=r)
         self.provisional_windows = Counter("streamer_provisional_windows_total",
                                            "Provisional windows run (early partials before a stream's first full "
-                                           "window; also counted in streamer_windows_total)", registry=r)
+                                           "window and partial refreshes between full windows; also counted in "
+                                           "streamer_windows_total)", registry=r)
+        self.refresh_windows = Counter("streamer_refresh_windows_total",
+                                       "Partial refreshes between full windows: run on spare model time, or skipped "
+                                       "while the model was busy", ["outcome"], registry=r)
         self.provisional_model_seconds = Counter("streamer_provisional_model_seconds_total",
                                                  "Model wall time spent on provisional windows (each batch's time "
                                                  "shared by window audio)", registry=r)

@@ -451,7 +451,7 @@ class OpenAIFront:
         holder = d.claim_name(sid, sid)
         if holder is not None:  # a session id is unique; a source could have the same name, though
             raise ApiError(500, f"stream name {sid} is taken by {holder}", type="server_error")
-        stream = d.open_stream(id=sid)
+        stream = d.open_stream(id=sid, live=False)  # a file: no partial refreshes (only its finals are sent)
         finals: list[Final] = []
         sent = ""
 

@@ -105,10 +105,12 @@ class Daemon:
         return self.streams.words
 
     def open_stream(self, *, sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
-                    name: str | None = None, id: str | None = None, words: WordDecoder | None = None) -> LiveStream:
-        """A new live stream with the config in force; ``words``: the stream's own list (default: the daemon's)."""
+                    name: str | None = None, id: str | None = None, words: WordDecoder | None = None,
+                    live: bool = True) -> LiveStream:
+        """A new live stream with the config in force; ``words``: the stream's own list (default: the daemon's);
+        ``live = False`` for a file fed as fast as it decodes (no partial refreshes)."""
         return self.streams.open(sample_rate=sample_rate, channels=channels, encoding=encoding, name=name, id=id,
-                                 words=words)
+                                 words=words, live=live)
 
     def claim_name(self, name: str, session: str) -> str | None:
         """Give stream ``session`` the name ``name`` while it lives; or say who has it (and give nothing).

@@ -137,9 +137,12 @@ class LiveStream:
             self.session.flush()
         return self.session.windows_to_run()
 
-    def _merge(self, windows: list[Window], results: list[np.ndarray]) -> list[Event]:
+    def _merge(self, windows: list[Window], results: list[np.ndarray | None]) -> list[Event]:
         for w, lp in zip(windows, results, strict=True):
-            self.session.accept_result(w, lp)
+            if lp is None:  # a partial refresh the worker skipped (the model was busy)
+                self.session.skip(w)
+            else:
+                self.session.accept_result(w, lp)
         return self.session.events_received()
 
     async def _run(self, windows: list[Window]) -> list[Event]:
@@ -188,10 +191,15 @@ class Streams:
             self._engine = None
 
     def open(self, *, sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
-             name: str | None = None, id: str | None = None, words: WordDecoder | None = None) -> LiveStream:
-        """A new stream; ``words`` is the stream's own word list (default: the daemon's)."""
+             name: str | None = None, id: str | None = None, words: WordDecoder | None = None,
+             live: bool = True) -> LiveStream:
+        """A new stream; ``words`` is the stream's own word list (default: the daemon's).
+
+        ``live = False``: audio that is not real time (a file); its session plans no partial refreshes.
+        """
         sid = id or uuid.uuid4().hex[:12]
-        session = new_session(self.cfg, self.vocab, words or self.words, geometry=geometry_of(self.worker.runner))
+        session = new_session(self.cfg, self.vocab, words or self.words, geometry=geometry_of(self.worker.runner),
+                              refresh=live)
         srv = self.cfg.server
         budget = AudioBudget(srv.max_speed, srv.max_burst_s, time.monotonic()) if srv.max_speed > 0 else None
         return LiveStream(session, self.worker, self.hub, self.metrics, id=sid, name=name or sid,

@@ -6,6 +6,11 @@ a minute of audio at once shares every batch with the real-time streams instead 
 A stream's windows are dropped before they run once its caller stops waiting (cancelled: the
 client left) or :meth:`BatchWorker.forget` is called.
 
+Partial refreshes (optional windows, :attr:`streamer.engine.Window.optional`) spend spare model time
+only: a batch takes them while no other window waits behind it and the other windows kept the model
+busy less than ``worker.refresh_max_load`` of the last 2 s; otherwise they are answered with None
+(skipped) at once, so near capacity they cost nothing.
+
 With a remote model server (``[model_server] kind = "triton"``, :class:`streamer.triton.AsyncRunner`) the batches
 are awaited on the event loop instead of run in the model thread, up to ``max_inflight`` of them at once, and the
 runner's health check runs beside the loop.
@@ -25,7 +30,7 @@ from streamer.aio.metrics import Metrics
 from streamer.config import WorkerConfig
 from streamer.engine import SAMPLE_RATE, Window
 from streamer.exceptions import InferenceError
-from streamer.fair import FairQueue
+from streamer.fair import FairQueue, LoadMeter
 from streamer.runner import Runner
 from streamer.triton import AsyncRunner
 
@@ -35,7 +40,7 @@ logger = logging.getLogger("streamer.worker")
 @dataclass(eq=False)
 class _Item:
     window: Window
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[np.ndarray | None]
     queued_at: float
 
 
@@ -56,6 +61,8 @@ class BatchWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-model")
         self._task: asyncio.Task[None] | None = None
         self._lagging: set[str] = set()  # streams with a lag gauge to keep up to date
+        self.load = LoadMeter(2.0)
+        """model time spent on mandatory windows (all but partial refreshes), as a share of the last 2 s"""
         self.batches = 0
         self.remote = runner if isinstance(runner, AsyncRunner) else None
         """the model server the batches go to (awaited on the loop), or None: the model thread runs them"""
@@ -107,18 +114,22 @@ class BatchWorker:
         await asyncio.gather(*tasks, return_exceptions=True)
         await remote.aclose()
 
-    async def submit(self, window: Window, stream: str = "") -> np.ndarray:
-        """Queue one window of ``stream``; return its log-probabilities once the model ran it."""
+    async def submit(self, window: Window, stream: str = "") -> np.ndarray | None:
+        """Queue one window of ``stream``; return its log-probabilities once the model ran it.
+
+        None: an optional window (a partial refresh) the worker skipped; answer it with ``session.skip``.
+        """
         if not self.alive:
             raise InferenceError("the model worker is not running")
         async with self._slots:
-            fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[np.ndarray | None] = asyncio.get_running_loop().create_future()
             self._queue.put(stream, _Item(window, fut, time.perf_counter()))
             self._arrived.set()
             return await fut
 
-    async def run_many(self, windows: list[Window], stream: str = "") -> list[np.ndarray]:
-        """Submit the windows of ``stream`` together (they may share a batch); results in the same order."""
+    async def run_many(self, windows: list[Window], stream: str = "") -> list[np.ndarray | None]:
+        """Submit the windows of ``stream`` together (they may share a batch); results in the same order
+        (None for a skipped optional window)."""
         if not windows:
             return []
         if stream:
@@ -147,7 +158,24 @@ class BatchWorker:
         while not batch and len(self._queue):
             taken = self._queue.take(self.cfg.max_batch, self.cfg.max_windows_per_stream)
             batch = [item for _, item in taken if not item.future.done()]  # the stream's caller is gone
+            if any(item.window.optional for item in batch) and not self._spare():
+                batch = self._skip_optional(batch)
         return batch
+
+    def _spare(self) -> bool:
+        """Whether partial refreshes may run now: nothing else waits, and the model has spare time."""
+        return not len(self._queue) and self.load.load(time.perf_counter()) < self.cfg.refresh_max_load
+
+    def _skip_optional(self, batch: list[_Item]) -> list[_Item]:
+        """Answer the optional windows of ``batch`` with None (skipped); the rest of the batch."""
+        keep = []
+        for item in batch:
+            if item.window.optional:
+                item.future.set_result(None)
+                self.metrics.refresh_windows.labels("skipped").inc()
+            else:
+                keep.append(item)
+        return keep
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -218,6 +246,10 @@ class BatchWorker:
                  model_s: float) -> None:
         """Count a batch that ran and hand each window its output."""
         self.batches += 1
+        optional = sum(len(item.window.samples) for item in batch if item.window.optional)
+        self.load.add(time.perf_counter(), model_s * (1 - optional / max(1, sum(len(x) for x in samples))))
+        if optional:
+            self.metrics.refresh_windows.labels("run").inc(sum(1 for item in batch if item.window.optional))
         self.metrics.add_model_time(model_s)
         self.metrics.add_provisional([item.window for item in batch], model_s)  # early partials' share
         self.metrics.batch_size.observe(len(batch))

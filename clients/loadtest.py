@@ -37,6 +37,8 @@ commands on each, one after the other (never at the same time), for a side-by-si
     python clients/loadtest.py --random-model xlsr-large --set model.dtype=bfloat16 --clients 8,16,32,64
     python clients/loadtest.py --clients 1,2,4 --seconds 15 --commands 20 --cycles 0 \
         --compare stream.early_partials=false                    # early partials on vs off
+    python clients/loadtest.py --clients 1,2,8,16,24 --seconds 15 --cycles 0 \
+        --compare stream.refresh_interval_ms=0                   # partial refreshes on vs off
     python clients/loadtest.py --url ws://lb:8765/v1/stream --procs 8 --clients 64,128,256 --cycles 0
 """
 
@@ -457,7 +459,8 @@ def read_metrics(url: str, pid: int | None = None) -> dict[str, float]:
     parts = urlsplit(url)
     scheme = "https" if parts.scheme == "wss" else "http"
     names = ("streamer_model_seconds_total", "streamer_audio_seconds_total", "streamer_provisional_windows_total",
-             "streamer_provisional_model_seconds_total", "streamer_windows_total")
+             "streamer_provisional_model_seconds_total", "streamer_windows_total",
+             'streamer_refresh_windows_total{outcome="run"}', 'streamer_refresh_windows_total{outcome="skipped"}')
     try:
         with urllib.request.urlopen(f"{scheme}://{parts.netloc}/metrics", timeout=10) as r:
             text = r.read().decode()
@@ -467,7 +470,8 @@ def read_metrics(url: str, pid: int | None = None) -> dict[str, float]:
     for line in text.splitlines():
         name, _, value = line.partition(" ")
         if name in names:
-            values[name.removeprefix("streamer_").removesuffix("_total")] = float(value)
+            key = name.removeprefix("streamer_").replace('_total{outcome="', "_").removesuffix('"}')
+            values[key.removesuffix("_total")] = float(value)
     return values | cpu_seconds(pid)
 
 
@@ -481,6 +485,7 @@ def cost(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         "provisional_windows": d.get("provisional_windows", float("nan")),
         "provisional_model_s": d.get("provisional_model_seconds", float("nan")),
         "windows": d.get("windows", float("nan")), "audio_s": audio,
+        "refresh_run": d.get("refresh_windows_run", 0.0), "refresh_skipped": d.get("refresh_windows_skipped", 0.0),
     } if "model_seconds" in d else {}
 
 
@@ -557,7 +562,7 @@ class Target:
 
 LEVEL_HEAD = (f"{'':<22}{'clients':>8}{'partial p50':>13}{'p95':>7}{'first 1.5 s p50':>17}{'p95':>7}"
               f"{'rest p50':>10}{'p95':>7}{'final p50':>11}{'p95':>7}{'words':>7}{'RSS MB':>8}{'CPU/audio':>10}"
-              f"{'ping p95':>10}")
+              f"{'ping p95':>10}{'refreshed':>11}")
 
 
 def level_row(name: str, lv: dict) -> str:
@@ -565,7 +570,13 @@ def level_row(name: str, lv: dict) -> str:
             f"{lv['partial_first_median']:>17.3f}{lv['partial_first_p95']:>7.3f}{lv['partial_rest_median']:>10.3f}"
             f"{lv['partial_rest_p95']:>7.3f}{lv['final_median']:>11.3f}{lv['final_p95']:>7.3f}{lv['words']:>7}"
             f"{lv['peak_rss_mb']:>8.0f}{lv.get('cost', {}).get('cpu_s_per_audio_s', float('nan')):>10.3f}"
-            f"{lv.get('ping_p95', float('nan')):>10.3f}")
+            f"{lv.get('ping_p95', float('nan')):>10.3f}{refreshed(lv.get('cost', {})):>11}")
+
+
+def refreshed(cost: dict) -> str:
+    """The share of the partial refreshes planned that the daemon ran (it skips them when the model is busy)."""
+    planned = cost.get("refresh_run", 0.0) + cost.get("refresh_skipped", 0.0)
+    return f"{cost['refresh_run'] / planned * 100:.0f} %" if planned else "-"
 
 
 def servers_row(lv: dict) -> str:
@@ -604,6 +615,7 @@ def side_by_side(targets: list[Target], args: argparse.Namespace) -> None:
             rows.append(("  provisional windows / model s", [f"{c.get('provisional_windows', float('nan')):.0f} / "
                                                               f"{c.get('provisional_model_s', float('nan')):.2f}"
                                                               for c in costs]))
+            rows.append(("  partial refreshes run", [refreshed(c) for c in costs]))
     cmds = [t.summary.get("commands", {}) for t in targets]
     if any(cmds):
         rows.append(("command: start -> first partial", [pair(c, "first_partial") for c in cmds]))

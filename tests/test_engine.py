@@ -540,7 +540,7 @@ def test_refreshes_show_text_sooner_and_skipped_ones_change_nothing():
 
         def first_shown(events):
             shown = {}
-            for received, kind, segment, text, *_ in events:
+            for received, _kind, segment, text, *_ in events:
                 for n in range(1, len(text) + 1):
                     shown.setdefault((segment, text[:n]), received if received >= 0 else 10**9)
             return shown

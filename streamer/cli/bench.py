@@ -50,34 +50,49 @@ def register(sub: Any) -> None:
 
 def measure(runner: Runner, cfg: Config, words: Decoder | None, audio: np.ndarray, chunk_ms: float,
             offline_ids: np.ndarray, offline_text: str) -> dict[str, float]:
-    """Stream ``audio`` in ``chunk_ms`` chunks; time it, and the model calls on provisional windows apart.
+    """Stream ``audio`` in ``chunk_ms`` chunks, every window run (partial refreshes too); time it, and the model
+    calls on early windows and on refreshes apart.
 
-    ``first_partial`` is the audio (seconds) received when the first partial with text came.
+    ``first_partial`` is the audio (seconds) received when the first partial with text came; ``delay_p50`` and
+    ``delay_p95`` are the audio received past a word's end when a partial first showed the word up to there
+    (what a live client waits for its words, less the compute).
     """
     from streamer.engine import Window
     from streamer.runner import geometry_of
     from streamer.transcribe import new_session, text_of
 
     session = new_session(cfg, runner.vocab, words, record_frames=True, geometry=geometry_of(runner))
-    cost = {"provisional_windows": 0.0, "provisional_seconds": 0.0, "first_partial": float("nan")}
+    cost = {"provisional_windows": 0.0, "provisional_seconds": 0.0, "refresh_windows": 0.0, "refresh_seconds": 0.0,
+            "first_partial": float("nan")}
     events: list[Event] = []
+    delays: list[float] = []
+    shown = -1.0
+
+    def kind(w: Window) -> str:
+        return "refresh" if w.optional else "provisional" if w.provisional else "full"
 
     def run_windows(received: int) -> None:
+        nonlocal shown
         windows = session.windows_to_run()
-        for provisional in (True, False):  # run apart to time them apart; each window's output is the same
-            group: list[Window] = [w for w in windows if w.provisional == provisional]
+        outputs: dict[int, np.ndarray] = {}
+        for k in ("provisional", "refresh", "full"):  # run apart to time them apart; each window's output is the same
+            group: list[Window] = [w for w in windows if kind(w) == k]
             if not group:
                 continue
             t = time.perf_counter()
-            outputs = runner.run([w.samples for w in group])
-            if provisional:
-                cost["provisional_windows"] += len(group)
-                cost["provisional_seconds"] += time.perf_counter() - t
-            for w, lp in zip(group, outputs, strict=True):
-                session.accept_result(w, lp)
+            outputs.update(zip(map(id, group), runner.run([w.samples for w in group]), strict=True))
+            if k != "full":
+                cost[f"{k}_windows"] += len(group)
+                cost[f"{k}_seconds"] += time.perf_counter() - t
+        for w in windows:
+            session.accept_result(w, outputs[id(w)])
         for e in session.events_received():
             if e.text and np.isnan(cost["first_partial"]):
                 cost["first_partial"] = received / 16000
+            for word in e.words:
+                if word.end > shown + 1e-6:
+                    delays.append(received / 16000 - word.end)
+                    shown = word.end
             events.append(e)
 
     chunk = max(1, int(16 * chunk_ms))
@@ -91,7 +106,9 @@ def measure(runner: Runner, cfg: Config, words: Decoder | None, audio: np.ndarra
     ids = np.asarray(session.frame_ids)
     n = min(len(ids), len(offline_ids))
     return {"seconds": elapsed, "agreement": float((ids[:n] == offline_ids[:n]).mean()),
-            "cer": cer(text_of(events).replace("  ", " "), offline_text), **cost}
+            "cer": cer(text_of(events).replace("  ", " "), offline_text),
+            "delay_p50": float(np.percentile(delays, 50)) if delays else float("nan"),
+            "delay_p95": float(np.percentile(delays, 95)) if delays else float("nan"), **cost}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,6 +172,11 @@ def run(args: argparse.Namespace) -> int:
         late = measure(runner, cfg.replace(stream=dataclasses.replace(cfg.stream, early_partials=False)), words,
                        audio, args.chunk_ms, offline_ids, offline_text)
         rows.append(("  no early partials", late["seconds"], late["agreement"], late["cer"]))
+    stale = None
+    if sched.refresh:  # without partial refreshes: what they cost (when the model has the time), what they gain
+        stale = measure(runner, cfg.replace(stream=dataclasses.replace(cfg.stream, refresh_interval_ms=0)), words,
+                        audio, args.chunk_ms, offline_ids, offline_text)
+        rows.append(("  no partial refreshes", stale["seconds"], stale["agreement"], stale["cer"]))
     if not args.no_pipeline and isinstance(runner, TorchRunner):
         from transformers import pipeline
 
@@ -184,6 +206,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"early partials off: first partial after {st['first_partial']:.2f} s of audio "
               f"(the first full window needs {full_s:.2f} s)")
+    if stale is not None:
+        print(f"partial refreshes every {sched.refresh * ms} ms: {st['refresh_windows']:.0f} refresh windows, "
+              f"{st['refresh_seconds']:.3f} model s ({st['refresh_seconds'] / st['seconds'] * 100:.1f} % of the "
+              f"streaming time; the daemon runs them only on spare model time); words show in partials "
+              f"{st['delay_p50']:.2f} / {st['delay_p95']:.2f} s (p50 / p95) of audio after their end, "
+              f"{stale['delay_p50']:.2f} / {stale['delay_p95']:.2f} s without")
+    else:
+        print(f"partial refreshes off: words show in partials {st['delay_p50']:.2f} / {st['delay_p95']:.2f} s "
+              f"(p50 / p95) of audio after their end")
     capacity(runner, sched, audio)
     print(f"peak memory (max RSS of this process): {peak_rss_mb():.0f} MB")
     if args.plot:

@@ -282,6 +282,11 @@ async def test_worker_runs_refreshes_only_on_spare_model_time(model_runner, spee
             out = await idle.submit(refresh, "a")
             assert out is not None and out.shape[0] == refresh.n_frames
             assert outcomes(idle) == (1, 0)
+            # the refreshes of streams in step wait for each other and share a batch
+            batches = idle.batches
+            both = await asyncio.gather(idle.submit(refresh, "a"), idle.submit(refresh, "b"))
+            assert all(x is not None for x in both) and idle.batches == batches + 1
+            assert outcomes(idle) == (3, 0)
             # behind other windows (one window per batch here): skipped at once, the others all run
             busy = BatchWorker(model_runner, WorkerConfig(max_batch=1))
             busy.start()
@@ -302,7 +307,7 @@ async def test_worker_runs_refreshes_only_on_spare_model_time(model_runner, spee
             load = idle.load.load(time.perf_counter())
             assert load == pytest.approx(min(took, 2.0) / 2.0, abs=0.15) and load >= 0.5
             assert await idle.submit(refresh, "a") is None
-            assert outcomes(idle) == (1, 1)
+            assert outcomes(idle) == (3, 1)
             await asyncio.sleep(2.1)  # the burst leaves the horizon
             assert await idle.submit(refresh, "a") is not None
         finally:

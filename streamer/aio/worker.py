@@ -7,10 +7,10 @@ A stream's windows are dropped before they run once its caller stops waiting (ca
 client left) or :meth:`BatchWorker.forget` is called.
 
 Partial refreshes (optional windows, :attr:`streamer.engine.Window.optional`) spend spare model time
-only: one is queued only while the model is idle (no batch running, none waiting) and the other windows
-kept it busy less than ``worker.refresh_max_load`` of the last 2 s, and a batch runs it only if no
-other window waits behind it. Otherwise it is answered with None (skipped) at once: its stream does
-not wait for a busy model, and near capacity refreshes cost nothing.
+only: one is queued only while no other window waits (refreshes may: they batch together) and the
+other windows kept the model busy less than ``worker.refresh_max_load`` of the last 2 s, and a batch
+runs it only if still no other window waits behind it. Otherwise it is answered with None (skipped)
+at once: its stream does not wait for a busy model, and near capacity refreshes cost nothing.
 
 With a remote model server (``[model_server] kind = "triton"``, :class:`streamer.triton.AsyncRunner`) the batches
 are awaited on the event loop instead of run in the model thread, up to ``max_inflight`` of them at once, and the
@@ -64,7 +64,7 @@ class BatchWorker:
         self._lagging: set[str] = set()  # streams with a lag gauge to keep up to date
         self.load = LoadMeter(2.0)
         """model time spent on mandatory windows (all but partial refreshes), as a share of the last 2 s"""
-        self._running = False  # a batch is in the model thread
+        self._optional = 0  # optional windows (partial refreshes) in the queue
         self.batches = 0
         self.remote = runner if isinstance(runner, AsyncRunner) else None
         """the model server the batches go to (awaited on the loop), or None: the model thread runs them"""
@@ -123,12 +123,13 @@ class BatchWorker:
         """
         if not self.alive:
             raise InferenceError("the model worker is not running")
-        if window.optional and not (self._idle() and self._spare()):
+        if window.optional and not self._spare():
             self._skipped(1)
             return None
         async with self._slots:
             fut: asyncio.Future[np.ndarray | None] = asyncio.get_running_loop().create_future()
             self._queue.put(stream, _Item(window, fut, time.perf_counter()))
+            self._optional += window.optional
             self._arrived.set()
             return await fut
 
@@ -144,6 +145,7 @@ class BatchWorker:
     def forget(self, stream: str) -> None:
         """``stream`` ended: drop its queued windows (their callers get CancelledError) and its lag gauge."""
         for item in self._queue.drop(stream):
+            self._optional -= item.window.optional
             item.future.cancel()
         if stream in self._lagging:
             self._lagging.discard(stream)
@@ -162,18 +164,17 @@ class BatchWorker:
         batch: list[_Item] = []
         while not batch and len(self._queue):
             taken = self._queue.take(self.cfg.max_batch, self.cfg.max_windows_per_stream)
+            self._optional -= sum(item.window.optional for _, item in taken)
             batch = [item for _, item in taken if not item.future.done()]  # the stream's caller is gone
             if any(item.window.optional for item in batch) and not self._spare():
                 batch = self._skip_optional(batch)
         return batch
 
-    def _idle(self) -> bool:
-        """No batch runs now (in the model thread or on the model server)."""
-        return not self._running and not self._calls
-
     def _spare(self) -> bool:
-        """Whether partial refreshes may run now: nothing else waits, and the model has spare time."""
-        return not len(self._queue) and self.load.load(time.perf_counter()) < self.cfg.refresh_max_load
+        """Whether partial refreshes may run now: no other window waits (refreshes may: they batch together), and
+        the model has spare time."""
+        return (len(self._queue) == self._optional
+                and self.load.load(time.perf_counter()) < self.cfg.refresh_max_load)
 
     def _skipped(self, n: int) -> None:
         self.metrics.refresh_windows.labels("skipped").inc(n)
@@ -220,7 +221,6 @@ class BatchWorker:
                 call.add_done_callback(self._calls.discard)
                 continue
             t0 = time.perf_counter()
-            self._running = True
             try:
                 outputs = await loop.run_in_executor(self._executor, self.runner.run, samples)
             except Exception as exc:
@@ -230,8 +230,6 @@ class BatchWorker:
                     if not item.future.done():
                         item.future.set_exception(err)
                 continue
-            finally:
-                self._running = False
             self._deliver(batch, samples, outputs, time.perf_counter() - t0)
 
     async def _run_remote(self, remote: AsyncRunner, batch: list[_Item], samples: list[np.ndarray]) -> None:

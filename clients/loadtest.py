@@ -4,7 +4,9 @@
 Starts ``streamer serve`` (or uses --url), then for N = 1, 2, 4, ... clients that each feed
 speech at 1x real time, measures per word:
 
-* partial latency: from sending the audio that completes a word to receiving the first event that shows it,
+* partial latency: from sending the audio that completes a word to receiving the first event that shows it
+                   (the word of a final: the first partial or final with that word at that place,
+                   ``streamer.scoring.words_shown``; a misread or a word not yet shown does not count),
                    also apart for the words that end in the first 1.5 s of a stream (before the first full
                    window, only early partials can show them) and for the rest
 * final latency:   from sending the audio that completes a final's last word to receiving that final
@@ -60,6 +62,7 @@ from pathlib import Path
 import numpy as np
 from websockets.asyncio.client import connect
 
+from streamer.scoring import words_shown
 from streamer.testing import RANDOM_SIZES, espeak_audio, save_random_model, speech_audio
 
 CHUNK_S = 0.1
@@ -187,29 +190,23 @@ async def one_client(url: str, pcm: bytes, delay: float) -> ClientResult:
             await ws.send(json.dumps({"type": "stop"}))
 
         task = asyncio.create_task(sender())
-        seen_partial_end = -1.0
         async for raw in ws:
             now = time.perf_counter()
             ev = json.loads(raw)
             if ev["type"] in ("partial", "final"):
                 res.events.append((now, ev))
-            if ev["type"] == "partial" and ev["words"]:
-                for w in ev["words"]:
-                    if w["end"] > seen_partial_end + 1e-6 and (s := sent_at(w["end"])) is not None:
-                        res.partial.append((w["end"], now - s))
-                        seen_partial_end = w["end"]
-            elif ev["type"] == "final" and ev["words"]:
+            if ev["type"] == "final" and ev["words"]:
                 if (s := sent_at(ev["words"][-1]["end"])) is not None:
                     res.final.append(now - s)
                 res.words += len(ev["words"])
-                for w in ev["words"]:
-                    if w["end"] > seen_partial_end:  # a word first shown in its final
-                        if (s := sent_at(w["end"])) is not None:
-                            res.partial.append((w["end"], now - s))
-                        seen_partial_end = w["end"]
             elif ev["type"] == "error":
                 res.ok = False
         await task
+    timeline = [(t, ev["type"] == "final", [(w["word"], w["start"], w["end"]) for w in ev["words"]])
+                for t, ev in res.events]
+    for end, at in words_shown(timeline):  # each final word: first shown (same word, same place) -> partial latency
+        if (s := sent_at(end)) is not None:
+            res.partial.append((end, at - s))
     return res
 
 

@@ -2,6 +2,9 @@
 
 Used by ``streamer eval`` (corpus rates of the offline pass and of the streaming engine), ``streamer bench``
 (streaming text against offline text) and the demo recipe (dev-set rates while training).
+
+:func:`words_shown` says when each final word was first on screen, for partial latency (``streamer bench``,
+``clients/loadtest.py``).
 """
 
 from __future__ import annotations
@@ -9,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ErrorRate", "cer", "edit_distance", "normalise_text"]
+__all__ = ["ErrorRate", "cer", "edit_distance", "normalise_text", "words_shown"]
+
+Shown = tuple[str, float, float]
+"""a word as an event shows it: (text, start, end) in stream seconds"""
 
 
 def edit_distance(ref: Sequence[object], hyp: Sequence[object]) -> int:
@@ -68,3 +74,24 @@ class ErrorRate:
     @property
     def sentence_accuracy(self) -> float:
         return self.exact / max(1, self.utterances)
+
+
+def words_shown(events: Sequence[tuple[float, bool, Sequence[Shown]]]) -> list[tuple[float, float]]:
+    """When each word of the finals was first shown: ``(its end, the time of the first event showing it)``.
+
+    ``events``: ``(time, is_final, words)`` of a stream's partials and finals in the order they came. The words
+    of the finals are the truth; an event shows a final word when it has a word of the same text overlapping
+    it in time, so a misread does not count as shown, and a word whose end moves by a frame between a partial
+    and the final is still the word the partial showed. A word no partial showed is shown by its final.
+    """
+    out = []
+    seen: list[tuple[float, Sequence[Shown]]] = []
+    for at, is_final, words in events:
+        seen.append((at, words))
+        if not is_final:
+            continue
+        for text, start, end in words:
+            first = next((t for t, shown in seen if any(w == text and s <= end and e >= start for w, s, e in shown)),
+                         at)
+            out.append((end, first))
+    return out

@@ -147,3 +147,24 @@ def test_hub_id_offline_is_a_clear_error(wav16, tmp_path):
     assert "Traceback" not in proc.stderr
     assert "HF_HUB_OFFLINE is set and it is not in the local cache" in proc.stderr
     assert "huggingface-cli download someone/wav2vec2-xlsr-test" in proc.stderr
+
+
+def test_bench_reports_early_partials_and_refreshes_with_their_gain(capsys, wav16):
+    """`streamer bench` on the demo model: the early and refresh windows' counts and model seconds, and the
+    partial delay with refreshes below the one without; the same finals (agreement) either way."""
+    import re
+
+    code, out, _ = run_cli(capsys, "bench", "--model", "demo", "--audio", str(wav16), "--no-pipeline")
+    assert code == 0
+    rows = {m[1].strip(): m[2] for m in re.finditer(r"^( *[a-z][a-z ]+?)\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+([\d.]+) %",
+                                                    out, re.M)}
+    assert rows["streaming engine"] == rows["no partial refreshes"] == rows["no early partials"]
+    early = re.search(r"early partials every 400 ms: (\d+) provisional windows, ([\d.]+) model s", out)
+    assert early and int(early[1]) > 0 and float(early[2]) > 0
+    m = re.search(r"partial refreshes every 200 ms: (\d+) refresh windows, ([\d.]+) model s .*? words show in partials "
+                  r"([\d.]+) / ([\d.]+) s \(p50 / p95\) of audio after their end, ([\d.]+) / ([\d.]+) s without", out)
+    assert m, out
+    n, seconds, p50, p95, p50_off, p95_off = int(m[1]), *map(float, m.groups()[1:])
+    hops = len(sf.read(wav16)[0]) / 16000 / 0.4
+    assert 0.5 * hops < n < hops and seconds > 0  # about one refresh between two full windows
+    assert p95 < p95_off and p50 <= p50_off

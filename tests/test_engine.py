@@ -591,10 +591,12 @@ def test_only_an_optional_window_can_be_skipped_in_order():
 
 
 def partial_delays(runner, audio, schedule, words=None, chunk=1600):
-    """Seconds of audio received past each word's end when a partial (or final) first shows it up to there,
-    with every window run: what a live client waits, less the compute."""
+    """Seconds of audio received past the end of each final word (from the chunk that held it) when an event
+    first showed that word (``words_shown``), with every window run: what a live client waits, less the compute."""
+    from streamer.scoring import words_shown
+
     session = StreamSession(schedule, runner.vocab, EndpointRules(), words=words)
-    delays, shown = [], -1.0
+    timeline = []
     for i in range(0, len(audio) + chunk, chunk):
         if i < len(audio):
             session.accept_audio(audio[i : i + chunk])
@@ -602,12 +604,26 @@ def partial_delays(runner, audio, schedule, words=None, chunk=1600):
             session.finish()
         run_session(session, runner, refresh=True)
         received = min(len(audio), i + chunk) / 16000
-        for e in session.events_received():
-            for w in e.words:
-                if w.end > shown + 1e-6:
-                    delays.append(received - np.ceil(w.end / 0.1 - 1e-6) * 0.1)  # from the chunk that held it
-                    shown = w.end
-    return np.array(delays)
+        timeline += [(received, isinstance(e, Final), [(w.word, w.start, w.end) for w in e.words])
+                     for e in session.events_received()]
+    return np.array([at - np.ceil(end / 0.1 - 1e-6) * 0.1 for end, at in words_shown(timeline)])
+
+
+def test_words_shown_counts_the_right_word_at_its_place():
+    """A final word is shown by the first event with the same word overlapping it: a misread does not count, a
+    word whose end moved by a frame still does, and the same word elsewhere in the stream is another word."""
+    from streamer.scoring import words_shown
+
+    events = [
+        (1.0, False, [("ten", 0.1, 0.3)]),  # "turn" misread
+        (1.4, False, [("turn", 0.1, 0.32), ("on", 0.4, 0.44)]),
+        (1.8, False, [("turn", 0.1, 0.32), ("on", 0.4, 0.46), ("the", 0.5, 0.6)]),
+        (2.5, True, [("turn", 0.1, 0.32), ("on", 0.4, 0.46), ("the", 0.5, 0.62), ("lights", 0.9, 1.2)]),
+        (3.0, False, [("on", 2.0, 2.2)]),
+        (3.5, True, [("on", 2.0, 2.2)]),
+    ]
+    assert words_shown(events) == [(0.32, 1.4), (0.46, 1.4), (0.62, 1.8), (1.2, 2.5), (2.2, 3.0)]
+    assert words_shown(events[:3]) == []  # no final yet: nothing to measure
 
 
 @pytest.mark.parametrize("decoder", ["greedy", "words"])

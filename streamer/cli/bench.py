@@ -13,7 +13,7 @@ import numpy as np
 
 from streamer.cli import add_config_args, load_cli_config
 from streamer.exceptions import StreamerError
-from streamer.scoring import cer
+from streamer.scoring import cer, words_shown
 from streamer.testing import RANDOM_SIZES, random_runner, speech_audio
 
 if TYPE_CHECKING:
@@ -54,10 +54,11 @@ def measure(runner: Runner, cfg: Config, words: Decoder | None, audio: np.ndarra
     calls on early windows and on refreshes apart.
 
     ``first_partial`` is the audio (seconds) received when the first partial with text came; ``delay_p50`` and
-    ``delay_p95`` are the audio received past a word's end when a partial first showed the word up to there
-    (what a live client waits for its words, less the compute).
+    ``delay_p95`` are the audio received past the end of each final word when an event first showed that word
+    (:func:`streamer.scoring.words_shown`: what a live client waits for its words, less the compute).
     """
     from streamer.engine import Window
+    from streamer.events import Final
     from streamer.runner import geometry_of
     from streamer.transcribe import new_session, text_of
 
@@ -65,14 +66,12 @@ def measure(runner: Runner, cfg: Config, words: Decoder | None, audio: np.ndarra
     cost = {"provisional_windows": 0.0, "provisional_seconds": 0.0, "refresh_windows": 0.0, "refresh_seconds": 0.0,
             "first_partial": float("nan")}
     events: list[Event] = []
-    delays: list[float] = []
-    shown = -1.0
+    timeline: list[tuple[float, bool, list[tuple[str, float, float]]]] = []  # for words_shown
 
     def kind(w: Window) -> str:
         return "refresh" if w.optional else "provisional" if w.provisional else "full"
 
     def run_windows(received: int) -> None:
-        nonlocal shown
         windows = session.windows_to_run()
         outputs: dict[int, np.ndarray] = {}
         for k in ("provisional", "refresh", "full"):  # run apart to time them apart; each window's output is the same
@@ -89,10 +88,7 @@ def measure(runner: Runner, cfg: Config, words: Decoder | None, audio: np.ndarra
         for e in session.events_received():
             if e.text and np.isnan(cost["first_partial"]):
                 cost["first_partial"] = received / 16000
-            for word in e.words:
-                if word.end > shown + 1e-6:
-                    delays.append(received / 16000 - word.end)
-                    shown = word.end
+            timeline.append((received / 16000, isinstance(e, Final), [(w.word, w.start, w.end) for w in e.words]))
             events.append(e)
 
     chunk = max(1, int(16 * chunk_ms))
@@ -105,6 +101,7 @@ def measure(runner: Runner, cfg: Config, words: Decoder | None, audio: np.ndarra
     elapsed = time.perf_counter() - t0
     ids = np.asarray(session.frame_ids)
     n = min(len(ids), len(offline_ids))
+    delays = [at - end for end, at in words_shown(timeline)]
     return {"seconds": elapsed, "agreement": float((ids[:n] == offline_ids[:n]).mean()),
             "cer": cer(text_of(events).replace("  ", " "), offline_text),
             "delay_p50": float(np.percentile(delays, 50)) if delays else float("nan"),
@@ -194,8 +191,9 @@ def run(args: argparse.Namespace) -> int:
     for name, secs, agree, c in rows:
         agree_s = "-" if np.isnan(agree) else f"{agree * 100:.2f} %"
         print(f"{name:<24}{secs:>9.3f}{secs / dur:>9.4f}{secs / offline_s:>11.2f}x{agree_s:>13}{c * 100:>14.2f} %")
-    print(f"\ncompute ratio streaming/offline: {st['seconds'] / offline_s:.2f} "
-          f"(schedule predicts ~{(sched.left + sched.hop + sched.lookahead) / sched.hop:.2f})")
+    without = f", {stale['seconds'] / offline_s:.2f} without partial refreshes" if stale is not None else ""
+    print(f"\ncompute ratio streaming/offline: {st['seconds'] / offline_s:.2f}{without} "
+          f"(the full windows' schedule predicts ~{(sched.left + sched.hop + sched.lookahead) / sched.hop:.2f})")
     full_s = (sched.plan(0)[2] * sched.frame_samples + sched.tail) / 16000
     if late is not None:
         print(f"early partials every {sched.early * ms} ms: {st['provisional_windows']:.0f} provisional windows, "
@@ -274,7 +272,8 @@ def plot_tradeoff(runner: Runner, cfg: Config, words: Decoder | None, audio: np.
             (3200, 800, 1280), (4000, 2000, 2000)]
     points = []
     for left, hop, look in tqdm(grid, desc="schedules", file=sys.stderr, disable=not sys.stderr.isatty()):
-        c = cfg.replace(stream=StreamConfig(left_context_ms=left, hop_ms=hop, lookahead_ms=look))
+        # the schedule's own cost: without partial refreshes (the daemon runs them on spare time only)
+        c = cfg.replace(stream=StreamConfig(left_context_ms=left, hop_ms=hop, lookahead_ms=look, refresh_interval_ms=0))
         m = measure(runner, c, words, audio, args.chunk_ms, offline_ids, offline_text)
         points.append((left, hop, look, m["seconds"] / offline_s, m["agreement"], m["cer"]))
         print(f"  left {left:>5} hop {hop:>5} lookahead {look:>5} ms: compute x{m['seconds'] / offline_s:.2f}, "

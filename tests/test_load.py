@@ -319,3 +319,42 @@ async def test_worker_runs_refreshes_only_on_spare_model_time(model_runner, spee
             assert outcomes(never) == (0, 1)
         finally:
             await never.stop()
+
+
+async def test_a_refresh_holds_its_stream_back_briefly_at_most(model_runner, speech):
+    """A refresh alone does not wait worker.max_wait_ms for company, and one stuck behind a long batch is given up
+    (None, counted as skipped) while that batch still runs: the stream goes on without it."""
+    from streamer.aio.worker import REFRESH_WAIT_S, BatchWorker
+    from streamer.config import WorkerConfig
+
+    full, refresh = _refresh_windows(model_runner, speech)
+    alone = BatchWorker(model_runner, WorkerConfig(max_wait_ms=5000))
+    alone.start()
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            t0 = time.perf_counter()
+            assert await alone.submit(refresh, "a") is not None
+            assert time.perf_counter() - t0 < 2.5  # not the 5 s a full window waits for company
+    finally:
+        await alone.stop()
+    model_runner([full.samples] * 4)  # warm
+    t0 = time.perf_counter()
+    model_runner([full.samples] * 4)
+    n = max(8, math.ceil(5 * REFRESH_WAIT_S / ((time.perf_counter() - t0) / 4)))  # a batch of ~5x the refresh wait
+    worker = BatchWorker(model_runner, WorkerConfig(max_wait_ms=0, max_batch=n, max_windows_per_stream=n))
+    worker.start()
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            long = asyncio.create_task(worker.run_many([full] * n, "flood"))
+            for _ in range(1000):  # queued, then taken: the batch is in the model thread
+                await asyncio.sleep(0.001)
+                if worker.queued == 0 and worker.metrics.queue_wait._sum.get() > 0:
+                    break
+            assert worker.queued == 0 and not long.done()  # the long batch is in the model thread, nothing queued
+            assert await worker.submit(refresh, "a") is None
+            assert not long.done()  # given up while the batch still ran
+            assert worker.metrics.refresh_windows.labels("skipped")._value.get() == 1
+            assert all(x is not None for x in await long)
+            assert worker.metrics.refresh_windows.labels("run")._value.get() == 0
+    finally:
+        await worker.stop()

@@ -530,24 +530,27 @@ async def test_metrics_count_provisional_windows(daemon_factory, model_runner, s
 
 async def test_partial_refreshes_on_spare_time_and_counted(daemon_factory, model_runner, speech):
     """A live stream gets partials between full windows (refreshes run while the model is idle) and the same
-    finals; with refresh_max_load = 0 every refresh is skipped and the events are those without refreshes."""
+    finals; with refresh_max_load = 0 every refresh is skipped and the events are those without refreshes; a
+    client far ahead of real time gets none after its first seconds."""
 
     def value(text, name):
         return float(next((line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")), 0))
 
     runs = {}
-    for name, overrides in [("on", ()), ("off", ("stream.refresh_interval_ms=0",)),
-                            ("skipped", ("worker.refresh_max_load=0",))]:
+    for name, overrides, pace in [("on", (), 0.1), ("fast", (), 0.0), ("off", ("stream.refresh_interval_ms=0",), 0.0),
+                                  ("skipped", ("worker.refresh_max_load=0",), 0.0)]:
         d = await daemon_factory(*overrides)
-        messages, code = await native_session(d.port, pcm16(speech))  # 100 ms messages
+        messages, code = await native_session(d.port, pcm16(speech), pace=pace)  # 100 ms messages
         assert code == 1000
         _, _, metrics = await asyncio.to_thread(http_get, d.port, "/metrics")
         runs[name] = ([(m["type"], m["text"]) for m in messages if m["type"] in ("partial", "final")],
                       value(metrics, 'streamer_refresh_windows_total{outcome="run"}'),
                       value(metrics, 'streamer_refresh_windows_total{outcome="skipped"}'))
         assert finals_of(messages) == reference_finals(model_runner, speech)
-    (on, ran, skipped), (off, *none), (skip_all, ran_0, skipped_all) = runs["on"], runs["off"], runs["skipped"]
+    (on, ran, skipped), (_, ran_fast, skipped_fast) = runs["on"], runs["fast"]
+    (off, *none), (skip_all, ran_0, skipped_all) = runs["off"], runs["skipped"]
     assert ran >= 10 and none == [0, 0]
-    assert ran_0 == 0 and skipped_all == ran + skipped  # the same refreshes were planned
+    assert ran_0 == 0 and skipped_all == ran + skipped == ran_fast + skipped_fast  # the same refreshes were planned
+    assert ran_fast < ran / 2  # at 2 s ahead of real time the stream is not live
     assert len([e for e in on if e[0] == "partial"]) > len([e for e in off if e[0] == "partial"])
     assert skip_all == off

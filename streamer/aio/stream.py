@@ -39,6 +39,9 @@ from streamer.transcribe import new_session
 
 FEED_PIECE = SAMPLE_RATE
 """samples (16 kHz) fed to the engine at a time: a second of audio, two to three hops"""
+LIVE_AHEAD_S = 2.0
+"""a stream whose audio came more than this ahead of real time is not live: no partial refreshes for it
+(its partials are overtaken at once by the audio behind them)"""
 
 T = TypeVar("T")
 
@@ -68,6 +71,8 @@ class LiveStream:
         self.engine = engine
         """the thread the session's engine calls run in (None: on the event loop)"""
         self.closed = False
+        self._started: float | None = None  # when the first audio came (time.monotonic)
+        self._fed_s = 0.0  # audio seconds fed
 
     async def feed_bytes(self, data: bytes) -> list[Event]:
         """Decode PCM bytes in this stream's encoding; raises AudioError on bad input."""
@@ -86,6 +91,9 @@ class LiveStream:
             if wait > 0:  # faster than allowed: hold the audio (and stop reading from the client) a while
                 await asyncio.sleep(wait)
         self.metrics.add_audio(seconds)
+        if self._started is None:
+            self._started = time.monotonic()
+        self._fed_s += seconds
         mono, windows = await self._call(self._take, block)
         events = await self._run(windows)
         for i in range(FEED_PIECE, len(mono), FEED_PIECE):
@@ -104,6 +112,12 @@ class LiveStream:
             return await self._run(await self._call(self._end, True))
         finally:
             self.close()
+
+    @property
+    def live(self) -> bool:
+        """Whether the audio comes at about real time (at most ``LIVE_AHEAD_S`` ahead of the clock since the
+        first audio): only then do partial refreshes run for it."""
+        return self._started is None or self._fed_s - (time.monotonic() - self._started) <= LIVE_AHEAD_S
 
     def close(self) -> None:
         """Release what the stream holds in the worker (queued windows, its lag gauge). Idempotent."""
@@ -149,7 +163,7 @@ class LiveStream:
         """Run ``windows`` through the worker, merge their outputs, publish the events (on the loop)."""
         t_ready = time.perf_counter()
         if windows:
-            results = await self.worker.run_many(windows, self.id)
+            results = await self.worker.run_many(windows, self.id, refresh=self.live)
             events = await self._call(self._merge, windows, results)
         else:  # nothing to merge (a flush or the end may have closed a segment): no trip to the engine thread
             events = self.session.events_received()

@@ -37,6 +37,11 @@ from streamer.triton import AsyncRunner
 
 logger = logging.getLogger("streamer.worker")
 
+REFRESH_WAIT_S = 0.2
+"""the longest a stream waits for a partial refresh (one refresh interval by default); later it is skipped"""
+REFRESH_BATCH_WAIT_S = 0.01
+"""the longest a batch of refreshes alone waits for more windows (``worker.max_wait_ms`` if shorter)"""
+
 
 @dataclass(eq=False)
 class _Item:
@@ -116,14 +121,15 @@ class BatchWorker:
         await asyncio.gather(*tasks, return_exceptions=True)
         await remote.aclose()
 
-    async def submit(self, window: Window, stream: str = "") -> np.ndarray | None:
+    async def submit(self, window: Window, stream: str = "", *, refresh: bool = True) -> np.ndarray | None:
         """Queue one window of ``stream``; return its log-probabilities once the model ran it.
 
-        None: an optional window (a partial refresh) the worker skipped; answer it with ``session.skip``.
+        None: an optional window (a partial refresh) the worker skipped (always with ``refresh = False``);
+        answer it with ``session.skip``.
         """
         if not self.alive:
             raise InferenceError("the model worker is not running")
-        if window.optional and not self._spare():
+        if window.optional and not (refresh and self._spare()):
             self._skipped(1)
             return None
         async with self._slots:
@@ -131,16 +137,25 @@ class BatchWorker:
             self._queue.put(stream, _Item(window, fut, time.perf_counter()))
             self._optional += window.optional
             self._arrived.set()
-            return await fut
+            if not window.optional:
+                return await fut
+            try:  # a refresh holds its stream back a bounded while: by then the next one is due
+                return await asyncio.wait_for(asyncio.shield(fut), REFRESH_WAIT_S)
+            except TimeoutError:
+                if fut.cancel():  # not run yet: dropped when a batch takes it
+                    self._skipped(1)
+                    return None
+                return fut.result()  # it just came
 
-    async def run_many(self, windows: list[Window], stream: str = "") -> list[np.ndarray | None]:
+    async def run_many(self, windows: list[Window], stream: str = "", *, refresh: bool = True
+                       ) -> list[np.ndarray | None]:
         """Submit the windows of ``stream`` together (they may share a batch); results in the same order
-        (None for a skipped optional window)."""
+        (None for a skipped optional window; ``refresh = False`` skips them all)."""
         if not windows:
             return []
         if stream:
             self._lagging.add(stream)
-        return list(await asyncio.gather(*(self.submit(w, stream) for w in windows)))
+        return list(await asyncio.gather(*(self.submit(w, stream, refresh=refresh) for w in windows)))
 
     def forget(self, stream: str) -> None:
         """``stream`` ended: drop its queued windows (their callers get CancelledError) and its lag gauge."""
@@ -195,9 +210,12 @@ class BatchWorker:
             while not len(self._queue):
                 self._arrived.clear()
                 await self._arrived.wait()
-            deadline = time.perf_counter() + max_wait
+            start = time.perf_counter()
+            deadline = start + max_wait
             while len(self._queue) < self.cfg.max_batch:
-                remaining = deadline - time.perf_counter()
+                # refreshes alone wait little for company: their streams wait for them, and they age
+                limit = start + min(max_wait, REFRESH_BATCH_WAIT_S) if self._optional == len(self._queue) else deadline
+                remaining = limit - time.perf_counter()
                 if remaining <= 0:
                     break
                 self._arrived.clear()
@@ -259,8 +277,9 @@ class BatchWorker:
         self.batches += 1
         optional = sum(len(item.window.samples) for item in batch if item.window.optional)
         self.load.add(time.perf_counter(), model_s * (1 - optional / max(1, sum(len(x) for x in samples))))
-        if optional:
-            self.metrics.refresh_windows.labels("run").inc(sum(1 for item in batch if item.window.optional))
+        ran = sum(1 for item in batch if item.window.optional and not item.future.cancelled())  # (late: skipped)
+        if ran:
+            self.metrics.refresh_windows.labels("run").inc(ran)
         self.metrics.add_model_time(model_s)
         self.metrics.add_provisional([item.window for item in batch], model_s)  # early partials' share
         self.metrics.batch_size.observe(len(batch))

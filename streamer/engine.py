@@ -440,6 +440,8 @@ class StreamSession:
         origin = self._planned_next
         left = sched.left if sched.refresh_left is None else sched.refresh_left
         start = max(0, origin - left)
+        if sched.n_frames(fs * (end - start)) < 1:  # (no left context, no look-ahead: too short for a frame)
+            return
         self._pending.append(Window(self._buf.slice(fs * start, fs * end), start, origin, origin, provisional=True,
                                     optional=True, frame_samples=fs, receptive_field=sched.receptive_field))
 

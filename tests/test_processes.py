@@ -270,8 +270,10 @@ async def test_two_processes_serve_native_and_vosk_clients_like_transcribe(serve
     natives = await spread(s.port, 4, opened=opened)
     assert len({c.pid for c in natives}) == 2 and set(s.children().values()) == {c.pid for c in natives}
 
+    go = asyncio.Event()  # the Vosk clients hold their slots (admitted at connect) until the refusals are checked
+
     async def vosk() -> list[dict]:
-        return await vosk_session(s.vosk_port, audio, config={"sample_rate": 16000})
+        return await vosk_session(s.vosk_port, audio, config={"sample_rate": 16000}, gate=go)
 
     async def native(client: Client) -> list[dict]:
         await client.send(audio)
@@ -286,6 +288,7 @@ async def test_two_processes_serve_native_and_vosk_clients_like_transcribe(serve
     health = await s.health()
     assert health["streams"] == 10 and health["processes"] == {"configured": 2, "serving": 2}
     assert health["status"] == "ok"
+    go.set()
 
     results = await asyncio.gather(*(native(c) for c in natives), *voskers)
     for messages in results[:8]:

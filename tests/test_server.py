@@ -333,11 +333,14 @@ async def test_start_words_restrict_that_stream_only(daemon_factory, speech):
 # --- Vosk protocol ---------------------------------------------------------------------------------
 
 
-async def vosk_session(port, audio, chunk=6400, config=None):
+async def vosk_session(port, audio, chunk=6400, config=None, gate=None):
+    """Send ``config``, wait for ``gate`` (an asyncio.Event) if given, send the audio and eof; every reply."""
     replies = []
     async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{port}/") as ws:
         if config:
             await ws.send(json.dumps({"config": config}))
+        if gate is not None:
+            await gate.wait()
         for i in range(0, len(audio), chunk):
             await ws.send(audio[i : i + chunk])
             replies.append(json.loads(await ws.recv()))

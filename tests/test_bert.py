@@ -8,15 +8,15 @@ parity with the transformers ASR pipeline, one plain model call for short input,
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import json
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import pcm16
 from test_engine import stream  # a runner is callable: the same feeding loop
+from test_server import native_session
 
 from streamer.config import Config, ModelConfig, StreamConfig
 from streamer.endpoint import EndpointRules
@@ -274,32 +274,20 @@ def test_onnx_backend_refuses_wav2vec2_bert(bert_dirs):
 
 
 async def test_daemon_serves_a_wav2vec2_bert_model(daemon_factory, bert_dirs, speech):
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
-
     from streamer.transcribe import new_session, stream_array
 
     runner = load_model(ModelConfig(id=str(bert_dirs["adapter"]), device="cpu"))
     d = await daemon_factory(runner=runner)
-    pcm = (np.clip(speech, -1, 1) * 32767).astype("<i2")
-    messages = []
-    async with asyncio.timeout(120), connect(f"ws://127.0.0.1:{d.port}/v1/stream") as ws:
-        messages.append(json.loads(await ws.recv()))
-        for i in range(0, len(pcm), 3200):
-            await ws.send(pcm[i : i + 3200].tobytes())
-        await ws.send(json.dumps({"type": "stop"}))
-        try:
-            async for msg in ws:
-                messages.append(json.loads(msg))
-        except ConnectionClosed:
-            pass
+    pcm = pcm16(speech)
+    messages, _ = await native_session(d.port, pcm, limit_s=120)
     ready = messages[0]
     assert ready["type"] == "ready" and ready["schedule"]["window_samples"] == GRIDS["adapter"].schedule(
         d.cfg.stream).window_samples
     assert ready["schedule"]["hop_ms"] == d.cfg.stream.hop_ms
     finals = [m for m in messages if m["type"] == "final"]
+    sent = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768  # the audio as the daemon received it
     expected = [e.to_dict() for e in stream_array(new_session(d.cfg, runner.vocab, None, geometry=runner.geometry),
-                                                    runner, pcm.astype(np.float32) / 32768) if isinstance(e, Final)]
+                                                    runner, sent) if isinstance(e, Final)]
     assert finals and [f["text"] for f in finals] == [e["text"] for e in expected]
     assert [f["end"] for f in finals] == [e["end"] for e in expected]
 

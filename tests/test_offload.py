@@ -14,29 +14,19 @@ import threading
 import numpy as np
 import pytest
 from conftest import pcm16
+from test_server import native_session
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 TIMEOUT = 60
 
 
-async def stream_events(port: int, pcm: bytes, *, chunk: int = 3200, flush_at: int | None = None) -> tuple[list, int]:
-    """Send ``pcm`` in chunks (a flush after byte ``flush_at``), stop; every message after ``ready``, close code."""
-    out = []
-    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
-        assert json.loads(await ws.recv())["type"] == "ready"
-        for i in range(0, len(pcm), chunk):
-            await ws.send(pcm[i : i + chunk])
-            if flush_at is not None and i <= flush_at < i + chunk:
-                await ws.send(json.dumps({"type": "flush"}))
-        await ws.send(json.dumps({"type": "stop"}))
-        try:
-            async for msg in ws:
-                out.append(json.loads(msg))
-        except ConnectionClosed:
-            pass
-    assert ws.close_code is not None
-    return out, ws.close_code
+async def stream_events(port: int, pcm: bytes, *, flush_at: int | None = None) -> tuple[list, int]:
+    """Send ``pcm`` in 100 ms messages (a flush after byte ``flush_at``), stop; every message after ``ready``, and
+    the close code."""
+    messages, code = await native_session(port, pcm, flush_at=flush_at)
+    assert messages[0]["type"] == "ready" and code is not None
+    return messages[1:], code
 
 
 @pytest.mark.parametrize("words", ["auto", ""], ids=["word-list", "greedy"])

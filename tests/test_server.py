@@ -31,16 +31,20 @@ def reference_finals(runner, audio, *overrides):
     return [e.to_dict() for e in stream_array(session, runner, audio) if isinstance(e, Final)]
 
 
-async def native_session(port, audio, *, chunk=3200, start=None, pace=0.0, path="/v1/stream", headers=None):
-    """Stream audio, stop, collect every message until the server closes; return (messages, close code)."""
+async def native_session(port, audio, *, chunk=3200, start=None, pace=0.0, path="/v1/stream", headers=None,
+                         flush_at=None, limit_s=TIMEOUT):
+    """Stream audio (a flush after byte ``flush_at``), stop, collect every message until the server closes;
+    return (messages, close code)."""
     messages = []
-    async with asyncio.timeout(TIMEOUT):
+    async with asyncio.timeout(limit_s):
         async with connect(f"ws://127.0.0.1:{port}{path}", additional_headers=headers) as ws:
             messages.append(json.loads(await ws.recv()))
             if start is not None:
                 await ws.send(json.dumps(start))
             for i in range(0, len(audio), chunk):
                 await ws.send(audio[i : i + chunk])
+                if flush_at is not None and i <= flush_at < i + chunk:
+                    await ws.send(json.dumps({"type": "flush"}))
                 if pace:
                     await asyncio.sleep(pace)
             await ws.send(json.dumps({"type": "stop"}))

@@ -23,7 +23,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +106,20 @@ RANDOM_SIZES: dict[str, ModelShape | BertShape] = {
 """the shapes of real models (``streamer bench --random``, ``clients/loadtest.py --random-model``)"""
 
 
+def _drawn(build: Callable[[], Any], seed: int | None, logit_std: float | None) -> Any:
+    """``build()`` a model with random weights: torch seeded with ``seed`` first (unless None), then the output
+    layer redrawn from N(0, ``logit_std``) (unless None)."""
+    import torch
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = build()
+    if logit_std is not None:
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, logit_std)
+    return model
+
+
 def random_model(vocab: Sequence[str], shape: ModelShape, *, seed: int | None = 0, logit_std: float | None = None,
                  **config: Any) -> Any:
     """A randomly initialised ``Wav2Vec2ForCTC`` of ``shape`` whose outputs are ``vocab`` (``<pad>`` = blank).
@@ -114,7 +128,6 @@ def random_model(vocab: Sequence[str], shape: ModelShape, *, seed: int | None = 
     ``logit_std`` redraws the output layer's weights from N(0, std), which spreads the logits so that the
     argmax of a random model is decisive; ``config`` holds further ``Wav2Vec2Config`` arguments.
     """
-    import torch
     from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
     settings: dict[str, Any] = {
@@ -124,13 +137,7 @@ def random_model(vocab: Sequence[str], shape: ModelShape, *, seed: int | None = 
         "feat_extract_norm": shape.norm, "do_stable_layer_norm": shape.norm == "layer",
         "num_conv_pos_embeddings": shape.conv_pos, "num_conv_pos_embedding_groups": shape.conv_pos_groups,
     }
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = Wav2Vec2ForCTC(Wav2Vec2Config(**(settings | config)))
-    if logit_std is not None:
-        with torch.no_grad():
-            model.lm_head.weight.normal_(0, logit_std)
-    return model
+    return _drawn(lambda: Wav2Vec2ForCTC(Wav2Vec2Config(**(settings | config))), seed, logit_std)
 
 
 def processor(vocab: Sequence[str], *, norm: str = "layer", **tokenizer: Any) -> tuple[Any, Any]:
@@ -159,7 +166,6 @@ def random_bert_model(vocab: Sequence[str], shape: BertShape, *, seed: int | Non
     ``seed`` and ``logit_std`` as for :func:`random_model`; ``config`` holds further ``Wav2Vec2BertConfig``
     arguments. Layer drop is off, as the fine-tuning guide sets it.
     """
-    import torch
     from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForCTC
 
     settings: dict[str, Any] = {
@@ -167,13 +173,7 @@ def random_bert_model(vocab: Sequence[str], shape: BertShape, *, seed: int | Non
         "output_hidden_size": shape.hidden, "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
         "intermediate_size": shape.intermediate, "add_adapter": shape.adapter, "layerdrop": 0.0,
     }
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = Wav2Vec2BertForCTC(Wav2Vec2BertConfig(**(settings | config)))
-    if logit_std is not None:
-        with torch.no_grad():
-            model.lm_head.weight.normal_(0, logit_std)
-    return model
+    return _drawn(lambda: Wav2Vec2BertForCTC(Wav2Vec2BertConfig(**(settings | config))), seed, logit_std)
 
 
 def bert_processor(vocab: Sequence[str], **tokenizer: Any) -> tuple[Any, Any]:

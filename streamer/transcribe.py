@@ -25,12 +25,13 @@ __all__ = ["new_session", "stream_array", "stream_file", "text_of"]
 
 def new_session(cfg: Config, vocab: Vocabulary, words: WordDecoder | None = None, *,
                 record_frames: bool = False, geometry: FrameGeometry | None = None,
-                refresh: bool = True) -> StreamSession:
+                refresh: bool = False) -> StreamSession:
     """A session with the configured window schedule and endpoint rules.
 
     ``words``: the word decoder (:func:`streamer.decoder.build_decoder`), or None for greedy CTC.
     ``geometry``: the model's frame grid (:func:`streamer.runner.geometry_of` the runner); None = wav2vec2's.
-    ``refresh = False``: no partial refreshes, whatever ``[stream] refresh_interval_ms`` says.
+    ``refresh``: plan the partial refreshes of ``[stream] refresh_interval_ms`` (a live stream's); off for a file,
+    which has nobody to show fresher partials to (:func:`run_session` would only skip them).
     """
     schedule = cfg.stream.schedule()
     if geometry is not None:

@@ -62,7 +62,7 @@ def measure(runner: Runner, cfg: Config, words: Decoder | None, audio: np.ndarra
     from streamer.runner import geometry_of
     from streamer.transcribe import new_session, text_of
 
-    session = new_session(cfg, runner.vocab, words, record_frames=True, geometry=geometry_of(runner))
+    session = new_session(cfg, runner.vocab, words, record_frames=True, geometry=geometry_of(runner), refresh=True)
     cost = {"provisional_windows": 0.0, "provisional_seconds": 0.0, "refresh_windows": 0.0, "refresh_seconds": 0.0,
             "first_partial": float("nan")}
     events: list[Event] = []

@@ -148,12 +148,14 @@ def processor(vocab: Sequence[str], *, norm: str = "layer", **tokenizer: Any) ->
     """
     from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor
 
+    from streamer.hf import hf
+
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file = Path(tmp) / "vocab.json"
         vocab_file.write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-        tok = Wav2Vec2CTCTokenizer(  # type: ignore[no-untyped-call]
+        tok = hf(Wav2Vec2CTCTokenizer)(
             str(vocab_file), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|", **tokenizer)
-    fe = Wav2Vec2FeatureExtractor(  # type: ignore[no-untyped-call]
+    fe = hf(Wav2Vec2FeatureExtractor)(
         feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
         return_attention_mask=norm == "layer")
     return tok, fe
@@ -180,8 +182,10 @@ def bert_processor(vocab: Sequence[str], **tokenizer: Any) -> tuple[Any, Any]:
     """The tokenizer (as :func:`processor`) and the ``SeamlessM4TFeatureExtractor`` of a Wav2Vec2-BERT model."""
     from transformers import SeamlessM4TFeatureExtractor
 
+    from streamer.hf import hf
+
     tok, _ = processor(vocab, **tokenizer)
-    return tok, SeamlessM4TFeatureExtractor(sampling_rate=SAMPLE_RATE)  # type: ignore[no-untyped-call]
+    return tok, hf(SeamlessM4TFeatureExtractor)(sampling_rate=SAMPLE_RATE)
 
 
 def save_checkpoint(path: str | Path, model: Any, tokenizer: Any, feature_extractor: Any) -> Path:

@@ -110,20 +110,21 @@ def checkpoint_geometry(cfg: ModelConfig, source: str) -> FrameGeometry:
     import torch
     from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC
 
+    from streamer.hf import hf
     from streamer.model import frame_geometry
 
     kw: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
     try:
         try:
             config = AutoConfig.from_pretrained(source, local_files_only=True, **kw)
-            fe = AutoFeatureExtractor.from_pretrained(source, local_files_only=True, **kw)  # type: ignore[no-untyped-call]
+            fe = hf(AutoFeatureExtractor).from_pretrained(source, local_files_only=True, **kw)
         except OSError:
             if Path(source).is_dir():
                 raise
             config = AutoConfig.from_pretrained(source, **kw)
-            fe = AutoFeatureExtractor.from_pretrained(source, **kw)  # type: ignore[no-untyped-call]
+            fe = hf(AutoFeatureExtractor).from_pretrained(source, **kw)
         with torch.device("meta"):
-            model = AutoModelForCTC.from_config(config)  # type: ignore[no-untyped-call]
+            model = hf(AutoModelForCTC).from_config(config)
     except Exception as exc:
         raise ModelLoadError(f"cannot read the configuration of model.id = {cfg.id!r} ({source}): {exc}") from exc
     return frame_geometry(model, fe, source)
@@ -136,9 +137,10 @@ def load_vocabulary(cfg: ModelConfig) -> tuple[TokenizerVocabulary, str, str]:
     source = resolve_model(cfg.id)
     name = "demo" if cfg.id == DEMO_MODEL else cfg.id
     from transformers import Wav2Vec2CTCTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    from streamer.hf import quiet_transformers
+
+    quiet_transformers()
     kw: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
     try:
         try:

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from streamer.checkpoint import DEMO_MODEL, load_checkpoint, resolve_model
 from streamer.config import ModelConfig
 from streamer.engine import RECEPTIVE_FIELD
 from streamer.exceptions import InferenceError, ModelLoadError
@@ -252,8 +253,6 @@ def export(model_id: str, out: str | Path, *, revision: str | None = None, windo
     reused unless ``force``). A stale or broken export in ``out`` is replaced; a directory that holds anything
     else is refused. Raises :class:`ModelLoadError`.
     """
-    from streamer.model import DEMO_MODEL, load_checkpoint, resolve_model
-
     source = resolve_model(model_id)
     out = Path(out).expanduser()
     if Path(source).is_dir() and out.resolve() == Path(source).resolve():
@@ -415,8 +414,6 @@ class OnnxRunner(LocalRunner):
 
 def cached_export_dir(model_id: str, revision: str = "") -> Path:
     """Where the cache keeps the export of checkpoint ``model_id`` (``demo``, a directory or a hub id)."""
-    from streamer.model import DEMO_MODEL, resolve_model
-
     name = "demo" if model_id == DEMO_MODEL else model_id
     key = hashlib.sha256(f"{_source_name(resolve_model(model_id), model_id)}\0{revision}".encode()).hexdigest()
     return cache_dir() / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')[-60:]}-{key[:12]}"

@@ -18,12 +18,13 @@ from conftest import pcm16
 from test_engine import stream  # a runner is callable: the same feeding loop
 from test_server import native_session
 
+from streamer.checkpoint import frame_geometry
 from streamer.config import Config, ModelConfig, StreamConfig
 from streamer.endpoint import EndpointRules
 from streamer.engine import Schedule, StreamSession, reference
 from streamer.events import Final
 from streamer.exceptions import ModelLoadError
-from streamer.model import frame_geometry, load_model
+from streamer.model import load_model
 from streamer.runner import WAV2VEC2_GEOMETRY, FrameGeometry, geometry_of
 from streamer.testing import make_tiny_bert_model
 

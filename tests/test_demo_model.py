@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamer.model import demo_model_dir
+from streamer.checkpoint import demo_model_dir
 from streamer.testing import espeak
 
 # Sentences in the demo model's vocabulary, spoken by espeak-ng's default en-us voice at 150 words/min.

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from streamer.checkpoint import demo_model_dir
 from streamer.config import DecoderConfig, ModelConfig, load_config
 from streamer.ctc import CtcSegment
 from streamer.decoder import build_decoder
@@ -15,7 +16,7 @@ from streamer.engine import Schedule, StreamSession, reference, run_session
 from streamer.events import Final, Partial
 from streamer.exceptions import ConfigError
 from streamer.lexicon import Lexicon
-from streamer.model import demo_model_dir, load_model
+from streamer.model import load_model
 from streamer.testing import espeak, make_tiny_model
 
 DEMO_VOCAB = json.loads((demo_model_dir() / "vocab.json").read_text())

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from recipes.demo.lm import write_arpa
+from streamer.checkpoint import demo_model_dir
 from streamer.config import DecoderConfig, ModelConfig
 from streamer.ctc import CtcSegment
 from streamer.decoder import build_decoder, word_list_decoder
@@ -17,7 +18,7 @@ from streamer.engine import Schedule, StreamSession, reference, run_session
 from streamer.events import Final
 from streamer.exceptions import ConfigError
 from streamer.lexicon import UNK, Lexicon, OpenVocabulary
-from streamer.model import demo_model_dir, load_model
+from streamer.model import load_model
 from streamer.testing import make_tiny_model
 
 DEMO_VOCAB = json.loads((demo_model_dir() / "vocab.json").read_text())

@@ -41,8 +41,8 @@ from test_cli import cer
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from streamer.checkpoint import demo_model_dir
 from streamer.cli import main
-from streamer.model import demo_model_dir
 
 ALSA_CONF = Path("/usr/share/alsa/alsa.conf")
 TIMEOUT = 60

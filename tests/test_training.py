@@ -45,7 +45,7 @@ def test_window_frames_map_to_the_whole_utterance_frames(corpus):
     frame makes the two disagree far more)."""
     from transformers import Wav2Vec2ForCTC
 
-    from streamer.model import demo_model_dir
+    from streamer.checkpoint import demo_model_dir
 
     model = Wav2Vec2ForCTC.from_pretrained(demo_model_dir()).eval()
     rng = np.random.default_rng(1)

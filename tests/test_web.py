@@ -18,8 +18,8 @@ import pytest
 import pytest_asyncio
 from websockets.asyncio.client import connect
 
+from streamer.checkpoint import demo_model_dir
 from streamer.events import Event, Final
-from streamer.model import demo_model_dir
 from streamer.testing import espeak
 
 CHROMIUM = "/usr/bin/chromium"

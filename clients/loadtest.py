@@ -338,7 +338,7 @@ PROFILE_KINDS = [  # (label, path fragments); a sample counts for the kind of it
                "tritonclient/", "grpc/")),
     ("audio decoding / resampling", ("streamer/audio.py",)),
     ("events to JSON, hub, MQTT", ("streamer/events.py", "streamer/aio/hub.py", "streamer/outbox.py",
-                                   "streamer/aio/mqtt.py", "json/", "aiomqtt/", "paho/")),
+                                   "streamer/aio/mqtt/", "json/", "aiomqtt/", "paho/")),
     ("metrics", ("streamer/aio/metrics.py", "prometheus_client/")),
     ("websocket frames and handshakes", ("websockets/",)),
     ("asyncio, sockets", ("asyncio/", "selectors.py", "socket.py")),

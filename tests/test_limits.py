@@ -21,7 +21,7 @@ from test_server import TIMEOUT, finals_of, http_get, native_session, reference_
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
-from streamer.aio.limits import ACCEPT_ERROR
+from streamer.aio.http.limits import ACCEPT_ERROR
 from streamer.decoder import trie_letters
 from streamer.exceptions import ConfigError
 

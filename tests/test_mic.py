@@ -457,7 +457,7 @@ class _Status:
 
 async def test_callback_blocks_are_bounded_counted_and_ordered():
     """The PortAudio side of a capture, driven from a plain thread: nothing waits, excess is dropped."""
-    from streamer.aio.capture import Capture, InputDevice
+    from streamer.aio.sources.capture import Capture, InputDevice
 
     capture = Capture(InputDevice(7, "fake", "ALSA", 16000, 2), queue_blocks=4, stall_s=5)
     capture._loop = asyncio.get_running_loop()

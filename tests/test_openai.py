@@ -346,7 +346,7 @@ async def test_realtime_session_through_the_sdk_equals_transcribe(daemon, files,
     ("turn", ["turn", "on"], ["turn", "on"], " on"),
 ])
 def test_deltas_carry_the_words_two_partials_agree_on(sent, previous, words, delta):
-    from streamer.aio.realtime import stable_delta
+    from streamer.aio.protocols.realtime import stable_delta
 
     assert stable_delta(sent, previous, words) == delta
 
@@ -473,7 +473,7 @@ async def test_too_many_errors_close_the_session(daemon):
     async with connect(f"ws://127.0.0.1:{daemon.port}/v1/realtime?intent=transcription",
                        additional_headers=headers) as ws:
         await realtime_events(ws, "session.created")
-        from streamer.aio.realtime import MAX_ERRORS
+        from streamer.aio.protocols.realtime import MAX_ERRORS
 
         for _ in range(MAX_ERRORS):
             await ws.send("{}")

@@ -513,7 +513,7 @@ async def test_cluster_service_counts_names_and_relays_and_frees_what_a_gone_pro
     """Admission is counted over every process; a name is one process's; an event of a watched name reaches the
     other process's viewers (not its own process again) and the MQTT hook; when a process's connection goes,
     its slots, names and watches are free at once."""
-    from streamer.aio.cluster import ClusterLink, ClusterService
+    from streamer.aio.processes.cluster import ClusterLink, ClusterService
     from streamer.events import Final
 
     published: list[tuple[str, str, str]] = []
@@ -561,7 +561,7 @@ async def test_cluster_service_counts_names_and_relays_and_frees_what_a_gone_pro
 async def test_a_process_whose_supervisor_is_gone_hears_of_it(tmp_path):
     """The supervisor went away: the process's link says so (the process then finalises and exits) and every
     question it asks is answered no rather than waited on."""
-    from streamer.aio.cluster import ClusterLink, ClusterService
+    from streamer.aio.processes.cluster import ClusterLink, ClusterService
 
     service = ClusterService(str(tmp_path / "c.sock"))
     await service.start()
@@ -662,7 +662,7 @@ async def test_systemd_hears_the_supervisor_only_ready_once_all_serve_and_a_stal
 async def test_a_process_that_reads_nothing_costs_the_supervisor_bounded_memory(tmp_path, monkeypatch):
     """Events relayed to a process that stopped reading (a viewer's name) are dropped past a bound, and counted;
     the supervisor's buffer toward it stays at the bound."""
-    from streamer.aio import cluster
+    from streamer.aio.processes import cluster
     from streamer.events import Partial
 
     monkeypatch.setattr(cluster, "EVENT_BUFFER_LIMIT", 1 << 16)

@@ -29,7 +29,7 @@ from conftest import pcm16
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from streamer.aio.systemd import Notifier, Reloader, split_changes
+from streamer.aio.processes.systemd import Notifier, Reloader, split_changes
 from streamer.config import load_config
 from streamer.exceptions import ConfigError
 
@@ -420,7 +420,7 @@ async def test_sighup_keeps_the_command_line_options(tmp_path, tiny_models, noti
 @pytest.mark.parametrize("unit", ["streamer.service", "streamer@.service"])
 def test_units_give_descriptors_for_every_stream_and_viewer_with_headroom(unit):
     """Each stream and viewer holds a descriptor; the units' LimitNOFILE fits the default limits four times."""
-    from streamer.aio.limits import descriptors_needed
+    from streamer.aio.http.limits import descriptors_needed
 
     s = unit_settings(UNITS / unit)
     assert "LimitNOFILE" in s, f"{unit} sets no LimitNOFILE (systemd's default soft limit is 1024)"

@@ -1,7 +1,7 @@
 """The daemon's lifecycle: one model, one batching worker, the listeners and the services around them.
 
 What happens on a connection lives elsewhere: the HTTP side in :mod:`streamer.aio.http`, the
-protocols in :mod:`streamer.aio.native`, :mod:`streamer.aio.vosk` and :mod:`streamer.aio.viewer`.
+protocols in :mod:`streamer.aio.protocols`.
 The handlers only move data; every decision about windows, text and endpoints is the sans-I/O engine's.
 """
 
@@ -20,19 +20,19 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from streamer.aio.handler import StreamHandler
-from streamer.aio.http import LISTEN_PREFIX, OPEN_TIMEOUT_S, REALTIME_PATH, STREAM_PATH, HttpFront
+from streamer.aio.http.front import LISTEN_PREFIX, OPEN_TIMEOUT_S, REALTIME_PATH, STREAM_PATH, HttpFront
+from streamer.aio.http.limits import BoundedConnection, check_descriptors, install_accept_error_filter
+from streamer.aio.http.tls import server_ssl_context
 from streamer.aio.hub import Hub
-from streamer.aio.limits import BoundedConnection, check_descriptors, install_accept_error_filter
 from streamer.aio.metrics import Metrics
-from streamer.aio.native import NativeHandler
-from streamer.aio.realtime import RealtimeHandler
+from streamer.aio.protocols.base import StreamHandler
+from streamer.aio.protocols.native import NativeHandler
+from streamer.aio.protocols.realtime import RealtimeHandler
+from streamer.aio.protocols.viewer import refuse_viewer, serve_viewer
+from streamer.aio.protocols.vosk import VoskHandler
+from streamer.aio.protocols.wyoming import WyomingServer
 from streamer.aio.stream import LiveStream, Streams
-from streamer.aio.tls import server_ssl_context
-from streamer.aio.viewer import refuse_viewer, serve_viewer
-from streamer.aio.vosk import VoskHandler
 from streamer.aio.worker import BatchWorker
-from streamer.aio.wyoming import WyomingServer
 from streamer.config import Config
 from streamer.decoder import WordListBudget, build_decoder
 from streamer.engine import SAMPLE_RATE, WordDecoder
@@ -41,7 +41,7 @@ from streamer.exceptions import StreamerError
 from streamer.runner import Runner
 
 if TYPE_CHECKING:
-    from streamer.aio.cluster import ClusterLink
+    from streamer.aio.processes.cluster import ClusterLink
 
 __all__ = ["Daemon", "Service"]
 
@@ -320,7 +320,7 @@ class Daemon:
     # -- reload (SIGHUP, see streamer/aio/systemd.py) ---------------------------
 
     def apply_config(self, cfg: Config) -> None:
-        """Run with a reloaded ``cfg`` from now on; :class:`~streamer.aio.systemd.Reloader` calls it.
+        """Run with a reloaded ``cfg`` from now on; :class:`~streamer.aio.processes.systemd.Reloader` calls it.
 
         Handlers read their limits from ``self.cfg`` when they use them, and each new connection
         takes its message size and origins from it (:meth:`connection_limits`). ``cfg`` must keep
@@ -396,7 +396,7 @@ class Daemon:
         return await self.cluster.admit(kind, key, limit)
 
     async def serve_request(self, protocol: str, key: str, serve: Callable[[], Awaitable[None]]) -> bool:
-        """Run ``serve`` (a plain HTTP request that transcribes: :mod:`streamer.aio.openai`) as one of the streams
+        """Run ``serve`` (a plain HTTP request that transcribes: :mod:`streamer.aio.http.openai`) as one of the streams
         counted against ``server.max_streams``, which shutdown waits for; False, without running it, when full."""
         if not await self._admit("stream", key, self.active_streams, self.cfg.server.max_streams):
             self.metrics.streams_rejected.labels("busy").inc()

@@ -17,7 +17,7 @@ from streamer.exceptions import ConfigError
 from streamer.formats import EventWriter
 
 if TYPE_CHECKING:
-    from streamer.aio.capture import Capture
+    from streamer.aio.sources.mic.capture import Capture
     from streamer.config import Config
     from streamer.engine import WordDecoder
     from streamer.runner import Runner
@@ -59,7 +59,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streamer.aio.capture import Capture, describe_devices, find_device, input_devices
+    from streamer.aio.sources.mic.capture import Capture, describe_devices, find_device, input_devices
 
     if args.list_devices:
         devices = input_devices()
@@ -96,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
 async def dictate(cfg: Config, runner: Runner, words: WordDecoder | None, capture: Capture, view: Dictation, *,
                   name: str = "mic", mqtt: bool = False) -> int:
     """Capture until Ctrl-C / SIGTERM / --duration; the model runs in the worker's thread."""
-    from streamer.aio.capture import pump
     from streamer.aio.hub import Hub
     from streamer.aio.metrics import Metrics
+    from streamer.aio.sources.mic.capture import pump
     from streamer.aio.stream import Streams
     from streamer.aio.worker import BatchWorker
 
@@ -119,8 +119,8 @@ async def dictate(cfg: Config, runner: Runner, words: WordDecoder | None, captur
     worker.start()
     try:
         async with contextlib.AsyncExitStack() as stack:
-            if mqtt:  # -- mqtt (streamer/aio/mqtt.py): events reach it through the hub, as in the daemon --
-                from streamer.aio.mqtt import running_publisher
+            if mqtt:  # MQTT: events reach it through the hub, as in the daemon
+                from streamer.aio.mqtt.publisher import running_publisher
 
                 hub.sinks.append(await stack.enter_async_context(running_publisher(cfg.mqtt, metrics, status=False,
                                                                                    role="mic")))

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, dest) is not None:
             overrides.setdefault("model_server", {})[key] = getattr(args, dest)
     cfg = load_config(args.config, overrides)
-    from streamer.aio.model_server import free_ports, serve_model
+    from streamer.aio.processes.model_server import free_ports, serve_model
 
     cfg = free_ports(cfg)
     ms = cfg.model_server

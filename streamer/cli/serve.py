@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from streamer.aio.systemd import Notifier, Reloader
+from streamer.aio.processes.systemd import Notifier, Reloader
 from streamer.cli import add_config_args, cli_overrides
 from streamer.config import Config, load_config
 
 if TYPE_CHECKING:
-    from streamer.aio.cluster import ClusterLink
+    from streamer.aio.processes.cluster import ClusterLink
     from streamer.aio.server import Daemon
     from streamer.runner import Runner
 
@@ -63,7 +63,7 @@ def configure_logging(cfg: Config, verbose: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streamer.aio.cluster import CLUSTER_ENV
+    from streamer.aio.processes.cluster import CLUSTER_ENV
 
     if os.environ.get(CLUSTER_ENV):  # one of several front-end processes, started by the supervisor
         return run_member(args, json.loads(os.environ[CLUSTER_ENV]))
@@ -73,22 +73,22 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     configure_logging(cfg, args.verbose)
     cfg.server.token()  # fail early on a missing token variable or file
-    from streamer.aio.mqtt import check_settings
+    from streamer.aio.mqtt.settings import check_settings
 
     check_settings(cfg.mqtt)  # and on a missing MQTT password or TLS file, before the model loads
     # -- model server: [model_server] kind = "triton" with no url starts one (streamer/aio/model_server.py),
     # before the front-end(s), and stops it last --
-    from streamer.aio.model_server import start_model_server
+    from streamer.aio.processes.model_server import start_model_server
 
     started, model_server = start_model_server(cfg)
     try:
         if started.server.process_count() > 1 and not args.check:
             # -- several front-end processes (streamer/aio/supervisor.py); what starting the model server
             # changed (its url) reaches them as overrides --
-            from streamer.aio.supervisor import supervise, with_changes
+            from streamer.aio.processes.supervisor import supervise, with_changes
 
             return supervise(started, args.config, with_changes(overrides, cfg, started), verbose=args.verbose)
-        from streamer.aio.supervisor import with_changes
+        from streamer.aio.processes.supervisor import with_changes
 
         # a reload (SIGHUP) reads the file again: the started server's url and ports stay, not "wait for a restart"
         return _run_with_model(args, started, with_changes(overrides, cfg, started))
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_with_model(args: argparse.Namespace, cfg: Config, overrides: dict[str, dict[str, Any]]) -> int:
-    from streamer.aio.model_server import open_runner
+    from streamer.aio.processes.model_server import open_runner
     from streamer.runner import geometry_of
 
     Notifier.from_environ().status(f"loading model {cfg.model.id}")  # systemd: shown while starting
@@ -122,7 +122,7 @@ def _run_with_model(args: argparse.Namespace, cfg: Config, overrides: dict[str, 
 
 def run_member(args: argparse.Namespace, place: dict[str, Any]) -> int:
     """One front-end process of several: the config and ports its supervisor gave it (``place``)."""
-    from streamer.aio.model_server import open_runner
+    from streamer.aio.processes.model_server import open_runner
     from streamer.runner import geometry_of
 
     overrides = place["overrides"]
@@ -145,7 +145,7 @@ async def serve(cfg: Config, runner: Runner, reload: Callable[[], Config], *, ve
                 member: dict[str, Any] | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; ``reload`` reads the config again on SIGHUP.
 
-    ``member``: this is one of several front-end processes (:mod:`streamer.aio.supervisor`): it listens with
+    ``member``: this is one of several front-end processes (:mod:`streamer.aio.processes.supervisor`): it listens with
     SO_REUSEPORT, reaches its supervisor over ``member["socket"]``, runs capture sources only where
     ``member["sources"]``, leaves MQTT and systemd to the supervisor and prints no banner.
     """
@@ -195,8 +195,8 @@ async def serve(cfg: Config, runner: Runner, reload: Callable[[], Config], *, ve
 
 
 async def join_cluster(daemon: Daemon, member: dict[str, Any]) -> ClusterLink:
-    """Wire a front-end process's daemon to its supervisor (:mod:`streamer.aio.cluster`)."""
-    from streamer.aio.cluster import ClusterLink
+    """Wire a front-end process's daemon to its supervisor (:mod:`streamer.aio.processes.cluster`)."""
+    from streamer.aio.processes.cluster import ClusterLink
 
     link = await ClusterLink.connect(member["socket"], int(member["slot"]))
     daemon.cluster, daemon.reuse_port = link, True
@@ -220,14 +220,14 @@ def add_services(daemon: Daemon, *, mqtt: bool = True, sources: bool = True) -> 
     # host or refused login when the daemon starts it; a broker that is down is retried meanwhile.
     # Added first, so that it stops last: after the streams and sources sent their finals --
     if mqtt:
-        from streamer.aio.mqtt import attach_publisher
+        from streamer.aio.mqtt.publisher import attach_publisher
 
         attach_publisher(daemon)
     # -- end mqtt --
     # -- mic sources (streamer/aio/sources.py): each [[sources]] kind "mic" captions a microphone into
     # the stream named after it (viewers at /v1/listen/NAME, MQTT). Added last, so they stop first. --
     if daemon.cfg.sources and sources:
-        from streamer.aio.sources import MicSource
+        from streamer.aio.sources.mic import MicSource
 
         daemon.services.extend(MicSource(daemon.streams, src) for src in daemon.cfg.sources if src.kind == "mic")
     # -- end mic sources --

@@ -3,7 +3,7 @@
 :func:`check_settings` reads the password and TLS files once, before anything connects, so that a
 mistake stops the command with a :class:`ConfigError` saying what to fix. :func:`explain_failure`
 turns a failed connection into such a sentence and says whether retrying can help.
-:mod:`streamer.aio.mqtt` uses all of them.
+:mod:`streamer.aio.mqtt.publisher` uses all of them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import asyncio
 import os
 import weakref
 
-from streamer.aio.handler import IDLE, STOP, StreamHandler
+from streamer.aio.protocols.base import IDLE, STOP, StreamHandler
 from streamer.audio import ENCODINGS
 from streamer.decoder import hotword_letters, stream_decoder
 from streamer.engine import SAMPLE_RATE, WordDecoder

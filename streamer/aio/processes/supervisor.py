@@ -1,7 +1,7 @@
 """``streamer serve`` with ``server.processes`` > 1: a supervisor and its front-end processes.
 
 The supervisor loads no model and serves no client. It starts N front-end processes (``python -m
-streamer serve`` with :data:`~streamer.aio.cluster.CLUSTER_ENV` set), each a whole daemon of its own
+streamer serve`` with :data:`~streamer.aio.processes.cluster.CLUSTER_ENV` set), each a whole daemon of its own
 (:func:`streamer.cli.serve.serve`) listening with ``SO_REUSEPORT`` on the same ports, so that the
 kernel spreads new connections over them. Like uvicorn's multiprocess supervisor it
 
@@ -11,7 +11,7 @@ kernel spreads new connections over them. Like uvicorn's multiprocess supervisor
   its streams (finals, ``end``, close 1001), waits for all of them, then exits 0;
 - speaks for the daemon to systemd (``READY=1`` once every process serves; ``WATCHDOG=1`` only while
   every serving process reports in) and to MQTT (one connection, one ``status`` topic and last will;
-  processes hand it their events, see :mod:`streamer.aio.cluster`).
+  processes hand it their events, see :mod:`streamer.aio.processes.cluster`).
 
 When a listening port is 0 (any free port), the first process starts alone and the others take the
 port it got. A process that fails before the daemon first served ends the supervisor (exit 1): a bad
@@ -35,9 +35,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from streamer.aio.cluster import BEAT_INTERVAL_S, CLUSTER_ENV, ClusterService, Member
 from streamer.aio.metrics import MULTIPROC_ENV
-from streamer.aio.systemd import STATUS_INTERVAL_S, Notifier
+from streamer.aio.processes.cluster import BEAT_INTERVAL_S, CLUSTER_ENV, ClusterService, Member
+from streamer.aio.processes.systemd import STATUS_INTERVAL_S, Notifier
 from streamer.config import Config
 
 __all__ = ["Supervisor", "supervise"]
@@ -190,7 +190,7 @@ class Supervisor:
         if not self.cfg.mqtt.enabled:
             return
         from streamer.aio.metrics import MqttMetrics
-        from streamer.aio.mqtt import MqttPublisher
+        from streamer.aio.mqtt.publisher import MqttPublisher
 
         publisher = MqttPublisher(self.cfg.mqtt, MqttMetrics())
         await publisher.start()  # a ConfigError (unknown host, login refused) ends the command here

@@ -27,7 +27,7 @@ For code without an event loop (``streamer transcribe``, a capture loop) use
 The queue and its rules are :class:`streamer.outbox.Outbox`, plain code without I/O; this
 module connects, sends what the outbox hands out and tells it what the broker acknowledged.
 Reading the password and TLS files and explaining failed connections is
-:mod:`streamer.aio.mqtt_settings`.
+:mod:`streamer.aio.mqtt.settings`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import aiomqtt
 from aiomqtt import MqttError
 
 from streamer.aio.metrics import Metrics, MqttMetrics
-from streamer.aio.mqtt_settings import check_settings, client_id_for, explain_failure, password, tls_context
+from streamer.aio.mqtt.settings import check_settings, client_id_for, explain_failure, password, tls_context
 from streamer.config import MqttConfig
 from streamer.events import Event, Final
 from streamer.exceptions import ConfigError, StreamerError

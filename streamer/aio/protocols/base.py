@@ -1,6 +1,6 @@
 """What every stream handler shares: receiving with an idle timeout that shutdown interrupts, errors, word lists.
 
-A protocol handler (:mod:`streamer.aio.native`, :mod:`streamer.aio.vosk`) subclasses
+A protocol handler (:mod:`streamer.aio.protocols.native`, :mod:`streamer.aio.protocols.vosk`) subclasses
 :class:`StreamHandler` and writes :meth:`StreamHandler.serve`: it reads messages with
 :meth:`~StreamHandler.recv`, feeds a :class:`~streamer.aio.stream.LiveStream` made by
 :meth:`~StreamHandler.open_stream`, and serialises the typed events its own way. A

@@ -1,6 +1,6 @@
 """What the front-end processes of one daemon share, through their supervisor (``server.processes`` > 1).
 
-Each front-end process (:mod:`streamer.cli.serve` run by :mod:`streamer.aio.supervisor`) owns its
+Each front-end process (:mod:`streamer.cli.serve` run by :mod:`streamer.aio.processes.supervisor`) owns its
 connections and streams, but a few things must hold for the whole daemon whichever process a client
 lands on. The supervisor keeps them in a :class:`ClusterService` on a Unix socket; each process holds
 one :class:`ClusterLink` connection to it for its whole life::

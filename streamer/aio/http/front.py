@@ -2,7 +2,7 @@
 
 websockets calls :meth:`HttpFront.process_request` for every request before the upgrade: it answers
 plain HTTP requests itself and refuses upgrades that go nowhere (404), come from another site's page
-(403, :func:`streamer.aio.access.origin_allowed`) or lack the token (401).
+(403, :func:`streamer.aio.http.access.origin_allowed`) or lack the token (401).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from streamer.aio.access import origin_allowed, read_cookie, token_cookie
-from streamer.aio.limits import BoundedConnection
+from streamer.aio.http.access import origin_allowed, read_cookie, token_cookie
+from streamer.aio.http.limits import BoundedConnection
 
 if TYPE_CHECKING:
     from streamer.aio.server import Daemon
@@ -38,7 +38,7 @@ __all__ = ["ALLOW", "LISTEN_PREFIX", "OPEN_TIMEOUT_S", "REALTIME_PATH", "STREAM_
 STREAM_PATH = "/v1/stream"
 LISTEN_PREFIX = "/v1/listen/"
 REALTIME_PATH = "/v1/realtime"
-"""OpenAI Realtime transcription sessions (:mod:`streamer.aio.realtime`)"""
+"""OpenAI Realtime transcription sessions (:mod:`streamer.aio.protocols.realtime`)"""
 OPEN_TIMEOUT_S = 10.0
 """how long a connection may take to send its request head (and complete a websocket handshake): websockets'
 ``open_timeout``, applied by :class:`HttpConnection` so that an upload's answer may take longer"""
@@ -78,7 +78,7 @@ class HttpFront:
     """Answers the daemon's HTTP requests; :attr:`token` is the one a reload put in force."""
 
     def __init__(self, daemon: Daemon, token: str) -> None:
-        from streamer.aio.openai import OpenAIFront  # it answers through this module's helpers
+        from streamer.aio.http.openai import OpenAIFront  # it answers through this module's helpers
 
         self.daemon = daemon
         self.token = token
@@ -90,7 +90,7 @@ class HttpFront:
         return HttpConnection(protocol, server, front=self, **kwargs)
 
     def authorized(self, request: Request, query: dict[str, list[str]], port: int = 0) -> bool:
-        """The token as a bearer header, ``?token=``, or the caption page's cookie (:mod:`streamer.aio.access`)."""
+        """The token as a bearer header, ``?token=``, or the caption page's cookie (:mod:`streamer.aio.http.access`)."""
         if not self.token:
             return True
         given = ""

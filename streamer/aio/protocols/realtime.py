@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from websockets.exceptions import ConnectionClosed
 
-from streamer.aio.handler import IDLE, STOP, StreamHandler
+from streamer.aio.protocols.base import IDLE, STOP, StreamHandler
 from streamer.events import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Error, Event, Final, Partial
 from streamer.exceptions import AudioError, ProtocolError
 

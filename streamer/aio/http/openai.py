@@ -1,7 +1,7 @@
 """OpenAI-compatible transcription over plain HTTP: ``POST /v1/audio/transcriptions`` and ``GET /v1/models``.
 
 An upload (multipart, as the OpenAI SDK and ``curl -F`` send it) is read by
-:class:`streamer.aio.http.HttpConnection`, bounded by ``openai.max_upload_bytes`` and
+:class:`streamer.aio.http.front.HttpConnection`, bounded by ``openai.max_upload_bytes`` and
 ``openai.upload_timeout_s``; :meth:`OpenAIFront.serve_upload` answers it. The file is decoded and
 resampled a second at a time in a thread and fed to a live stream like any client's, so its windows
 share the model worker fairly with the real-time streams and its text is ``streamer transcribe``'s.
@@ -33,7 +33,7 @@ from streamer.exceptions import AudioError, InferenceError
 from streamer.formats import cue_lines
 
 if TYPE_CHECKING:
-    from streamer.aio.http import HttpConnection, HttpFront, Upload
+    from streamer.aio.http.front import HttpConnection, HttpFront, Upload
     from streamer.aio.server import Daemon
 
 __all__ = ["MODELS_PATH", "TRANSCRIPTIONS_PATH", "ApiError", "OpenAIFront", "TranscriptionForm", "parse_form"]
@@ -308,7 +308,7 @@ def sse_chunk(event: dict[str, Any]) -> bytes:
 
 
 class OpenAIFront:
-    """The daemon's OpenAI-compatible HTTP endpoints (``[openai]``); :class:`~streamer.aio.http.HttpFront` routes
+    """The daemon's OpenAI-compatible HTTP endpoints (``[openai]``); :class:`~streamer.aio.http.front.HttpFront` routes
     requests here."""
 
     def __init__(self, daemon: Daemon, http: HttpFront) -> None:
@@ -357,7 +357,7 @@ class OpenAIFront:
 
     @staticmethod
     def _json(conn: ServerConnection, status: int, body: dict[str, Any]) -> Response:
-        from streamer.aio.http import respond
+        from streamer.aio.http.front import respond
 
         return respond(conn, status, json.dumps(body), "application/json")
 

@@ -14,7 +14,7 @@ blocks are dropped and counted instead of growing memory; the input overflows Po
     print(capture.stats)
 
 :func:`pump` feeds a capture into a :class:`~streamer.aio.stream.LiveStream`; ``streamer mic``
-and the daemon's ``[[sources]]`` (:mod:`streamer.aio.sources`) both use it.
+and the daemon's ``[[sources]]`` (:mod:`streamer.aio.sources.mic`) both use it.
 
 PortAudio reads its device list once, when it is initialised: :func:`find_device` with
 ``rescan=True`` re-initialises it (only while no capture is open) so that a device plugged in

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from streamer.aio.handler import send_error
-from streamer.aio.http import STREAM_PATH
+from streamer.aio.http.front import STREAM_PATH
+from streamer.aio.protocols.base import send_error
 from streamer.events import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN, Error, ViewerReady, to_json
 
 if TYPE_CHECKING:

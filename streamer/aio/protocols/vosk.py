@@ -9,7 +9,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from streamer.aio.handler import IDLE, StreamHandler
+from streamer.aio.protocols.base import IDLE, StreamHandler
 from streamer.aio.stream import LiveStream
 from streamer.engine import WordDecoder
 from streamer.events import CLOSE_BAD_DATA, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Error, Event, Final, Partial

@@ -17,7 +17,7 @@ from streamer.exceptions import ConfigError
 from streamer.formats import EventWriter
 
 if TYPE_CHECKING:
-    from streamer.aio.sources.mic.capture import Capture
+    from streamer.aio.sources.capture import Capture
     from streamer.config import Config
     from streamer.engine import WordDecoder
     from streamer.runner import Runner
@@ -59,7 +59,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streamer.aio.sources.mic.capture import Capture, describe_devices, find_device, input_devices
+    from streamer.aio.sources.capture import Capture, describe_devices, find_device, input_devices
 
     if args.list_devices:
         devices = input_devices()
@@ -98,7 +98,7 @@ async def dictate(cfg: Config, runner: Runner, words: WordDecoder | None, captur
     """Capture until Ctrl-C / SIGTERM / --duration; the model runs in the worker's thread."""
     from streamer.aio.hub import Hub
     from streamer.aio.metrics import Metrics
-    from streamer.aio.sources.mic.capture import pump
+    from streamer.aio.sources.capture import pump
     from streamer.aio.stream import Streams
     from streamer.aio.worker import BatchWorker
 

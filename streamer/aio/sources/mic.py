@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from streamer.aio.sources.mic.capture import Capture, find_device, pump
+from streamer.aio.sources.capture import Capture, find_device, pump
 from streamer.aio.stream import Streams
 from streamer.config import SourceConfig
 from streamer.exceptions import StreamerError

@@ -25,9 +25,8 @@ from streamer.lexicon import Lexicon, OpenVocabulary, read_word_list
 from streamer.lm import Hotwords, LanguageModel, find_lm_folder, load_language_model, parse_hotwords, read_hotwords
 from streamer.runner import Runner, TokenVocabulary
 
-__all__ = ["LETTER_BYTES", "LM_FOLDER", "WORD_LIST", "Decoder", "WordListBudget", "build_decoder", "find_lm", "load_lm",
-           "hotword_letters", "speller", "stream_decoder", "trie_letters",
-           "word_list_decoder"]
+__all__ = ["LETTER_BYTES", "LM_FOLDER", "WORD_LIST", "Decoder", "WordListBudget", "build_decoder", "describe",
+           "find_lm", "hotword_letters", "load_lm", "speller", "stream_decoder", "trie_letters", "word_list_decoder"]
 
 logger = logging.getLogger("streamer.decoder")
 
@@ -71,6 +70,23 @@ def build_decoder(cfg: DecoderConfig, runner: Runner) -> Decoder | None:
     return OpenVocabulary(v.token_ids, v.blank_id, v.delimiter_id, lm=lm, hotwords=hotwords,
                           beam_size=cfg.lm_beam_size, beam_size_token=cfg.lm_beam_size_token,
                           alternatives=cfg.alternatives, source=lm.source if lm else "hotwords")
+
+
+def describe(dec: Decoder | None) -> str:
+    """What decodes, in words: greedy CTC, a word list or the lexicon-free search, and the LM.
+
+    ``streamer serve --check`` and ``streamer eval`` print it.
+    """
+    if dec is None:
+        return "greedy CTC (no word list)"
+    parts = []
+    if isinstance(dec, Lexicon):
+        parts.append(f"the word list {dec.source} ({len(dec.words)} words)")
+    else:
+        parts.append(f"lexicon-free search (beam {dec.beam_size}, {dec.beam_size_token} letters per frame)")
+    if dec.lm is not None:
+        parts.append(f"the LM {dec.lm.source} (alpha {dec.lm.alpha:g}, beta {dec.lm.beta:g})")
+    return " + ".join(parts)
 
 
 def speller(vocab: TokenVocabulary) -> Callable[[str], str | None]:

@@ -342,7 +342,10 @@ class OpenVocabulary(_Searcher):
         self.alternatives = min(alternatives, MAX_ALTERNATIVES)
         self.chars = {i: t for t, i in token_ids.items() if len(t) == 1 and i not in (blank_id, delimiter_id)}
         self._needs = max(blank_id, delimiter_id)  # letters beyond the model's outputs are never tried
-        self._settings = {"beam_size": beam_size, "beam_size_token": beam_size_token}
+        self.beam_size = beam_size
+        """hypotheses kept per frame"""
+        self.beam_size_token = beam_size_token
+        """letters tried per frame"""
         self._options = fl.LexiconFreeDecoderOptions(
             beam_size=beam_size, beam_size_token=beam_size_token, beam_threshold=25.0, lm_weight=1.0,
             sil_score=0.0, log_add=False, criterion_type=fl.CriterionType.CTC)
@@ -359,7 +362,7 @@ class OpenVocabulary(_Searcher):
         return OpenVocabulary(self.token_ids, self.blank_id, self.delimiter_id, lm=self.lm,
                               hotwords=hotwords.merged(self.hotwords) if hotwords else self.hotwords,
                               alternatives=self.alternatives if alternatives is None else alternatives,
-                              source=self.source, **self._settings)
+                              source=self.source, beam_size=self.beam_size, beam_size_token=self.beam_size_token)
 
     PARTIAL_BEAM = (8, 4)
     """beam size and letters per frame of a partial's fresh search over its tail: a partial is only shown,
@@ -370,8 +373,8 @@ class OpenVocabulary(_Searcher):
         if quick is None:
             beam, tokens = self.PARTIAL_BEAM
             quick = OpenVocabulary(self.token_ids, self.blank_id, self.delimiter_id, lm=self.lm,
-                                   hotwords=self.hotwords, beam_size=min(beam, self._settings["beam_size"]),
-                                   beam_size_token=min(tokens, self._settings["beam_size_token"]),
+                                   hotwords=self.hotwords, beam_size=min(beam, self.beam_size),
+                                   beam_size_token=min(tokens, self.beam_size_token),
                                    source=self.source)
             self.__dict__["_quick"] = quick
         return quick

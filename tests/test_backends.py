@@ -173,9 +173,9 @@ def test_small_models_stay_float32_under_auto(tiny_models):
 
 def test_demo_onnx_int8_transcribes_the_readme_sentence(demo_export, tmp_path, capsys):
     from streamer.cli import main
-    from streamer.cli.eval import offline_text
     from streamer.config import Config
     from streamer.decoder import build_decoder
+    from streamer.evaluation import offline_text
     from streamer.testing import espeak, espeak_audio
     from streamer.transcribe import new_session, stream_array, text_of
 

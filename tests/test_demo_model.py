@@ -84,7 +84,7 @@ def test_eval_on_generated_manifest(tmp_path, capsys):
 
 
 def test_eval_reads_tsv_manifest(tmp_path):
-    from streamer.cli.eval import read_manifest
+    from streamer.evaluation import read_manifest
     from streamer.exceptions import ConfigError
 
     (tmp_path / "m.tsv").write_text("path\ttext\na.wav\thello there\n/abs/b.wav\tgood night\n")
@@ -121,9 +121,9 @@ def test_default_endpointing_does_not_split_words_at_their_onset(model_runner, d
 
     The cut shows with the plain word list (the demo LM reads "s" + "et" back into known words, hiding it), so
     the contrast runs on that list; the default rule must keep the offline text with the LM and without."""
-    from streamer.cli.eval import offline_text
     from streamer.config import DecoderConfig, load_config
     from streamer.decoder import build_decoder
+    from streamer.evaluation import offline_text
     from streamer.transcribe import new_session, stream_array, text_of
 
     plain_words = build_decoder(DecoderConfig(lm=""), model_runner)

@@ -157,7 +157,7 @@ def test_demo_model_streams_what_its_offline_pass_decodes(model_runner, demo_wor
     """The demo model decodes with its words.txt by default; the streamed final equals the offline pass."""
     import soundfile as sf
 
-    from streamer.cli.eval import offline_text
+    from streamer.evaluation import offline_text
     from streamer.transcribe import new_session, stream_array, text_of
 
     assert demo_words is not None

@@ -139,9 +139,9 @@ def tune(folder: Path, manifest: Path, alphas: Sequence[float], betas: Sequence[
     LM in ``folder`` (and without the list: reported only); writes the best pair for the list into attrs.json."""
     import dataclasses
 
-    from streamer.cli.eval import load_16k, read_manifest
     from streamer.config import Config, ModelConfig
     from streamer.decoder import build_decoder
+    from streamer.evaluation import load_16k, read_manifest
     from streamer.model import load_model
     from streamer.scoring import ErrorRate
 

@@ -10,7 +10,7 @@ import numpy as np
 from streamer.engine import SAMPLE_RATE, as_float32
 from streamer.exceptions import AudioError
 
-__all__ = ["ENCODINGS", "MAX_F32_ABS", "AudioConverter", "decode_pcm", "iter_file_chunks", "read_audio"]
+__all__ = ["ENCODINGS", "MAX_F32_ABS", "AudioConverter", "bad_samples", "decode_pcm", "iter_file_chunks", "read_audio"]
 
 ENCODINGS = ("s16le", "f32le")
 MAX_F32_ABS = 64.0
@@ -33,17 +33,20 @@ def decode_pcm(data: bytes, encoding: str, channels: int) -> np.ndarray:
         )
     a = np.frombuffer(data, dtype=dtype)
     x = a.astype(np.float32) / 32768.0 if encoding == "s16le" else a.astype(np.float32)
-    if encoding == "f32le" and (bad := _bad_samples(x)):
+    if encoding == "f32le" and (bad := bad_samples(x)):
         raise AudioError(f"audio contains {bad} samples; send finite float samples in [-1, 1] "
                          f"(|x| up to {MAX_F32_ABS:g} is accepted)")
     return x.reshape(-1, channels)
 
 
-def _bad_samples(x: np.ndarray) -> str:
+def bad_samples(x: np.ndarray) -> str:
     """What is wrong with float samples that the engine must not see (NaN, inf, huge values); '' when nothing."""
     if not x.size or (np.abs(x) <= MAX_F32_ABS).all():  # NaN compares False
         return ""
     return "NaN or infinite" if not np.isfinite(x).all() else f"out-of-range (|x| > {MAX_F32_ABS:g})"
+
+
+_bad_samples = bad_samples  # the former name, until every importer uses bad_samples
 
 
 class AudioConverter:
@@ -94,7 +97,7 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
         ) from None
     if data.shape[0] == 0:
         raise AudioError(f"{path}: the file holds no audio samples")
-    if bad := _bad_samples(data):
+    if bad := bad_samples(data):
         raise AudioError(f"{path}: the file contains {bad} samples")
     return data, int(rate)
 

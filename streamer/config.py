@@ -223,10 +223,17 @@ class EndpointConfig(_Section):
     # letter at its onset and the rest 0.6 s later ("s ... et"), so 0.6 s split such words; 0.8 s does not.
     silence_after_speech_s: float = _opt(0.8, min=0.02, doc="trailing silence that ends a segment with text")
     max_utterance_s: float = _opt(20.0, min=0.2, doc="a segment is cut at this length regardless")
+    # A voice-activity detector (Silero VAD, streamer/vad.py) beside the CTC evidence: a segment with text ends
+    # vad_silence_ms after the detector last heard speech if the CTC frames over that silence are blank too.
+    vad: bool = _opt(False, doc="end segments on the voice-activity detector's silence (and quiet CTC frames)")
+    vad_silence_ms: int = _opt(300, min=32, max=10_000, doc="non-speech after speech that ends a segment with text")
+    vad_threshold: float = _opt(0.5, min=0.01, max=1.0, doc="a speech probability at or above this is speech")
 
     def rules(self) -> EndpointRules:
         """The engine's endpoint rules."""
-        return EndpointRules(self.enabled, self.silence_no_speech_s, self.silence_after_speech_s, self.max_utterance_s)
+        return EndpointRules(self.enabled, self.silence_no_speech_s, self.silence_after_speech_s, self.max_utterance_s,
+                             vad=self.enabled and self.vad, vad_silence_s=self.vad_silence_ms / 1000,
+                             vad_threshold=self.vad_threshold)
 
 
 @dataclass(frozen=True)

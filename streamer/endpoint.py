@@ -5,15 +5,23 @@ word): a segment with no text ends after ``silence_no_speech_s`` of it, a segmen
 ``silence_after_speech_s``, and any segment at ``max_utterance_s``. The engine asks
 :meth:`Endpointer.reason` after each final frame and :meth:`Endpointer.silence_ahead` with the
 look-ahead frames of a window.
+
+With ``vad`` on, a voice-activity detector adds a fourth, faster rule: :class:`VadTracker` reads its
+speech probabilities (one per ``vad_frame_samples``) and marks the point where ``vad_silence_s`` of
+non-speech follows speech; the engine then runs one window up to that point and ends the segment
+there if the CTC frames over that silence are blank or the delimiter too (so a pause inside a word,
+which CTC still spells, does not cut it). The rules over CTC frames stay as the fallback.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from streamer.ctc import FRAME_S
 
-__all__ = ["EndpointRules", "Endpointer"]
+__all__ = ["EndpointRules", "Endpointer", "VadTracker", "vad_points"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,24 @@ class EndpointRules:
     silence_no_speech_s: float = 2.4
     silence_after_speech_s: float = 0.8
     max_utterance_s: float = 20.0
+    vad: bool = False
+    """end a segment with text where the voice-activity detector hears ``vad_silence_s`` of non-speech after
+    speech and the CTC frames over it are quiet (the caller feeds the session speech probabilities)"""
+    vad_silence_s: float = 0.3
+    vad_threshold: float = 0.5
+    """a probability at or above this is speech"""
+    vad_frame_samples: int = 512
+    """samples per speech probability (Silero VAD's 32 ms frame at 16 kHz)"""
+
+    def __post_init__(self) -> None:
+        if self.vad_frame_samples < 1 or not 0.0 < self.vad_threshold <= 1.0 or self.vad_silence_s <= 0:
+            raise ValueError(f"bad voice-activity rule: frame {self.vad_frame_samples} samples, threshold "
+                             f"{self.vad_threshold}, silence {self.vad_silence_s} s")
+
+    @property
+    def vad_silence_frames(self) -> int:
+        """Non-speech probabilities in a row that end speech (at least one)."""
+        return max(1, math.ceil(round(self.vad_silence_s * 16_000) / self.vad_frame_samples))
 
 
 class Endpointer:
@@ -61,3 +87,50 @@ class Endpointer:
         ``silence_after_speech_s`` after the speech, not that plus the look-ahead.
         """
         return self.enabled and has_text and trailing_silence + quiet_lookahead >= self.after_speech
+
+
+class VadTracker:
+    """Where the voice-activity rule asks for an endpoint: speech probabilities in, sample positions out.
+
+    Pure and incremental: :meth:`push` takes the probability of the next frame and says whether that
+    frame completes ``vad_silence_s`` of non-speech after speech; the point asked for is then the end
+    of that frame, :attr:`end` samples into the stream. One point per stretch of speech.
+    """
+
+    def __init__(self, rules: EndpointRules) -> None:
+        self.rules = rules
+        self.need = rules.vad_silence_frames
+        self.frames = 0
+        """probabilities pushed so far"""
+        self.heard = False  # speech since the last point asked for (or the last reset)
+        self.quiet = 0  # non-speech frames in a row
+        self.speaking = False
+        """whether the last frame was speech"""
+
+    @property
+    def end(self) -> int:
+        """Samples covered by the probabilities pushed so far."""
+        return self.frames * self.rules.vad_frame_samples
+
+    def push(self, prob: float) -> bool:
+        """Take the next frame's probability; true when an endpoint is due at :attr:`end`."""
+        self.frames += 1
+        self.speaking = prob >= self.rules.vad_threshold
+        if self.speaking:
+            self.heard, self.quiet = True, 0
+            return False
+        self.quiet += 1
+        if self.heard and self.quiet >= self.need:
+            self.heard = False
+            return True
+        return False
+
+    def reset(self) -> None:
+        """Forget the speech heard so far (a flush closed the segment it belonged to)."""
+        self.heard, self.quiet = False, 0
+
+
+def vad_points(probs: Iterable[float], rules: EndpointRules) -> list[int]:
+    """Every sample position where ``rules`` ask for a voice-activity endpoint over ``probs`` (a whole stream)."""
+    tracker = VadTracker(rules)
+    return [tracker.end for p in probs if tracker.push(float(p))]

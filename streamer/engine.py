@@ -42,7 +42,7 @@ from typing import Protocol
 import numpy as np
 
 from streamer.ctc import FRAME_S, CtcSegment, Vocabulary
-from streamer.endpoint import Endpointer, EndpointRules
+from streamer.endpoint import Endpointer, EndpointRules, VadTracker, vad_points
 from streamer.events import Event, Final, Partial, Word
 from streamer.exceptions import AudioError
 
@@ -181,6 +181,10 @@ class Window:
     optional: bool = False
     """a refresh between full windows: it only makes the partial fresher, so a caller short of model time may
     answer it with :meth:`StreamSession.skip` instead of running it"""
+    quiet_from: int | None = None
+    """an endpoint window (None: not one): the voice-activity detector heard silence from frame ``quiet_from``
+    to the window's end; if the model's frames there are blank or the delimiter, every frame of the window
+    becomes final and the segment ends with it, otherwise the window only forms a partial"""
     handed: bool = field(default=False, repr=False)
     frame_samples: int = field(default=FRAME_SAMPLES, repr=False)
     receptive_field: int = field(default=RECEPTIVE_FIELD, repr=False)
@@ -288,6 +292,12 @@ class StreamSession:
         self.finished = False
         """true once :meth:`finish` was called and every planned window was answered"""
         self.frame_ids: list[int] | None = [] if record_frames else None
+        # Voice activity (with endpoint.vad): the rule's state, probabilities received and not yet read
+        # (they are read in the order of the audio, between the full windows they fall between), and the
+        # sample a flush closed the stream at (speech before it ends nothing more).
+        self._vad = VadTracker(self.endpointer.rules) if self.endpointer.rules.vad else None
+        self._speech: deque[float] = deque()
+        self._vad_floor = 0
 
     # -- input -------------------------------------------------------------
 
@@ -297,6 +307,25 @@ class StreamSession:
             raise AudioError("audio after the end of the stream")
         self._buf.append(as_float32(samples))
         self._plan_ready()
+
+    def accept_speech(self, probs: np.ndarray | Sequence[float]) -> None:
+        """Add the voice-activity detector's speech probabilities, one per ``vad_frame_samples`` of the stream.
+
+        Only with ``EndpointRules.vad`` (the rule is off otherwise); the probabilities continue those given
+        before (:class:`streamer.vad.SpeechDetector` yields them as the audio comes). With the rule on, full
+        windows wait for the probabilities of the audio before them, so feed both, in either order, before
+        calling :meth:`windows_to_run`.
+        """
+        if self._vad is None:
+            raise ValueError("speech probabilities need the voice-activity rule (endpoint vad = true)")
+        self._speech.extend(float(p) for p in np.asarray(probs, dtype=np.float32).reshape(-1).tolist())
+        if not self._finishing:
+            self._plan_ready()
+
+    @property
+    def vad(self) -> bool:
+        """Whether the session ends segments by voice activity: feed it :meth:`accept_speech`."""
+        return self._vad is not None
 
     def flush(self) -> None:
         """Force an endpoint now: all audio so far is decoded and closed as a final. Then run the last windows.
@@ -308,6 +337,9 @@ class StreamSession:
         self._plan_rest()
         self._pending.append(_Marker("flush"))
         self._drain_markers()
+        if self._vad is not None:  # the speech heard so far belongs to the segment the flush closes
+            self._vad.reset()
+            self._vad_floor = self._buf.end
         self._full_end = 0  # no refresh until the next full window: early partials (if on) fill that gap
         if self.schedule.early > 0:
             # The next full window is hop + lookahead away again: show early partials until it runs.
@@ -347,15 +379,10 @@ class StreamSession:
         if lp.ndim != 2 or lp.shape[0] != expected:
             raise RuntimeError(f"window of {len(window.samples)} samples needs {expected} frames, got {lp.shape}")
         ids, probs = best_path(lp)
-        a = window.final_from - window.start_frame
-        b = min(window.final_to - window.start_frame, len(ids))
-        self._push_final(window.final_from, ids[a:b], probs[a:b], lp[a:b])
+        b = self._merge(window, lp, ids, probs, ahead=not (self._pending and isinstance(self._pending[0], _Marker)))
         if self._pending and isinstance(self._pending[0], _Marker):
             self._drain_markers()
-        elif not window.provisional and self._silence_ahead(ids[b:]):
-            # (a provisional window's frames are redone by a full window: they decide no endpoint)
-            self._close_segment("silence")
-        else:
+        elif b is not None:
             seg = self._seg.preview(window.start_frame + b, ids[b:], probs[b:])
             self._emit_partial(seg, lp[b:])
 
@@ -369,6 +396,45 @@ class StreamSession:
         self._pop(window)
         if self._pending and isinstance(self._pending[0], _Marker):
             self._drain_markers()
+
+    def _merge(self, window: Window, lp: np.ndarray, ids: np.ndarray, probs: np.ndarray, *,
+               ahead: bool = True) -> int | None:
+        """Merge a window's frames: the final ones into the open segment, then maybe an endpoint.
+
+        Frames before the open segment's end are final already (an endpoint window closed a segment past
+        them) and are left out. Returns the window's first row that forms the partial, or None when the
+        window closed the segment (an endpoint window over quiet frames, or ``ahead`` and the look-ahead
+        frames complete the after-speech silence).
+        """
+        s = window.start_frame
+        lo = max(window.final_from, self._seg.end_frame) - s
+        if window.quiet_from is not None:
+            if self._quiet_end(ids, lo, window.quiet_from - s, probs):
+                self._push_final(s + lo, ids[lo:], probs[lo:], lp[lo:])
+                self._close_segment("silence")
+                return None
+            return lo
+        b = max(lo, min(window.final_to - s, len(ids)))
+        self._push_final(s + lo, ids[lo:b], probs[lo:b], lp[lo:b])
+        if ahead and not window.provisional and self._silence_ahead(ids[b:]):
+            # (a provisional window's frames are redone by a full window: they decide no endpoint)
+            self._close_segment("silence")
+            return None
+        return b
+
+    def _quiet_end(self, ids: np.ndarray, lo: int, quiet_from: int, probs: np.ndarray) -> bool:
+        """Whether an endpoint window's frames end the open segment: it has text once rows ``lo:`` join it,
+        and the rows from ``quiet_from`` on (the silence the detector heard) are blank or the delimiter."""
+        tail = ids[max(lo, quiet_from, 0) :]
+        if not self._quiet(tail).all():
+            return False
+        return self._seg.has_text or self._seg.preview(0, ids[lo:], probs[lo:]).has_text
+
+    def _quiet(self, ids: np.ndarray) -> np.ndarray:
+        quiet: np.ndarray = ids == self.vocab.blank_id
+        if self.vocab.delimiter_id is not None:  # may be 0 (XLS-R fine-tunes put "|" first)
+            quiet |= ids == self.vocab.delimiter_id
+        return quiet
 
     def _pop(self, window: Window) -> None:
         head = self._pending[0] if self._pending else None
@@ -385,14 +451,26 @@ class StreamSession:
 
     def _plan_ready(self) -> None:
         sched = self.schedule
+        vad = self._vad
+        step = self.endpointer.rules.vad_frame_samples
         while True:
             start, final_end, end = sched.plan(self._planned_next)
-            if not sched.ready(end, self._buf.end):
+            # (the pipeline treats a chunk that ends exactly at the end of the audio as the last one)
+            ready_at = sched.frame_samples * end + sched.tail + (1 if sched.pipeline else 0)
+            # With voice activity, a full window waits until every endpoint that may come before it is known:
+            # the probabilities of the audio before it were read (an endpoint at the same sample comes after).
+            if ready_at <= self._buf.end and (vad is None or ready_at <= vad.end + step):
+                stop = sched.frame_samples * end + sched.tail
+                self._add_window(start, self._planned_next, final_end, stop)
+                self._early_from = None  # the first full window: from here on partials come from full windows
+                self._full_end = end
+                continue
+            if vad is None or not self._speech or vad.end + step > self._buf.end:
                 break
-            stop = sched.frame_samples * end + sched.tail
-            self._add_window(start, self._planned_next, final_end, stop)
-            self._early_from = None  # the first full window: from here on partials come from full windows
-            self._full_end = end
+            if vad.push(self._speech.popleft()) and vad.end > self._vad_floor:
+                self._plan_endpoint(vad.end)
+            elif vad.end <= self._vad_floor:
+                vad.reset()
         if self._early_from is not None:
             self._plan_provisional(self._early_from)
         elif sched.refresh > 0 and self._full_end > 0:
@@ -444,6 +522,23 @@ class StreamSession:
             return
         self._pending.append(Window(self._buf.slice(fs * start, fs * end), start, origin, origin, provisional=True,
                                     optional=True, frame_samples=fs, receptive_field=sched.receptive_field))
+
+    def _plan_endpoint(self, stop: int) -> None:
+        """Plan an endpoint window over the audio up to sample ``stop``, where the voice-activity rule holds.
+
+        It has the left context of a full window before the first frame not yet planned final, and no
+        look-ahead: the detector already heard the silence its last frames cover.
+        """
+        sched = self.schedule
+        fs = sched.frame_samples
+        origin = self._planned_next
+        start = max(0, origin - sched.left)
+        if start + sched.n_frames(stop - fs * start) <= origin:
+            return  # the full windows planned cover this audio as final already
+        rules = self.endpointer.rules
+        quiet_from = -(-(stop - rules.vad_silence_frames * rules.vad_frame_samples) // fs)  # (rounded up)
+        self._pending.append(Window(self._buf.slice(fs * start, stop), start, origin, origin, quiet_from=quiet_from,
+                                    frame_samples=fs, receptive_field=sched.receptive_field))
 
     def _plan_rest(self) -> None:
         total = self.schedule.n_frames(self._buf.end)
@@ -501,9 +596,7 @@ class StreamSession:
         seg = self._seg
         if not self.endpointer.enabled or not seg.has_text or not len(lookahead_ids):
             return False
-        quiet = lookahead_ids == self.vocab.blank_id
-        if self.vocab.delimiter_id is not None:  # may be 0 (XLS-R fine-tunes put "|" first)
-            quiet |= lookahead_ids == self.vocab.delimiter_id
+        quiet = self._quiet(lookahead_ids)
         lead = int(np.argmin(quiet)) if not quiet.all() else len(quiet)
         return self.endpointer.silence_ahead(seg.has_text, seg.trailing_silence, lead)
 
@@ -586,33 +679,46 @@ def reference(
     vocab: Vocabulary,
     endpoint: EndpointRules | None = None,
     words: WordDecoder | None = None,
+    speech: np.ndarray | Sequence[float] | None = None,
 ) -> tuple[list[int], list[Final]]:
     """Run the window schedule over a complete buffer in one model call.
 
     Returns the final frame ids and the finals. For any arrival chunking, a
-    :class:`StreamSession` must produce exactly these.
+    :class:`StreamSession` must produce exactly these. ``speech``: the voice-activity probabilities of
+    the whole buffer, with ``endpoint.vad`` (an endpoint window goes where the rule holds, before the
+    full window that becomes ready at a later sample).
     """
     x = as_float32(audio)
     total = schedule.n_frames(len(x))
     fs = schedule.frame_samples
-    spans: list[tuple[int, int, int, int]] = []  # start frame, final_from, final_to, stop sample
+    rules = endpoint or EndpointRules()
+    points = vad_points(speech, rules) if rules.vad and speech is not None else []
+    quiet_len = rules.vad_silence_frames * rules.vad_frame_samples
+    spans: list[Window] = []  # (samples left empty: the model runs the slices below)
+
+    def endpoints_before(ready_at: int, f: int) -> None:
+        while points and points[0] < ready_at:
+            stop = points.pop(0)
+            start = max(0, f - schedule.left)
+            if start + schedule.n_frames(stop - fs * start) > f:
+                spans.append(Window(x[fs * start : stop], start, f, f, quiet_from=-(-(stop - quiet_len) // fs)))
+
     f = 0
     while f < total:
         start, final_end, end = schedule.plan(f)
         if schedule.ready(end, len(x)):
-            spans.append((start, f, final_end, fs * end + schedule.tail))
+            endpoints_before(fs * end + schedule.tail + (1 if schedule.pipeline else 0), f)
+            spans.append(Window(x[fs * start : fs * end + schedule.tail], start, f, final_end))
             f = final_end
         else:
-            spans.append((start, f, total, len(x)))
+            endpoints_before(len(x) + 1, f)
+            spans.append(Window(x[fs * start :], start, f, total))
             f = total
-    outputs = run([x[fs * s : stop] for s, _, _, stop in spans]) if spans else []
+    outputs = run([w.samples for w in spans]) if spans else []
     session = StreamSession(schedule, vocab, endpoint, record_frames=True, words=words)
-    for (s, a, b, _), lp in zip(spans, outputs, strict=True):
+    for w, lp in zip(spans, outputs, strict=True):
         lp = np.asarray(lp)
-        ids, probs = best_path(lp)
-        session._push_final(a, ids[a - s : b - s], probs[a - s : b - s], lp[a - s : b - s])
-        if b < total and session._silence_ahead(ids[b - s :]):
-            session._close_segment("silence")
+        session._merge(w, lp, *best_path(lp))
     session._close_segment("end")
     finals = [e for e in session.events_received() if isinstance(e, Final)]
     assert session.frame_ids is not None

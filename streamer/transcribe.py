@@ -16,11 +16,12 @@ import numpy as np
 from streamer.audio import AudioConverter, iter_file_chunks
 from streamer.config import Config
 from streamer.ctc import Vocabulary
-from streamer.engine import RunFn, StreamSession, WordDecoder, run_session
+from streamer.engine import RunFn, StreamSession, WordDecoder, as_float32, run_session
 from streamer.events import Event, Final
 from streamer.runner import FrameGeometry
+from streamer.vad import SpeechDetector, load_vad
 
-__all__ = ["new_session", "stream_array", "stream_file", "text_of"]
+__all__ = ["feed_audio", "new_session", "speech_detector", "stream_array", "stream_file", "text_of"]
 
 
 def new_session(cfg: Config, vocab: Vocabulary, words: WordDecoder | None = None, *,
@@ -41,15 +42,32 @@ def new_session(cfg: Config, vocab: Vocabulary, words: WordDecoder | None = None
     return StreamSession(schedule, vocab, cfg.endpoint.rules(), record_frames=record_frames, words=words)
 
 
+def speech_detector(session: StreamSession) -> SpeechDetector | None:
+    """The voice-activity detector to feed with the session's audio (``[endpoint] vad``), or None without the rule."""
+    return SpeechDetector(load_vad()) if session.vad else None
+
+
+def feed_audio(session: StreamSession, samples: np.ndarray, detector: SpeechDetector | None) -> None:
+    """Give the session 16 kHz mono ``samples`` and, with a ``detector``, their speech probabilities.
+
+    Then run the session's windows. The detector must be this session's own (it carries the stream's state).
+    """
+    x = as_float32(samples)
+    session.accept_audio(x)
+    if detector is not None:
+        session.accept_speech(detector.accept(x))
+
+
 def stream_blocks(
     session: StreamSession, run: RunFn, blocks: Iterable[np.ndarray], converter: AudioConverter
 ) -> Iterator[Event]:
     """Feed blocks (at the converter's rate and channels) and yield events as they come."""
+    detector = speech_detector(session)
     for block in blocks:
-        session.accept_audio(converter.convert(block))
+        feed_audio(session, converter.convert(block), detector)
         run_session(session, run)
         yield from session.events_received()
-    session.accept_audio(converter.convert(np.zeros((0, converter.channels), np.float32), last=True))
+    feed_audio(session, converter.convert(np.zeros((0, converter.channels), np.float32), last=True), detector)
     session.finish()
     run_session(session, run)
     yield from session.events_received()

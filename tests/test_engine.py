@@ -26,9 +26,11 @@ def runner(request, tiny_models):
     return load_model(ModelConfig(id=str(tiny_models[request.param]), device="cpu"))
 
 
-def stream(audio, runner, schedule, chunks, endpoint=None, vocab=None, words=None, seen=None, skip=None):
+def stream(audio, runner, schedule, chunks, endpoint=None, vocab=None, words=None, seen=None, skip=None,
+           speech=None):
     """Feed ``audio`` in ``chunks``; return (final frame ids, events). ``seen`` collects the windows planned;
-    ``skip(window)`` says whether to skip an optional one (a partial refresh) instead of running it."""
+    ``skip(window)`` says whether to skip an optional one (a partial refresh) instead of running it; ``speech``:
+    the voice-activity probabilities of the whole audio, fed as the audio completes each 512-sample frame."""
     session = StreamSession(schedule, vocab or runner.vocab, endpoint, record_frames=True, words=words)
     events = []
 
@@ -50,6 +52,8 @@ def stream(audio, runner, schedule, chunks, endpoint=None, vocab=None, words=Non
         if i >= len(audio):
             break
         session.accept_audio(audio[i : i + n])
+        if speech is not None:
+            session.accept_speech(speech[min(i, len(audio)) // 512 : min(i + n, len(audio)) // 512])
         i += n
         run()
     session.finish()
@@ -292,7 +296,7 @@ def test_lookahead_silence_counts_delimiters_whatever_their_id():
 EARLY = {name: dataclasses.replace(s, early=5) for name, s in SCHEDULES.items()}
 
 
-def streams_like_the_reference(runner, audio, schedule, chunk, skip=None):
+def streams_like_the_reference(runner, audio, schedule, chunk, skip=None, endpoint=None, speech=None):
     """Stream ``audio`` (``chunk`` arrivals, ``skip`` as for :func:`stream`) and check it against ``reference()``:
     the full windows are byte-identical to its windows, and the frame ids, finals and word times are its own.
     Returns every window planned."""
@@ -302,9 +306,10 @@ def streams_like_the_reference(runner, audio, schedule, chunk, skip=None):
         ref_windows.extend(windows)
         return runner(windows)
 
-    ref_ids, ref_finals = reference(audio, spy, schedule, runner.vocab)
+    ref_ids, ref_finals = reference(audio, spy, schedule, runner.vocab, endpoint, speech=speech)
     seen = []
-    ids, events = stream(audio, runner, schedule, arrival(chunk, len(audio)), seen=seen, skip=skip)
+    ids, events = stream(audio, runner, schedule, arrival(chunk, len(audio)), endpoint, seen=seen, skip=skip,
+                         speech=speech)
     full = [w.samples for w in seen if not w.provisional]
     assert len(full) == len(ref_windows) and all(np.array_equal(a, b) for a, b in zip(full, ref_windows, strict=True))
     assert ids == ref_ids
@@ -626,3 +631,145 @@ def test_refreshes_cut_the_partial_delay_of_real_speech(model_runner, demo_words
     _, events_on = stream(audio, model_runner, on, arrival(1600, len(audio)), EndpointRules(), words=words)
     _, events_off = stream(audio, model_runner, off, arrival(1600, len(audio)), EndpointRules(), words=words)
     assert [f for f in events_on if isinstance(f, Final)] == [f for f in events_off if isinstance(f, Final)]
+
+
+# --- voice activity: the detector's probabilities are an input, like the model's frames ------------------------
+
+VAD_RULES = EndpointRules(silence_no_speech_s=1.0, silence_after_speech_s=0.8, max_utterance_s=5.0, vad=True,
+                          vad_silence_s=0.3)
+
+
+def script_speech(voiced, n_samples):
+    """Speech probabilities per 512-sample frame: 1 where ``voiced`` (a '+'/'.' string, one mark per 20 ms frame)
+    marks a frame whose scripted sample (320 t + 200) lies in it, else 0."""
+    probs = np.zeros(n_samples // 512, dtype=np.float32)
+    for t, mark in enumerate(voiced):
+        if mark == "+" and (320 * t + 200) // 512 < len(probs):
+            probs[(320 * t + 200) // 512] = 1.0
+    return probs
+
+
+def run_vad_script(spec, voiced, rules=VAD_RULES, chunk=160):
+    """Stream a scripted model's audio with scripted speech probabilities; (samples received, event) pairs."""
+    audio = script_audio(frames(spec))
+    probs = script_speech(voiced, len(audio))
+    session = StreamSession(SCHED, ScriptVocab(), rules)
+    out = []
+    for i in range(0, len(audio), chunk):
+        session.accept_audio(audio[i : i + chunk])
+        if session.vad:
+            session.accept_speech(probs[i // 512 : min(i + chunk, len(audio)) // 512])
+        run_session(session, script_model)
+        out += [(min(i + chunk, len(audio)), e) for e in session.events_received()]
+    session.finish()
+    run_session(session, script_model)
+    return out + [(-1, e) for e in session.events_received()]
+
+
+def finals_of(timed):
+    return [(at, e.text, e.reason) for at, e in timed if isinstance(e, Final)]
+
+
+def test_vad_endpoint_fires_vad_silence_after_the_speech():
+    # "ab c" spoken over frames 0..7, then 1.2 s of silence and "d": the detector's 0.3 s of silence (ten
+    # 32 ms frames after the last voiced one, which ends at sample 2560) end the segment at sample 7680, when
+    # that audio has come; the CTC rule alone needs 0.8 s of blank final frames and the look-ahead behind them.
+    spec = "__aab|_c" + "_" * 60 + "dd__"
+    voiced = "+" * 8 + "." * 60 + "++.."
+    vad = finals_of(run_vad_script(spec, voiced))
+    ctc = finals_of(run_vad_script(spec, voiced, dataclasses.replace(VAD_RULES, vad=False)))
+    assert [(text, reason) for _, text, reason in vad] == [("ab c", "silence"), ("d", "end")]
+    assert [text for _, text, _ in ctc] == ["ab c", "d"]
+    assert vad[0][0] == 7680
+    assert ctc[0][0] >= 320 * (8 + 40) + 80
+    # the final's words are those of the frames, whatever window closed the segment
+    timed = run_vad_script(spec, voiced)
+    first = next(e for _, e in timed if isinstance(e, Final))
+    assert [(w.word, w.start, w.end) for w in first.words] == [("ab", 0.04, pytest.approx(0.1)),
+                                                              ("c", pytest.approx(0.14), pytest.approx(0.16))]
+
+
+def test_vad_silence_over_letters_does_not_cut_a_word():
+    # The detector hears 0.5 s of "silence" in the middle of a word the model still spells (a letter every
+    # 0.2 s): no cut there. A pause the model hears as blank too (0.5 s between "abcd" and "ef") ends the first.
+    spec = "ab" + "_" * 9 + "c" + "_" * 9 + "d" + "_" * 25 + "ef" + "_" * 5
+    voiced = "++" + "." * 19 + "+" + "." * 25 + "++" + "." * 5
+    vad = finals_of(run_vad_script(spec, voiced))
+    assert [(text, reason) for _, text, reason in vad] == [("abcd", "silence"), ("ef", "end")]
+    # with the CTC rule alone (0.8 s) the 0.5 s pause does not end anything
+    ctc = finals_of(run_vad_script(spec, voiced, dataclasses.replace(VAD_RULES, vad=False)))
+    assert [text for _, text, _ in ctc] == ["abcd ef"] or [text for _, text, _ in ctc] == ["abcdef"]
+
+
+def test_vad_noise_without_text_ends_nothing():
+    # speech the detector hears but the model does not spell: no final, no event
+    spec = "_" * 80
+    assert run_vad_script(spec, "+" * 20 + "." * 60) == []
+
+
+def test_vad_flush_forgets_the_speech_before_it():
+    spec = "ab" + "_" * 40
+    voiced = "++" + "." * 40
+    audio = script_audio(frames(spec))
+    probs = script_speech(voiced, len(audio))
+    session = StreamSession(SCHED, ScriptVocab(), VAD_RULES)
+    session.accept_audio(audio[:1600])
+    session.flush()
+    session.accept_speech(probs)  # the detector's frames come after the flush: they end nothing more
+    session.accept_audio(audio[1600:])
+    session.finish()
+    run_session(session, script_model)
+    events = session.events_received()
+    assert [(e.text, e.reason) for e in events if isinstance(e, Final)] == [("ab", "flush")]
+    assert not any(w.quiet_from is not None for w in session.windows_to_run())
+
+
+def test_speech_needs_the_vad_rule():
+    session = StreamSession(SCHED, ScriptVocab(), ENDPOINT)
+    assert not session.vad
+    with pytest.raises(ValueError, match="vad"):
+        session.accept_speech(np.ones(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="voice-activity"):
+        EndpointRules(vad=True, vad_threshold=0.0)
+
+
+class ScriptRunner:
+    vocab = ScriptVocab()
+
+    def __call__(self, windows):
+        return script_model(windows)
+
+
+VAD_SPEC = ("__ab_c" + "_" * 14 + "dd|e" + "_" * 8 + "f" + "_" * 30 + "ab" + "_" * 3 + "c" + "_" * 40
+            + "de" * 10 + "_" * 17 + "f" + "_" * 5)
+VAD_VOICED = ("++++++" + "." * 14 + "++++" + "." * 8 + "+" + "." * 30 + "++" + "." * 3 + "+" + "." * 40
+              + "++" * 10 + "." * 17 + "+" + "." * 5)
+
+
+@pytest.mark.parametrize("schedule", [SCHED, dataclasses.replace(SCHED, pipeline=True),
+                                      dataclasses.replace(SCHED, early=3, refresh=2)], ids=["stream", "pipeline",
+                                                                                            "refresh"])
+@pytest.mark.parametrize("chunk", [1, 7, 320, 1000, "random"])
+def test_vad_endpoints_are_arrival_invariant(schedule, chunk):
+    """Endpoint windows go where the speech probabilities say, whatever the chunking: the reference's finals."""
+    audio = script_audio(frames(VAD_SPEC))
+    probs = script_speech(VAD_VOICED, len(audio))
+    seen = streams_like_the_reference(ScriptRunner(), audio, schedule, chunk, endpoint=VAD_RULES, speech=probs)
+    endpoint_windows = [w for w in seen if w.quiet_from is not None]
+    assert len(endpoint_windows) >= 3
+    # (the detector's pauses of 0.34 s and more end segments that the CTC rule's 0.8 s would have joined)
+    _, finals = reference(audio, script_model, schedule, ScriptVocab(), VAD_RULES, speech=probs)
+    assert [f.text for f in finals] == ["abcd ef", "abc", "de" * 10, "f"]
+
+
+@pytest.mark.parametrize("runner", ["layer-padlast", "group-padfirst"], indirect=True)
+@pytest.mark.parametrize("chunk", [1, 7, 320, 1000, "random"])
+def test_vad_leaves_real_model_finals_arrival_invariant(runner, speech, chunk):
+    """With a real model and the real detector's probabilities of espeak-ng speech: the reference's finals."""
+    from streamer.vad import speech_probabilities
+
+    audio = speech[: 16000 * 4 + 77]
+    probs = speech_probabilities(audio)
+    rules = dataclasses.replace(VAD_RULES, silence_after_speech_s=0.4)
+    seen = streams_like_the_reference(runner, audio, EARLY["stream"], chunk, endpoint=rules, speech=probs)
+    assert any(w.quiet_from is not None for w in seen)

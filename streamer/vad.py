@@ -1,0 +1,137 @@
+"""Voice activity: Silero VAD's ONNX model, shipped in the ``silero-vad`` wheel, run with onnxruntime.
+
+The engine does not run it (it stays pure): a :class:`SpeechDetector` per stream turns the audio as it
+arrives into one speech probability per :data:`VAD_FRAME` samples (32 ms), and the caller hands those to
+:meth:`streamer.engine.StreamSession.accept_speech`::
+
+    vad = SpeechDetector(load_vad())
+    session.accept_audio(chunk)
+    session.accept_speech(vad.accept(chunk))
+
+The probabilities depend only on the audio, not on how it was chunked: frame ``j`` is samples
+``[512 j, 512 j + 512)`` of the stream, read with the 64 samples before it (the model's context) and
+the recurrent state the frames before it left, exactly as silero-vad's own ``OnnxWrapper`` runs it. So
+:func:`speech_probabilities` over a whole buffer gives the same numbers, and :func:`streamer.engine.reference`
+with them the same finals as any live chunking.
+
+Why this model (measured on this project's 2-core CPU, ``docs/engine.md``): about 0.3 % of one core per
+stream (0.1 ms per 32 ms frame; batched, less), and on espeak-ng speech with pauses under background noise
+it ends utterances where webrtcvad either cuts inside sentences or hears the noise as speech. The wheel is
+only read for its ``.onnx`` file: its Python package would import torch, which this module never needs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from streamer.exceptions import StreamerError
+
+__all__ = ["VAD_FRAME", "SpeechDetector", "VadModel", "load_vad", "speech_probabilities"]
+
+VAD_FRAME = 512
+"""samples per speech probability at 16 kHz (32 ms), fixed by the model"""
+_CONTEXT = 64  # samples of the previous frame the model reads with each frame
+_STATE = (2, 1, 128)
+
+
+def model_path(name: str = "silero_vad.onnx") -> Path:
+    """The ONNX file inside the installed ``silero-vad`` wheel (found without importing the package)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise StreamerError("voice activity detection needs the silero-vad package (pip install silero-vad)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / name
+    if not path.is_file():
+        raise StreamerError(f"the silero-vad package has no {name}")
+    return path
+
+
+class VadModel:
+    """One onnxruntime session of the model, shared by every stream (runs are thread-safe).
+
+    One thread per run: a frame takes 0.1 ms, and the engine thread should not fan out over the cores
+    that the speech model needs.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.inter_op_num_threads = 1
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.path = Path(path) if path is not None else model_path()
+        self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self._rate = np.array(16_000, dtype=np.int64)
+
+    def run(self, frames: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Score ``frames`` (``[streams, 64 + 512]``: context, then the frame) with ``state`` (``[2, streams, 128]``).
+
+        Returns the speech probabilities (``[streams]``) and the next state.
+        """
+        out, new_state = self._session.run(None, {"input": frames, "state": state, "sr": self._rate})
+        return np.asarray(out, dtype=np.float32).reshape(-1), np.asarray(new_state, dtype=np.float32)
+
+
+_shared: VadModel | None = None
+_shared_lock = threading.Lock()
+
+
+def load_vad() -> VadModel:
+    """The process's one :class:`VadModel` (loaded on first use)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = VadModel()
+        return _shared
+
+
+class SpeechDetector:
+    """The model's state for one stream: samples in, one speech probability per full 512-sample frame out."""
+
+    def __init__(self, model: VadModel) -> None:
+        self.model = model
+        self._pending = np.zeros(0, dtype=np.float32)  # samples of the frame not yet complete
+        self._context = np.zeros(_CONTEXT, dtype=np.float32)
+        self._state = np.zeros(_STATE, dtype=np.float32)
+        self.frames = 0
+        """frames scored so far (the next probability is for samples ``[512 frames, 512 frames + 512)``)"""
+
+    def accept(self, samples: np.ndarray) -> np.ndarray:
+        """Add float32 16 kHz mono samples; return the probabilities of the frames they completed (maybe none)."""
+        x = np.concatenate([self._pending, np.asarray(samples, dtype=np.float32)])
+        n = len(x) // VAD_FRAME
+        probs = np.empty(n, dtype=np.float32)
+        for j in range(n):
+            frame = x[j * VAD_FRAME : (j + 1) * VAD_FRAME]
+            batch = np.concatenate([self._context, frame])[None, :]
+            p, self._state = self.model.run(batch, self._state)
+            probs[j] = p[0]
+            self._context = frame[-_CONTEXT:]
+        self._pending = x[n * VAD_FRAME :].copy()
+        self.frames += n
+        return probs
+
+
+def speech_probabilities(audio: np.ndarray, model: VadModel | None = None) -> np.ndarray:
+    """The probabilities of every full frame of ``audio`` (what a :class:`SpeechDetector` yields over it)."""
+    return SpeechDetector(model or load_vad()).accept(audio)
+
+
+def speech_runs(probs: Sequence[float] | np.ndarray, threshold: float = 0.5) -> list[tuple[int, int]]:
+    """Frame spans ``[start, end)`` the probabilities call speech (a plain threshold; for reports and tests)."""
+    runs: list[tuple[int, int]] = []
+    start: int | None = None
+    for j, p in enumerate(np.asarray(probs).tolist()):
+        if p >= threshold and start is None:
+            start = j
+        elif p < threshold and start is not None:
+            runs.append((start, j))
+            start = None
+    if start is not None:
+        runs.append((start, len(probs)))
+    return runs

@@ -95,7 +95,7 @@ def speller(vocab: TokenVocabulary) -> Callable[[str], str | None]:
                if len(t) == 1 and i not in (vocab.blank_id, vocab.delimiter_id)}
 
     def spell(word: str) -> str | None:
-        found = Lexicon._spell(word, letters)
+        found = Lexicon.spell(word, letters)
         return found[0] if found else None
 
     return spell

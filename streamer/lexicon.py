@@ -234,7 +234,7 @@ class Lexicon(_Searcher):
             if len(word) > MAX_WORD_LETTERS:
                 raise ConfigError(f"{source}: a word of {len(word)} letters ({word[:20]!r}...); words may have at "
                                   f"most {MAX_WORD_LETTERS}")
-            spelling = self._spell(word, letters)
+            spelling = self.spell(word, letters)
             if spelling is None:
                 bad.append(word)
                 continue
@@ -297,7 +297,8 @@ class Lexicon(_Searcher):
         return cls(read_word_list(path), token_ids, blank_id, delimiter_id, source=str(path), **kw)  # type: ignore[arg-type]
 
     @staticmethod
-    def _spell(word: str, letters: Mapping[str, int]) -> tuple[str, list[int]] | None:
+    def spell(word: str, letters: Mapping[str, int]) -> tuple[str, list[int]] | None:
+        """``word`` as ``letters`` spell it (its own, lower- or upper-case form) and its letter ids; None if none."""
         for form in (word, word.lower(), word.upper()):
             if form and all(c in letters for c in form):
                 return form, [letters[c] for c in form]

@@ -39,6 +39,7 @@ from streamer.checkpoint import DEMO_MODEL, load_checkpoint, resolve_model
 from streamer.config import ModelConfig
 from streamer.engine import RECEPTIVE_FIELD
 from streamer.exceptions import InferenceError, ModelLoadError
+from streamer.hf import hf
 from streamer.runner import LocalRunner, probe_windows
 
 __all__ = ["EXPORT_INFO", "FLOAT_FILE", "INT8_FILE", "ExportInfo", "OnnxRunner", "cache_dir", "cached_export_dir",
@@ -447,7 +448,7 @@ def load_onnx(cfg: ModelConfig, source: str, *, name: str, max_batch: int = 64) 
     from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf(hf_logging.set_verbosity_error)()
     precision = "int8" if cfg.dtype == "int8" else "float32"
     file = INT8_FILE if precision == "int8" else FLOAT_FILE
     if is_export(source):

@@ -134,3 +134,22 @@ def test_demo_model_finals_arrival_invariant_with_the_vad(model_runner, demo_wor
         (f.text, f.start, f.end, f.reason) for f in ref_finals
     ]
     assert [f.text for f in finals][:2] == SENTENCES[:2]
+
+
+async def test_daemon_streams_end_on_the_detector(daemon_factory, model_runner, demo_words, sentences):
+    """The daemon runs a detector per stream with ``endpoint.vad``: its finals over the native protocol are the
+    reference's with the same probabilities, one per sentence, each ended by the silence after it."""
+    from tests.conftest import pcm16
+    from tests.test_server import finals_of, native_session
+
+    audio = np.frombuffer(pcm16(sentences[0]), "<i2").astype(np.float32) / 32768
+    d = await daemon_factory("endpoint.vad=true")
+    msgs, code = await native_session(d.port, pcm16(audio), chunk=3200)
+    assert code == 1000
+    cfg = vad_config(True)
+    _, expected = reference(audio, model_runner, cfg.stream.schedule(), model_runner.vocab, cfg.endpoint.rules(),
+                            demo_words, speech_probabilities(audio))
+    got = finals_of(msgs)
+    assert [(f["text"], f["reason"]) for f in got] == [(f.text, f.reason) for f in expected]
+    assert [f["text"] for f in got] == SENTENCES
+    assert [f["reason"] for f in got] == ["silence"] * 3

@@ -35,7 +35,7 @@ from streamer.engine import SAMPLE_RATE, StreamSession, Window, WordDecoder
 from streamer.events import Event, Final
 from streamer.fair import AudioBudget
 from streamer.runner import TokenVocabulary, geometry_of
-from streamer.transcribe import new_session
+from streamer.transcribe import feed_audio, new_session, speech_detector
 
 FEED_PIECE = SAMPLE_RATE
 """samples (16 kHz) fed to the engine at a time: a second of audio, two to three hops"""
@@ -63,6 +63,8 @@ class LiveStream:
         self.sample_rate = sample_rate
         self.converter = AudioConverter(sample_rate, channels)
         self.session = session
+        self.detector = speech_detector(session)
+        """the stream's voice-activity detector (``[endpoint] vad``; None without it), run with the engine calls"""
         self.worker = worker
         self.hub = hub
         self.metrics = metrics
@@ -138,12 +140,13 @@ class LiveStream:
         return mono, self._accept(mono[:FEED_PIECE])
 
     def _accept(self, piece: np.ndarray) -> list[Window]:
-        self.session.accept_audio(piece)
+        feed_audio(self.session, piece, self.detector)
         return self.session.windows_to_run()
 
     def _end(self, last: bool) -> list[Window]:
         """Drain the resampler, then flush (``last``: finish) the session; the windows that remain."""
-        self.session.accept_audio(self.converter.convert(np.zeros((0, self.channels), np.float32), last=True))
+        feed_audio(self.session, self.converter.convert(np.zeros((0, self.channels), np.float32), last=True),
+                   self.detector)
         self.converter = AudioConverter(self.sample_rate, self.channels)  # the resampler was drained
         if last:
             self.session.finish()

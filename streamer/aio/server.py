@@ -1,8 +1,10 @@
 """The daemon's lifecycle: one model, one batching worker, the listeners and the services around them.
 
 What happens on a connection lives elsewhere: the HTTP side in :mod:`streamer.aio.http`, the
-protocols in :mod:`streamer.aio.protocols`.
-The handlers only move data; every decision about windows, text and endpoints is the sans-I/O engine's.
+protocols in :mod:`streamer.aio.protocols`. They see the daemon as a
+:class:`~streamer.aio.host.StreamHost` (this module imports them, to route connections to them;
+they never import it). The handlers only move data; every decision about windows, text and
+endpoints is the sans-I/O engine's.
 """
 
 from __future__ import annotations
@@ -12,23 +14,24 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from streamer.aio.http.front import LISTEN_PREFIX, OPEN_TIMEOUT_S, REALTIME_PATH, STREAM_PATH, HttpFront
-from streamer.aio.http.limits import BoundedConnection, check_descriptors, install_accept_error_filter
+from streamer.aio.host import Admission, ModelInfo
+from streamer.aio.http.connection import OPEN_TIMEOUT_S
+from streamer.aio.http.front import LISTEN_PREFIX, REALTIME_PATH, STREAM_PATH, HttpFront
+from streamer.aio.http.limits import check_descriptors, install_accept_error_filter
 from streamer.aio.http.tls import server_ssl_context
-from streamer.aio.hub import Hub
+from streamer.aio.hub import Hub, ViewerQueue
 from streamer.aio.metrics import Metrics
-from streamer.aio.protocols.base import StreamHandler
 from streamer.aio.protocols.native import NativeHandler
 from streamer.aio.protocols.realtime import RealtimeHandler
-from streamer.aio.protocols.viewer import refuse_viewer, serve_viewer
+from streamer.aio.protocols.viewer import serve_viewer
 from streamer.aio.protocols.vosk import VoskHandler
 from streamer.aio.protocols.wyoming import WyomingServer
 from streamer.aio.stream import LiveStream, Streams
@@ -36,7 +39,7 @@ from streamer.aio.worker import BatchWorker
 from streamer.config import Config
 from streamer.decoder import WordListBudget, build_decoder
 from streamer.engine import SAMPLE_RATE, WordDecoder
-from streamer.events import CLOSE_GOING_AWAY, Error, busy
+from streamer.events import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN, Error, busy
 from streamer.exceptions import StreamerError
 from streamer.runner import Runner
 
@@ -61,18 +64,26 @@ class Daemon:
 
     Build it, add :attr:`services`, ``await start()``; :meth:`request_shutdown` (SIGTERM) finalises
     every stream and closes. :meth:`apply_config` applies a reloaded config (SIGHUP).
+
+    ``cluster``: the link to the supervisor when this is one of several front-end processes
+    (``server.processes``): the daemon then listens with SO_REUSEPORT (its siblings listen on the same
+    ports), counts streams and viewers and holds names in the whole daemon, and relays its events.
     """
 
-    def __init__(self, cfg: Config, runner: Runner) -> None:
+    def __init__(self, cfg: Config, runner: Runner, *, cluster: ClusterLink | None = None) -> None:
         self.cfg = cfg
         self.runner = runner
+        self.model = ModelInfo.of(runner)
+        """the loaded model, as handlers describe it"""
         self.metrics = Metrics()
         self.hub = Hub()
         self.worker = BatchWorker(runner, cfg.worker, self.metrics)
         words = build_decoder(cfg.decoder, runner)  # raises ConfigError for a bad list, before anything starts
         self.streams = Streams(cfg, runner.vocab, self.worker, self.hub, self.metrics, words)
         """the factory of live streams: the config and ``[decoder]`` word list in force"""
-        self.http = HttpFront(self, cfg.server.token())
+        self.started_at = time.time()
+        self.http = HttpFront(self, cfg.server.token(), health=self.health, stream_port=lambda: self.port,
+                              started_at=self.started_at)
         self.word_lists = WordListBudget()
         """the letters of the word lists clients brought, alive now (``server.max_word_list_letters_total``)"""
         self.services: list[Service] = []
@@ -81,23 +92,37 @@ class Daemon:
         self.closed = asyncio.Event()
         self._handlers: set[asyncio.Task[Any]] = set()
         self._viewers: set[asyncio.Task[Any]] = set()
-        self._viewers_stop = asyncio.Event()
+        self.viewers_stop = asyncio.Event()
+        """set when viewers close: after every stream of the daemon sent its last finals"""
         self._shutdown_task: asyncio.Task[None] | None = None
         self._names: dict[str, str] = {}  # the name of every live stream (its own, else its session id) -> session
-        self.started_at = time.time()
         self.on_reload: list[Callable[[Config], Awaitable[None] | None]] = []
-        # -- several front-end processes (streamer/aio/cluster.py, supervisor.py) --
-        self.cluster: ClusterLink | None = None
-        """the link to the supervisor when this is one of several front-end processes (``server.processes``)"""
-        self.reuse_port = False
-        """listen with SO_REUSEPORT: the daemon's other processes listen on the same ports"""
-        self.listening: dict[str, Any] = {}
-        """config key -> what a sibling process sets it to, to share this listener (``{"server.port": 41234}``)"""
-        # -- end several front-end processes --
+        self.cluster = cluster
+        self._listening: dict[str, Any] = {}
+        if cluster is not None:
+            self.hub.sinks.append(cluster)  # events to viewers on other processes, and to the supervisor's MQTT
+            self.hub.on_watch = cluster.viewing
+            cluster.deliver = self.hub.deliver
         self.wyoming: WyomingServer | None = None
         """the Wyoming listener (``[wyoming] enabled``), a service once started"""
 
-    # -- what the handlers use --------------------------------------------------
+    # -- what the handlers use (streamer.aio.host.StreamHost) ------------------------------
+
+    @property
+    def server_pid(self) -> int | None:
+        """This process's pid when it is one of several front-end processes (``ready`` names it), else None."""
+        return os.getpid() if self.cluster is not None else None
+
+    @property
+    def listening(self) -> dict[str, Any]:
+        """Config key -> what a sibling process sets it to, to share this listener (``{"server.port": 41234}``)."""
+        return {**self._listening, **(self.wyoming.listening if self.wyoming is not None else {})}
+
+    def subscribe(self, name: str) -> ViewerQueue:
+        return self.hub.subscribe(name)
+
+    def unsubscribe(self, name: str, queue: ViewerQueue) -> None:
+        self.hub.unsubscribe(name, queue)
 
     @property
     def words(self) -> WordDecoder | None:
@@ -152,30 +177,52 @@ class Daemon:
             return None
         return int(self.servers[1].sockets[0].getsockname()[1])
 
-    async def admit(self, protocol: str) -> Error | None:
-        """Serve the running task as a stream of ``protocol`` (a transport other than websockets: Wyoming):
-        counted against ``server.max_streams`` and awaited at shutdown; or say why not (shutting down, busy).
-        Call :meth:`leave` when it ends."""
-        if self.stopping.is_set():
-            return Error("shutting_down", "server shutting down", CLOSE_GOING_AWAY)
+    @asynccontextmanager
+    async def admission(self, protocol: str, kind: Admission = "stream") -> AsyncIterator[Error | None]:
+        """Serve the running task as one ``kind`` of ``protocol`` inside the ``async with``, or yield why not.
+
+        A stream counts against ``server.max_streams`` (in the whole daemon, with several front-end
+        processes) and shutdown waits for it; it is refused while shutting down (1001) and when
+        full (1013). A viewer counts against ``server.max_viewers``; it is not refused while shutting
+        down (it waits for the last finals of the streams that end) and shutdown closes it last.
+        """
+        if kind == "stream":
+            if self.stopping.is_set():
+                yield Error("shutting_down", "server shutting down", CLOSE_GOING_AWAY)
+                return
+            tasks, limit = self._handlers, self.cfg.server.max_streams
+        else:
+            tasks, limit = self._viewers, self.cfg.server.max_viewers
+        key = uuid.uuid4().hex
+        if not await self._admit(kind, key, len(tasks), limit):
+            if kind == "stream":
+                self.metrics.streams_rejected.labels("busy").inc()
+                yield busy(limit)
+            else:
+                self.metrics.streams_rejected.labels("viewers").inc()
+                yield Error("busy", f"server busy: {limit} viewers at most, try again later", CLOSE_TRY_AGAIN)
+            return
         task = asyncio.current_task()
         assert task is not None
-        if not await self._admit("stream", f"task-{id(task)}", self.active_streams, self.cfg.server.max_streams):
-            self.metrics.streams_rejected.labels("busy").inc()
-            return busy(self.cfg.server.max_streams)
-        self._handlers.add(task)
-        self.metrics.streams_active.labels(protocol).inc()
-        self.metrics.streams_total.labels(protocol).inc()
-        return None
-
-    def leave(self, protocol: str) -> None:
-        """The running task, admitted by :meth:`admit`, is no longer a stream."""
-        task = asyncio.current_task()
-        if task in self._handlers:
-            self._handlers.discard(task)
-            self.metrics.streams_active.labels(protocol).dec()
+        tasks.add(task)
+        if kind == "stream":
+            self.metrics.streams_active.labels(protocol).inc()
+            self.metrics.streams_total.labels(protocol).inc()
+        try:
+            yield None
+        finally:
+            if kind == "stream":
+                self.metrics.streams_active.labels(protocol).dec()
+            tasks.discard(task)
             if self.cluster is not None:
-                self.cluster.release("stream", f"task-{id(task)}")
+                self.cluster.release(kind, key)
+
+    async def _admit(self, kind: str, key: str, here: int, limit: int) -> bool:
+        """Whether one more stream or viewer fits under ``limit``: ``here`` counts this process's; with several
+        front-end processes the supervisor counts the whole daemon's (and holds the place for ``key``)."""
+        if self.cluster is None:
+            return here < limit
+        return await self.cluster.admit(kind, key, limit)
 
     @property
     def active_streams(self) -> int:
@@ -222,10 +269,10 @@ class Daemon:
             "max_size": s.max_message_bytes,
             "process_request": self.http.process_request,
             "server_header": "streamer",
-            # bounded outgoing data and a keepalive that closes a client that never reads (aio/limits.py);
-            # connection_limits() sets them again from the config in force
-            # a BoundedConnection that answers odd requests and uploads (aio/http.py); it times the request
-            # head itself (OPEN_TIMEOUT_S), so that an upload's answer may take longer than websockets' open_timeout
+            # an HttpConnection: bounded outgoing data and a keepalive that closes a client that never reads
+            # (http/limits.py), set again from the config in force for each connection; it answers odd requests
+            # and uploads, and times the request head itself (OPEN_TIMEOUT_S), so that an upload's answer may
+            # take longer than websockets' open_timeout
             "create_connection": self.http.connection,
             "open_timeout": None,
             "write_limit": s.write_limit_bytes,
@@ -241,7 +288,8 @@ class Daemon:
         if self.cfg.vosk.enabled:
             self.servers.append(await self._listen(self._vosk, s.host, self.cfg.vosk.port, "vosk.port", common))
         if self.cfg.wyoming.enabled:  # Home Assistant's protocol, a service: it stops after the streams end
-            self.wyoming = WyomingServer(self)
+            self.wyoming = WyomingServer(self, shared=self.cluster is not None,
+                                         first=self.cluster is None or self.cluster.slot == 0)
             self.services.append(self.wyoming)
         for service in self.services:
             await service.start()
@@ -257,8 +305,8 @@ class Daemon:
     async def _listen(self, handler: Callable[[ServerConnection], Awaitable[None]], host: str, port: int, key: str,
                       kwargs: dict[str, Any]) -> Server:
         try:
-            server = await serve(handler, host, port, reuse_port=self.reuse_port or None, **kwargs)
-            self.listening[key] = int(server.sockets[0].getsockname()[1])
+            server = await serve(handler, host, port, reuse_port=self.cluster is not None or None, **kwargs)
+            self._listening[key] = int(server.sockets[0].getsockname()[1])
             return server
         except OSError as exc:
             await self.worker.stop()
@@ -289,7 +337,7 @@ class Daemon:
         await asyncio.gather(self._stop_services(sources), self._wait_handlers(self._handlers))
         if self.cluster is not None:  # other processes' streams send their last finals to viewers here too
             await self.cluster.drained(self.cfg.server.shutdown_timeout_s)
-        self._viewers_stop.set()
+        self.viewers_stop.set()
         await self._wait_handlers(self._viewers, limit_s=2.0)
         for server in self.servers:
             server.close(close_connections=True)
@@ -317,13 +365,13 @@ class Daemon:
             except Exception:
                 logger.exception("stopping %r failed", service)
 
-    # -- reload (SIGHUP, see streamer/aio/systemd.py) ---------------------------
+    # -- reload (SIGHUP, streamer.aio.processes.systemd) ---------------------------
 
     def apply_config(self, cfg: Config) -> None:
         """Run with a reloaded ``cfg`` from now on; :class:`~streamer.aio.processes.systemd.Reloader` calls it.
 
         Handlers read their limits from ``self.cfg`` when they use them, and each new connection
-        takes its message size and origins from it (:meth:`connection_limits`). ``cfg`` must keep
+        takes its message size and limits from it (:meth:`HttpFront.connection_limits`). ``cfg`` must keep
         the running values of the keys that need a restart (``systemd.split_changes``). Raises
         :class:`~streamer.exceptions.ConfigError` (and changes nothing) for a bad token or word list.
         """
@@ -334,100 +382,16 @@ class Daemon:
         self.streams.cfg, self.streams.words = cfg, words
         check_descriptors(cfg.server)  # max_streams and max_viewers may have grown
 
-    def connection_limits(self, conn: ServerConnection) -> None:
-        """Give a new connection the message size and origins of the config in force."""
-        s, protocol = self.cfg.server, conn.protocol
-        # websockets renamed Protocol.max_size to max_message_size; serve() set it from the old config
-        setattr(protocol, "max_message_size" if hasattr(protocol, "max_message_size") else "max_size",
-                s.max_message_bytes)
-        protocol.origins = None  # HttpFront checks Origin (allowed_origins and the daemon's own host)
-        if isinstance(conn, BoundedConnection):
-            conn.apply_limits(s)
-
-    # -- connections --------------------------------------------------------------
+    # -- connections: the routes ------------------------------------------------------
 
     async def _native(self, ws: ServerConnection) -> None:
         path = urlsplit(ws.request.path).path if ws.request else ""
         if path.startswith(LISTEN_PREFIX):
-            await self._viewer(ws, path[len(LISTEN_PREFIX):])
+            await serve_viewer(self, ws, path[len(LISTEN_PREFIX):])
         elif path == REALTIME_PATH:
-            await self._serve(RealtimeHandler(self, ws))
+            await RealtimeHandler(self, ws).serve_connection()
         else:
-            await self._serve(NativeHandler(self, ws))
+            await NativeHandler(self, ws).serve_connection()
 
     async def _vosk(self, ws: ServerConnection) -> None:
-        await self._serve(VoskHandler(self, ws))
-
-    async def _serve(self, handler: StreamHandler) -> None:
-        """Admit the connection (or refuse it: shutting down 1001, over max_streams 1013), then serve it."""
-        ws = handler.ws
-        if self.stopping.is_set():
-            await ws.close(CLOSE_GOING_AWAY, "server shutting down")
-            return
-        if not await self._admit("stream", handler.id, self.active_streams, self.cfg.server.max_streams):
-            self.metrics.streams_rejected.labels("busy").inc()
-            error = busy(self.cfg.server.max_streams)
-            try:
-                await handler.send_busy(error)
-                await ws.close(error.close_code, error.message[:120])
-            except ConnectionClosed:
-                pass
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        self.metrics.streams_active.labels(handler.protocol).inc()
-        self.metrics.streams_total.labels(handler.protocol).inc()
-        try:
-            await handler.run()
-        except ConnectionClosed:
-            pass
-        finally:
-            self.metrics.streams_active.labels(handler.protocol).dec()
-            self._handlers.discard(task)
-            if self.cluster is not None:
-                self.cluster.release("stream", handler.id)
-
-    async def _admit(self, kind: str, key: str, here: int, limit: int) -> bool:
-        """Whether one more stream or viewer fits under ``limit``: ``here`` counts this process's; with several
-        front-end processes the supervisor counts the whole daemon's (and holds the place for ``key``)."""
-        if self.cluster is None:
-            return here < limit
-        return await self.cluster.admit(kind, key, limit)
-
-    async def serve_request(self, protocol: str, key: str, serve: Callable[[], Awaitable[None]]) -> bool:
-        """Run ``serve`` (a plain HTTP request that transcribes: :mod:`streamer.aio.http.openai`) as one of the streams
-        counted against ``server.max_streams``, which shutdown waits for; False, without running it, when full."""
-        if not await self._admit("stream", key, self.active_streams, self.cfg.server.max_streams):
-            self.metrics.streams_rejected.labels("busy").inc()
-            return False
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        self.metrics.streams_active.labels(protocol).inc()
-        self.metrics.streams_total.labels(protocol).inc()
-        try:
-            await serve()
-        finally:
-            self.metrics.streams_active.labels(protocol).dec()
-            self._handlers.discard(task)
-            if self.cluster is not None:
-                self.cluster.release("stream", key)
-        return True
-
-    async def _viewer(self, ws: ServerConnection, name: str) -> None:
-        """Admit a viewer (or refuse it: over max_viewers, 1013), then serve it."""
-        key = uuid.uuid4().hex
-        if not await self._admit("viewer", key, len(self._viewers), self.cfg.server.max_viewers):
-            self.metrics.streams_rejected.labels("viewers").inc()
-            await refuse_viewer(ws, self.cfg.server.max_viewers)
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._viewers.add(task)
-        try:
-            await serve_viewer(self, ws, name, self._viewers_stop)
-        finally:
-            self._viewers.discard(task)
-            if self.cluster is not None:
-                self.cluster.release("viewer", key)
+        await VoskHandler(self, ws).serve_connection()

@@ -19,22 +19,21 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
+from streamer.aio.host import StreamHost, close_named, open_named
+from streamer.aio.http.connection import HttpConnection, Upload, respond
 from streamer.audio import AudioConverter, _bad_samples
-from streamer.events import Event, Final
-from streamer.exceptions import AudioError, InferenceError
+from streamer.events import CLOSE_GOING_AWAY, Event, Final
+from streamer.exceptions import AudioError, InferenceError, ProtocolError
 from streamer.formats import cue_lines
-
-if TYPE_CHECKING:
-    from streamer.aio.http.front import HttpConnection, HttpFront, Upload
-    from streamer.aio.server import Daemon
 
 __all__ = ["MODELS_PATH", "TRANSCRIPTIONS_PATH", "ApiError", "OpenAIFront", "TranscriptionForm", "parse_form"]
 
@@ -307,17 +306,26 @@ def sse_chunk(event: dict[str, Any]) -> bytes:
     return f"{len(data):x}\r\n".encode() + data + b"\r\n"
 
 
-class OpenAIFront:
-    """The daemon's OpenAI-compatible HTTP endpoints (``[openai]``); :class:`~streamer.aio.http.front.HttpFront` routes
-    requests here."""
+Authorize = Callable[[Request, dict[str, list[str]], int], bool]
+"""whether a request carries the token: the request, its query, the port it came to"""
 
-    def __init__(self, daemon: Daemon, http: HttpFront) -> None:
-        self.daemon = daemon
-        self.http = http
+
+class OpenAIFront:
+    """The daemon's OpenAI-compatible HTTP endpoints (``[openai]``); :class:`~streamer.aio.http.front.HttpFront`
+    routes requests here, :class:`~streamer.aio.http.connection.HttpConnection` uploads."""
+
+    def __init__(self, host: StreamHost, authorized: Authorize, started_at: float) -> None:
+        self.host = host
+        self.authorized = authorized
+        self.started_at = started_at
 
     @property
     def enabled(self) -> bool:
-        return self.daemon.cfg.openai.enabled
+        return self.host.cfg.openai.enabled
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.host.cfg.openai.max_upload_bytes
 
     def serves_get(self, path: str) -> bool:
         return self.enabled and (path == MODELS_PATH or path.startswith(MODELS_PATH + "/"))
@@ -329,13 +337,13 @@ class OpenAIFront:
     # -- GET ---------------------------------------------------------------------------------------------
 
     def model_entry(self) -> dict[str, Any]:
-        return {"id": self.daemon.runner.name, "object": "model", "created": int(self.daemon.started_at),
+        return {"id": self.host.model.name, "object": "model", "created": int(self.started_at),
                 "owned_by": "streamer"}
 
     def get(self, conn: ServerConnection, request: Request, path: str, query: dict[str, list[str]]) -> Response:
         """``GET /v1/models`` (the loaded model) and ``GET /v1/models/ID``."""
-        if not self.http.authorized(request, query, conn.local_address[1]):
-            self.daemon.metrics.streams_rejected.labels("auth").inc()
+        if not self.authorized(request, query, conn.local_address[1]):
+            self.host.metrics.streams_rejected.labels("auth").inc()
             return self.unauthorized(conn)
         model = self.model_entry()
         if path == MODELS_PATH:
@@ -357,8 +365,6 @@ class OpenAIFront:
 
     @staticmethod
     def _json(conn: ServerConnection, status: int, body: dict[str, Any]) -> Response:
-        from streamer.aio.http.front import respond
-
         return respond(conn, status, json.dumps(body), "application/json")
 
     # -- POST --------------------------------------------------------------------------------------------
@@ -370,7 +376,7 @@ class OpenAIFront:
         try:
             await self._serve(conn, upload, sid, state)
         except ApiError as exc:
-            self.daemon.metrics.errors.labels(exc.code or f"http_{exc.status}").inc()
+            self.host.metrics.errors.labels(exc.code or f"http_{exc.status}").inc()
             logger.info("openai request %s: %d %s", sid, exc.status, exc)
             try:
                 await state.error(exc)
@@ -382,34 +388,35 @@ class OpenAIFront:
             await conn.finish()
 
     async def _serve(self, conn: HttpConnection, upload: Upload, sid: str, state: _Answer) -> None:
-        d, url = self.daemon, urlsplit(upload.request.path)
+        host, url = self.host, urlsplit(upload.request.path)
         if url.path != TRANSCRIPTIONS_PATH:
             raise ApiError(404, f"no endpoint POST {url.path[:80]}; this server transcribes at POST "
                            f"{TRANSCRIPTIONS_PATH} (translations are not supported)", code="unknown_url")
-        if not self.http.authorized(upload.request, parse_qs(url.query), conn.local_address[1]):
-            d.metrics.streams_rejected.labels("auth").inc()
+        if not self.authorized(upload.request, parse_qs(url.query), conn.local_address[1]):
+            host.metrics.streams_rejected.labels("auth").inc()
             raise self._unauthorized()
-        limit = d.cfg.openai.max_upload_bytes
+        limit = host.cfg.openai.max_upload_bytes
         if upload.too_large:
             raise ApiError(413, f"the upload has {upload.length} bytes; at most {limit} (openai.max_upload_bytes)",
                            code="upload_too_large")
         if upload.framing == "none":
             raise ApiError(411, "the request has no Content-Length (nor Transfer-Encoding: chunked)",
                            code="length_required")
-        if d.stopping.is_set():
-            raise ApiError(503, "the server is shutting down; try again later", type="server_error",
-                           code="shutting_down")
-        served = await d.serve_request("openai", sid, lambda: self._transcribe(conn, upload, sid, state))
-        if not served:
-            raise ApiError(429, f"server busy: {d.cfg.server.max_streams} streams at most, try again later",
-                           type="server_error", code="busy")
+        async with host.admission("openai") as refused:  # one of the streams counted against server.max_streams
+            if refused is not None and refused.close_code == CLOSE_GOING_AWAY:
+                raise ApiError(503, "the server is shutting down; try again later", type="server_error",
+                               code="shutting_down")
+            if refused is not None:
+                raise ApiError(429, f"server busy: {host.cfg.server.max_streams} streams at most, try again later",
+                               type="server_error", code="busy")
+            await self._transcribe(conn, upload, sid, state)
 
     async def _transcribe(self, conn: HttpConnection, upload: Upload, sid: str, state: _Answer) -> None:
-        d = self.daemon
+        cfg = self.host.cfg
         t0 = time.perf_counter()
         if upload.expects_continue and not upload.body.done():
             await conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        timeout = d.cfg.openai.upload_timeout_s
+        timeout = cfg.openai.upload_timeout_s
         try:
             body = await asyncio.wait_for(asyncio.shield(upload.body), timeout)
         except TimeoutError:
@@ -424,8 +431,8 @@ class OpenAIFront:
             raise _bad(f"malformed request body: {exc}") from None
         form = await asyncio.to_thread(parse_form, upload.request.headers.get("Content-Type", ""), body)
         del body
-        srv = d.cfg.server
-        audio = await asyncio.to_thread(FileAudio, form.file, form.filename, d.cfg.openai.max_audio_s,
+        srv = cfg.server
+        audio = await asyncio.to_thread(FileAudio, form.file, form.filename, cfg.openai.max_audio_s,
                                         srv.min_sample_rate, srv.max_sample_rate)
         work = asyncio.ensure_future(self._decode(audio, form, sid, state))
         left: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(conn.connection_lost_waiter))
@@ -447,11 +454,10 @@ class OpenAIFront:
 
     async def _decode(self, audio: FileAudio, form: TranscriptionForm, sid: str, state: _Answer) -> list[Final]:
         """Feed the file through a live stream; the finals (streamed as deltas when asked)."""
-        d = self.daemon
-        holder = d.claim_name(sid, sid)
-        if holder is not None:  # a session id is unique; a source could have the same name, though
-            raise ApiError(500, f"stream name {sid} is taken by {holder}", type="server_error")
-        stream = d.open_stream(id=sid, live=False)  # a file: no partial refreshes (only its finals are sent)
+        try:  # a file: no partial refreshes (only its finals are sent)
+            stream = open_named(self.host, sid, live=False)
+        except ProtocolError as exc:  # a session id is unique; a source could have the same name, though
+            raise ApiError(500, str(exc), type="server_error") from None
         finals: list[Final] = []
         sent = ""
 
@@ -481,8 +487,7 @@ class OpenAIFront:
         except InferenceError as exc:
             raise ApiError(500, f"the model failed: {exc}", type="server_error", code="inference_failed") from None
         finally:
-            stream.close()
-            d.release_names(sid)
+            close_named(self.host, stream, sid)
         return finals
 
 

@@ -40,7 +40,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiomqtt
 from aiomqtt import MqttError
@@ -52,14 +52,10 @@ from streamer.events import Event, Final
 from streamer.exceptions import ConfigError, StreamerError
 from streamer.outbox import PARTIAL, QUEUE_FULL, Drop, Message, Outbox
 
-if TYPE_CHECKING:
-    from streamer.aio.server import Daemon
-
 __all__ = [
     "HERMES_TEXT_CAPTURED",
     "MqttPublisher",
     "PublisherThread",
-    "attach_publisher",
     "check_settings",
     "client_id_for",
     "hermes_text_captured",
@@ -474,16 +470,6 @@ class MqttPublisher:
                 send.cancel()
         for drop in self._outbox.requeue():  # a message the broker refuses
             self._drop(drop, always=True)
-
-
-def attach_publisher(daemon: Daemon) -> MqttPublisher | None:
-    """With ``mqtt.enabled``: add a publisher to the daemon's event sinks and services."""
-    if not daemon.cfg.mqtt.enabled:
-        return None
-    publisher = MqttPublisher(daemon.cfg.mqtt, daemon.metrics)
-    daemon.hub.sinks.append(publisher)
-    daemon.services.append(publisher)
-    return publisher
 
 
 @contextlib.asynccontextmanager

@@ -1,40 +1,151 @@
-"""What every stream handler shares: receiving with an idle timeout that shutdown interrupts, errors, word lists.
+"""What every protocol shares: admission, the receive loop with its idle timeout, errors, stream names.
 
-A protocol handler (:mod:`streamer.aio.protocols.native`, :mod:`streamer.aio.protocols.vosk`) subclasses
-:class:`StreamHandler` and writes :meth:`StreamHandler.serve`: it reads messages with
-:meth:`~StreamHandler.recv`, feeds a :class:`~streamer.aio.stream.LiveStream` made by
-:meth:`~StreamHandler.open_stream`, and serialises the typed events its own way. A
-:class:`~streamer.exceptions.StreamerError` that escapes ``serve`` becomes that protocol's error
-reply and close code (:meth:`~StreamHandler.report`, from :func:`streamer.events.error_for`).
+:class:`Receiver` is the one receive loop, whatever the transport: it waits for the next message
+with the idle timeout (``server.idle_timeout_s``, counted since the last audio) that shutdown
+interrupts, and says which ended the wait with a typed :class:`Quiet`. :class:`Connection` is a
+client's connection that streams audio, whatever its transport: its stream under its name, a
+client's error counted and logged (:meth:`~Connection.failed`) after the finals of the audio it
+sent (:meth:`~Connection.last_finals`). The Wyoming handler is one; :class:`StreamHandler` is
+the websocket one.
+
+A websocket protocol (:mod:`~streamer.aio.protocols.native`, :mod:`~streamer.aio.protocols.vosk`,
+:mod:`~streamer.aio.protocols.realtime`) subclasses :class:`StreamHandler` and writes
+:meth:`StreamHandler.serve`: it reads messages with :meth:`~StreamHandler.recv`, feeds the
+:class:`~streamer.aio.stream.LiveStream` made by :meth:`~Connection.open_stream`, and serialises
+the typed events its own way. A :class:`~streamer.exceptions.StreamerError` that escapes ``serve``
+becomes that protocol's error reply and close code (:meth:`~StreamHandler.report`, from
+:func:`streamer.events.error_for`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, Generic, TypeVar
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Data
 
+from streamer.aio.host import StreamHost, close_named, name_in_use, open_named
 from streamer.aio.stream import LiveStream
-from streamer.decoder import trie_letters
 from streamer.engine import SAMPLE_RATE, WordDecoder
-from streamer.events import CLOSE_POLICY, CLOSE_TRY_AGAIN, Error, Event, error_for, to_json
-from streamer.exceptions import AudioError, ConfigError, InferenceError, ProtocolError
+from streamer.events import CLOSE_GOING_AWAY, Error, Event, error_for, to_json
+from streamer.exceptions import AudioError, InferenceError, ProtocolError
 
-if TYPE_CHECKING:
-    from streamer.aio.server import Daemon
-
-__all__ = ["IDLE", "STOP", "StreamHandler", "send_error"]
+__all__ = ["Connection", "Quiet", "Receiver", "StreamHandler", "send_error"]
 
 logger = logging.getLogger("streamer.server")
 
-IDLE = object()
-"""what :meth:`StreamHandler.recv` returns when the client sent nothing for ``server.idle_timeout_s``"""
-STOP = object()
-"""what :meth:`StreamHandler.recv` returns when the daemon shuts down"""
+M = TypeVar("M")
+
+
+class Quiet(enum.Enum):
+    """Why :meth:`Receiver.next` returned without a message."""
+
+    IDLE = "idle timeout"
+    """the client sent no audio for ``server.idle_timeout_s``"""
+    STOP = "server shutting down"
+    """the daemon shuts down"""
+
+
+class Receiver(Generic[M]):
+    """A connection's receive loop: the next message, or :class:`Quiet` when the client idles or the daemon stops.
+
+    Idle means no audio: the time spent waiting in :meth:`next` since the last audio message
+    (``is_audio``) adds up, whatever came in between (control messages keep no stream open), and at
+    ``server.idle_timeout_s`` the stream is idle. Time the server spends on the stream's audio does
+    not count. Call :meth:`close` when the connection ends.
+    """
+
+    def __init__(self, host: StreamHost, receive: Callable[[], Awaitable[M]], is_audio: Callable[[M], bool]) -> None:
+        self.host = host
+        self.receive = receive
+        self.is_audio = is_audio
+        self._waited_s = 0.0
+        self._stop: asyncio.Future[Any] | None = None
+
+    def heard_audio(self) -> None:
+        """Audio came some other way (as text): the idle timeout starts again."""
+        self._waited_s = 0.0
+
+    async def next(self) -> M | Quiet:
+        left = self.host.cfg.server.idle_timeout_s - self._waited_s
+        if left <= 0:
+            return Quiet.IDLE
+        if self._stop is None:
+            self._stop = asyncio.ensure_future(self.host.stopping.wait())
+        stop = self._stop
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        receive: asyncio.Future[Any] = asyncio.ensure_future(self.receive())
+        done, _ = await asyncio.wait({receive, stop}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        if receive in done:
+            msg: M = receive.result()
+            self._waited_s = 0.0 if self.is_audio(msg) else self._waited_s + loop.time() - t0
+            return msg
+        receive.cancel()
+        return Quiet.STOP if stop in done else Quiet.IDLE
+
+    def close(self) -> None:
+        if self._stop is not None:
+            self._stop.cancel()
+
+
+class Connection:
+    """A client's connection that streams audio (any transport): its stream, its name, its errors."""
+
+    protocol: ClassVar[str] = "native"
+    """what the metrics call its streams"""
+    label: ClassVar[str] = "stream"
+    """what its log lines call it"""
+    log: ClassVar[logging.Logger] = logger
+
+    def __init__(self, host: StreamHost) -> None:
+        self.host = host
+        self.id = uuid.uuid4().hex[:12]
+        self.stream: LiveStream | None = None
+
+    def open_stream(self, rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
+                    name: str | None = None, words: WordDecoder | None = None) -> LiveStream:
+        """The connection's stream, under ``name`` (else its session id) unless another stream or a source has it."""
+        return open_named(self.host, self.id, name=name, sample_rate=rate, channels=channels, encoding=encoding,
+                          words=words)
+
+    async def claim(self, name: str | None) -> None:
+        """Hold ``name`` (else the session id) in the whole daemon: with several front-end processes, a name one
+        process's stream has is refused by the others too. Call it before :meth:`open_stream` with a client's
+        chosen name. Raises ``name_in_use`` (1008)."""
+        wanted = name or self.id
+        holder = await self.host.claim_name_everywhere(wanted, self.id)
+        if holder is not None:
+            raise name_in_use(wanted, holder)
+
+    def close_stream(self) -> None:
+        """Drop the stream (its queued windows and lag gauge go) and free its name."""
+        close_named(self.host, self.stream, self.id)
+        self.stream = None
+
+    def failed(self, exc: ProtocolError | AudioError | InferenceError) -> Error:
+        """A client's or the model's error ends the connection: counted, logged, and the error to report."""
+        error = error_for(exc)
+        self.host.metrics.errors.labels(error.code).inc()
+        self.log.info("%s %s: %s", self.label, self.id, exc)
+        return error
+
+    async def last_finals(self, exc: BaseException) -> list[Event]:
+        """Before a client's error ends the stream: the finals of the audio it accepted (published, as for any
+        stream); none after the model's error, which left the stream nothing more to say."""
+        if self.stream is None or isinstance(exc, InferenceError):
+            return []
+        try:
+            return await self.stream.finish()
+        except InferenceError as err:
+            self.log.info("%s %s: its last finals failed: %s", self.label, self.id, err)
+            return []
 
 
 async def send_error(ws: ServerConnection, error: Error) -> None:
@@ -46,91 +157,42 @@ async def send_error(ws: ServerConnection, error: Error) -> None:
         pass
 
 
-class StreamHandler:
-    """One client connection that streams audio."""
+def _is_audio(msg: Data) -> bool:
+    return isinstance(msg, bytes) and bool(msg)
 
-    protocol: ClassVar[str] = "native"
 
-    def __init__(self, daemon: Daemon, ws: ServerConnection) -> None:
-        self.daemon = daemon
+class StreamHandler(Connection):
+    """One websocket client that streams audio; the daemon calls :meth:`serve_connection`."""
+
+    def __init__(self, host: StreamHost, ws: ServerConnection) -> None:
+        super().__init__(host)
         self.ws = ws
-        self.id = uuid.uuid4().hex[:12]
-        self.stream: LiveStream | None = None
-        self._stop: asyncio.Future[Any] | None = None  # made by run(): a refused connection leaves no task
-        self._waited_s = 0.0  # waited for a message since the last audio (the idle timeout counts this)
+        self.receiver: Receiver[Data] = Receiver(host, ws.recv, _is_audio)
 
-    async def word_list(self, words: tuple[str, ...], *, unk: bool = False) -> WordDecoder:
-        """A stream's own word list, spelled with the model's tokens; a bad one is the client's error.
+    async def recv(self) -> Data | Quiet:
+        """The next message (bytes or str), or :class:`Quiet` (:meth:`Receiver.next`)."""
+        return await self.receiver.next()
 
-        ``unk``: speech that fits no listed word reads as ``[unk]`` (a Vosk ``phrase_list`` with ``"[unk]"``).
+    async def serve_connection(self) -> None:
+        """Admit the connection (or refuse it: shutting down 1001, over max_streams 1013), then serve it."""
+        async with self.host.admission(self.protocol) as refused:
+            if refused is not None:
+                await self.refuse(refused)
+                return
+            try:
+                await self.run()
+            except ConnectionClosed:
+                pass
 
-        Built in a thread: a list of thousands of words takes a noticeable time, and other streams go on.
-        """
-        d, srv = self.daemon, self.daemon.cfg.server
-        letters = trie_letters(words)  # what its search trie costs: about LETTER_BYTES each
-        if letters > srv.max_word_list_letters:
-            raise ProtocolError(f"the word list has {letters} letters (a prefix shared by several words counted "
-                                f"once, plus one per word); the limit is {srv.max_word_list_letters}",
-                                kind="bad_words", code=CLOSE_POLICY)
-        if not d.word_lists.reserve(letters, srv.max_word_list_letters_total):
-            raise ProtocolError(f"server busy: the word lists of other streams hold {d.word_lists.used} of "
-                                f"{srv.max_word_list_letters_total} letters and this one has {letters}; try again "
-                                "later or send a shorter list", kind="busy", code=CLOSE_TRY_AGAIN)
-        try:  # the letters come back when the list is freed, or at once if it cannot be built
-            return await asyncio.to_thread(d.word_lists.build, d.runner.vocab, words, d.cfg.decoder,
-                                           "the stream's word list", letters, unk=unk)
-        except ConfigError as exc:
-            raise ProtocolError(str(exc), kind="bad_words", code=CLOSE_POLICY) from None
-
-    def open_stream(self, rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
-                    name: str | None = None, words: WordDecoder | None = None) -> LiveStream:
-        """The connection's stream, under ``name`` (else its session id) unless another stream or a source has it."""
-        self.claim_name(name)
-        return self.daemon.open_stream(sample_rate=rate, channels=channels, encoding=encoding, name=name,
-                                       id=self.id, words=words)
-
-    def claim_name(self, name: str | None) -> None:
-        """Hold ``name`` (else the session id) for this connection's stream until it ends; again is harmless.
-
-        Raises ``name_in_use`` (1008) when another live stream or a capture source has it.
-        """
-        wanted = name or self.id
-        self._refuse_name(wanted, self.daemon.claim_name(wanted, self.id))
-
-    async def claim(self, name: str | None) -> None:
-        """:meth:`claim_name` in the whole daemon: with several front-end processes, a name one process's stream
-        has is refused by the others too. Call it before :meth:`open_stream` with a client's chosen name."""
-        wanted = name or self.id
-        self._refuse_name(wanted, await self.daemon.claim_name_everywhere(wanted, self.id))
-
-    @staticmethod
-    def _refuse_name(wanted: str, holder: str | None) -> None:
-        if holder is not None:
-            raise ProtocolError(f"stream name {wanted!r} is in use by {holder}; choose another name, or use "
-                                f"{wanted!r} again once that stream has ended", kind="name_in_use", code=CLOSE_POLICY)
-
-    async def recv(self) -> Any:
-        """The next message (bytes or str), or :data:`IDLE` / :data:`STOP`.
-
-        Idle means no audio: the time spent waiting here since the last non-empty binary message
-        adds up, whatever came in between (control messages keep no stream open), and at
-        ``server.idle_timeout_s`` the stream is idle. Time the server spends on the stream's
-        audio does not count.
-        """
-        assert self._stop is not None, "call run()"
-        left = self.daemon.cfg.server.idle_timeout_s - self._waited_s
-        if left <= 0:
-            return IDLE
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        recv = asyncio.ensure_future(self.ws.recv())
-        done, _ = await asyncio.wait({recv, self._stop}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-        if recv in done:
-            msg = recv.result()
-            self._waited_s = 0.0 if isinstance(msg, bytes) and msg else self._waited_s + loop.time() - t0
-            return msg
-        recv.cancel()
-        return STOP if self._stop in done else IDLE
+    async def refuse(self, error: Error) -> None:
+        if error.close_code == CLOSE_GOING_AWAY:
+            await self.ws.close(CLOSE_GOING_AWAY, error.message)
+            return
+        try:
+            await self.send_busy(error)
+            await self.ws.close(error.close_code, error.message[:120])
+        except ConnectionClosed:
+            pass
 
     async def run(self) -> None:
         """Serve the connection until it ends; a client's or the model's error becomes the error reply.
@@ -138,7 +200,6 @@ class StreamHandler:
         A client that leaves while its audio is still being computed (it sent a minute at once and
         closed) stops the computing: its windows are dropped before they reach the model.
         """
-        self._stop = asyncio.ensure_future(self.daemon.stopping.wait())
         serving = asyncio.ensure_future(self.serve())
         left = asyncio.ensure_future(self.ws.wait_closed())
         try:
@@ -152,33 +213,19 @@ class StreamHandler:
                 return
             serving.result()
         except (ProtocolError, AudioError, InferenceError) as exc:
-            error = error_for(exc)
-            self.daemon.metrics.errors.labels(error.code).inc()
-            logger.info("stream %s: %s", self.id, exc)
-            if not isinstance(exc, InferenceError):  # the client's error: what it sent before still counts
-                await self.finish_before_error()
+            error = self.failed(exc)
+            events = await self.last_finals(exc)  # the client's error: what it sent before still counts
+            if events:
+                await self.send_last(events)
             await self.report(error)
         finally:
-            for task in (serving, left, self._stop):
+            for task in (serving, left):
                 task.cancel()
-            if self.stream is not None:
-                self.stream.close()  # its queued windows and lag gauge go
-            self.daemon.release_names(self.id)
-            self.stream = None  # free everything of this stream at once
+            self.receiver.close()
+            self.close_stream()  # free everything of this stream at once
 
     async def serve(self) -> None:
         raise NotImplementedError
-
-    async def finish_before_error(self) -> None:
-        """Before a client's error ends the stream: the finals of the audio it accepted, published and sent."""
-        if self.stream is None:
-            return
-        try:
-            events = await self.stream.finish()
-        except InferenceError as exc:
-            logger.info("stream %s: its last finals failed: %s", self.id, exc)
-            return
-        await self.send_last(events)
 
     async def send_last(self, events: list[Event]) -> None:
         """Send the stream's last events before the error reply (each protocol its own way)."""
@@ -189,4 +236,4 @@ class StreamHandler:
         await send_error(self.ws, error)
 
     async def send_busy(self, error: Error) -> None:
-        """Tell a refused client why, before the daemon closes it (nothing, by default)."""
+        """Tell a refused client why, before it is closed (nothing, by default)."""

@@ -25,9 +25,11 @@ import uuid
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from streamer.aio.protocols.base import IDLE, STOP, StreamHandler
+from streamer.aio.host import StreamHost
+from streamer.aio.protocols.base import Quiet, StreamHandler
 from streamer.events import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Error, Event, Final, Partial
 from streamer.exceptions import AudioError, ProtocolError
 
@@ -70,9 +72,9 @@ class RealtimeHandler(StreamHandler):
 
     protocol: ClassVar[str] = "openai-realtime"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        request = self.ws.request
+    def __init__(self, host: StreamHost, ws: ServerConnection) -> None:
+        super().__init__(host, ws)
+        request = ws.request
         url = urlsplit(request.path if request is not None else "")
         self.beta = request is not None and "realtime=v1" in request.headers.get("OpenAI-Beta", "")
         """a beta client (``OpenAI-Beta: realtime=v1``): ``transcription_session.*`` events and ``pcm16``"""
@@ -81,7 +83,7 @@ class RealtimeHandler(StreamHandler):
         self.rate = DEFAULT_RATE
         self.server_vad = True
         """turn_detection: utterances end at the daemon's endpoints; off (null): only at a client's commit"""
-        self.transcription: dict[str, Any] = {"model": self.daemon.runner.name, "language": "", "prompt": ""}
+        self.transcription: dict[str, Any] = {"model": host.model.name, "language": "", "prompt": ""}
         self.turn_detection: dict[str, Any] | None = self.vad_defaults()
         self.errors = 0
         self.offset_s = 0.0
@@ -125,7 +127,7 @@ class RealtimeHandler(StreamHandler):
     # -- the session ---------------------------------------------------------------------------------------
 
     def vad_defaults(self) -> dict[str, Any]:
-        silence = self.daemon.cfg.endpoint.silence_after_speech_s
+        silence = self.host.cfg.endpoint.silence_after_speech_s
         return {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
                 "silence_duration_ms": int(silence * 1000)}
 
@@ -172,7 +174,7 @@ class RealtimeHandler(StreamHandler):
                     raise RealtimeError(f"audio format {fmt!r} is not supported; use {{'type': 'audio/pcm', 'rate': "
                                         "24000}", param="session.audio.input.format")
                 rate = fmt.get("rate", DEFAULT_RATE)
-                srv = self.daemon.cfg.server
+                srv = self.host.cfg.server
                 if not isinstance(rate, int) or isinstance(rate, bool) or not srv.min_sample_rate <= rate <= \
                         srv.max_sample_rate:
                     raise RealtimeError(f"audio rate {rate!r} is not supported; use 24000 (or an integer from "
@@ -261,7 +263,7 @@ class RealtimeHandler(StreamHandler):
             return
         if self.stream is None:
             self.stream = self.open_stream(self.rate)
-        self._waited_s = 0.0  # audio came (as text): the idle timeout starts again
+        self.receiver.heard_audio()  # audio came (as text): the idle timeout starts again
         self.appended = True
         self.stream_s += len(pcm) / 2 / self.rate
         await self.take(await self.stream.feed_bytes(pcm))
@@ -284,9 +286,7 @@ class RealtimeHandler(StreamHandler):
     async def clear(self) -> None:
         """Drop the audio not yet final: the stream ends without its finals; the next audio starts a new one."""
         if self.stream is not None:
-            self.stream.close()
-            self.daemon.release_names(self.id)
-            self.stream = None
+            self.close_stream()
         self.offset_s += self.stream_s
         self.stream_s = 0.0
         self.item, self.sent, self.partial_words, self.held, self.appended = None, "", [], [], False
@@ -318,11 +318,10 @@ class RealtimeHandler(StreamHandler):
         await self.send_session("created")
         while True:
             msg = await self.recv()
-            if msg is IDLE or msg is STOP:
+            if isinstance(msg, Quiet):
                 if self.stream is not None:
                     await self.take(await self.stream.finish())
-                await self.ws.close(*((CLOSE_NORMAL, "idle timeout") if msg is IDLE
-                                      else (CLOSE_GOING_AWAY, "server shutting down")))
+                await self.ws.close(CLOSE_NORMAL if msg is Quiet.IDLE else CLOSE_GOING_AWAY, msg.value)
                 return
             event_id = None
             try:

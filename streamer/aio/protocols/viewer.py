@@ -3,40 +3,39 @@
 from __future__ import annotations
 
 import asyncio
-import os
-from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from streamer.aio.host import StreamHost
 from streamer.aio.http.front import STREAM_PATH
 from streamer.aio.protocols.base import send_error
 from streamer.events import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN, Error, ViewerReady, to_json
 
-if TYPE_CHECKING:
-    from streamer.aio.server import Daemon
-
-__all__ = ["refuse_viewer", "serve_viewer"]
+__all__ = ["serve_viewer"]
 
 
-async def refuse_viewer(ws: ServerConnection, max_viewers: int) -> None:
-    """Tell a viewer over ``server.max_viewers`` that the server is busy, and close it with 1013."""
-    await send_error(ws, Error("busy", f"server busy: {max_viewers} viewers at most, try again later",
-                               CLOSE_TRY_AGAIN))
+async def serve_viewer(host: StreamHost, ws: ServerConnection, name: str) -> None:
+    """Admit a viewer of ``name`` (or refuse it: over ``server.max_viewers``, 1013), then serve it."""
+    async with host.admission("viewer", "viewer") as refused:
+        if refused is not None:
+            await send_error(ws, refused)
+            return
+        await _serve(host, ws, name)
 
 
-async def serve_viewer(daemon: Daemon, ws: ServerConnection, name: str, stop: asyncio.Event) -> None:
-    """Send ``ready`` and then the events of ``name`` until the viewer leaves or ``stop`` is set.
+async def _serve(host: StreamHost, ws: ServerConnection, name: str) -> None:
+    """Send ``ready`` and then the events of ``name`` until the viewer leaves or the host's viewers stop.
 
-    On ``stop`` (the daemon shuts down, after its streams sent their last finals) the queued events
+    When they stop (the daemon shuts down, after its streams sent their last finals) the queued events
     are sent and the viewer closed with 1001. A viewer that sends anything is closed with 1008; one
     that falls so far behind that finals would be lost is closed with 1013.
     """
-    queue = daemon.hub.subscribe(name)
-    stopped = asyncio.ensure_future(stop.wait())
+    queue = host.subscribe(name)
+    stopped = asyncio.ensure_future(host.viewers_stop.wait())
     incoming = asyncio.ensure_future(ws.recv())
     try:
-        await ws.send(to_json(ViewerReady(name, os.getpid() if daemon.cluster is not None else None)))
+        await ws.send(to_json(ViewerReady(name, host.server_pid)))
         while True:
             event = queue.get_nowait()
             if event is not None:
@@ -67,4 +66,4 @@ async def serve_viewer(daemon: Daemon, ws: ServerConnection, name: str, stop: as
         incoming.cancel()
         if incoming.done() and not incoming.cancelled():
             incoming.exception()  # retrieved: the viewer's own disconnect
-        daemon.hub.unsubscribe(name, queue)
+        host.unsubscribe(name, queue)

@@ -7,9 +7,12 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from streamer.aio.protocols.base import IDLE, StreamHandler
+from streamer.aio.host import StreamHost
+from streamer.aio.protocols.base import Quiet, StreamHandler
+from streamer.aio.protocols.words import own_word_list, tuned_decoder
 from streamer.aio.stream import LiveStream
 from streamer.engine import WordDecoder
 from streamer.events import CLOSE_BAD_DATA, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Error, Event, Final, Partial
@@ -36,12 +39,14 @@ class VoskHandler(StreamHandler):
 
     protocol = "vosk"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.rate: float = self.daemon.cfg.vosk.sample_rate
-        self.words = True
+    def __init__(self, host: StreamHost, ws: ServerConnection) -> None:
+        super().__init__(host, ws)
+        self.rate: float = host.cfg.vosk.sample_rate
+        self.word_results = True
+        """Vosk's ``words``: each result lists its words with their times and confidences"""
         self.alternatives = 0
-        self.word_decoder: WordDecoder | None = None  # from the config's phrase_list
+        self.phrase_list: WordDecoder | None = None
+        """the decoder of the config's ``phrase_list`` (None: the daemon's)"""
         self.partial: Partial | None = None
 
     async def report(self, error: Error) -> None:
@@ -60,50 +65,45 @@ class VoskHandler(StreamHandler):
         for e in events:
             self.partial = e if isinstance(e, Partial) else None
         if finals:
-            return vosk_final(finals, words=self.words, max_alternatives=self.alternatives)
+            return vosk_final(finals, words=self.word_results, max_alternatives=self.alternatives)
         return vosk_partial(self.partial)
 
     async def final_reply(self, events: list[Event]) -> None:
         self.partial = None
-        await self.send(vosk_final([e for e in events if isinstance(e, Final)], words=self.words,
+        await self.send(vosk_final([e for e in events if isinstance(e, Final)], words=self.word_results,
                                    max_alternatives=self.alternatives))
 
     async def send_last(self, events: list[Event]) -> None:
         if any(isinstance(e, Final) for e in events):
             await self.final_reply(events)
 
-    def ensure_stream(self) -> LiveStream:
+    async def ensure_stream(self) -> LiveStream:
+        """The stream, made at the first audio (as vosk-server makes its recognizer): its decoder (the phrase
+        list's, else the daemon's) reads ``max_alternatives`` readings per result from its search
+        (``docs/decoding.md``); greedy decoding has none (one alternative, as before)."""
         if self.stream is None:
             rate = int(round(self.rate))
-            srv = self.daemon.cfg.server
+            srv = self.host.cfg.server
             if not srv.min_sample_rate <= rate <= srv.max_sample_rate:
                 raise ProtocolError(f"unsupported sample_rate {rate}; use {srv.min_sample_rate} to "
                                     f"{srv.max_sample_rate}", kind="unsupported_rate", code=CLOSE_POLICY)
-            self.stream = self.open_stream(rate, words=self.n_best(self.word_decoder))
+            n_best = min(self.alternatives, MAX_ALTERNATIVES) if self.alternatives else None
+            words = await tuned_decoder(self.host, self.phrase_list, alternatives=n_best)
+            self.stream = self.open_stream(rate, words=words)
         return self.stream
-
-    def n_best(self, words: WordDecoder | None) -> WordDecoder | None:
-        """The stream's decoder (its phrase list's, else the daemon's) reading ``max_alternatives`` readings per
-        result from its search (``docs/decoding.md``); greedy decoding has none (one alternative, as before)."""
-        base = words if words is not None else self.daemon.words
-        with_options = getattr(base, "with_options", None)
-        if not self.alternatives or with_options is None:
-            return words
-        return with_options(alternatives=min(self.alternatives, MAX_ALTERNATIVES))  # type: ignore[no-any-return]
 
     async def serve(self) -> None:
         while True:
             msg = await self.recv()
             if isinstance(msg, bytes):
-                stream = self.ensure_stream()
+                stream = await self.ensure_stream()
                 # vosk-api takes len // 2 samples: an odd frame's last byte is dropped, not refused
                 await self.send(self.reply(await stream.feed_bytes(msg[: len(msg) & ~1])))
                 continue
-            if not isinstance(msg, str):  # idle, or the daemon shuts down
+            if isinstance(msg, Quiet):  # idle, or the daemon shuts down
                 if self.stream is not None:
                     await self.final_reply(await self.stream.finish())
-                await self.ws.close(*((CLOSE_NORMAL, "idle timeout") if msg is IDLE
-                                      else (CLOSE_GOING_AWAY, "server shutting down")))
+                await self.ws.close(CLOSE_NORMAL if msg is Quiet.IDLE else CLOSE_GOING_AWAY, msg.value)
                 return
             if not msg.lstrip().startswith("{"):
                 raise ProtocolError("text message is not JSON; send audio as binary s16le frames",
@@ -124,7 +124,7 @@ class VoskHandler(StreamHandler):
         so a later ``sample_rate`` or ``phrase_list`` is ignored (with a log line); ``words`` and
         ``max_alternatives`` apply from the next reply."""
         if cfg.words is not None:
-            self.words = cfg.words
+            self.word_results = cfg.words
         if cfg.max_alternatives is not None:
             self.alternatives = cfg.max_alternatives
         if self.stream is not None:
@@ -138,9 +138,9 @@ class VoskHandler(StreamHandler):
         if cfg.phrase_list is None:  # not sent: the list sent before (if any) stays
             return
         if not cfg.phrase_list:  # [] or ["[unk]"]: no restriction
-            self.word_decoder = None
+            self.phrase_list = None
             return
-        missing = unspellable(cfg.phrase_list, self.daemon.runner.vocab)
+        missing = unspellable(cfg.phrase_list, self.host.model.vocab)
         if missing:
             logger.info("stream %s: vosk phrase_list: ignoring %d word(s) the model cannot spell: %s", self.id,
                         len(missing), ", ".join(repr(w) for w in missing[:10]))
@@ -148,7 +148,7 @@ class VoskHandler(StreamHandler):
         words = tuple(w for w in cfg.phrase_list if w not in skip)
         if not words:
             logger.info("stream %s: vosk phrase_list has no word the model can spell: no restriction", self.id)
-            self.word_decoder = None
+            self.phrase_list = None
             return
         # with [unk] in the list, speech outside it comes out as [unk] instead of the nearest listed words
-        self.word_decoder = await self.word_list(words, unk=cfg.unk)
+        self.phrase_list = await own_word_list(self.host, words, unk=cfg.unk)

@@ -1,8 +1,10 @@
 """Wyoming speech-to-text server on ``[wyoming] uri``, for Home Assistant's voice pipeline (``docs/wyoming.md``).
 
-The ``wyoming`` package's :class:`~wyoming.server.AsyncServer` accepts the connections; each is a
-:class:`WyomingHandler` (an :class:`~wyoming.server.AsyncEventHandler`) admitted by the daemon like a
-websocket stream: it counts against ``server.max_streams`` and shutdown waits for it. Its audio goes
+A :class:`Listener` (asyncio's TCP or Unix server) accepts the connections; each is a
+:class:`WyomingHandler` (an :class:`~wyoming.server.AsyncEventHandler`, and a
+:class:`~streamer.aio.protocols.base.Connection` with the websocket handlers' receive loop and idle
+timeout) admitted like a websocket stream: it counts against ``server.max_streams`` and shutdown
+waits for it. Its audio goes
 through the daemon's one stream factory, so it shares the worker fairly and publishes to MQTT and
 viewers like any stream. Events are read with the limits of :mod:`streamer.wyoming_asr` (the package's
 own reader has none on data and payload sizes); what is wrong gets a Wyoming ``error`` event, then the
@@ -14,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import uuid
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from wyoming.asr import Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
@@ -25,11 +27,12 @@ from wyoming.event import Event as WyomingEvent
 from wyoming.event import async_write_event
 from wyoming.info import AsrModel, AsrProgram, Attribution, Info
 from wyoming.ping import Pong
-from wyoming.server import AsyncEventHandler, AsyncServer, AsyncTcpServer, HandlerFactory
+from wyoming.server import AsyncEventHandler
 
 from streamer import __version__
-from streamer.aio.stream import LiveStream
-from streamer.events import CLOSE_POLICY, Event, error_for
+from streamer.aio.host import StreamHost
+from streamer.aio.protocols.base import Connection, Quiet, Receiver
+from streamer.events import CLOSE_POLICY, Event
 from streamer.exceptions import AudioError, InferenceError, ProtocolError, StreamerError
 from streamer.wyoming_asr import (
     MAX_HEADER_BYTES,
@@ -42,9 +45,6 @@ from streamer.wyoming_asr import (
     parse_header,
 )
 
-if TYPE_CHECKING:
-    from streamer.aio.server import Daemon
-
 __all__ = ["WyomingHandler", "WyomingServer"]
 
 logger = logging.getLogger("streamer.wyoming")
@@ -52,8 +52,6 @@ logger = logging.getLogger("streamer.wyoming")
 PROTOCOL = "wyoming"
 SERVICE_TYPE = "_wyoming._tcp.local."
 LINGER_S = 1.0
-IDLE = object()
-STOP = object()
 
 
 class WyomingServer:
@@ -62,24 +60,22 @@ class WyomingServer:
 
     is_source = False
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.uri = daemon.cfg.wyoming.uri
-        # with several front-end processes (server.processes) each listens on the port too (SO_REUSEPORT);
-        # one of them (the first) announces it over zeroconf, and alone listens on a Unix socket
-        self.first = daemon.cluster is None or daemon.cluster.slot == 0
-        self.shared = daemon.reuse_port
-        where = urlsplit(self.uri)
-        self.server = (SharedTcpServer(where.hostname or "0.0.0.0", where.port or 0)
-                       if self.shared and where.scheme == "tcp" else AsyncServer.from_uri(self.uri))
+    def __init__(self, host: StreamHost, *, shared: bool = False, first: bool = True) -> None:
+        self.host = host
+        self.uri = host.cfg.wyoming.uri
+        # with several front-end processes (server.processes) each listens on the port too (``shared``:
+        # SO_REUSEPORT); one of them (the ``first``) announces it over zeroconf, and alone listens on a Unix socket
+        self.first = first
+        self.shared = shared
+        self.server = Listener(self.uri, reuse_port=shared)
         self.handlers: set[WyomingHandler] = set()
         self._zeroconf: Any = None
         self._watch: asyncio.Task[None] | None = None
 
     @property
     def listener(self) -> asyncio.Server | None:
-        """The asyncio server under the package's TCP or Unix server (it keeps it as ``_server``)."""
-        return getattr(self.server, "_server", None)
+        """The asyncio server accepting the connections (None before :meth:`start`)."""
+        return self.server.server
 
     @property
     def port(self) -> int | None:
@@ -91,20 +87,27 @@ class WyomingServer:
 
     def info(self) -> Info:
         """The ``info`` answer to ``describe``: one ASR program with the loaded model."""
-        runner = self.daemon.runner
+        name = self.host.model.name
         attribution = Attribution(name="streamer", url="")
-        hub_id = runner.name.count("/") == 1 and not runner.name.startswith((".", "/", "~"))
-        made_by = Attribution(name=runner.name.split("/")[0] if hub_id else runner.name,
-                              url=f"https://huggingface.co/{runner.name}" if hub_id else "")
-        model = AsrModel(name=runner.name, attribution=made_by, installed=True,
-                         description=f"{runner.name} (streaming CTC)", version=__version__,
-                         languages=list(self.daemon.cfg.wyoming.languages))
+        hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+        made_by = Attribution(name=name.split("/")[0] if hub_id else name,
+                              url=f"https://huggingface.co/{name}" if hub_id else "")
+        model = AsrModel(name=name, attribution=made_by, installed=True,
+                         description=f"{name} (streaming CTC)", version=__version__,
+                         languages=list(self.host.cfg.wyoming.languages))
         return Info(asr=[AsrProgram(name="streamer", attribution=attribution, installed=True,
                                     description="streamer: real-time streaming speech recognition",
                                     version=__version__, models=[model], supports_transcript_streaming=True)])
 
+    @property
+    def listening(self) -> dict[str, str]:
+        """What a sibling front-end process sets to share this listener: the port the system chose for port 0."""
+        if self.port is None:
+            return {}
+        return {"wyoming.uri": f"tcp://{urlsplit(self.uri).hostname}:{self.port}"}
+
     async def start(self) -> None:
-        if self.shared and not self.first and not isinstance(self.server, SharedTcpServer):
+        if self.shared and not self.first and urlsplit(self.uri).scheme != "tcp":
             logger.info("wyoming on %s is served by the first front-end process", self.uri)
             return
         try:
@@ -113,9 +116,7 @@ class WyomingServer:
             raise StreamerError(f"cannot listen on wyoming.uri {self.uri!r} ({exc.strerror or exc}); another "
                                 "program may use it: choose another with wyoming.uri, or stop that program") from None
         self._watch = asyncio.ensure_future(self._close_on_stop())
-        if self.port is not None:  # sibling front-end processes take the port it got (port 0)
-            self.daemon.listening["wyoming.uri"] = f"tcp://{urlsplit(self.uri).hostname}:{self.port}"
-        if self.daemon.cfg.wyoming.zeroconf and self.first:
+        if self.host.cfg.wyoming.zeroconf and self.first:
             await self._advertise()
         logger.info("wyoming listening on %s%s", self.uri,
                     f" (port {self.port})" if self.port is not None and self.uri.endswith(":0") else "")
@@ -124,7 +125,7 @@ class WyomingServer:
         return WyomingHandler(self, reader, writer)
 
     async def _close_on_stop(self) -> None:
-        await self.daemon.stopping.wait()
+        await self.host.stopping.wait()
         if self.listener is not None:
             self.listener.close()  # accept no more; connections being served get their transcripts
 
@@ -149,7 +150,7 @@ class WyomingServer:
             interfaces = addresses
         name = f"streamer-{socket.gethostname().split('.')[0]}-{self.port}"[:63]
         info = AsyncServiceInfo(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", port=self.port, server=f"{name}.local.",
-                                properties={"model": self.daemon.runner.name}, parsed_addresses=addresses)
+                                properties={"model": self.host.model.name}, parsed_addresses=addresses)
         zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
         try:
             await zc.async_register_service(info, allow_name_change=True)
@@ -175,14 +176,42 @@ class WyomingServer:
             await asyncio.wait([h.task for h in self.handlers if h.task is not None], timeout=2.0)
 
 
-class SharedTcpServer(AsyncTcpServer):
-    """The ``wyoming`` package's TCP server, listening with ``SO_REUSEPORT``: the daemon's front-end processes
-    (``server.processes``) share the port, and the kernel spreads the connections over them."""
+class Listener:
+    """Accepts connections on ``tcp://HOST:PORT`` or ``unix://PATH``, each served by a handler in a task of its own.
 
-    async def start(self, handler_factory: HandlerFactory) -> None:
-        self._server = await asyncio.start_server(partial(self._handler_callback, handler_factory), host=self.host,
-                                                  port=self.port, reuse_port=True)
-        await self._server.start_serving()
+    ``reuse_port``: listen with ``SO_REUSEPORT``: the daemon's front-end processes (``server.processes``) share
+    the port, and the kernel spreads the connections over them. :meth:`stop` stops every handler and closes.
+    """
+
+    def __init__(self, uri: str, *, reuse_port: bool = False) -> None:
+        where = urlsplit(uri)
+        self.unix = Path(where.path) if where.scheme == "unix" else None
+        self.host = where.hostname or "0.0.0.0"
+        self.port = where.port or 0
+        self.reuse_port = reuse_port
+        self.server: asyncio.Server | None = None
+        self._handlers: dict[asyncio.Task[None], AsyncEventHandler] = {}
+
+    async def start(self, factory: Callable[[asyncio.StreamReader, asyncio.StreamWriter], AsyncEventHandler]) -> None:
+        def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            handler = factory(reader, writer)
+            task = asyncio.create_task(handler.run(), name="wyoming event handler")
+            self._handlers[task] = handler
+            task.add_done_callback(lambda t: self._handlers.pop(t, None))
+
+        if self.unix is not None:
+            self.unix.unlink(missing_ok=True)
+            self.server = await asyncio.start_unix_server(accept, path=self.unix)
+        else:
+            self.server = await asyncio.start_server(accept, host=self.host, port=self.port,
+                                                      reuse_port=self.reuse_port or None)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(h.stop() for h in self._handlers.values()))
+        if self.server is not None:
+            self.server.close()
+        if self.unix is not None:
+            self.unix.unlink(missing_ok=True)
 
 
 def _local_addresses() -> list[str]:
@@ -194,21 +223,23 @@ def _local_addresses() -> list[str]:
     return found or ["127.0.0.1"]
 
 
-class WyomingHandler(AsyncEventHandler):
+class WyomingHandler(Connection, AsyncEventHandler):
     """One Wyoming connection: ``describe`` answered with ``info``, any number of transcriptions in turn."""
 
+    protocol = PROTOCOL
+    label = "wyoming"
+    log = logger
+
     def __init__(self, server: WyomingServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        super().__init__(reader, writer)
+        Connection.__init__(self, server.host)
+        AsyncEventHandler.__init__(self, reader, writer)
         self.server = server
-        self.daemon = server.daemon
-        self.id = uuid.uuid4().hex[:12]
         self.task: asyncio.Task[Any] | None = None
-        self.stream: LiveStream | None = None
         self.format: AudioFormat | None = None
         self.language: str | None = None
         self.chunks = TranscriptChunks()
         self.audio_s = 0.0
-        self._waited_s = 0.0
+        self.receiver: Receiver[WyomingEvent | None] = Receiver(server.host, self.read_event, _is_audio)
 
     # -- the connection ---------------------------------------------------------------------------
 
@@ -216,27 +247,23 @@ class WyomingHandler(AsyncEventHandler):
         """Admit the connection (or refuse it with an ``error``), then serve events until it ends."""
         self.task = asyncio.current_task()
         self.server.handlers.add(self)
-        refused = await self.daemon.admit(PROTOCOL)
         try:
-            if refused is not None:
-                await self.write_event(WyomingError(refused.message, refused.code).event())
-                return
-            await self._serve()
-        except (ProtocolError, AudioError, InferenceError) as exc:
-            error = error_for(exc)
-            self.daemon.metrics.errors.labels(error.code).inc()
-            logger.info("wyoming %s: %s", self.id, exc)
-            await self._finish_quietly(exc)
-            await self._write_quietly(WyomingError(str(exc), error.code).event())
+            async with self.host.admission(PROTOCOL) as refused:
+                if refused is not None:
+                    await self.write_event(WyomingError(refused.message, refused.code).event())
+                    return
+                try:
+                    await self._serve()
+                except (ProtocolError, AudioError, InferenceError) as exc:
+                    error = self.failed(exc)
+                    await self.last_finals(exc)
+                    await self._write_quietly(WyomingError(str(exc), error.code).event())
+                finally:
+                    self.receiver.close()
+                    self.close_stream()
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass  # the client left, or takes nothing of what is sent
         finally:
-            if self.stream is not None:
-                self.stream.close()
-                self.stream = None
-            self.daemon.release_names(self.id)
-            if refused is None:
-                self.daemon.leave(PROTOCOL)
             await self._linger()
             self.server.handlers.discard(self)
 
@@ -256,41 +283,15 @@ class WyomingHandler(AsyncEventHandler):
 
     async def _serve(self) -> None:
         while True:
-            event = await self.next_event()
+            event = await self.receiver.next()
             if event is None:  # the client closed the connection
                 return
-            if event is IDLE or event is STOP:
+            if isinstance(event, Quiet):
                 if self.stream is not None:  # a transcription in progress gets its transcript
                     await self.audio_stop()
                 return
-            assert isinstance(event, WyomingEvent)
             if not await self.handle_event(event):
                 return
-
-    async def next_event(self) -> WyomingEvent | object | None:
-        """The next event (None at the end of the connection), or :data:`IDLE` / :data:`STOP`.
-
-        Idle counts the time spent waiting here since the last audio, whatever came in between, up to
-        ``server.idle_timeout_s``: pings and describes keep no connection open.
-        """
-        left = self.daemon.cfg.server.idle_timeout_s - self._waited_s
-        if left <= 0:
-            return IDLE
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        read = asyncio.ensure_future(self.read_event())
-        stop = asyncio.ensure_future(self.daemon.stopping.wait())
-        try:
-            done, _ = await asyncio.wait({read, stop}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if read in done:
-            event = read.result()
-            audio = event is not None and event.type == "audio-chunk" and bool(event.payload)
-            self._waited_s = 0.0 if audio else self._waited_s + loop.time() - t0
-            return event
-        read.cancel()
-        return STOP if self.daemon.stopping.is_set() else IDLE
 
     async def read_event(self) -> WyomingEvent | None:
         """One event, read within the limits; None when the connection ends (also in the middle of an event)."""
@@ -303,7 +304,7 @@ class WyomingHandler(AsyncEventHandler):
             return None
         if not line.endswith(b"\n"):
             return None  # the connection ended in the middle of a header
-        header = parse_header(line, self.daemon.cfg.server.max_message_bytes)
+        header = parse_header(line, self.host.cfg.server.max_message_bytes)
         try:
             raw = await self.reader.readexactly(header.data_length) if header.data_length else b""
             payload = await self.reader.readexactly(header.payload_length) if header.payload_length else None
@@ -313,7 +314,7 @@ class WyomingHandler(AsyncEventHandler):
 
     async def write_event(self, event: WyomingEvent) -> None:
         """Send an event; a client that takes nothing for ``server.ping_timeout_s`` is dropped (TimeoutError)."""
-        limit = self.daemon.cfg.server.ping_timeout_s or None
+        limit = self.host.cfg.server.ping_timeout_s or None
         async with asyncio.timeout(limit):
             await async_write_event(event, self.writer)
 
@@ -322,15 +323,6 @@ class WyomingHandler(AsyncEventHandler):
             await self.write_event(event)
         except (ConnectionError, TimeoutError):
             pass
-
-    async def _finish_quietly(self, exc: BaseException) -> None:
-        """Before an error ends a transcription: the finals of the audio accepted, published as for any stream."""
-        if self.stream is None or isinstance(exc, InferenceError):
-            return
-        try:
-            await self.stream.finish()
-        except InferenceError as err:
-            logger.info("wyoming %s: its last finals failed: %s", self.id, err)
 
     # -- events -----------------------------------------------------------------------------------
 
@@ -363,12 +355,9 @@ class WyomingHandler(AsyncEventHandler):
         if self.stream is not None:
             raise ProtocolError("audio-start during a transcription; send audio-stop first", kind="bad_order",
                                 code=CLOSE_POLICY)
-        srv = self.daemon.cfg.server
+        srv = self.host.cfg.server
         fmt = audio_format(data, "audio-start", srv.min_sample_rate, srv.max_sample_rate)
-        holder = self.daemon.claim_name(self.id, self.id)
-        if holder is not None:  # a session id is new: nobody else has it
-            raise ProtocolError(f"stream name {self.id!r} is in use by {holder}", kind="name_in_use", code=CLOSE_POLICY)
-        self.stream = self.daemon.open_stream(sample_rate=fmt.rate, channels=fmt.channels, id=self.id)
+        self.stream = self.open_stream(fmt.rate, fmt.channels)
         self.format, self.chunks, self.audio_s = fmt, TranscriptChunks(), 0.0
         await self.write_event(TranscriptStart(language=self.language).event())
 
@@ -376,7 +365,7 @@ class WyomingHandler(AsyncEventHandler):
         if self.stream is None or self.format is None:
             raise ProtocolError("audio-chunk before audio-start; send transcribe and audio-start first",
                                 kind="bad_order", code=CLOSE_POLICY)
-        srv = self.daemon.cfg.server
+        srv = self.host.cfg.server
         fmt = audio_format(data, "audio-chunk", srv.min_sample_rate, srv.max_sample_rate)
         if fmt != self.format:
             raise ProtocolError(f"audio-chunk format {fmt.rate} Hz, width {fmt.width}, {fmt.channels} channel(s) "
@@ -384,7 +373,7 @@ class WyomingHandler(AsyncEventHandler):
                                 f"{self.format.channels} channel(s)", kind="bad_audio_format", code=CLOSE_POLICY)
         block = decode_samples(payload, fmt)
         self.audio_s += len(block) / fmt.rate
-        limit = self.daemon.cfg.wyoming.max_audio_s
+        limit = self.host.cfg.wyoming.max_audio_s
         if self.audio_s > limit:
             raise ProtocolError(f"transcription longer than wyoming.max_audio_s = {limit:g} s; send audio-stop "
                                 "sooner", kind="too_long", code=CLOSE_POLICY)
@@ -395,7 +384,7 @@ class WyomingHandler(AsyncEventHandler):
         assert self.stream is not None
         stream, self.stream = self.stream, None
         await self.send_chunks(await stream.finish())
-        self.daemon.release_names(self.id)
+        self.host.release_names(self.id)
         await self.write_event(Transcript(text=self.chunks.text, language=self.language).event())
         await self.write_event(TranscriptStop().event())
         self.format, self.language = None, None
@@ -403,3 +392,7 @@ class WyomingHandler(AsyncEventHandler):
     async def send_chunks(self, events: list[Event]) -> None:
         for text in self.chunks.feed(events):
             await self.write_event(TranscriptChunk(text=text).event())
+
+
+def _is_audio(event: WyomingEvent | None) -> bool:
+    return event is not None and event.type == "audio-chunk" and bool(event.payload)

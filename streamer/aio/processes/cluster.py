@@ -16,8 +16,9 @@ Everything a process holds (admissions, names, viewers) belongs to its connectio
 its connection closes and the supervisor releases all of it at once, so slots never leak. When the
 supervisor goes away, each process finalises its streams and exits (its connection closed).
 
-The wire is one JSON object per line, ``{"op": ..., ...}``; a request carries an ``id`` and gets
-``{"op": "re", "id": ..., ...}`` back. Events travel as their native JSON (``Event.to_dict()``).
+The wire is one JSON object per line, ``{"op": ..., ...}``: the typed messages of
+:mod:`streamer.aio.processes.messages`. A request carries an ``id`` and gets ``{"op": "re", "id": ..., ...}``
+back. Events travel as their native JSON (``Event.to_dict()``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamer.events import Event, Final, Partial
+from streamer.aio.processes.messages import (
+    Admit,
+    AdmitAnswer,
+    Beat,
+    Claim,
+    ClaimAnswer,
+    Drained,
+    Hello,
+    Listening,
+    Message,
+    Ready,
+    Relay,
+    Release,
+    Reloaded,
+    State,
+    Unclaim,
+    Watch,
+    Watching,
+    from_line,
+    to_line,
+)
+from streamer.events import Event, Final
 from streamer.exceptions import StreamerError
 
-__all__ = ["CLUSTER_ENV", "ClusterLink", "ClusterService", "Member"]
+__all__ = ["CLUSTER_ENV", "ClusterLink", "ClusterService", "Member", "Place"]
 
 logger = logging.getLogger("streamer.cluster")
 
@@ -52,6 +74,31 @@ EVENT_BUFFER_LIMIT = 1 << 23
 """unsent bytes toward a peer beyond which events to it are dropped (a peer that stopped reading): memory
 stays bounded; admissions, names and state are small and always sent"""
 DROP_LOG_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True)
+class Place:
+    """A front-end process's place in the daemon, given by its supervisor in :data:`CLUSTER_ENV` (JSON)."""
+
+    socket: str
+    """the supervisor's Unix socket"""
+    slot: int
+    """which process this is (0 is the first: it alone runs capture sources and the Wyoming Unix socket)"""
+    config: str | None
+    """the config file, read again on reload"""
+    overrides: dict[str, dict[str, Any]]
+    """the command line's overrides and the listening ports of the first process"""
+    sources: bool
+    """whether this process runs the capture sources"""
+
+    def to_json(self) -> str:
+        return json.dumps({"socket": self.socket, "slot": self.slot, "config": self.config,
+                           "overrides": self.overrides, "sources": self.sources})
+
+    @classmethod
+    def from_json(cls, text: str) -> Place:
+        d = json.loads(text)
+        return cls(str(d["socket"]), int(d["slot"]), d["config"], d["overrides"], bool(d.get("sources")))
 
 
 class _DropLog:
@@ -72,10 +119,6 @@ class _DropLog:
             logger.warning("cluster: %s reads nothing of the %d bytes waiting for it: dropped %d event(s) so far",
                            self.peer, writer.transport.get_write_buffer_size(), self.dropped)
         return True
-
-
-def _line(msg: dict[str, Any]) -> bytes:
-    return json.dumps(msg, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
 # -- the supervisor's side ------------------------------------------------------------------------
@@ -100,9 +143,9 @@ class Member:
     listening: dict[str, Any] = field(default_factory=dict)
     drops: _DropLog = field(default_factory=lambda: _DropLog("a front-end process"))
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: Message) -> None:
         if not self.writer.is_closing():
-            self.writer.write(_line(msg))
+            self.writer.write(to_line(msg))
 
 
 class ClusterService:
@@ -156,13 +199,15 @@ class ClusterService:
     def watched(self) -> set[str]:
         return set().union(*(m.watches for m in self.members)) if self.members else set()
 
+    def snapshot(self) -> State:
+        """The daemon's state, as every process is told it."""
+        return State(self.count("stream"), self.count("viewer"), self.configured,
+                     sum(1 for m in self.members if m.ready),
+                     self.extra_health() if self.extra_health is not None else None)
+
     def state(self) -> dict[str, Any]:
-        serving = sum(1 for m in self.members if m.ready)
-        out: dict[str, Any] = {"op": "state", "streams": self.count("stream"), "viewers": self.count("viewer"),
-                               "processes": {"configured": self.configured, "serving": serving}}
-        if self.extra_health is not None:
-            out["health"] = self.extra_health()
-        return out
+        """:meth:`snapshot` in its wire form."""
+        return self.snapshot().to_dict()
 
     def begin_drain(self) -> None:
         """Shutdown began: once every process said its streams are done, tell all that viewers may close."""
@@ -173,7 +218,7 @@ class ClusterService:
         if self.stopping and not self._drained_sent and all(m.drained for m in self.members):
             self._drained_sent = True
             for m in self.members:
-                m.send({"op": "drained"})
+                m.send(Drained())
 
     async def _push_state(self) -> None:
         while True:
@@ -182,7 +227,7 @@ class ClusterService:
 
     def push_state(self) -> None:
         """Send every process the daemon's state now (it changed: a process came, became ready or went)."""
-        self._broadcast(self.state())
+        self._broadcast(self.snapshot())
 
     # -- one process's connection -------------------------------------------------------------------
 
@@ -192,12 +237,11 @@ class ClusterService:
             return
         member = Member(writer)
         self.members.add(member)
-        member.send({"op": "watching", "names": sorted(self.watched()), "forward_all": self.forward_all,
-                     "forward_partials": self.forward_partials})
+        member.send(Watching(tuple(sorted(self.watched())), self.forward_all, self.forward_partials))
         try:
             while line := await reader.readline():
                 try:
-                    self._handle(member, json.loads(line))
+                    self._handle(member, from_line(line), line)
                 except (ValueError, KeyError, TypeError) as exc:
                     logger.error("cluster: bad message from process %d: %s (%r)", member.slot, exc, line[:200])
         except (ConnectionError, ValueError, asyncio.LimitOverrunError) as exc:
@@ -213,7 +257,7 @@ class ClusterService:
         member.watches = set()
         left = self.watched()
         for name in before - left:
-            self._broadcast({"op": "watch", "name": name, "on": False})
+            self._broadcast(Watch(name, False))
         if member.admitted["stream"] or member.names:
             logger.info("cluster: process %d (pid %d) left; released its %d stream(s) and %d name(s)", member.slot,
                         member.pid, len(member.admitted["stream"]), len(member.names))
@@ -222,83 +266,70 @@ class ClusterService:
         self._check_drained()
         self.push_state()
 
-    def _broadcast(self, msg: dict[str, Any], *, skip: Member | None = None) -> None:
-        data = _line(msg)
+    def _broadcast(self, msg: Message, *, skip: Member | None = None) -> None:
+        data = to_line(msg)
         for m in self.members:
             if m is not skip and not m.writer.is_closing():
                 m.writer.write(data)
 
-    def _handle(self, m: Member, msg: dict[str, Any]) -> None:
-        op = msg["op"]
-        if op == "event":
-            name = msg["stream"]
-            data = _line(msg)
-            for other in self.members:
-                if (other is not m and name in other.watches and not other.writer.is_closing()
-                        and not other.drops.full(other.writer)):
-                    other.writer.write(data)
-            if self.on_event is not None:
-                self.on_event(name, msg["session"], parse_event_dict(msg["event"]))
-        elif op == "admit":
-            kind, key, limit = msg["kind"], msg["key"], int(msg["limit"])
-            ok = self.count(kind) < limit
-            if ok:
-                m.admitted[kind].add(key)
-            m.send({"op": "re", "id": msg["id"], "ok": ok})
-        elif op == "release":
-            m.admitted[msg["kind"]].discard(msg["key"])
-        elif op == "claim":
-            name, session = msg["name"], msg["session"]
-            holder = next((o for o in self.members if name in o.names), None)
-            if holder is None:
-                m.names[name] = session
-                m.send({"op": "re", "id": msg["id"], "holder": None})
-            else:
-                ok = holder is m and m.names[name] == session
-                m.send({"op": "re", "id": msg["id"], "holder": None if ok else "another live stream"})
-        elif op == "unclaim":
-            for name in [n for n, s in m.names.items() if s == msg["session"]]:
-                del m.names[name]
-        elif op == "watch":
-            name, on = msg["name"], bool(msg["on"])
-            was = name in self.watched()
-            (m.watches.add if on else m.watches.discard)(name)
-            if was != (name in self.watched()):
-                self._broadcast({"op": "watch", "name": name, "on": on})
-        elif op == "beat":
-            m.health, m.beat_at = msg.get("health", {}), time.monotonic()
-        elif op == "hello":
-            m.slot, m.pid = int(msg["slot"]), int(msg["pid"])
-            self._notify(m, "hello")
-            m.send(self.state())
-        elif op == "listening":
-            m.listening = dict(msg["ports"])
-            self._notify(m, "listening")
-        elif op == "ready":
-            m.ready = True
-            m.beat_at = time.monotonic()
-            self._notify(m, "ready")
-            self.push_state()
-        elif op == "reloaded":
-            self._notify(m, "reloaded")
-        elif op == "drained":
-            m.drained = True
-            self._check_drained()
-        else:
-            raise ValueError(f"unknown op {op!r}")
+    def _handle(self, m: Member, msg: Message, line: bytes) -> None:
+        """One message of process ``m`` (``line``: as it came)."""
+        match msg:
+            case Relay(stream=name):
+                for other in self.members:  # the line as it came: the event as the process wrote it
+                    if (other is not m and name in other.watches and not other.writer.is_closing()
+                            and not other.drops.full(other.writer)):
+                        other.writer.write(line)
+                if self.on_event is not None:
+                    self.on_event(name, msg.session, msg.event)
+            case Admit():
+                ok = self.count(msg.kind) < msg.limit
+                if ok:
+                    m.admitted[msg.kind].add(msg.key)
+                m.send(AdmitAnswer(msg.id, ok))
+            case Release():
+                m.admitted[msg.kind].discard(msg.key)
+            case Claim(name=name, session=session):
+                holder = next((o for o in self.members if name in o.names), None)
+                if holder is None:
+                    m.names[name] = session
+                    m.send(ClaimAnswer(msg.id, None))
+                else:
+                    ok = holder is m and m.names[name] == session
+                    m.send(ClaimAnswer(msg.id, None if ok else "another live stream"))
+            case Unclaim():
+                for name in [n for n, s in m.names.items() if s == msg.session]:
+                    del m.names[name]
+            case Watch(name=name, on=on):
+                was = name in self.watched()
+                (m.watches.add if on else m.watches.discard)(name)
+                if was != (name in self.watched()):
+                    self._broadcast(Watch(name, on))
+            case Beat():
+                m.health, m.beat_at = msg.health, time.monotonic()
+            case Hello():
+                m.slot, m.pid = msg.slot, msg.pid
+                self._notify(m, "hello")
+                m.send(self.snapshot())
+            case Listening():
+                m.listening = dict(msg.ports)
+                self._notify(m, "listening")
+            case Ready():
+                m.ready = True
+                m.beat_at = time.monotonic()
+                self._notify(m, "ready")
+                self.push_state()
+            case Reloaded():
+                self._notify(m, "reloaded")
+            case Drained():
+                m.drained = True
+                self._check_drained()
+            case _:
+                raise ValueError(f"a process does not send {msg.op!r}")
 
     def _notify(self, m: Member, what: str) -> None:
         if self.on_member is not None:
             self.on_member(m, what)
-
-
-def parse_event_dict(d: dict[str, Any]) -> Event:
-    kind = d.get("type")
-    if kind == "final":
-        return Final.from_dict(d)
-    if kind == "partial":
-        return Partial.from_dict(d)
-    raise ValueError(f"not an event: {kind!r}")
 
 
 # -- a front-end process's side ----------------------------------------------------------------------
@@ -317,13 +348,13 @@ class ClusterLink:
         self._reader = reader
         self._writer = writer
         self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._waiting: dict[int, asyncio.Future[Message]] = {}
         self.watched: set[str] = set()
         """names a viewer somewhere in the daemon listens to: only their events are relayed"""
         self.forward_all = False
         """the supervisor publishes to MQTT: every final (and partial) goes to it"""
         self.forward_partials = False
-        self.state: dict[str, Any] = {}
+        self.state: State | None = None
         """the daemon's state as the supervisor last pushed it"""
         self.deliver: Callable[[str, str, Event], None] | None = None
         """hands an event of another process's stream to this process's viewers"""
@@ -340,25 +371,25 @@ class ClusterLink:
         except OSError as exc:
             raise StreamerError(f"cannot reach the supervisor at {path}: {exc.strerror or exc}") from None
         link = cls(reader, writer, slot)
-        link.send({"op": "hello", "slot": slot, "pid": link.pid})
+        link.send(Hello(slot, link.pid))
         link._task = asyncio.create_task(link._read(), name="streamer-cluster")
         return link
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: Message) -> None:
         if not self._writer.is_closing():
-            self._writer.write(_line(msg))
+            self._writer.write(to_line(msg))
 
-    async def _request(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _request(self, ask: Callable[[int], Admit | Claim]) -> Message:
+        """Send the request ``ask(id)`` makes; the supervisor's answer."""
         if self.lost.is_set():
             raise StreamerError("the supervisor is gone")
         rid = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = future
-        self.send({**msg, "id": rid})
+        self.send(ask(rid))
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                answer: dict[str, Any] = await future
-                return answer
+                return await future
         except TimeoutError:
             raise StreamerError(f"the supervisor did not answer in {REQUEST_TIMEOUT_S:g} s") from None
         finally:
@@ -367,26 +398,25 @@ class ClusterLink:
     async def _read(self) -> None:
         try:
             while line := await self._reader.readline():
-                msg = json.loads(line)
-                op = msg["op"]
-                if op == "re":
-                    future = self._waiting.get(msg["id"])
-                    if future is not None and not future.done():
-                        future.set_result(msg)
-                elif op == "event":
-                    if self.deliver is not None:
-                        self.deliver(msg["stream"], msg["session"], parse_event_dict(msg["event"]))
-                elif op == "watch":
-                    (self.watched.add if msg["on"] else self.watched.discard)(msg["name"])
-                elif op == "watching":
-                    self.watched = set(msg["names"])
-                    self.forward_all = bool(msg.get("forward_all"))
-                    self.forward_partials = bool(msg.get("forward_partials"))
-                elif op == "state":
-                    self.state = msg
-                elif op == "drained":
-                    self._drained.set()
-        except (ConnectionError, ValueError, KeyError, asyncio.LimitOverrunError) as exc:
+                match from_line(line):
+                    case AdmitAnswer(id=rid) | ClaimAnswer(id=rid) as answer:
+                        future = self._waiting.get(rid)
+                        if future is not None and not future.done():
+                            future.set_result(answer)
+                    case Relay(stream=stream, session=session, event=event):
+                        if self.deliver is not None:
+                            self.deliver(stream, session, event)
+                    case Watch(name=name, on=on):
+                        (self.watched.add if on else self.watched.discard)(name)
+                    case Watching() as watching:
+                        self.watched = set(watching.names)
+                        self.forward_all = watching.forward_all
+                        self.forward_partials = watching.forward_partials
+                    case State() as state:
+                        self.state = state
+                    case Drained():
+                        self._drained.set()
+        except (ConnectionError, ValueError, KeyError, TypeError, asyncio.LimitOverrunError) as exc:
             logger.error("cluster: the connection to the supervisor broke: %s", exc)
         finally:
             self.lost.set()
@@ -402,28 +432,29 @@ class ClusterLink:
     async def admit(self, kind: str, key: str, limit: int) -> bool:
         """Whether one more ``kind`` (``stream``, ``viewer``) fits under the daemon's ``limit``; if so it is held."""
         try:
-            return bool((await self._request({"op": "admit", "kind": kind, "key": key, "limit": limit}))["ok"])
+            answer = await self._request(lambda rid: Admit(rid, kind, key, limit))
         except StreamerError as exc:
             logger.warning("cluster: refusing a %s: %s", kind, exc)
             return False
+        return isinstance(answer, AdmitAnswer) and answer.ok
 
     def release(self, kind: str, key: str) -> None:
-        self.send({"op": "release", "kind": kind, "key": key})
+        self.send(Release(kind, key))
 
     async def claim(self, name: str, session: str) -> str | None:
         """Hold ``name`` for ``session`` in the whole daemon; or say who has it."""
         try:
-            holder = (await self._request({"op": "claim", "name": name, "session": session}))["holder"]
+            answer = await self._request(lambda rid: Claim(rid, name, session))
         except StreamerError as exc:
             return f"nobody, but the daemon cannot check now ({exc})"
-        return None if holder is None else str(holder)
+        return answer.holder if isinstance(answer, ClaimAnswer) else "nobody, but the supervisor answered otherwise"
 
     def unclaim(self, session: str) -> None:
-        self.send({"op": "unclaim", "session": session})
+        self.send(Unclaim(session))
 
     def viewing(self, name: str, on: bool) -> None:
         """This process got its first viewer of ``name`` (``on``) or lost its last."""
-        self.send({"op": "watch", "name": name, "on": on})
+        self.send(Watch(name, on))
 
     def publish(self, stream: str, session: str, event: Event) -> None:
         """Event sink: relay an event of this process's stream to viewers elsewhere and to MQTT."""
@@ -432,26 +463,26 @@ class ClusterLink:
                 and not self._drops.full(self._writer):
             # written to the socket now (asyncio writes at once when nothing waits): a final the client
             # is sent afterwards reaches the supervisor even if this process is killed right then
-            self.send({"op": "event", "stream": stream, "session": session, "event": event.to_dict()})
+            self.send(Relay(stream, session, event))
 
     def health(self) -> dict[str, Any]:
         """The daemon-wide part of ``/healthz``, from the supervisor's last push."""
         out: dict[str, Any] = {"process": {"slot": self.slot, "pid": self.pid}}
-        if "streams" in self.state:
-            out["streams"] = self.state["streams"]
-            out["processes"] = self.state["processes"]
-        out.update(self.state.get("health", {}))
+        if self.state is not None:
+            out["streams"] = self.state.streams
+            out["processes"] = {"configured": self.state.configured, "serving": self.state.serving}
+            out.update(self.state.health or {})
         return out
 
     async def beat(self, health: Callable[[], dict[str, Any]]) -> None:
         """Report this process's health every second (the supervisor's watchdog needs it), until cancelled."""
         while not self.lost.is_set():
-            self.send({"op": "beat", "health": health()})
+            self.send(Beat(health()))
             await asyncio.sleep(BEAT_INTERVAL_S)
 
     async def drained(self, limit_s: float) -> None:
         """Say this process's streams are done; return once every process's are (or ``limit_s`` passed)."""
-        self.send({"op": "drained"})
+        self.send(Drained())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit_s):
                 await self._drained.wait()

@@ -7,8 +7,9 @@
     one process           the model, a :class:`~streamer.aio.server.Daemon`, its MQTT publisher and capture
                           sources, systemd's notifications and reload on SIGHUP (:func:`serve`)
     or several            ``server.processes`` > 1: a supervisor (:mod:`~streamer.aio.processes.supervisor`)
-                          starts the front-end processes; each runs :func:`serve` with its place (it
-                          finds it in :data:`~streamer.aio.processes.cluster.CLUSTER_ENV`)
+                          starts the front-end processes; each runs :func:`serve` with its
+                          :class:`~streamer.aio.processes.cluster.Place` (it finds it in
+                          :data:`~streamer.aio.processes.cluster.CLUSTER_ENV`)
 
 SIGTERM or SIGINT finalises every stream and exits; a second one exits at once.
 """
@@ -16,7 +17,6 @@ SIGTERM or SIGINT finalises every stream and exits; a second one exits at once.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -27,7 +27,8 @@ from typing import Any
 
 from streamer.aio.mqtt.publisher import MqttPublisher
 from streamer.aio.mqtt.settings import check_settings
-from streamer.aio.processes.cluster import CLUSTER_ENV, ClusterLink
+from streamer.aio.processes.cluster import CLUSTER_ENV, ClusterLink, Place
+from streamer.aio.processes.messages import Listening, Ready, Reloaded
 from streamer.aio.processes.model_server import open_runner, start_model_server
 from streamer.aio.processes.supervisor import supervise, with_changes
 from streamer.aio.processes.systemd import Notifier, Reloader
@@ -57,7 +58,7 @@ def run(config: str | None, overrides: Overrides, *, verbose: int = 0, check: Ch
     """Run the daemon until it is stopped; its exit code. ``check``: load the model, call it instead, and stop."""
     place = os.environ.get(CLUSTER_ENV)
     if place:  # one of several front-end processes, started by the supervisor
-        return run_member(json.loads(place), verbose)
+        return run_member(Place.from_json(place), verbose)
     cfg = load_config(config, overrides)
     configure_logging(cfg, verbose)
     cfg.server.token()  # fail early on a missing token variable or file
@@ -78,19 +79,26 @@ def run(config: str | None, overrides: Overrides, *, verbose: int = 0, check: Ch
             model_server.stop()
 
 
-def run_member(place: dict[str, Any], verbose: int) -> int:
-    """One front-end process of several: the config and ports its supervisor gave it (``place``)."""
-    overrides = place["overrides"]
-    cfg = load_config(place["config"], overrides)
+def run_member(place: Place, verbose: int) -> int:
+    """One front-end process of several: the config and ports its supervisor gave it."""
+    cfg = load_config(place.config, place.overrides)
     configure_logging(cfg, verbose)
-    tag = f"[p{place['slot']}]"
-    for handler in logging.getLogger().handlers:  # which process said it, in the shared log
-        fmt = handler.formatter._fmt if handler.formatter is not None else None
-        if fmt and "%(name)s" in fmt:
-            handler.setFormatter(logging.Formatter(fmt.replace("%(name)s", f"%(name)s {tag}")))
+    _tag_log_records(f"[p{place.slot}]")
     runner, _ = load_model(cfg)
-    return asyncio.run(serve(cfg, runner, lambda: load_config(place["config"], overrides), verbose=verbose,
+    return asyncio.run(serve(cfg, runner, lambda: load_config(place.config, place.overrides), verbose=verbose,
                              place=place))
+
+
+def _tag_log_records(tag: str) -> None:
+    """Which process said it, in the shared log: every record's logger name is followed by ``tag``."""
+    make = logging.getLogRecordFactory()
+
+    def tagged(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        record.name = f"{record.name} {tag}"
+        return record
+
+    logging.setLogRecordFactory(tagged)
 
 
 def load_model(cfg: Config) -> tuple[Runner, float]:
@@ -105,14 +113,14 @@ def load_model(cfg: Config) -> tuple[Runner, float]:
 
 
 async def serve(cfg: Config, runner: Runner, reload: Callable[[], Config], *, verbose: int = 0,
-                place: dict[str, Any] | None = None) -> int:
+                place: Place | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; ``reload`` reads the config again on SIGHUP.
 
     ``place``: this is one of several front-end processes (:mod:`streamer.aio.processes.supervisor`): it
-    listens with SO_REUSEPORT, reaches its supervisor over ``place["socket"]``, runs capture sources only where
-    ``place["sources"]``, leaves MQTT and systemd to the supervisor and prints no banner.
+    listens with SO_REUSEPORT, reaches its supervisor over ``place.socket``, runs capture sources only where
+    ``place.sources``, leaves MQTT and systemd to the supervisor and prints no banner.
     """
-    link = await ClusterLink.connect(place["socket"], int(place["slot"])) if place is not None else None
+    link = await ClusterLink.connect(place.socket, place.slot) if place is not None else None
     daemon = Daemon(cfg, runner, cluster=link)
     if link is not None:
         _follow_supervisor(daemon, link)
@@ -122,7 +130,7 @@ async def serve(cfg: Config, runner: Runner, reload: Callable[[], Config], *, ve
         publisher = MqttPublisher(cfg.mqtt, daemon.metrics)
         daemon.hub.sinks.append(publisher)
         daemon.services.append(publisher)
-    if place is None or place.get("sources"):  # each [[sources]] kind "mic" captions a microphone into its named stream
+    if place is None or place.sources:  # each [[sources]] kind "mic" captions a microphone into its named stream
         daemon.services.extend(MicSource(daemon.streams, src) for src in cfg.sources if src.kind == "mic")
     notifier = Notifier.from_environ() if link is None else Notifier(None)
     reloader = Reloader(daemon, reload, notifier)
@@ -146,8 +154,8 @@ async def serve(cfg: Config, runner: Runner, reload: Callable[[], Config], *, ve
     await daemon.start()
     loop.add_signal_handler(signal.SIGHUP, reloader.request)  # systemctl reload
     if link is not None:  # the supervisor announces the daemon once every process serves
-        link.send({"op": "listening", "ports": daemon.listening})
-        link.send({"op": "ready"})
+        link.send(Listening(daemon.listening))
+        link.send(Ready())
         beat = asyncio.ensure_future(link.beat(daemon.health))
         await daemon.closed.wait()
         beat.cancel()
@@ -171,4 +179,4 @@ def _follow_supervisor(daemon: Daemon, link: ClusterLink) -> None:
             daemon.request_shutdown()
 
     link.on_lost = lost
-    daemon.on_reload.append(lambda _cfg: link.send({"op": "reloaded"}))
+    daemon.on_reload.append(lambda _cfg: link.send(Reloaded()))

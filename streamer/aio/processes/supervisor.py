@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamer.aio.metrics import MULTIPROC_ENV
-from streamer.aio.processes.cluster import BEAT_INTERVAL_S, CLUSTER_ENV, ClusterService, Member
+from streamer.aio.processes.cluster import BEAT_INTERVAL_S, CLUSTER_ENV, ClusterService, Member, Place
 from streamer.aio.processes.systemd import STATUS_INTERVAL_S, Notifier
 from streamer.config import Config
 
@@ -249,10 +249,9 @@ class Supervisor:
         for key, value in self.ports.items():
             section, _, name = key.partition(".")
             overrides.setdefault(section, {})[name] = value
-        place = {"socket": self.socket_path, "slot": slot.index, "config": self.config_path, "overrides": overrides,
-                 "sources": slot.index == 0}
+        place = Place(self.socket_path, slot.index, self.config_path, overrides, sources=slot.index == 0)
         env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ENV}
-        env[CLUSTER_ENV] = json.dumps(place)
+        env[CLUSTER_ENV] = place.to_json()
         env[MULTIPROC_ENV] = self.metrics_dir
         argv = [sys.executable, "-m", "streamer", *(["-v"] * self.verbose), "serve"]
         # its own session: a terminal's Ctrl-C reaches the supervisor only, which stops the processes in order

@@ -119,6 +119,11 @@ class Metrics(MqttMetrics):
             self.provisional_windows.inc(sum(1 for w in windows if w.provisional))
             self.provisional_model_seconds.inc(model_seconds * early / sum(len(w.samples) for w in windows))
 
+    @property
+    def rtf_now(self) -> float:
+        """This process's model seconds per second of stream audio so far (what ``streamer_rtf`` shows here)."""
+        return self._model_s / self._audio_s if self._audio_s > 0 else 0.0
+
     def _update_rtf(self) -> None:
         if self._audio_s > 0:
             self.rtf.set(self._model_s / self._audio_s)

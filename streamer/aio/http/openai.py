@@ -30,7 +30,7 @@ from websockets.http11 import Request, Response
 
 from streamer.aio.host import StreamHost, close_named, open_named
 from streamer.aio.http.connection import HttpConnection, Upload, respond
-from streamer.audio import AudioConverter, _bad_samples
+from streamer.audio import AudioConverter, bad_samples
 from streamer.events import CLOSE_GOING_AWAY, Event, Final
 from streamer.exceptions import AudioError, InferenceError, ProtocolError
 from streamer.formats import cue_lines
@@ -240,7 +240,7 @@ class FileAudio:
         if self.frames > self.max_frames:
             raise _bad(f"the audio is longer than openai.max_audio_s = {self.max_frames / self.rate:g} s", "file",
                        "audio_too_long")
-        if bad := _bad_samples(block):
+        if bad := bad_samples(block):
             raise _bad(f"the audio contains {bad} samples", "file", "invalid_value")
         return self.converter.convert(block), False
 

@@ -166,8 +166,7 @@ class Notifier:
 
 def describe(daemon: Daemon) -> str:
     """One status line: streams, real-time factor, model, where it listens."""
-    rtf = next(iter(daemon.metrics.rtf.collect())).samples[0].value
-    return (f"{daemon.active_streams} stream(s), RTF {rtf:.3f}; model {daemon.runner.name} on "
+    return (f"{daemon.active_streams} stream(s), RTF {daemon.metrics.rtf_now:.3f}; model {daemon.runner.name} on "
             f"{daemon.runner.device}; ws://{daemon.cfg.server.host}:{daemon.port}")
 
 

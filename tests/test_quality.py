@@ -83,6 +83,58 @@ def import_graph(folder: str = "streamer") -> dict[str, list[Import]]:
     return graph
 
 
+def import_circles(graph: dict[str, list[Import]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    edges = {m: sorted({i.target for i in imports if i.target in graph}) for m, imports in graph.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while (w := stack.pop()) != v:
+                component.append(w)
+            if component:
+                circles.append(sorted([v, *component]))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_no_import_circles():
+    graph = import_graph()
+    circles = import_circles(graph)
+    lines = []
+    for members in circles:
+        lines.append(f"{len(members)} modules import each other: {', '.join(members)}")
+        for m in members:
+            inside = sorted({f"{i.target} (line {i.line})" for i in graph[m] if i.target in members})
+            lines.append(f"  {m} imports {'; '.join(inside)}")
+    assert not circles, "import circles in streamer/:\n" + "\n".join(lines)
+
+
+def test_handlers_see_the_host_not_the_daemon():
+    """The protocols and the HTTP front (streamer/aio/protocols, streamer/aio/http) work through the narrow host
+    (streamer.aio.host): they never import the daemon (streamer.aio.server) or the process wiring
+    (streamer/aio/processes), which route to them."""
+    wrong = [f"{name} imports {imp.target} (line {imp.line})" for name, imports in import_graph().items()
+             if name.startswith(("streamer.aio.protocols", "streamer.aio.http")) for imp in imports
+             if imp.target == "streamer.aio.server" or imp.target.startswith("streamer.aio.processes")]
+    assert not wrong, "\n".join(wrong)
+
+
 def _layer(module: str) -> str:
     """``top`` (the modules at the top of streamer/), ``aio`` or ``cli``."""
     parts = module.split(".")

@@ -46,9 +46,6 @@ def bad_samples(x: np.ndarray) -> str:
     return "NaN or infinite" if not np.isfinite(x).all() else f"out-of-range (|x| > {MAX_F32_ABS:g})"
 
 
-_bad_samples = bad_samples  # the former name, until every importer uses bad_samples
-
-
 class AudioConverter:
     """Streams audio of any rate and channel count into 16 kHz mono float32 (soxr, mean downmix)."""
 

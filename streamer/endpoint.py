@@ -106,6 +106,9 @@ class VadTracker:
         self.quiet = 0  # non-speech frames in a row
         self.speaking = False
         """whether the last frame was speech"""
+        self.started = False
+        """whether the last frame began a stretch of speech (the first speech since the stream's start or the
+        last point asked for)"""
 
     @property
     def end(self) -> int:
@@ -116,6 +119,7 @@ class VadTracker:
         """Take the next frame's probability; true when an endpoint is due at :attr:`end`."""
         self.frames += 1
         self.speaking = prob >= self.rules.vad_threshold
+        self.started = self.speaking and not self.heard
         if self.speaking:
             self.heard, self.quiet = True, 0
             return False

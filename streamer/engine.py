@@ -43,7 +43,7 @@ import numpy as np
 
 from streamer.ctc import FRAME_S, CtcSegment, Vocabulary
 from streamer.endpoint import Endpointer, EndpointRules, VadTracker, vad_points
-from streamer.events import Event, Final, Partial, Word
+from streamer.events import Event, Final, Partial, SpeechStarted, SpeechStopped, VoiceEvent, Word
 from streamer.exceptions import AudioError
 
 __all__ = [
@@ -266,6 +266,7 @@ class StreamSession:
         *,
         record_frames: bool = False,
         words: WordDecoder | None = None,
+        voice_events: bool = False,
     ) -> None:
         self.schedule = schedule
         self.vocab = vocab
@@ -298,6 +299,7 @@ class StreamSession:
         self._vad = VadTracker(self.endpointer.rules) if self.endpointer.rules.vad else None
         self._speech: deque[float] = deque()
         self._vad_floor = 0
+        self._voice: list[VoiceEvent] | None = [] if voice_events and self._vad is not None else None
 
     # -- input -------------------------------------------------------------
 
@@ -447,6 +449,15 @@ class StreamSession:
         events, self._events = self._events, []
         return events
 
+    def voice_events(self) -> list[VoiceEvent]:
+        """The detector's speech started/stopped events since the last call (with ``voice_events`` and the
+        voice-activity rule; else none). They come as the probabilities are read, ahead of the windows planned
+        over the same audio, so call this after :meth:`accept_speech`."""
+        if self._voice is None:
+            return []
+        events, self._voice = self._voice, []
+        return events
+
     # -- internals ----------------------------------------------------------
 
     def _plan_ready(self) -> None:
@@ -467,10 +478,15 @@ class StreamSession:
                 continue
             if vad is None or not self._speech or vad.end + step > self._buf.end:
                 break
-            if vad.push(self._speech.popleft()) and vad.end > self._vad_floor:
-                self._plan_endpoint(vad.end)
-            elif vad.end <= self._vad_floor:
+            due = vad.push(self._speech.popleft())
+            if vad.end <= self._vad_floor:
                 vad.reset()
+                continue
+            if self._voice is not None and (vad.started or due):
+                at = vad.end - step if vad.started else vad.end - vad.need * step
+                self._voice.append((SpeechStarted if vad.started else SpeechStopped)(at / SAMPLE_RATE))
+            if due:
+                self._plan_endpoint(vad.end)
         if self._early_from is not None:
             self._plan_provisional(self._early_from)
         elif sched.refresh > 0 and self._full_end > 0:

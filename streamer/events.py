@@ -37,7 +37,10 @@ __all__ = [
     "Partial",
     "Ready",
     "Transcript",
+    "SpeechStarted",
+    "SpeechStopped",
     "ViewerReady",
+    "VoiceEvent",
     "Word",
     "error_for",
     "parse_event",
@@ -156,6 +159,40 @@ class Alternative:
 
 Event = Partial | Final
 """What the engine produces."""
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """The voice-activity detector heard speech begin (``[endpoint] vad``); ``time``: seconds from stream start.
+
+    The start of the first 32 ms frame it called speech after a stretch that ended speech (or the stream's
+    start), as voice-agent APIs send it to let an agent stop talking (barge-in).
+    """
+
+    type: ClassVar[str] = "speech_started"
+    time: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "time": _r(self.time)}
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    """The detector heard ``vad_silence_ms`` of non-speech after speech; ``time``: where the speech ended.
+
+    Sent when that silence is complete (``time`` + the silence), where the voice-activity rule asks for an
+    endpoint; the final, if the model heard words, follows once the endpoint window ran.
+    """
+
+    type: ClassVar[str] = "speech_stopped"
+    time: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "time": _r(self.time)}
+
+
+VoiceEvent = SpeechStarted | SpeechStopped
+"""What the engine's voice-activity rule reports, apart from the transcript (:meth:`StreamSession.voice_events`)."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import numpy as np
 from streamer.audio import AudioConverter, iter_file_chunks
 from streamer.config import Config
 from streamer.ctc import Vocabulary
+from streamer.endpoint import EndpointRules
 from streamer.engine import RunFn, StreamSession, WordDecoder, as_float32, run_session
 from streamer.events import Event, Final
 from streamer.runner import FrameGeometry
@@ -26,20 +27,24 @@ __all__ = ["feed_audio", "new_session", "speech_detector", "stream_array", "stre
 
 def new_session(cfg: Config, vocab: Vocabulary, words: WordDecoder | None = None, *,
                 record_frames: bool = False, geometry: FrameGeometry | None = None,
-                refresh: bool = False) -> StreamSession:
+                refresh: bool = False, endpoint: EndpointRules | None = None,
+                voice_events: bool = False) -> StreamSession:
     """A session with the configured window schedule and endpoint rules.
 
     ``words``: the word decoder (:func:`streamer.decoder.build_decoder`), or None for greedy CTC.
     ``geometry``: the model's frame grid (:func:`streamer.runner.geometry_of` the runner); None = wav2vec2's.
     ``refresh``: plan the partial refreshes of ``[stream] refresh_interval_ms`` (a live stream's); off for a file,
     which has nobody to show fresher partials to (:func:`run_session` would only skip them).
+    ``endpoint``: the stream's own endpoint rules (a client's), instead of ``[endpoint]``'s.
+    ``voice_events``: keep the detector's speech started/stopped events (:meth:`StreamSession.voice_events`).
     """
     schedule = cfg.stream.schedule()
     if geometry is not None:
         schedule = cfg.stream.schedule(geometry.frame_samples, geometry.receptive_field)
     if not refresh:
         schedule = dataclasses.replace(schedule, refresh=0)
-    return StreamSession(schedule, vocab, cfg.endpoint.rules(), record_frames=record_frames, words=words)
+    return StreamSession(schedule, vocab, endpoint or cfg.endpoint.rules(), record_frames=record_frames, words=words,
+                         voice_events=voice_events)
 
 
 def speech_detector(session: StreamSession) -> SpeechDetector | None:

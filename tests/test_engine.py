@@ -12,7 +12,7 @@ import torch
 from streamer.config import ModelConfig, StreamConfig
 from streamer.endpoint import EndpointRules
 from streamer.engine import Schedule, StreamSession, n_frames, reference, run_session
-from streamer.events import Final, Partial
+from streamer.events import Final, Partial, SpeechStopped
 from streamer.model import load_model
 
 SCHEDULES = {
@@ -731,6 +731,28 @@ def test_speech_needs_the_vad_rule():
         session.accept_speech(np.ones(3, dtype=np.float32))
     with pytest.raises(ValueError, match="voice-activity"):
         EndpointRules(vad=True, vad_threshold=0.0)
+
+
+def test_voice_events_say_where_speech_started_and_stopped():
+    spec = "__aab|_c" + "_" * 60 + "dd" + "_" * 30
+    voiced = "+" * 8 + "." * 60 + "++" + "." * 30
+    audio = script_audio(frames(spec))
+    probs = script_speech(voiced, len(audio))
+    session = StreamSession(SCHED, ScriptVocab(), VAD_RULES, voice_events=True)
+    got = []
+    for i in range(0, len(audio), 1000):
+        session.accept_audio(audio[i : i + 1000])
+        session.accept_speech(probs[i // 512 : min(i + 1000, len(audio)) // 512])
+        got += [(min(i + 1000, len(audio)), e) for e in session.voice_events()]
+        run_session(session, script_model)
+    # speech in the 32 ms frames 0-4 (holding frames 0..7: to sample 2560), then 42-43 (frames 68-69)
+    assert [(type(e).__name__, round(e.time, 3)) for _, e in got] == [
+        ("SpeechStarted", 0.0), ("SpeechStopped", 0.16), ("SpeechStarted", 1.344), ("SpeechStopped", 1.408)]
+    # each stop comes as soon as the audio holding its 0.3 s of silence did
+    assert [at for at, e in got if isinstance(e, SpeechStopped)] == [8000, 28000]
+    # without asking, or without the voice-activity rule, none are kept
+    assert StreamSession(SCHED, ScriptVocab(), VAD_RULES).voice_events() == []
+    assert StreamSession(SCHED, ScriptVocab(), ENDPOINT, voice_events=True).voice_events() == []
 
 
 class ScriptRunner:

@@ -153,3 +153,20 @@ async def test_daemon_streams_end_on_the_detector(daemon_factory, model_runner, 
     assert [(f["text"], f["reason"]) for f in got] == [(f.text, f.reason) for f in expected]
     assert [f["text"] for f in got] == SENTENCES
     assert [f["reason"] for f in got] == ["silence"] * 3
+
+
+def test_voice_events_follow_the_sentences(model_runner, sentences):
+    """The detector's speech started/stopped events on espeak-ng speech: one pair per sentence, near its span."""
+    from streamer.events import SpeechStarted, SpeechStopped
+
+    audio, spans = sentences
+    session = new_session(vad_config(True), model_runner.vocab, voice_events=True)
+    detector = speech_detector(session)
+    events = []
+    for i in range(0, len(audio), 1600):
+        feed_audio(session, audio[i : i + 1600], detector)
+        events += session.voice_events()
+    assert [type(e) for e in events] == [SpeechStarted, SpeechStopped] * len(SENTENCES)
+    for (started, stopped), (start, end) in zip(zip(events[::2], events[1::2], strict=True), spans, strict=True):
+        assert abs(started.time - start / 16000) <= 0.1
+        assert 0 <= stopped.time - end / 16000 <= 0.15

@@ -6,6 +6,11 @@ browser (cross-site websocket hijacking). :func:`origin_allowed` accepts an upgr
 ``Origin`` (not a browser), one from the daemon's own host (the page it serves), and the origins
 listed in ``server.allowed_origins`` (``"*"``: any).
 
+Uploads (requests with a body, :func:`page_allowed`) follow the same rule: a page of any site may send a
+form to any address without asking (a CORS "simple request": no preflight), so a page of another site
+could make a visitor's daemon transcribe and publish. ``Sec-Fetch-Site: cross-site`` is refused as a
+foreign ``Origin`` is.
+
 The caption page gets the token once, as ``/?token=TOKEN``: :func:`token_cookie` turns it into an
 HttpOnly cookie and the page is reloaded without it (303), so the token stays out of the browser's
 history and out of reach of scripts. Browsers cannot set headers on a websocket, but they send the
@@ -16,7 +21,9 @@ from __future__ import annotations
 
 from urllib.parse import quote, unquote, urlsplit
 
-__all__ = ["LOOPBACK", "cookie_name", "origin_allowed", "read_cookie", "token_cookie"]
+from websockets.datastructures import Headers
+
+__all__ = ["LOOPBACK", "cookie_name", "origin_allowed", "page_allowed", "read_cookie", "token_cookie"]
 
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 """host names of this machine that browsers treat as secure, and that a page and the daemon may mix"""
@@ -59,6 +66,24 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
     if page[0] == own[0]:
         return same_port
     return page[0] in LOOPBACK and own[0] in LOOPBACK and page[1] == own[1]
+
+
+def page_allowed(headers: Headers, allowed: tuple[str, ...], tls: bool) -> bool:
+    """Whether a request (a websocket upgrade, an upload) may come from the browser page that sent it.
+
+    :func:`origin_allowed` on its ``Origin`` and ``Host``; and a request a browser marks
+    ``Sec-Fetch-Site: cross-site`` is another site's unless its origin is listed in ``allowed``.
+    """
+    origins = headers.get_all("Origin")
+    origin = origins[0] if len(origins) == 1 else None
+    if len(origins) > 1:
+        return False
+    if origin is not None and ("*" in allowed or origin in allowed or origin.rstrip("/") in allowed):
+        return True
+    if "cross-site" in ",".join(headers.get_all("Sec-Fetch-Site")).lower() and "*" not in allowed:
+        return False
+    hosts = headers.get_all("Host")
+    return origin_allowed(origin, hosts[0] if len(hosts) == 1 else None, allowed, tls)
 
 
 def cookie_name(port: int) -> str:

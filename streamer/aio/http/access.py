@@ -23,10 +23,14 @@ from urllib.parse import quote, unquote, urlsplit
 
 from websockets.datastructures import Headers
 
-__all__ = ["LOOPBACK", "cookie_name", "origin_allowed", "page_allowed", "read_cookie", "token_cookie"]
+__all__ = ["LOOPBACK", "SINGLE_HEADERS", "cookie_name", "origin_allowed", "page_allowed", "read_cookie",
+           "repeated_header", "token_cookie"]
 
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 """host names of this machine that browsers treat as secure, and that a page and the daemon may mix"""
+
+SINGLE_HEADERS = ("Host", "Origin", "Content-Type", "Content-Length", "Authorization", "Expect", "OpenAI-Beta")
+"""headers a request may hold once: two (which one counts?) get 400, as two ``Host`` headers must (RFC 9112)"""
 
 _DEFAULT_PORT = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 
@@ -66,6 +70,11 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
     if page[0] == own[0]:
         return same_port
     return page[0] in LOOPBACK and own[0] in LOOPBACK and page[1] == own[1]
+
+
+def repeated_header(headers: Headers) -> str | None:
+    """The first of :data:`SINGLE_HEADERS` that ``headers`` hold more than once, else None."""
+    return next((name for name in SINGLE_HEADERS if len(headers.get_all(name)) > 1), None)
 
 
 def page_allowed(headers: Headers, allowed: tuple[str, ...], tls: bool) -> bool:

@@ -175,7 +175,7 @@ def _upload(conn: HttpConnection, method: str, path: str, fields: list[tuple[str
             headers[name] = value
     limit = conn.uploads.max_upload_bytes
     lengths = {v.strip() for v in headers.get_all("Content-Length")}
-    chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+    chunked = "chunked" in ",".join(headers.get_all("Transfer-Encoding")).lower()
     if chunked:
         return Upload(Request(path, headers), None, "chunked", limit)
     if len(lengths) == 1 and (value := lengths.pop()).isdigit() and len(value) < 19:

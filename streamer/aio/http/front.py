@@ -24,7 +24,7 @@ from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
 from streamer.aio.host import StreamHost
-from streamer.aio.http.access import page_allowed, read_cookie, token_cookie
+from streamer.aio.http.access import page_allowed, read_cookie, repeated_header, token_cookie
 from streamer.aio.http.connection import HttpConnection, is_tls, not_allowed, respond
 from streamer.aio.http.limits import BoundedConnection
 from streamer.aio.http.openai import OpenAIFront
@@ -87,7 +87,7 @@ class HttpFront:
         elif query.get("token"):
             given = query["token"][0]
         else:
-            given = read_cookie(request.headers.get("Cookie", ""), port)
+            given = read_cookie("; ".join(request.headers.get_all("Cookie")), port)
         return hmac.compare_digest(given.encode(), self.token.encode())
 
     def keep_token(self, conn: ServerConnection, path: str, query: dict[str, list[str]]) -> Response | None:
@@ -111,11 +111,16 @@ class HttpFront:
         Odd requests get a 4xx and websockets' one log line (``HTTP response sent (405 Method Not Allowed)``),
         never a traceback: ``HEAD`` gets the headers of the ``GET`` answer without its body, other methods 405
         (websockets 14 and later hand them here; :class:`HttpConnection` answers those that websockets' parser
-        would drop), a path no file can have (a component over 255 bytes, a NUL) 404.
+        would drop), a path no file can have (a component over 255 bytes, a NUL) 404, a header that must be
+        single sent twice (:data:`~streamer.aio.http.access.SINGLE_HEADERS`) 400.
         """
         if request.method not in ("GET", "HEAD"):
             return not_allowed(conn.protocol, request.method)
-        response = self.route(conn, request)
+        response: Response | None
+        if (name := repeated_header(request.headers)) is not None:
+            response = respond(conn, 400, f"the header {name} came more than once; send it once\n", "text/plain")
+        else:
+            response = self.route(conn, request)
         if request.method == "HEAD" and response is not None:
             response.body = b""  # Content-Length stays: the length of what GET returns
         return response
@@ -131,7 +136,7 @@ class HttpFront:
             return respond(conn, 503 if h["status"] == "unavailable" else 200, json.dumps(h), "application/json")
         if path == "/metrics":
             return respond(conn, 200, host.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
-        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        upgrade = "websocket" in ",".join(request.headers.get_all("Upgrade")).lower()
         if not upgrade and self.openai.serves_get(path):
             return self.openai.get(conn, request, path, query)
         if not upgrade:

@@ -29,7 +29,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from streamer.aio.host import StreamHost, close_named, open_named
-from streamer.aio.http.access import page_allowed
+from streamer.aio.http.access import page_allowed, repeated_header
 from streamer.aio.http.connection import HttpConnection, Upload, is_tls, respond
 from streamer.audio import AudioConverter, bad_samples
 from streamer.events import CLOSE_GOING_AWAY, Event, Final
@@ -390,6 +390,8 @@ class OpenAIFront:
 
     async def _serve(self, conn: HttpConnection, upload: Upload, sid: str, state: _Answer) -> None:
         host, url = self.host, urlsplit(upload.request.path)
+        if (name := repeated_header(upload.request.headers)) is not None:
+            raise _bad(f"the header {name} came more than once; send it once", code="repeated_header")
         if url.path != TRANSCRIPTIONS_PATH:
             raise ApiError(404, f"no endpoint POST {url.path[:80]}; this server transcribes at POST "
                            f"{TRANSCRIPTIONS_PATH} (translations are not supported)", code="unknown_url")

@@ -198,3 +198,31 @@ def test_readme_quickstart_prints_what_it_says(tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == promised.strip(), args
     assert quick[2].strip() == SAMPLE_TEXT == say[2]
+
+
+def test_readme_daemon_lines_caption_the_sample(tmp_path):
+    """The README's first screen: ``streamer serve`` in one terminal, ``clients/caption.py`` on the shipped sample
+    in another, prints the line the README promises (the daemon on a free port here, not 8765)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert re.search(r"^streamer serve\s+# ws://127\.0\.0\.1:8765/v1/stream", readme, flags=re.M)
+    caption = re.search(r"^python (clients/caption\.py) (\S+)\s+# -> (.+)$", readme, flags=re.M)
+    assert caption, "the README's caption line changed shape"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    daemon = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--port", "0"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        assert daemon.stdout is not None
+        for line in daemon.stdout:  # ends when the daemon exits: a daemon that never listens fails below
+            if m := re.search(r"streamer: listening on (ws://\S+/v1/stream)", line):
+                url = m[1]
+                break
+        assert url, "the daemon did not say where it listens"
+        proc = subprocess.run([sys.executable, str(root / caption[1]), "--url", url, str(root / caption[2])],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == caption[3].strip()
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)

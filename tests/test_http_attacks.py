@@ -100,3 +100,33 @@ async def test_a_repeated_single_header_gets_400(daemon_factory, caplog):
     assert status == 200  # and the daemon serves on
 
 
+
+
+# --- DNS rebinding -------------------------------------------------------------------------------------------------
+
+
+async def test_a_host_that_is_not_the_daemons_is_refused(daemon_factory):
+    d = await daemon_factory("server.allowed_hosts=['asr.example.org']")
+    rebound = f"evil.example:{d.port}"
+    for path in ("/healthz", "/metrics", "/", "/v1/models"):
+        status, _, answer = await raw_http(d.port, f"GET {path} HTTP/1.1\r\nHost: {rebound}\r\n\r\n".encode())
+        assert status == 403 and b"server.allowed_hosts" in answer, (path, status, answer)
+    upgrade = (f"GET /v1/listen/kitchen HTTP/1.1\r\nHost: {rebound}\r\nOrigin: http://{rebound}\r\n"
+               "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n")
+    status, _, _ = await raw_http(d.port, upgrade.encode())
+    assert status == 403  # was 101: the page of evil.example followed the kitchen's captions
+    status, _, answer = await raw_http(d.port, upload(d.port, form(wav()), f"Origin: http://{rebound}", host=rebound))
+    assert status == 403 and openai_error(status, answer)["code"] == "host_not_allowed"
+    for own in (f"127.0.0.1:{d.port}", f"localhost:{d.port}", f"[::1]:{d.port}", "localhost", "myhost",
+                f"192.168.1.20:{d.port}", "asr.example.org", "app.localhost"):
+        status, _, answer = await raw_http(d.port, f"GET /healthz HTTP/1.1\r\nHost: {own}\r\n\r\n".encode())
+        assert status == 200, (own, answer)
+
+
+async def test_with_a_token_other_host_names_are_allowed(daemon_factory):
+    d = await daemon_factory("server.auth_token='s3cret'")  # behind a proxy with its public name: the token guards
+    status, _, _ = await raw_http(d.port, b"GET /healthz HTTP/1.1\r\nHost: asr.example.org\r\n\r\n")
+    assert status == 200
+
+

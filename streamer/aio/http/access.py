@@ -11,6 +11,11 @@ form to any address without asking (a CORS "simple request": no preflight), so a
 could make a visitor's daemon transcribe and publish. ``Sec-Fetch-Site: cross-site`` is refused as a
 foreign ``Origin`` is.
 
+Without a token, a request must also name the daemon in its ``Host`` (:func:`host_allowed`): a page of
+any site can make its own name resolve to 127.0.0.1 (DNS rebinding), and its requests are then
+same-origin for the browser, ``Origin`` and ``Host`` both the attacker's name. Rebinding needs a name in
+a domain the attacker's DNS answers for, so an IP literal or a name without a dot is safe.
+
 The caption page gets the token once, as ``/?token=TOKEN``: :func:`token_cookie` turns it into an
 HttpOnly cookie and the page is reloaded without it (303), so the token stays out of the browser's
 history and out of reach of scripts. Browsers cannot set headers on a websocket, but they send the
@@ -19,11 +24,13 @@ page's cookies with the upgrade; the cookie is ``SameSite=Strict``, so other sit
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from urllib.parse import quote, unquote, urlsplit
 
 from websockets.datastructures import Headers
 
-__all__ = ["LOOPBACK", "SINGLE_HEADERS", "cookie_name", "origin_allowed", "page_allowed", "read_cookie",
+__all__ = ["LOOPBACK", "SINGLE_HEADERS", "cookie_name", "host_allowed", "origin_allowed", "page_allowed", "read_cookie",
            "repeated_header", "token_cookie"]
 
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -70,6 +77,26 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
     if page[0] == own[0]:
         return same_port
     return page[0] in LOOPBACK and own[0] in LOOPBACK and page[1] == own[1]
+
+
+def host_allowed(host: str | None, allowed: tuple[str, ...], listening: str) -> bool:
+    """Whether ``Host: host`` names this daemon: an IP literal, a name without a dot (``localhost``, the
+    machine's name), ``*.localhost``, ``listening`` (``server.host``), the machine's host name, or a name in
+    ``allowed`` (``server.allowed_hosts``; ``"*"``: any). No ``Host`` at all: not a browser, allowed."""
+    if host is None or "*" in allowed:
+        return True
+    parsed = _host_port(host, "http")
+    if parsed is None:
+        return False
+    name = parsed[0]
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    if "." not in name or name.endswith(".localhost"):
+        return True
+    return name in (listening.lower(), socket.gethostname().lower()) or name in (a.lower() for a in allowed)
 
 
 def repeated_header(headers: Headers) -> str | None:

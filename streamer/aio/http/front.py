@@ -24,7 +24,7 @@ from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
 from streamer.aio.host import StreamHost
-from streamer.aio.http.access import page_allowed, read_cookie, repeated_header, token_cookie
+from streamer.aio.http.access import host_allowed, page_allowed, read_cookie, repeated_header, token_cookie
 from streamer.aio.http.connection import HttpConnection, is_tls, not_allowed, respond
 from streamer.aio.http.limits import BoundedConnection
 from streamer.aio.http.openai import OpenAIFront
@@ -59,7 +59,7 @@ class HttpFront:
         self.token = token
         self.health = health
         self.stream_port = stream_port
-        self.openai = OpenAIFront(host, self.authorized, started_at)
+        self.openai = OpenAIFront(host, self.authorized, started_at, self.known_host)
         """the OpenAI-compatible endpoints (``[openai]``): ``/v1/models``, ``/v1/audio/transcriptions``"""
 
     def connection(self, protocol: ServerProtocol, server: Server, **kwargs: Any) -> HttpConnection:
@@ -89,6 +89,13 @@ class HttpFront:
         else:
             given = read_cookie("; ".join(request.headers.get_all("Cookie")), port)
         return hmac.compare_digest(given.encode(), self.token.encode())
+
+    def known_host(self, request: Request) -> bool:
+        """Whether the request names this daemon in its ``Host``; any name may when a token is set
+        (:func:`~streamer.aio.http.access.host_allowed`: a page that rebinds its own name to this machine)."""
+        s = self.host.cfg.server
+        hosts = request.headers.get_all("Host")
+        return bool(self.token) or host_allowed(hosts[0] if hosts else None, s.allowed_hosts, s.host)
 
     def keep_token(self, conn: ServerConnection, path: str, query: dict[str, list[str]]) -> Response | None:
         """The page asked for as ``/?token=TOKEN`` with the right token: a cookie keeps the token for the page's
@@ -131,6 +138,12 @@ class HttpFront:
         self.connection_limits(conn)  # the limits of the config now in force (reload)
         url = urlsplit(request.path)
         path, query = url.path, parse_qs(url.query)
+        if not self.known_host(request):
+            host.metrics.streams_rejected.labels("host").inc()
+            logger.info("refused a request for host %s (not this server's name; server.allowed_hosts)",
+                        request.headers.get("Host", "")[:80])
+            return respond(conn, 403, "this server does not answer to that host name without a token: add it to "
+                           "server.allowed_hosts, or use an IP address or localhost\n", "text/plain")
         if path == "/healthz":
             h = self.health()
             return respond(conn, 503 if h["status"] == "unavailable" else 200, json.dumps(h), "application/json")

@@ -315,9 +315,12 @@ class OpenAIFront:
     """The daemon's OpenAI-compatible HTTP endpoints (``[openai]``); :class:`~streamer.aio.http.front.HttpFront`
     routes requests here, :class:`~streamer.aio.http.connection.HttpConnection` uploads."""
 
-    def __init__(self, host: StreamHost, authorized: Authorize, started_at: float) -> None:
+    def __init__(self, host: StreamHost, authorized: Authorize, started_at: float,
+                 known_host: Callable[[Request], bool] = lambda request: True) -> None:
         self.host = host
         self.authorized = authorized
+        self.known_host = known_host
+        """whether a request names this daemon in its ``Host`` (DNS rebinding)"""
         self.started_at = started_at
 
     @property
@@ -395,6 +398,10 @@ class OpenAIFront:
         if url.path != TRANSCRIPTIONS_PATH:
             raise ApiError(404, f"no endpoint POST {url.path[:80]}; this server transcribes at POST "
                            f"{TRANSCRIPTIONS_PATH} (translations are not supported)", code="unknown_url")
+        if not self.known_host(upload.request):
+            host.metrics.streams_rejected.labels("host").inc()
+            raise ApiError(403, "this server does not answer to that host name without a token: add it to "
+                           "server.allowed_hosts, or use an IP address or localhost", code="host_not_allowed")
         if not page_allowed(upload.request.headers, host.cfg.server.allowed_origins, is_tls(conn)):
             # a form needs no preflight: any page could make a visitor's daemon transcribe and publish
             host.metrics.streams_rejected.labels("origin").inc()

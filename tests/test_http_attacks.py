@@ -130,3 +130,15 @@ async def test_with_a_token_other_host_names_are_allowed(daemon_factory):
     assert status == 200
 
 
+
+
+# --- a multipart boundary the parser refuses ----------------------------------------------------------------------
+
+
+async def test_a_boundary_over_256_characters_gets_400(daemon_factory):
+    d = await daemon_factory()
+    long = "b" * 300
+    status, _, answer = await raw_http(d.port, upload(d.port, form(wav(), long), boundary=long))
+    assert status == 400 and "boundary" in openai_error(status, answer)["message"].lower()
+
+

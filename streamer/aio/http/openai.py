@@ -139,8 +139,8 @@ def _multipart_parts(content_type: str, body: bytes) -> list[tuple[dict[str, str
     callbacks: Any = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
                       "on_header_value": on_header_value, "on_header_end": on_header_end,
                       "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": on_end}
-    parser = MultipartParser(boundary, callbacks)
-    try:
+    try:  # the parser refuses a boundary over 256 bytes as it is made
+        parser = MultipartParser(boundary, callbacks)
         parser.write(body)
         parser.finalize()
     except FormParserError as exc:

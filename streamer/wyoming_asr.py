@@ -5,7 +5,7 @@ header line ``{"type", "data"?, "data_length"?, "payload_length"?}``, then ``dat
 extra JSON data, then ``payload_length`` bytes of payload (PCM for ``audio-chunk``). A speech-to-text
 request is ``transcribe``, ``audio-start``, ``audio-chunk``..., ``audio-stop``; the answer is
 ``transcript-start``, ``transcript-chunk``... while audio arrives, ``transcript`` and
-``transcript-stop`` (``docs/wyoming.md``). :mod:`streamer.aio.wyoming` moves the bytes.
+``transcript-stop`` (``docs/wyoming.md``). :mod:`streamer.aio.protocols.wyoming` moves the bytes.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
     words = build_decoder(cfg.decoder, runner)
     mqtt = None
-    if args.mqtt or cfg.mqtt.enabled:  # -- mqtt (streamer/aio/mqtt.py) --
+    if args.mqtt or cfg.mqtt.enabled:  # -- mqtt (streamer/aio/mqtt/publisher.py) --
         from streamer.aio.mqtt import PublisherThread
 
         mqtt = PublisherThread.started(cfg.mqtt, role="transcribe")

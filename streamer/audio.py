@@ -10,9 +10,13 @@ import numpy as np
 from streamer.engine import SAMPLE_RATE, as_float32
 from streamer.exceptions import AudioError
 
-__all__ = ["ENCODINGS", "MAX_F32_ABS", "AudioConverter", "bad_samples", "decode_pcm", "iter_file_chunks", "read_audio"]
+__all__ = ["ENCODINGS", "MAX_CHANNELS", "MAX_F32_ABS", "AudioConverter", "bad_samples", "decode_pcm", "iter_file_chunks",
+           "read_audio"]
 
 ENCODINGS = ("s16le", "f32le")
+MAX_CHANNELS = 8
+"""the most channels audio may have (7.1), as the native and Wyoming protocols allow: a file's decoded block
+is rate x channels x 4 bytes, and 255 channels at 192 kHz cost ~200 MB a second of audio from a few KB of Ogg"""
 MAX_F32_ABS = 64.0
 """The largest magnitude an f32le sample may have: full scale is 1.0; this leaves 36 dB of headroom
 for unnormalised float audio and keeps the engine's normalisation far from overflow."""

@@ -6,6 +6,7 @@ clients, a healthy stream runs beside it and must get the finals ``streamer tran
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -13,7 +14,7 @@ import logging
 import numpy as np
 import openai
 import soundfile as sf
-from test_hostile import raw_http
+from test_hostile import healthy_finals_match, raw_http
 from test_server import TIMEOUT
 
 BOUNDARY = "streamerboundary"
@@ -140,5 +141,25 @@ async def test_a_boundary_over_256_characters_gets_400(daemon_factory):
     long = "b" * 300
     status, _, answer = await raw_http(d.port, upload(d.port, form(wav(), long), boundary=long))
     assert status == 400 and "boundary" in openai_error(status, answer)["message"].lower()
+
+
+
+
+# --- a decompression bomb by channels -----------------------------------------------------------------------------
+
+
+async def test_audio_with_more_than_8_channels_is_refused(daemon_factory, model_runner, speech):
+    d = await daemon_factory()
+    bomb = io.BytesIO()  # 4 KB that decodes to 255 x 192,000 samples a second
+    sf.write(bomb, np.zeros((8000, 255), np.float32), 192000, format="OGG", subtype="VORBIS")
+
+    async def attack() -> None:
+        for data in (bomb.getvalue(), wav(channels=9)):
+            status, _, answer = await raw_http(d.port, upload(d.port, form(data, filename="bomb.ogg")))
+            assert status == 400 and "channels" in openai_error(status, answer)["message"], answer
+
+    await asyncio.gather(attack(), healthy_finals_match(d, model_runner, speech))
+    status, _, answer = await raw_http(d.port, upload(d.port, form(wav(channels=8))))
+    assert status == 200, answer
 
 

@@ -31,7 +31,7 @@ from websockets.http11 import Request, Response
 from streamer.aio.host import StreamHost, close_named, open_named
 from streamer.aio.http.access import page_allowed, repeated_header
 from streamer.aio.http.connection import HttpConnection, Upload, is_tls, respond
-from streamer.audio import AudioConverter, bad_samples
+from streamer.audio import MAX_CHANNELS, AudioConverter, bad_samples
 from streamer.events import CLOSE_GOING_AWAY, Event, Final
 from streamer.exceptions import AudioError, InferenceError, ProtocolError
 from streamer.formats import cue_lines
@@ -211,6 +211,10 @@ class FileAudio:
         if not min_rate <= self.rate <= max_rate:
             raise _bad(f"the audio's sample rate is {self.rate} Hz; this server takes {min_rate} to {max_rate} Hz "
                        "(server.min_sample_rate, server.max_sample_rate)", "file", "invalid_value")
+        if self.channels > MAX_CHANNELS:
+            self.file.close()
+            raise _bad(f"the audio has {self.channels} channels; this server takes at most {MAX_CHANNELS}", "file",
+                       "invalid_value")
         self.max_frames = int(max_audio_s * self.rate)
         if self.file.frames > self.max_frames:
             raise _bad(f"the audio is {self.file.frames / self.rate:.0f} s long; at most {max_audio_s:g} s "

@@ -10,8 +10,8 @@ import numpy as np
 from streamer.engine import SAMPLE_RATE, as_float32
 from streamer.exceptions import AudioError
 
-__all__ = ["ENCODINGS", "MAX_CHANNELS", "MAX_F32_ABS", "AudioConverter", "bad_samples", "decode_pcm", "iter_file_chunks",
-           "read_audio"]
+__all__ = ["ENCODINGS", "MAX_CHANNELS", "MAX_F32_ABS", "AudioConverter", "bad_samples", "decode_pcm",
+           "iter_file_chunks", "read_audio"]
 
 ENCODINGS = ("s16le", "f32le")
 MAX_CHANNELS = 8

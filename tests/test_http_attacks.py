@@ -13,9 +13,11 @@ import logging
 
 import numpy as np
 import openai
+import pytest
 import soundfile as sf
 from test_hostile import healthy_finals_match, raw_http
 from test_server import TIMEOUT
+from websockets.asyncio.client import connect
 
 BOUNDARY = "streamerboundary"
 
@@ -163,3 +165,39 @@ async def test_audio_with_more_than_8_channels_is_refused(daemon_factory, model_
     assert status == 200, answer
 
 
+
+
+# --- Realtime: NaN and Infinity, deep nesting ---------------------------------------------------------------------
+
+
+def strict_json(text: str) -> dict:
+    """``text`` parsed as a browser would: NaN and Infinity are no JSON."""
+
+    def refuse(constant: str) -> None:
+        pytest.fail(f"{constant} sent: {text[:200]}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+async def realtime_error(ws, event: str) -> dict:
+    """Send ``event``; the error event it gets (nothing sent in between may hold NaN or Infinity)."""
+    await ws.send(event)
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            msg = strict_json(await ws.recv())
+            if msg["type"] == "error":
+                return msg["error"]
+
+
+def vad_update(turn_detection: str) -> str:
+    return ('{"type": "session.update", "session": {"type": "transcription", "audio": {"input": '
+            '{"turn_detection": ' + turn_detection + "}}}}")
+
+
+async def test_realtime_refuses_nan_and_infinity(daemon_factory):
+    d = await daemon_factory()
+    async with connect(f"ws://127.0.0.1:{d.port}/v1/realtime?intent=transcription") as ws:
+        await ws.recv()  # session.created
+        for value in ("NaN", "Infinity", "-Infinity"):
+            error = await realtime_error(ws, vad_update('{"type": "server_vad", "threshold": ' + value + "}"))
+            assert error["code"] == "invalid_json" and value.lstrip("-") in error["message"]

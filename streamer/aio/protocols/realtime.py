@@ -46,6 +46,10 @@ NOT_TRANSCRIPTION = ("response.create", "response.cancel", "conversation.item.cr
 """client events of conversation sessions: a transcription session has no responses or conversation to change"""
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def stable_delta(sent: str, previous: list[str], words: list[str]) -> str:
     """What to send as a delta after ``sent``: the words of a partial (``words``) that the one before it
     (``previous``) agrees on, from the first word on, less what was sent; '' when that rewrote sent text."""
@@ -328,8 +332,8 @@ class RealtimeHandler(StreamHandler):
                 if isinstance(msg, bytes):
                     raise RealtimeError("binary messages are not events: send JSON text events, audio as base64 "
                                         "in input_audio_buffer.append", code="invalid_event")
-                try:
-                    event = json.loads(msg)
+                try:  # NaN and Infinity are no JSON: echoed, a browser's parser would fail on them
+                    event = json.loads(msg, parse_constant=_no_constant)
                 except (ValueError, RecursionError) as exc:
                     raise RealtimeError(f"the message is not JSON ({exc})", code="invalid_json") from None
                 if not isinstance(event, dict):

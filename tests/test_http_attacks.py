@@ -201,3 +201,23 @@ async def test_realtime_refuses_nan_and_infinity(daemon_factory):
         for value in ("NaN", "Infinity", "-Infinity"):
             error = await realtime_error(ws, vad_update('{"type": "server_vad", "threshold": ' + value + "}"))
             assert error["code"] == "invalid_json" and value.lstrip("-") in error["message"]
+
+
+async def test_realtime_bounds_nesting_and_echoes_only_its_keys(daemon_factory, model_runner, speech):
+    d = await daemon_factory()
+
+    async def attack() -> None:
+        async with connect(f"ws://127.0.0.1:{d.port}/v1/realtime?intent=transcription") as ws:
+            await ws.recv()  # session.created
+            for depth in (977, 20):  # parsed, then echoed (977: 1011 where json.dumps ran out of stack)
+                deep = '{"type": "server_vad", "x": ' + "[" * depth + "]" * depth + "}"
+                error = await realtime_error(ws, vad_update(deep))
+                assert error["code"] == "invalid_json" and "at most 16" in error["message"], error
+            await ws.send(vad_update('{"type": "server_vad", "threshold": 0.6, "x": [[[1]]], "y": "z"}'))
+            async with asyncio.timeout(TIMEOUT):
+                while (msg := strict_json(await ws.recv()))["type"] != "session.updated":
+                    pass
+            vad = msg["session"]["audio"]["input"]["turn_detection"]
+            assert vad["threshold"] == 0.6 and "x" not in vad and "y" not in vad
+
+    await asyncio.gather(attack(), healthy_finals_match(d, model_runner, speech))

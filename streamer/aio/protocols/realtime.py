@@ -32,6 +32,7 @@ from streamer.aio.host import StreamHost
 from streamer.aio.protocols.base import Quiet, StreamHandler
 from streamer.events import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Error, Event, Final, Partial
 from streamer.exceptions import AudioError, ProtocolError
+from streamer.protocol import MAX_JSON_DEPTH, json_depth
 
 __all__ = ["DEFAULT_RATE", "MAX_ERRORS", "RealtimeError", "RealtimeHandler", "stable_delta"]
 
@@ -41,6 +42,9 @@ MAX_ERRORS = 32
 """error events one session may cause; the next closes it (1008): a client that keeps sending wrong events"""
 CLIENT_EVENTS = ("session.update", "transcription_session.update", "input_audio_buffer.append",
                  "input_audio_buffer.commit", "input_audio_buffer.clear")
+VAD_KEYS = ("type", "threshold", "prefix_padding_ms", "silence_duration_ms", "eagerness", "idle_timeout_ms",
+            "create_response", "interrupt_response")
+"""the keys of a ``turn_detection`` a session keeps and echoes (OpenAI's server_vad and semantic_vad)"""
 NOT_TRANSCRIPTION = ("response.create", "response.cancel", "conversation.item.create", "conversation.item.delete",
                      "conversation.item.truncate", "conversation.item.retrieve", "output_audio_buffer.clear")
 """client events of conversation sessions: a transcription session has no responses or conversation to change"""
@@ -202,7 +206,8 @@ class RealtimeHandler(StreamHandler):
                 self.transcription[key] = tr[key]
         if has_vad:
             self.server_vad = vad is not None
-            self.turn_detection = {**self.vad_defaults(), **vad} if isinstance(vad, dict) else None
+            self.turn_detection = {**self.vad_defaults(), **{k: v for k, v in vad.items() if k in VAD_KEYS and (
+                v is None or isinstance(v, str | int | float))}} if isinstance(vad, dict) else None
 
     # -- events of the stream ------------------------------------------------------------------------------
 
@@ -332,6 +337,9 @@ class RealtimeHandler(StreamHandler):
                 if isinstance(msg, bytes):
                     raise RealtimeError("binary messages are not events: send JSON text events, audio as base64 "
                                         "in input_audio_buffer.append", code="invalid_event")
+                if (depth := json_depth(msg)) > MAX_JSON_DEPTH:  # parsed, then too deep to echo (RecursionError)
+                    raise RealtimeError(f"the event nests {depth} levels deep; at most {MAX_JSON_DEPTH}",
+                                        code="invalid_json")
                 try:  # NaN and Infinity are no JSON: echoed, a browser's parser would fail on them
                     event = json.loads(msg, parse_constant=_no_constant)
                 except (ValueError, RecursionError) as exc:

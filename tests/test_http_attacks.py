@@ -221,3 +221,15 @@ async def test_realtime_bounds_nesting_and_echoes_only_its_keys(daemon_factory, 
             assert vad["threshold"] == 0.6 and "x" not in vad and "y" not in vad
 
     await asyncio.gather(attack(), healthy_finals_match(d, model_runner, speech))
+
+
+# --- an upload that holds a stream and sends nothing --------------------------------------------------------------
+
+
+async def test_an_upload_that_sends_nothing_is_closed_after_the_idle_timeout(daemon_factory, model_runner, speech):
+    d = await daemon_factory("server.max_streams=1", "server.idle_timeout_s=1", "openai.upload_timeout_s=30")
+    body = form(wav())
+    head = upload(d.port, body)[: -len(body)]
+    status, _, answer = await raw_http(d.port, head + body[:100])  # and then nothing: it held the stream 30 s
+    assert status == 408 and openai_error(status, answer)["code"] == "upload_idle", answer
+    await healthy_finals_match(d, model_runner, speech)  # the stream it held is free again

@@ -436,12 +436,8 @@ class OpenAIFront:
         t0 = time.perf_counter()
         if upload.expects_continue and not upload.body.done():
             await conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        timeout = cfg.openai.upload_timeout_s
         try:
-            body = await asyncio.wait_for(asyncio.shield(upload.body), timeout)
-        except TimeoutError:
-            raise ApiError(408, f"the upload did not arrive within {timeout:g} s (openai.upload_timeout_s); "
-                           f"{upload.received} bytes came", code="upload_timeout") from None
+            body = await self._body(conn, upload)
         except EOFError:
             raise ConnectionResetError("the client left during its upload") from None
         except ValueError as exc:
@@ -471,6 +467,27 @@ class OpenAIFront:
         if not form.stream:
             text, ctype = answer(finals, form, audio.seconds)
             await state.whole(200, text.encode(), ctype)
+
+    async def _body(self, conn: HttpConnection, upload: Upload) -> bytes:
+        """The upload's body, once it has all come: within ``openai.upload_timeout_s``, and with no pause longer
+        than ``server.idle_timeout_s`` (as a silent websocket stream), since the request holds a stream meanwhile."""
+        loop, cfg = asyncio.get_running_loop(), self.host.cfg
+        timeout, idle = cfg.openai.upload_timeout_s, cfg.server.idle_timeout_s
+        deadline = loop.time() + timeout
+        seen, heard = -1, loop.time()
+        while not upload.body.done():
+            now = loop.time()
+            came = upload.received + len(conn.protocol.reader.buffer)  # the body read, and what waits to be
+            if came != seen:
+                seen, heard = came, now
+            if now >= deadline:
+                raise ApiError(408, f"the upload did not arrive within {timeout:g} s (openai.upload_timeout_s); "
+                               f"{upload.received} bytes came", code="upload_timeout")
+            if now - heard >= idle:
+                raise ApiError(408, f"nothing of the upload came for {idle:g} s (server.idle_timeout_s); "
+                               f"{upload.received} bytes came", code="upload_idle")
+            await asyncio.wait({upload.body}, timeout=min(deadline, heard + idle, now + 1.0) - now)
+        return upload.body.result()
 
     async def _decode(self, audio: FileAudio, form: TranscriptionForm, sid: str, state: _Answer) -> list[Final]:
         """Feed the file through a live stream; the finals (streamed as deltas when asked)."""

@@ -27,10 +27,9 @@ from streamer.config import ModelConfig
 from streamer.engine import SAMPLE_RATE
 from streamer.exceptions import InferenceError, ModelLoadError
 from streamer.onnx import is_export, load_onnx
-from streamer.runner import WAV2VEC2_GEOMETRY, FrameGeometry, LocalRunner, TokenizerVocabulary, probe_windows
+from streamer.runner import WAV2VEC2_GEOMETRY, FrameGeometry, LocalRunner, probe_windows
 
-__all__ = ["DEMO_MODEL", "TokenizerVocabulary", "TorchRunner", "cpu_has_bf16", "frame_geometry", "load_checkpoint",
-           "load_model", "resolve_model"]
+__all__ = ["TorchRunner", "cpu_has_bf16", "load_model"]
 
 logger = logging.getLogger("streamer.model")
 

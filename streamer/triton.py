@@ -110,8 +110,8 @@ def checkpoint_geometry(cfg: ModelConfig, source: str) -> FrameGeometry:
     import torch
     from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC
 
+    from streamer.checkpoint import frame_geometry
     from streamer.hf import hf
-    from streamer.model import frame_geometry
 
     kw: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
     try:
@@ -132,7 +132,7 @@ def checkpoint_geometry(cfg: ModelConfig, source: str) -> FrameGeometry:
 
 def load_vocabulary(cfg: ModelConfig) -> tuple[TokenizerVocabulary, str, str]:
     """The checkpoint's tokenizer as a vocabulary, without its weights: ``(vocab, source, name)``."""
-    from streamer.model import DEMO_MODEL, resolve_model
+    from streamer.checkpoint import DEMO_MODEL, resolve_model
 
     source = resolve_model(cfg.id)
     name = "demo" if cfg.id == DEMO_MODEL else cfg.id

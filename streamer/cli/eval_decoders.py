@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from streamer.config import Config
     from streamer.evaluation import ManifestItem
 
-__all__ = ["describe", "parse_decoders", "print_decoders"]
+__all__ = ["parse_decoders", "print_decoders"]
 
 
 def parse_decoders(text: str) -> list[str]:

@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 def check(cfg: Config, runner: Runner, warm: float) -> int:
     """``serve --check``: the config is valid and the model loads; what it decodes with."""
-    from streamer.cli.eval_decoders import describe
-    from streamer.decoder import build_decoder
+    from streamer.decoder import build_decoder, describe
 
     words = build_decoder(cfg.decoder, runner)
     print(f"config ok; model {runner.name} on {runner.device} ({runner.n_parameters / 1e6:.1f} M parameters), "

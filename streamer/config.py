@@ -270,6 +270,9 @@ class WorkerConfig(_Section):
     queue_size: int = _opt(1024, min=1, doc="windows waiting for the model before streams are paused")
     max_windows_per_stream: int = _opt(2, min=1, max=4096,
                                        doc="most windows of one stream in one batch (streams are served in turn)")
+    ahead_batch_ms: float = _opt(100.0, min=1.0, max=10_000.0,
+                                 doc="model time a batch of audio sent ahead of real time is kept to (it runs only "
+                                     "while no window is due; a window that falls due meanwhile waits for it)")
     refresh_max_load: float = _opt(0.5, min=0.0, max=1.0,
                                    doc="partial refreshes run only while the other windows keep the model busy "
                                        "less than this share of the time (0 = never)")

@@ -1,29 +1,33 @@
-"""Fair scheduling of work items across streams, as a pure object (no asyncio, no clock).
+"""Fair scheduling of work items across streams, as pure objects (no asyncio, no clock).
 
 The batching worker keeps one :class:`FairQueue` of windows: each stream has its own FIFO, and
-:meth:`FairQueue.take` fills a batch round-robin, at most ``per_key`` items of one stream per
-batch, starting after the stream served first last time. A stream that sends a minute of audio
-at once therefore shares every batch with the real-time streams instead of going before them,
-and the windows of a stream that left are dropped with :meth:`FairQueue.drop` before they run.
+:meth:`FairQueue.take` fills a batch earliest deadline first, at most ``per_key`` items of one stream per
+batch. A window's deadline is when its audio would have arrived had the client sent it at real time
+(:class:`Pace`): a real-time stream's windows are due as they come, while a client that sends a minute of
+audio at once has windows due up to a minute later, so they wait behind every real-time window, however
+many there are, and run on the model time the real-time streams leave. Items due at the same time are
+served round-robin, starting after the stream served first last time. The windows of a stream that left
+are dropped with :meth:`FairQueue.drop` before they run.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-__all__ = ["AudioBudget", "FairQueue", "LoadMeter"]
+__all__ = ["AudioBudget", "FairQueue", "LoadMeter", "Pace"]
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 
 class FairQueue(Generic[K, T]):
-    """Per-key FIFOs served round-robin."""
+    """Per-key FIFOs, served earliest deadline first, round-robin among equal deadlines."""
 
     def __init__(self) -> None:
-        self._queues: OrderedDict[K, deque[T]] = OrderedDict()  # in round-robin order
+        self._queues: OrderedDict[K, deque[tuple[float, T]]] = OrderedDict()  # in round-robin order
         self._len = 0
 
     def __len__(self) -> int:
@@ -32,41 +36,42 @@ class FairQueue(Generic[K, T]):
     def __contains__(self, key: object) -> bool:
         return key in self._queues
 
-    def put(self, key: K, item: T) -> None:
-        """Queue ``item`` behind the other items of ``key``; a new key joins at the end of the round."""
+    def put(self, key: K, item: T, due: float = 0.0) -> None:
+        """Queue ``item`` behind the other items of ``key``, due at ``due`` (never before the item ahead of it:
+        a key's items keep their order); a new key joins at the end of the round."""
         q = self._queues.get(key)
         if q is None:
             q = self._queues[key] = deque()
-        q.append(item)
+        elif q[-1][0] > due:
+            due = q[-1][0]
+        q.append((due, item))
         self._len += 1
 
-    def take(self, limit: int, per_key: int) -> list[tuple[K, T]]:
-        """Up to ``limit`` items, at most ``per_key`` of each key, in round-robin order.
+    def take(self, limit: int, per_key: int, due_by: float = math.inf) -> list[tuple[K, T]]:
+        """Up to ``limit`` items due by ``due_by``, at most ``per_key`` of each key, earliest deadline first.
 
-        Keys are visited in turn, one item at a time, so that a batch smaller than the number of
-        waiting streams is spread over as many streams as possible; the next call starts with the
-        key after the last one served.
+        Among items due at the same time keys are visited in turn, one item at a time, so that a batch
+        smaller than the number of waiting streams is spread over as many streams as possible; the next
+        call starts with the key after the last one served.
         """
         out: list[tuple[K, T]] = []
         taken: dict[K, int] = {}
-        while len(out) < limit and self._queues:
-            progressed = False
-            for key in list(self._queues):
-                if len(out) >= limit:
-                    break
-                if taken.get(key, 0) >= per_key:
-                    continue
-                q = self._queues[key]
-                out.append((key, q.popleft()))
-                self._len -= 1
-                taken[key] = taken.get(key, 0) + 1
-                progressed = True
-                if q:
-                    self._queues.move_to_end(key)  # served: go to the back of the round
-                else:
-                    del self._queues[key]
-            if not progressed:
+        while len(out) < limit:
+            best: K | None = None
+            best_due = due_by
+            for key, q in self._queues.items():  # the first key in the round wins a tie
+                if q[0][0] <= best_due and (best is None or q[0][0] < best_due) and taken.get(key, 0) < per_key:
+                    best, best_due = key, q[0][0]
+            if best is None:
                 break
+            q = self._queues[best]
+            out.append((best, q.popleft()[1]))
+            self._len -= 1
+            taken[best] = taken.get(best, 0) + 1
+            if q:
+                self._queues.move_to_end(best)  # served: go to the back of the round
+            else:
+                del self._queues[best]
         return out
 
     def drop(self, key: K) -> list[T]:
@@ -75,7 +80,7 @@ class FairQueue(Generic[K, T]):
         if q is None:
             return []
         self._len -= len(q)
-        return list(q)
+        return [item for _, item in q]
 
     def pending(self, key: K) -> int:
         """Items of ``key`` waiting."""
@@ -85,7 +90,7 @@ class FairQueue(Generic[K, T]):
     def peek(self, key: K) -> T | None:
         """The oldest item of ``key``, or None."""
         q = self._queues.get(key)
-        return q[0] if q else None
+        return q[0][1] if q else None
 
     def keys(self) -> list[K]:
         return list(self._queues)
@@ -115,6 +120,38 @@ class AudioBudget:
         self._at = now
         self._tokens -= seconds
         return max(0.0, -self._tokens / self.speed)
+
+
+class Pace:
+    """A client's audio against the clock (pure; the caller keeps time): how fast it may send, and when it is due.
+
+    One per client, not per stream: a client that ends its stream and starts another (a Realtime
+    ``clear``, a second Wyoming transcript) keeps its budget and its place. :meth:`due` keeps a clock,
+    when the audio received so far would all have arrived had it come at real time: audio that comes
+    on time is due as it comes; audio sent ahead of real time is due later, by as much as it is ahead;
+    a pause earns no credit (audio after it is due from when it came, not from when the pause began).
+    """
+
+    def __init__(self, speed: float, burst_s: float, now: float) -> None:
+        self.budget = AudioBudget(speed, burst_s, now)
+        """how fast the client may send (``speed = 0``: no limit)"""
+        self.clock: float | None = None
+        """when the audio received so far would have all arrived at real time (None: no audio yet)"""
+
+    def take(self, seconds: float, now: float) -> float:
+        """:meth:`AudioBudget.take`: how long to wait before feeding ``seconds`` of audio that came at ``now``."""
+        return self.budget.take(seconds, now)
+
+    def due(self, seconds: float, now: float) -> float:
+        """``seconds`` of audio came at ``now``: when its first sample is due (its sample at ``t`` seconds is due
+        ``t`` seconds later)."""
+        start = now if self.clock is None else max(self.clock, now)
+        self.clock = start + seconds
+        return start
+
+    def end(self, now: float) -> float:
+        """When the last audio received is due (``now`` before any audio)."""
+        return now if self.clock is None else self.clock
 
 
 class LoadMeter:

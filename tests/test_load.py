@@ -75,6 +75,36 @@ def test_fair_queue_against_a_brute_force_model():
         assert len(q) == sum(len(v) for v in model.values())
 
 
+def test_fair_queue_serves_the_earliest_deadline_first():
+    """However many windows of audio sent ahead of real time wait, a window due now goes first; windows due by a
+    time go before the others, and a key's items keep their order."""
+    q: FairQueue[str, int] = FairQueue()
+    for b in range(20):
+        for i in range(50):
+            q.put(f"burst{b}", i, due=101.0 + i)
+    q.put("live", 0, due=99.5)
+    assert q.take(1, per_key=2) == [("live", 0)]
+    q.put("live", 1, due=100.4)
+    assert q.take(32, per_key=2, due_by=100.5) == [("live", 1)]  # the bursts are due later
+    assert q.take(32, per_key=2, due_by=101.5) == [(f"burst{b}", 0) for b in range(20)]
+    assert q.take(32, per_key=2, due_by=101.5) == []
+    q.put("late", 0, due=50.0)
+    q.put("late", 1, due=10.0)  # never before the item ahead of it
+    assert q.take(2, per_key=2) == [("late", 0), ("late", 1)]
+
+
+def test_pace_makes_audio_sent_ahead_due_later_and_follows_the_client():
+    from streamer.fair import Pace
+
+    p = Pace(speed=0.0, burst_s=0.0, now=0.0)
+    assert p.end(5.0) == 5.0
+    assert p.due(0.1, now=10.0) == 10.0 and p.due(0.1, now=10.1) == pytest.approx(10.1)  # real time: due as it comes
+    assert p.due(55.0, now=10.2) == pytest.approx(10.2)  # a burst: its sample at t is due t later
+    assert p.end(10.3) == pytest.approx(65.2)
+    assert p.due(1.0, now=11.0) == pytest.approx(65.2)  # more audio waits behind the burst
+    assert p.due(1.0, now=100.0) == 100.0  # a pause earns no credit
+
+
 # -- the daemon -------------------------------------------------------------------------------------
 
 
@@ -122,6 +152,58 @@ async def test_a_flood_cannot_starve_a_real_time_stream(daemon_factory, model_ru
     assert code == 1000
     assert [f["text"] for f in finals_of(msgs)] == [f["text"] for f in reference_finals(model_runner, speech)]
     assert healthy_end < min(ends), "the real-time stream waited for the whole flood"
+
+
+async def _burst(port: int, message: bytes, sessions: dict[str, float], leave: asyncio.Event) -> None:
+    """Send one 8 kHz message at once and stay (its windows stay queued) until ``leave``; note the session and when
+    its audio was sent."""
+    loop = asyncio.get_running_loop()
+    async with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None) as ws:
+        session = json.loads(await ws.recv())["session"]
+        await ws.send(json.dumps({"type": "start", "sample_rate": 8000}))
+        sessions[session] = loop.time()
+        await ws.send(message)
+        await leave.wait()
+
+
+async def test_a_burst_uses_only_spare_model_time(daemon_factory, model_runner, speech):
+    """Three clients each send 55 s at once (within max_burst_s) before a real-time stream starts: no batch that
+    runs a window of the real-time stream also runs a burst window of audio ahead of real time (those wait for
+    spare model time), and the real-time stream's finals are `streamer transcribe`'s."""
+    d = await daemon_factory("server.idle_timeout_s=120")
+    loop = asyncio.get_running_loop()
+    batches: list[tuple[float, list]] = []
+    take = d.worker._queue.take
+
+    def recorded(*args, **kwargs):  # the worker's own choice, noted as it takes each batch
+        out = take(*args, **kwargs)
+        if out:
+            batches.append((loop.time(), [(key, item.window) for key, item in out]))
+        return out
+
+    d.worker._queue.take = recorded
+    bursts: dict[str, float] = {}
+    leave = asyncio.Event()
+    message = _flood_audio(speech, 55 * 8000 * 2)
+    async with asyncio.timeout(4 * TIMEOUT):
+        tasks = [asyncio.create_task(_burst(d.port, message, bursts, leave)) for _ in range(3)]
+        for _ in range(400):  # the bursts are queued first
+            if len(bursts) == 3 and d.worker.queued >= 3:
+                break
+            await asyncio.sleep(0.05)
+        msgs, code = await native_session(d.port, pcm16(speech), chunk=3200, pace=0.1)
+        leave.set()
+        await asyncio.gather(*tasks)
+    assert code == 1000
+    assert [f["text"] for f in finals_of(msgs)] == [f["text"] for f in reference_finals(model_runner, speech)]
+    healthy = msgs[0]["session"]
+    shared = [(at, [(key, w) for key, w in batch if key in bursts]) for at, batch in batches
+              if any(key == healthy for key, _ in batch)]
+    assert shared, "the real-time stream's windows were never run"
+    ahead = [(key, (w.start_frame * w.frame_samples + len(w.samples)) / 16000 - (at - bursts[key]))
+             for at, batch in shared for key, w in batch]
+    ahead = [(key, round(s, 1)) for key, s in ahead if s > 2.0]  # a burst window's audio ahead of real time
+    assert not ahead, f"burst windows ahead of real time shared the real-time stream's batches: {ahead[:5]}"
 
 
 async def test_windows_of_clients_that_left_are_not_computed(daemon_factory, model_runner, speech):

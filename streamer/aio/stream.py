@@ -33,7 +33,7 @@ from streamer.audio import AudioConverter, decode_pcm
 from streamer.config import Config
 from streamer.engine import SAMPLE_RATE, StreamSession, Window, WordDecoder
 from streamer.events import Event, Final
-from streamer.fair import AudioBudget
+from streamer.fair import Pace
 from streamer.runner import TokenVocabulary, geometry_of
 from streamer.transcribe import feed_audio, new_session, speech_detector
 
@@ -55,7 +55,7 @@ class LiveStream:
 
     def __init__(self, session: StreamSession, worker: BatchWorker, hub: Hub, metrics: Metrics, *, id: str,
                  name: str, sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
-                 budget: AudioBudget | None = None, engine: ThreadPoolExecutor | None = None) -> None:
+                 pace: Pace | None = None, engine: ThreadPoolExecutor | None = None) -> None:
         self.id = id
         self.name = name
         self.encoding = encoding
@@ -68,8 +68,9 @@ class LiveStream:
         self.worker = worker
         self.hub = hub
         self.metrics = metrics
-        self.budget = budget
-        """how fast the client may send (None: no limit); feeding waits when it sends faster"""
+        self.pace = pace
+        """how fast the client may send, feeding waits when it sends faster, and when its audio is due (None: no
+        limit, always due); a connection gives each of its streams the same"""
         self.engine = engine
         """the thread the session's engine calls run in (None: on the event loop)"""
         self.closed = False
@@ -88,22 +89,25 @@ class LiveStream:
         than a few windows waiting (memory), and the worker can serve other streams in between.
         """
         seconds = len(block) / self.sample_rate
-        if self.budget is not None:
-            wait = self.budget.take(seconds, time.monotonic())
-            if wait > 0:  # faster than allowed: hold the audio (and stop reading from the client) a while
-                await asyncio.sleep(wait)
+        now = time.monotonic()
+        if self.pace is not None and (wait := self.pace.take(seconds, now)) > 0:
+            # faster than allowed: hold the audio (and stop reading from the client) a while
+            await asyncio.sleep(wait)
+            now = time.monotonic()
+        due = self.pace.due(seconds, now) if self.pace is not None else 0.0  # when the block's start is due
         self.metrics.add_audio(seconds)
         if self._started is None:
             self._started = time.monotonic()
         self._fed_s += seconds
         mono, windows = await self._call(self._take, block)
-        events = await self._run(windows)
+        events = await self._run(windows, due + min(len(mono), FEED_PIECE) / SAMPLE_RATE)
         for i in range(FEED_PIECE, len(mono), FEED_PIECE):
-            events += await self._run(await self._call(self._accept, mono[i : i + FEED_PIECE]))
+            windows = await self._call(self._accept, mono[i : i + FEED_PIECE])
+            events += await self._run(windows, due + min(len(mono), i + FEED_PIECE) / SAMPLE_RATE)
         return events
 
     async def flush(self) -> list[Event]:
-        return await self._run(await self._call(self._end, False))
+        return await self._run(await self._call(self._end, False), self._due_end())
 
     async def finish(self) -> list[Event]:
         """End of audio: the last finals. Then :meth:`close`."""
@@ -111,7 +115,7 @@ class LiveStream:
             return []
         self.closed = True
         try:
-            return await self._run(await self._call(self._end, True))
+            return await self._run(await self._call(self._end, True), self._due_end())
         finally:
             self.close()
 
@@ -120,6 +124,10 @@ class LiveStream:
         """Whether the audio comes at about real time (at most ``LIVE_AHEAD_S`` ahead of the clock since the
         first audio): only then do partial refreshes run for it."""
         return self._started is None or self._fed_s - (time.monotonic() - self._started) <= LIVE_AHEAD_S
+
+    def _due_end(self) -> float:
+        """When the last audio fed is due (windows of a flush or the end)."""
+        return self.pace.end(time.monotonic()) if self.pace is not None else 0.0
 
     def close(self) -> None:
         """Release what the stream holds in the worker (queued windows, its lag gauge). Idempotent."""
@@ -162,11 +170,12 @@ class LiveStream:
                 self.session.accept_result(w, lp)
         return self.session.events_received()
 
-    async def _run(self, windows: list[Window]) -> list[Event]:
-        """Run ``windows`` through the worker, merge their outputs, publish the events (on the loop)."""
+    async def _run(self, windows: list[Window], due: float) -> list[Event]:
+        """Run ``windows`` (due at ``due``) through the worker, merge their outputs, publish the events (on the
+        loop)."""
         t_ready = time.perf_counter()
         if windows:
-            results = await self.worker.run_many(windows, self.id, refresh=self.live)
+            results = await self.worker.run_many(windows, self.id, refresh=self.live, due=due)
             events = await self._call(self._merge, windows, results)
         else:  # nothing to merge (a flush or the end may have closed a segment): no trip to the engine thread
             events = self.session.events_received()
@@ -218,7 +227,7 @@ class Streams:
         session = new_session(self.cfg, self.vocab, words or self.words, geometry=geometry_of(self.worker.runner),
                               refresh=live)
         srv = self.cfg.server
-        budget = AudioBudget(srv.max_speed, srv.max_burst_s, time.monotonic()) if srv.max_speed > 0 else None
+        pace = Pace(srv.max_speed, srv.max_burst_s, time.monotonic())
         return LiveStream(session, self.worker, self.hub, self.metrics, id=sid, name=name or sid,
-                          sample_rate=sample_rate, channels=channels, encoding=encoding, budget=budget,
+                          sample_rate=sample_rate, channels=channels, encoding=encoding, pace=pace,
                           engine=self.engine())

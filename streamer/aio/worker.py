@@ -1,8 +1,12 @@
 """The model worker: one thread owns the model; windows of all streams are batched into it, fairly.
 
-Each stream's windows wait in their own queue (:class:`streamer.fair.FairQueue`); a batch takes
-them round-robin, at most ``worker.max_windows_per_stream`` of one stream, so a client that sends
-a minute of audio at once shares every batch with the real-time streams instead of going first.
+Each stream's windows wait in their own queue (:class:`streamer.fair.FairQueue`) with a deadline, when
+their audio would have arrived at real time (:class:`streamer.fair.Pace`); a batch takes them earliest
+deadline first, at most ``worker.max_windows_per_stream`` of one stream. Windows due within
+``DUE_AHEAD_S`` run first, in batches of their own; windows of audio sent further ahead of real time (a
+client that sends a minute at once, an upload) run only while none is due, in batches kept to about
+``worker.ahead_batch_ms`` of model time, so a window that falls due meanwhile waits little for the model.
+However many streams send ahead, a real-time stream's windows go first.
 A stream's windows are dropped before they run once its caller stops waiting (cancelled: the
 client left) or :meth:`BatchWorker.forget` is called.
 
@@ -39,6 +43,9 @@ logger = logging.getLogger("streamer.worker")
 
 REFRESH_WAIT_S = 0.2
 """the longest a stream waits for a partial refresh (one refresh interval by default); later it is skipped"""
+DUE_AHEAD_S = 1.0
+"""a window due within this many seconds is due now: a real-time client's last message (up to a second of
+audio, fed as one piece) is due when its last sample would have come"""
 REFRESH_BATCH_WAIT_S = 0.01
 """the longest a batch of refreshes alone waits for more windows (``worker.max_wait_ms`` if shorter)"""
 
@@ -76,6 +83,8 @@ class BatchWorker:
         self._inflight = asyncio.Semaphore(self.remote.max_inflight if self.remote is not None else 1)
         self._calls: set[asyncio.Task[None]] = set()  # batches on the model server
         self._watch: asyncio.Task[None] | None = None
+        self._ahead = cfg.max_windows_per_stream
+        """the most windows a batch of audio sent ahead of real time takes (adapted to ``ahead_batch_ms``)"""
 
     @property
     def alive(self) -> bool:
@@ -121,8 +130,10 @@ class BatchWorker:
         await asyncio.gather(*tasks, return_exceptions=True)
         await remote.aclose()
 
-    async def submit(self, window: Window, stream: str = "", *, refresh: bool = True) -> np.ndarray | None:
-        """Queue one window of ``stream``; return its log-probabilities once the model ran it.
+    async def submit(self, window: Window, stream: str = "", *, refresh: bool = True, due: float = 0.0
+                     ) -> np.ndarray | None:
+        """Queue one window of ``stream``, due at ``due`` (``time.monotonic()``; 0: due now); return its
+        log-probabilities once the model ran it.
 
         None: an optional window (a partial refresh) the worker skipped (always with ``refresh = False``);
         answer it with ``session.skip``.
@@ -134,7 +145,7 @@ class BatchWorker:
             return None
         async with self._slots:
             fut: asyncio.Future[np.ndarray | None] = asyncio.get_running_loop().create_future()
-            self._queue.put(stream, _Item(window, fut, time.perf_counter()))
+            self._queue.put(stream, _Item(window, fut, time.perf_counter()), due)
             self._optional += window.optional
             self._arrived.set()
             if not window.optional:
@@ -147,15 +158,15 @@ class BatchWorker:
                     return None
                 return fut.result()  # it just came
 
-    async def run_many(self, windows: list[Window], stream: str = "", *, refresh: bool = True
+    async def run_many(self, windows: list[Window], stream: str = "", *, refresh: bool = True, due: float = 0.0
                        ) -> list[np.ndarray | None]:
-        """Submit the windows of ``stream`` together (they may share a batch); results in the same order
-        (None for a skipped optional window; ``refresh = False`` skips them all)."""
+        """Submit the windows of ``stream`` together (they may share a batch), due at ``due``; results in the same
+        order (None for a skipped optional window; ``refresh = False`` skips them all)."""
         if not windows:
             return []
         if stream:
             self._lagging.add(stream)
-        return list(await asyncio.gather(*(self.submit(w, stream, refresh=refresh) for w in windows)))
+        return list(await asyncio.gather(*(self.submit(w, stream, refresh=refresh, due=due) for w in windows)))
 
     def forget(self, stream: str) -> None:
         """``stream`` ended: drop its queued windows (their callers get CancelledError) and its lag gauge."""
@@ -174,16 +185,31 @@ class BatchWorker:
         item = self._queue.peek(stream)
         return time.perf_counter() - item.queued_at if item is not None else 0.0
 
-    def _take(self) -> list[_Item]:
-        """The next batch, fairly across streams, without the windows nobody waits for any more."""
+    def _take(self) -> tuple[list[_Item], bool]:
+        """The next batch, fairly across streams, without the windows nobody waits for any more; whether it holds
+        audio sent ahead of real time (no window was due)."""
         batch: list[_Item] = []
+        ahead = False
         while not batch and len(self._queue):
-            taken = self._queue.take(self.cfg.max_batch, self.cfg.max_windows_per_stream)
+            per_key = self.cfg.max_windows_per_stream
+            taken = self._queue.take(self.cfg.max_batch, per_key, time.monotonic() + DUE_AHEAD_S)
+            ahead = not taken
+            if ahead:  # nothing due: spare model time, in a batch short enough not to hold up what falls due
+                taken = self._queue.take(self._ahead, per_key)
             self._optional -= sum(item.window.optional for _, item in taken)
             batch = [item for _, item in taken if not item.future.done()]  # the stream's caller is gone
             if any(item.window.optional for item in batch) and not self._spare():
                 batch = self._skip_optional(batch)
-        return batch
+        return batch, ahead
+
+    def _ran_ahead(self, size: int, model_s: float) -> None:
+        """A batch of ``size`` windows sent ahead of real time took ``model_s``: the next such batch takes half as
+        many windows if it took longer than ``worker.ahead_batch_ms``, one more if it took less than half."""
+        target = self.cfg.ahead_batch_ms / 1000
+        if model_s > target:
+            self._ahead = max(1, min(self._ahead, size) // 2)
+        elif model_s < target / 2 and size >= self._ahead:
+            self._ahead = min(self.cfg.max_batch, self._ahead + 1)
 
     def _spare(self) -> bool:
         """Whether partial refreshes may run now: no other window waits (refreshes may: they batch together), and
@@ -223,7 +249,7 @@ class BatchWorker:
                     await asyncio.wait_for(self._arrived.wait(), remaining)
                 except TimeoutError:
                     break
-            batch = self._take()
+            batch, ahead = self._take()
             if not batch:
                 continue
             now = time.perf_counter()
@@ -234,7 +260,7 @@ class BatchWorker:
             samples = [item.window.samples for item in batch]
             if self.remote is not None:
                 await self._inflight.acquire()
-                call = asyncio.create_task(self._run_remote(self.remote, batch, samples))
+                call = asyncio.create_task(self._run_remote(self.remote, batch, samples, ahead))
                 self._calls.add(call)
                 call.add_done_callback(self._calls.discard)
                 continue
@@ -248,9 +274,10 @@ class BatchWorker:
                     if not item.future.done():
                         item.future.set_exception(err)
                 continue
-            self._deliver(batch, samples, outputs, time.perf_counter() - t0)
+            self._deliver(batch, samples, outputs, time.perf_counter() - t0, ahead)
 
-    async def _run_remote(self, remote: AsyncRunner, batch: list[_Item], samples: list[np.ndarray]) -> None:
+    async def _run_remote(self, remote: AsyncRunner, batch: list[_Item], samples: list[np.ndarray],
+                          ahead: bool) -> None:
         """One batch on the model server (several run at once); a failure fails this batch's windows only."""
         t0 = time.perf_counter()
         try:
@@ -269,12 +296,14 @@ class BatchWorker:
             raise
         finally:
             self._inflight.release()
-        self._deliver(batch, samples, outputs, time.perf_counter() - t0)
+        self._deliver(batch, samples, outputs, time.perf_counter() - t0, ahead)
 
     def _deliver(self, batch: list[_Item], samples: list[np.ndarray], outputs: list[np.ndarray],
-                 model_s: float) -> None:
+                 model_s: float, ahead: bool = False) -> None:
         """Count a batch that ran and hand each window its output."""
         self.batches += 1
+        if ahead:
+            self._ran_ahead(len(batch), model_s)
         optional = sum(len(item.window.samples) for item in batch if item.window.optional)
         self.load.add(time.perf_counter(), model_s * (1 - optional / max(1, sum(len(x) for x in samples))))
         ran = sum(1 for item in batch if item.window.optional and not item.future.cancelled())  # (late: skipped)

@@ -35,6 +35,7 @@ from streamer.aio.stream import LiveStream
 from streamer.engine import SAMPLE_RATE, WordDecoder
 from streamer.events import CLOSE_GOING_AWAY, Error, Event, error_for, to_json
 from streamer.exceptions import AudioError, InferenceError, ProtocolError
+from streamer.fair import Pace
 
 __all__ = ["Connection", "Quiet", "Receiver", "StreamHandler", "send_error"]
 
@@ -108,12 +109,23 @@ class Connection:
         self.host = host
         self.id = uuid.uuid4().hex[:12]
         self.stream: LiveStream | None = None
+        self.pace: Pace | None = None
+        """the client's pace (its sending budget, when its audio is due): its first stream's, kept by the next ones"""
 
     def open_stream(self, rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
                     name: str | None = None, words: WordDecoder | None = None) -> LiveStream:
-        """The connection's stream, under ``name`` (else its session id) unless another stream or a source has it."""
-        return open_named(self.host, self.id, name=name, sample_rate=rate, channels=channels, encoding=encoding,
-                          words=words)
+        """The connection's stream, under ``name`` (else its session id) unless another stream or a source has it.
+
+        Every stream of the connection keeps the client's pace: a client that ends its stream and starts another
+        (a Realtime ``clear``) neither gets a new burst budget nor has its audio due again from now.
+        """
+        stream = open_named(self.host, self.id, name=name, sample_rate=rate, channels=channels, encoding=encoding,
+                            words=words)
+        if self.pace is None:
+            self.pace = stream.pace
+        else:
+            stream.pace = self.pace
+        return stream
 
     async def claim(self, name: str | None) -> None:
         """Hold ``name`` (else the session id) in the whole daemon: with several front-end processes, a name one

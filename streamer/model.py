@@ -29,7 +29,7 @@ from streamer.exceptions import InferenceError, ModelLoadError
 from streamer.onnx import is_export, load_onnx
 from streamer.runner import WAV2VEC2_GEOMETRY, FrameGeometry, LocalRunner, probe_windows
 
-__all__ = ["TorchRunner", "cpu_has_bf16", "load_model"]
+__all__ = ["TorchRunner", "cpu_has_bf16", "load_model", "pick_device"]
 
 logger = logging.getLogger("streamer.model")
 
@@ -47,7 +47,8 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _pick_device(name: str, dtype: str = "auto") -> str:
+def pick_device(name: str, dtype: str = "auto") -> str:
+    """The device ``model.device = name`` means: ``auto`` is CUDA when a GPU is visible (the CPU for int8)."""
     import torch
 
     if name == "auto":
@@ -199,7 +200,7 @@ def load_model(cfg: ModelConfig | None = None, *, max_batch: int = 64) -> LocalR
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _pick_device(cfg.device, cfg.dtype)
+    device = pick_device(cfg.device, cfg.dtype)
     precision = _pick_precision(cfg.dtype, device)
     load_dtype = getattr(torch, precision) if precision in ("float32", "float16", "bfloat16") else torch.float32
     revision = cfg.revision or None

@@ -242,10 +242,10 @@ def random_runner(size: str, device: str) -> TorchRunner:
     """A :class:`streamer.model.TorchRunner` over a random model of a real model's shape (no download)."""
     import torch
 
-    from streamer.model import TorchRunner, _pick_device
+    from streamer.model import TorchRunner, pick_device
 
     model, tok, fe = _random_parts(size)
-    dev = _pick_device(device)
+    dev = pick_device(device)
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
     model = model.to(dtype).eval().to(dev)
     return TorchRunner(model, tok, fe, name=f"random-{size}", device=dev, dtype=dtype)

@@ -60,7 +60,7 @@ async def test_caption_client_reports_auth_failure(daemon_factory, speech, tmp_p
 
 @pytest.mark.slow
 async def test_caption_fast_gets_every_final_from_a_server_that_is_behind(daemon_factory, model_runner, tmp_path):
-    """Finding 6 of issue 14: ``--fast`` over a long file while the server is far behind (each window waits
+    """A client with ``--fast`` over a long file while the server is far behind (each window waits
     ``worker.max_wait_ms`` for company, so 40 s of audio take the server about a minute). The old client piled the
     whole file into socket buffers, its keepalive ping waited behind it, and it closed itself (1011) with finals
     missing. Now it reads while it sends, bounds the audio in flight and keeps no keepalive of its own: every final

@@ -1,4 +1,4 @@
-"""Hostile clients (issue 14): bad input gets its error event and close code, never 1011; the idle timeout counts
+"""Hostile clients: bad input gets its error event and close code, never 1011; the idle timeout counts
 audio; names cannot be taken from other streams; a message the MQTT broker refuses cannot block the others; the
 HTTP side answers odd requests with a 4xx and one log line. Where a finding is about other clients, a healthy
 stream runs beside the hostile one and must get the finals ``streamer transcribe`` gives."""

@@ -1,4 +1,4 @@
-"""Hotwords (``[decoder] hotwords``, native start ``hotwords``) and n-best on the wire (issue 18)."""
+"""Hotwords (``[decoder] hotwords``, native start ``hotwords``) and n-best on the wire."""
 
 from __future__ import annotations
 

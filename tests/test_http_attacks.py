@@ -233,3 +233,38 @@ async def test_an_upload_that_sends_nothing_is_closed_after_the_idle_timeout(dae
     status, _, answer = await raw_http(d.port, head + body[:100])  # and then nothing: it held the stream 30 s
     assert status == 408 and openai_error(status, answer)["code"] == "upload_idle", answer
     await healthy_finals_match(d, model_runner, speech)  # the stream it held is free again
+
+
+# --- a shutdown while uploads are transcribed ---------------------------------------------------------------------
+
+
+async def test_uploads_under_way_at_shutdown_end_with_what_was_transcribed(daemon_factory, speech, tmp_path):
+    d = await daemon_factory()
+    long = tmp_path / "long.wav"
+    sf.write(long, np.tile(speech, 40), 16000, subtype="PCM_16")  # minutes of audio: still decoding at the stop
+    c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{d.port}/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
+    deltas: list[str] = []
+    heard = asyncio.Event()
+
+    async def streamed() -> openai.APIError:
+        events = await c.audio.transcriptions.create(model="streamer", file=long, stream=True)
+        with pytest.raises(openai.APIError) as stopped:
+            async for event in events:
+                assert event.type == "transcript.text.delta", event  # never done: the file is not done
+                deltas.append(event.delta)
+                heard.set()
+        return stopped.value
+
+    async def whole() -> openai.APIStatusError:
+        with pytest.raises(openai.APIStatusError) as stopped:
+            await c.audio.transcriptions.create(model="streamer", file=long)
+        return stopped.value
+
+    streaming, answering = asyncio.create_task(streamed()), asyncio.create_task(whole())
+    async with asyncio.timeout(TIMEOUT):
+        await heard.wait()
+    await d.shutdown()
+    stopped, refused = await streaming, await answering
+    assert "shutting down" in stopped.message and "".join(deltas).strip()
+    assert refused.status_code == 503 and refused.body["code"] == "shutting_down"
+    assert isinstance(refused.response.json()["text"], str)

@@ -59,15 +59,18 @@ class ApiError(Exception):
     """An answer in OpenAI's error shape: HTTP ``status``, ``type``, the ``param`` at fault and a ``code``."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, text: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.type = type
         self.param = param
         self.code = code
+        self.text = text
+        """what was transcribed before the error, when some audio was (a shutdown)"""
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+        error = {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+        return error if self.text is None else {**error, "text": self.text}
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -512,10 +515,14 @@ class OpenAIFront:
             if form.stream:
                 await state.start_events()
             done = False
-            while not done:
+            while not done and not self.host.stopping.is_set():
                 block, done = await asyncio.to_thread(audio.read)
                 await take(await stream.feed(block))
-            await take(await stream.finish())
+            await take(await stream.finish())  # the finals of the audio fed, also when the daemon stops
+            if not done:
+                raise ApiError(503, f"the server is shutting down: only the first {audio.seconds:.1f} s of the audio "
+                               "were transcribed ('text'); send the file again to transcribe it whole",
+                               type="server_error", code="shutting_down", text=transcript_text(finals))
             if form.stream:
                 await state.event({"type": "transcript.text.done", "text": transcript_text(finals)})
                 await state.end_events()

@@ -436,3 +436,29 @@ async def test_tls_files_that_do_not_work_are_a_clear_error_at_start(daemon_fact
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
             await daemon_factory(*overrides)
+
+
+async def test_refusals_are_logged_once_per_interval(daemon_factory, model_runner, speech, caplog):
+    """Every stream slot taken by a healthy real-time stream, then 30 connections refused (1013): the log gets one
+    line for the first refusal and none for the rest within the interval, instead of websockets' two lines per
+    connection (5,000 refusals wrote 650 KB); the admitted stream's own lines and its finals are unchanged."""
+    caplog.set_level(logging.INFO)
+    d = await daemon_factory("server.max_streams=1")
+    expected = expected_finals(model_runner, speech)
+    healthy = asyncio.create_task(native_session(d.port, pcm16(speech), chunk=3200, pace=0.1))
+    async with asyncio.timeout(2 * TIMEOUT):
+        for _ in range(500):  # the healthy stream holds the one slot
+            if d.active_streams:
+                break
+            await asyncio.sleep(0.02)
+        before = len(caplog.records)
+        for _ in range(30):
+            error, code = await refused(await connect(f"ws://127.0.0.1:{d.port}/v1/stream"))
+            assert (error["code"], code) == ("busy", 1013)
+        during = [r.getMessage() for r in caplog.records[before:]]
+        msgs, code = await healthy
+    assert code == 1000 and [f["text"] for f in finals_of(msgs)] == expected
+    assert len(during) <= 2, during
+    assert any("refused" in line and "busy" in line for line in during), during
+    lines = [r.getMessage() for r in caplog.records if r.name == "websockets.server"]
+    assert lines.count("connection open") == 1 and lines.count("connection closed") == 1, lines  # the healthy one's

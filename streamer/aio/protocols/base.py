@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 from websockets.typing import Data
 
 from streamer.aio.host import StreamHost, close_named, name_in_use, open_named
@@ -37,7 +39,7 @@ from streamer.events import CLOSE_GOING_AWAY, Error, Event, error_for, to_json
 from streamer.exceptions import AudioError, InferenceError, ProtocolError
 from streamer.fair import Pace
 
-__all__ = ["Connection", "Quiet", "Receiver", "StreamHandler", "send_error"]
+__all__ = ["Connection", "Quiet", "Receiver", "RefusalLog", "StreamHandler", "send_error"]
 
 logger = logging.getLogger("streamer.server")
 
@@ -160,6 +162,83 @@ class Connection:
             return []
 
 
+class RefusalLog(logging.Filter):
+    """Keeps a refused connection's lines out of the log: one line says so, at most once per ``interval_s``.
+
+    websockets logs ``connection open`` and ``connection closed`` for every connection, and a refused
+    one is open before it is refused, so 5,000 refusals wrote 10,000 lines. Installed on the
+    ``websockets.server`` logger (:meth:`install`), it holds each connection's ``connection open`` back
+    until the connection is admitted (:meth:`admitted`) or closes without being refused; a refused
+    connection's two lines are dropped and :meth:`refused` logs one line, with the count of those held
+    back since the last one.
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._held: dict[object, logging.LogRecord] = {}  # connection id -> its "connection open"
+        self._refused: set[object] = set()
+        self._next = 0.0
+        self._quiet: dict[str, int] = {}  # refusals not logged since the last line, by reason
+
+    @classmethod
+    def install(cls) -> RefusalLog:
+        """The filter on the ``websockets.server`` logger (added once per process)."""
+        log = logging.getLogger("websockets.server")
+        for f in log.filters:
+            if isinstance(f, cls):
+                return f
+        f = cls()
+        log.addFilter(f)
+        return f
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message not in ("connection open", "connection closed"):
+            return True
+        ws: Any = record.__dict__.get("websocket")  # websockets' connection adapter adds it (a weak proxy)
+        try:
+            key = ws.id
+        except (AttributeError, ReferenceError):
+            return True
+        if message == "connection open":
+            self._held[key] = record
+            return False
+        held = self._held.pop(key, None)
+        if key in self._refused:
+            self._refused.discard(key)
+            return False
+        if held is not None:
+            logging.getLogger(held.name).callHandlers(held)
+        return True
+
+    def admitted(self, ws: ServerConnection) -> None:
+        """``ws`` was admitted: its ``connection open`` line goes out now."""
+        held = self._held.pop(ws.id, None)
+        if held is not None:
+            logging.getLogger(held.name).callHandlers(held)
+
+    def refused(self, ws: ServerConnection, error: Error) -> None:
+        """``ws`` was refused with ``error``: its lines are dropped; one line says so unless one did lately."""
+        self._held.pop(ws.id, None)
+        if ws.protocol.state is not State.CLOSED:
+            self._refused.add(ws.id)
+        now = time.monotonic()
+        if now < self._next:
+            self._quiet[error.code] = self._quiet.get(error.code, 0) + 1
+            return
+        self._next = now + self.interval_s
+        more = ", ".join(f"{n} more {code}" for code, n in self._quiet.items())
+        self._quiet.clear()
+        logger.info("refused a connection from %s (%s: %s)%s", _peer(ws), error.code, error.message,
+                    f"; {more} in the last {self.interval_s:g} s" if more else "")
+
+
+def _peer(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) and len(address) >= 2 else "?"
+
+
 async def send_error(ws: ServerConnection, error: Error) -> None:
     """Send a native error event and close with its code."""
     try:
@@ -187,10 +266,13 @@ class StreamHandler(Connection):
 
     async def serve_connection(self) -> None:
         """Admit the connection (or refuse it: shutting down 1001, over max_streams 1013), then serve it."""
+        log = RefusalLog.install()
         async with self.host.admission(self.protocol) as refused:
             if refused is not None:
+                log.refused(self.ws, refused)
                 await self.refuse(refused)
                 return
+            log.admitted(self.ws)
             try:
                 await self.run()
             except ConnectionClosed:

@@ -9,7 +9,7 @@ from websockets.exceptions import ConnectionClosed
 
 from streamer.aio.host import StreamHost
 from streamer.aio.http.front import STREAM_PATH
-from streamer.aio.protocols.base import send_error
+from streamer.aio.protocols.base import RefusalLog, send_error
 from streamer.events import CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN, Error, ViewerReady, to_json
 
 __all__ = ["serve_viewer"]
@@ -17,10 +17,13 @@ __all__ = ["serve_viewer"]
 
 async def serve_viewer(host: StreamHost, ws: ServerConnection, name: str) -> None:
     """Admit a viewer of ``name`` (or refuse it: over ``server.max_viewers``, 1013), then serve it."""
+    log = RefusalLog.install()
     async with host.admission("viewer", "viewer") as refused:
         if refused is not None:
+            log.refused(ws, refused)
             await send_error(ws, refused)
             return
+        log.admitted(ws)
         await _serve(host, ws, name)
 
 

@@ -268,3 +268,21 @@ async def test_uploads_under_way_at_shutdown_end_with_what_was_transcribed(daemo
     assert "shutting down" in stopped.message and "".join(deltas).strip()
     assert refused.status_code == 503 and refused.body["code"] == "shutting_down"
     assert isinstance(refused.response.json()["text"], str)
+
+
+# --- Realtime: session updates of any size ------------------------------------------------------------------------
+
+
+async def test_realtime_refuses_large_session_updates(daemon_factory, model_runner, speech):
+    d = await daemon_factory()
+    big = json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "transcription": {"prompt": "turn on the lights " * 10_000}}}}})  # 190 KB, parsed and echoed whole
+
+    async def flood() -> None:
+        async with connect(f"ws://127.0.0.1:{d.port}/v1/realtime?intent=transcription", max_size=None) as ws:
+            await ws.recv()  # session.created
+            for _ in range(5):
+                error = await realtime_error(ws, big)
+                assert error["code"] == "update_too_large" and "at most 16384" in error["message"], error
+
+    await asyncio.gather(flood(), flood(), healthy_finals_match(d, model_runner, speech))

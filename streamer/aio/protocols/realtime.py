@@ -42,6 +42,9 @@ MAX_ERRORS = 32
 """error events one session may cause; the next closes it (1008): a client that keeps sending wrong events"""
 CLIENT_EVENTS = ("session.update", "transcription_session.update", "input_audio_buffer.append",
                  "input_audio_buffer.commit", "input_audio_buffer.clear")
+MAX_UPDATE_BYTES = 16 << 10
+"""the largest session update: a whole session with a long prompt is a few KiB; each update is parsed, applied
+and echoed whole on the event loop, so 200 KB ones from two clients delayed every stream's finals by seconds"""
 VAD_KEYS = ("type", "threshold", "prefix_padding_ms", "silence_duration_ms", "eagerness", "idle_timeout_ms",
             "create_response", "interrupt_response")
 """the keys of a ``turn_detection`` a session keeps and echoes (OpenAI's server_vad and semantic_vad)"""
@@ -301,12 +304,15 @@ class RealtimeHandler(StreamHandler):
         self.item, self.sent, self.partial_words, self.held, self.appended = None, "", [], [], False
         await self.send("input_audio_buffer.cleared")
 
-    async def handle(self, msg: dict[str, Any]) -> None:
-        """One client event; :class:`RealtimeError` for a client mistake."""
+    async def handle(self, msg: dict[str, Any], size: int = 0) -> None:
+        """One client event of ``size`` characters; :class:`RealtimeError` for a client mistake."""
         if not isinstance(msg.get("type"), str):
             raise RealtimeError("an event must have a string 'type'", code="invalid_event", param="type")
         kind = msg["type"]
         if kind in ("session.update", "transcription_session.update"):
+            if size > MAX_UPDATE_BYTES:
+                raise RealtimeError(f"the session update has {size} bytes; at most {MAX_UPDATE_BYTES}",
+                                    code="update_too_large", param="session")
             self.update(msg.get("session"), beta=kind.startswith("transcription_session"))
             await self.send_session("updated")
         elif kind == "input_audio_buffer.append":
@@ -347,7 +353,7 @@ class RealtimeHandler(StreamHandler):
                 if not isinstance(event, dict):
                     raise RealtimeError("an event must be a JSON object with a string 'type'", code="invalid_event")
                 event_id = event["event_id"][:64] if isinstance(event.get("event_id"), str) else None
-                await self.handle(event)
+                await self.handle(event, len(msg))
             except (RealtimeError, AudioError) as exc:
                 self.errors += 1
                 if self.errors > MAX_ERRORS:

@@ -10,7 +10,7 @@ installed), whether ``/healthz`` stayed ok, what the daemon logged, and the atta
 is on loopback and bounded: every attack has a timeout, the daemon is restarted when an attack killed or
 wedged it, and it is killed at the end.
 
-    python clients/chaos.py                                  # every attack, 20 s each (about 8 minutes)
+    python clients/chaos.py                                  # every attack, 20 s each (about 10 minutes)
     python clients/chaos.py --attacks ping-flood,viewers --seconds 10
     python clients/chaos.py --list                           # the attacks, one line each
 
@@ -793,6 +793,144 @@ async def attack_cross_origin(ctx: Context) -> Result:
     return all(s not in (101, 0) for _, s in results), note
 
 
+def upload_request(port: int, audio: bytes, extra: str = "", host: str = "", boundary: str = "chaosboundary") -> bytes:
+    """A raw ``POST /v1/audio/transcriptions`` of ``audio`` as a multipart form, with ``extra`` header lines."""
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n").encode() + \
+        audio + f"\r\n--{boundary}--\r\n".encode()
+    return (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {host or f'{HOST}:{port}'}\r\nConnection: close\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n"
+            f"{extra}\r\n").encode() + body
+
+
+def wav_bytes(audio: np.ndarray, rate: int = 16000) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    out = io.BytesIO()
+    sf.write(out, audio, rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def status_is(status: int) -> Callable[[int, dict[str, str], bytes], bool]:
+    """A check of :func:`rounds_of`: the answer has ``status``."""
+    return lambda s, h, b: s == status
+
+
+async def rounds_of(ctx: Context, cases: dict[str, tuple[bytes, Callable[[int, dict[str, str], bytes], bool]]]
+                    ) -> Result:
+    """Send each raw request of ``cases`` again and again until the deadline; each answer must pass its check."""
+    seen: dict[str, Counter[int]] = {k: Counter() for k in cases}
+    ok = {k: True for k in cases}
+    while ctx.left() > 1:
+        for name, (request, check) in cases.items():
+            status, headers, body = await http(ctx.daemon.port, request, limit=30.0)
+            seen[name][status] += 1
+            ok[name] &= check(status, headers, body)
+    await asyncio.sleep(max(0.0, ctx.left()))
+    return all(ok.values()), ", ".join(f"{k} {'ok' if ok[k] else 'FAIL'} {dict(v)}" for k, v in seen.items())
+
+
+async def attack_rest_cross_site(ctx: Context) -> Result:
+    """Uploads from another site's page (a form needs no preflight): Origin or Sec-Fetch-Site, refused 403."""
+    audio = wav_bytes(ctx.audio[:16000])
+    port = ctx.daemon.port
+    refused = status_is(403)
+    return await rounds_of(ctx, {
+        "evil-origin": (upload_request(port, audio, "Origin: https://evil.example\r\n"), refused),
+        "null-origin": (upload_request(port, audio, "Origin: null\r\n"), refused),
+        "cross-site": (upload_request(port, audio, "Sec-Fetch-Site: cross-site\r\n"), refused),
+    })
+
+
+async def attack_rebinding(ctx: Context) -> Result:
+    """DNS rebinding: Host and Origin both evil.example, on every path (no token set): refused 403."""
+    port, evil = ctx.daemon.port, "evil.example"
+    audio = wav_bytes(ctx.audio[:16000])
+    refused = status_is(403)
+    upgrade = (f"GET /v1/listen/{ctx.names[0]} HTTP/1.1\r\nHost: {evil}\r\nOrigin: http://{evil}\r\n"
+               "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    return await rounds_of(ctx, {
+        "healthz": (f"GET /healthz HTTP/1.1\r\nHost: {evil}\r\nConnection: close\r\n\r\n".encode(), refused),
+        "metrics": (f"GET /metrics HTTP/1.1\r\nHost: {evil}\r\nConnection: close\r\n\r\n".encode(), refused),
+        "viewer": (upgrade, refused),
+        "upload": (upload_request(port, audio, f"Origin: http://{evil}\r\n", host=evil), refused),
+    })
+
+
+async def attack_rest_malformed(ctx: Context) -> Result:
+    """Uploads a parser or decoder chokes on: a 300-character boundary, 255 channels of Ogg Vorbis at 192 kHz
+    (4 KB that decode to ~200 MB a second), repeated single headers on POST, GET and upgrades: 400s."""
+    import io
+
+    import soundfile as sf
+
+    port = ctx.daemon.port
+    bomb = io.BytesIO()
+    sf.write(bomb, np.zeros((8000, 255), np.float32), 192000, format="OGG", subtype="VORBIS")
+    audio = wav_bytes(ctx.audio[:16000])
+    bad = status_is(400)
+    upgrade = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n")
+    cases = {
+        "boundary": (upload_request(port, audio, boundary="b" * 300), bad),
+        "255-channels": (upload_request(port, bomb.getvalue()), bad),
+        "models-2-auth": (get("/v1/models", extra="Authorization: Bearer a\r\nAuthorization: Bearer b\r\n"), bad),
+        "upgrade-2-origin": (get("/v1/stream", extra=upgrade + "Origin: http://a\r\nOrigin: http://b\r\n"), bad),
+        "realtime-2-beta": (get("/v1/realtime?intent=transcription",
+                                extra=upgrade + "OpenAI-Beta: realtime=v1\r\nOpenAI-Beta: x\r\n"), bad),
+    }
+    for header in ("Content-Type: text/plain", "Authorization: Bearer x", "Expect: 100-continue"):
+        cases[f"post-2-{header.split(':')[0].lower()}"] = (upload_request(port, audio, f"{header}\r\n" * 2), bad)
+    return await rounds_of(ctx, cases)
+
+
+async def attack_realtime_hostile(ctx: Context) -> Result:
+    """Realtime sessions sending NaN, 977-deep turn_detection and 190 KB session updates: error events, never
+    1011, and no NaN in what comes back."""
+    url = f"ws://{HOST}:{ctx.daemon.port}/v1/realtime?intent=transcription"
+
+    def update(turn_detection: str) -> str:
+        return ('{"type": "session.update", "session": {"type": "transcription", "audio": {"input": '
+                '{"turn_detection": ' + turn_detection + "}}}}")
+
+    events = [update('{"type": "server_vad", "threshold": NaN}'),
+              update('{"type": "server_vad", "x": ' + "[" * 977 + "]" * 977 + "}"),
+              json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+                  "transcription": {"prompt": "turn on the lights " * 10_000}}}}})]
+    codes: Counter[str] = Counter()
+    problems: list[str] = []
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} sent")
+
+    async def session() -> None:  # after 32 errors the daemon closes the session (1008): open another
+        while ctx.left() > 1:
+            try:
+                async with connect(url, max_size=None, open_timeout=10) as ws:
+                    await ws.recv()
+                    while ctx.left() > 1:
+                        for event in events:
+                            await ws.send(event)
+                            while (msg := json.loads(await ws.recv(), parse_constant=no_constant))["type"] != "error":
+                                pass
+                            codes[msg["error"]["code"]] += 1
+            except ConnectionClosed as exc:
+                if exc.rcvd is None or exc.rcvd.code != 1008:
+                    problems.append(f"closed {exc.rcvd.code if exc.rcvd else 'without a close frame'}")
+                    return
+            except (ValueError, OSError, InvalidHandshake) as exc:
+                problems.append(str(exc)[:80])
+                return
+
+    await asyncio.gather(session(), session())
+    await asyncio.sleep(max(0.0, ctx.left()))
+    return not problems and set(codes) <= {"invalid_json", "update_too_large", "too_many_errors"} and \
+        codes["invalid_json"] > 0 and codes["update_too_large"] > 0, \
+        f"error events {dict(codes)}" + (f"; {', '.join(problems)}" if problems else "")
+
+
 async def attack_sigterm(ctx: Context) -> Result:
     """SIGTERM while the worker is busy: every healthy stream must still get its finals before the close."""
     load = asyncio.create_task(flood_8k(ctx, ctx.args.sigterm_load, ctx.left))
@@ -827,6 +965,10 @@ ATTACKS: dict[str, Attack] = {
     "bad-input": Attack(attack_bad_input, "deep JSON, Vosk NaN/Infinity rate, 3e38 f32 samples: error events"),
     "http-edges": Attack(attack_http_edges, "a 300-byte path component, HEAD, POST with a body: 4xx, one line"),
     "cross-origin": Attack(attack_cross_origin, "websocket upgrades with another site's Origin: refused"),
+    "rest-cross-site": Attack(attack_rest_cross_site, "uploads with another site's Origin or Sec-Fetch-Site: 403"),
+    "rebinding": Attack(attack_rebinding, "Host: evil.example on /healthz, /metrics, viewers, uploads: 403"),
+    "rest-malformed": Attack(attack_rest_malformed, "long boundary, 255-channel Ogg, repeated headers: 400"),
+    "realtime-hostile": Attack(attack_realtime_hostile, "Realtime NaN, deep nesting, 190 KB updates: error events"),
     "sigterm": Attack(attack_sigterm, "SIGTERM under load: every healthy final before the close (always last)"),
 }
 

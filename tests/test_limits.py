@@ -462,3 +462,36 @@ async def test_refusals_are_logged_once_per_interval(daemon_factory, model_runne
     assert any("refused" in line and "busy" in line for line in during), during
     lines = [r.getMessage() for r in caplog.records if r.name == "websockets.server"]
     assert lines.count("connection open") == 1 and lines.count("connection closed") == 1, lines  # the healthy one's
+
+
+async def test_viewers_of_names_that_are_not_live_are_closed_after_the_idle_timeout(daemon_factory, model_runner,
+                                                                                      speech):
+    """Every viewer slot but one taken by viewers of names that never exist: they are closed (1000) once their
+    name has not been live for server.idle_timeout_s, and a viewer admitted after them follows a healthy stream
+    to its end, as does the viewer that followed it all along (a live name's viewer stays, pauses and all).
+    Before, 256 such viewers held every slot for good."""
+    d = await daemon_factory("server.max_viewers=4", "server.idle_timeout_s=1")
+    expected = expected_finals(model_runner, speech)
+    url = f"ws://127.0.0.1:{d.port}/v1/listen"
+    async with asyncio.timeout(2 * TIMEOUT):
+        ghosts = [await connect(f"{url}/ghost{i}") for i in range(3)]
+        async with connect(f"{url}/desk") as follower:
+            assert json.loads(await follower.recv())["type"] == "ready"
+            healthy = asyncio.create_task(native_session(d.port, pcm16(speech), chunk=3200, pace=0.1,
+                                                         start={"type": "start", "name": "desk"}))
+            for ghost in ghosts:
+                msgs = []
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        msgs.append(json.loads(await ghost.recv()))
+                assert ghost.close_code == 1000 and msgs[-1]["code"] == "viewer_idle", msgs
+            async with connect(f"{url}/desk") as late:  # a slot is free again
+                assert json.loads(await late.recv())["type"] == "ready"
+                msgs, code = await healthy
+                assert code == 1000 and [f["text"] for f in finals_of(msgs)] == expected
+                for viewer in (follower, late):
+                    seen: list[str] = []
+                    while not seen or seen[-1] != expected[-1]:
+                        event = json.loads(await viewer.recv())
+                        seen += [event["text"]] if event["type"] == "final" else []
+                    assert seen[-len(expected):] == expected if viewer is follower else seen[-1] == expected[-1]

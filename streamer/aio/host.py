@@ -112,6 +112,10 @@ class StreamHost(Protocol):
         """The stream ``session`` ended: its names are free again."""
         ...
 
+    def name_live(self, name: str) -> bool:
+        """Whether a stream or capture source of this process has ``name`` now."""
+        ...
+
     def open_stream(self, *, sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
                     name: str | None = None, id: str | None = None, words: WordDecoder | None = None,
                     live: bool = True) -> LiveStream:

@@ -156,6 +156,9 @@ class Daemon:
         if self.cluster is not None:
             self.cluster.unclaim(session)
 
+    def name_live(self, name: str) -> bool:
+        return name in self._names or any(source.name == name for source in self.cfg.sources)
+
     async def claim_name_everywhere(self, name: str, session: str) -> str | None:
         """:meth:`claim_name` in the whole daemon: with several front-end processes, the supervisor says
         whether another process's stream has ``name``. Then :meth:`claim_name` here holds it again, harmlessly."""

@@ -286,3 +286,20 @@ async def test_realtime_refuses_large_session_updates(daemon_factory, model_runn
                 assert error["code"] == "update_too_large" and "at most 16384" in error["message"], error
 
     await asyncio.gather(flood(), flood(), healthy_finals_match(d, model_runner, speech))
+
+
+# --- chunk sizes that are not hex digits --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["0x{n:x}", "0_{n:x}", "+{n:x}", " {n:x}"])
+async def test_a_chunk_size_that_is_not_hex_digits_gets_400(daemon_factory, size):
+    d = await daemon_factory()
+    body = form(wav(1.0))
+    request = upload(d.port, body)[: -len(body)].replace(f"Content-Length: {len(body)}".encode(),
+                                                         b"Transfer-Encoding: chunked")
+    n = len(body)
+    request += f"{size.format(n=n)}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    status, _, answer = await raw_http(d.port, request)
+    assert status == 400 and "chunk size" in openai_error(status, answer)["message"], answer
+    status, _, _ = await raw_http(d.port, request.replace(f"{size.format(n=n)}\r\n".encode(), f"{n:X}\r\n".encode()))
+    assert status == 200

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import re
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -107,6 +108,8 @@ LINGER_S = 5.0
 """how long an answered upload's connection stays open for the client to finish sending and read the answer"""
 CHUNK_LINE_BYTES = 4096
 """the longest chunk-size line (with extensions) or trailer line of a chunked body"""
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+"""a chunk size as RFC 9112 spells it: hex digits, nothing else"""
 MAX_TRAILERS = 64
 """trailer fields after a chunked body (ignored)"""
 MAX_CHUNKS = 16384
@@ -128,13 +131,12 @@ def _read_body(conn: HttpConnection, upload: Upload) -> Generator[None]:
             body = bytearray()
             for _ in range(MAX_CHUNKS + 1):
                 line = yield from reader.read_line(CHUNK_LINE_BYTES, ValueError)
-                size_text = bytes(line).split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise ValueError(f"bad chunk size {size_text[:20]!r} in a chunked body") from None
-                if size < 0:
-                    raise ValueError("bad chunk size in a chunked body")
+                size_text = bytes(line).rstrip(b"\r\n").split(b";", 1)[0].rstrip(b" \t")
+                # hex digits only: int(x, 16) also reads "0x10", "1_0", "+10" and " 10", which a proxy in
+                # front may read otherwise (or refuse), the framing difference request smuggling needs
+                if not CHUNK_SIZE.fullmatch(size_text):
+                    raise ValueError(f"bad chunk size {size_text[:20]!r} in a chunked body")
+                size = int(size_text, 16)
                 if len(body) + size > upload.limit:
                     upload.too_large = True
                     break

@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import logging
+import socket
 
 import numpy as np
 import openai
@@ -303,3 +304,40 @@ async def test_a_chunk_size_that_is_not_hex_digits_gets_400(daemon_factory, size
     assert status == 400 and "chunk size" in openai_error(status, answer)["message"], answer
     status, _, _ = await raw_http(d.port, request.replace(f"{size.format(n=n)}\r\n".encode(), f"{n:X}\r\n".encode()))
     assert status == 200
+
+
+# --- bodies of uploads refused before they came -------------------------------------------------------------------
+
+
+def rss_mb() -> float:
+    """This process's resident memory (the daemon runs in it), in MB."""
+    for line in open("/proc/self/status").read().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def send_refused(port: int, head: bytes, body: memoryview) -> tuple[int, socket.socket]:
+    """Send ``head`` and all of ``body`` without reading (a blocking socket, no copy); the status of the answer,
+    and the connection, left open."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    s.sendall(head)
+    s.sendall(body)
+    return int(s.recv(64).split()[1]), s
+
+
+async def test_bodies_of_refused_uploads_are_dropped_not_kept(daemon_factory, model_runner, speech):
+    d = await daemon_factory("server.auth_token='s3cret'", "openai.max_upload_bytes=30000000")
+    body = memoryview(b"x" * (24 << 20))  # resident before the first measure
+    head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1:{d.port}\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode()  # and no token
+    token = {"Authorization": "Bearer s3cret"}
+    await healthy_finals_match(d, model_runner, speech, headers=token)  # what a first stream allocates, before
+    before = rss_mb()
+    *sent, _ = await asyncio.gather(*(asyncio.to_thread(send_refused, d.port, head, body) for _ in range(8)),
+                                    healthy_finals_match(d, model_runner, speech, headers=token))
+    grown = rss_mb() - before  # every body sent, its connection still open (the daemon lingers for the close)
+    for _, s in sent:
+        s.close()
+    assert [status for status, _ in sent] == [401] * 8
+    assert grown < 64, f"{grown:.0f} MB kept for 8 refused bodies of 24 MiB"

@@ -97,6 +97,9 @@ class Upload:
     too_large: bool = False
     received: int = 0
     """body bytes received so far"""
+    unwanted: bool = False
+    """set once the upload is answered: the rest of its body is read and dropped, never kept (an answer given
+    before the body came, 401 or 429, must not leave the body to fill memory while the client sends it)"""
 
     @property
     def expects_continue(self) -> bool:
@@ -123,13 +126,16 @@ def _read_body(conn: HttpConnection, upload: Upload) -> Generator[None]:
         if upload.too_large or upload.framing == "none":
             pass
         elif upload.length is not None:
-            while len(reader.buffer) < upload.length and not reader.eof:
+            while len(reader.buffer) < upload.length and not reader.eof and not upload.unwanted:
                 upload.received = len(reader.buffer)
                 yield
-            upload.body.set_result(bytes((yield from reader.read_exact(upload.length))))
+            if not upload.unwanted:
+                upload.body.set_result(bytes((yield from reader.read_exact(upload.length))))
         else:
             body = bytearray()
             for _ in range(MAX_CHUNKS + 1):
+                if upload.unwanted:
+                    break
                 line = yield from reader.read_line(CHUNK_LINE_BYTES, ValueError)
                 size_text = bytes(line).rstrip(b"\r\n").split(b";", 1)[0].rstrip(b" \t")
                 # hex digits only: int(x, 16) also reads "0x10", "1_0", "+10" and " 10", which a proxy in

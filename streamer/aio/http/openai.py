@@ -396,6 +396,7 @@ class OpenAIFront:
         except ConnectionError:
             logger.info("openai request %s: the client left", sid)
         finally:
+            upload.unwanted = True  # what still comes of the body is dropped as it comes
             await conn.finish()
 
     async def _serve(self, conn: HttpConnection, upload: Upload, sid: str, state: _Answer) -> None:

@@ -39,8 +39,9 @@ TINY_CONFIGS = [c for c in CONFIGS if c != ("torch", "bfloat16")]
 kernels keep the argmax of only 84 % of a random model's decisive frames (100 % with oneDNN off,
 ``torch.backends.mkldnn.flags(enabled=False)``; at least 99 % on the CPUs without AMX that ran it before), while
 the trained demo model keeps 100 % of its frames there: bfloat16 is held to the demo model, which is what users run."""
-FLOAT_ATOL = 2e-3
-"""largest log-probability difference of a float32 backend from torch float32 (measured: 8e-4, group norm)"""
+FLOAT_ATOL = 3e-3
+"""largest log-probability difference of a float32 backend from torch float32 (measured, group norm: 8e-4 with
+onnxruntime 1.32, 2.03e-3 in one of 20,460 values with 1.18.1, the lowest version pyproject.toml allows)"""
 DECISIVE = 2.0
 """a frame is decisive when torch float32 puts its best token this many nats ahead of the second"""
 AGREE_DECISIVE = 0.95

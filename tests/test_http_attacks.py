@@ -7,6 +7,8 @@ clients, a healthy stream runs beside it and must get the finals ``streamer tran
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import io
 import json
 import logging
@@ -19,6 +21,7 @@ import soundfile as sf
 from test_hostile import healthy_finals_match, raw_http
 from test_server import TIMEOUT
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 BOUNDARY = "streamerboundary"
 
@@ -341,3 +344,27 @@ async def test_bodies_of_refused_uploads_are_dropped_not_kept(daemon_factory, mo
         s.close()
     assert [status for status, _ in sent] == [401] * 8
     assert grown < 64, f"{grown:.0f} MB kept for 8 refused bodies of 24 MiB"
+
+
+# --- Realtime without turn detection: the text held for a commit at the end -------------------------------------
+
+
+async def test_realtime_without_turn_detection_sends_held_text_when_it_ends(daemon_factory, speech):
+    import soxr
+
+    d = await daemon_factory("server.idle_timeout_s=2")
+    pcm = (np.clip(soxr.resample(speech, 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
+    async with connect(f"ws://127.0.0.1:{d.port}/v1/realtime?intent=transcription") as ws:
+        await ws.recv()  # session.created
+        await ws.send(vad_update("null"))
+        for i in range(0, len(pcm), 9600):
+            await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                      "audio": base64.b64encode(pcm[i:i + 9600]).decode()}))
+        events = []  # and no commit: the idle timeout ends the session
+        async with asyncio.timeout(TIMEOUT):
+            with contextlib.suppress(ConnectionClosed):
+                async for text in ws:
+                    events.append(json.loads(text))
+        assert ws.close_code == 1000
+    completed = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert len(completed) == 1 and completed[0]["transcript"].strip(), events  # was none: the speech never sent

@@ -290,6 +290,10 @@ class RealtimeHandler(StreamHandler):
         await self.take(await self.stream.flush())
         if self.server_vad and self.previous != before:
             return  # the flush's final completed the utterance
+        await self.complete_held()
+
+    async def complete_held(self) -> None:
+        """Commit the finals held for a commit (turn detection off) as one item; an empty one when there are none."""
         if self.item is None:  # no speech since the last item: an empty one, as OpenAI transcribes silence
             self.item, self.sent = f"item_{uuid.uuid4().hex[:20]}", ""
         text, self.held = " ".join(self.held), []
@@ -336,6 +340,8 @@ class RealtimeHandler(StreamHandler):
             if isinstance(msg, Quiet):
                 if self.stream is not None:
                     await self.take(await self.stream.finish())
+                if self.held:  # turn detection off and no commit came: the text is sent, not dropped
+                    await self.complete_held()
                 await self.ws.close(CLOSE_NORMAL if msg is Quiet.IDLE else CLOSE_GOING_AWAY, msg.value)
                 return
             event_id = None

@@ -886,6 +886,54 @@ async def attack_rest_malformed(ctx: Context) -> Result:
     return await rounds_of(ctx, cases)
 
 
+async def attack_rest_bodies(ctx: Context) -> Result:
+    """Uploads of 24 MiB answered before their body came (404: translations), sent whole and left open: the
+    daemon must drop their bodies as they come, not keep them (the RSS column)."""
+    body = memoryview(b"x" * (24 << 20))
+    head = (f"POST /v1/audio/translations HTTP/1.1\r\nHost: {HOST}:{ctx.daemon.port}\r\n"
+            f"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+
+    def one() -> tuple[int, socket.socket | None]:
+        try:
+            s = socket.create_connection((HOST, ctx.daemon.port), timeout=30)
+            s.sendall(head)
+            s.sendall(body)
+            return int(s.recv(64).split()[1]), s
+        except (OSError, ValueError, IndexError):
+            return 0, None
+
+    statuses: Counter[int] = Counter()
+    while ctx.left() > 3:
+        sent = await asyncio.gather(*(asyncio.to_thread(one) for _ in range(ctx.args.body_clients)))
+        for status, s in sent:
+            statuses[status] += 1
+            if s is not None:
+                s.close()
+    await asyncio.sleep(max(0.0, ctx.left()))
+    return set(statuses) == {404}, f"{ctx.args.body_clients} at once, 24 MiB each: status {dict(statuses)}"
+
+
+async def attack_rest_silent(ctx: Context) -> Result:
+    """Uploads that send their head and a little of their body, then nothing, each holding a stream: the idle
+    timeout must answer them 408 (upload_idle) and free the stream."""
+    idle = ctx.args.idle_timeout
+    hold = max(ctx.left(), idle + 5)
+    head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {HOST}:{ctx.daemon.port}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n--x\r\n").encode()
+    answers: list[tuple[int, float]] = []
+
+    async def one() -> None:
+        t0 = time.monotonic()
+        status, _, _ = await http(ctx.daemon.port, head, limit=hold)
+        answers.append((status, time.monotonic() - t0))
+
+    n = ctx.args.idle_clients
+    await asyncio.gather(*(one() for _ in range(n)))
+    await asyncio.sleep(max(0.0, ctx.left()))
+    in_time = [t for status, t in answers if status == 408 and t <= idle + 3]
+    return len(in_time) == n, f"{n} silent uploads: {len(in_time)} answered 408 by the idle timeout ({idle:g} s)"
+
+
 async def attack_realtime_hostile(ctx: Context) -> Result:
     """Realtime sessions sending NaN, 977-deep turn_detection and 190 KB session updates: error events, never
     1011, and no NaN in what comes back."""
@@ -968,6 +1016,8 @@ ATTACKS: dict[str, Attack] = {
     "rest-cross-site": Attack(attack_rest_cross_site, "uploads with another site's Origin or Sec-Fetch-Site: 403"),
     "rebinding": Attack(attack_rebinding, "Host: evil.example on /healthz, /metrics, viewers, uploads: 403"),
     "rest-malformed": Attack(attack_rest_malformed, "long boundary, 255-channel Ogg, repeated headers: 400"),
+    "rest-bodies": Attack(attack_rest_bodies, "24 MiB uploads answered 404 before their body: dropped, not kept"),
+    "rest-silent": Attack(attack_rest_silent, "uploads that stop sending, holding a stream: 408 at the idle timeout"),
     "realtime-hostile": Attack(attack_realtime_hostile, "Realtime NaN, deep nesting, 190 KB updates: error events"),
     "sigterm": Attack(attack_sigterm, "SIGTERM under load: every healthy final before the close (always last)"),
 }
@@ -1140,6 +1190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override for the daemon and for the reference transcription (repeatable)")
     p.add_argument("--max-streams", type=int, default=24, help="the daemon's server.max_streams (default: 24)")
+    p.add_argument("--body-clients", type=int, default=8,
+                   help="rest-bodies: uploads of 24 MiB sent at once (default: 8)")
     p.add_argument("--idle-timeout", type=float, default=5.0,
                    help="the daemon's server.idle_timeout_s, short so that idle-bypass shows (default: 5)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,

@@ -4,6 +4,7 @@ of clients that left are dropped, and SIGTERM delivers every stream's finals. Re
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import random
@@ -440,3 +441,49 @@ async def test_a_refresh_holds_its_stream_back_briefly_at_most(model_runner, spe
             assert worker.metrics.refresh_windows.labels("run")._value.get() == 0
     finally:
         await worker.stop()
+
+
+@pytest.mark.parametrize("protocol", ["native", "vosk", "realtime"])
+async def test_sigterm_ends_a_stream_whose_client_keeps_sending(daemon_factory, model_runner, speech, protocol):
+    """SIGTERM while a client streams a minute at 5x real time and never stops sending: the daemon stops reading it,
+    sends the finals of the audio it accepted (the first sentence's, at least) and closes it cleanly (1001) while
+    the client still has most of its audio to send; before, a queued message went before the shutdown, so such a
+    client was served until it stopped sending."""
+    d = await daemon_factory("vosk.enabled=true", "vosk.port=0", "vosk.sample_rate=16000",
+                             "server.shutdown_timeout_s=120")
+    audio = pcm16(np.tile(speech, int(60 * 16000 / len(speech)) + 1)[: 60 * 16000])
+    first = reference_finals(model_runner, speech)[0]["text"]
+    chunk, texts, sent = 3200, [], 0
+    url = {"native": f"ws://127.0.0.1:{d.port}/v1/stream", "vosk": f"ws://127.0.0.1:{d.vosk_port}",
+           "realtime": f"ws://127.0.0.1:{d.port}/v1/realtime?intent=transcription"}[protocol]
+
+    def message(pcm: bytes) -> bytes | str:
+        if protocol != "realtime":
+            return pcm
+        pcm24 = pcm16(soxr.resample(np.frombuffer(pcm, "<i2").astype(np.float32) / 32768, 16000, 24000))
+        return json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm24).decode()})
+
+    async def read(ws) -> None:
+        async for raw in ws:
+            m = json.loads(raw)
+            text = m.get("transcript") if protocol == "realtime" and m.get("type", "").endswith(".completed") \
+                else m.get("text") if m.get("type") in ("final", None) else None
+            if text:
+                texts.append(text)
+
+    async with asyncio.timeout(4 * TIMEOUT), connect(url, max_size=None) as ws:
+        reader = asyncio.create_task(read(ws))
+        try:
+            for sent in range(0, len(audio), chunk):
+                if sent == 6 * 32000:  # 6 s in: the first sentence was sent
+                    stopping = asyncio.create_task(d.shutdown())
+                await ws.send(message(audio[sent : sent + chunk]))
+                await asyncio.sleep(0.02)
+        except ConnectionClosed:
+            pass
+        await reader
+        await stopping
+    assert ws.close_code == 1001, ws.close_reason
+    total = len(audio)
+    assert sent < total // 2, f"the client could send {sent / 32000:.1f} s of its {total / 32000:.0f} s"
+    assert texts and texts[0] == first, texts

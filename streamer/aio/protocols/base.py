@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import fcntl
 import logging
+import struct
+import termios
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -55,6 +58,24 @@ class Quiet(enum.Enum):
     """the daemon shuts down"""
 
 
+DRAIN_MESSAGES = 16
+"""messages a websocket connection reads ahead of its handler (websockets' ``max_queue``): at the shutdown they
+were sent before it"""
+DRAIN_WAIT_S = 0.1
+"""at the shutdown, how long a message the client sent before it may take to be read"""
+
+
+def unread_bytes(ws: ServerConnection) -> int:
+    """Bytes the client sent that wait in the kernel, unread (0 when unknown)."""
+    sock = ws.transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return 0
+
+
 class Receiver(Generic[M]):
     """A connection's receive loop: the next message, or :class:`Quiet` when the client idles or the daemon stops.
 
@@ -64,18 +85,32 @@ class Receiver(Generic[M]):
     not count. Call :meth:`close` when the connection ends.
     """
 
-    def __init__(self, host: StreamHost, receive: Callable[[], Awaitable[M]], is_audio: Callable[[M], bool]) -> None:
+    def __init__(self, host: StreamHost, receive: Callable[[], Awaitable[M]], is_audio: Callable[[M], bool],
+                 unread: Callable[[], int] | None = None) -> None:
         self.host = host
         self.receive = receive
         self.is_audio = is_audio
+        self.unread = unread
+        """bytes the client sent that wait unread (in the kernel); None: a message that comes with the shutdown is
+        served, and then the next ones until none comes at once"""
         self._waited_s = 0.0
         self._stop: asyncio.Future[Any] | None = None
+        self._largest = 0  # the largest message so far
+        self._drain: int | None = None  # after the shutdown: bytes still to serve of what the client had sent
 
     def heard_audio(self) -> None:
         """Audio came some other way (as text): the idle timeout starts again."""
         self._waited_s = 0.0
 
     async def next(self) -> M | Quiet:
+        """The next message, or why none.
+
+        At the shutdown (with ``unread``) the client's messages sent before it are still served: what waited
+        unread then, and up to ``DRAIN_MESSAGES`` messages the connection had already read, each as long as it
+        comes at once; then :attr:`Quiet.STOP`. A client that keeps sending is not served past that.
+        """
+        if self._drain is not None:
+            return await self._drained()
         left = self.host.cfg.server.idle_timeout_s - self._waited_s
         if left <= 0:
             return Quiet.IDLE
@@ -86,12 +121,37 @@ class Receiver(Generic[M]):
         t0 = loop.time()
         receive: asyncio.Future[Any] = asyncio.ensure_future(self.receive())
         done, _ = await asyncio.wait({receive, stop}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        if stop in done and self.unread is not None:
+            self._drain = self.unread() + DRAIN_MESSAGES * self._largest
+            if receive in done:
+                return self._took(receive.result())
+            receive.cancel()  # websockets' recv() loses nothing when cancelled
+            return await self._drained()
         if receive in done:
-            msg: M = receive.result()
+            msg: M = self._took(receive.result())
             self._waited_s = 0.0 if self.is_audio(msg) else self._waited_s + loop.time() - t0
             return msg
         receive.cancel()
         return Quiet.STOP if stop in done else Quiet.IDLE
+
+    def _took(self, msg: M) -> M:
+        size = len(msg) if isinstance(msg, bytes | str) else 0
+        self._largest = max(self._largest, size)
+        if self._drain is not None:
+            self._drain -= size
+        return msg
+
+    async def _drained(self) -> M | Quiet:
+        """After the shutdown: the next message the client had sent before it, or :attr:`Quiet.STOP`."""
+        if self._drain is None or self._drain <= 0:
+            return Quiet.STOP
+        receive: asyncio.Future[Any] = asyncio.ensure_future(self.receive())
+        done, _ = await asyncio.wait({receive}, timeout=DRAIN_WAIT_S)
+        if receive not in done:
+            receive.cancel()
+            self._drain = 0
+            return Quiet.STOP
+        return self._took(receive.result())
 
     def close(self) -> None:
         if self._stop is not None:
@@ -258,7 +318,7 @@ class StreamHandler(Connection):
     def __init__(self, host: StreamHost, ws: ServerConnection) -> None:
         super().__init__(host)
         self.ws = ws
-        self.receiver: Receiver[Data] = Receiver(host, ws.recv, _is_audio)
+        self.receiver: Receiver[Data] = Receiver(host, ws.recv, _is_audio, lambda: unread_bytes(ws))
 
     async def recv(self) -> Data | Quiet:
         """The next message (bytes or str), or :class:`Quiet` (:meth:`Receiver.next`)."""

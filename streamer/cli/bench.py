@@ -60,7 +60,7 @@ def measure(runner: Runner, cfg: Config, words: Decoder | None, audio: np.ndarra
     from streamer.engine import Window
     from streamer.events import Final
     from streamer.runner import geometry_of
-    from streamer.transcribe import new_session, text_of
+    from streamer.transcribe import feed_audio, new_session, speech_detector, text_of
 
     session = new_session(cfg, runner.vocab, words, record_frames=True, geometry=geometry_of(runner), refresh=True)
     cost = {"provisional_windows": 0.0, "provisional_seconds": 0.0, "refresh_windows": 0.0, "refresh_seconds": 0.0,
@@ -92,9 +92,10 @@ def measure(runner: Runner, cfg: Config, words: Decoder | None, audio: np.ndarra
             events.append(e)
 
     chunk = max(1, int(16 * chunk_ms))
+    detector = speech_detector(session)  # with [endpoint] vad, as the daemon's streams hear it
     t0 = time.perf_counter()
     for i in range(0, len(audio), chunk):
-        session.accept_audio(audio[i : i + chunk])
+        feed_audio(session, audio[i : i + chunk], detector)
         run_windows(min(len(audio), i + chunk))
     session.finish()
     run_windows(len(audio))

@@ -13,8 +13,7 @@ A :class:`StreamSession` is one audio stream. Use it like a sans-I/O protocol::
 The frame grid is the model's (:class:`Schedule` carries it as plain numbers, the runner reports it):
 frame t covers samples [320 t, 320 t + 400) for wav2vec2's convolutional feature encoder; 20 ms frames
 (fbank shift 160 × stacking 2, ``receptive_field`` 560) or 40 ms frames with an adapter for
-Wav2Vec2-BERT. Window geometry follows
-``../shared/STREAMING.md`` §5: final frames ``[f, f + hop)`` are decoded with ``left`` frames
+Wav2Vec2-BERT. Window geometry: final frames ``[f, f + hop)`` are decoded with ``left`` frames
 of context before and ``lookahead`` frames after; the look-ahead frames form the partial.
 
 Early partials: the first full window of a stream needs ``hop + lookahead`` frames of audio (1.4 s by

@@ -141,7 +141,7 @@ class Final(Transcript):
 
 @dataclass(frozen=True)
 class Alternative:
-    """One reading of a final's segment from the word search's final hypotheses (n-best, issue 18)."""
+    """One reading of a final's segment from the word search's final hypotheses (n-best)."""
 
     text: str
     confidence: float

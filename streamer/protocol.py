@@ -329,7 +329,7 @@ def vosk_final(finals: list[Final], *, words: bool = True, max_alternatives: int
 
 
 def vosk_alternatives(finals: list[Final], *, words: bool, max_alternatives: int) -> dict[str, Any]:
-    """Vosk's n-best result from finals that carry the search's alternatives (issue 18).
+    """Vosk's n-best result from finals that carry the search's alternatives.
 
     The last final with alternatives gives the readings; the finals before it contribute their best
     text. ``confidence`` is ours (0..1, the reading's share of the search's probability), not Vosk's

@@ -11,6 +11,7 @@ viewers, names, /healthz, /metrics, MQTT; and a process that dies takes only its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -770,3 +771,35 @@ async def test_a_process_that_cannot_start_stops_the_daemon_with_its_error():
     assert "before the daemon served; stopping" in text
     started = re.findall(r"started front-end process (\d)", text)
     assert sorted(started) == ["0", "1"]  # both at once (the port is set), neither restarted
+
+
+async def test_a_hung_process_is_killed_and_replaced(served, speech, expected):
+    """A front-end process whose event loop stops (SIGSTOP, as a stuck loop would) misses its heartbeats: the
+    supervisor kills it after HUNG_AFTER_S and starts another in its place, which serves; the other process's
+    stream goes on to its finals. Before, the hung process stayed, kept taking connections and nothing replaced
+    it."""
+    from streamer.aio.processes.supervisor import HUNG_AFTER_S
+
+    s = await served()
+    audio = pcm16(speech)
+    victim = s.children()[1]
+    mark = len(s.lines)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        await s.wait_log(rf"front-end process 1 \(pid {victim}\) missed its heartbeats", since=mark,
+                         limit_s=HUNG_AFTER_S + TIMEOUT)
+        await s.wait_log(rf"front-end process 1 \(pid {victim}\) killed by SIGKILL", since=mark)
+        await s.wait_log(r"started front-end process 1 \(pid \d+\)", since=mark)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    await s.until_health(lambda h: h["processes"]["serving"] == 2, START_TIMEOUT)
+    assert s.children()[1] != victim
+    clients = await spread(s.port, 1)
+    assert victim not in {c.pid for c in clients}
+    for c in clients:
+        await c.send(audio)
+    for c in clients:
+        assert texts(finals_of(await c.finish())) == texts(expected)
+    s.signal(signal.SIGTERM)
+    assert await s.wait() == 0

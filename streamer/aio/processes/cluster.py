@@ -68,6 +68,8 @@ REQUEST_TIMEOUT_S = 10.0
 """how long a process waits for the supervisor's answer (admission, name); longer means it is gone"""
 BEAT_INTERVAL_S = 1.0
 """how often a process reports its health; the supervisor pushes the daemon's state as often"""
+STALE_AFTER_S = 3 * BEAT_INTERVAL_S
+"""a process whose last heartbeat is older does not count as serving (``/healthz`` degraded)"""
 LINE_LIMIT = 1 << 22
 """the longest line on the socket (an event with many words stays far below)"""
 EVENT_BUFFER_LIMIT = 1 << 23
@@ -201,8 +203,9 @@ class ClusterService:
 
     def snapshot(self) -> State:
         """The daemon's state, as every process is told it."""
+        now = time.monotonic()
         return State(self.count("stream"), self.count("viewer"), self.configured,
-                     sum(1 for m in self.members if m.ready),
+                     sum(1 for m in self.members if m.ready and now - m.beat_at <= STALE_AFTER_S),
                      self.extra_health() if self.extra_health is not None else None)
 
     def state(self) -> dict[str, Any]:

@@ -6,7 +6,9 @@ streamer serve`` with :data:`~streamer.aio.processes.cluster.CLUSTER_ENV` set), 
 kernel spreads new connections over them. Like uvicorn's multiprocess supervisor it
 
 - restarts a process that dies (with backoff); the dead one's clients lose their connection and
-  reconnect, which the kernel hands to a living process; the others' streams are untouched;
+  reconnect, which the kernel hands to a living process; the others' streams are untouched; a process
+  that stops sending its heartbeat (a stuck event loop) counts as not serving at once (``/healthz``
+  degraded) and is killed and replaced after ``HUNG_AFTER_S``;
 - forwards SIGHUP (reload) to every process, and on SIGTERM/SIGINT asks every process to finalise
   its streams (finals, ``end``, close 1001), waits for all of them, then exits 0;
 - speaks for the daemon to systemd (``READY=1`` once every process serves; ``WATCHDOG=1`` only while
@@ -48,6 +50,8 @@ RESTART_MIN_S = 0.5
 RESTART_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
 """a process that ran this long is restarted after RESTART_MIN_S again"""
+HUNG_AFTER_S = 15.0
+"""a serving process that sent no heartbeat for this long is hung (a stuck event loop): it is killed and replaced"""
 RELOAD_WAIT_S = 15.0
 """how long a reload waits for every process to apply it before telling systemd it is done"""
 KILL_GRACE_S = 15.0
@@ -148,7 +152,7 @@ class Supervisor:
             if not self.stopping.is_set():
                 self.serving = True
                 self._announce()
-                tasks = [asyncio.create_task(self._report())]
+                tasks = [asyncio.create_task(self._report()), asyncio.create_task(self._hang_watch())]
                 if self.notifier.watchdog_interval is not None:
                     tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval)))
                 await self.stopping.wait()
@@ -358,6 +362,24 @@ class Supervisor:
         while True:
             self.notifier.status(self._describe())
             await asyncio.sleep(STATUS_INTERVAL_S)
+
+    async def _hang_watch(self) -> None:
+        """Kill a serving process that sent no heartbeat for ``HUNG_AFTER_S`` (its event loop is stuck: it would
+        keep taking connections and serve none); :meth:`_keep` starts another in its place. Its clients lose their
+        connections, as when a process dies."""
+        while True:
+            now = time.monotonic()
+            for slot in self.slots:
+                m, proc = slot.member, slot.proc
+                if m is None or not m.ready or proc is None or proc.returncode is not None \
+                        or now - m.beat_at <= HUNG_AFTER_S:
+                    continue
+                logger.error("front-end process %d (pid %d) missed its heartbeats for %.0f s: killing it",
+                             slot.index, proc.pid, now - m.beat_at)
+                m.ready = False  # not serving: /healthz says degraded until its replacement serves
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            await asyncio.sleep(BEAT_INTERVAL_S)
 
     async def _watchdog(self, interval: float) -> None:
         """``WATCHDOG=1`` while every serving process reports in and has its model worker (a stalled event loop

@@ -324,11 +324,11 @@ class ServerConfig(_Section):
     auth_token_file: str = _opt("", doc="file whose first line is the token")
     allowed_origins: tuple[str, ...] = _opt([], doc="browser Origin values allowed besides the daemon's own host; "
                                             "['*'] = any")
+    allowed_hosts: tuple[str, ...] = _opt([], doc="Host names the daemon answers to without a token besides "
+                                          "loopback and one-label names, IP literals and server.host; ['*'] = any")
     shutdown_timeout_s: float = _opt(10.0, min=0.0)
     max_speed: float = _opt(10.0, min=0.0, doc="times real time a stream may send beyond max_burst_s; 0 = no limit")
     max_burst_s: float = _opt(60.0, min=0.0, doc="seconds of audio a stream may send ahead of real time at once")
-    allowed_hosts: tuple[str, ...] = _opt([], doc="Host names the daemon answers to without a token besides "
-                                          "loopback and one-label names, IP literals and server.host; ['*'] = any")
     max_sample_rate: int = _opt(192_000, min=8000)
     min_sample_rate: int = _opt(8000, min=1000)
     tls_cert: str = _opt("", restart=True, doc="PEM certificate (chain): both ports speak TLS (https, wss); '' = no")

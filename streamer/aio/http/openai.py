@@ -48,6 +48,9 @@ READ_BLOCK_S = 1.0
 """audio decoded (and resampled) per step in the thread, then fed to the stream"""
 MAX_PARTS = 64
 """parts of a multipart form (OpenAI's form has about ten fields)"""
+MAX_BOUNDARY = 256
+"""the longest multipart boundary accepted, whatever python-multipart's own limit (recent releases refuse longer
+ones as the parser is made, older ones take any)"""
 MAX_FIELD_BYTES = 64 << 10
 """the largest form field other than ``file`` (a ``prompt`` is at most a few KiB)"""
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
@@ -103,6 +106,9 @@ def _multipart_parts(content_type: str, body: bytes) -> list[tuple[dict[str, str
     if kind != b"multipart/form-data" or not boundary:
         raise _bad(f"the request body must be multipart/form-data with a boundary (got Content-Type "
                    f"{content_type[:80]!r}); send the audio as the form field 'file'", "file")
+    if len(boundary) > MAX_BOUNDARY:
+        raise _bad(f"the multipart boundary is {len(boundary)} characters long; at most {MAX_BOUNDARY} are "
+                   "accepted (RFC 2046 allows 70)")
     parts: list[tuple[dict[str, str], bytes]] = []
     field, value, data = bytearray(), bytearray(), bytearray()
     disposition = ""

@@ -24,6 +24,7 @@ from streamer.exceptions import ConfigError
 from streamer.lexicon import Lexicon, OpenVocabulary, read_word_list
 from streamer.lm import Hotwords, LanguageModel, find_lm_folder, load_language_model, parse_hotwords, read_hotwords
 from streamer.runner import Runner, TokenVocabulary
+from streamer.text import Alphabet
 
 __all__ = ["LETTER_BYTES", "LM_FOLDER", "WORD_LIST", "Decoder", "WordListBudget", "build_decoder", "describe",
            "find_lm", "hotword_letters", "load_lm", "speller", "stream_decoder", "trie_letters", "word_list_decoder"]
@@ -89,16 +90,11 @@ def describe(dec: Decoder | None) -> str:
     return " + ".join(parts)
 
 
-def speller(vocab: TokenVocabulary) -> Callable[[str], str | None]:
-    """A word as ``vocab`` spells it (its own, lower- or upper-case form), or None when it cannot be."""
-    letters = {t: i for t, i in vocab.token_ids.items()
-               if len(t) == 1 and i not in (vocab.blank_id, vocab.delimiter_id)}
-
-    def spell(word: str) -> str | None:
-        found = Lexicon.spell(word, letters)
-        return found[0] if found else None
-
-    return spell
+def speller(vocab: TokenVocabulary) -> Alphabet:
+    """What spells a word with ``vocab``'s letters (Unicode-normalised as the vocabulary is; its own, lower- or
+    upper-case form): called with a word, the word as the model spells it, or None when it cannot be."""
+    return Alphabet({t: i for t, i in vocab.token_ids.items()
+                     if len(t) == 1 and i not in (vocab.blank_id, vocab.delimiter_id)})
 
 
 def find_lm(cfg: DecoderConfig, runner: Runner) -> tuple[Path, dict[str, Any], Path | None] | None:

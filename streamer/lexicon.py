@@ -23,6 +23,7 @@ from streamer.ctc import FRAME_S
 from streamer.events import Alternative, Word
 from streamer.exceptions import ConfigError
 from streamer.lm import Hotwords, LanguageModel, make_search_lm
+from streamer.text import Alphabet, unspelled
 
 __all__ = ["MAX_ALTERNATIVES", "MAX_WORD_LETTERS", "UNK", "Alternative", "Lexicon", "LexiconSearch", "OpenVocabulary",
            "merge_unk", "read_word_list"]
@@ -177,7 +178,8 @@ class Lexicon(_Searcher):
 
     ``token_ids`` maps the tokenizer's tokens (single characters for wav2vec2 CTC models) to ids;
     every word must be spelled with them (its lower- or upper-case form is tried too, for
-    tokenizers with upper-case letters). ``word_score`` is added per word (negative values
+    tokenizers with upper-case letters), after Unicode normalisation to the vocabulary's form
+    (:class:`streamer.text.Alphabet`). ``word_score`` is added per word (negative values
     prefer fewer, longer words); ``beam_size`` bounds the hypotheses kept per frame.
 
     ``unk``: speech that fits no listed word may read as ``[unk]`` (Vosk's behaviour when its phrase list
@@ -229,12 +231,13 @@ class Lexicon(_Searcher):
         # letters: single-character tokens other than the blank and the word delimiter
         self.letters = letters = {t: i for t, i in token_ids.items()
                                   if len(t) == 1 and i not in (blank_id, delimiter_id)}
+        self.alphabet = alphabet = Alphabet(letters)
         spellings: list[list[int]] = []
         for word in [*words, *(hotwords.weights if hotwords else ())]:
             if len(word) > MAX_WORD_LETTERS:
                 raise ConfigError(f"{source}: a word of {len(word)} letters ({word[:20]!r}...); words may have at "
                                   f"most {MAX_WORD_LETTERS}")
-            spelling = self.spell(word, letters)
+            spelling = alphabet.spell(word)
             if spelling is None:
                 bad.append(word)
                 continue
@@ -248,8 +251,7 @@ class Lexicon(_Searcher):
         if bad:
             raise ConfigError(
                 f"{source}: {len(bad)} word(s) cannot be spelled with the model's letters, e.g. "
-                f"{', '.join(repr(b) for b in bad[:5])}; the letters are "
-                f"{''.join(sorted(t for t in letters if t.isprintable() and t != ' '))!r}"
+                f"{unspelled(bad, alphabet)}; the letters are {alphabet.shown()!r}"
             )
         if not self.words:
             raise ConfigError(f"{source} has no words; give one word per line")
@@ -295,14 +297,6 @@ class Lexicon(_Searcher):
     def from_file(cls, path: str | Path, token_ids: Mapping[str, int], blank_id: int, delimiter_id: int | None,
                   **kw: float | int) -> Lexicon:
         return cls(read_word_list(path), token_ids, blank_id, delimiter_id, source=str(path), **kw)  # type: ignore[arg-type]
-
-    @staticmethod
-    def spell(word: str, letters: Mapping[str, int]) -> tuple[str, list[int]] | None:
-        """``word`` as ``letters`` spell it (its own, lower- or upper-case form) and its letter ids; None if none."""
-        for form in (word, word.lower(), word.upper()):
-            if form and all(c in letters for c in form):
-                return form, [letters[c] for c in form]
-        return None
 
     def __len__(self) -> int:
         return len(self.words)

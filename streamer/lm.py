@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from streamer.exceptions import ConfigError
+from streamer.text import lacking, unspelled
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -67,7 +68,8 @@ MAX_HOTWORD_WEIGHT = 100.0
 FORBIDDEN = -1e9
 """the score of a token the lexicon-free search must not spell (special tokens)"""
 Spell = Callable[[str], "str | None"]
-"""a word as the model spells it (its own, lower- or upper-case form), or None when it cannot be spelled"""
+"""a word as the model spells it (Unicode-normalised; its own, lower- or upper-case form), or None when it cannot
+be spelled: a :class:`streamer.text.Alphabet`, whose errors also name the letters a word lacks"""
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -229,7 +231,7 @@ def load_language_model(path: str | Path, spell: Spell, *, alpha: float | None =
     if not spelled or len(bad) > len(entries) // 2:
         raise ConfigError(f"the language model {str(p)!r} does not fit the model's vocabulary: {len(bad)} of its "
                           f"{len(entries)} words cannot be spelled with the model's letters, e.g. "
-                          f"{', '.join(repr(b) for b in bad[:5])}")
+                          f"{unspelled(bad, spell)}")
     if bad:
         logger.info("%s: %d of %d words cannot be spelled with the model's letters and are never decoded",
                     p, len(bad), len(entries))
@@ -314,7 +316,8 @@ def parse_hotwords(entries: Iterable[tuple[str, float | None]], spell: Spell, de
                 raise ConfigError(f"{source}: hotword {word[:20]!r}... has {len(word)} letters; at most 100")
             s = spell(word)
             if s is None:
-                raise ConfigError(f"{source}: hotword {word!r} cannot be spelled with the model's letters")
+                raise ConfigError(f"{source}: hotword {word!r} cannot be spelled with the model's letters"
+                                  f"{lacking(word, spell)}")
             weights[s] = max(weights.get(s, 0.0), w)
     return Hotwords(weights, source)
 

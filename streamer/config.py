@@ -125,9 +125,16 @@ class ModelConfig(_Section):
     attention: str = _opt("sdpa", choices=("sdpa", "eager", "flash_attention_2"))
     threads: int = _opt(0, min=0, doc="CPU threads of the model (torch or onnxruntime); 0 keeps the library's default")
     revision: str = _opt("", doc="hub revision; empty = default branch")
+    language: str = _opt("", doc="the language the model speaks, a BCP 47 tag ('ar', 'zh', 'hi', 'pt-BR'); "
+                                 "the caption page's lang; empty = not known")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        first, *rest = self.language.split("-")
+        if self.language and not (2 <= len(first) <= 3 and first.isascii() and first.isalpha() and all(
+                1 <= len(p) <= 8 and p.isascii() and p.isalnum() for p in rest)):
+            raise ConfigError(f"model.language = {self.language!r} is not a language tag; use a BCP 47 tag such "
+                              "as 'ar', 'zh', 'hi' or 'pt-BR', or '' when it is not known")
         d = self.device
         if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
             raise ConfigError(f"model.device = {d!r} is not allowed; use 'auto', 'cpu', 'cuda' or 'cuda:N'")

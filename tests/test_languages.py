@@ -92,3 +92,13 @@ def test_a_word_that_cannot_be_spelled_is_named_with_the_letters_it_lacks():
     arabic = vocab(ARABIC)
     with pytest.raises(ConfigError, match=r"\(lacks 'ڤ'\)"):  # veh: a Persian/Maghrebi letter
         Lexicon(["ڤيلم"], arabic, 0, 1)
+
+
+def test_the_model_language_is_a_language_tag():
+    from streamer.config import ModelConfig
+
+    assert [ModelConfig(language=t).language for t in ("", "ar", "cmn", "pt-BR", "zh-Hans-CN")] == [
+        "", "ar", "cmn", "pt-BR", "zh-Hans-CN"]
+    for bad in ("a", "ar_EG", "ar-", "عربي", "<b>"):
+        with pytest.raises(ConfigError, match="is not a language tag"):
+            ModelConfig(language=bad)

@@ -13,6 +13,7 @@
   const listenName = params.get("listen");
   const mode = listenName ? "listen" : "capture";
   const NAME_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+  const LANG_RE = /^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$/; // a BCP 47 tag, as [model] language checks it
   const BACKOFF_S = [1, 2, 4, 8, 15, 30];
   const STOP_GRACE_MS = 5000; // after "stop", how long the server gets to send its last finals
   const MAX_BUFFERED = 1 << 20; // audio is dropped, not queued, when the network falls behind
@@ -103,6 +104,17 @@
     keepScrolled(stick);
   }
 
+  // The captions' language (not the page's: its buttons stay English) picks fonts and line breaking
+  // (CJK); ?lang=TAG wins over the model's own ([model] language, sent in "ready" when known).
+  // Each line's direction comes from its own text (dir="auto"), so Arabic reads right to left
+  // next to English even when no language is known.
+  function setLanguage(tag) {
+    if (!tag || !LANG_RE.test(tag)) return;
+    ui.finals.lang = tag;
+    ui.partial.lang = tag;
+    updateViewerLink();
+  }
+
   function addFinal(ev) {
     const text = (ev.text || "").trim();
     showPartial("");
@@ -111,6 +123,7 @@
     st.finals.push({ start: st.offset + Number(ev.start || 0), end: st.offset + Number(ev.end || 0), text });
     const line = document.createElement("p");
     line.className = "line";
+    line.dir = "auto";
     line.textContent = text;
     ui.finals.append(line);
     ui.placeholder.hidden = true;
@@ -187,6 +200,7 @@
   function onEvent(msg) {
     switch (msg.type) {
       case "ready":
+        if (!params.has("lang")) setLanguage(msg.language);
         st.attempt = 0;
         clearMessage();
         if (st.want) setState("listening", mode === "listen" ? "Following “" + listenName + "”" : "Listening");
@@ -474,6 +488,7 @@
     if (ok) {
       const url = new URL(location.pathname, location.href);
       url.searchParams.set("listen", name);
+      if (ui.finals.lang) url.searchParams.set("lang", ui.finals.lang); // a viewer's "ready" has no language
       ui.viewerHref.href = url.href;
       ui.viewerHref.textContent = url.href;
     }
@@ -487,6 +502,7 @@
     history.replaceState(history.state, "", url.href);
   }
   ui.name.value = params.get("name") || "";
+  setLanguage(params.get("lang"));
   ui.toggle.addEventListener("click", () => (st.want ? stop() : start()));
   ui.txt.addEventListener("click", () => download("txt"));
   ui.vtt.addEventListener("click", () => download("vtt"));

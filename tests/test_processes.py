@@ -362,6 +362,16 @@ async def test_viewer_and_names_across_processes(served, speech, expected):
 # --- a process dies; signals --------------------------------------------------------------------------------
 
 
+async def served_to_the_end(s: Served, clients: list[Client], audio: bytes, expected) -> None:
+    """Each client streams ``audio`` and gets transcribe's finals; then SIGTERM stops the daemon cleanly."""
+    for c in clients:
+        await c.send(audio)
+    for c in clients:
+        assert texts(finals_of(await c.finish())) == texts(expected)
+    s.signal(signal.SIGTERM)
+    assert await s.wait() == 0
+
+
 async def test_a_killed_process_is_restarted_and_takes_only_its_own_clients(served, speech, expected):
     """SIGKILL one front-end process mid-stream: its clients' connections close, the other process's streams go
     on to the same finals; the supervisor starts a new process in its place, its stream slots are free again,
@@ -393,12 +403,7 @@ async def test_a_killed_process_is_restarted_and_takes_only_its_own_clients(serv
     new_pid = next(pid for pid in s.children().values() if pid not in {c.pid for c in clients})
     again = await spread(s.port, 2)  # four of five slots at once: the dead process's two were released
     assert {c.pid for c in again} == {new_pid, survivors[0].pid}
-    for c in again:
-        await c.send(audio)
-    for c in again:
-        assert texts(finals_of(await c.finish())) == texts(expected)
-    s.signal(signal.SIGTERM)
-    assert await s.wait() == 0
+    await served_to_the_end(s, again, audio, expected)
 
 
 async def test_sigterm_finalises_every_process_and_sighup_reaches_every_process(served, speech, tmp_path, expected):
@@ -797,9 +802,31 @@ async def test_a_hung_process_is_killed_and_replaced(served, speech, expected):
     assert s.children()[1] != victim
     clients = await spread(s.port, 1)
     assert victim not in {c.pid for c in clients}
-    for c in clients:
-        await c.send(audio)
-    for c in clients:
-        assert texts(finals_of(await c.finish())) == texts(expected)
-    s.signal(signal.SIGTERM)
-    assert await s.wait() == 0
+    await served_to_the_end(s, clients, audio, expected)
+
+
+def _has_pytriton(python: str) -> bool:
+    return subprocess.run([python, "-c", "import pytriton"], capture_output=True, timeout=120).returncode == 0
+
+
+async def test_a_model_server_that_dies_is_started_again(served, speech, expected):
+    """``streamer serve`` with ``model_server.kind = "triton"`` and no url starts its own model server; SIGKILL of the
+    server's process group: serve starts it again on the same port (with backoff), /healthz says the model server
+    is up again, and both front-end processes serve new streams to transcribe's finals. Before, it stayed dead:
+    /healthz 503 for good and every new stream 1011."""
+    python = os.environ.get("STREAMER_TRITON_PYTHON") or sys.executable
+    if not _has_pytriton(python):
+        pytest.skip(f"{python} has no PyTriton: set STREAMER_TRITON_PYTHON (.ci/run makes .venv-triton)")
+    pytest.importorskip("tritonclient.grpc.aio", reason="needs pip install 'streamer[triton]'")
+    s = await served("model_server.kind='triton'", f"model_server.python='{python}'", "model_server.http_port=0",
+                     "model_server.metrics_port=0")
+    victim = int((await s.wait_log(r"model server ready at \S+ \(pid (\d+)\)", limit_s=1)).group(1))
+    await s.until_health(lambda h: h.get("model_server") == "up", START_TIMEOUT)
+    mark = len(s.lines)
+    os.killpg(victim, signal.SIGKILL)
+    await s.wait_log(rf"the model server \(pid {victim}\) killed by SIGKILL; restarting it", since=mark)
+    again = int((await s.wait_log(r"model server ready at \S+ \(pid (\d+)\)", since=mark,
+                                  limit_s=START_TIMEOUT)).group(1))
+    assert again != victim
+    await s.until_health(lambda h: h.get("model_server") == "up" and h["status"] == "ok", START_TIMEOUT)
+    await served_to_the_end(s, await spread(s.port, 1), pcm16(speech), expected)

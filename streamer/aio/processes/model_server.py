@@ -3,7 +3,8 @@
 :func:`serve_model` loads the model once (on ``model.device``; bfloat16 on a GPU that has it), binds it to
 Triton with a dynamic batcher and serves until SIGTERM or SIGINT: ``streamer model-server`` runs it, one per GPU.
 :class:`ModelServerProcess` is how ``streamer serve`` runs one itself when ``model_server.url`` is empty: a
-``streamer model-server`` child process, started first and stopped last.
+``streamer model-server`` child process, started first and stopped last, and started again (with backoff) when
+it dies.
 
 The Triton model takes ``[windows, samples]`` of one length per request (:mod:`streamer.triton`); the dynamic
 batcher merges requests of equal shape from every front-end, and the merged batch runs through the same
@@ -12,6 +13,7 @@ batcher merges requests of equal shape from every front-end, and the merged batc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,12 +22,14 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from streamer.aio.processes.supervisor import RESTART_MAX_S, RESTART_MIN_S, STABLE_AFTER_S
 from streamer.config import Config
 from streamer.exceptions import ModelLoadError, StreamerError
 from streamer.runner import Runner, geometry_of
@@ -138,9 +142,49 @@ class ModelServerProcess:
         host = "127.0.0.1" if ms.host in ("0.0.0.0", "") else ms.host
         self.url = f"{host}:{ms.grpc_port}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._keeper: threading.Thread | None = None
 
     def start(self) -> str:
-        """Start the server and wait until its model is ready; return its gRPC address (``host:port``)."""
+        """Start the server and wait until its model is ready; return its gRPC address (``host:port``).
+
+        From then on a server that dies is started again on the same ports (the front-ends reconnect to it; their
+        windows wait up to ``model_server.retry_s`` meanwhile), with the backoff of front-end processes, until
+        :meth:`stop`.
+        """
+        url = self._start()
+        self._keeper = threading.Thread(target=self._keep, name="streamer-model-server-keeper", daemon=True)
+        self._keeper.start()
+        return url
+
+    def _keep(self) -> None:
+        """Restart the server whenever it dies, with backoff (in a thread: the daemon's loop is not touched)."""
+        delay = RESTART_MIN_S
+        while not self._stopping.is_set():
+            proc = self.proc
+            if proc is None:
+                return
+            started = time.monotonic()
+            code = proc.wait()
+            if self._stopping.is_set() or self.proc is not proc:
+                return
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # what it started (tritonserver, the proxies), if left
+            if time.monotonic() - started > STABLE_AFTER_S:
+                delay = RESTART_MIN_S
+            self.restarts += 1
+            logger.warning("the model server (pid %d) %s; restarting it in %.1f s", proc.pid, how, delay)
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, RESTART_MAX_S)
+            try:
+                self._start()
+            except StreamerError as exc:
+                logger.error("the model server did not start again: %s", exc)
+
+    def _start(self) -> str:
         from streamer.triton import TritonRunner, checkpoint_geometry, load_vocabulary
 
         python = os.path.expanduser(self.cfg.model_server.python) or sys.executable
@@ -170,7 +214,8 @@ class ModelServerProcess:
         return self.url
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM the server (and what it started); SIGKILL what is left after ``timeout_s``."""
+        """SIGTERM the server (and what it started); SIGKILL what is left after ``timeout_s``. No more restarts."""
+        self._stopping.set()
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return

@@ -1,20 +1,31 @@
-"""Languages other than English: words in other scripts and Unicode forms spelled against a model's letters.
+"""Languages other than English: words in other scripts and Unicode forms spelled against a model's letters,
+and text in Arabic and Chinese through ``streamer transcribe`` and the native protocol.
 
 Vocabularies here are laid out as :func:`streamer.testing.processor` lays out a checkpoint's (``<pad>`` the
 blank, ``|`` the word delimiter, the letters, ``<unk>``); log-probabilities are drawn so that their best path
-spells given words, which a word-list search must read back.
+spells given words, which a word-list search must read back. The Arabic and Chinese checkpoints are tiny random
+models (their transcripts mean nothing) heard through espeak-ng's ``ar`` and ``cmn`` voices.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
+from recipes.demo.lm import write_arpa
+from streamer.cli import main
 from streamer.exceptions import ConfigError
 from streamer.lexicon import Lexicon
-from streamer.lm import parse_hotwords
+from streamer.lm import load_language_model, parse_hotwords
+from streamer.testing import ModelShape, espeak, processor, random_model, save_checkpoint
 from streamer.text import Alphabet, normal_form
 
 FRENCH = list("abcdefghijklmnopqrstuvwxyzéèçàêô'")
@@ -82,6 +93,16 @@ def test_a_devanagari_word_list_with_combining_marks():
     assert decoded(lex, [lex.words[3], lex.words[1], lex.words[0]]) == [lex.words[3], lex.words[1], lex.words[0]]
 
 
+def test_the_unigrams_of_an_nfd_language_model_are_spelled_and_scored(tmp_path):
+    arpa = tmp_path / "fr.arpa"
+    write_arpa([unicodedata.normalize("NFD", s) for s in ("le garçon très sage", "le café et l'élève")], arpa)
+    alphabet = Alphabet({c: i for c, i in vocab(FRENCH).items() if len(c) == 1 and c != "|"})
+    lm = load_language_model(arpa, alphabet)
+    assert {"garçon", "très", "café", "l'élève"} <= set(lm.index)  # the model's spelling, NFC
+    state = lm.kenlm.start(False)
+    assert lm.kenlm.score(state, lm.index["garçon"])[1] > lm.kenlm.score(state, lm.unk_index)[1]
+
+
 def test_a_word_that_cannot_be_spelled_is_named_with_the_letters_it_lacks():
     ids = vocab(list("abcdefghijklmnopqrstuvwxyz'"))
     with pytest.raises(ConfigError, match=r"2 word\(s\).*'garçon' \(lacks 'ç'\), 'naïve' \(lacks 'ï'\)"):
@@ -102,3 +123,92 @@ def test_the_model_language_is_a_language_tag():
     for bad in ("a", "ar_EG", "ar-", "عربي", "<b>"):
         with pytest.raises(ConfigError, match="is not a language tag"):
             ModelConfig(language=bad)
+
+
+# --- Arabic and Chinese text out of tiny checkpoints ---------------------------------------------------------
+
+CHINESE = list("你好世界我们是的不了在人有这中大为上个国和")
+SCRIPTS = {
+    # name: (letters, espeak-ng voice, what it says, whether the model uses its word delimiter)
+    "arabic": (ARABIC, "ar", "مرحبا بالعالم، كيف حالك اليوم", True),
+    "chinese": (CHINESE, "cmn", "你好世界，我们今天在这里", False),
+}
+
+
+def tiny_checkpoint(path: Path, letters: list[str], *, delimiter: bool) -> Path:
+    """A random tiny checkpoint over ``letters``; without ``delimiter`` it never writes ``|`` (as a Chinese
+    fine-tune trained on text without spaces)."""
+    import torch
+
+    vocab = ["<pad>", "|", *letters, "<unk>"]
+    shape = ModelShape("layer", 2, 32, heads=2, intermediate=64, conv_dim=16, conv_pos=16, conv_pos_groups=4)
+    model = random_model(vocab, shape, seed=0, logit_std=2.0)
+    with torch.no_grad():
+        model.lm_head.bias[vocab.index("<unk>")] = -1e4  # its text would be the token's name
+        if not delimiter:
+            model.lm_head.bias[vocab.index("|")] = -1e4
+    return save_checkpoint(path, model, *processor(vocab))
+
+
+@pytest.fixture(scope="module")
+def scripts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, set[str]]]:
+    """name -> (checkpoint, espeak-ng WAV in that language, the checkpoint's letters)."""
+    root = tmp_path_factory.mktemp("languages")
+    out = {}
+    for name, (letters, voice, said, delimiter) in SCRIPTS.items():
+        ckpt = tiny_checkpoint(root / name, letters, delimiter=delimiter)
+        out[name] = (ckpt, espeak(said, root / f"{name}.wav", voice=voice), set(letters))
+    return out
+
+
+def transcribe(capsys: pytest.CaptureFixture[str], ckpt: Path, wav: Path, fmt: str) -> str:
+    code = main(["transcribe", "--model", str(ckpt), "--device", "cpu", "--format", fmt, str(wav)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    out.encode("utf-8")  # no lone surrogates: valid UTF-8 on the way out
+    return out
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_transcribe_prints_the_script_in_every_format(capsys, scripts, name):
+    ckpt, wav, letters = scripts[name]
+    text = transcribe(capsys, ckpt, wav, "text")
+    assert text.strip() and set(text) <= letters | {" ", "\n"}
+    if not SCRIPTS[name][3]:
+        assert " " not in text  # no delimiter written: the characters run on
+    jsonl = transcribe(capsys, ckpt, wav, "jsonl")
+    assert "\\u" not in jsonl  # the characters themselves, not escapes
+    finals = [json.loads(line) for line in jsonl.splitlines()]
+    texts = [f["text"] for f in finals if f["type"] == "final" and f["text"]]
+    assert " ".join(texts) == " ".join(text.split())
+    for fmt in ("srt", "vtt"):
+        cues = transcribe(capsys, ckpt, wav, fmt)
+        assert all(t in cues for t in texts)
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+async def test_the_native_protocol_carries_the_script_unchanged(capsys, scripts, daemon_factory, name):
+    from streamer.config import ModelConfig
+    from streamer.model import load_model
+
+    ckpt, wav, _ = scripts[name]
+    expected = [json.loads(line)["text"] for line in transcribe(capsys, ckpt, wav, "jsonl").splitlines()
+                if json.loads(line)["type"] == "final"]
+    runner = await asyncio.to_thread(load_model, ModelConfig(id=str(ckpt), device="cpu"))
+    d = await daemon_factory(runner=runner)
+    audio, _ = sf.read(wav, dtype="int16")  # the WAV's own samples: a random model hears every bit
+    data = audio.astype("<i2").tobytes()
+    frames: list[str] = []
+    async with asyncio.timeout(120), connect(f"ws://127.0.0.1:{d.port}/v1/stream") as ws:
+        frames.append(str(await ws.recv()))
+        for i in range(0, len(data), 3200):
+            await ws.send(data[i : i + 3200])
+        await ws.send(json.dumps({"type": "stop"}))
+        try:
+            async for msg in ws:
+                frames.append(str(msg))
+        except ConnectionClosed:
+            pass
+    assert all("\\u" not in f for f in frames)
+    got = [m["text"] for m in map(json.loads, frames) if m["type"] == "final"]
+    assert got == expected and any(got)

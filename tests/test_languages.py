@@ -1,10 +1,10 @@
 """Languages other than English: words in other scripts and Unicode forms spelled against a model's letters,
-and text in Arabic and Chinese through ``streamer transcribe`` and the native protocol.
+and text in Arabic, Chinese and Hindi through ``streamer transcribe`` and the native protocol.
 
 Vocabularies here are laid out as :func:`streamer.testing.processor` lays out a checkpoint's (``<pad>`` the
 blank, ``|`` the word delimiter, the letters, ``<unk>``); log-probabilities are drawn so that their best path
-spells given words, which a word-list search must read back. The Arabic and Chinese checkpoints are tiny random
-models (their transcripts mean nothing) heard through espeak-ng's ``ar`` and ``cmn`` voices.
+spells given words, which a word-list search must read back. The Arabic, Chinese and Hindi checkpoints are tiny
+random models (their transcripts mean nothing) heard through espeak-ng's ``ar``, ``cmn`` and ``hi`` voices.
 """
 
 from __future__ import annotations
@@ -125,13 +125,14 @@ def test_the_model_language_is_a_language_tag():
             ModelConfig(language=bad)
 
 
-# --- Arabic and Chinese text out of tiny checkpoints ---------------------------------------------------------
+# --- Arabic, Chinese and Hindi text out of tiny checkpoints ---------------------------------------------------------
 
 CHINESE = list("你好世界我们是的不了在人有这中大为上个国和")
 SCRIPTS = {
     # name: (letters, espeak-ng voice, what it says, whether the model uses its word delimiter)
     "arabic": (ARABIC, "ar", "مرحبا بالعالم، كيف حالك اليوم", True),
     "chinese": (CHINESE, "cmn", "你好世界，我们今天在这里", False),
+    "hindi": (HINDI, "hi", "नमस्ते दुनिया, आप कैसे हैं", True),
 }
 
 

@@ -213,3 +213,18 @@ async def test_the_native_protocol_carries_the_script_unchanged(capsys, scripts,
     assert all("\\u" not in f for f in frames)
     got = [m["text"] for m in map(json.loads, frames) if m["type"] == "final"]
     assert got == expected and any(got)
+
+
+def test_transcribe_decodes_over_an_arabic_word_list_typed_in_another_mark_order(capsys, scripts, tmp_path):
+    ckpt, wav, _ = scripts["arabic"]
+    typed = ["م\u064fح\u064eم\u0651\u064eد", "كِتَاب", "سَلَام", "بَيْت"]  # the shadda before the fatha
+    listed = tmp_path / "words.txt"
+    listed.write_text("\n".join(typed) + "\n", encoding="utf-8")
+    hot = tmp_path / "hot.txt"
+    hot.write_text("م\u064fح\u064eم\u0651\u064eد\t8\n", encoding="utf-8")
+    code = main(["transcribe", "--model", str(ckpt), "--device", "cpu", "--words", str(listed),
+                 "--set", f"decoder.hotwords={json.dumps(str(hot))}", str(wav)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    normal = {unicodedata.normalize("NFC", w) for w in typed}
+    assert out.split() and set(out.split()) <= normal

@@ -183,8 +183,9 @@ def test_transcribe_prints_the_script_in_every_format(capsys, scripts, name):
     texts = [f["text"] for f in finals if f["type"] == "final" and f["text"]]
     assert " ".join(texts) == " ".join(text.split())
     for fmt in ("srt", "vtt"):
-        cues = transcribe(capsys, ckpt, wav, fmt)
-        assert all(t in cues for t in texts)
+        lines = transcribe(capsys, ckpt, wav, fmt).splitlines()
+        shown = [lines[i + 1] for i, line in enumerate(lines) if " --> " in line]  # each cue's text
+        assert shown and "".join(shown).replace(" ", "") == "".join(texts).replace(" ", "")
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
@@ -228,3 +229,39 @@ def test_transcribe_decodes_over_an_arabic_word_list_typed_in_another_mark_order
     assert code == 0, err
     normal = {unicodedata.normalize("NFC", w) for w in typed}
     assert out.split() and set(out.split()) <= normal
+
+
+# --- subtitle cues of long finals -------------------------------------------------------------------------------
+
+
+def test_a_short_final_is_one_cue():
+    from streamer.events import Final, Word
+    from streamer.formats import final_cues
+
+    f = Final(0, "turn on", 1.0, 2.0, (Word("turn", 1.0, 1.4, 0.9), Word("on", 1.5, 2.0, 0.9)))
+    assert final_cues(f) == [(1.0, 2.0, "turn on")]
+
+
+def test_a_long_final_is_cut_between_words_at_their_times():
+    from streamer.events import Final, Word
+    from streamer.formats import MAX_CUE_COLUMNS, MAX_CUE_S, final_cues
+
+    words = tuple(Word(f"word{i:02d}", 0.5 * i, 0.5 * i + 0.4, 0.9) for i in range(40))
+    f = Final(0, " ".join(w.word for w in words), 0.0, 19.9, words)
+    cues = final_cues(f)
+    assert len(cues) > 2 and " ".join(c[2] for c in cues) == f.text
+    assert all(len(c[2]) <= MAX_CUE_COLUMNS and c[1] - c[0] <= MAX_CUE_S for c in cues)
+    assert {c[0] for c in cues} <= {w.start for w in words} and {c[1] for c in cues} <= {w.end for w in words}
+
+
+@pytest.mark.parametrize("text", ["你好世界我们是的不了在人有这中大为上个国和" * 4, "नमस्ते" * 30, "كِتَابٌ" * 40])
+def test_an_utterance_without_spaces_is_cut_between_characters(text):
+    from streamer.events import Final, Word
+    from streamer.formats import MAX_CUE_S, final_cues
+
+    f = Final(0, text, 2.0, 18.0, (Word(text, 2.0, 18.0, 0.5),))
+    cues = final_cues(f)
+    assert len(cues) > 1 and "".join(c[2] for c in cues) == text
+    assert cues[0][0] == 2.0 and cues[-1][1] == pytest.approx(18.0)
+    assert all(c[1] - c[0] <= MAX_CUE_S + 1e-9 and unicodedata.category(c[2][0])[0] != "M"
+               and unicodedata.combining(cues[i - 1][2][-1]) != 9 for i, c in enumerate(cues))

@@ -188,21 +188,15 @@ def test_transcribe_prints_the_script_in_every_format(capsys, scripts, name):
         assert shown and "".join(shown).replace(" ", "") == "".join(texts).replace(" ", "")
 
 
-@pytest.mark.parametrize("name", list(SCRIPTS))
-async def test_the_native_protocol_carries_the_script_unchanged(capsys, scripts, daemon_factory, name):
-    from streamer.config import ModelConfig
-    from streamer.model import load_model
-
-    ckpt, wav, _ = scripts[name]
-    expected = [json.loads(line)["text"] for line in transcribe(capsys, ckpt, wav, "jsonl").splitlines()
-                if json.loads(line)["type"] == "final"]
-    runner = await asyncio.to_thread(load_model, ModelConfig(id=str(ckpt), device="cpu"))
-    d = await daemon_factory(runner=runner)
-    audio, _ = sf.read(wav, dtype="int16")  # the WAV's own samples: a random model hears every bit
+async def native_frames(port: int, wav: Path, start: dict | None = None) -> list[str]:
+    """The text frames of a native stream of ``wav``'s own 16-bit samples (a random model hears every bit)."""
+    audio, _ = sf.read(wav, dtype="int16")
     data = audio.astype("<i2").tobytes()
     frames: list[str] = []
-    async with asyncio.timeout(120), connect(f"ws://127.0.0.1:{d.port}/v1/stream") as ws:
+    async with asyncio.timeout(120), connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
         frames.append(str(await ws.recv()))
+        if start is not None:
+            await ws.send(json.dumps({"type": "start", **start}))
         for i in range(0, len(data), 3200):
             await ws.send(data[i : i + 3200])
         await ws.send(json.dumps({"type": "stop"}))
@@ -211,9 +205,38 @@ async def test_the_native_protocol_carries_the_script_unchanged(capsys, scripts,
                 frames.append(str(msg))
         except ConnectionClosed:
             pass
+    return frames
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+async def test_the_native_protocol_carries_the_script_unchanged(capsys, scripts, daemon_factory, name):
+    from streamer.config import ModelConfig
+    from streamer.model import load_model
+
+    ckpt, wav, _ = scripts[name]
+    expected = [json.loads(line)["text"] for line in transcribe(capsys, ckpt, wav, "jsonl").splitlines()
+                if json.loads(line)["type"] == "final"]
+    d = await daemon_factory(runner=await asyncio.to_thread(load_model, ModelConfig(id=str(ckpt), device="cpu")))
+    frames = await native_frames(d.port, wav)
     assert all("\\u" not in f for f in frames)
     got = [m["text"] for m in map(json.loads, frames) if m["type"] == "final"]
     assert got == expected and any(got)
+
+
+async def test_a_streams_arabic_words_and_hotwords_are_normalised_and_errors_name_the_letter(scripts, daemon_factory):
+    from streamer.config import ModelConfig
+    from streamer.model import load_model
+
+    ckpt, wav, _ = scripts["arabic"]
+    d = await daemon_factory(runner=await asyncio.to_thread(load_model, ModelConfig(id=str(ckpt), device="cpu")))
+    typed = ["م\u064fح\u064eم\u0651\u064eد", "كِتَاب", "سَلَام", "بَيْت"]  # the shadda before the fatha
+    frames = await native_frames(d.port, wav, {"words": typed, "hotwords": [[typed[0], 8]]})
+    got = [w["word"] for m in map(json.loads, frames) if m["type"] == "final" for w in m["words"]]
+    assert got and set(got) <= {unicodedata.normalize("NFC", w) for w in typed}
+    frames = await native_frames(d.port, wav, {"hotwords": ["ڤيلم"]})
+    errors = [m for m in map(json.loads, frames) if m["type"] == "error"]
+    assert [e["code"] for e in errors] == ["bad_hotwords"] and "(lacks 'ڤ')" in errors[0]["message"]
+    assert any("'ڤيلم'" in f for f in frames)  # the frame itself, unescaped
 
 
 def test_transcribe_decodes_over_an_arabic_word_list_typed_in_another_mark_order(capsys, scripts, tmp_path):

@@ -210,12 +210,16 @@ class Ready:
     """enabled, silence_after_speech_s"""
     server_pid: int | None = None
     """the front-end process that serves the stream, in a daemon of several (``server.processes``); else None"""
+    language: str = ""
+    """the model's language (``[model] language``, a BCP 47 tag), when known: a caption page sets ``lang`` from it"""
 
     def to_dict(self) -> dict[str, Any]:
         out = {"type": self.type, "session": self.session, "model": self.model, "sample_rate": self.sample_rate,
                "encodings": list(self.encodings), "schedule": dict(self.schedule), "endpoint": dict(self.endpoint)}
         if self.server_pid is not None:
             out["server_pid"] = self.server_pid
+        if self.language:
+            out["language"] = self.language
         return out
 
 

@@ -288,3 +288,23 @@ def test_an_utterance_without_spaces_is_cut_between_characters(text):
     assert cues[0][0] == 2.0 and cues[-1][1] == pytest.approx(18.0)
     assert all(c[1] - c[0] <= MAX_CUE_S + 1e-9 and unicodedata.category(c[2][0])[0] != "M"
                and unicodedata.combining(cues[i - 1][2][-1]) != 9 for i, c in enumerate(cues))
+
+
+def test_a_vosk_phrase_list_typed_in_nfd_is_spelled_as_the_search_spells_it():
+    from types import SimpleNamespace
+
+    from streamer.aio.protocols.vosk import unspellable
+
+    ids = vocab(FRENCH)
+    french = SimpleNamespace(token_ids=ids, blank_id=0, delimiter_id=1)
+    assert unspellable(nfd(["café", "garçon", "Élève"]), french) == []  # was: all three skipped
+    assert unspellable(["façade", "ñu"], french) == ["ñu"]
+
+
+async def test_ready_names_the_models_language_when_it_is_known(daemon_factory):
+    unknown = await daemon_factory()
+    known = await daemon_factory("model.language='en'")
+    for d, want in ((unknown, None), (known, "en")):
+        async with connect(f"ws://127.0.0.1:{d.port}/v1/stream") as ws:
+            ready = json.loads(await ws.recv())
+        assert ready["type"] == "ready" and ready.get("language") == want

@@ -45,6 +45,7 @@ class NativeHandler(StreamHandler):
              "lookahead_ms": sched.lookahead * ms, "window_samples": sched.window_samples},
             {"enabled": ep.enabled, "silence_after_speech_s": ep.silence_after_speech_s},
             server_pid=host.server_pid,  # which of several front-end processes
+            language=host.cfg.model.language,
         )
 
     async def serve(self) -> None:

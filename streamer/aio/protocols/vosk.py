@@ -14,6 +14,7 @@ from streamer.aio.host import StreamHost
 from streamer.aio.protocols.base import Quiet, StreamHandler
 from streamer.aio.protocols.words import own_word_list, tuned_decoder
 from streamer.aio.stream import LiveStream
+from streamer.decoder import speller
 from streamer.engine import WordDecoder
 from streamer.events import CLOSE_BAD_DATA, CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Error, Event, Final, Partial
 from streamer.exceptions import ProtocolError
@@ -27,11 +28,11 @@ logger = logging.getLogger("streamer.server")
 
 
 def unspellable(words: Iterable[str], vocab: TokenVocabulary) -> list[str]:
-    """The words the model cannot spell (the rule of :class:`streamer.lexicon.Lexicon`: the word, its lower-
-    or its upper-case form, in the model's letters): Vosk skips the words missing from its vocabulary."""
-    letters = {t for t, i in vocab.token_ids.items() if len(t) == 1 and i not in (vocab.blank_id, vocab.delimiter_id)}
-    return [w for w in words if len(w) > MAX_WORD_LETTERS
-            or not any(form and set(form) <= letters for form in (w, w.lower(), w.upper()))]
+    """The words the model cannot spell (the search's own rule, :func:`streamer.decoder.speller`: the word, Unicode-
+    normalised as the vocabulary is, or its lower- or upper-case form): Vosk skips the words missing from its
+    vocabulary."""
+    spell = speller(vocab)
+    return [w for w in words if len(w) > MAX_WORD_LETTERS or spell(w) is None]
 
 
 class VoskHandler(StreamHandler):

@@ -7,13 +7,14 @@ speech at 1x real time beside it (100 ms messages over the native protocol). It 
 stream's final lag (from sending the audio that completes a final's last word to receiving the final),
 median and largest, and the finals it lost against the same stream alone (the baseline, first row):
 
-    native 55 s x3    three clients each send 55 s of speech in one message (within server.max_burst_s)
-                      and stay for their finals
-    upload 1 h x3     three REST uploads (/v1/audio/transcriptions) of a FLAC of an hour of silence
-    realtime clear    three Realtime sessions that append 5 s and clear the buffer, again and again
+    native 55 s       --clients (3) clients each send 55 s of speech in one message (within
+                      server.max_burst_s) and stay for their finals
+    upload 1 h        --clients REST uploads (/v1/audio/transcriptions) of a FLAC of an hour of silence
+    realtime clear    --clients Realtime sessions that append 5 s and clear the buffer, again and again
 
     python clients/burstlag.py
     python clients/burstlag.py --seconds 30 --bursts native,upload --set worker.ahead_batch_ms=50
+    python clients/burstlag.py --clients 8                 # more clients per burst
 
 The daemon's scheduler should give audio sent ahead of real time spare model time only: each burst's
 lag within half a second of the baseline.
@@ -126,9 +127,9 @@ async def realtime_burst(d: Daemon, audio: np.ndarray, stop: asyncio.Event) -> N
 
 
 BURSTS: dict[str, tuple[str, Burst]] = {
-    "native": (f"native {BURST_S:.0f} s x3", native_burst),
-    "upload": (f"upload {UPLOAD_S / 3600:.0f} h x3", upload_burst),
-    "realtime": ("realtime clear x3", realtime_burst),
+    "native": (f"native {BURST_S:.0f} s", native_burst),
+    "upload": (f"upload {UPLOAD_S / 3600:.0f} h", upload_burst),
+    "realtime": ("realtime clear", realtime_burst),
 }
 
 
@@ -139,7 +140,7 @@ async def run_one(args: argparse.Namespace, audio: np.ndarray, burst: Burst | No
     tasks: list[asyncio.Task[None]] = []
     try:
         if burst is not None:
-            tasks = [asyncio.create_task(burst(d, audio, stop)) for _ in range(3)]
+            tasks = [asyncio.create_task(burst(d, audio, stop)) for _ in range(args.clients)]
             await asyncio.sleep(LEAD_S)
         return await healthy_stream(d.url, pcm16(audio), "healthy", args.seconds)
     finally:
@@ -171,7 +172,7 @@ async def main_async(args: argparse.Namespace) -> int:
     print(row("alone (baseline)", base, None), flush=True)
     for b in names:
         label, burst = BURSTS[b]
-        print(row(label, await run_one(args, audio, burst), base), flush=True)
+        print(row(f"{label} x{args.clients}", await run_one(args, audio, burst), base), flush=True)
     print(f"({time.monotonic() - t0:.0f} s)")
     return 0
 
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="demo", help="model for the daemon (default: demo)")
     p.add_argument("--seconds", type=float, default=20.0, help="healthy speech in seconds (default: 20)")
     p.add_argument("--bursts", default=",".join(BURSTS), help=f"which bursts (default: {','.join(BURSTS)})")
+    p.add_argument("--clients", type=int, default=3, help="clients per burst (default: 3)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override for the daemon")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds the daemon may take to listen")
     args = p.parse_args(argv)

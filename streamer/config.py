@@ -251,7 +251,7 @@ class DecoderConfig(_Section):
     words: str = _opt("auto", doc="'auto' (the model's words.txt if it ships one), a word list file, or '' (greedy)")
     beam_size: int = _opt(50, min=1, max=10000, doc="hypotheses kept per frame by the word-list search")
     word_score: float = _opt(-1.0, doc="score added per word by the word-list search (without an LM)")
-    # issue 18: n-gram language models, [unk], hotwords, n-best (docs/decoding.md)
+    # n-gram language models, [unk], hotwords, n-best (docs/decoding.md)
     lm: str = _opt("auto", doc="'auto' (the checkpoint's language_model/ folder if it has one), an ARPA or KenLM "
                    "binary file (or a language_model/ folder), or '' (none)")
     lm_weight: float = _opt(-1.0, max=100.0, doc="alpha: weight of the LM's natural-log word probabilities; negative = "

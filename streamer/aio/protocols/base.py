@@ -27,6 +27,7 @@ import struct
 import termios
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -230,7 +231,8 @@ class RefusalLog(logging.Filter):
     ``websockets.server`` logger (:meth:`install`), it holds each connection's ``connection open`` back
     until the connection is admitted (:meth:`admitted`) or closes without being refused; a refused
     connection's two lines are dropped and :meth:`refused` logs one line, with the count of those held
-    back since the last one.
+    back since the last one. The interval is kept per server (a process may run several daemons, as the
+    tests do), so one daemon's refusals never silence another's.
     """
 
     def __init__(self, interval_s: float = 10.0) -> None:
@@ -238,8 +240,9 @@ class RefusalLog(logging.Filter):
         self.interval_s = interval_s
         self._held: dict[object, logging.LogRecord] = {}  # connection id -> its "connection open"
         self._refused: set[object] = set()
-        self._next = 0.0
-        self._quiet: dict[str, int] = {}  # refusals not logged since the last line, by reason
+        # per server: when the next line may go out, and the refusals not logged since the last one, by reason
+        self._next: weakref.WeakKeyDictionary[object, float] = weakref.WeakKeyDictionary()
+        self._quiet: weakref.WeakKeyDictionary[object, dict[str, int]] = weakref.WeakKeyDictionary()
 
     @classmethod
     def install(cls) -> RefusalLog:
@@ -284,12 +287,14 @@ class RefusalLog(logging.Filter):
         if ws.protocol.state is not State.CLOSED:
             self._refused.add(ws.id)
         now = time.monotonic()
-        if now < self._next:
-            self._quiet[error.code] = self._quiet.get(error.code, 0) + 1
+        server = ws.server
+        quiet = self._quiet.setdefault(server, {})
+        if now < self._next.get(server, 0.0):
+            quiet[error.code] = quiet.get(error.code, 0) + 1
             return
-        self._next = now + self.interval_s
-        more = ", ".join(f"{n} more {code}" for code, n in self._quiet.items())
-        self._quiet.clear()
+        self._next[server] = now + self.interval_s
+        more = ", ".join(f"{n} more {code}" for code, n in quiet.items())
+        quiet.clear()
         logger.info("refused a connection from %s (%s: %s)%s", _peer(ws), error.code, error.message,
                     f"; {more} in the last {self.interval_s:g} s" if more else "")
 

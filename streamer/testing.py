@@ -137,7 +137,9 @@ def random_model(vocab: Sequence[str], shape: ModelShape, *, seed: int | None = 
         "feat_extract_norm": shape.norm, "do_stable_layer_norm": shape.norm == "layer",
         "num_conv_pos_embeddings": shape.conv_pos, "num_conv_pos_embedding_groups": shape.conv_pos_groups,
     }
-    return _drawn(lambda: Wav2Vec2ForCTC(Wav2Vec2Config(**(settings | config))), seed, logit_std)
+    from streamer.hf import hf
+
+    return _drawn(lambda: Wav2Vec2ForCTC(hf(Wav2Vec2Config)(**(settings | config))), seed, logit_std)
 
 
 def processor(vocab: Sequence[str], *, norm: str = "layer", **tokenizer: Any) -> tuple[Any, Any]:
@@ -175,7 +177,9 @@ def random_bert_model(vocab: Sequence[str], shape: BertShape, *, seed: int | Non
         "output_hidden_size": shape.hidden, "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
         "intermediate_size": shape.intermediate, "add_adapter": shape.adapter, "layerdrop": 0.0,
     }
-    return _drawn(lambda: Wav2Vec2BertForCTC(Wav2Vec2BertConfig(**(settings | config))), seed, logit_std)
+    from streamer.hf import hf
+
+    return _drawn(lambda: Wav2Vec2BertForCTC(hf(Wav2Vec2BertConfig)(**(settings | config))), seed, logit_std)
 
 
 def bert_processor(vocab: Sequence[str], **tokenizer: Any) -> tuple[Any, Any]:

@@ -313,7 +313,8 @@ def parse_event(text: str) -> Message:
         if kind == "ready":
             return Ready(str(d["session"]), str(d["model"]), int(d["sample_rate"]), tuple(d["encodings"]),
                          dict(d["schedule"]), dict(d["endpoint"]),
-                         int(d["server_pid"]) if d.get("server_pid") is not None else None)
+                         int(d["server_pid"]) if d.get("server_pid") is not None else None,
+                         str(d.get("language", "")))
         if kind == "error":
             return Error(str(d["code"]), str(d["message"]))
         if kind == "end":

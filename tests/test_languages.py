@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from recipes.demo.lm import write_arpa
 from streamer.cli import main
+from streamer.events import parse_event
 from streamer.exceptions import ConfigError
 from streamer.lexicon import Lexicon
 from streamer.lm import load_language_model, parse_hotwords
@@ -308,3 +309,4 @@ async def test_ready_names_the_models_language_when_it_is_known(daemon_factory):
         async with connect(f"ws://127.0.0.1:{d.port}/v1/stream") as ws:
             ready = json.loads(await ws.recv())
         assert ready["type"] == "ready" and ready.get("language") == want
+        assert parse_event(json.dumps(ready)).language == (want or "")  # a client reads it back

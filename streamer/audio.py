@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+if sys.version_info >= (3, 13):
+    import audioop  # audioop-lts: the module the standard library dropped in 3.13, same name and functions
+else:
+    # audioop is deprecated in 3.11 and 3.12 and warns once at import; audioop-lts takes its place from 3.13,
+    # so the warning says nothing a user can act on here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+
 from streamer.engine import SAMPLE_RATE, as_float32
 from streamer.exceptions import AudioError
 
-__all__ = ["ENCODINGS", "MAX_CHANNELS", "MAX_F32_ABS", "AudioConverter", "bad_samples", "decode_pcm",
-           "iter_file_chunks", "read_audio"]
+__all__ = ["ENCODINGS", "G711_ENCODINGS", "MAX_CHANNELS", "MAX_F32_ABS", "PCM_ENCODINGS", "AudioConverter",
+           "bad_samples", "decode_pcm", "encode_g711", "iter_file_chunks", "read_audio"]
 
 ENCODINGS = ("s16le", "f32le")
+"""the encodings the native protocol takes"""
+G711_ENCODINGS = ("mulaw", "alaw")
+"""G.711, the 8-bit companded audio of phone calls (one byte a sample): what Twilio and Deepgram's clients send"""
+PCM_ENCODINGS = ENCODINGS + G711_ENCODINGS
+"""every encoding `decode_pcm` decodes"""
 MAX_CHANNELS = 8
 """the most channels audio may have (7.1), as the native and Wyoming protocols allow: a file's decoded block
 is rate x channels x 4 bytes, and 255 channels at 192 kHz cost ~200 MB a second of audio from a few KB of Ogg"""
@@ -23,13 +39,24 @@ for unnormalised float audio and keeps the engine's normalisation far from overf
 
 
 def decode_pcm(data: bytes, encoding: str, channels: int) -> np.ndarray:
-    """Decode interleaved little-endian PCM bytes into a float32 ``[frames, channels]`` array."""
+    """Decode interleaved PCM bytes into a float32 ``[frames, channels]`` array.
+
+    ``s16le`` and ``f32le`` are little-endian; ``mulaw`` and ``alaw`` are G.711 bytes, expanded by ``audioop``
+    (the standard library's before 3.13, audioop-lts after) to 16-bit samples, so they come out on the s16le scale.
+    """
+    if encoding in G711_ENCODINGS:
+        if len(data) % channels:
+            raise AudioError(f"audio message of {len(data)} bytes is not a whole number of {encoding} frames "
+                             f"({channels} bytes each for {channels} channel(s))")
+        linear = audioop.ulaw2lin(data, 2) if encoding == "mulaw" else audioop.alaw2lin(data, 2)
+        # audioop writes samples in the machine's byte order
+        return (np.frombuffer(linear, dtype=np.int16).astype(np.float32) / 32768.0).reshape(-1, channels)
     if encoding == "s16le":
         width, dtype = 2, "<i2"
     elif encoding == "f32le":
         width, dtype = 4, "<f4"
     else:
-        raise AudioError(f"unsupported encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
+        raise AudioError(f"unsupported encoding {encoding!r}; use one of {', '.join(PCM_ENCODINGS)}")
     if len(data) % (width * channels):
         raise AudioError(
             f"audio message of {len(data)} bytes is not a whole number of {encoding} frames "
@@ -41,6 +68,14 @@ def decode_pcm(data: bytes, encoding: str, channels: int) -> np.ndarray:
         raise AudioError(f"audio contains {bad} samples; send finite float samples in [-1, 1] "
                          f"(|x| up to {MAX_F32_ABS:g} is accepted)")
     return x.reshape(-1, channels)
+
+
+def encode_g711(samples: np.ndarray, encoding: str) -> bytes:
+    """Compand 16-bit samples (an int16 array) into G.711 ``mulaw`` or ``alaw`` bytes, as a phone network does."""
+    if encoding not in G711_ENCODINGS:
+        raise AudioError(f"unsupported encoding {encoding!r}; use one of {', '.join(G711_ENCODINGS)}")
+    linear = np.ascontiguousarray(samples, dtype=np.int16).tobytes()  # machine order, as audioop reads it
+    return audioop.lin2ulaw(linear, 2) if encoding == "mulaw" else audioop.lin2alaw(linear, 2)
 
 
 def bad_samples(x: np.ndarray) -> str:

@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from streamer.events import Word
+from streamer.text import word_spans
 
 FRAME_S = 0.02
 
@@ -104,7 +105,12 @@ class CtcSegment:
         return self.vocab.decode(self.tokens)
 
     def words(self) -> list[Word]:
-        """Split the tokens at word delimiters; times are frame index × 20 ms."""
+        """Split the tokens at word delimiters, and a character of a script written without spaces (Han, kana)
+        off as a word of its own (:func:`streamer.text.word_spans`); times are frame index × 20 ms.
+
+        This is where every word of greedy decoding is cut: the native ``final``'s words, Vosk's ``result``,
+        subtitle cues and the other protocols' word lists all read them.
+        """
         words: list[Word] = []
         delim = self.vocab.delimiter_id
         start = 0
@@ -113,11 +119,13 @@ class CtcSegment:
             if i < n and self.tokens[i] != delim:
                 continue
             if i > start:
-                ids = self.tokens[start:i]
-                text = self.vocab.decode(ids).strip()
-                if text:
-                    conf = sum(self.prob_sum[start:i]) / max(1, sum(self.prob_n[start:i]))
-                    words.append(Word(text, self.first[start] * FRAME_S, (self.last[i - 1] + 1) * FRAME_S, conf))
+                run = self.tokens[start:i]
+                for a, b in word_spans([self.vocab.decode([t]) for t in run]) if len(run) > 1 else [(0, 1)]:
+                    text = self.vocab.decode(run[a:b]).strip()
+                    if text:
+                        lo, hi = start + a, start + b
+                        conf = sum(self.prob_sum[lo:hi]) / max(1, sum(self.prob_n[lo:hi]))
+                        words.append(Word(text, self.first[lo] * FRAME_S, (self.last[hi - 1] + 1) * FRAME_S, conf))
             start = i + 1
         return words
 

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DECODERS", "BackendComparison", "CachedRun", "DecoderComparison", "DecoderRow", "Evaluation",
            "ManifestItem", "build_decoders", "compare_backends", "compare_decoders", "decode_offline",
-           "describe_runner", "evaluate", "load_16k", "load_runner", "offline_text", "read_manifest"]
+           "describe_runner", "evaluate", "load_16k", "load_runner", "offline_text", "read_manifest",
+           "reads_by_characters"]
 
 TEXT_KEYS = ("text", "transcript", "sentence")
 AUDIO_KEYS = ("audio", "audio_filepath", "path", "file")
@@ -139,6 +140,16 @@ class Evaluation:
     """per utterance: the offline text and the streaming text (None without streaming)"""
     frame_ids: list[np.ndarray] = field(default_factory=list)
     """per utterance: the argmax token of every frame of the offline pass"""
+    by_characters: bool = False
+    """the model writes a script without spaces (:func:`reads_by_characters`): its CER is the figure to read"""
+
+
+def reads_by_characters(runner: Runner) -> bool:
+    """Whether the model's letters are mostly of a script written without spaces (Chinese, Japanese): a word of
+    such text is one character (:func:`streamer.text.split_words`), so ``streamer eval`` leads with the CER."""
+    from streamer.text import spaceless
+
+    return spaceless(runner.vocab.token_ids)
 
 
 def evaluate(runner: LocalRunner, cfg: Config, lex: Decoder | None, items: list[ManifestItem], *, chunk: int,
@@ -148,7 +159,7 @@ def evaluate(runner: LocalRunner, cfg: Config, lex: Decoder | None, items: list[
     from streamer.scoring import ErrorRate
     from streamer.transcribe import new_session, stream_array, text_of
 
-    ev = Evaluation(ErrorRate(), ErrorRate())
+    ev = Evaluation(ErrorRate(), ErrorRate(), by_characters=reads_by_characters(runner))
     for item in _progress(items, desc):
         audio = load_16k(item.audio)
         ev.audio_seconds += len(audio) / 16000

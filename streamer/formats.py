@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import TextIO
 
 from streamer.events import Event, Final
+from streamer.text import join_words, seam, squeeze
 
 FORMATS = ("text", "jsonl", "srt", "vtt")
 MAX_CUE_COLUMNS = 84
@@ -55,17 +56,21 @@ def _pieces(text: str, start: float, end: float) -> list[Piece]:
 def final_cues(f: Final) -> list[tuple[float, float, str]]:
     """A final's subtitle cues (start, end, text): one, unless it is longer than :data:`MAX_CUE_COLUMNS` or
     :data:`MAX_CUE_S`; then its words grouped into cues that fit, at the words' times, and a word too long
-    for one cue (a script written without spaces makes a whole utterance one word) cut between characters."""
+    for one cue cut between characters. Words join as :func:`streamer.text.join_words` joins them: a script
+    written without spaces has a word per character (:meth:`streamer.ctc.CtcSegment.words`), no space between."""
     end = max(f.end, f.start + 0.01)
     if _columns(f.text) <= MAX_CUE_COLUMNS and end - f.start <= MAX_CUE_S:
         return [(f.start, end, f.text)]
     words = [(w.word, w.start, w.end) for w in f.words]
-    if not words or " ".join(w for w, _, _ in words) != f.text:  # no word times that spell the text
+    if not words or join_words(w for w, _, _ in words) != squeeze(f.text):  # no word times that spell the text
         words = [(f.text, f.start, end)]
     pieces: list[Piece] = []
+    before = ""
     for word, start, stop in words:
         fits = _columns(word) <= MAX_CUE_COLUMNS and stop - start <= MAX_CUE_S
-        pieces += [(word, start, stop, " ")] if fits else _pieces(word, start, stop)
+        cut = [(word, start, stop, " ")] if fits else _pieces(word, start, stop)
+        pieces += [(cut[0][0], cut[0][1], cut[0][2], seam(before, word)), *cut[1:]]
+        before = word
     cues: list[tuple[float, float, str]] = []
     group: list[Piece] = []
     for piece in pieces:

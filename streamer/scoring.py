@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from streamer.text import split_words, squeeze
+
 __all__ = ["ErrorRate", "cer", "edit_distance", "normalise_text", "words_shown"]
 
 Shown = tuple[str, float, float]
@@ -45,7 +47,13 @@ def normalise_text(text: str) -> str:
 
 @dataclass
 class ErrorRate:
-    """Accumulates word and character errors over many utterances (corpus-level rates)."""
+    """Accumulates word and character errors over many utterances (corpus-level rates).
+
+    Words are :func:`streamer.text.split_words`'s: a character of a script written without spaces (Chinese,
+    Japanese) counts as a word of its own, so a model that never writes its word delimiter is not scored one
+    word per utterance; and characters are compared without the spaces next to such characters (where a
+    model puts its delimiter there is not an error of the text). English is scored as before: words at spaces.
+    """
 
     word_errors: int = 0
     words: int = 0
@@ -55,9 +63,9 @@ class ErrorRate:
     exact: int = 0
 
     def add(self, ref: str, hyp: str) -> None:
-        ref, hyp = normalise_text(ref), normalise_text(hyp)
-        self.word_errors += edit_distance(ref.split(), hyp.split())
-        self.words += len(ref.split())
+        ref, hyp = squeeze(normalise_text(ref)), squeeze(normalise_text(hyp))
+        self.word_errors += edit_distance(split_words(ref), split_words(hyp))
+        self.words += len(split_words(ref))
         self.char_errors += edit_distance(ref, hyp)
         self.chars += len(ref)
         self.utterances += 1

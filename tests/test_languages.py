@@ -22,12 +22,12 @@ from websockets.exceptions import ConnectionClosed
 
 from recipes.demo.lm import write_arpa
 from streamer.cli import main
-from streamer.events import parse_event
+from streamer.events import Word, parse_event
 from streamer.exceptions import ConfigError
 from streamer.lexicon import Lexicon
 from streamer.lm import load_language_model, parse_hotwords
 from streamer.testing import ModelShape, espeak, processor, random_model, save_checkpoint
-from streamer.text import Alphabet, normal_form
+from streamer.text import Alphabet, join_words, normal_form, split_words, squeeze
 
 FRENCH = list("abcdefghijklmnopqrstuvwxyzéèçàêô'")
 ARABIC = [*"ابتثجحخدذرسشصضطظعغفقكلمنهوية", "\u064e", "\u064f", "\u0650", "\u0651", "\u0652"]  # fatha .. sukun
@@ -310,3 +310,65 @@ async def test_ready_names_the_models_language_when_it_is_known(daemon_factory):
             ready = json.loads(await ws.recv())
         assert ready["type"] == "ready" and ready.get("language") == want
         assert parse_event(json.dumps(ready)).language == (want or "")  # a client reads it back
+
+
+# --- scripts written without spaces: a word per character -------------------------------------------------------
+
+LATIN = list("abcdefghijklmnopqrstuvwxyz")
+
+
+def greedy_words(tokens: list[str], letters: list[str]) -> tuple[str, list[Word]]:
+    """The text and words greedy CTC makes of ``tokens`` (one per frame, ``|`` the delimiter, ``<pad>`` blank)
+    with a real tokenizer over ``letters``."""
+    from streamer.ctc import CtcSegment
+    from streamer.runner import TokenizerVocabulary
+
+    ids = vocab(letters)
+    seg = CtcSegment(TokenizerVocabulary(processor(list(ids))[0]))
+    frame_ids = np.array([ids[t] for t in tokens])
+    seg.push(0, frame_ids, np.full(len(tokens), 0.9, np.float32))
+    return seg.text(), seg.words()
+
+
+def test_a_script_without_spaces_has_a_word_per_character():
+    # "gps定位" without a delimiter, then "|", then "你好" with a doubled frame and a blank between repeats
+    tokens = ["<pad>", "g", "p", "s", "定", "<pad>", "位", "|", "你", "你", "<pad>", "好", "<pad>", "好", "<pad>"]
+    text, words = greedy_words(tokens, CHINESE + ["定", "位"] + LATIN)
+    assert text == "gps定位 你好好"
+    assert [w.word for w in words] == ["gps", "定", "位", "你", "好", "好"]
+    assert [(round(w.start, 2), round(w.end, 2)) for w in words] == [
+        (0.02, 0.08), (0.08, 0.10), (0.12, 0.14), (0.16, 0.20), (0.22, 0.24), (0.26, 0.28)]
+    assert join_words(w.word for w in words) == squeeze(text) == "gps定位你好好"
+    assert split_words(text) == [w.word for w in words]
+
+
+@pytest.mark.parametrize("name", ["arabic", "hindi"])
+def test_scripts_with_spaces_keep_a_word_between_delimiters(name):
+    said = {"arabic": ["كِتَاب", "سَلَام"], "hindi": ["नमस्ते", "दुनिया"]}[name]
+    letters = ARABIC if name == "arabic" else HINDI + ["\u0941", "\u093f", "\u092f"]
+    tokens = [t for w in said for t in [*w, "|"]]
+    text, words = greedy_words(tokens, sorted(set(letters)))
+    assert [w.word for w in words] == said and text == " ".join(said) == join_words(said) == squeeze(text)
+
+
+def test_a_long_chinese_final_is_cut_at_its_characters_times():
+    from streamer.events import Final
+    from streamer.formats import MAX_CUE_S, final_cues
+
+    text = "".join(CHINESE) * 3  # 60 characters, 120 columns, 12 s
+    words = tuple(Word(c, 0.2 * i, 0.2 * i + 0.15, 0.9) for i, c in enumerate(text))
+    cues = final_cues(Final(0, text, 0.0, words[-1].end, words))
+    assert len(cues) > 1 and "".join(c[2] for c in cues) == text and " " not in "".join(c[2] for c in cues)
+    assert {c[0] for c in cues} <= {w.start for w in words} and {c[1] for c in cues} <= {w.end for w in words}
+    assert all(c[1] - c[0] <= MAX_CUE_S for c in cues)
+
+
+def test_error_rates_count_a_script_without_spaces_by_characters():
+    from streamer.scoring import ErrorRate
+
+    e = ErrorRate()
+    e.add("你好世界", "你好 世介")  # where the delimiter fell is no error; one character is
+    assert (e.words, e.word_errors, e.chars, e.char_errors) == (4, 1, 4, 1)
+    english = ErrorRate()
+    english.add("turn on the light", "turn of the light")
+    assert (english.words, english.word_errors, english.chars) == (4, 1, 17)

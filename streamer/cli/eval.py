@@ -95,29 +95,37 @@ def run(args: argparse.Namespace) -> int:
                 bad.append((ref, hyp_off, hyp_str or ""))
             if out:
                 out.write(json.dumps({"audio": str(item.audio), "text": item.text, "offline": hyp_off,
-                                      "streaming": hyp_str, **item.extra}) + "\n")
+                                      "streaming": hyp_str, **item.extra}, ensure_ascii=False) + "\n")
     finally:
         if out:
             out.close()
 
     print(f"model {runner.name} ({describe_runner(runner)}), decoding with {describe(lex)}: {len(items)} utterances, "
           f"{ev.audio_seconds:.1f} s of audio")
-    print(f"{'':10s} {'WER':>8s} {'CER':>8s} {'exact':>8s} {'RTF':>8s}")
+    # A script written without spaces (Chinese, Japanese): a word is a character, and the CER is what to read.
+    rates = ("CER", "WER") if ev.by_characters else ("WER", "CER")
+    if ev.by_characters:
+        print("the model writes a script without spaces: CER first (WER counts each character as a word)")
+    print(f"{'':10s} {rates[0]:>8s} {rates[1]:>8s} {'exact':>8s} {'RTF':>8s}")
+
+    def pair(e: ErrorRate) -> tuple[float, float]:
+        return (e.cer, e.wer) if ev.by_characters else (e.wer, e.cer)
 
     def row(name: str, e: ErrorRate, secs: float) -> None:
-        print(f"{name:10s} {100 * e.wer:7.2f}% {100 * e.cer:7.2f}% {100 * e.sentence_accuracy:7.1f}% "
+        first, second = pair(e)
+        print(f"{name:10s} {100 * first:7.2f}% {100 * second:7.2f}% {100 * e.sentence_accuracy:7.1f}% "
               f"{secs / max(ev.audio_seconds, 1e-9):8.4f}")
 
     row("offline", off, ev.offline_seconds)
     if not args.no_streaming:
         row("streaming", strm, ev.streaming_seconds)
-        print(f"{'difference':10s} {100 * (strm.wer - off.wer):+7.2f}  {100 * (strm.cer - off.cer):+7.2f}   "
-              "(streaming - offline, points)")
+        (s1, s2), (o1, o2) = pair(strm), pair(off)
+        print(f"{'difference':10s} {100 * (s1 - o1):+7.2f}  {100 * (s2 - o2):+7.2f}   (streaming - offline, points)")
     if groups:
-        print(f"\n{args.group_by:24s} {'utts':>5s} {'offline WER':>12s} {'streaming WER':>14s}")
-        for name, (g_off, g_str) in sorted(groups.items(), key=lambda kv: (-kv[1][0].wer, kv[0])):
-            streaming = "" if args.no_streaming else f"{100 * g_str.wer:13.2f}%"
-            print(f"{name:24s} {g_off.utterances:5d} {100 * g_off.wer:11.2f}% {streaming}")
+        print(f"\n{args.group_by:24s} {'utts':>5s} {'offline ' + rates[0]:>12s} {'streaming ' + rates[0]:>14s}")
+        for name, (g_off, g_str) in sorted(groups.items(), key=lambda kv: (-pair(kv[1][0])[0], kv[0])):
+            streaming = "" if args.no_streaming else f"{100 * pair(g_str)[0]:13.2f}%"
+            print(f"{name:24s} {g_off.utterances:5d} {100 * pair(g_off)[0]:11.2f}% {streaming}")
     for ref, h_off, h_str in bad[: args.errors]:
         print(f"\n  ref:       {ref}\n  offline:   {h_off}" + ("" if args.no_streaming else f"\n  streaming: {h_str}"))
     return 0

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import numpy as np
 import pytest
+from test_mqtt import MOSQUITTO, Broker, Subscriber, start_daemon  # noqa: F401  (MOSQUITTO: the skip check)
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamer.audio import PCM_ENCODINGS, decode_pcm, encode_g711
+from streamer.events import Final, parse_event
 from streamer.exceptions import AudioError
+from streamer.telephony import MAX_MEDIA_BYTES
+from streamer.testing import espeak_audio
 
 # ---------------------------------------------------------------------------------------------------------- G.711
 
@@ -56,3 +71,220 @@ def test_unknown_encoding_names_g711() -> None:
         decode_pcm(b"\0\0", "opus", 1)
     with pytest.raises(AudioError, match="use one of mulaw, alaw"):
         encode_g711(sine(), "s16le")
+
+
+# ------------------------------------------------------------------------------------------- the calls' audio
+
+TOKEN = "ph0ne"
+TIMEOUT = 60.0
+RATE = 8000
+CALL_SID = "CA" + "5f" * 16
+SENTENCES = {"inbound": "turn on the kitchen lights", "outbound": "set a timer for twenty minutes"}
+
+
+@pytest.fixture(scope="module")
+def calls(tmp_path_factory) -> dict[str, tuple[np.ndarray, Path]]:
+    """Each track's espeak-ng speech at 8 kHz as 16-bit samples (what AudioSocket sends; μ-law encoded for
+    Twilio), and a WAV of what the daemon hears of it: the μ-law decoded, the samples as they are."""
+    import soundfile as sf
+
+    root = tmp_path_factory.mktemp("calls")
+    out = {}
+    for track, text in SENTENCES.items():
+        audio = np.concatenate([espeak_audio(text, rate=RATE), np.zeros(RATE // 2, np.float32)])
+        samples = np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16)
+        heard = decode_pcm(encode_g711(samples, "mulaw"), "mulaw", 1)
+        sf.write(root / f"{track}.mulaw.wav", heard, RATE, subtype="PCM_16")  # exact: G.711 expands to 16 bits
+        sf.write(root / f"{track}.slin.wav", samples, RATE, subtype="PCM_16")
+        out[track] = samples, root
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(calls) -> dict[str, str]:
+    """``streamer transcribe`` (the command) of each WAV: ``{"inbound.mulaw": text, ...}``."""
+    root = next(iter(calls.values()))[1]
+    paths = sorted(root.glob("*.wav"))
+    procs = {p.stem: subprocess.Popen([sys.executable, "-m", "streamer", "transcribe", "-f", "jsonl", str(p)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in paths}
+    out = {}
+    for stem, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+        out[stem] = " ".join(e.text for e in map(parse_event, stdout.splitlines()) if isinstance(e, Final) and e.text)
+    assert all(out.values()), out
+    return out
+
+
+class Viewer:
+    """A viewer at ``/v1/listen/NAME`` collecting the stream's events."""
+
+    def __init__(self, port: int, name: str) -> None:
+        self.url = f"ws://127.0.0.1:{port}/v1/listen/{name}?token={TOKEN}"
+        self.events: list[dict] = []
+        self.task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    async def _read(self) -> None:
+        async with connect(self.url) as ws:
+            async for raw in ws:
+                msg = json.loads(raw)
+                if msg["type"] == "ready":
+                    self.ready.set()
+                else:
+                    self.events.append(msg)
+
+    async def start(self) -> Viewer:
+        self.task = asyncio.create_task(self._read())
+        async with asyncio.timeout(TIMEOUT):
+            await self.ready.wait()
+        return self
+
+    def text(self) -> str:
+        return " ".join(e["text"] for e in self.events if e["type"] == "final" and e["text"])
+
+    async def wait_text(self, expected: str) -> str:
+        """The finals' text once it is ``expected`` (or what it was after the timeout)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(TIMEOUT):
+                while self.text() != expected:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        return self.text()
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+# ----------------------------------------------------------------------------------------- Twilio Media Streams
+
+
+def twilio_start(tracks: list[str], parameters: dict[str, str], call_sid: str = CALL_SID) -> dict:
+    """Twilio's ``start`` message (its documented shape: numbers as strings, the SIDs' prefixes)."""
+    return {"event": "start", "sequenceNumber": "1", "streamSid": "MZ" + "18ad" * 8,
+            "start": {"accountSid": "AC" + "0e" * 16, "streamSid": "MZ" + "18ad" * 8, "callSid": call_sid,
+                      "tracks": tracks, "customParameters": parameters,
+                      "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}
+
+
+def twilio_media(track: str, chunk: int, payload: bytes) -> dict:
+    return {"event": "media", "sequenceNumber": str(chunk + 1), "streamSid": "MZ" + "18ad" * 8,
+            "media": {"track": track, "chunk": str(chunk), "timestamp": str(chunk * 20),
+                      "payload": base64.b64encode(payload).decode()}}
+
+
+def twilio_call(tracks: dict[str, np.ndarray], parameters: dict[str, str], call_sid: str = CALL_SID) -> list[dict]:
+    """A recorded call as Twilio sends it: connected, start, 20 ms of μ-law per track in turn (a mark and a key
+    press on the way), stop."""
+    ulaw = {track: encode_g711(samples, "mulaw") for track, samples in tracks.items()}
+    messages = [{"event": "connected", "protocol": "Call", "version": "1.0.0"},
+                twilio_start(list(tracks), parameters, call_sid)]
+    n = max(len(a) for a in ulaw.values())
+    for chunk, i in enumerate(range(0, n, 160), start=1):
+        for track, audio in ulaw.items():
+            if i < len(audio):
+                messages.append(twilio_media(track, chunk, audio[i : i + 160]))
+        if chunk == 50:
+            messages.append({"event": "mark", "sequenceNumber": "0", "streamSid": "MZ" + "18ad" * 8,
+                             "mark": {"name": "greeting played"}})
+            messages.append({"event": "dtmf", "streamSid": "MZ" + "18ad" * 8, "sequenceNumber": "0",
+                             "dtmf": {"track": "inbound_track", "digit": "5"}})
+    messages.append({"event": "stop", "sequenceNumber": str(len(messages)), "streamSid": "MZ" + "18ad" * 8,
+                     "stop": {"accountSid": "AC" + "0e" * 16, "callSid": call_sid}})
+    return messages
+
+
+async def play(port: int, messages: list[dict], query: str = "") -> tuple[int, str]:
+    """Send the messages as Twilio does, each track's media at real time (20 ms a chunk); the close code and
+    reason (the server closes at stop, or at the first bad message)."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{port}/v1/twilio{query}") as ws:
+        t0 = loop.time()
+        with contextlib.suppress(ConnectionClosed):
+            for msg in messages:
+                if msg["event"] == "media":
+                    await asyncio.sleep(max(0.0, t0 + int(msg["media"]["chunk"]) * 0.02 - loop.time()))
+                await ws.send(json.dumps(msg))
+        await ws.wait_closed()
+        assert ws.close_code is not None
+        return ws.close_code, ws.close_reason or ""
+
+
+def mqtt_text(sub: Subscriber, topic_level: str) -> str:
+    finals = [json.loads(m.payload) for m in sub.on(f"streamer/{topic_level}/final")]
+    return " ".join(f["text"] for f in finals if f["text"])
+
+
+@contextlib.asynccontextmanager
+async def mosquitto(root: Path) -> AsyncIterator[tuple[Broker, Subscriber]]:
+    """A real mosquitto on a free port, and a subscriber to ``streamer/#``."""
+    broker = Broker(root)
+    await broker.start()
+    sub = Subscriber(broker.port, "streamer/#")
+    try:
+        await sub.connect()
+        yield broker, sub
+    finally:
+        await sub.close()
+        await broker.kill()
+
+
+@pytest.mark.slow
+async def test_a_twilio_call_with_both_tracks_reaches_viewers_and_mqtt(tmp_path, daemon_factory, calls, reference):
+    async with mosquitto(tmp_path) as (broker, sub):
+        await twilio_call_published(daemon_factory, broker, sub, calls, reference)
+
+
+async def twilio_call_published(daemon_factory, broker: Broker, sub: Subscriber, calls, reference) -> None:
+    d, pub = await start_daemon(daemon_factory, broker.port, f"server.auth_token='{TOKEN}'")
+    async with asyncio.timeout(TIMEOUT):
+        await pub.wait_connected()
+    viewers = {track: await Viewer(d.port, f"desk/{track}").start() for track in SENTENCES}
+    call = twilio_call({track: calls[track][0] for track in SENTENCES}, {"name": "desk", "token": TOKEN})
+    assert await play(d.port, call) == (1000, "stream stopped")
+    for track, viewer in viewers.items():
+        expected = reference[f"{track}.mulaw"]
+        assert await viewer.wait_text(expected) == expected
+        assert any(e["type"] == "partial" for e in viewer.events)
+        await viewer.close()
+        # one MQTT topic level per stream: the name's '/' becomes '_'; the payload names the stream as it is
+        await sub.wait_for(lambda s, t=track, x=expected: mqtt_text(s, f"desk_{t}") == x)
+        payloads = [json.loads(m.payload) for m in sub.on(f"streamer/desk_{track}/final")]
+        assert {p["stream"] for p in payloads} == {f"desk/{track}"}
+
+
+@pytest.mark.slow
+async def test_bad_twilio_input_closes_with_a_clear_error_and_the_call_beside_goes_on(daemon_factory, calls,
+                                                                                      reference):
+    d = await daemon_factory(f"server.auth_token='{TOKEN}'")
+    viewer = await Viewer(d.port, CALL_SID).start()  # no name: the call's SID names its one track
+    healthy = asyncio.create_task(play(d.port, twilio_call({"inbound": calls["inbound"][0]}, {}), f"?token={TOKEN}"))
+    async with asyncio.timeout(TIMEOUT):
+        while not d.name_live(CALL_SID):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    other = "CA" + "77" * 16
+    start = twilio_start(["inbound"], {"token": TOKEN}, other)
+    cases = [
+        ([start, {"event": "media", "media": {"track": "inbound", "chunk": "1", "payload": "!!not base64!!"}}],
+         1007, "bad_audio: media message: 'payload' is not valid base64"),
+        ([start, twilio_media("inbound", 1, bytes(MAX_MEDIA_BYTES + 3))], 1009, "too_big: media message: a payload"),
+        ([twilio_media("inbound", 1, bytes(160))], 1008, "bad_order: media before start"),
+        ([twilio_start(["inbound"], {"token": "wrong"}, other)], 1008, "unauthorized: missing or wrong token"),
+        ([twilio_start(["inbound"], {}, other), twilio_media("inbound", 1, bytes(160))], 1008, "unauthorized"),
+        ([start, twilio_media("outbound", 1, bytes(160))], 1008, "bad_track: media of the outbound track"),
+        ([{"event": "hello"}], 1008, "bad_message: unknown event 'hello'"),
+        ([twilio_start(["inbound"], {"token": TOKEN, "name": "a name"}, other)], 1008, "bad_name"),
+        ([twilio_start(["inbound"], {"token": TOKEN, "name": CALL_SID}, other)], 1008, "name_in_use"),
+    ]
+    for messages, code, reason in cases:
+        closed = await play(d.port, messages)
+        assert closed[0] == code and closed[1].startswith(reason), (messages[-1], closed)
+    with pytest.raises(InvalidStatus) as refused:  # a wrong ?token= is refused before the upgrade
+        await play(d.port, [start], "?token=wrong")
+    assert refused.value.response.status_code == 401
+    assert await healthy == (1000, "stream stopped")
+    expected = reference["inbound.mulaw"]
+    assert await viewer.wait_text(expected) == expected
+    await viewer.close()
+    assert d.metrics.errors.labels("unauthorized")._value.get() == 2

@@ -24,13 +24,14 @@ from websockets.http11 import Request, Response
 
 from streamer.aio.host import Admission, ModelInfo
 from streamer.aio.http.connection import OPEN_TIMEOUT_S
-from streamer.aio.http.front import LISTEN_PREFIX, REALTIME_PATH, STREAM_PATH, HttpFront
+from streamer.aio.http.front import LISTEN_PREFIX, REALTIME_PATH, STREAM_PATH, TWILIO_PATH, HttpFront
 from streamer.aio.http.limits import check_descriptors, install_accept_error_filter
 from streamer.aio.http.tls import server_ssl_context
 from streamer.aio.hub import Hub, ViewerQueue
 from streamer.aio.metrics import Metrics
 from streamer.aio.protocols.native import NativeHandler
 from streamer.aio.protocols.realtime import RealtimeHandler
+from streamer.aio.protocols.twilio import TwilioHandler
 from streamer.aio.protocols.viewer import serve_viewer
 from streamer.aio.protocols.vosk import VoskHandler
 from streamer.aio.protocols.wyoming import WyomingServer
@@ -393,6 +394,8 @@ class Daemon:
             await serve_viewer(self, ws, path[len(LISTEN_PREFIX):])
         elif path == REALTIME_PATH:
             await RealtimeHandler(self, ws).serve_connection()
+        elif path == TWILIO_PATH:
+            await TwilioHandler(self, ws, token=self.http.token).serve_connection()
         else:
             await NativeHandler(self, ws).serve_connection()
 

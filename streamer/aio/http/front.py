@@ -29,12 +29,14 @@ from streamer.aio.http.connection import HttpConnection, is_tls, not_allowed, re
 from streamer.aio.http.limits import BoundedConnection
 from streamer.aio.http.openai import OpenAIFront
 
-__all__ = ["LISTEN_PREFIX", "REALTIME_PATH", "STREAM_PATH", "HttpFront"]
+__all__ = ["LISTEN_PREFIX", "REALTIME_PATH", "STREAM_PATH", "TWILIO_PATH", "HttpFront"]
 
 STREAM_PATH = "/v1/stream"
 LISTEN_PREFIX = "/v1/listen/"
 REALTIME_PATH = "/v1/realtime"
 """OpenAI Realtime transcription sessions (:mod:`streamer.aio.protocols.realtime`)"""
+TWILIO_PATH = "/v1/twilio"
+"""Twilio Media Streams, phone calls (:mod:`streamer.aio.protocols.twilio`)"""
 MAX_NAME_BYTES = 255
 """the longest file name (one path component) a file system holds"""
 
@@ -168,6 +170,8 @@ class HttpFront:
             return response
         realtime = path == REALTIME_PATH and host.cfg.openai.enabled
         routed = path == STREAM_PATH or path.startswith(LISTEN_PREFIX) or realtime
+        twilio = path == TWILIO_PATH
+        routed = routed or twilio
         if conn.local_address[1] == self.stream_port() and not routed:
             return respond(conn, 404, f"no websocket endpoint at {path}; use {STREAM_PATH} or "
                            f"{LISTEN_PREFIX}<name>\n", "text/plain")
@@ -178,6 +182,10 @@ class HttpFront:
             return respond(conn, 403, f"a page of {origin} may not open websockets here: only this server's own "
                            "pages and the origins in server.allowed_origins may\n", "text/plain")
         if not self.authorized(request, query, conn.local_address[1]):
+            if twilio and not query.get("token"):
+                # Twilio sends no headers, and a <Stream> url takes no query string: the token comes in the start
+                # message's customParameters, which the handler checks before it takes any audio
+                return None
             host.metrics.streams_rejected.labels("auth").inc()
             if realtime:  # in OpenAI's error shape, as its clients read it
                 return self.openai.unauthorized(conn)

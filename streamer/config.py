@@ -334,6 +334,9 @@ class ServerConfig(_Section):
     allowed_hosts: tuple[str, ...] = _opt([], doc="Host names the daemon answers to without a token besides "
                                           "loopback and one-label names, IP literals and server.host; ['*'] = any")
     shutdown_timeout_s: float = _opt(10.0, min=0.0)
+    drain_timeout_s: float = _opt(60.0, min=0.0, doc="on SIGTERM, how long live streams may go on to their own end "
+                                  "while no new one is taken (draining); then they are finalised as at shutdown. "
+                                  "0 = finalise them at once")
     max_speed: float = _opt(10.0, min=0.0, doc="times real time a stream may send beyond max_burst_s; 0 = no limit")
     max_burst_s: float = _opt(60.0, min=0.0, doc="seconds of audio a stream may send ahead of real time at once")
     max_sample_rate: int = _opt(192_000, min=8000)

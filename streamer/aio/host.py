@@ -23,9 +23,10 @@ A handler's life with its host::
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 from streamer.aio.hub import ViewerQueue
 from streamer.aio.metrics import Metrics
@@ -37,7 +38,7 @@ from streamer.events import CLOSE_POLICY, Error
 from streamer.exceptions import ProtocolError
 from streamer.runner import FrameGeometry, Runner, TokenVocabulary, geometry_of
 
-__all__ = ["Admission", "ModelInfo", "StreamHost", "close_named", "name_in_use", "open_named"]
+__all__ = ["Admission", "Health", "ModelInfo", "StreamHost", "close_named", "name_in_use", "open_named"]
 
 Admission = Literal["stream", "viewer"]
 """what a connection is admitted as: a stream (``server.max_streams``) or a viewer (``server.max_viewers``)"""
@@ -61,6 +62,86 @@ class ModelInfo:
         return cls(runner.name, runner.device, runner.vocab, geometry_of(runner))
 
 
+Status = Literal["ok", "degraded", "unavailable"]
+Readiness = Literal["ready", "draining", "full", "unavailable"]
+
+
+@dataclass(frozen=True)
+class Health:
+    """The daemon's health: what ``/healthz`` says, and what ``/livez`` and ``/readyz`` decide from.
+
+    ``/healthz`` (:meth:`to_dict`) is 503 when :attr:`status` is ``unavailable``; ``/livez`` (:meth:`live`) is 503
+    only when the process no longer works (its model worker is dead: restart it); ``/readyz`` (:meth:`readiness`) is
+    200 only while the daemon takes new streams.
+    """
+
+    status: Status
+    """``unavailable`` while not serving (shutting down or draining, the model worker or model server down),
+    ``degraded`` while a service (MQTT) or a front-end process is not well, else ``ok``"""
+    model: str
+    device: str
+    worker_alive: bool
+    """whether the model worker runs (the process's own; with a model server, its client)"""
+    streams: int
+    """streams being served now: the whole daemon's with several front-end processes"""
+    uptime_s: float
+    draining: bool = False
+    """the shutdown began: no new stream is taken (``server.drain_timeout_s``)"""
+    max_streams: int = 0
+    """``server.max_streams`` in force: at it, the daemon is not ready"""
+    model_server: Literal["up", "unreachable"] | None = None
+    """``[model_server] kind = "triton"``: whether it answers"""
+    process_streams: int | None = None
+    """with several front-end processes: this process's streams"""
+    process: tuple[int, int] | None = None
+    """with several front-end processes: this one's (slot, pid)"""
+    processes: tuple[int, int] | None = None
+    """with several front-end processes: (configured, serving)"""
+    services: Mapping[str, Any] = field(default_factory=dict)
+    """what services add (``mqtt``, ``mqtt_reason``; the supervisor's MQTT with several processes)"""
+
+    def live(self) -> bool:
+        """``/livez``: the event loop answered (this is running) and the model worker is alive."""
+        return self.worker_alive
+
+    def readiness(self) -> Readiness:
+        """``/readyz``: ``ready`` (200) while it takes new streams, else why not (503)."""
+        if self.draining:
+            return "draining"
+        if self.status == "unavailable":
+            return "unavailable"
+        if self.streams >= self.max_streams > 0:
+            return "full"
+        return "ready"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``/healthz`` answer (what the supervisor's watchdog reads of each process, too)."""
+        out: dict[str, Any] = {"status": self.status, "model": self.model, "device": self.device,
+                               "worker_alive": self.worker_alive, "streams": self.streams,
+                               "uptime_s": self.uptime_s, "draining": self.draining, **self.services}
+        if self.process_streams is not None:
+            out["process_streams"] = self.process_streams
+        if self.process is not None:
+            out["process"] = {"slot": self.process[0], "pid": self.process[1]}
+        if self.processes is not None:
+            out["processes"] = {"configured": self.processes[0], "serving": self.processes[1]}
+        if self.model_server is not None:
+            out["model_server"] = self.model_server
+        return out
+
+    def live_dict(self) -> dict[str, Any]:
+        """The ``/livez`` answer."""
+        return {"status": "alive" if self.live() else "dead", "worker_alive": self.worker_alive,
+                "uptime_s": self.uptime_s}
+
+    def ready_dict(self) -> dict[str, Any]:
+        """The ``/readyz`` answer."""
+        out: dict[str, Any] = {"status": self.readiness(), "streams": self.streams, "max_streams": self.max_streams}
+        if self.model_server is not None:
+            out["model_server"] = self.model_server
+        return out
+
+
 class StreamHost(Protocol):
     """The daemon as its handlers see it."""
 
@@ -76,8 +157,15 @@ class StreamHost(Protocol):
     def metrics(self) -> Metrics: ...
 
     @property
+    def draining(self) -> asyncio.Event:
+        """Set when the daemon's shutdown begins (SIGTERM): no new stream, upload or viewer is taken; live streams
+        go on as normal until their clients end them or :attr:`stopping` is set (``server.drain_timeout_s``)."""
+        ...
+
+    @property
     def stopping(self) -> asyncio.Event:
-        """Set when the daemon shuts down: streams finish, send their last finals and close with 1001."""
+        """Set when the daemon finalises its streams (after the drain, or at once): streams finish, send their last
+        finals and close with 1001. :attr:`draining` is set too by then."""
         ...
 
     @property

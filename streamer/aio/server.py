@@ -16,13 +16,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from streamer.aio.host import Admission, ModelInfo
+from streamer.aio.host import Admission, Health, ModelInfo, Status
 from streamer.aio.http.connection import OPEN_TIMEOUT_S
 from streamer.aio.http.front import LISTEN_PREFIX, REALTIME_PATH, STREAM_PATH, TWILIO_PATH, HttpFront
 from streamer.aio.http.limits import check_descriptors, install_accept_error_filter
@@ -63,8 +63,10 @@ class Service(Protocol):
 class Daemon:
     """One loaded model, one batching worker, the listeners and the services around them.
 
-    Build it, add :attr:`services`, ``await start()``; :meth:`request_shutdown` (SIGTERM) finalises
-    every stream and closes. :meth:`apply_config` applies a reloaded config (SIGHUP).
+    Build it, add :attr:`services`, ``await start()``; :meth:`request_shutdown` finalises every stream and
+    closes; ``request_shutdown(drain=True)`` (SIGTERM) first drains: it takes no new stream and lets the live
+    ones end by themselves, for ``server.drain_timeout_s`` at most. :meth:`apply_config` applies a reloaded
+    config (SIGHUP).
 
     ``cluster``: the link to the supervisor when this is one of several front-end processes
     (``server.processes``): the daemon then listens with SO_REUSEPORT (its siblings listen on the same
@@ -89,8 +91,15 @@ class Daemon:
         """the letters of the word lists clients brought, alive now (``server.max_word_list_letters_total``)"""
         self.services: list[Service] = []
         self.servers: list[Server] = []
+        self.draining = asyncio.Event()
+        """set when the shutdown begins: no new stream, upload or viewer is taken; live streams go on (the drain)"""
         self.stopping = asyncio.Event()
+        """set when the streams are finalised: after the drain, or at once (they send their finals, close 1001)"""
         self.closed = asyncio.Event()
+        self.on_drain: list[Callable[[], None]] = []
+        """called once when the drain begins (MQTT's status says ``draining``)"""
+        self._hurry = asyncio.Event()
+        self._drain_until: float | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._viewers: set[asyncio.Task[Any]] = set()
         self.viewers_stop = asyncio.Event()
@@ -186,12 +195,12 @@ class Daemon:
         """Serve the running task as one ``kind`` of ``protocol`` inside the ``async with``, or yield why not.
 
         A stream counts against ``server.max_streams`` (in the whole daemon, with several front-end
-        processes) and shutdown waits for it; it is refused while shutting down (1001) and when
-        full (1013). A viewer counts against ``server.max_viewers``; it is not refused while shutting
+        processes) and shutdown waits for it; it is refused while draining or shutting down (1001) and
+        when full (1013). A viewer counts against ``server.max_viewers``; it is not refused while shutting
         down (it waits for the last finals of the streams that end) and shutdown closes it last.
         """
         if kind == "stream":
-            if self.stopping.is_set():
+            if self.draining.is_set():
                 yield Error("shutting_down", "server shutting down", CLOSE_GOING_AWAY)
                 return
             tasks, limit = self._handlers, self.cfg.server.max_streams
@@ -233,33 +242,38 @@ class Daemon:
         """Streams being served now (native and Vosk connections past admission)."""
         return len(self._handlers)
 
-    def health(self) -> dict[str, Any]:
-        """``/healthz``: ``status`` is ``unavailable`` (503) when not serving, ``degraded`` when a service (MQTT)
-        reports so, else ``ok``; a service's ``health()`` adds its own keys (``mqtt``, ``mqtt_reason``)."""
-        ok = self.worker.alive and not self.stopping.is_set()
-        out: dict[str, Any] = {
-            "status": "ok" if ok else "unavailable", "model": self.runner.name, "device": self.runner.device,
-            "worker_alive": self.worker.alive, "streams": self.active_streams,
-            "uptime_s": round(time.time() - self.started_at, 1)}
+    def health(self) -> Health:
+        """``/healthz``, ``/livez``, ``/readyz``: ``status`` is ``unavailable`` (503) when not serving (draining or
+        shutting down, the model worker or model server down), ``degraded`` when a service (MQTT) or a front-end
+        process is not well, else ``ok``; a service's ``health()`` adds its own keys (``mqtt``, ``mqtt_reason``)."""
+        ok = self.worker.alive and not self.draining.is_set()
+        status: Status = "ok" if ok else "unavailable"
+        services: dict[str, Any] = {}
         for service in self.services:
             report = getattr(service, "health", None)
             if callable(report):
-                extra: dict[str, Any] = report()
-                out.update(extra)
-                if ok and "degraded" in extra.values():
-                    out["status"] = "degraded"
+                services.update(report())
+        streams = self.active_streams
+        process_streams = process = processes = None
         if self.cluster is not None:  # the whole daemon: every process's streams, the supervisor's MQTT
-            view = self.cluster.health()
-            out["process_streams"] = out["streams"]
-            out.update(view)
-            processes = view.get("processes", {})
-            if ok and ("degraded" in view.values() or processes.get("serving", 0) < processes.get("configured", 0)):
-                out["status"] = "degraded"
+            process_streams, process = streams, (self.cluster.slot, self.cluster.pid)
+            state = self.cluster.state
+            if state is not None:
+                streams, processes = state.streams, (state.configured, state.serving)
+                services.update(state.health or {})
+                if state.serving < state.configured and ok:
+                    status = "degraded"
+        if ok and "degraded" in services.values():
+            status = "degraded"
+        model_server: Literal["up", "unreachable"] | None = None
         if self.worker.remote is not None:  # [model_server] kind = "triton": unavailable (503) while unreachable
-            out["model_server"] = "up" if self.worker.remote.available else "unreachable"
+            model_server = "up" if self.worker.remote.available else "unreachable"
             if not self.worker.remote.available:
-                out["status"] = "unavailable"
-        return out
+                status = "unavailable"
+        return Health(status, self.runner.name, self.runner.device, self.worker.alive, streams,
+                      round(time.time() - self.started_at, 1), draining=self.draining.is_set(),
+                      max_streams=self.cfg.server.max_streams, model_server=model_server,
+                      process_streams=process_streams, process=process, processes=processes, services=services)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -321,10 +335,59 @@ class Daemon:
                 f"choose another with {key} (or --port), or stop that program"
             ) from None
 
-    def request_shutdown(self) -> asyncio.Task[None]:
+    def request_shutdown(self, *, drain: bool = False) -> asyncio.Task[None]:
+        """Begin the shutdown, once; the task that runs it. ``drain`` (SIGTERM): :meth:`drain` first. Without it
+        (a second SIGTERM), a drain under way ends now and the live streams are finalised (:meth:`shutdown`)."""
+        if not drain:
+            self._hurry.set()
         if self._shutdown_task is None:
-            self._shutdown_task = asyncio.ensure_future(self.shutdown())
+            self._shutdown_task = asyncio.ensure_future(self.drain() if drain else self.shutdown())
         return self._shutdown_task
+
+    async def drain(self) -> None:
+        """Take no new stream, upload or viewer; let the live streams go on until their clients end them, for
+        ``server.drain_timeout_s`` at most (0: not at all), or until :meth:`request_shutdown` hurries it; then
+        :meth:`shutdown` finalises the streams left.
+
+        While draining the listeners stay open: ``/livez`` still answers 200, ``/readyz`` and ``/healthz`` 503, and a
+        new websocket or upload 503 with ``Retry-After`` (a balancer tries another daemon, a client again later).
+        """
+        if self.draining.is_set():
+            await self.closed.wait()
+            return
+        self.draining.set()
+        limit = self.cfg.server.drain_timeout_s
+        for hook in self.on_drain:
+            try:
+                hook()
+            except Exception:
+                logger.exception("drain hook %r failed", hook)
+        if limit > 0 and self._handlers and not self._hurry.is_set():
+            logger.info("draining: %d live stream(s) go on until their clients end them, for %.0f s at most "
+                        "(server.drain_timeout_s); new ones are refused; a second SIGTERM finalises them now",
+                        len(self._handlers), limit)
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            self._drain_until = began + limit
+            hurry = asyncio.ensure_future(self._hurry.wait())
+            try:
+                while self._handlers and not hurry.done() and (left := self._drain_until - loop.time()) > 0:
+                    await asyncio.wait({*self._handlers, hurry}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                hurry.cancel()
+            if self._handlers:
+                logger.info("drained for %.0f s: finalising the %d stream(s) still live", loop.time() - began,
+                            len(self._handlers))
+            else:
+                logger.info("drained: every live stream ended")
+        await self.shutdown()
+
+    @property
+    def drain_left_s(self) -> float | None:
+        """While draining: the seconds left before the live streams are finalised; else None."""
+        if self._drain_until is None or self.stopping.is_set():
+            return None
+        return max(0.0, self._drain_until - asyncio.get_running_loop().time())
 
     async def shutdown(self) -> None:
         """Stop accepting, finalise every stream and send its finals, close 1001, stop services."""
@@ -332,6 +395,7 @@ class Daemon:
             await self.closed.wait()
             return
         logger.info("shutting down: finalising %d stream(s)", self.active_streams)
+        self.draining.set()
         self.stopping.set()
         for server in self.servers:
             server.close(close_connections=False)
@@ -340,7 +404,9 @@ class Daemon:
         sources = [s for s in reversed(self.services) if getattr(s, "is_source", False)]
         await asyncio.gather(self._stop_services(sources), self._wait_handlers(self._handlers))
         if self.cluster is not None:  # other processes' streams send their last finals to viewers here too
-            await self.cluster.drained(self.cfg.server.shutdown_timeout_s)
+            # (they may still be draining theirs, begun with this one's)
+            drain = 0.0 if self._hurry.is_set() else self.cfg.server.drain_timeout_s
+            await self.cluster.drained(self.cfg.server.shutdown_timeout_s + drain)
         self.viewers_stop.set()
         await self._wait_handlers(self._viewers, limit_s=2.0)
         for server in self.servers:

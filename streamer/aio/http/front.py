@@ -23,7 +23,7 @@ from websockets.asyncio.server import Server, ServerConnection
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
-from streamer.aio.host import StreamHost
+from streamer.aio.host import Health, StreamHost
 from streamer.aio.http.access import host_allowed, page_allowed, read_cookie, repeated_header, token_cookie
 from streamer.aio.http.connection import HttpConnection, is_tls, not_allowed, respond
 from streamer.aio.http.limits import BoundedConnection
@@ -55,7 +55,7 @@ class HttpFront:
     ``started_at``: when the daemon started (the model's ``created`` in ``/v1/models``).
     """
 
-    def __init__(self, host: StreamHost, token: str, *, health: Callable[[], dict[str, Any]],
+    def __init__(self, host: StreamHost, token: str, *, health: Callable[[], Health],
                  stream_port: Callable[[], int], started_at: float) -> None:
         self.host = host
         self.token = token
@@ -148,7 +148,14 @@ class HttpFront:
                            "server.allowed_hosts, or use an IP address or localhost\n", "text/plain")
         if path == "/healthz":
             h = self.health()
-            return respond(conn, 503 if h["status"] == "unavailable" else 200, json.dumps(h), "application/json")
+            return respond(conn, 503 if h.status == "unavailable" else 200, json.dumps(h.to_dict()), "application/json")
+        if path == "/livez":  # the process works: its event loop answers this, its model worker runs
+            h = self.health()
+            return respond(conn, 200 if h.live() else 503, json.dumps(h.live_dict()), "application/json")
+        if path == "/readyz":  # it takes new streams: not draining, model server reachable, under max_streams
+            h = self.health()
+            return respond(conn, 200 if h.readiness() == "ready" else 503, json.dumps(h.ready_dict()),
+                           "application/json")
         if path == "/metrics":
             return respond(conn, 200, host.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
         upgrade = "websocket" in ",".join(request.headers.get_all("Upgrade")).lower()
@@ -160,10 +167,10 @@ class HttpFront:
                 if redirect is not None:
                     return redirect
             return self.static(conn, path)
-        if host.stopping.is_set():
-            # Draining (SIGTERM): the listeners are closed, and so is this daemon to new streams and viewers. A
-            # connection it accepted just before gets 503, which a load balancer retries on another daemon
-            # (HAProxy's retry-on 503, deploy/haproxy.cfg), and the client a clear answer.
+        if host.draining.is_set():
+            # Draining or shutting down (SIGTERM): closed to new streams and viewers while its live streams go on. A
+            # new one gets 503, which a load balancer retries on another daemon (HAProxy's retry-on 503,
+            # deploy/haproxy.cfg), and the client a clear answer.
             response = respond(conn, 503, "server shutting down: connect again to reach another server\n",
                                "text/plain")
             response.headers["Retry-After"] = "1"

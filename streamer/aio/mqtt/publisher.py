@@ -7,7 +7,8 @@ waits on the broker. Topics, with ``P`` = ``mqtt.topic_prefix``::
 
     P/<stream>/partial       the websocket event JSON, plus "stream" and "session"
     P/<stream>/final         idem; QoS mqtt.qos_final (1)
-    P/status                 retained "online"; "offline" on exit and as the last will
+    P/status                 retained "online"; "draining" once the daemon drains (SIGTERM); "offline" on exit
+                             and as the last will
     hermes/asr/textCaptured  finals in Rhasspy Hermes form, with mqtt.hermes = true
 
 Delivery: a message leaves the queue only when the broker acknowledged it (QoS 1/2) or
@@ -153,6 +154,7 @@ class MqttPublisher:
         self.degraded_after_s = DEGRADED_AFTER_S
         self._down_since = time.monotonic()  # not connected since (the start counts)
         self._final_dropped_at = -DROPS_DEGRADE_S
+        self._announce = b"online"  # what <prefix>/status says while connected
 
     # -- the sink side: synchronous, never waits ---------------------------------------
 
@@ -204,6 +206,14 @@ class MqttPublisher:
     async def wait_connected(self) -> None:
         """Return once the broker accepted the connection (at once when it already has)."""
         await self._connected.wait()
+
+    def draining(self) -> None:
+        """The daemon drains (SIGTERM: it takes no new stream, its live ones go on): ``<prefix>/status`` says
+        ``draining`` (retained) from now on, until ``offline``."""
+        if not self.status or self._closed or self._announce == b"draining":
+            return
+        self._announce = b"draining"
+        self._put(Message("status", self.status_topic, self._announce, 1, True))
 
     def _put(self, msg: Message) -> None:
         drop = self._outbox.put(msg)
@@ -377,7 +387,7 @@ class MqttPublisher:
             lost = asyncio.ensure_future(self._watch(client))
             try:
                 if self.status:
-                    await self._guarded(client.publish(self.status_topic, b"online", qos=1, retain=True), lost)
+                    await self._guarded(client.publish(self.status_topic, self._announce, qos=1, retain=True), lost)
                 try:
                     await self._drain(client, lost)
                 except (_FlushTimeout, asyncio.CancelledError):

@@ -468,15 +468,6 @@ class ClusterLink:
             # is sent afterwards reaches the supervisor even if this process is killed right then
             self.send(Relay(stream, session, event))
 
-    def health(self) -> dict[str, Any]:
-        """The daemon-wide part of ``/healthz``, from the supervisor's last push."""
-        out: dict[str, Any] = {"process": {"slot": self.slot, "pid": self.pid}}
-        if self.state is not None:
-            out["streams"] = self.state.streams
-            out["processes"] = {"configured": self.state.configured, "serving": self.state.serving}
-            out.update(self.state.health or {})
-        return out
-
     async def beat(self, health: Callable[[], dict[str, Any]]) -> None:
         """Report this process's health every second (the supervisor's watchdog needs it), until cancelled."""
         while not self.lost.is_set():

@@ -11,7 +11,8 @@
                           :class:`~streamer.aio.processes.cluster.Place` (it finds it in
                           :data:`~streamer.aio.processes.cluster.CLUSTER_ENV`)
 
-SIGTERM or SIGINT finalises every stream and exits; a second one exits at once.
+SIGTERM or SIGINT drains (no new stream; the live ones go on to their end, for ``server.drain_timeout_s`` at
+most), then finalises the streams left and exits; a second one finalises them at once; a third exits at once.
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ async def serve(cfg: Config, runner: Runner, reload: Callable[[], Config], *, ve
         publisher = MqttPublisher(cfg.mqtt, daemon.metrics)
         daemon.hub.sinks.append(publisher)
         daemon.services.append(publisher)
+        daemon.on_drain.append(publisher.draining)  # its status topic says "draining"
     if place is None or place.sources:  # each [[sources]] kind "mic" captions a microphone into its named stream
         daemon.services.extend(MicSource(daemon.streams, src) for src in cfg.sources if src.kind == "mic")
     notifier = Notifier.from_environ() if link is None else Notifier(None)
@@ -141,13 +143,18 @@ async def serve(cfg: Config, runner: Runner, reload: Callable[[], Config], *, ve
     def on_signal(signum: int) -> None:
         nonlocal signals
         signals += 1
-        if signals > 1:
-            if link is not None:  # systemd's stop signals every process besides the supervisor's: once is enough
+        name = signal.Signals(signum).name
+        if signals > 2:
+            if link is not None:  # the supervisor ends what is left itself
                 return
-            logger.warning("second %s: exiting now", signal.Signals(signum).name)
+            logger.warning("third %s: exiting now", name)
             os._exit(1)
-        logger.info("%s: shutting down gracefully", signal.Signals(signum).name)
-        daemon.request_shutdown()
+        if signals == 2:
+            logger.info("second %s: finalising every live stream now", name)
+            daemon.request_shutdown()
+            return
+        logger.info("%s: shutting down gracefully", name)
+        daemon.request_shutdown(drain=True)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -156,7 +163,7 @@ async def serve(cfg: Config, runner: Runner, reload: Callable[[], Config], *, ve
     if link is not None:  # the supervisor announces the daemon once every process serves
         link.send(Listening(daemon.listening))
         link.send(Ready())
-        beat = asyncio.ensure_future(link.beat(daemon.health))
+        beat = asyncio.ensure_future(link.beat(lambda: daemon.health().to_dict()))
         await daemon.closed.wait()
         beat.cancel()
         await link.close()

@@ -9,8 +9,10 @@ kernel spreads new connections over them. Like uvicorn's multiprocess supervisor
   reconnect, which the kernel hands to a living process; the others' streams are untouched; a process
   that stops sending its heartbeat (a stuck event loop) counts as not serving at once (``/healthz``
   degraded) and is killed and replaced after ``HUNG_AFTER_S``;
-- forwards SIGHUP (reload) to every process, and on SIGTERM/SIGINT asks every process to finalise
-  its streams (finals, ``end``, close 1001), waits for all of them, then exits 0;
+- forwards SIGHUP (reload) to every process, and on SIGTERM/SIGINT has every process drain (no new
+  stream; live ones go on to their end, for ``server.drain_timeout_s`` at most) and then finalise the
+  streams left (finals, ``end``, close 1001), waits for all of them, then exits 0; a second signal has
+  them finalise at once, a third kills them;
 - speaks for the daemon to systemd (``READY=1`` once every process serves; ``WATCHDOG=1`` only while
   every serving process reports in) and to MQTT (one connection, one ``status`` topic and last will;
   processes hand it their events, see :mod:`streamer.aio.processes.cluster`).
@@ -39,7 +41,7 @@ from typing import Any
 
 from streamer.aio.metrics import MULTIPROC_ENV
 from streamer.aio.processes.cluster import BEAT_INTERVAL_S, CLUSTER_ENV, ClusterService, Member, Place
-from streamer.aio.processes.systemd import STATUS_INTERVAL_S, Notifier
+from streamer.aio.processes.systemd import DRAIN_STATUS_INTERVAL_S, STATUS_INTERVAL_S, Notifier, describe_drain
 from streamer.config import Config
 
 __all__ = ["Supervisor", "supervise"]
@@ -55,7 +57,8 @@ HUNG_AFTER_S = 15.0
 RELOAD_WAIT_S = 15.0
 """how long a reload waits for every process to apply it before telling systemd it is done"""
 KILL_GRACE_S = 15.0
-"""after server.shutdown_timeout_s (and MQTT's flush), how long processes get before SIGKILL"""
+"""after server.drain_timeout_s and server.shutdown_timeout_s (and MQTT's flush), how long processes get before
+SIGKILL"""
 _SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
@@ -158,7 +161,7 @@ class Supervisor:
                 await self.stopping.wait()
                 for task in tasks:
                     task.cancel()
-            self.notifier.notify("STOPPING=1", "STATUS=stopping: finalising every process's streams")
+            self.notifier.notify("STOPPING=1", "STATUS=draining: every process's live streams go on to their end")
             await self._stop_processes()
         finally:
             for keeper in keepers:
@@ -311,8 +314,12 @@ class Supervisor:
         procs = [s.proc for s in self.slots if s.proc is not None and s.proc.returncode is None]
         if not procs:
             return
-        limit = self.cfg.server.shutdown_timeout_s + KILL_GRACE_S
-        done, pending = await asyncio.wait({asyncio.ensure_future(p.wait()) for p in procs}, timeout=limit)
+        limit = self.cfg.server.drain_timeout_s + self.cfg.server.shutdown_timeout_s + KILL_GRACE_S
+        report = asyncio.ensure_future(self._report_drain(time.monotonic() + self.cfg.server.drain_timeout_s))
+        try:
+            done, pending = await asyncio.wait({asyncio.ensure_future(p.wait()) for p in procs}, timeout=limit)
+        finally:
+            report.cancel()
         if pending:
             logger.warning("%d front-end process(es) did not stop within %.0f s; killing them", len(pending), limit)
             self._signal_all(signal.SIGKILL)
@@ -323,16 +330,30 @@ class Supervisor:
                            ", ".join(str(p.returncode) for p in bad))
             self.failed = True
 
+    async def _report_drain(self, until: float) -> None:
+        """``STATUS=`` each second while the processes drain: the daemon's live streams left."""
+        while True:
+            streams = self.service.count("stream") if self.service is not None else 0
+            left = None if self._signals > 1 else max(0.0, until - time.monotonic())
+            self.notifier.status(describe_drain(streams, left))
+            await asyncio.sleep(DRAIN_STATUS_INTERVAL_S)
+
     # -- signals, systemd -------------------------------------------------------------------------------
 
     def _on_stop_signal(self, signum: int) -> None:
         self._signals += 1
         name = signal.Signals(signum).name
-        if self._signals > 1:
-            logger.warning("second %s: killing the front-end processes and exiting now", name)
+        if self._signals > 2:
+            logger.warning("third %s: killing the front-end processes and exiting now", name)
             self._signal_all(signal.SIGKILL)
             os._exit(1)
-        logger.info("%s: shutting down gracefully (%d front-end processes)", name, self.count)
+        if self._signals == 2:  # a process's second SIGTERM ends its drain
+            logger.info("second %s: every front-end process finalises its live streams now", name)
+            self._signal_all(signal.SIGTERM)
+            return
+        logger.info("%s: shutting down gracefully (%d front-end processes drain)", name, self.count)
+        if self.publisher is not None:
+            self.publisher.draining()
         self.stopping.set()
 
     def _on_reload_signal(self) -> None:

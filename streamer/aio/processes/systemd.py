@@ -12,7 +12,9 @@ What ``streamer serve`` sends, in order (``systemd/streamer.service`` is ``Type=
     STATUS=N streams, RTF x ...      every few seconds, when it changed
     WATCHDOG=1                       every WATCHDOG_USEC/2, from the event loop
     RELOADING=1 ... READY=1          around a reload (SIGHUP, i.e. ``systemctl reload``)
-    STOPPING=1                       as soon as the graceful shutdown begins
+    STOPPING=1                       as soon as the graceful shutdown begins (SIGTERM: the drain)
+    STATUS=draining: N stream(s) ... every second while draining: the live streams left, the time left
+    STATUS=stopping: finalising N    once the streams left are finalised
 
 The watchdog pings come from a task on the event loop, so a loop that stalls stops pinging and
 systemd kills and restarts the daemon (``WatchdogSec=``). A dead model worker withholds the pings
@@ -40,13 +42,14 @@ from streamer.exceptions import ConfigError
 if TYPE_CHECKING:
     from streamer.aio.server import Daemon
 
-__all__ = ["Notifier", "Reloader", "split_changes"]
+__all__ = ["Notifier", "Reloader", "describe_drain", "split_changes"]
 
 logger = logging.getLogger("streamer.systemd")
 
 _SECRETS = frozenset({"server.auth_token"})
 
 STATUS_INTERVAL_S = 5.0
+DRAIN_STATUS_INTERVAL_S = 1.0
 
 
 def _address(value: str) -> str | None:
@@ -143,14 +146,18 @@ class Notifier:
             task.add_done_callback(self._tasks.discard)
 
     async def _report(self, daemon: Daemon) -> None:
-        stopping = asyncio.ensure_future(daemon.stopping.wait())
+        draining = asyncio.ensure_future(daemon.draining.wait())
         try:
-            while not stopping.done():
+            while not draining.done():
                 self.status(describe(daemon))
-                await asyncio.wait({stopping}, timeout=STATUS_INTERVAL_S)
+                await asyncio.wait({draining}, timeout=STATUS_INTERVAL_S)
         finally:
-            stopping.cancel()
-        self.notify("STOPPING=1", f"STATUS=stopping: finalising {daemon.active_streams} stream(s)")
+            draining.cancel()
+        self.notify("STOPPING=1")
+        while not daemon.stopping.is_set():
+            self.status(describe_drain(daemon.active_streams, daemon.drain_left_s))
+            await asyncio.sleep(DRAIN_STATUS_INTERVAL_S)
+        self.status(f"stopping: finalising {daemon.active_streams} stream(s)")
 
     async def _watchdog(self, daemon: Daemon, interval: float) -> None:
         warned = False
@@ -162,6 +169,12 @@ class Notifier:
                 logger.error("the model worker is not running: withholding watchdog pings so that systemd "
                              "restarts the daemon")
             await asyncio.sleep(interval)
+
+
+def describe_drain(streams: int, left_s: float | None) -> str:
+    """The status line while draining: how many live streams are left, and how long they may still go on."""
+    within = f", finalised in {left_s:.0f} s at most" if left_s is not None else ""
+    return f"draining: {streams} live stream(s) left{within}; no new ones taken"
 
 
 def describe(daemon: Daemon) -> str:
@@ -232,14 +245,14 @@ class Reloader:
 
     async def reload(self) -> None:
         async with self._lock:
-            if self.daemon.stopping.is_set():
+            if self.daemon.draining.is_set():
                 logger.info("reload: ignored, shutting down")
                 return
             self.notifier.reloading()
             try:
                 await self._apply()
             finally:
-                if not self.daemon.stopping.is_set():  # after STOPPING=1, READY=1 would confuse systemd
+                if not self.daemon.draining.is_set():  # after STOPPING=1, READY=1 would confuse systemd
                     self.notifier.ready(self.daemon)
 
     async def _apply(self) -> None:

@@ -43,6 +43,10 @@ SLOW_TESTS = {
     "test_languages.py::test_the_native_protocol_carries_the_script_unchanged",
     "test_languages.py::test_a_streams_arabic_words_and_hotwords_are_normalised_and_errors_name_the_letter",
     "test_languages.py::test_transcribe_decodes_over_an_arabic_word_list_typed_in_another_mark_order",
+    "test_languages.py::test_finals_in_the_script_are_arrival_invariant",
+    "test_languages.py::test_pipeline_parity_in_the_script",
+    "test_languages.py::test_a_word_list_hotwords_and_an_lm_in_the_script",
+    "test_languages.py::test_eval_reads_a_manifest_in_each_script_and_leads_with_cer_for_chinese",
     # over half a minute of model time each
     "test_engine.py::test_refreshes_cut_the_partial_delay_of_real_speech",
     "test_engine.py::test_word_list_finals_untouched_by_provisional_windows",

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from recipes.demo.lm import write_arpa
 from streamer.cli import main
-from streamer.events import Word, parse_event
+from streamer.events import Final, Word, parse_event
 from streamer.exceptions import ConfigError
 from streamer.lexicon import Lexicon
 from streamer.lm import load_language_model, parse_hotwords
@@ -372,3 +372,134 @@ def test_error_rates_count_a_script_without_spaces_by_characters():
     english = ErrorRate()
     english.add("turn on the light", "turn of the light")
     assert (english.words, english.word_errors, english.chars) == (4, 1, 17)
+
+
+# --- the engine in three scripts: arrival invariance, pipeline parity, words, hotwords and an LM ---------------
+
+WORDS = {
+    # a word list in each script, of letters the random checkpoints favour (so that their speech reads as some
+    # of these words), with harakat, a virama and vowel signs among them
+    "arabic": ["غج", "لج", "غلج", "مغ", "طغ", "غّ", "جغ", "ذغ", "مرحبا"],
+    "chinese": ["中国", "我们", "世界", "有我", "中大", "你好"],
+    "hindi": ["दो", "डे", "ऊद", "चे", "भद", "द्द", "दड", "नमस्ते"],
+}
+
+
+@pytest.fixture(scope="module")
+def runners(scripts) -> dict[str, object]:
+    """name -> the script's tiny checkpoint loaded as the daemon loads it (float32 on the CPU)."""
+    from streamer.config import ModelConfig
+    from streamer.model import load_model
+
+    return {name: load_model(ModelConfig(id=str(ckpt), device="cpu")) for name, (ckpt, _, _) in scripts.items()}
+
+
+def heard(scripts, name: str) -> np.ndarray:
+    """The script's espeak-ng sentence as the daemon hears it: its 16-bit samples as float32."""
+    audio, _ = sf.read(scripts[name][1], dtype="int16")
+    return audio.astype(np.float32) / 32768
+
+
+def check_words(name: str, finals) -> None:
+    """A final's words spell its text: one per character in Chinese, one per space-separated word otherwise."""
+    for f in finals:
+        words = [w.word for w in f.words]
+        if SCRIPTS[name][3]:
+            assert words == f.text.split()
+        else:
+            assert words == list(f.text) and join_words(words) == f.text
+        assert all(a.end <= b.start for a, b in zip(f.words, f.words[1:], strict=False))
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+@pytest.mark.parametrize("chunk", [1, 7, 320, 1000, "random"])
+def test_finals_in_the_script_are_arrival_invariant(scripts, runners, name, chunk):
+    from test_engine import SCHEDULES, arrival, stream
+
+    from streamer.engine import n_frames, reference
+
+    runner, audio = runners[name], heard(scripts, name)
+    schedule = SCHEDULES["stream"]
+    ref_ids, ref_finals = reference(audio, runner, schedule, runner.vocab)
+    ids, events = stream(audio, runner, schedule, arrival(chunk, len(audio)))
+    assert ids == ref_ids and len(ids) == n_frames(len(audio))
+    finals = [e for e in events if isinstance(e, Final)]
+    assert [f.text for f in finals] == [f.text for f in ref_finals] and any(f.text for f in finals)
+    assert [(f.start, f.end) for f in finals] == [(f.start, f.end) for f in ref_finals]
+    assert [(w.word, w.start, w.end) for f in finals for w in f.words] == [
+        (w.word, w.start, w.end) for f in ref_finals for w in f.words]
+    check_words(name, finals)
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_pipeline_parity_in_the_script(scripts, runners, name):
+    from test_engine import SCHEDULES, arrival, stream
+    from transformers import pipeline
+
+    from streamer.endpoint import EndpointRules
+
+    runner, audio = runners[name], heard(scripts, name)
+    schedule = SCHEDULES["pipeline"]
+    pipe = pipeline("automatic-speech-recognition", model=runner.model, tokenizer=runner.tokenizer,
+                    feature_extractor=runner.feature_extractor, device="cpu")
+    n = schedule.left + schedule.hop + schedule.lookahead
+    expected = pipe(audio.copy(), chunk_length_s=n * 0.02,
+                    stride_length_s=(schedule.left * 0.02, schedule.lookahead * 0.02))["text"]
+    _, events = stream(audio, runner, schedule, arrival(1600, len(audio)), EndpointRules(enabled=False))
+    finals = [e for e in events if isinstance(e, Final)]
+    assert len(finals) == 1 and finals[0].text == expected and expected
+    check_words(name, finals)
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+@pytest.mark.parametrize("decoder", ["words", "hotwords", "lm", "lm+words"])
+def test_a_word_list_hotwords_and_an_lm_in_the_script(scripts, runners, tmp_path, name, decoder):
+    from test_engine import SCHEDULES, arrival, stream
+
+    from streamer.config import DecoderConfig
+    from streamer.decoder import build_decoder
+    from streamer.engine import reference
+
+    runner, audio, listed = runners[name], heard(scripts, name), WORDS[name]
+    words = tmp_path / "words.txt"
+    words.write_text("\n".join(nfd(listed)) + "\n", encoding="utf-8")  # as a macOS editor saves it
+    hot = tmp_path / "hot.txt"
+    hot.write_text(f"{listed[0]}\t8\n{listed[1]} {listed[2]}\n", encoding="utf-8")
+    arpa = tmp_path / "lm.arpa"
+    write_arpa([" ".join(listed[:4]), " ".join(listed[2:]), " ".join(reversed(listed))], arpa)
+    cfg = DecoderConfig(words=str(words) if "words" in decoder else "", lm=str(arpa) if "lm" in decoder else "",
+                        hotwords=str(hot) if decoder == "hotwords" else "")
+    dec = build_decoder(cfg, runner)
+    normal = {unicodedata.normalize("NFC", w) for w in listed}
+    assert dec is not None and (dec.lm is not None) == ("lm" in decoder)
+    if dec.lm is not None:
+        assert normal <= set(dec.lm.index)  # every unigram spelled with the model's letters
+    _, ref_finals = reference(audio, runner, SCHEDULES["stream"], runner.vocab, words=dec)
+    _, events = stream(audio, runner, SCHEDULES["stream"], arrival("random", len(audio)), words=dec)
+    finals = [e for e in events if isinstance(e, Final)]
+    assert [f.text for f in finals] == [f.text for f in ref_finals]
+    assert [(w.word, w.start, w.end) for f in finals for w in f.words] == [
+        (w.word, w.start, w.end) for f in ref_finals for w in f.words]
+    got = [w.word for f in finals for w in f.words]
+    assert got
+    if "words" in decoder:
+        assert set(got) <= normal  # listed words, in the vocabulary's form whatever form the file was saved in
+    letters = scripts[name][2]
+    assert all(set(w) <= letters for w in got)
+
+
+def test_eval_reads_a_manifest_in_each_script_and_leads_with_cer_for_chinese(capsys, scripts, tmp_path):
+    for name, (ckpt, _, _) in scripts.items():
+        voice, said = SCRIPTS[name][1], SCRIPTS[name][2]
+        lines = []
+        for i, text in enumerate(said.replace("،", ",").replace("，", ",").split(",")):
+            espeak(text.strip(), tmp_path / f"{name}{i}.wav", voice=voice)
+            lines.append(json.dumps({"audio": f"{name}{i}.wav", "text": text.strip()}, ensure_ascii=False))
+        manifest = tmp_path / f"{name}.jsonl"
+        manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        assert main(["eval", "--model", str(ckpt), "--device", "cpu", str(manifest)]) == 0
+        out = capsys.readouterr().out
+        header = next(line for line in out.splitlines() if "exact" in line).split()
+        assert header[:2] == (["CER", "WER"] if name == "chinese" else ["WER", "CER"])
+        assert ("script without spaces: CER first" in out) == (name == "chinese")
+        assert [line.split()[0] for line in out.splitlines()[-3:]] == ["offline", "streaming", "difference"]

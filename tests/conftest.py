@@ -47,6 +47,10 @@ SLOW_TESTS = {
     "test_languages.py::test_pipeline_parity_in_the_script",
     "test_languages.py::test_a_word_list_hotwords_and_an_lm_in_the_script",
     "test_languages.py::test_eval_reads_a_manifest_in_each_script_and_leads_with_cer_for_chinese",
+    "test_languages.py::test_vosk_results_carry_the_script_and_its_words",
+    "test_languages.py::test_openai_uploads_answer_the_script_in_every_format",
+    "test_languages.py::test_wyoming_transcripts_carry_the_script",
+    "test_languages.py::test_mqtt_payloads_carry_the_script",  # and mosquitto
     # over half a minute of model time each
     "test_engine.py::test_refreshes_cut_the_partial_delay_of_real_speech",
     "test_engine.py::test_word_list_finals_untouched_by_provisional_windows",

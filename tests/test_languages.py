@@ -503,3 +503,153 @@ def test_eval_reads_a_manifest_in_each_script_and_leads_with_cer_for_chinese(cap
         assert header[:2] == (["CER", "WER"] if name == "chinese" else ["WER", "CER"])
         assert ("script without spaces: CER first" in out) == (name == "chinese")
         assert [line.split()[0] for line in out.splitlines()[-3:]] == ["offline", "streaming", "difference"]
+
+
+# --- every protocol carries the script unchanged: the raw bytes on the wire ----------------------------------------
+
+
+def raw_text(data: bytes | str) -> str:
+    """Bytes off the wire as a client shows them: strict UTF-8, the characters themselves and not ``\\u`` escapes."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data  # (raises on mojibake's invalid bytes)
+    assert "\\u" not in text
+    return text
+
+
+@pytest.fixture(scope="module")
+def expected(scripts, runners) -> dict[str, list[Final]]:
+    """name -> the finals with text that the default configuration gives the script's speech."""
+    from streamer.config import load_config
+    from streamer.decoder import build_decoder
+    from streamer.transcribe import new_session, stream_array
+
+    cfg = load_config(None)
+    out = {}
+    for name, runner in runners.items():
+        session = new_session(cfg, runner.vocab, build_decoder(cfg.decoder, runner))
+        events = stream_array(session, runner, heard(scripts, name))
+        out[name] = [e for e in events if isinstance(e, Final) and e.text]
+        assert out[name]
+    return out
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+async def test_vosk_results_carry_the_script_and_its_words(scripts, runners, expected, daemon_factory, name):
+    d = await daemon_factory("vosk.enabled=true", "vosk.port=0", runner=runners[name])
+    audio, _ = sf.read(scripts[name][1], dtype="int16")
+    data = audio.astype("<i2").tobytes()
+    raw: list[str] = []
+    async with asyncio.timeout(120), connect(f"ws://127.0.0.1:{d.vosk_port}/") as ws:
+        await ws.send(json.dumps({"config": {"sample_rate": 16000, "words": True}}))
+        for i in range(0, len(data), 6400):
+            await ws.send(data[i : i + 6400])
+            raw.append(str(await ws.recv()))
+        await ws.send('{"eof" : 1}')
+        raw.append(str(await ws.recv()))
+    results = [r for r in map(json.loads, map(raw_text, raw)) if r.get("text")]
+    assert [r["text"] for r in results] == [f.text for f in expected[name]]
+    assert [[w["word"] for w in r["result"]] for r in results] == [[w.word for w in f.words] for f in expected[name]]
+    for r in results:
+        assert join_words(w["word"] for w in r["result"]) == squeeze(r["text"])
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+async def test_openai_uploads_answer_the_script_in_every_format(scripts, runners, expected, daemon_factory, name):
+    import httpx
+
+    from streamer.formats import cue_lines
+
+    d = await daemon_factory(runner=runners[name])
+    finals = expected[name]
+    wav = scripts[name][1].read_bytes()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{d.port}/v1", timeout=120) as http:
+
+        async def create(fmt: str, **fields: str) -> str:
+            r = await http.post("/audio/transcriptions", files={"file": ("said.wav", wav, "audio/wav")},
+                                data={"model": "whisper-1", "response_format": fmt, **fields})
+            assert r.status_code == 200, r.text
+            kind = r.headers["content-type"].lower().replace(" ", "")
+            assert "charset=utf-8" in kind or kind == "application/json"  # (JSON is UTF-8 by definition)
+            return raw_text(r.content)
+
+        text = " ".join(f.text for f in finals)
+        assert json.loads(await create("json"))["text"] == text
+        assert (await create("text")).strip() == text
+        for fmt in ("srt", "vtt"):
+            assert await create(fmt) == "\n".join(cue_lines(finals, fmt))
+        verbose = json.loads(await create("verbose_json", **{"timestamp_granularities[]": "word"}))
+        assert verbose["text"] == text
+        assert [w["word"] for w in verbose["words"]] == [w.word for f in finals for w in f.words]
+        assert join_words(w["word"] for w in verbose["words"]) == squeeze(text)
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+async def test_wyoming_transcripts_carry_the_script(scripts, runners, expected, daemon_factory, name):
+    from wyoming.asr import Transcribe
+    from wyoming.audio import AudioChunk, AudioStart, AudioStop
+    from wyoming.event import async_read_event, async_write_event
+
+    d = await daemon_factory("wyoming.enabled=true", "wyoming.uri='tcp://127.0.0.1:0'", runner=runners[name])
+    assert d.wyoming is not None
+    audio, _ = sf.read(scripts[name][1], dtype="int16")
+    data = audio.astype("<i2").tobytes()
+    raw = bytearray()
+    tap = asyncio.StreamReader()  # what the server sent, read back as the wyoming client reads it
+    events = []
+    async with asyncio.timeout(120):
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.wyoming.port)
+
+        async def pump() -> None:
+            while chunk := await reader.read(65536):
+                raw.extend(chunk)
+                tap.feed_data(chunk)
+            tap.feed_eof()
+
+        pumping = asyncio.ensure_future(pump())
+        await async_write_event(Transcribe(language=SCRIPTS[name][1]).event(), writer)
+        await async_write_event(AudioStart(rate=16000, width=2, channels=1).event(), writer)
+        for i in range(0, len(data), 3200):
+            await async_write_event(AudioChunk(rate=16000, width=2, channels=1, audio=data[i : i + 3200]).event(),
+                                    writer)
+        await async_write_event(AudioStop().event(), writer)
+        while (event := await async_read_event(tap)) is not None:
+            events.append(event)
+            if event.type == "transcript-stop":
+                break
+        writer.close()
+        pumping.cancel()
+    raw_text(bytes(raw))  # headers and data are JSON: the characters, not escapes
+    transcripts = [e.data["text"] for e in events if e.type == "transcript"]
+    chunks = [e.data["text"] for e in events if e.type == "transcript-chunk"]
+    assert transcripts == [" ".join(f.text for f in expected[name])]
+    assert squeeze("".join(chunks)) == squeeze(transcripts[0])
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+async def test_mqtt_payloads_carry_the_script(scripts, runners, expected, daemon_factory, tmp_path, name):
+    import aiomqtt
+    from test_mqtt import Broker, mqtt_overrides
+
+    from streamer.aio.mqtt import MqttPublisher
+    from streamer.config import load_config
+
+    broker = Broker(tmp_path)
+    await broker.start()
+    try:
+        overrides = mqtt_overrides(broker.port)
+        publisher = MqttPublisher(load_config(None, overrides).mqtt)
+        d = await daemon_factory(*overrides, runner=runners[name], services=[publisher])
+        d.hub.sinks.append(publisher)
+        payloads: list[bytes] = []
+        async with asyncio.timeout(120), aiomqtt.Client("127.0.0.1", broker.port) as sub:
+            await publisher.wait_connected()
+            await sub.subscribe("streamer/+/final", qos=1)
+            await native_frames(d.port, scripts[name][1], {"name": "kitchen"})
+            async for message in sub.messages:
+                payloads.append(bytes(message.payload))  # type: ignore[arg-type]
+                if len([p for p in payloads if json.loads(p)["text"]]) == len(expected[name]):
+                    break
+        finals = [json.loads(raw_text(p)) for p in payloads]
+        assert [f["text"] for f in finals if f["text"]] == [f.text for f in expected[name]]
+        assert [w["word"] for f in finals for w in f["words"]] == [w.word for f in expected[name] for w in f.words]
+    finally:
+        await broker.kill()

@@ -1,25 +1,26 @@
-"""Plain HTTP on the websocket ports: the requests websockets' own parser drops, and uploads.
+"""Plain HTTP on the websocket ports: uploads, and the requests websockets' parser drops.
 
 websockets reads a request head and upgrades it; it drops, without a word, a request with a body
-(and, before websockets 14, any method but GET). :class:`HttpConnection` reads the head first
-(:func:`_screen`): it answers those with 405, takes over a ``POST`` that an :class:`UploadRoute`
-serves (its body read as it comes, :class:`Upload`), and leaves every other request to websockets.
+(and, before websockets 14, any method but GET). So every connection's first bytes go through h11
+first (:class:`HttpConnection`): a ``POST`` that an :class:`UploadRoute` serves is h11's to the end
+(head, ``Content-Length`` or chunked body, ``Expect: 100-continue``, the answer), a request websockets
+would drop gets 405 or h11's 400, and every other request is handed, byte for byte, to websockets,
+which goes on as if it had read them itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import http
-import re
-from collections.abc import Generator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
+import h11
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from streamer.aio.http.limits import BoundedConnection
@@ -31,8 +32,12 @@ OPEN_TIMEOUT_S = 10.0
 ``open_timeout``, applied by :class:`HttpConnection` so that an upload's answer may take longer"""
 ALLOW = "GET, HEAD"
 """the methods the daemon answers (``Allow`` of a 405)"""
-SCREEN_BYTES = 1 << 16
-"""how much of a request head :class:`HttpConnection` reads to find its method and body; beyond, websockets decides"""
+HEAD_BYTES = 1 << 16
+"""the largest request head h11 reads (its ``max_incomplete_event_size``; also a chunk-size or trailer line)"""
+LINGER_S = 5.0
+"""how long an answered upload's connection stays open for the client to finish sending and read the answer"""
+MAX_CHUNKS = 16384
+"""chunks of one chunked body: each costs the event loop a few microseconds, and clients send 8-64 KiB ones"""
 
 
 def is_tls(conn: ServerConnection) -> bool:
@@ -41,7 +46,7 @@ def is_tls(conn: ServerConnection) -> bool:
 
 
 def respond(conn: ServerConnection, status: int, body: bytes | str, ctype: str) -> Response:
-    """A complete HTTP response with ``body`` of type ``ctype``."""
+    """A complete HTTP response with ``body`` of type ``ctype`` (to a request websockets read)."""
     response = conn.respond(status, "")
     data = body.encode() if isinstance(body, str) else body
     response.body = data
@@ -52,8 +57,16 @@ def respond(conn: ServerConnection, status: int, body: bytes | str, ctype: str) 
     return response
 
 
+def not_allowed(protocol: ServerProtocol, method: str) -> Response:
+    """405 for a method the daemon does not serve, with ``Allow`` (to a request websockets read)."""
+    response = protocol.reject(http.HTTPStatus.METHOD_NOT_ALLOWED,
+                               f"method {method[:40]!r} is not allowed here; use {ALLOW}\n")
+    response.headers["Allow"] = ALLOW
+    return response
+
+
 class UploadRoute(Protocol):
-    """Who serves uploads (requests with a body): :class:`~streamer.aio.http.openai.OpenAIFront`."""
+    """Who serves some uploads (requests with a body), e.g. :class:`~streamer.aio.http.openai.OpenAIFront`."""
 
     @property
     def max_upload_bytes(self) -> int:
@@ -65,24 +78,16 @@ class UploadRoute(Protocol):
         ...
 
     async def serve_upload(self, conn: HttpConnection, upload: Upload) -> None:
-        """Answer the upload and close the connection."""
+        """Answer the upload (:meth:`HttpConnection.answer`); the connection closes after."""
         ...
-
-
-def not_allowed(protocol: ServerProtocol, method: str) -> Response:
-    """405 for a method the daemon does not serve, with ``Allow``."""
-    response = protocol.reject(http.HTTPStatus.METHOD_NOT_ALLOWED,
-                               f"method {method[:40]!r} is not allowed here; use {ALLOW}\n")
-    response.headers["Allow"] = ALLOW
-    return response
 
 
 @dataclass(eq=False)
 class Upload:
-    """A request with a body that the daemon serves (``POST /v1/audio/transcriptions``), read by HttpConnection.
+    """A request with a body that the daemon serves, read by :class:`HttpConnection` through h11.
 
-    The head is parsed when it arrives; the body is read as it comes (``Content-Length`` or chunked), at most
-    ``limit`` bytes, into :attr:`body`. Beyond ``limit`` nothing is read: :attr:`too_large` says so.
+    The head is parsed when it arrives; the body is read as it comes, at most ``limit`` bytes, into
+    :attr:`body`. Beyond ``limit`` nothing is kept: :attr:`too_large` says so.
     """
 
     request: Request
@@ -90,13 +95,14 @@ class Upload:
     length: int | None
     """``Content-Length``; None when chunked or when neither was given (:attr:`framing` says which)"""
     framing: str
-    """``length``, ``chunked`` or ``none`` (no body length given: 411)"""
+    """``length``, ``chunked``, ``none`` (no body length given: 411) or ``ambiguous`` (both: 400, as request
+    smuggling sends them)"""
     limit: int
     body: asyncio.Future[bytes] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    """the whole body; EOFError when the client left first, ValueError for bad chunked framing"""
+    """the whole body; EOFError when the client left first, ValueError for bad framing"""
     too_large: bool = False
     received: int = 0
-    """body bytes received so far"""
+    """body bytes received so far, kept or not"""
     unwanted: bool = False
     """set once the upload is answered: the rest of its body is read and dropped, never kept (an answer given
     before the body came, 401 or 429, must not leave the body to fill memory while the client sends it)"""
@@ -107,158 +113,236 @@ class Upload:
         return self.request.headers.get("Expect", "").lower() == "100-continue"
 
 
-LINGER_S = 5.0
-"""how long an answered upload's connection stays open for the client to finish sending and read the answer"""
-CHUNK_LINE_BYTES = 4096
-"""the longest chunk-size line (with extensions) or trailer line of a chunked body"""
-CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-"""a chunk size as RFC 9112 spells it: hex digits, nothing else"""
-MAX_TRAILERS = 64
-"""trailer fields after a chunked body (ignored)"""
-MAX_CHUNKS = 16384
-"""chunks of one chunked body: each costs the event loop a few microseconds, and clients send 8-64 KiB ones"""
+@dataclass(frozen=True)
+class _Refusal:
+    """A request answered at once: one websockets would drop, or one h11 cannot read."""
+
+    status: int
+    text: str
+    allow: bool = False
 
 
-def _read_body(conn: HttpConnection, upload: Upload) -> Generator[None]:
-    """Read an upload's body into ``upload.body``, then discard whatever follows (the answer closes the connection)."""
-    reader = conn.protocol.reader
+Reading = Literal["head", "body", "websocket", "dropped"]
+"""what a connection's incoming bytes are: its request head (h11), an upload's body (h11), websockets' own, or
+dropped (the rest of a refused request, or of a body that ended or failed)"""
+
+
+def _phrase(status: int) -> str:
     try:
-        if upload.too_large or upload.framing == "none":
-            pass
-        elif upload.length is not None:
-            while len(reader.buffer) < upload.length and not reader.eof and not upload.unwanted:
-                upload.received = len(reader.buffer)
-                yield
-            if not upload.unwanted:
-                upload.body.set_result(bytes((yield from reader.read_exact(upload.length))))
-        else:
-            body = bytearray()
-            for _ in range(MAX_CHUNKS + 1):
-                if upload.unwanted:
-                    break
-                line = yield from reader.read_line(CHUNK_LINE_BYTES, ValueError)
-                size_text = bytes(line).rstrip(b"\r\n").split(b";", 1)[0].rstrip(b" \t")
-                # hex digits only: int(x, 16) also reads "0x10", "1_0", "+10" and " 10", which a proxy in
-                # front may read otherwise (or refuse), the framing difference request smuggling needs
-                if not CHUNK_SIZE.fullmatch(size_text):
-                    raise ValueError(f"bad chunk size {size_text[:20]!r} in a chunked body")
-                size = int(size_text, 16)
-                if len(body) + size > upload.limit:
-                    upload.too_large = True
-                    break
-                body += yield from reader.read_exact(size)
-                upload.received = len(body)
-                if size == 0:
-                    for _ in range(MAX_TRAILERS + 1):  # trailer fields: read and ignored
-                        if not (yield from reader.read_line(CHUNK_LINE_BYTES, ValueError)).strip():
-                            break
-                    else:
-                        raise ValueError(f"the chunked body has more than {MAX_TRAILERS} trailer fields")
-                    upload.body.set_result(bytes(body))
-                    break
-                if (yield from reader.read_exact(2)) != b"\r\n":
-                    raise ValueError("a chunk of a chunked body does not end with CRLF")
-            else:
-                raise ValueError(f"the chunked body has more than {MAX_CHUNKS} chunks; send larger chunks")
-    except (EOFError, ValueError) as exc:
-        if not upload.body.done():
-            upload.body.set_exception(exc)
-    if upload.too_large and not upload.body.done():
-        upload.body.set_exception(ValueError("too large"))
-    if upload.body.done():
-        upload.body.exception()  # retrieved: the answer may be given without waiting for the body (413)
-    while not (yield from reader.at_eof()):
-        reader.discard()
-    conn.protocol.state = State.CLOSED  # as websockets' own discard(): the connection may be lost now
-    yield
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
-def _upload(conn: HttpConnection, method: str, path: str, fields: list[tuple[str, str]]) -> Upload | None:
-    """The :class:`Upload` of a request head the daemon serves with a body (else None: websockets decides)."""
-    if method != "POST" or conn.uploads is None or not conn.uploads.serves_post(urlsplit(path).path):
-        return None
+def _upload(route: UploadRoute, request: h11.Request) -> Upload:
     headers = Headers()
-    for name, value in fields:
-        if name:
-            headers[name] = value
-    limit = conn.uploads.max_upload_bytes
-    lengths = {v.strip() for v in headers.get_all("Content-Length")}
+    for name, value in request.headers:
+        headers[name.decode("latin-1")] = value.decode("latin-1")
+    target = request.target.decode("latin-1")
+    limit = route.max_upload_bytes
+    lengths = headers.get_all("Content-Length")  # h11 has refused differing ones
     chunked = "chunked" in ",".join(headers.get_all("Transfer-Encoding")).lower()
+    if chunked and lengths:
+        return Upload(Request(target, headers), None, "ambiguous", limit)
     if chunked:
-        return Upload(Request(path, headers), None, "chunked", limit)
-    if len(lengths) == 1 and (value := lengths.pop()).isdigit() and len(value) < 19:
-        length = int(value)
-        return Upload(Request(path, headers), length, "length", limit, too_large=length > limit)
-    return Upload(Request(path, headers), None, "none", limit)
-
-
-def _screen(conn: HttpConnection) -> Generator[None]:
-    """Read the request head before websockets does; answer 405 where websockets would drop the request.
-
-    websockets' parser closes the connection without a word on a request with a body (``Content-Length``
-    other than 0, or ``Transfer-Encoding``: a POST with data), and before websockets 14 on any method but
-    GET. A generator like websockets' own parsers: the protocol resumes it whenever data or the end of the
-    stream arrived. Nothing is consumed: websockets' parser reads the same bytes afterwards.
-
-    A POST the daemon serves (:class:`Upload`) is taken over here instead: its head is consumed, its body
-    read by :func:`_read_body`, and :meth:`HttpConnection.handshake` answers it.
-    """
-    protocol = conn.protocol
-    reader, seen = protocol.reader, 0
-    while (end := reader.buffer.find(b"\r\n\r\n", max(0, seen - 3))) < 0:
-        seen = len(reader.buffer)
-        if seen > SCREEN_BYTES or reader.eof:
-            break
-        yield
-    if end >= 0:
-        lines = bytes(reader.buffer[:end]).decode("latin-1").split("\r\n")
-        method = lines[0].split(" ", 1)[0]
-        fields = [(name.strip().lower(), value.strip()) for name, _, value in (f.partition(":") for f in lines[1:])]
-        parts = lines[0].split(" ")
-        upload = _upload(conn, method, parts[1], fields) if len(parts) == 3 and parts[1].startswith("/") else None
-        if upload is not None:
-            del reader.buffer[: end + 4]
-            conn.upload.set_result(upload)
-            yield from _read_body(conn, upload)
-            return
-        body = any(name == "transfer-encoding" or (name == "content-length" and value != "0") for name, value in fields)
-        if method not in ("GET", "HEAD") or body:
-            protocol.send_response(not_allowed(protocol, f"{method} with a body" if body else method))
-            yield  # the protocol discards what follows
-            return
-    yield from protocol.parse()
+        return Upload(Request(target, headers), None, "chunked", limit)
+    if lengths:
+        length = int(lengths[0])
+        return Upload(Request(target, headers), length, "length", limit, too_large=length > limit)
+    return Upload(Request(target, headers), None, "none", limit)
 
 
 class HttpConnection(BoundedConnection):
-    """A server connection that answers, instead of dropping, the requests websockets' parser refuses (405),
-    and the uploads the daemon serves (``uploads``)."""
+    """A server connection whose request head h11 reads first: the uploads the daemon serves (``uploads``) stay
+    with h11, the requests websockets' parser would drop are answered (405, 400), the rest go to websockets."""
 
-    def __init__(self, protocol: ServerProtocol, server: Server, *, uploads: UploadRoute | None = None,
+    def __init__(self, protocol: ServerProtocol, server: Server, *, uploads: Sequence[UploadRoute] = (),
                  **kwargs: Any) -> None:
         super().__init__(protocol, server, **kwargs)
-        self.uploads = uploads
-        self.upload: asyncio.Future[Upload] = self.loop.create_future()
-        """set when the request is an :class:`Upload` the daemon serves"""
-        protocol.parser = _screen(self)  # nothing has arrived yet
-        next(protocol.parser)
+        self.uploads = tuple(uploads)
+        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_BYTES)
+        """h11's side of the connection: it reads the head (and an upload's body) and writes the daemon's answers"""
+        self.reading: Reading = "head"
+        self.decided: asyncio.Future[Upload | _Refusal | None] = self.loop.create_future()
+        """the request once its head was read: an :class:`Upload`, a :class:`_Refusal`, or None (websockets')"""
+        self.upload: Upload | None = None
+        self._route: UploadRoute | None = None
+        self._head = bytearray()
+        """what came before the head was read: websockets is given it all"""
+        self._body = bytearray()
+        self._chunks = 0
+
+    # -- reading (the asyncio protocol's callbacks) ---------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.reading == "websocket":
+            super().data_received(data)
+        elif self.reading == "body":
+            self.http.receive_data(data)
+            self._read_body()
+        elif self.reading == "head":
+            self._head += data
+            self.http.receive_data(data)
+            self._read_head()
+        # "dropped": the rest of a refused request, or of a body after its end or its error
+
+    def eof_received(self) -> None:
+        if self.reading == "head":
+            self._to_websockets()  # websockets ends the handshake that never came, as it always did
+        if self.reading == "websocket":
+            super().eof_received()
+        elif self.reading == "body":
+            self.http.receive_data(b"")
+            self._read_body()
+
+    def _read_head(self) -> None:
+        try:
+            event = self.http.next_event()
+        except h11.RemoteProtocolError as exc:
+            if self._head.startswith((b"GET ", b"HEAD ")):
+                self._to_websockets()  # a websocket upgrade h11 would not take: websockets decides, as it always did
+            else:
+                self._refuse(_Refusal(exc.error_status_hint, f"bad request: {exc}\n"))
+            return
+        if event is h11.NEED_DATA:
+            return
+        assert isinstance(event, h11.Request)
+        method, path = event.method.decode("latin-1"), urlsplit(event.target.decode("latin-1")).path
+        route = next((r for r in self.uploads if method == "POST" and r.serves_post(path)), None)
+        if route is not None:
+            self._route, self.upload, self.reading = route, _upload(route, event), "body"
+            self._head.clear()
+            self.decided.set_result(self.upload)
+            if self.upload.too_large:  # nothing of it is kept: 413 at once
+                self._fail(ValueError("too large"))
+            else:
+                self._read_body()
+            return
+        body = any(n == b"transfer-encoding" or (n == b"content-length" and v != b"0") for n, v in event.headers)
+        if method not in ("GET", "HEAD") or body:
+            shown = f"{method} with a body" if body else method
+            self._refuse(_Refusal(405, f"method {shown[:40]!r} is not allowed here; use {ALLOW}\n", allow=True))
+            return
+        self._to_websockets()
+
+    def _refuse(self, refusal: _Refusal) -> None:
+        self.reading = "dropped"
+        self._head.clear()
+        self.decided.set_result(refusal)
+
+    def _to_websockets(self) -> None:
+        """websockets reads the connection from its first byte on, as if h11 had never seen it."""
+        self.reading = "websocket"
+        head, self._head = bytes(self._head), bytearray()
+        if not self.decided.done():
+            self.decided.set_result(None)
+        if head:
+            super().data_received(head)
+
+    def _read_body(self) -> None:
+        """Take the body's data from h11: kept up to the limit, dropped once the upload is answered."""
+        assert self.upload is not None
+        upload = self.upload
+        try:
+            while (event := self.http.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+                if isinstance(event, h11.Data):
+                    upload.received += len(event.data)
+                    self._chunks += event.chunk_start
+                    if self._chunks > MAX_CHUNKS:
+                        raise ValueError(f"the chunked body has more than {MAX_CHUNKS} chunks; send larger chunks")
+                    if upload.unwanted:
+                        continue
+                    if len(self._body) + len(event.data) > upload.limit:
+                        upload.too_large = True
+                        raise ValueError("too large")
+                    self._body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    if not upload.body.done():
+                        upload.body.set_result(bytes(self._body))
+                    self._body.clear()
+                    self.reading = "dropped"  # the answer closes the connection: whatever follows is not read
+                    return
+                else:
+                    raise EOFError("the client left during its upload")
+        except h11.RemoteProtocolError as exc:
+            message = str(exc)
+            if "peer closed" in message or "unexpectedly closed" in message:
+                self._fail(EOFError(message))
+            elif message.startswith("illegal chunk header"):  # h11 takes hex digits only: not 0x10, 1_0, +10
+                self._fail(ValueError(f"bad chunk size line in a chunked body ({message})"))
+            else:
+                self._fail(ValueError(message))
+        except (EOFError, ValueError) as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        """The body cannot be had: the answer says why, and nothing more is read."""
+        assert self.upload is not None
+        self._body.clear()
+        self.reading = "dropped"
+        if not self.upload.body.done():
+            self.upload.body.set_exception(exc)
+            self.upload.body.exception()  # retrieved: the answer may be given without waiting for the body
+
+    # -- the handshake: the websocket one, or an answer -----------------------------------------------------
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
-        """The websocket handshake, or the answer to an upload; the request head must come within
-        :data:`OPEN_TIMEOUT_S` (websockets' ``open_timeout``, which the daemon sets to None for this)."""
+        """The websocket handshake, or the answer to an upload or a refused request; the request head must come
+        within :data:`OPEN_TIMEOUT_S` (websockets' ``open_timeout``, which the daemon sets to None for this)."""
         async with asyncio.timeout(OPEN_TIMEOUT_S):
-            waiting: list[asyncio.Future[Any]] = [self.request_rcvd, self.upload, self.connection_lost_waiter]
+            waiting: list[asyncio.Future[Any]] = [self.decided, self.connection_lost_waiter]
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if not self.upload.done():
+            if not self.decided.done() or self.decided.result() is None:
                 await super().handshake(*args, **kwargs)
                 return
-        assert self.uploads is not None
-        await self.uploads.serve_upload(self, self.upload.result())
+        decision = self.decided.result()
+        if isinstance(decision, _Refusal):
+            headers = [("Content-Type", "text/plain; charset=utf-8")] + [("Allow", ALLOW)] * decision.allow
+            try:
+                await self.answer(decision.status, headers, decision.text.encode())
+            except ConnectionError:
+                pass
+            else:  # the one line websockets logs for the requests it answers itself
+                self.logger.info("HTTP response sent (%d %s)", decision.status, _phrase(decision.status))
+            await self.finish()
+            return
+        assert isinstance(decision, Upload) and self._route is not None
+        await self._route.serve_upload(self, decision)
+
+    # -- writing an answer (h11 frames it) ------------------------------------------------------------------
+
+    async def answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """A whole answer: its head (``Connection: close``, ``Content-Length``) and ``body``."""
+        await self.answer_head(status, [*headers, ("Content-Length", str(len(body)))])
+        await self.answer_body(body)
+        await self.answer_end()
+
+    async def answer_head(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """An answer's head; without ``Content-Length``, h11 sends the body chunked (HTTP/1.1)."""
+        await self.write(self.http.send(h11.Response(
+            status_code=status, reason=_phrase(status).encode(),
+            headers=[("Server", "streamer"), ("Connection", "close"), *headers])) or b"")
+
+    async def answer_body(self, data: bytes) -> None:
+        """Part of the answer's body (a chunk when it is chunked)."""
+        if data:
+            await self.write(self.http.send(h11.Data(data=data)) or b"")
+
+    async def answer_end(self) -> None:
+        """The end of the answer's body (the last chunk when it is chunked)."""
+        await self.write(self.http.send(h11.EndOfMessage()) or b"")
+
+    async def answer_continue(self) -> None:
+        """``100 Continue``: the client that asked for it may send its body now."""
+        continue_ = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+        await self.write(self.http.send(continue_) or b"")
 
     async def write(self, data: bytes) -> None:
         """Write part of a plain HTTP answer; waits while the client does not read (bounded: see limits)."""
         if self.transport.is_closing():
             raise ConnectionResetError("the client left")
-        self.transport.write(data)
+        if data:
+            self.transport.write(data)
         await self.drain()
 
     async def finish(self, linger_s: float = LINGER_S) -> None:
@@ -269,7 +353,9 @@ class HttpConnection(BoundedConnection):
         So the daemon stops writing (half-close), reads and drops the rest of the body, and closes when the
         client has read the answer and closed, or after ``linger_s``.
         """
-        if self.transport.can_write_eof():
+        if self.upload is not None:
+            self.upload.unwanted = True
+        if self.transport.can_write_eof() and not self.transport.is_closing():
             self.transport.write_eof()
         try:
             await asyncio.wait_for(asyncio.shield(self.connection_lost_waiter), linger_s)

@@ -66,7 +66,7 @@ class HttpFront:
 
     def connection(self, protocol: ServerProtocol, server: Server, **kwargs: Any) -> HttpConnection:
         """websockets' ``create_connection``: an :class:`HttpConnection` whose uploads this front answers."""
-        return HttpConnection(protocol, server, uploads=self.openai, **kwargs)
+        return HttpConnection(protocol, server, uploads=[self.openai], **kwargs)
 
     def connection_limits(self, conn: ServerConnection) -> None:
         """Give a new connection the message size and limits of the config in force (a reload may change them)."""

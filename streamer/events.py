@@ -231,11 +231,15 @@ class ViewerReady:
     stream: str
     server_pid: int | None = None
     """the front-end process that serves the viewer, in a daemon of several (``server.processes``); else None"""
+    language: str = ""
+    """the model's language (``[model] language``), when known, as in :class:`Ready`: a viewer's captions take it"""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type, "stream": self.stream, "mode": "listen"}
         if self.server_pid is not None:
             out["server_pid"] = self.server_pid
+        if self.language:
+            out["language"] = self.language
         return out
 
 
@@ -309,7 +313,8 @@ def parse_event(text: str) -> Message:
         if kind == "final":
             return Final.from_dict(d)
         if kind == "ready" and d.get("mode") == "listen":
-            return ViewerReady(str(d["stream"]), int(d["server_pid"]) if d.get("server_pid") is not None else None)
+            return ViewerReady(str(d["stream"]), int(d["server_pid"]) if d.get("server_pid") is not None else None,
+                               str(d.get("language", "")))
         if kind == "ready":
             return Ready(str(d["session"]), str(d["model"]), int(d["sample_rate"]), tuple(d["encodings"]),
                          dict(d["schedule"]), dict(d["endpoint"]),

@@ -20,7 +20,7 @@ SLOW_MODULES = {
     "test_server", "test_limits", "test_hostile", "test_load", "test_offload", "test_openai", "test_vosk_exact",
     "test_wyoming", "test_processes", "test_clients", "test_loadtest", "test_cli", "test_vad",
     # other Debian packages: mosquitto, HAProxy, systemd, ALSA and PortAudio, Chromium; the Triton model server
-    "test_mqtt", "test_haproxy", "test_systemd", "test_mic", "test_web", "test_triton",
+    "test_mqtt", "test_haproxy", "test_systemd", "test_mic", "test_web", "test_web_languages", "test_triton",
     # minutes of model time: exports and int8 of every backend, Wav2Vec2-BERT models, the demo model's training
     "test_backends", "test_bert", "test_training",
 }

@@ -310,6 +310,10 @@ async def test_ready_names_the_models_language_when_it_is_known(daemon_factory):
             ready = json.loads(await ws.recv())
         assert ready["type"] == "ready" and ready.get("language") == want
         assert parse_event(json.dumps(ready)).language == (want or "")  # a client reads it back
+        async with connect(f"ws://127.0.0.1:{d.port}/v1/listen/desk") as ws:  # a caption viewer's too
+            ready = json.loads(await ws.recv())
+        assert ready["mode"] == "listen" and ready.get("language") == want
+        assert parse_event(json.dumps(ready)).language == (want or "")
 
 
 # --- scripts written without spaces: a word per character -------------------------------------------------------

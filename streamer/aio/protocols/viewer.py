@@ -46,7 +46,7 @@ async def _serve(host: StreamHost, ws: ServerConnection, name: str) -> None:
     incoming = asyncio.ensure_future(ws.recv())
     live_at = loop.time()  # when the name was last seen live
     try:
-        await ws.send(to_json(ViewerReady(name, host.server_pid)))
+        await ws.send(to_json(ViewerReady(name, host.server_pid, host.cfg.model.language)))
         while True:
             event = queue.get_nowait()
             if event is not None:

@@ -10,18 +10,20 @@ With ``vad`` on, a voice-activity detector adds a fourth, faster rule: :class:`V
 speech probabilities (one per ``vad_frame_samples``) and marks the point where ``vad_silence_s`` of
 non-speech follows speech; the engine then runs one window up to that point and ends the segment
 there if the CTC frames over that silence are blank or the delimiter too (so a pause inside a word,
-which CTC still spells, does not cut it). The rules over CTC frames stay as the fallback.
+which CTC still spells, does not cut it). The rules over CTC frames stay as the fallback. With ``enabled``
+off, nothing ends a segment but the caller's flush; the detector's speech events still come.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from streamer.ctc import FRAME_S
 
-__all__ = ["EndpointRules", "Endpointer", "VadTracker", "vad_points"]
+__all__ = ["EndpointRules", "Endpointer", "VadTracker", "stream_rules", "vad_points"]
 
 
 @dataclass(frozen=True)
@@ -40,16 +42,45 @@ class EndpointRules:
     """a probability at or above this is speech"""
     vad_frame_samples: int = 512
     """samples per speech probability (Silero VAD's 32 ms frame at 16 kHz)"""
+    utterance_end_s: float = 0.0
+    """after a final with text, report an utterance end once the model's frames have held no word for this long
+    after its last word (:class:`streamer.events.UtteranceEnd`); 0: never. Not an endpoint: it closes nothing"""
 
     def __post_init__(self) -> None:
         if self.vad_frame_samples < 1 or not 0.0 < self.vad_threshold <= 1.0 or self.vad_silence_s <= 0:
             raise ValueError(f"bad voice-activity rule: frame {self.vad_frame_samples} samples, threshold "
                              f"{self.vad_threshold}, silence {self.vad_silence_s} s")
+        if self.utterance_end_s < 0:
+            raise ValueError(f"bad utterance end: {self.utterance_end_s} s")
 
     @property
     def vad_silence_frames(self) -> int:
         """Non-speech probabilities in a row that end speech (at least one)."""
         return max(1, math.ceil(round(self.vad_silence_s * 16_000) / self.vad_frame_samples))
+
+
+def stream_rules(rules: EndpointRules, *, endpointing_ms: int | bool | None = None,
+                 utterance_end_ms: int | None = None, speech_events: bool = False) -> EndpointRules:
+    """A stream's own rules from the daemon's ``rules`` and a client's choices (a native ``start``).
+
+    ``endpointing_ms``: an utterance ends that long after the detector last heard speech (with quiet CTC frames,
+    as always), and the CTC rule waits at least as long; False: nothing ends one but the client's flush (the
+    ``enabled`` switch); None or True: ``rules`` as they are. ``speech_events``: the stream wants the detector's
+    speech events, so it runs the detector, whose rule then ends its utterances too. ``utterance_end_ms``: see
+    :attr:`EndpointRules.utterance_end_s`.
+    """
+    out = rules
+    if endpointing_ms is False:
+        out = dataclasses.replace(out, enabled=False, vad=speech_events)
+    elif endpointing_ms is not None and endpointing_ms is not True:
+        silence = endpointing_ms / 1000
+        out = dataclasses.replace(out, enabled=True, vad=True, vad_silence_s=silence,
+                                  silence_after_speech_s=max(out.silence_after_speech_s, silence))
+    if speech_events:
+        out = dataclasses.replace(out, vad=True)
+    if utterance_end_ms is not None:
+        out = dataclasses.replace(out, utterance_end_s=utterance_end_ms / 1000)
+    return out
 
 
 class Endpointer:

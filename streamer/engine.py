@@ -42,7 +42,7 @@ import numpy as np
 
 from streamer.ctc import FRAME_S, CtcSegment, Vocabulary
 from streamer.endpoint import Endpointer, EndpointRules, VadTracker, vad_points
-from streamer.events import Event, Final, Partial, SpeechStarted, SpeechStopped, VoiceEvent, Word
+from streamer.events import Event, Final, Partial, SpeechStarted, SpeechStopped, UtteranceEnd, VoiceEvent, Word
 from streamer.exceptions import AudioError
 
 __all__ = [
@@ -298,7 +298,9 @@ class StreamSession:
         self._vad = VadTracker(self.endpointer.rules) if self.endpointer.rules.vad else None
         self._speech: deque[float] = deque()
         self._vad_floor = 0
-        self._voice: list[VoiceEvent] | None = [] if voice_events and self._vad is not None else None
+        self._voice: list[VoiceEvent] = []
+        self._speech_events = voice_events and self._vad is not None
+        self._word_end: float | None = None  # the last final's last word, until its utterance end is reported
 
     # -- input -------------------------------------------------------------
 
@@ -327,6 +329,18 @@ class StreamSession:
     def vad(self) -> bool:
         """Whether the session ends segments by voice activity: feed it :meth:`accept_speech`."""
         return self._vad is not None
+
+    def use_endpoint(self, rules: EndpointRules, *, voice_events: bool = False) -> None:
+        """Take a stream's own endpoint rules (a client's) instead of those the session was made with.
+
+        Only before the first audio. ``voice_events`` as for the constructor. Then check :attr:`vad`: the caller
+        feeds speech probabilities when the rules ask for the detector.
+        """
+        if self._buf.end or self._pending:
+            raise RuntimeError("endpoint rules change only before the first audio")
+        self.endpointer = Endpointer(rules, self.schedule.frame_s)
+        self._vad = VadTracker(rules) if rules.vad else None
+        self._speech_events = voice_events and self._vad is not None
 
     def flush(self) -> None:
         """Force an endpoint now: all audio so far is decoded and closed as a final. Then run the last windows.
@@ -381,6 +395,8 @@ class StreamSession:
             raise RuntimeError(f"window of {len(window.samples)} samples needs {expected} frames, got {lp.shape}")
         ids, probs = best_path(lp)
         b = self._merge(window, lp, ids, probs, ahead=not (self._pending and isinstance(self._pending[0], _Marker)))
+        if self._word_end is not None and not window.provisional:
+            self._utterance_end(window, ids)
         if self._pending and isinstance(self._pending[0], _Marker):
             self._drain_markers()
         elif b is not None:
@@ -431,6 +447,20 @@ class StreamSession:
             return False
         return self._seg.has_text or self._seg.preview(0, ids[lo:], probs[lo:]).has_text
 
+    def _utterance_end(self, window: Window, ids: np.ndarray) -> None:
+        """Report the utterance end once the model heard no word for ``utterance_end_s`` after the last final's
+        last word: the open segment has no text, and the window's frames after it are blank or the delimiter up to
+        that time. Only full and endpoint windows decide (their frames are the same whatever the arrival)."""
+        assert self._word_end is not None
+        seg = self._seg
+        if seg.has_text:
+            return
+        tail = self._quiet(ids[max(0, seg.end_frame - window.start_frame) :])
+        quiet_to = seg.end_frame + (int(np.argmin(tail)) if not tail.all() else len(tail))
+        if quiet_to * self.schedule.frame_s - self._word_end >= self.endpointer.rules.utterance_end_s - 1e-6:
+            self._voice.append(UtteranceEnd(self._word_end))
+            self._word_end = None
+
     def _quiet(self, ids: np.ndarray) -> np.ndarray:
         quiet: np.ndarray = ids == self.vocab.blank_id
         if self.vocab.delimiter_id is not None:  # may be 0 (XLS-R fine-tunes put "|" first)
@@ -450,10 +480,12 @@ class StreamSession:
 
     def voice_events(self) -> list[VoiceEvent]:
         """The detector's speech started/stopped events since the last call (with ``voice_events`` and the
-        voice-activity rule; else none). They come as the probabilities are read, ahead of the windows planned
-        over the same audio, so call this after :meth:`accept_speech`."""
-        if self._voice is None:
-            return []
+        voice-activity rule; else none), and the utterance ends (with ``EndpointRules.utterance_end_s``).
+
+        Speech events come as the probabilities are read, ahead of the windows planned over the same audio, so
+        call this after :meth:`accept_speech`; an utterance end comes as a window's result is accepted, after the
+        final it follows (send it after :meth:`events_received`'s events).
+        """
         events, self._voice = self._voice, []
         return events
 
@@ -481,10 +513,10 @@ class StreamSession:
             if vad.end <= self._vad_floor:
                 vad.reset()
                 continue
-            if self._voice is not None and (vad.started or due):
+            if self._speech_events and (vad.started or due):
                 at = vad.end - step if vad.started else vad.end - vad.need * step
                 self._voice.append((SpeechStarted if vad.started else SpeechStopped)(at / SAMPLE_RATE))
-            if due:
+            if due and self.endpointer.enabled:  # (endpointing off: the speech events only)
                 self._plan_endpoint(vad.end)
         if self._early_from is not None:
             self._plan_provisional(self._early_from)
@@ -650,6 +682,8 @@ class StreamSession:
             alternatives = tuple(getattr(search, "alternatives", ()))  # n-best, when the search reads them
             self._events.append(Final(self._segment_index, text, start, end, tuple(words), reason, alternatives))
             self._segment_index += 1
+            if self.endpointer.rules.utterance_end_s > 0:
+                self._word_end = end
         elif self._last_partial:
             # The open segment showed text that turned out to be nothing: clear it.
             self._events.append(Partial(self._segment_index, "", *self._span(seg, [])))
@@ -707,7 +741,7 @@ def reference(
     total = schedule.n_frames(len(x))
     fs = schedule.frame_samples
     rules = endpoint or EndpointRules()
-    points = vad_points(speech, rules) if rules.vad and speech is not None else []
+    points = vad_points(speech, rules) if rules.vad and rules.enabled and speech is not None else []
     quiet_len = rules.vad_silence_frames * rules.vad_frame_samples
     spans: list[Window] = []  # (samples left empty: the model runs the slices below)
 

@@ -39,6 +39,7 @@ __all__ = [
     "Transcript",
     "SpeechStarted",
     "SpeechStopped",
+    "UtteranceEnd",
     "ViewerReady",
     "VoiceEvent",
     "Word",
@@ -191,8 +192,23 @@ class SpeechStopped:
         return {"type": self.type, "time": _r(self.time)}
 
 
-VoiceEvent = SpeechStarted | SpeechStopped
-"""What the engine's voice-activity rule reports, apart from the transcript (:meth:`StreamSession.voice_events`)."""
+@dataclass(frozen=True)
+class UtteranceEnd:
+    """The model heard no word for ``utterance_end_ms`` after the last final's last word (a turn signal).
+
+    ``time``: where that last word ended, seconds from stream start. Sent once per final with text, after it,
+    when the audio that completes the gap has run through the model (only to streams that asked for it).
+    """
+
+    type: ClassVar[str] = "utterance_end"
+    time: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "time": _r(self.time)}
+
+
+VoiceEvent = SpeechStarted | SpeechStopped | UtteranceEnd
+"""What the engine reports about speech and pauses, apart from the transcript (:meth:`StreamSession.voice_events`)."""
 
 
 @dataclass(frozen=True)
@@ -274,7 +290,7 @@ class End:
         return {"type": self.type, "session": self.session, "reason": self.reason}
 
 
-Message = Partial | Final | Ready | ViewerReady | Error | End
+Message = Partial | Final | Ready | ViewerReady | Error | End | SpeechStarted | SpeechStopped | UtteranceEnd
 """Everything the daemon sends on the native protocol."""
 
 
@@ -301,6 +317,10 @@ def busy(max_streams: int) -> Error:
     return Error("busy", f"server busy: {max_streams} streams at most, try again later", CLOSE_TRY_AGAIN)
 
 
+_VOICE: dict[str, type[SpeechStarted] | type[SpeechStopped] | type[UtteranceEnd]] = {
+    c.type: c for c in (SpeechStarted, SpeechStopped, UtteranceEnd)}
+
+
 def parse_event(text: str) -> Message:
     """Read one server message (a client's side of the native protocol); raises ValueError."""
     d = json.loads(text)
@@ -324,6 +344,8 @@ def parse_event(text: str) -> Message:
             return Error(str(d["code"]), str(d["message"]))
         if kind == "end":
             return End(str(d["session"]), str(d["reason"]))
+        if kind in _VOICE:
+            return _VOICE[kind](float(d["time"]))
     except (KeyError, TypeError) as exc:
         raise ValueError(f"malformed {kind} message: {exc}") from None
     raise ValueError(f"unknown message type {kind!r}")

@@ -65,6 +65,13 @@ class Start:
     """the stream's own hotwords: (word or phrase, weight or None for ``[decoder] hotword_weight``)"""
     alternatives: int | None = None
     """readings (n-best) each final should carry; None: ``[decoder] alternatives``"""
+    endpointing_ms: int | bool | None = None
+    """the stream's endpointing: milliseconds of the detector's silence after speech that end an utterance, or
+    False: only the client's flush or stop does; None (or True): the daemon's ``[endpoint]``"""
+    utterance_end_ms: int | None = None
+    """send ``utterance_end`` once no word was heard for this long after a final's last word; None: never"""
+    vad_events: bool = False
+    """send the detector's ``speech_started`` and ``speech_stopped``"""
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,8 @@ def word_list(value: Any, field: str, kind: str) -> tuple[str, ...]:
 
 
 def parse_start(msg: dict[str, Any], min_rate: int, max_rate: int) -> Start:
-    known = {"type", "sample_rate", "encoding", "channels", "name", "words", "hotwords", "alternatives"}
+    known = {"type", "sample_rate", "encoding", "channels", "name", "words", "hotwords", "alternatives",
+             "endpointing_ms", "utterance_end_ms", "vad_events"}
     unknown = sorted(set(msg) - known)
     if unknown:
         raise ProtocolError(f"unknown field(s) in start message: {', '.join(unknown)}; "
@@ -148,7 +156,31 @@ def parse_start(msg: dict[str, Any], min_rate: int, max_rate: int) -> Start:
     words = word_list(msg["words"], "words", "bad_words") if "words" in msg else None
     hotwords = hotword_list(msg["hotwords"]) if "hotwords" in msg else None
     alternatives = alternatives_count(msg["alternatives"]) if "alternatives" in msg else None
-    return Start(rate, encoding, channels, name, words, hotwords, alternatives)
+    endpointing = msg.get("endpointing_ms")
+    if endpointing is not None and endpointing is not True and endpointing is not False and not _ms_in(
+            endpointing, *ENDPOINTING_MS):
+        raise ProtocolError(f"'endpointing_ms' must be false or an integer from {ENDPOINTING_MS[0]} to "
+                            f"{ENDPOINTING_MS[1]}, got {endpointing!r}", kind="bad_start", code=CLOSE_POLICY)
+    utterance_end = msg.get("utterance_end_ms")
+    if utterance_end is not None and not _ms_in(utterance_end, *UTTERANCE_END_MS):
+        raise ProtocolError(f"'utterance_end_ms' must be an integer from {UTTERANCE_END_MS[0]} to "
+                            f"{UTTERANCE_END_MS[1]}, got {utterance_end!r}", kind="bad_start", code=CLOSE_POLICY)
+    vad_events = msg.get("vad_events", False)
+    if not isinstance(vad_events, bool):
+        raise ProtocolError(f"'vad_events' must be true or false, got {vad_events!r}", kind="bad_start",
+                            code=CLOSE_POLICY)
+    return Start(rate, encoding, channels, name, words, hotwords, alternatives,
+                 None if endpointing is True else endpointing, utterance_end, vad_events)
+
+
+ENDPOINTING_MS = (10, 10_000)
+"""the bounds of a start message's ``endpointing_ms`` (the detector hears in 32 ms frames: rounded up to them)"""
+UTTERANCE_END_MS = (100, 60_000)
+"""the bounds of a start message's ``utterance_end_ms``"""
+
+
+def _ms_in(value: Any, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
 MAX_STREAM_HOTWORDS = 1000

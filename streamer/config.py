@@ -23,6 +23,7 @@ from streamer.exceptions import ConfigError
 from streamer.protocol import valid_name
 
 __all__ = [
+    "AudioSocketConfig",
     "Config",
     "DecoderConfig",
     "EndpointConfig",
@@ -431,6 +432,24 @@ class WyomingConfig(_Section):
 
 
 @dataclass(frozen=True)
+class AudioSocketConfig(_Section):
+    """A listener speaking Asterisk's AudioSocket protocol: phone calls whose audio Asterisk sends over TCP."""
+
+    _name = "audiosocket"
+    enabled: bool = _opt(False, restart=True)
+    uri: str = _opt("tcp://127.0.0.1:9092", restart=True, doc="tcp://HOST:PORT that Asterisk's AudioSocket() "
+                    "connects to (loopback: Asterisk on this machine; the protocol has no token)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        scheme, sep, rest = self.uri.partition("://")
+        host, colon, port = rest.rpartition(":")
+        if scheme != "tcp" or not sep or not colon or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"audiosocket.uri = {self.uri!r} is not allowed; use tcp://HOST:PORT with a port from "
+                              "0 to 65535, e.g. tcp://127.0.0.1:9092")
+
+
+@dataclass(frozen=True)
 class MqttConfig(_Section):
     """Publishing transcripts to an MQTT broker."""
 
@@ -519,6 +538,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     vosk: VoskConfig = field(default_factory=VoskConfig)
     wyoming: WyomingConfig = field(default_factory=WyomingConfig)
+    audiosocket: AudioSocketConfig = field(default_factory=AudioSocketConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sources: tuple[SourceConfig, ...] = ()

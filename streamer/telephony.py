@@ -359,8 +359,8 @@ def parse_header(header: bytes) -> tuple[int, int]:
                    "0xff (error), 0x00 (hangup)", kind="bad_kind", code=CLOSE_BAD_DATA)
     limit = max_payload(kind)
     if length > limit:
-        what = f"audio at {AUDIO_RATES[kind]} Hz" if kind in AUDIO_RATES else _NAMES[kind]
-        raise _bad(f"a {what} frame of {length} bytes is over {limit} bytes", kind="too_big", code=1009)
+        what = f"an audio frame at {AUDIO_RATES[kind]} Hz" if kind in AUDIO_RATES else f"a {_NAMES[kind]} frame"
+        raise _bad(f"{what} of {length} bytes is over {limit} bytes", kind="too_big", code=1009)
     return kind, length
 
 

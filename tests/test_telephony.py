@@ -6,8 +6,10 @@ import asyncio
 import base64
 import contextlib
 import json
+import struct
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +22,15 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from streamer.audio import PCM_ENCODINGS, decode_pcm, encode_g711
 from streamer.events import Final, parse_event
 from streamer.exceptions import AudioError
-from streamer.telephony import MAX_MEDIA_BYTES
+from streamer.telephony import (
+    KIND_AUDIO,
+    KIND_DTMF,
+    KIND_ERROR,
+    KIND_HANGUP,
+    KIND_UUID,
+    MAX_MEDIA_BYTES,
+    frame,
+)
 from streamer.testing import espeak_audio
 
 # ---------------------------------------------------------------------------------------------------------- G.711
@@ -288,3 +298,87 @@ async def test_bad_twilio_input_closes_with_a_clear_error_and_the_call_beside_go
     assert await viewer.wait_text(expected) == expected
     await viewer.close()
     assert d.metrics.errors.labels("unauthorized")._value.get() == 2
+
+
+# ---------------------------------------------------------------------------------------------- Asterisk AudioSocket
+
+AUDIOSOCKET = ("audiosocket.enabled=true", "audiosocket.uri='tcp://127.0.0.1:0'")
+
+
+async def asterisk(port: int, frames: list[bytes], *, real_time: bool = True) -> list[tuple[int, bytes]]:
+    """Send frames as Asterisk's AudioSocket() does (audio every 20 ms); the frames the server sent back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            t0, audio = loop.time(), 0
+            with contextlib.suppress(ConnectionError):
+                for f in frames:
+                    if real_time and f[0] == KIND_AUDIO:
+                        audio += 1
+                        await asyncio.sleep(max(0.0, t0 + audio * 0.02 - loop.time()))
+                    writer.write(f)
+                    await writer.drain()
+            received = await reader.read()  # until the server closes
+    finally:
+        writer.close()
+    out = []
+    while received:
+        kind, length = struct.unpack(">BH", received[:3])
+        out.append((kind, received[3 : 3 + length]))
+        received = received[3 + length :]
+    return out
+
+
+def call_frames(call: uuid.UUID, samples: np.ndarray) -> list[bytes]:
+    """A call as Asterisk sends it: its UUID, 20 ms frames of 8 kHz signed linear, a key press, the hangup."""
+    pcm = samples.astype("<i2").tobytes()
+    audio = [frame(KIND_AUDIO, pcm[i : i + 320]) for i in range(0, len(pcm), 320)]
+    return [frame(KIND_UUID, call.bytes), *audio[:25], frame(KIND_DTMF, b"7"), *audio[25:], frame(KIND_HANGUP)]
+
+
+@pytest.mark.slow
+async def test_an_audiosocket_call_reaches_viewers_and_mqtt_under_its_uuid(tmp_path, daemon_factory, calls, reference):
+    async with mosquitto(tmp_path) as (broker, sub):
+        d, pub = await start_daemon(daemon_factory, broker.port, f"server.auth_token='{TOKEN}'", *AUDIOSOCKET)
+        async with asyncio.timeout(TIMEOUT):
+            await pub.wait_connected()
+        assert d.audiosocket is not None and d.audiosocket.port
+        call = uuid.uuid4()
+        viewer = await Viewer(d.port, str(call)).start()
+        assert await asterisk(d.audiosocket.port, call_frames(call, calls["inbound"][0])) == []  # nothing sent back
+        expected = reference["inbound.slin"]
+        assert await viewer.wait_text(expected) == expected
+        await viewer.close()
+        await sub.wait_for(lambda s: mqtt_text(s, str(call)) == expected)
+        assert d.metrics.streams_total.labels("audiosocket")._value.get() == 1
+
+
+@pytest.mark.slow
+async def test_bad_audiosocket_input_gets_an_error_frame_and_the_call_beside_goes_on(daemon_factory, calls,
+                                                                                    reference):
+    d = await daemon_factory(*AUDIOSOCKET)
+    assert d.audiosocket is not None and d.audiosocket.port
+    port = d.audiosocket.port
+    call = uuid.uuid4()
+    viewer = await Viewer(d.port, str(call)).start()
+    healthy = asyncio.create_task(asterisk(port, call_frames(call, calls["outbound"][0])))
+    async with asyncio.timeout(TIMEOUT):
+        while not d.name_live(str(call)):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    other = frame(KIND_UUID, uuid.uuid4().bytes)
+    cases = [
+        ([other, b"\x42\x00\x02hi"], "unknown frame kind 0x42"),
+        ([other, struct.pack(">BH", KIND_AUDIO, 20000)], "an audio frame at 8000 Hz of 20000 bytes is over 16000"),
+        ([frame(KIND_AUDIO, bytes(320))], "audio before the call's uuid"),
+        ([other, frame(KIND_AUDIO, bytes(321))], "an audio frame of 321 bytes is not whole 16-bit samples"),
+        ([frame(KIND_UUID, b"short")], "a uuid frame of 5 bytes"),
+        ([frame(KIND_UUID, call.bytes)], f"stream name '{call}' is in use"),  # the healthy call's
+    ]
+    for frames, message in cases:
+        got = await asterisk(port, frames, real_time=False)
+        assert [k for k, _ in got] == [KIND_ERROR] and got[0][1].decode().startswith(message), (frames, got)
+    assert await healthy == []
+    expected = reference["outbound.slin"]
+    assert await viewer.wait_text(expected) == expected
+    await viewer.close()

@@ -29,6 +29,7 @@ from streamer.aio.http.limits import check_descriptors, install_accept_error_fil
 from streamer.aio.http.tls import server_ssl_context
 from streamer.aio.hub import Hub, ViewerQueue
 from streamer.aio.metrics import Metrics
+from streamer.aio.protocols.audiosocket import AudioSocketServer
 from streamer.aio.protocols.native import NativeHandler
 from streamer.aio.protocols.realtime import RealtimeHandler
 from streamer.aio.protocols.twilio import TwilioHandler
@@ -115,6 +116,8 @@ class Daemon:
             cluster.deliver = self.hub.deliver
         self.wyoming: WyomingServer | None = None
         """the Wyoming listener (``[wyoming] enabled``), a service once started"""
+        self.audiosocket: AudioSocketServer | None = None
+        """the AudioSocket listener (``[audiosocket] enabled``), a service once started"""
 
     # -- what the handlers use (streamer.aio.host.StreamHost) ------------------------------
 
@@ -126,7 +129,10 @@ class Daemon:
     @property
     def listening(self) -> dict[str, Any]:
         """Config key -> what a sibling process sets it to, to share this listener (``{"server.port": 41234}``)."""
-        return {**self._listening, **(self.wyoming.listening if self.wyoming is not None else {})}
+        out = {**self._listening, **(self.wyoming.listening if self.wyoming is not None else {})}
+        if self.audiosocket is not None:
+            out.update(self.audiosocket.listening)
+        return out
 
     def subscribe(self, name: str) -> ViewerQueue:
         return self.hub.subscribe(name)
@@ -309,6 +315,9 @@ class Daemon:
             self.wyoming = WyomingServer(self, shared=self.cluster is not None,
                                          first=self.cluster is None or self.cluster.slot == 0)
             self.services.append(self.wyoming)
+        if self.cfg.audiosocket.enabled:  # Asterisk's phone calls, a service as Wyoming's listener is
+            self.audiosocket = AudioSocketServer(self, shared=self.cluster is not None)
+            self.services.append(self.audiosocket)
         for service in self.services:
             await service.start()
         ws = "wss" if tls is not None else "ws"

@@ -208,6 +208,8 @@ class Supervisor:
 
     def _port_zero(self) -> bool:
         c = self.cfg
+        if c.audiosocket.enabled and c.audiosocket.uri.endswith(":0"):
+            return True
         return (c.server.port == 0 or (c.vosk.enabled and c.vosk.port == 0)
                 or (c.wyoming.enabled and c.wyoming.uri.startswith("tcp://") and c.wyoming.uri.endswith(":0")))
 

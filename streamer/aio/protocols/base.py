@@ -43,7 +43,7 @@ from streamer.events import CLOSE_GOING_AWAY, Error, Event, error_for, to_json
 from streamer.exceptions import AudioError, InferenceError, ProtocolError
 from streamer.fair import Pace
 
-__all__ = ["Connection", "Quiet", "Receiver", "RefusalLog", "StreamHandler", "send_error"]
+__all__ = ["Connection", "Quiet", "Receiver", "RefusalLog", "StreamHandler", "linger", "send_error"]
 
 logger = logging.getLogger("streamer.server")
 
@@ -64,6 +64,8 @@ DRAIN_MESSAGES = 16
 were sent before it"""
 DRAIN_WAIT_S = 0.1
 """at the shutdown, how long a message the client sent before it may take to be read"""
+LINGER_S = 1.0
+"""at the close of a TCP protocol's connection, how long what the peer still sends is read and dropped"""
 
 
 def unread_bytes(ws: ServerConnection) -> int:
@@ -302,6 +304,21 @@ class RefusalLog(logging.Filter):
 def _peer(ws: ServerConnection) -> str:
     address = ws.remote_address
     return f"{address[0]}:{address[1]}" if isinstance(address, tuple) and len(address) >= 2 else "?"
+
+
+async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Close a TCP connection so that what was sent arrives: half-close, then drop what the peer still sends, for
+    ``LINGER_S`` at most (closing with unread data resets the connection, and the peer may lose the last of it)."""
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(LINGER_S):
+            while await reader.read(1 << 16):
+                pass
+    except (ConnectionError, TimeoutError, OSError):
+        pass
+    finally:
+        writer.close()
 
 
 async def send_error(ws: ServerConnection, error: Error) -> None:

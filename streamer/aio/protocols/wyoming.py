@@ -31,7 +31,7 @@ from wyoming.server import AsyncEventHandler
 
 from streamer import __version__
 from streamer.aio.host import StreamHost
-from streamer.aio.protocols.base import Connection, Quiet, Receiver
+from streamer.aio.protocols.base import Connection, Quiet, Receiver, linger
 from streamer.events import CLOSE_POLICY, Event
 from streamer.exceptions import AudioError, InferenceError, ProtocolError, StreamerError
 from streamer.wyoming_asr import (
@@ -51,7 +51,6 @@ logger = logging.getLogger("streamer.wyoming")
 
 PROTOCOL = "wyoming"
 SERVICE_TYPE = "_wyoming._tcp.local."
-LINGER_S = 1.0
 
 
 class WyomingServer:
@@ -264,22 +263,8 @@ class WyomingHandler(Connection, AsyncEventHandler):
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass  # the client left, or takes nothing of what is sent
         finally:
-            await self._linger()
+            await linger(self.reader, self.writer)
             self.server.handlers.discard(self)
-
-    async def _linger(self) -> None:
-        """Close so that what was sent arrives: half-close, then drop what the client still sends, for a second
-        at most (closing with unread data resets the connection, and the client may lose the last events)."""
-        try:
-            if self.writer.can_write_eof():
-                self.writer.write_eof()
-            async with asyncio.timeout(LINGER_S):
-                while await self.reader.read(1 << 16):
-                    pass
-        except (ConnectionError, TimeoutError, OSError):
-            pass
-        finally:
-            self.writer.close()
 
     async def _serve(self) -> None:
         while True:

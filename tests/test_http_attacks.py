@@ -383,3 +383,37 @@ async def test_realtime_without_turn_detection_sends_held_text_when_it_ends(daem
         assert ws.close_code == 1000
     completed = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
     assert len(completed) == 1 and completed[0]["transcript"].strip(), events  # was none: the speech never sent
+
+
+# --- refusals in the log -----------------------------------------------------------------------------------------
+
+
+async def test_refused_http_requests_write_one_line_each_and_no_flood(daemon_factory, caplog):
+    """A refused request wrote two or three lines (the reason, websockets' HTTP response sent, connection closed),
+    and a script repeating one wrote megabytes a minute: now each writes one line, at most HttpRefusalLog.burst per
+    interval, and the next one that goes out counts those held back."""
+    from streamer.aio.http.limits import HttpRefusalLog
+
+    d = await daemon_factory("server.allowed_hosts=['asr.example.org']")
+    body = form(wav(0.1))
+    requests = {
+        "cross-site upload": upload(d.port, body, "Origin: https://evil.example"),
+        "rebinding": f"GET /healthz HTTP/1.1\r\nHost: evil.example:{d.port}\r\n\r\n".encode(),
+        "malformed": b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2"
+                     b"\r\n\r\n",
+        "not found": f"GET /nothing/here HTTP/1.1\r\nHost: 127.0.0.1:{d.port}\r\n\r\n".encode(),
+    }
+    with caplog.at_level(logging.INFO):
+        for what, request in requests.items():  # one at a time: each its one line
+            caplog.clear()
+            status, _, _ = await raw_http(d.port, request)
+            lines = [r.getMessage() for r in caplog.records if r.name in ("streamer.server", "websockets.server")]
+            assert status in (400, 403, 404) and len(lines) == 1, (what, status, lines)
+        caplog.clear()
+        n = 3 * HttpRefusalLog.burst
+        for request in list(requests.values()) * (n // len(requests)):
+            await raw_http(d.port, request)
+        lines = [r.getMessage() for r in caplog.records if r.name in ("streamer.server", "websockets.server")]
+        assert len(lines) <= HttpRefusalLog.burst, lines  # the rest were held back
+        status, _, answer = await raw_http(d.port, upload(d.port, body))
+        assert status == 200 and "text" in json.loads(answer)  # and the daemon serves on

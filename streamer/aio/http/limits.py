@@ -20,6 +20,8 @@ import asyncio
 import logging
 import resource
 import time
+import weakref
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
@@ -27,7 +29,7 @@ from websockets.protocol import State
 from streamer.config import ServerConfig
 from streamer.events import CLOSE_POLICY
 
-__all__ = ["AcceptErrorFilter", "BoundedConnection", "check_descriptors", "descriptors_needed",
+__all__ = ["AcceptErrorFilter", "BoundedConnection", "HttpRefusalLog", "check_descriptors", "descriptors_needed",
            "install_accept_error_filter"]
 
 logger = logging.getLogger("streamer.server")
@@ -97,20 +99,28 @@ def descriptors_needed(cfg: ServerConfig) -> int:
     return cfg.max_streams + cfg.max_viewers + FD_HEADROOM
 
 
-def check_descriptors(cfg: ServerConfig) -> None:
-    """Raise the soft ``RLIMIT_NOFILE`` to what ``cfg`` needs when the hard limit allows; else warn.
+MAX_SOFT_NOFILE = 1 << 20
+"""the soft ``RLIMIT_NOFILE`` asked for where the hard limit is unlimited"""
 
-    (asyncio waits with epoll, so descriptors above 1024 are fine; systemd leaves the soft limit at
-    1024 for programs that still use select().)
+
+def check_descriptors(cfg: ServerConfig) -> None:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit, as servers do; warn when even that is not what ``cfg``
+    needs.
+
+    Connections that never become streams hold descriptors too (slow request heads, refused clients): the
+    limits in ``cfg`` bound the admitted ones only, so the daemon takes every descriptor it may. (asyncio waits
+    with epoll, so descriptors above 1024 are fine; systemd leaves the soft limit at 1024 for programs that
+    still use select().)
     """
     need = descriptors_needed(cfg)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = MAX_SOFT_NOFILE if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        logger.info("raised the open-file limit from %d to %d (its hard limit): server.max_streams + "
+                    "server.max_viewers = %d connections need %d", soft, target, need - FD_HEADROOM, need)
+        soft = target
     if soft == resource.RLIM_INFINITY or soft >= need:
-        return
-    if hard == resource.RLIM_INFINITY or hard >= need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-        logger.info("raised the open-file limit from %d to %d: server.max_streams + server.max_viewers = %d "
-                    "connections, plus %d for the rest", soft, need, need - FD_HEADROOM, FD_HEADROOM)
         return
     logger.warning("the open-file limit is %d (RLIMIT_NOFILE, hard %d), but server.max_streams + server.max_viewers "
                    "= %d connections need about %d descriptors: new connections will fail before those limits; "
@@ -154,3 +164,82 @@ def install_accept_error_filter(interval_s: float = 10.0) -> None:
     log = logging.getLogger("asyncio")
     if not any(isinstance(f, AcceptErrorFilter) for f in log.filters):
         log.addFilter(AcceptErrorFilter(interval_s))
+
+
+class HttpRefusalLog(logging.Filter):
+    """At most one line per refused HTTP request, and at most :attr:`burst` of them per ``interval_s`` per server.
+
+    A refused request wrote two or three lines (the daemon's reason, websockets' ``HTTP response sent (403
+    Forbidden)``, ``connection closed``): a page or a script that repeats a refused request wrote 2.6-3 MB of
+    log in 10 s. Installed on the ``websockets.server`` and ``streamer.server`` loggers (:meth:`install`): a
+    refusal the daemon explains (:meth:`refused`) is its one line; websockets' ``HTTP response sent`` line of a
+    4xx or 5xx is the one line of a refusal the daemon did not explain; a refused connection's ``connection
+    closed`` is dropped. Beyond :attr:`burst` lines in ``interval_s``, lines are counted instead, and the next
+    line that goes out says how many were held back.
+    """
+
+    burst = 20
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._refused: set[object] = set()  # connection ids whose remaining websockets lines are dropped
+        self._explained: set[object] = set()  # of those, the ones whose refusal the daemon logged itself
+        self._window: weakref.WeakKeyDictionary[object, tuple[float, int, int]] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def install(cls) -> HttpRefusalLog:
+        """The filter on the ``websockets.server`` logger (added once per process)."""
+        log = logging.getLogger("websockets.server")
+        for f in log.filters:
+            if isinstance(f, cls):
+                return f
+        f = cls()
+        log.addFilter(f)
+        return f
+
+    def _allowed(self, server: object) -> tuple[bool, int]:
+        """Whether a line may go out for ``server`` now, and how many were held back before it."""
+        now = time.monotonic()
+        start, lines, held = self._window.get(server, (now, 0, 0))
+        if now - start >= self.interval_s:
+            start, lines = now, 0
+        if lines >= self.burst:
+            self._window[server] = (start, lines, held + 1)
+            return False, 0
+        self._window[server] = (start, lines + 1, 0)
+        return True, held
+
+    def refused(self, conn: ServerConnection, status: int, message: str, *args: object) -> None:
+        """``conn`` was answered ``status`` (a refusal): log ``message % args`` as its one line, unless too many
+        went out lately."""
+        self._refused.add(conn.id)
+        self._explained.add(conn.id)
+        ok, held = self._allowed(conn.server)
+        if ok:
+            logger.info(message + (f" ({held} more refusals held back)" if held else ""), *args)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(("HTTP response sent (", "connection closed")):
+            return True
+        ws: Any = record.__dict__.get("websocket")  # websockets' connection adapter adds it (a weak proxy)
+        try:
+            key, server = ws.id, ws.server
+        except (AttributeError, ReferenceError):
+            return True
+        if message == "connection closed":
+            if key in self._refused:
+                self._refused.discard(key)
+                self._explained.discard(key)
+                return False
+            return True
+        if message[20:21] not in ("4", "5"):
+            return True
+        self._refused.add(key)
+        if key in self._explained:
+            return False
+        ok, held = self._allowed(server)
+        if ok and held:
+            record.msg, record.args = f"{message} ({held} more refusals held back)", None
+        return ok

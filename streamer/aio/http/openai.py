@@ -26,6 +26,7 @@ from websockets.http11 import Request, Response
 from streamer.aio.host import StreamHost, close_named, open_named
 from streamer.aio.http.access import page_allowed, repeated_header
 from streamer.aio.http.connection import HttpConnection, Upload, is_tls, respond
+from streamer.aio.http.limits import HttpRefusalLog
 from streamer.audiofile import FileAudio, FileAudioError
 from streamer.events import CLOSE_GOING_AWAY, Event, Final
 from streamer.exceptions import AudioError, InferenceError, ProtocolError
@@ -121,7 +122,7 @@ class OpenAIFront:
             await self._serve(conn, upload, sid, state)
         except ApiError as exc:
             self.host.metrics.errors.labels(exc.code or f"http_{exc.status}").inc()
-            logger.info("openai request %s: %d %s", sid, exc.status, exc)
+            HttpRefusalLog.install().refused(conn, exc.status, "openai request %s: %d %s", sid, exc.status, exc)
             try:
                 await state.error(exc)
             except ConnectionError:

@@ -26,12 +26,15 @@ import base64
 import json
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from websockets.asyncio.client import connect
 
+from streamer.audio import encode_g711
+from streamer.telephony import KIND_AUDIO, KIND_HANGUP, KIND_UUID, frame
 from streamer.testing import espeak_audio
 
 CHUNK_S = 0.1
@@ -87,16 +90,18 @@ class Player:
     """Sends audio at 1x real time and remembers when each stream second had been sent."""
 
     rate: int
+    chunk_s: float = CHUNK_S
+    """seconds of audio a message"""
     sent: list[tuple[float, float]] = field(default_factory=list)
     """(audio seconds sent so far, wall time) after each message"""
 
     async def play(self, pcm: bytes, send: Callable[[bytes], Awaitable[None]]) -> None:
-        step = int(self.rate * CHUNK_S) * 2
+        step = int(self.rate * self.chunk_s) * 2
         t0 = time.perf_counter()
         for n, i in enumerate(range(0, len(pcm), step), 1):
             await send(pcm[i : i + step])
             self.sent.append(((i + len(pcm[i : i + step])) / 2 / self.rate, time.perf_counter()))
-            await asyncio.sleep(max(0.0, t0 + n * CHUNK_S - time.perf_counter()))
+            await asyncio.sleep(max(0.0, t0 + n * self.chunk_s - time.perf_counter()))
 
     def sent_at(self, t: float) -> float:
         """Wall time the audio up to stream second ``t`` had been sent."""
@@ -245,11 +250,93 @@ async def wyoming(url: str, utt: Utterance) -> Timing:
     return out
 
 
+async def viewed(url: str, name: str, player: Player, utt: Utterance, call: Awaitable[None]) -> Timing:
+    """A protocol that answers nothing (a phone call's): a viewer at ``/v1/listen/NAME`` reads the stream's partials
+    and finals, as an application reads a call's transcripts, while ``call`` sends the audio."""
+    out = Timing()
+    first_text_at = final_at = float("nan")
+    async with connect(f"{url}/v1/listen/{name}", max_size=None) as viewer:
+        await viewer.recv()  # ready: subscribed before the call starts
+        task = asyncio.ensure_future(call)
+        try:
+            async with asyncio.timeout(len(utt.audio) / 16000 + 30):
+                async for raw in viewer:
+                    ev = json.loads(raw)
+                    now = time.perf_counter()
+                    if ev["type"] in ("partial", "final") and ev["text"] and first_text_at != first_text_at:
+                        first_text_at = now
+                    if ev["type"] == "final" and ev["text"]:
+                        final_at, out.text = now, ev["text"]
+                        break
+        except TimeoutError:
+            out.ok = False
+        finally:
+            await task
+    out.first_text = first_text_at - player.sent_at(utt.speech_start_s)
+    out.final = final_at - player.sent_at(utt.speech_end_s)
+    return out
+
+
+async def twilio(url: str, utt: Utterance) -> Timing:
+    """Twilio Media Streams (``/v1/twilio``): mu-law at 8 kHz, 20 ms a media message, as Twilio sends a call."""
+    name, player = f"latency-{uuid.uuid4().hex[:8]}", Player(8000, chunk_s=0.02)
+
+    async def call() -> None:
+        async with connect(f"{url}/v1/twilio") as ws:
+            await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+            await ws.send(json.dumps({"event": "start", "start": {
+                "callSid": f"CA{uuid.uuid4().hex}", "streamSid": f"MZ{uuid.uuid4().hex}", "tracks": ["inbound"],
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                "customParameters": {"name": name}}}))
+            chunk = 0
+
+            async def send(pcm: bytes) -> None:
+                nonlocal chunk
+                chunk += 1
+                payload = base64.b64encode(encode_g711(np.frombuffer(pcm, "<i2"), "mulaw")).decode()
+                await ws.send(json.dumps({"event": "media", "media": {
+                    "track": "inbound", "chunk": str(chunk), "timestamp": str(chunk * 20), "payload": payload}}))
+
+            await player.play(utt.pcm16(8000), send)
+            await ws.send(json.dumps({"event": "stop", "stop": {}}))
+            await ws.wait_closed()
+
+    return await viewed(url, name, player, utt, call())
+
+
+async def audiosocket(url: str, utt: Utterance) -> Timing:
+    """Asterisk AudioSocket (``[audiosocket] uri``): the call's UUID, then 20 ms frames of 8 kHz signed linear."""
+    from urllib.parse import urlsplit
+
+    call_id, player = uuid.uuid4(), Player(8000, chunk_s=0.02)
+
+    async def call() -> None:
+        where = urlsplit(ENDPOINTS["audiosocket"])
+        reader, writer = await asyncio.open_connection(where.hostname or "127.0.0.1", where.port or 9092)
+        try:
+            writer.write(frame(KIND_UUID, call_id.bytes))
+
+            async def send(pcm: bytes) -> None:
+                writer.write(frame(KIND_AUDIO, pcm))
+                await writer.drain()
+
+            await player.play(utt.pcm16(8000), send)
+            writer.write(frame(KIND_HANGUP))
+            await writer.drain()
+            await reader.read()  # until the daemon closes the call
+        finally:
+            writer.close()
+
+    return await viewed(url, str(call_id), player, utt, call())
+
+
 PROTOCOLS: dict[str, Callable[[str, Utterance], Awaitable[Timing]]] = {
     "native": native,
     "openai-realtime": openai_realtime,
     "vosk": vosk,
     "wyoming": wyoming,
+    "twilio": twilio,
+    "audiosocket": audiosocket,
 }
 
 
@@ -310,9 +397,13 @@ async def main_async(args: argparse.Namespace) -> int:
         ENDPOINTS.update(vosk=f"ws://127.0.0.1:{vosk_port}", wyoming=f"tcp://127.0.0.1:{wyoming_port}")
         overrides = ["vosk.enabled=true", f"vosk.port={vosk_port}", "wyoming.enabled=true",
                      f"wyoming.uri='tcp://127.0.0.1:{wyoming_port}'", *args.set]
+        audiosocket_port = free_port()
+        ENDPOINTS["audiosocket"] = f"tcp://127.0.0.1:{audiosocket_port}"
+        overrides = ["audiosocket.enabled=true", f"audiosocket.uri='tcp://127.0.0.1:{audiosocket_port}'", *overrides]
         proc, url = await start_daemon(args.model, overrides)
     else:
         ENDPOINTS.update(vosk=args.vosk_url, wyoming=args.wyoming_url)
+        ENDPOINTS["audiosocket"] = args.audiosocket_url
     results: dict[str, list[Timing]] = {n: [] for n in names}
     try:
         for utt in utterances:  # protocols take turns on each utterance: the same load for each
@@ -338,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="an already running daemon, ws://host:port (default: start one)")
     p.add_argument("--vosk-url", default="ws://127.0.0.1:2700", help="with --url: its Vosk listener")
     p.add_argument("--wyoming-url", default="tcp://127.0.0.1:10300", help="with --url: its Wyoming listener")
+    p.add_argument("--audiosocket-url", default="tcp://127.0.0.1:9092", help="with --url: its AudioSocket listener")
     p.add_argument("--model", default="demo", help="model for the started daemon (default: demo)")
     p.add_argument("--set", action="append", default=[], help="config override for the started daemon")
     p.add_argument("--rounds", type=int, default=12, help="utterances per protocol (default: 12)")

@@ -44,6 +44,7 @@ from streamer.ctc import FRAME_S, CtcSegment, Vocabulary
 from streamer.endpoint import Endpointer, EndpointRules, VadTracker, vad_points
 from streamer.events import Event, Final, Partial, SpeechStarted, SpeechStopped, UtteranceEnd, VoiceEvent, Word
 from streamer.exceptions import AudioError
+from streamer.text import join_words
 
 __all__ = [
     "FRAME_SAMPLES",
@@ -658,7 +659,7 @@ class StreamSession:
             words = search.finish() if search is not None else []
         else:
             words = (search or self.words.search(seg.start_frame)).partial(lookahead)
-        return " ".join(w.word for w in words), self._scaled(words)
+        return join_words(w.word for w in words), self._scaled(words)  # (no space beside a Han character)
 
     def _scaled(self, words: list[Word]) -> list[Word]:
         """Word times in seconds of this model's frames (segments and searches count 20 ms frames)."""

@@ -101,9 +101,10 @@ def offline_text(runner: Runner, audio: np.ndarray, words: Decoder | None) -> st
 def decode_offline(runner: Runner, lp: np.ndarray, words: Decoder | None) -> str:
     """The log-probs of a full-utterance pass decoded as the engine decodes (word list or greedy CTC)."""
     from streamer.ctc import CtcSegment
+    from streamer.text import join_words
 
     if words is not None:
-        return " ".join(w.word for w in words.decode(lp))
+        return join_words(w.word for w in words.decode(lp))
     seg = CtcSegment(runner.vocab)
     if len(lp):
         ids = lp.argmax(axis=1)

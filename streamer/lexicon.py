@@ -23,7 +23,7 @@ from streamer.ctc import FRAME_S
 from streamer.events import Alternative, Word
 from streamer.exceptions import ConfigError
 from streamer.lm import Hotwords, LanguageModel, make_search_lm
-from streamer.text import Alphabet, unspelled
+from streamer.text import Alphabet, join_words, solo, unspelled, word_spans
 
 __all__ = ["MAX_ALTERNATIVES", "MAX_WORD_LETTERS", "UNK", "Alternative", "Lexicon", "LexiconSearch", "OpenVocabulary",
            "merge_unk", "read_word_list"]
@@ -106,32 +106,50 @@ class _Searcher:
         words: list[Word] = []
         frames: list[int] = []  # the current word's letter frames
         letters: list[int] = []  # its letters, CTC-collapsed
+        starts: list[int] = []  # where each letter's frames start in ``frames``
         prev = -1
         done = 0
 
-        def emit(text: str | None) -> None:
+        def add(text: str | None, at: list[int]) -> None:
             nonlocal done
-            if text is not None and frames:
-                probs = np.exp(lp[frames, [toks[t] for t in frames]])
-                words.append(Word(text, (start_frame + frames[0]) * FRAME_S, (start_frame + frames[-1] + 1) * FRAME_S,
+            if text is not None and at:
+                probs = np.exp(lp[at, [toks[t] for t in at]])
+                words.append(Word(text, (start_frame + at[0]) * FRAME_S, (start_frame + at[-1] + 1) * FRAME_S,
                                   float(probs.mean())))
-                done = frames[-1] + 1
+                done = at[-1] + 1
+
+        def emit(text: str | None) -> None:
+            add(text, frames)
             frames.clear()
             letters.clear()
+            starts.clear()
+
+        def emit_spelled() -> None:
+            """A word spelled letter by letter, cut as greedy decoding cuts words: a character of a script written
+            without spaces (Han, kana) is a word of its own (:func:`streamer.text.word_spans`)."""
+            text = self._word_text(-1, letters)
+            if not text or not any(map(solo, text)):
+                emit(text)
+                return
+            spans = word_spans([self._word_text(-1, [c]) or "" for c in letters])
+            for a, b in spans:
+                add(self._word_text(-1, letters[a:b]), frames[starts[a] : starts[b] if b < len(starts) else None])
+            emit(None)
 
         for t, tok in enumerate(toks):
             if tok != self.blank_id and tok != self.delimiter_id and tok >= 0 and t < n:
                 frames.append(t)
                 if tok != prev:
                     letters.append(tok)
+                    starts.append(len(frames) - 1)
             label = labels[t] if t < len(labels) else -1
             if label >= 0:
                 emit(self._word_text(label, letters))
             elif tok == self.delimiter_id and letters and self._spells():
-                emit(self._word_text(-1, letters))
+                emit_spelled()
             prev = tok
         if complete and letters and self._spells():
-            emit(self._word_text(-1, letters))
+            emit_spelled()
         return merge_unk(words), done
 
     def _spells(self) -> bool:
@@ -147,7 +165,7 @@ class _Searcher:
         readings: dict[str, tuple[float, float, list[Word]]] = {}  # text -> (log-sum of scores, best, words)
         for r in results:
             words = self._words(r, rows, start_frame, complete=True)[0]
-            text = " ".join(w.word for w in words)
+            text = join_words(w.word for w in words)
             if text in readings:
                 total, top, kept = readings[text]
                 readings[text] = (float(np.logaddexp(total, r.score)), max(top, r.score), kept)

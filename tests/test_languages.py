@@ -355,6 +355,29 @@ def test_scripts_with_spaces_keep_a_word_between_delimiters(name):
     assert [w.word for w in words] == said and text == " ".join(said) == join_words(said) == squeeze(text)
 
 
+def test_the_lm_and_hotword_search_cuts_a_word_per_character_as_greedy_does():
+    from streamer.lexicon import OpenVocabulary
+
+    ids = vocab(CHINESE)
+    hotwords = parse_hotwords([("你好", 4.0)], Alphabet({c: i for c, i in ids.items() if len(c) == 1 and c != "|"}),
+                              2.0, "hotwords")
+    search = OpenVocabulary(ids, 0, 1, lm=None, hotwords=hotwords, alternatives=2)
+    path = [0, *(t for c in "你好世界" for t in (ids[c], ids[c], 0))]  # no delimiter: a model trained without spaces
+    lp = np.full((len(path), len(ids)), np.log(0.01 / len(ids)), np.float32)
+    lp[np.arange(len(path)), path] = np.log(0.99)
+    words = search.decode(lp, start_frame=50)
+    assert [w.word for w in words] == ["你", "好", "世", "界"]
+    assert [(round(w.start, 2), round(w.end, 2)) for w in words] == [(1.02, 1.06), (1.08, 1.12), (1.14, 1.18),
+                                                                     (1.20, 1.24)]
+    token = {i: t for t, i in ids.items()}
+    text, greedy = greedy_words([token[i] for i in path], CHINESE)
+    assert text == "你好世界" and [w.word for w in greedy] == [w.word for w in words]
+    found = search.search(50)  # a stream's search: its final reads the same words, its readings have no spaces
+    found.step(lp)
+    assert [w.word for w in found.finish()] == ["你", "好", "世", "界"]
+    assert all(" " not in a.text for a in found.alternatives)
+
+
 def test_a_long_chinese_final_is_cut_at_its_characters_times():
     from streamer.events import Final
     from streamer.formats import MAX_CUE_S, final_cues
@@ -488,6 +511,8 @@ def test_a_word_list_hotwords_and_an_lm_in_the_script(scripts, runners, tmp_path
     assert got
     if "words" in decoder:
         assert set(got) <= normal  # listed words, in the vocabulary's form whatever form the file was saved in
+    elif not SCRIPTS[name][3]:  # the lexicon-free search cuts a word per character, as greedy decoding does
+        assert all(len(w) == 1 for w in got) and [f.text for f in finals] == ["".join(got)]
     letters = scripts[name][2]
     assert all(set(w) <= letters for w in got)
 

@@ -44,6 +44,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from streamer.audio import encode_g711
 from streamer.testing import speech_audio
 
 CHUNK_S = 0.1
@@ -979,6 +980,84 @@ async def attack_realtime_hostile(ctx: Context) -> Result:
         f"error events {dict(codes)}" + (f"; {', '.join(problems)}" if problems else "")
 
 
+async def attack_deepgram_hostile(ctx: Context) -> Result:
+    """Deepgram clients with bad options (400 in Deepgram's shape), unreadable control messages (an Error each,
+    1008 after 32) and an odd number of bytes in every audio message: never 1011, the healthy streams untouched."""
+    base = f"ws://{HOST}:{ctx.daemon.port}/v1/listen"
+    statuses: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    problems: list[str] = []
+
+    async def refused(query: str) -> None:
+        try:
+            async with connect(f"{base}?{query}", open_timeout=5):
+                problems.append(f"{query[:40]} was accepted")
+        except InvalidStatus as exc:
+            body = json.loads(exc.response.body or b"{}")
+            statuses[f"{exc.response.status_code} {body.get('err_code', '?')}"] += 1
+
+    async def session() -> None:
+        while ctx.left() > 1:
+            for query in ("encoding=opus&sample_rate=48000", "encoding=linear16", "encoding=linear16&sample_rate=1",
+                          "encoding=linear16&sample_rate=16000&channels=99&keywords=x:-1"):
+                await refused(query)
+            try:
+                async with connect(f"{base}?encoding=linear16&sample_rate=16000", open_timeout=5) as ws:
+                    for i in range(40):
+                        await ws.send(ctx.pcm[i * 3201 : (i + 1) * 3201])  # odd sizes: samples cut in two
+                        await ws.send("{" * (i + 1))
+                    async for raw in ws:
+                        msg = json.loads(raw)
+                        if msg.get("type") == "Error":
+                            errors[msg["variant"]] += 1
+            except ConnectionClosed as exc:
+                if exc.rcvd is None or exc.rcvd.code != 1008:
+                    problems.append(f"closed {exc.rcvd.code if exc.rcvd else 'without a close frame'}")
+                    return
+            except (ValueError, OSError, InvalidHandshake) as exc:
+                problems.append(str(exc)[:80])
+                return
+
+    await asyncio.gather(session(), session())
+    await asyncio.sleep(max(0.0, ctx.left()))
+    ok = not problems and errors["SchemaError"] > 0 and set(statuses) == {"400 INVALID_QUERY_PARAMETER"}
+    return ok, f"refused {dict(statuses)}; errors {dict(errors)}" + (f"; {', '.join(problems)}" if problems else "")
+
+
+async def attack_deepgram_flood(ctx: Context) -> Result:
+    """Deepgram clients that send 8 kHz mu-law in 1 MiB messages as fast as they can, with a Finalize after each
+    and two channels each (multichannel), then leave without CloseStream."""
+    url = (f"ws://{HOST}:{ctx.daemon.port}/v1/listen?encoding=mulaw&sample_rate=8000&channels=2&multichannel=true"
+           "&interim_results=true")
+    ulaw = np.frombuffer(encode_g711(np.frombuffer(audio_8k(ctx, 70.0), "<i2"), "mulaw"), np.uint8)
+    block = np.stack([ulaw, ulaw], axis=1).tobytes()[: 1 << 20]  # the speech on both channels
+    sent = results = 0
+    problems: list[str] = []
+
+    async def one() -> None:
+        nonlocal sent, results
+        try:
+            async with connect(url, max_size=None, open_timeout=5, close_timeout=1) as ws:
+                for _ in range(3):
+                    await ws.send(block)
+                    await ws.send(json.dumps({"type": "Finalize"}))
+                    sent += 1
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(2.0, max(0.0, ctx.left()))):
+                        async for raw in ws:
+                            results += '"Results"' in raw
+        except ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code == 1011:
+                problems.append("1011")
+        except (OSError, InvalidHandshake) as exc:
+            problems.append(str(exc)[:60])
+
+    while ctx.left() > 3:
+        await asyncio.gather(*(one() for _ in range(4)))
+    return not problems, f"{sent} MiB messages sent, {results} Results read" + (
+        f"; {', '.join(sorted(set(problems)))}" if problems else "")
+
+
 async def attack_sigterm(ctx: Context) -> Result:
     """SIGTERM while the worker is busy: every healthy stream must still get its finals before the close."""
     load = asyncio.create_task(flood_8k(ctx, ctx.args.sigterm_load, ctx.left))
@@ -1019,6 +1098,8 @@ ATTACKS: dict[str, Attack] = {
     "rest-bodies": Attack(attack_rest_bodies, "24 MiB uploads answered 404 before their body: dropped, not kept"),
     "rest-silent": Attack(attack_rest_silent, "uploads that stop sending, holding a stream: 408 at the idle timeout"),
     "realtime-hostile": Attack(attack_realtime_hostile, "Realtime NaN, deep nesting, 190 KB updates: error events"),
+    "deepgram-hostile": Attack(attack_deepgram_hostile, "Deepgram: bad options 400, unreadable messages, odd bytes"),
+    "deepgram-flood": Attack(attack_deepgram_flood, "Deepgram: 1 MiB mu-law messages, Finalize, 2 channels, leave"),
     "sigterm": Attack(attack_sigterm, "SIGTERM under load: every healthy final before the close (always last)"),
 }
 

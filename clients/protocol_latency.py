@@ -172,6 +172,34 @@ async def openai_realtime(url: str, utt: Utterance) -> Timing:
     return out
 
 
+async def deepgram(url: str, utt: Utterance) -> Timing:
+    """Deepgram's live API (``/v1/listen``, linear16 at 16 kHz, interim results): the first Results with text,
+    and the final (``is_final``) that the endpoint closed (``speech_final``)."""
+    out, player = Timing(), Player(16000)
+    first_text_at = final_at = float("nan")
+    async with connect(f"{url}/v1/listen?encoding=linear16&sample_rate=16000&interim_results=true",
+                       max_size=None) as ws:
+        task = asyncio.create_task(player.play(utt.pcm16(16000), ws.send))
+        async for raw in ws:
+            ev = json.loads(raw)
+            now = time.perf_counter()
+            if ev["type"] == "Error":
+                out.ok = False
+                break
+            if ev["type"] != "Results" or not (text := ev["channel"]["alternatives"][0]["transcript"]):
+                continue
+            if first_text_at != first_text_at:
+                first_text_at = now
+            if ev["is_final"] and ev["speech_final"]:
+                final_at, out.text = now, text
+                break
+        await task
+        await ws.send(json.dumps({"type": "CloseStream"}))
+    out.first_text = first_text_at - player.sent_at(utt.speech_start_s)
+    out.final = final_at - player.sent_at(utt.speech_end_s)
+    return out
+
+
 ENDPOINTS: dict[str, str] = {}
 """the daemon's other listeners: ``vosk`` (ws://host:port) and ``wyoming`` (tcp://host:port)"""
 
@@ -333,6 +361,7 @@ async def audiosocket(url: str, utt: Utterance) -> Timing:
 PROTOCOLS: dict[str, Callable[[str, Utterance], Awaitable[Timing]]] = {
     "native": native,
     "openai-realtime": openai_realtime,
+    "deepgram": deepgram,
     "vosk": vosk,
     "wyoming": wyoming,
     "twilio": twilio,

@@ -26,6 +26,7 @@ __all__ = [
     "AudioSocketConfig",
     "Config",
     "DecoderConfig",
+    "DeepgramConfig",
     "EndpointConfig",
     "LoggingConfig",
     "ModelConfig",
@@ -526,6 +527,17 @@ class OpenAIConfig(_Section):
 
 
 @dataclass(frozen=True)
+class DeepgramConfig(_Section):
+    """Deepgram's listen API on ``server.port``: the live websocket and pre-recorded ``POST /v1/listen``."""
+
+    _name = "deepgram"
+    enabled: bool = _opt(True, doc="answer /v1/listen as Deepgram does (the same token as the websockets)")
+    max_upload_bytes: int = _opt(100 << 20, min=1024, doc="largest body of a pre-recorded POST /v1/listen (413)")
+    upload_timeout_s: float = _opt(120.0, min=1.0, doc="a pre-recorded body must arrive within this time (408)")
+    max_audio_s: float = _opt(3600.0, min=1.0, doc="longest audio one pre-recorded request may hold (400)")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; build it with :func:`load_config`."""
 
@@ -543,6 +555,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sources: tuple[SourceConfig, ...] = ()
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    deepgram: DeepgramConfig = field(default_factory=DeepgramConfig)
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

@@ -14,13 +14,14 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from streamer.aio.host import Admission, Health, ModelInfo, Status
 from streamer.aio.http.connection import OPEN_TIMEOUT_S
@@ -30,6 +31,7 @@ from streamer.aio.http.tls import server_ssl_context
 from streamer.aio.hub import Hub, ViewerQueue
 from streamer.aio.metrics import Metrics
 from streamer.aio.protocols.audiosocket import AudioSocketServer
+from streamer.aio.protocols.deepgram import DEEPGRAM_PATH, DeepgramHandler
 from streamer.aio.protocols.native import NativeHandler
 from streamer.aio.protocols.realtime import RealtimeHandler
 from streamer.aio.protocols.twilio import TwilioHandler
@@ -302,6 +304,7 @@ class Daemon:
             "write_limit": s.write_limit_bytes,
             "ping_interval": s.ping_interval_s or None,
             "ping_timeout": s.ping_timeout_s or None,
+            "select_subprotocol": self._select_subprotocol,
         }
         if self.cluster is not None:  # which of several front-end processes answered (Vosk has no ready message)
             common["process_response"] = self._tag_process
@@ -323,6 +326,13 @@ class Daemon:
         ws = "wss" if tls is not None else "ws"
         logger.info("listening on %s://%s:%d%s%s", ws, s.host, self.port, STREAM_PATH,
                     f" and vosk {ws}://{s.host}:{self.vosk_port}" if self.vosk_port else "")
+
+    @staticmethod
+    def _select_subprotocol(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+        """websockets' ``select_subprotocol``: a browser that sends its token as the subprotocols ``token`` and KEY
+        (Deepgram's form, :func:`~streamer.aio.protocols.deepgram.subprotocol_token`) gets ``token`` back, which
+        it needs to open the websocket; no other subprotocol is spoken."""
+        return Subprotocol("token") if offered and offered[0] == "token" else None
 
     @staticmethod
     def _tag_process(conn: ServerConnection, request: Request, response: Response) -> None:
@@ -471,6 +481,8 @@ class Daemon:
             await RealtimeHandler(self, ws).serve_connection()
         elif path == TWILIO_PATH:
             await TwilioHandler(self, ws, token=self.http.token).serve_connection()
+        elif path == DEEPGRAM_PATH:
+            await DeepgramHandler(self, ws).serve_connection()
         else:
             await NativeHandler(self, ws).serve_connection()
 

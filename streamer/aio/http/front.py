@@ -28,6 +28,7 @@ from streamer.aio.http.access import host_allowed, page_allowed, read_cookie, re
 from streamer.aio.http.connection import HttpConnection, is_tls, not_allowed, respond
 from streamer.aio.http.limits import BoundedConnection, HttpRefusalLog
 from streamer.aio.http.openai import OpenAIFront
+from streamer.aio.protocols.deepgram import DEEPGRAM_PATH, DeepgramFront, subprotocol_token
 
 __all__ = ["LISTEN_PREFIX", "REALTIME_PATH", "STREAM_PATH", "TWILIO_PATH", "HttpFront"]
 
@@ -64,10 +65,12 @@ class HttpFront:
         self.openai = OpenAIFront(host, self.authorized, started_at, self.known_host)
         HttpRefusalLog.install()  # one line per refused request, and not a flood of them
         """the OpenAI-compatible endpoints (``[openai]``): ``/v1/models``, ``/v1/audio/transcriptions``"""
+        self.deepgram = DeepgramFront(host, self.authorized, self.known_host)
+        """Deepgram's ``/v1/listen`` (``[deepgram]``): its answers before the websocket opens, pre-recorded uploads"""
 
     def connection(self, protocol: ServerProtocol, server: Server, **kwargs: Any) -> HttpConnection:
         """websockets' ``create_connection``: an :class:`HttpConnection` whose uploads this front answers."""
-        return HttpConnection(protocol, server, uploads=[self.openai], **kwargs)
+        return HttpConnection(protocol, server, uploads=[self.openai, self.deepgram], **kwargs)
 
     def connection_limits(self, conn: ServerConnection) -> None:
         """Give a new connection the message size and limits of the config in force (a reload may change them)."""
@@ -87,6 +90,10 @@ class HttpFront:
         auth = request.headers.get("Authorization", "")
         if auth.lower().startswith("bearer "):
             given = auth[7:].strip()
+        elif auth.lower().startswith("token "):  # Deepgram's form
+            given = auth[6:].strip()
+        elif (key := subprotocol_token(request.headers)) is not None:  # Deepgram's, from browsers
+            given = key
         elif query.get("token"):
             given = query["token"][0]
         else:
@@ -178,7 +185,8 @@ class HttpFront:
             response.headers["Retry-After"] = "1"
             return response
         realtime = path == REALTIME_PATH and host.cfg.openai.enabled
-        routed = path == STREAM_PATH or path.startswith(LISTEN_PREFIX) or realtime
+        deepgram = path == DEEPGRAM_PATH and host.cfg.deepgram.enabled
+        routed = path == STREAM_PATH or path.startswith(LISTEN_PREFIX) or realtime or deepgram
         twilio = path == TWILIO_PATH
         routed = routed or twilio
         if conn.local_address[1] == self.stream_port() and not routed:
@@ -199,10 +207,14 @@ class HttpFront:
             host.metrics.streams_rejected.labels("auth").inc()
             if realtime:  # in OpenAI's error shape, as its clients read it
                 return self.openai.unauthorized(conn)
+            if deepgram:
+                return self.deepgram.unauthorized(conn)
             response = respond(conn, 401, "missing or wrong token: send 'Authorization: Bearer TOKEN' "
                                "or ?token=TOKEN\n", "text/plain")
             response.headers["WWW-Authenticate"] = 'Bearer realm="streamer"'
             return response
+        if deepgram:  # its options, checked before the upgrade: a bad one gets Deepgram's 400
+            return self.deepgram.check_upgrade(conn, request)
         return None
 
     @staticmethod

@@ -3,6 +3,8 @@ detector's speech events; the engine with a scripted model, then the native prot
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import dataclasses
 import json
 
@@ -161,3 +163,167 @@ def test_voice_events_travel_and_parse_back():
         assert parse_event(to_json(event)) == event
     assert UtteranceEnd(0.7).to_dict() == {"type": "utterance_end", "time": 0.7}
 
+
+# -- the native protocol and OpenAI Realtime, on espeak-ng speech with known pauses ---------------------------
+
+SENTENCES = ["turn on the kitchen lights", "set a timer for twenty minutes", "add milk to the shopping list"]
+PAUSES_S = [0.6, 1.5, 1.5]
+"""the silence after each sentence: the first shorter than the utterance end's 1 s, the others longer"""
+
+
+@pytest.fixture(scope="module")
+def paused():
+    """The sentences (trimmed) with PAUSES_S after each; (audio, [(start, end) seconds of each sentence])."""
+    from streamer.testing import espeak_audio
+
+    parts, spans, pos = [], [], 0
+    for text, pause in zip(SENTENCES, PAUSES_S, strict=True):
+        audio = espeak_audio(text)
+        voiced = np.flatnonzero(np.abs(audio) > 1e-3)
+        audio = audio[voiced[0] : voiced[-1] + 1]
+        spans.append((pos / 16000, (pos + len(audio)) / 16000))
+        parts += [audio, np.zeros(int(pause * 16000), dtype=np.float32)]
+        pos += len(audio) + len(parts[-1])
+    return np.concatenate(parts), spans
+
+
+def kinds_of(messages, *kinds):
+    return [m for m in messages if m["type"] in kinds]
+
+
+async def test_native_speech_events_and_utterance_ends_fall_in_the_pauses(daemon_factory, paused):
+    """``vad_events`` and ``utterance_end_ms`` on the native protocol: one speech_started/stopped pair per
+    sentence, each time inside the sentence's edges and the pause around it; an utterance end after the finals
+    that 1 s of silence follows, at their last word's end, after them; the finals themselves as without."""
+    from tests.conftest import pcm16
+    from tests.test_server import finals_of, native_session
+
+    audio, spans = paused
+    d = await daemon_factory("endpoint.vad=true")
+    start = {"type": "start", "endpointing_ms": 300, "utterance_end_ms": 1000, "vad_events": True}
+    msgs, code = await native_session(d.port, pcm16(audio), chunk=3200, start=start)
+    assert code == 1000
+    finals = finals_of(msgs)
+    assert [(f["text"], f["reason"]) for f in finals] == [(s, "silence") for s in SENTENCES]
+    voice = kinds_of(msgs, "speech_started", "speech_stopped")
+    assert [m["type"] for m in voice] == ["speech_started", "speech_stopped"] * len(SENTENCES)
+    previous_end = 0.0
+    for (started, stopped), (begin, end), pause in zip(zip(voice[::2], voice[1::2], strict=True), spans, PAUSES_S,
+                                                       strict=True):
+        assert previous_end <= started["time"] <= begin + 0.1  # in the pause before the sentence (or its onset)
+        assert end - 0.1 <= stopped["time"] <= end + pause  # at the sentence's end, inside the pause after it
+        previous_end = end
+    # each sentence's speech_stopped comes before its final, the next one's speech_started after it
+    order = [m["type"] for m in kinds_of(msgs, "speech_started", "speech_stopped", "final")]
+    assert order == ["speech_started", "speech_stopped", "final"] * len(SENTENCES)
+    # utterance ends: not after the first sentence (0.6 s to the next word), after the other two
+    turns = [m["type"] for m in kinds_of(msgs, "final", "utterance_end")]
+    assert turns == ["final", "final", "utterance_end", "final", "utterance_end"]
+    ends = kinds_of(msgs, "utterance_end")
+    assert [m["time"] for m in ends] == [finals[1]["end"], finals[2]["end"]]
+    for m, (_, end), pause in zip(ends, spans[1:], PAUSES_S[1:], strict=True):
+        assert end - 0.15 <= m["time"] <= end + pause
+    assert msgs[-1]["type"] == "end"
+
+
+async def test_native_endpointing_false_waits_for_the_flush(daemon_factory, paused):
+    """``endpointing_ms: false``: the pauses end nothing, the flush ends the first two sentences, the stop the
+    third; with the detector on in the daemon, and with its events asked for, which still come."""
+    from tests.conftest import pcm16
+    from tests.test_server import finals_of, native_session
+
+    audio, spans = paused
+    d = await daemon_factory("endpoint.vad=true")
+    flush_at = 2 * round((spans[1][1] + 0.4) * 16000)  # (bytes) inside the long pause after the second sentence
+    start = {"type": "start", "endpointing_ms": False, "vad_events": True}
+    msgs, code = await native_session(d.port, pcm16(audio), chunk=3200, start=start, flush_at=flush_at)
+    assert code == 1000
+    finals = finals_of(msgs)
+    assert [(f["text"], f["reason"]) for f in finals] == [(" ".join(SENTENCES[:2]), "flush"), (SENTENCES[2], "end")]
+    assert [m["type"] for m in kinds_of(msgs, "speech_started", "speech_stopped")] == [
+        "speech_started", "speech_stopped"] * len(SENTENCES)
+    # the same without the flush: one final, at the stop
+    msgs, _ = await native_session(d.port, pcm16(audio), chunk=3200, start={"type": "start", "endpointing_ms": False})
+    assert [(f["text"], f["reason"]) for f in finals_of(msgs)] == [(" ".join(SENTENCES), "end")]
+    assert not kinds_of(msgs, "speech_started", "speech_stopped", "utterance_end")
+
+
+@pytest.mark.parametrize("vad", [True, False])
+async def test_native_stream_without_the_options_gets_no_new_messages(daemon_factory, paused, vad):
+    from tests.conftest import pcm16
+    from tests.test_server import native_session
+
+    d = await daemon_factory(f"endpoint.vad={str(vad).lower()}")
+    msgs, code = await native_session(d.port, pcm16(paused[0][: 16000 * 4]), chunk=3200, start={"type": "start"})
+    assert code == 1000
+    assert {m["type"] for m in msgs} <= {"ready", "partial", "final", "end"}
+
+
+@pytest.mark.parametrize(("field", "value"), [("endpointing_ms", 0), ("endpointing_ms", "300"),
+                                              ("utterance_end_ms", 99), ("utterance_end_ms", 1000.5),
+                                              ("vad_events", "true")])
+async def test_native_bad_endpointing_values_are_refused(daemon_factory, field, value):
+    from tests.test_server import native_session
+
+    d = await daemon_factory()
+    msgs, code = await native_session(d.port, b"\0\0" * 1600, start={"type": "start", field: value})
+    assert code == 1008
+    error = msgs[-1]
+    assert error["type"] == "error" and error["code"] == "bad_start" and field in error["message"]
+    assert not finals_of_any(msgs)
+
+
+def finals_of_any(msgs):
+    return [m for m in msgs if m["type"] in ("partial", "final")]
+
+
+async def test_realtime_speech_events_come_from_the_detector(daemon_factory, paused):
+    """OpenAI Realtime through the official SDK with the detector on: speech_started and speech_stopped at the
+    sentences' edges, inside the pauses (the session's silence_duration_ms is the stream's), before the item's
+    committed and completed; the transcripts are the sentences."""
+    import openai
+    import soxr
+
+    from tests.conftest import pcm16
+
+    audio, spans = paused
+    pcm = pcm16(soxr.resample(audio, 16000, 24000))
+    d = await daemon_factory("endpoint.vad=true")
+    c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{d.port}/v1", api_key="x", max_retries=0, timeout=90)
+    seen = []
+    async with asyncio.timeout(90), c.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        await conn.session.update(session={"type": "transcription", "audio": {"input": {
+            "format": {"type": "audio/pcm", "rate": 24000},
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 400}}}})
+        for i in range(0, len(pcm), 9600):  # 200 ms a message
+            await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i : i + 9600]).decode())
+        async for event in conn:
+            seen.append(event)
+            if sum(e.type == "conversation.item.input_audio_transcription.completed" for e in seen) == 3:
+                break
+    assert seen[1].session.audio.input.turn_detection.silence_duration_ms == 400
+    completed = [e for e in seen if e.type == "conversation.item.input_audio_transcription.completed"]
+    assert [e.transcript for e in completed] == SENTENCES
+    previous_end = 0.0
+    for e, (begin, end), pause in zip(completed, spans, PAUSES_S, strict=True):
+        mine = [x for x in seen if getattr(x, "item_id", None) == e.item_id]
+        types = [x.type for x in mine if x.type.startswith("input_audio_buffer.")]
+        assert types == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                         "input_audio_buffer.committed"]
+        assert previous_end <= mine[0].audio_start_ms / 1000 <= begin + 0.1
+        stopped = next(x for x in mine if x.type == "input_audio_buffer.speech_stopped")
+        assert end - 0.1 <= stopped.audio_end_ms / 1000 <= end + pause
+        previous_end = end
+
+
+async def test_realtime_refuses_a_bad_silence_duration(daemon_factory):
+    from websockets.asyncio.client import connect
+
+    d = await daemon_factory("endpoint.vad=true")
+    async with asyncio.timeout(30), connect(f"ws://127.0.0.1:{d.port}/v1/realtime?intent=transcription") as ws:
+        await ws.recv()  # session.created
+        await ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 5}}}}}))
+        error = json.loads(await ws.recv())
+    assert error["type"] == "error"
+    assert error["error"]["param"] == "session.turn_detection.silence_duration_ms"

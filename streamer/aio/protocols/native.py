@@ -1,14 +1,22 @@
-"""The native protocol at ``/v1/stream`` (``docs/protocol.md``): JSON control in, binary audio in, typed events out."""
+"""The native protocol at ``/v1/stream`` (``docs/protocol.md``): JSON control in, binary audio in, typed events out.
+
+A ``start`` may give the stream its own endpointing (``endpointing_ms``, ``utterance_end_ms``) and ask for the
+detector's ``speech_started`` / ``speech_stopped`` (``vad_events``); a stream that asks for none of them gets
+only the transcript's events, as before.
+"""
 
 from __future__ import annotations
 
 from streamer.aio.protocols.base import Quiet, StreamHandler
+from streamer.aio.protocols.endpointing import own_endpointing, with_voice_events
 from streamer.aio.protocols.words import own_word_list, tuned_decoder
+from streamer.aio.stream import LiveStream
 from streamer.audio import ENCODINGS
+from streamer.endpoint import stream_rules
 from streamer.engine import SAMPLE_RATE
 from streamer.events import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, End, Error, Event, Ready, to_json
 from streamer.exceptions import ProtocolError
-from streamer.protocol import parse_control
+from streamer.protocol import Start, parse_control
 
 __all__ = ["NativeHandler"]
 
@@ -22,7 +30,7 @@ class NativeHandler(StreamHandler):
         await self.ws.send(to_json(error))
 
     async def send_events(self, events: list[Event]) -> None:
-        for e in events:
+        for e in with_voice_events(self.stream, events):
             await self.ws.send(to_json(e))
 
     send_last = send_events
@@ -47,6 +55,12 @@ class NativeHandler(StreamHandler):
             server_pid=host.server_pid,  # which of several front-end processes
             language=host.cfg.model.language,
         )
+
+    def endpointing(self, stream: LiveStream, s: Start) -> None:
+        """The stream's own endpointing and voice events, as its ``start`` asked."""
+        rules = stream_rules(stream.session.endpointer.rules, endpointing_ms=s.endpointing_ms,
+                             utterance_end_ms=s.utterance_end_ms, speech_events=s.vad_events)
+        own_endpointing(stream, rules, voice_events=s.vad_events)
 
     async def serve(self) -> None:
         await self.ws.send(to_json(self.ready()))
@@ -75,6 +89,8 @@ class NativeHandler(StreamHandler):
                 words = await own_word_list(self.host, s.words) if s.words is not None else None
                 words = await tuned_decoder(self.host, words, hotwords=s.hotwords, alternatives=s.alternatives)
                 self.stream = self.open_stream(s.sample_rate, s.channels, s.encoding, s.name, words)
+                if s.endpointing_ms is not None or s.utterance_end_ms is not None or s.vad_events:
+                    self.endpointing(self.stream, s)
             elif ctrl.type == "flush":
                 if self.stream is not None:
                     await self.send_events(await self.stream.flush())

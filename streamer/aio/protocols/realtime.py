@@ -3,9 +3,14 @@
 The client configures the session (GA ``session.update`` with ``type: transcription``, or the beta
 ``transcription_session.update``), appends base64 PCM16 audio (24 kHz by default) with
 ``input_audio_buffer.append`` and may ``commit`` or ``clear`` it. The daemon's endpointing is the
-server VAD: the first text of an utterance sends ``input_audio_buffer.speech_started``, partials send
-``conversation.item.input_audio_transcription.delta`` and the final sends ``speech_stopped``,
-``committed`` and ``...completed`` with the final's text.
+server VAD: with ``[endpoint] vad`` the voice-activity detector sends ``input_audio_buffer.speech_started`` and
+``speech_stopped`` as it hears speech start and stop (the session's ``silence_duration_ms`` is the stream's
+silence that ends an utterance); without it the first text of an utterance sends ``speech_started`` and its final
+``speech_stopped``. Partials send ``conversation.item.input_audio_transcription.delta`` and the final sends
+``committed`` and ``...completed`` with the final's text. An item runs from its first speech to its final: should
+the detector hear a pause that the model does not end the utterance at (a word it still spells), the item gets
+another ``speech_started`` and ``speech_stopped``, so a client that stops talking when the user does (barge-in)
+hears every start.
 
 Deltas carry only what was appended, and a delta cannot take text back, so they carry only the words
 that two partials in a row agree on (:func:`stable_delta`): the first partials of an utterance, from
@@ -22,6 +27,7 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Sequence
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,9 +36,22 @@ from websockets.exceptions import ConnectionClosed
 
 from streamer.aio.host import StreamHost
 from streamer.aio.protocols.base import Quiet, StreamHandler
-from streamer.events import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Error, Event, Final, Partial
+from streamer.aio.protocols.endpointing import own_endpointing, with_voice_events
+from streamer.aio.stream import LiveStream
+from streamer.endpoint import stream_rules
+from streamer.events import (
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    Error,
+    Event,
+    Final,
+    Partial,
+    SpeechStarted,
+    SpeechStopped,
+)
 from streamer.exceptions import AudioError, ProtocolError
-from streamer.protocol import MAX_JSON_DEPTH, json_depth
+from streamer.protocol import ENDPOINTING_MS, MAX_JSON_DEPTH, json_depth
 
 __all__ = ["DEFAULT_RATE", "MAX_ERRORS", "RealtimeError", "RealtimeHandler", "stable_delta"]
 
@@ -102,7 +121,9 @@ class RealtimeHandler(StreamHandler):
         self.stream_s = 0.0
         """audio seconds of the current stream"""
         self.item: str | None = None
-        """the item of the utterance under way (from its first text to its final)"""
+        """the item of the utterance under way (from its first speech or text to its final)"""
+        self.speaking = False
+        """a speech_started of the item was sent and no speech_stopped after it"""
         self.previous: str | None = None
         self.sent = ""
         """text of the current item sent as deltas"""
@@ -138,9 +159,9 @@ class RealtimeHandler(StreamHandler):
     # -- the session ---------------------------------------------------------------------------------------
 
     def vad_defaults(self) -> dict[str, Any]:
-        silence = self.host.cfg.endpoint.silence_after_speech_s
-        return {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
-                "silence_duration_ms": int(silence * 1000)}
+        ep = self.host.cfg.endpoint
+        silence = ep.vad_silence_ms if ep.rules().vad else int(ep.silence_after_speech_s * 1000)
+        return {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": silence}
 
     def session(self) -> dict[str, Any]:
         """The session as ``session.created`` / ``session.updated`` describe it (GA or beta shape)."""
@@ -199,6 +220,12 @@ class RealtimeHandler(StreamHandler):
                                             or vad.get("type", "server_vad") not in ("server_vad", "semantic_vad")):
             raise RealtimeError(f"turn_detection {vad!r} is not supported; use {{'type': 'server_vad'}} or null",
                                 param="session.turn_detection")
+        silence = vad.get("silence_duration_ms") if isinstance(vad, dict) else None
+        lo, hi = ENDPOINTING_MS
+        if silence is not None and (isinstance(silence, bool) or not isinstance(silence, int | float)
+                                    or not lo <= silence <= hi):
+            raise RealtimeError(f"silence_duration_ms must be a number from {lo} to {hi}, got {silence!r}",
+                                param="session.turn_detection.silence_duration_ms")
         if rate != self.rate and self.stream is not None:
             raise RealtimeError("the audio rate cannot change after audio was appended; clear the buffer first",
                                 param="session.audio.input.format.rate")
@@ -216,7 +243,18 @@ class RealtimeHandler(StreamHandler):
 
     async def begin_item(self, start_s: float) -> None:
         self.item, self.sent, self.partial_words = f"item_{uuid.uuid4().hex[:20]}", "", []
+        await self.speech_started(start_s)
+
+    async def speech_started(self, start_s: float) -> None:
+        assert self.item is not None
+        self.speaking = True
         await self.send("input_audio_buffer.speech_started", audio_start_ms=int((self.offset_s + start_s) * 1000),
+                        item_id=self.item)
+
+    async def speech_stopped(self, end_s: float) -> None:
+        assert self.item is not None
+        self.speaking = False
+        await self.send("input_audio_buffer.speech_stopped", audio_end_ms=int((self.offset_s + end_s) * 1000),
                         item_id=self.item)
 
     async def delta(self, delta: str) -> None:
@@ -228,18 +266,38 @@ class RealtimeHandler(StreamHandler):
     async def complete(self, text: str, end_s: float | None) -> None:
         """The utterance ends: speech_stopped (at an endpoint), committed, the last delta and completed."""
         assert self.item is not None
-        if end_s is not None:
-            await self.send("input_audio_buffer.speech_stopped", audio_end_ms=int((self.offset_s + end_s) * 1000),
-                            item_id=self.item)
+        if end_s is not None and self.speaking:  # (the detector's speech_stopped may have come already)
+            await self.speech_stopped(end_s)
+        self.speaking = False
         await self.send("input_audio_buffer.committed", item_id=self.item, previous_item_id=self.previous)
         await self.delta(text[len(self.sent):] if text.startswith(self.sent) else "")
         await self.send("conversation.item.input_audio_transcription.completed", item_id=self.item,
                         content_index=0, transcript=text)
         self.previous, self.item, self.sent, self.partial_words = self.item, None, "", []
 
-    async def take(self, events: list[Event]) -> None:
-        """Serialise the stream's events (server VAD); with turn detection off, finals wait for a commit."""
-        for e in events:
+    async def voice(self, e: SpeechStarted | SpeechStopped) -> None:
+        """The detector heard speech start or stop: the item's speech_started (the first begins it) or
+        speech_stopped; nothing with turn detection off."""
+        if not self.server_vad:
+            return
+        if isinstance(e, SpeechStarted):
+            if self.item is None:
+                await self.begin_item(e.time)
+            elif not self.speaking:
+                await self.speech_started(e.time)
+        elif self.item is not None and self.speaking:
+            await self.speech_stopped(e.time)
+
+    async def take(self, events: Sequence[Event]) -> None:
+        """Serialise the stream's events (server VAD); with turn detection off, finals wait for a commit.
+
+        Call it right after the stream call that returned ``events``: the detector's events join them here."""
+        for e in with_voice_events(self.stream, events):
+            if isinstance(e, SpeechStarted | SpeechStopped):
+                await self.voice(e)
+                continue
+            if not isinstance(e, Partial | Final):
+                continue
             if not self.server_vad:
                 if isinstance(e, Final) and e.text:
                     self.held.append(e.text)
@@ -254,6 +312,16 @@ class RealtimeHandler(StreamHandler):
                 await self.complete(e.text, e.end if e.reason != "flush" else None)
 
     send_last = take
+
+    def endpointing(self, stream: LiveStream) -> None:
+        """With the detector on (``[endpoint] vad``) and turn detection: the stream sends the detector's speech
+        events, and ends utterances after the session's ``silence_duration_ms`` of its silence."""
+        rules = stream.session.endpointer.rules
+        if not (self.server_vad and rules.vad and rules.enabled):
+            return
+        silence = self.turn_detection.get("silence_duration_ms") if self.turn_detection is not None else None
+        ms = round(silence) if isinstance(silence, int | float) else None
+        own_endpointing(stream, stream_rules(rules, endpointing_ms=ms, speech_events=True), voice_events=True)
 
     # -- client events -------------------------------------------------------------------------------------
 
@@ -275,6 +343,7 @@ class RealtimeHandler(StreamHandler):
             return
         if self.stream is None:
             self.stream = self.open_stream(self.rate)
+            self.endpointing(self.stream)
         self.receiver.heard_audio()  # audio came (as text): the idle timeout starts again
         self.appended = True
         self.stream_s += len(pcm) / 2 / self.rate
@@ -306,6 +375,7 @@ class RealtimeHandler(StreamHandler):
         self.offset_s += self.stream_s
         self.stream_s = 0.0
         self.item, self.sent, self.partial_words, self.held, self.appended = None, "", [], [], False
+        self.speaking = False
         await self.send("input_audio_buffer.cleared")
 
     async def handle(self, msg: dict[str, Any], size: int = 0) -> None:

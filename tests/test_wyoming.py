@@ -354,3 +354,16 @@ async def test_several_front_end_processes_share_the_port(model_runner, speech):
         async with asyncio.timeout(60):
             await proc.wait()
     assert proc.returncode == 0 and "Traceback" not in (await log).decode()
+
+
+async def test_a_token_warns_that_wyoming_on_every_network_is_not_guarded_by_it(daemon_factory, caplog):
+    """Wyoming has no authentication: a daemon given server.auth_token says at start that its Wyoming listener on
+    every network takes connections without it, and says nothing when it listens on loopback only."""
+    with caplog.at_level(logging.WARNING, "streamer"):
+        await daemon_factory("server.auth_token='s3cret'", "wyoming.enabled=true", "wyoming.uri='tcp://0.0.0.0:0'")
+    warned = [r.getMessage() for r in caplog.records if "without server.auth_token" in r.getMessage()]
+    assert len(warned) == 1 and "127.0.0.1" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "streamer"):
+        await daemon_factory("server.auth_token='s3cret'", *WYOMING)
+    assert not [r for r in caplog.records if "without server.auth_token" in r.getMessage()]

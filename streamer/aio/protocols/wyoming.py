@@ -119,6 +119,13 @@ class WyomingServer:
             await self._advertise()
         logger.info("wyoming listening on %s%s", self.uri,
                     f" (port {self.port})" if self.port is not None and self.uri.endswith(":0") else "")
+        open_to = urlsplit(self.uri).hostname if urlsplit(self.uri).scheme == "tcp" else None
+        if self.host.cfg.server.auth_token and open_to not in (None, "127.0.0.1", "::1", "localhost"):
+            # Wyoming has no authentication of its own (Home Assistant sends none): the token guards the
+            # websocket port only, and a user who set one may believe the whole daemon is guarded
+            logger.warning("wyoming on %s takes connections without server.auth_token (Wyoming has no "
+                           "authentication): bind it to a trusted network's address, or to 127.0.0.1 when Home "
+                           "Assistant runs on this machine (wyoming.uri)", self.uri)
 
     def _handler(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> WyomingHandler:
         return WyomingHandler(self, reader, writer)

@@ -242,12 +242,17 @@ async def test_multichannel_streams_each_channel(daemon, audio, expected):
 
 
 @pytest.mark.slow
-async def test_vad_events_and_endpointing(daemon, audio):
+@pytest.mark.parametrize("daemon_vad", [False, True])
+async def test_vad_events_and_endpointing(daemon_factory, audio, daemon_vad):
     """``vad_events`` and ``endpointing=300``: SpeechStarted as each sentence begins, before its first text, and
-    an endpoint (speech_final) in the pause after each of the two sentences."""
+    an endpoint (speech_final) in the pause after each of the two sentences; the same from a daemon whose own
+    endpointing runs the detector already (``[endpoint] vad``, 300 ms), asked for ``vad_events`` alone."""
+    overrides = ["endpoint.vad=true", "endpoint.vad_silence_ms=300"] if daemon_vad else []
+    daemon = await daemon_factory(f"server.auth_token='{TOKEN}'", *overrides)
+    query = "vad_events=true" if daemon_vad else "vad_events=true&endpointing=300"
     said = []
-    async with connect(f"ws://127.0.0.1:{daemon.port}/v1/listen?{LIVE}&vad_events=true&endpointing=300"
-                       "&interim_results=true", additional_headers={"Authorization": f"Token {TOKEN}"}) as ws:
+    async with connect(f"ws://127.0.0.1:{daemon.port}/v1/listen?{LIVE}&{query}&interim_results=true",
+                       additional_headers={"Authorization": f"Token {TOKEN}"}) as ws:
         for part in chunks(audio["linear16"][0], 3200):
             await ws.send(part)
         await ws.send(json.dumps({"type": "CloseStream"}))

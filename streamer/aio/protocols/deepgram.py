@@ -402,7 +402,7 @@ class DeepgramHandler(StreamHandler):
             stream = open_named(host, session, sample_rate=opts.sample_rate or 16000,
                                 channels=1 if n > 1 else opts.channels, encoding=opts.daemon_encoding, words=words)
             self.channels.append(_Channel(i, session, stream))
-            if rules != base:
+            if rules != base or opts.vad_events:  # (the daemon's rules may run the detector already)
                 stream.session.use_endpoint(rules, voice_events=opts.vad_events)
                 stream.detector = speech_detector(stream.session)
         self.stream = self.channels[0].stream

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -21,15 +22,32 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamer.audio import PCM_ENCODINGS, decode_pcm, encode_g711
 from streamer.events import Final, parse_event
-from streamer.exceptions import AudioError
+from streamer.exceptions import AudioError, ProtocolError
 from streamer.telephony import (
+    HEADER_BYTES,
     KIND_AUDIO,
     KIND_DTMF,
     KIND_ERROR,
     KIND_HANGUP,
     KIND_UUID,
     MAX_MEDIA_BYTES,
+    MAX_MESSAGE_CHARS,
+    CallAudio,
+    CallDtmf,
+    CallError,
+    CallHangup,
+    CallId,
+    TwilioConnected,
+    TwilioDtmf,
+    TwilioMark,
+    TwilioMedia,
+    TwilioStart,
+    TwilioStop,
     frame,
+    parse_frame,
+    parse_header,
+    parse_twilio,
+    track_names,
 )
 from streamer.testing import espeak_audio
 
@@ -81,6 +99,76 @@ def test_unknown_encoding_names_g711() -> None:
         decode_pcm(b"\0\0", "opus", 1)
     with pytest.raises(AudioError, match="use one of mulaw, alaw"):
         encode_g711(sine(), "s16le")
+
+
+# --------------------------------------------------------------------------- the wire formats, without sockets
+
+
+def test_twilio_messages_in_twilios_shapes_parse_to_typed_messages() -> None:
+    start = parse_twilio(json.dumps(twilio_start(["inbound", "outbound"], {"name": "desk", "token": "t"})))
+    assert isinstance(start, TwilioStart)
+    assert (start.call_sid, start.tracks, start.encoding, start.sample_rate, start.channels) == (
+        CALL_SID, ("inbound", "outbound"), "mulaw", 8000, 1)
+    assert dict(start.parameters) == {"name": "desk", "token": "t"}
+    assert track_names(start) == {"inbound": "desk/inbound", "outbound": "desk/outbound"}
+    only = parse_twilio(json.dumps(twilio_start(["outbound"], {})))
+    assert isinstance(only, TwilioStart) and track_names(only) == {"outbound": CALL_SID}
+    media = parse_twilio(json.dumps(twilio_media("outbound", 7, b"\xff" * 160)))
+    assert media == TwilioMedia("outbound", 7, 140, b"\xff" * 160)
+    assert parse_twilio('{"event": "dtmf", "dtmf": {"track": "inbound_track", "digit": "#"}}') == TwilioDtmf(
+        "inbound", "#")
+    assert parse_twilio('{"event": "mark", "mark": {"name": "x"}}') == TwilioMark("x")
+    assert parse_twilio('{"event": "stop", "stop": {"callSid": "CA1"}}') == TwilioStop("CA1")
+    assert parse_twilio('{"event": "connected", "protocol": "Call", "version": "1.0.0"}') == TwilioConnected(
+        "Call", "1.0.0")
+
+
+@pytest.mark.parametrize(("message", "kind", "text"), [
+    (b"\x00", "bad_message", "binary message"),
+    ("[" * 5000 + "]" * 5000, "malformed_json", "not JSON"),
+    ("{" * (MAX_MESSAGE_CHARS + 1), "too_big", "characters is over"),  # refused before it is parsed
+    ('{"event": "media", "media": {"payload": "' + "A" * 10672 + '"}}', "too_big", "over 8000 bytes of audio"),
+    ('{"event": "media", "media": {"payload": "!!!!"}}', "bad_audio", "not valid base64"),
+    ('{"event": "media", "media": {"track": "both", "payload": ""}}', "bad_message", "unknown track 'both'"),
+    ('{"event": "media", "media": {"chunk": "-1", "payload": ""}}', "bad_message", "'chunk' must be"),
+    ('{"event": "start", "start": {"callSid": "CA1", "mediaFormat": {"encoding": "audio/x-l16"}}}',
+     "unsupported_encoding", "audio/x-l16"),
+    ('{"event": "start", "start": {"callSid": "CA1", "tracks": ["inbound", "inbound"], "mediaFormat": {}}}',
+     "bad_message", "listed twice"),
+    ('{"event": "dtmf", "dtmf": {"digit": "55"}}', "bad_message", "not a key"),
+    ('{"event": "hello"}', "bad_message", "unknown event 'hello'"),
+    ("[1]", "bad_message", "JSON object with a string 'event'"),
+])
+def test_bad_twilio_messages_say_what_is_wrong(message: str | bytes, kind: str, text: str) -> None:
+    with pytest.raises(ProtocolError, match=re.escape(text)) as raised:
+        parse_twilio(message)
+    assert raised.value.kind == kind
+
+
+def test_audiosocket_frames_are_checked_before_their_payload_is_read() -> None:
+    call = uuid.uuid4()
+    data = frame(KIND_UUID, call.bytes) + frame(KIND_AUDIO, bytes(320)) + frame(0x12, bytes(640)) + frame(
+        KIND_DTMF, b"9") + frame(KIND_ERROR, b"\x02") + frame(KIND_HANGUP)
+    frames = []
+    while data:
+        kind, length = parse_header(data[:HEADER_BYTES])
+        frames.append(parse_frame(kind, data[HEADER_BYTES : HEADER_BYTES + length]))
+        data = data[HEADER_BYTES + length :]
+    assert frames == [CallId(call), CallAudio(bytes(320), 8000), CallAudio(bytes(640), 16000), CallDtmf("9"),
+                      CallError(2), CallHangup()]
+    assert frames[0].name == str(call)  # type: ignore[union-attr]
+    with pytest.raises(ProtocolError, match="unknown frame kind 0x42") as raised:
+        parse_header(b"\x42\x00\x00")
+    assert raised.value.kind == "bad_kind"
+    with pytest.raises(ProtocolError, match="of 65535 bytes is over 16000 bytes") as raised:
+        parse_header(struct.pack(">BH", KIND_AUDIO, 0xFFFF))
+    assert raised.value.kind == "too_big"
+    with pytest.raises(ProtocolError, match="a uuid frame of 17 bytes is over 16"):
+        parse_header(struct.pack(">BH", KIND_UUID, 17))
+    with pytest.raises(ProtocolError, match="a uuid frame of 5 bytes"):
+        parse_frame(KIND_UUID, b"short")
+    with pytest.raises(ProtocolError, match="not whole 16-bit samples"):
+        parse_frame(KIND_AUDIO, bytes(3))
 
 
 # ------------------------------------------------------------------------------------------- the calls' audio
@@ -382,3 +470,26 @@ async def test_bad_audiosocket_input_gets_an_error_frame_and_the_call_beside_goe
     expected = reference["outbound.slin"]
     assert await viewer.wait_text(expected) == expected
     await viewer.close()
+
+
+@pytest.mark.slow
+async def test_audiosocket_shares_its_port_across_processes(calls, reference):
+    """``serve --processes 2`` with the listener on port 0: the first process picks the port, the second listens
+    on it too (SO_REUSEPORT), and a call's finals reach a viewer whichever process took the call."""
+    from test_processes import Served
+
+    served = await Served(*AUDIOSOCKET).start()
+    try:
+        match = await served.wait_log(r"audiosocket listening on tcp://127\.0\.0\.1:(\d+)")
+        port = int(match.group(1))
+        await served.wait_log(rf"audiosocket listening on tcp://127\.0\.0\.1:{port}",
+                              since=served.lines.index(match.string) + 1)
+        expected = reference["inbound.slin"]
+        for _ in range(2):  # each call lands on either process
+            call = uuid.uuid4()
+            viewer = await Viewer(served.port, str(call)).start()
+            assert await asterisk(port, call_frames(call, calls["inbound"][0])) == []
+            assert await viewer.wait_text(expected) == expected
+            await viewer.close()
+    finally:
+        await served.kill()

@@ -12,7 +12,8 @@ engine's events as Deepgram's server messages; :func:`parse_control` reads a cli
 How the engine's events map::
 
     Partial (interim_results=true)       -> Results is_final=false speech_final=false
-    Final, reason silence                -> Results is_final=true  speech_final=true    (the endpoint)
+    Final, reason silence                -> Results is_final=true  speech_final=true    (the endpoint; false
+                                                                                   with endpointing=false)
     Final, reason max_length or end      -> Results is_final=true  speech_final=false
     Final after a Finalize (a flush)     -> Results is_final=true  from_finalize=true
     SpeechStarted (vad_events=true)      -> SpeechStarted
@@ -94,7 +95,8 @@ class ListenOptions:
     """each channel its own stream, its results with its ``channel_index``; else the channels are mixed"""
     interim_results: bool = False
     endpointing: bool = True
-    """false: no endpoint ends an utterance (only ``Finalize``, the close, or the engine's longest utterance)"""
+    """false: no result is ``speech_final``; finals still come where the daemon's endpointing closes a segment, as
+    Deepgram's ``is_final`` results come whatever ``endpointing`` says (and a segment never grows without end)"""
     endpointing_ms: int | None = None
     """silence that ends an utterance, heard by the voice-activity detector (and quiet CTC frames); None: the
     daemon's ``[endpoint]``"""
@@ -112,8 +114,7 @@ class ListenOptions:
     def rules(self, base: EndpointRules) -> EndpointRules:
         """The stream's endpoint rules: the daemon's (``base``) as ``endpointing``, ``utterance_end_ms`` and
         ``vad_events`` change them (:func:`streamer.endpoint.stream_rules`)."""
-        endpointing: int | bool | None = self.endpointing_ms if self.endpointing else False
-        return stream_rules(base, endpointing_ms=endpointing, utterance_end_ms=self.utterance_end_ms,
+        return stream_rules(base, endpointing_ms=self.endpointing_ms, utterance_end_ms=self.utterance_end_ms,
                             speech_events=self.vad_events)
 
     @property
@@ -272,9 +273,9 @@ def alternative(text: str, words: Sequence[Word]) -> dict[str, Any]:
 
 
 def results(event: Event | None, *, channel: int = 0, channels: int = 1, request_id: str, model: str,
-            version: str, from_finalize: bool = False, at: float = 0.0) -> dict[str, Any]:
+            version: str, from_finalize: bool = False, at: float = 0.0, endpointing: bool = True) -> dict[str, Any]:
     """A ``Results`` message for a partial or a final; ``event`` None: an empty final at ``at`` seconds (what a
-    ``Finalize`` gets when no text was pending)."""
+    ``Finalize`` gets when no text was pending). ``endpointing`` false: never ``speech_final``."""
     is_final = event is None or isinstance(event, Final)
     text, words = (event.text, event.words) if event is not None else ("", ())
     start = event.start if event is not None else at
@@ -285,7 +286,7 @@ def results(event: Event | None, *, channel: int = 0, channels: int = 1, request
         "duration": _r(max(0.0, end - start)),
         "start": _r(start),
         "is_final": is_final,
-        "speech_final": isinstance(event, Final) and event.reason == "silence",
+        "speech_final": endpointing and isinstance(event, Final) and event.reason == "silence",
         "from_finalize": from_finalize and is_final,
         "channel": {"alternatives": [alternative(text, words)]},
         "metadata": {"request_id": request_id, "model_info": model_info(model, version),

@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from streamer.audio import decode_pcm, encode_g711
 from streamer.deepgram import DeepgramError, parse_control, parse_query, results
+from streamer.endpoint import EndpointRules
 from streamer.events import Final, Partial, Word, parse_event
 
 TIMEOUT = 90
@@ -57,6 +58,10 @@ def test_query_parameters_become_options():
     assert parse_query(q("encoding=mulaw&sample_rate=8000"), live=True).frame_bytes == 1
     off = parse_query(q(f"{LIVE}&endpointing=false"), live=True)
     assert not off.endpointing and parse_query(q(f"{LIVE}&endpointing=0"), live=True).endpointing is False
+    base = EndpointRules()
+    assert off.rules(base) == base  # the daemon's segments; none of them speech_final
+    ms = parse_query(q(f"{LIVE}&endpointing=300&utterance_end_ms=1000&vad_events=true"), live=True).rules(base)
+    assert (ms.vad, ms.vad_silence_s, ms.silence_after_speech_s, ms.utterance_end_s) == (True, 0.3, 0.8, 1.0)
     assert parse_query(q(""), live=False).encoding is None  # a file in a container: pre-recorded only
 
 
@@ -99,6 +104,9 @@ def test_control_messages_and_results_shape():
     assert r["metadata"]["model_info"]["name"] == "demo" and r["metadata"]["request_id"] == "r"
     interim = results(Partial(0, "set", 1.0, 1.2, words[:1]), request_id="r", model="demo", version="1")
     assert (interim["is_final"], interim["speech_final"]) == (False, False)
+    unmarked = results(Final(0, "set", 1.0, 1.2, words[:1], "silence"), request_id="r", model="demo", version="1",
+                       endpointing=False)
+    assert (unmarked["is_final"], unmarked["speech_final"]) == (True, False)
     flushed = results(Final(0, "set", 1.0, 1.2, words[:1], "flush"), request_id="r", model="demo", version="1",
                       from_finalize=True)
     assert (flushed["is_final"], flushed["speech_final"], flushed["from_finalize"]) == (True, False, True)
@@ -309,7 +317,7 @@ async def test_pipecat_deepgram_service_with_base_url(daemon, audio, expected):
 
 
 @pytest.mark.slow
-async def test_livekit_deepgram_stt_with_base_url(daemon, audio, expected):
+async def test_livekit_deepgram_stt_with_base_url_and_endpointing_off(daemon, audio, expected):
     import aiohttp
     from livekit import rtc
     from livekit.agents import stt as agents_stt
@@ -318,19 +326,24 @@ async def test_livekit_deepgram_stt_with_base_url(daemon, audio, expected):
     data = audio["linear16"][0]
     async with aiohttp.ClientSession() as session:
         recognizer = deepgram.STT(api_key=TOKEN, http_session=session, sample_rate=16000,
-                                  base_url=f"http://127.0.0.1:{daemon.port}/v1/listen", endpointing_ms=800)
+                                  base_url=f"http://127.0.0.1:{daemon.port}/v1/listen", endpointing_ms=0)
         stream = recognizer.stream()
         for part in chunks(data, 640):
             stream.push_frame(rtc.AudioFrame(part, 16000, 1, len(part) // 2))
         stream.flush()  # the plugin sends Finalize
         stream.end_input()  # and CloseStream
         finals: list[str] = []
+        kinds = set()
         async with asyncio.timeout(TIMEOUT):
             async for event in stream:
+                kinds.add(event.type)
                 if event.type == agents_stt.SpeechEventType.FINAL_TRANSCRIPT:
                     finals.append(event.alternatives[0].text)
         await stream.aclose()
     assert " ".join(finals) == expected["linear16"]
+    # endpointing_ms=0 is the plugin's "off" (endpointing=false): finals where the daemon closes its segments,
+    # none of them an endpoint (speech_final), so the plugin never ends the speech itself
+    assert agents_stt.SpeechEventType.END_OF_SPEECH not in kinds
 
 
 # -- bad input, and a healthy stream beside it ----------------------------------------------------------------

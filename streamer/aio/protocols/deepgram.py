@@ -362,7 +362,8 @@ class DeepgramHandler(StreamHandler):
             elif not opts.interim_results:
                 continue
             await self.send(results(e, channel=channel.index, channels=n, request_id=self.request_id,
-                                    model=self.model, version=self.version, from_finalize=from_finalize))
+                                    model=self.model, version=self.version, from_finalize=from_finalize,
+                                    endpointing=opts.endpointing))
         if from_finalize and not finals:  # a Finalize always gets its final, empty when nothing was pending
             await self.send(results(None, channel=channel.index, channels=n, request_id=self.request_id,
                                     model=self.model, version=self.version, from_finalize=True, at=channel.fed_s))

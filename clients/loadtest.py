@@ -42,18 +42,33 @@ commands on each, one after the other (never at the same time), for a side-by-si
     python clients/loadtest.py --clients 1,2,8,16,24 --seconds 15 --cycles 0 \
         --compare stream.refresh_interval_ms=0                   # partial refreshes on vs off
     python clients/loadtest.py --url ws://lb:8765/v1/stream --procs 8 --clients 64,128,256 --cycles 0
+
+--rolling runs a rolling restart instead of the levels: two daemons behind HAProxy (deploy/haproxy.cfg, the
+``haproxy`` command), --rolling-clients streams (16) through it, each streaming --seconds of speech at 1x, then
+``stop``, then again, their starts spread over one stream's length; once they all run, each daemon in turn gets
+SIGTERM, is waited for, started again on its ports and waited for until HAProxy has it up. It reports the streams
+that ended whole (closed 1000 after their stop), those cut (closed otherwise, or failed, before their end), the
+reconnects after a cut, the connections refused, HAProxy's retries and redispatches, and how long each daemon took
+to stop. With --compare, each variant does the whole restart in turn:
+
+    python clients/loadtest.py --rolling --seconds 20 --compare server.drain_timeout_s=0   # drain on vs off
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
+import shutil
+import signal
+import socket
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -61,6 +76,7 @@ from pathlib import Path
 
 import numpy as np
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from streamer.scoring import words_shown
 from streamer.testing import RANDOM_SIZES, espeak_audio, save_random_model, speech_audio
@@ -96,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, metavar="N",
                    help="sample the daemon's processes with py-spy during the level of N clients and print where "
                    "their CPU time went (needs py-spy: pip install py-spy; ptrace allowed)")
+    p.add_argument("--rolling", action="store_true",
+                   help="a rolling restart of two daemons behind HAProxy under load, instead of the levels")
+    p.add_argument("--rolling-clients", type=int, default=16, help="streams at once during --rolling (default: 16)")
     p.add_argument("--json", help="write all figures here as JSON")
     return p.parse_args(argv)
 
@@ -502,9 +521,9 @@ async def cycles(url: str, pcm: bytes, count: int) -> None:
     await asyncio.gather(*(once(i) for i in range(count)))
 
 
-async def start_daemon(args: argparse.Namespace, model: str, overrides: list[str]
+async def start_daemon(args: argparse.Namespace, model: str, overrides: list[str], port: int = 0
                        ) -> tuple[asyncio.subprocess.Process, str]:
-    cmd = [sys.executable, "-m", "streamer", "serve", "--model", model, "--port", "0",
+    cmd = [sys.executable, "-m", "streamer", "serve", "--model", model, "--port", str(port),
            "--set", "server.max_streams=1024", "--set", "server.idle_timeout_s=120"]
     for o in overrides:
         cmd += ["--set", o]
@@ -730,8 +749,229 @@ async def main_async(args: argparse.Namespace) -> int:
             tmp.cleanup()
 
 
+# -- a rolling restart behind HAProxy ------------------------------------------------------------------------
+
+HAPROXY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy.cfg"
+NATIVE_BACKENDS = ("backend daemons", "backend daemons_upload")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def haproxy_config(template: str, *, listen: int, vosk: int, stats: int, daemons: list[tuple[int, int]]) -> str:
+    """deploy/haproxy.cfg for daemons on loopback: its binds on ``listen``/``vosk``/``stats``, one server per daemon
+    (native port, Vosk port; the rest of each ``server`` line kept), no runtime API socket. Everything else
+    (maxconn, timeouts, balancing, checks, retries) is the shipped file's."""
+    out: list[str] = []
+    section = ""
+    for line in template.splitlines():
+        word = line.split()[0] if line.split() else ""
+        if line and not line[0].isspace():
+            section = line.strip()
+        if word == "stats" and line.split()[1] == "socket":
+            continue  # /run/haproxy is the package's
+        if word == "bind":
+            port = {"frontend streamer": listen, "frontend streamer_vosk": vosk, "listen stats": stats}[section]
+            line = f"    bind 127.0.0.1:{port}"
+        elif word == "server":
+            _, name, _, *rest = line.split()
+            i = int(name.removeprefix("daemon")) - 1
+            if i >= len(daemons):
+                continue
+            port = daemons[i][0 if section in NATIVE_BACKENDS else 1]
+            line = " ".join([f"    server {name} 127.0.0.1:{port}", *rest])
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def haproxy_stats(port: int) -> dict[str, dict[str, str]]:
+    """HAProxy's stats CSV by ``proxy/server``: ``{"daemons/daemon1": {"status": "UP", ...}, ...}`` ({} while it
+    does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/;csv", timeout=5) as r:
+            rows = r.read().decode().splitlines()
+    except OSError:
+        return {}
+    head = rows[0].lstrip("# ").split(",")
+    out = {}
+    for row in rows[1:]:
+        cells = dict(zip(head, row.split(","), strict=False))
+        out[f"{cells.get('pxname')}/{cells.get('svname')}"] = cells
+    return out
+
+
+@dataclass
+class Rolling:
+    """What the clients of a rolling restart saw."""
+
+    streams: int = 0
+    """streams opened"""
+    whole: int = 0
+    """closed 1000 after their ``stop``, with their ``end``"""
+    cut: int = 0
+    """closed otherwise before their end (1001, a dropped connection, an error)"""
+    reconnects: int = 0
+    """streams opened again after a cut"""
+    refused: int = 0
+    """connection attempts that failed (HAProxy had no daemon for it, or a daemon refused it)"""
+    codes: Counter = field(default_factory=Counter)
+    """close codes of the cut streams"""
+
+
+async def rolling_stream(url: str, pcm: bytes) -> tuple[bool, str]:
+    """One stream at 1x real time, then ``stop``: whether it ended whole, and its close code."""
+    step = int(16000 * CHUNK_S) * 2
+    async with connect(url, max_size=None, open_timeout=15) as ws:
+        await ws.recv()  # ready
+        last: dict = {}
+
+        async def read() -> None:
+            nonlocal last
+            async for raw in ws:
+                last = json.loads(raw)
+
+        reader = asyncio.ensure_future(read())
+        stopped = False
+        try:
+            t0 = time.perf_counter()
+            for k, i in enumerate(range(0, len(pcm), step)):
+                await ws.send(pcm[i : i + step])
+                await asyncio.sleep(max(0.0, t0 + (k + 1) * CHUNK_S - time.perf_counter()))
+            await ws.send(json.dumps({"type": "stop"}))
+            stopped = True
+        except ConnectionClosed:
+            pass
+        with contextlib.suppress(ConnectionClosed):
+            await reader
+    return stopped and ws.close_code == 1000 and last.get("type") == "end", str(ws.close_code)
+
+
+async def rolling_client(url: str, pcm: bytes, delay: float, done: asyncio.Event, out: Rolling) -> None:
+    """Stream after stream until ``done``; a stream that was cut is opened again at once (a reconnect)."""
+    await asyncio.sleep(delay)
+    after_cut = False
+    while not done.is_set():
+        try:
+            whole, code = await rolling_stream(url, pcm)
+        except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake):
+            out.refused += 1
+            await asyncio.sleep(0.5)
+            continue
+        out.streams += 1
+        out.reconnects += after_cut
+        if whole:
+            out.whole += 1
+        else:
+            out.cut += 1
+            out.codes[code] += 1
+        after_cut = not whole
+
+
+async def rolling_restart(args: argparse.Namespace, model: str, overrides: list[str], pcm: bytes) -> dict:
+    """Two daemons behind HAProxy, ``--rolling-clients`` streams through it, each daemon restarted in turn."""
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        raise SystemExit("loadtest: --rolling needs HAProxy (apt-get install haproxy)")
+    ports = [(free_port(), free_port()) for _ in range(2)]
+
+    async def start(i: int) -> asyncio.subprocess.Process:
+        proc, _ = await start_daemon(args, model, [*overrides, "vosk.enabled=true", f"vosk.port={ports[i][1]}"],
+                                     port=ports[i][0])
+        return proc
+
+    procs = list(await asyncio.gather(start(0), start(1)))
+    listen, vosk, stats = free_port(), free_port(), free_port()
+    folder = tempfile.TemporaryDirectory()
+    path = Path(folder.name) / "haproxy.cfg"
+    path.write_text(haproxy_config(HAPROXY_CONFIG.read_text(), listen=listen, vosk=vosk, stats=stats, daemons=ports))
+    lb = await asyncio.create_subprocess_exec(haproxy, "-db", "-f", str(path), stdout=asyncio.subprocess.DEVNULL,
+                                              stderr=asyncio.subprocess.DEVNULL)
+
+    async def up(i: int) -> None:
+        while haproxy_stats(stats).get(f"daemons/daemon{i + 1}", {}).get("status") != "UP":  # noqa: ASYNC110
+            await asyncio.sleep(0.25)
+
+    out = Rolling()
+    done = asyncio.Event()
+    stopping: list[float] = []
+    try:
+        await asyncio.wait_for(asyncio.gather(up(0), up(1)), 60)
+        url = f"ws://127.0.0.1:{listen}/v1/stream"
+        n = args.rolling_clients
+        length = len(pcm) / 32000
+        clients = [asyncio.ensure_future(rolling_client(url, pcm, i * length / n, done, out)) for i in range(n)]
+        await asyncio.sleep(length + 1.0)  # every client streams
+        t0 = time.monotonic()
+        for i in (0, 1):
+            t = time.monotonic()
+            procs[i].send_signal(signal.SIGTERM)
+            await procs[i].wait()
+            stopping.append(time.monotonic() - t)
+            procs[i] = await start(i)
+            await asyncio.wait_for(up(i), 60)
+        took = time.monotonic() - t0
+        done.set()
+        await asyncio.gather(*clients)
+        backend = haproxy_stats(stats).get("daemons/BACKEND", {})
+    finally:
+        done.set()
+        lb.terminate()
+        await lb.wait()
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)  # the second: no drain
+                await proc.wait()
+        folder.cleanup()
+    return {"streams": out.streams, "whole": out.whole, "cut": out.cut, "reconnects": out.reconnects,
+            "refused": out.refused, "cut_codes": dict(out.codes), "stop_s": stopping, "restart_s": took,
+            "haproxy_retries": int(backend.get("wretr") or 0), "haproxy_redispatches": int(backend.get("wredis") or 0)}
+
+
+def rolling_table(figures: dict[str, dict]) -> list[str]:
+    """The rolling restarts side by side, a column each."""
+    rows = [
+        ("streams opened", lambda f: str(f["streams"])),
+        ("  ended whole (1000 after stop)", lambda f: str(f["whole"])),
+        ("  cut (by close code)", lambda f: f"{f['cut']} {f['cut_codes']}" if f["cut"] else "0"),
+        ("reconnects after a cut", lambda f: str(f["reconnects"])),
+        ("connections refused", lambda f: str(f["refused"])),
+        ("HAProxy retries / redispatches", lambda f: f"{f['haproxy_retries']} / {f['haproxy_redispatches']}"),
+        ("daemon 1 / 2: SIGTERM -> exit (s)", lambda f: " / ".join(f"{s:.1f}" for s in f["stop_s"])),
+        ("whole rolling restart (s)", lambda f: f"{f['restart_s']:.1f}"),
+    ]
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"{'':<{width}}" + "".join(f"{name:>28}" for name in figures)]
+    lines += [f"{label:<{width}}" + "".join(f"{cell(f):>28}" for f in figures.values()) for label, cell in rows]
+    return lines
+
+
+async def rolling_main(args: argparse.Namespace, pcm: bytes) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(save_random_model(args.random_model, tmp)) if args.random_model else args.model
+        variants = [("as set", args.overrides)]
+        variants += [(extra.split(".", 1)[-1], [*args.overrides, extra]) for extra in args.compare]
+        figures = {}
+        for name, overrides in variants:  # one after the other: they never share the CPU
+            print(f"rolling restart: {name} ...", flush=True)
+            figures[name] = await rolling_restart(args, model, overrides, pcm)
+    print(f"\nrolling restart of 2 daemons behind HAProxy, {args.rolling_clients} streams of {len(pcm) / 32000:.1f} s "
+          "at 1x: each daemon in turn stopped (SIGTERM), started again, up in HAProxy")
+    print("\n".join(rolling_table(figures)))
+    if args.json:
+        await asyncio.to_thread(Path(args.json).write_text, json.dumps(figures, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    return asyncio.run(main_async(parse_args(argv)))
+    args = parse_args(argv)
+    if args.rolling:
+        audio = load_audio(args)
+        return asyncio.run(rolling_main(args, (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()))
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

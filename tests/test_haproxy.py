@@ -1,36 +1,50 @@
-"""Two daemons behind a real HAProxy (deploy/haproxy.cfg) on loopback: spreading, health checks, draining.
+"""Two daemons behind a real HAProxy (deploy/haproxy.cfg) on loopback: spreading, readiness, draining, rolling restarts.
 
-The daemons are ``streamer serve`` subprocesses with the demo model; HAProxy runs the shipped config with its
-``bind`` and ``server`` addresses replaced by loopback ports. SIGTERM to one daemon drains it: its streams get
-their finals, ``end`` and close 1001 through HAProxy, while the other daemon keeps serving its own and takes
-every new connection.
+The daemons are ``streamer serve`` subprocesses with the demo model; HAProxy runs the shipped config (its
+``maxconn`` too, under a descriptor hard limit of 20,000) with its ``bind`` and ``server`` addresses replaced by
+loopback ports. A rolling restart (SIGTERM one daemon, start it again, then the other) cuts no stream: a draining
+daemon's live streams go on through HAProxy to their clients' stop with the finals ``streamer transcribe`` makes,
+while new connections land on the other. A stream still live when ``server.drain_timeout_s`` passes gets its finals,
+``end`` and 1001 through HAProxy. An upload whose answer takes longer than the websockets' server timeout passes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import re
+import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import openai
 import pytest
+import soundfile as sf
 from conftest import pcm16
+from test_processes import as_float
+from test_server import reference_finals
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients"))
+from loadtest import free_port, haproxy_config  # noqa: E402  (the same rewrite of the shipped config)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "deploy" / "haproxy.cfg"
 TIMEOUT = 90
+HARD_NOFILE = 20_000
+"""the descriptor hard limit HAProxy runs under here: the shipped maxconn must fit it"""
 
 
 def spawn(cmd: list[str], **kwargs) -> subprocess.Popen:
@@ -38,43 +52,18 @@ def spawn(cmd: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def haproxy_config(template: str, *, listen: int, vosk: int, stats: int, daemons: list[tuple[int, int]]) -> str:
-    """deploy/haproxy.cfg with loopback addresses: its binds on ``listen``/``vosk``/``stats``, one server per daemon
-    (native port, Vosk port), and a smaller maxconn. Everything else (timeouts, balancing, checks, retries) is the
-    shipped file's."""
-    out: list[str] = []
-    section = ""
-    for line in template.splitlines():
-        word = line.split()[0] if line.split() else ""
-        if line and not line[0].isspace():
-            section = line.strip()
-        if word == "stats" and line.split()[1] == "socket":
-            continue  # /run/haproxy is the package's; the test needs no runtime API
-        if word == "maxconn":
-            line = "    maxconn 1000"  # the shipped 20000 needs a descriptor limit that a test machine may not give
-        elif word == "bind":
-            port = {"frontend streamer": listen, "frontend streamer_vosk": vosk, "listen stats": stats}[section]
-            line = f"    bind 127.0.0.1:{port}"
-        elif word == "server":
-            name = line.split()[1]
-            i = int(name.removeprefix("daemon")) - 1
-            if i >= len(daemons):
-                continue
-            port = daemons[i][0 if section == "backend daemons" else 1]
-            line = f"    server {name} 127.0.0.1:{port}"
-        out.append(line)
-    return "\n".join(out) + "\n"
+def hard_nofile_limit() -> None:
+    """In HAProxy's process before it runs: a descriptor hard limit of :data:`HARD_NOFILE` (a machine where the
+    shipped maxconn would not fit refuses to start)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > HARD_NOFILE:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, HARD_NOFILE), HARD_NOFILE))
 
 
 @dataclass
 class Daemon:
     proc: subprocess.Popen
+    overrides: tuple[str, ...] = ()
     port: int = 0
     vosk_port: int = 0
     log: list[str] = field(default_factory=list)
@@ -86,23 +75,26 @@ class Daemon:
         m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
         return float(m.group(1)) if m else 0.0
 
-    def health(self) -> int:
-        """HTTP status of its /healthz, or 0 when nothing answers (it stopped listening)."""
+    def health(self, path: str = "/healthz") -> int:
+        """HTTP status of its /healthz (or ``path``), or 0 when nothing answers (it stopped listening)."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
                 return r.status
         except urllib.error.HTTPError as exc:
             return exc.code
         except OSError:
             return 0
 
+    def streams_total(self) -> float:
+        return self.metric('streamer_streams_total{protocol="native"}')
 
-async def start_daemon() -> Daemon:
-    cmd = [sys.executable, "-m", "streamer", "serve", "--model", "demo", "--host", "127.0.0.1", "--port", "0",
-           "--set", "vosk.enabled=true", "--set", "vosk.port=0", "--set", "server.shutdown_timeout_s=30",
-           "--set", "model.threads=1"]
+
+async def start_daemon(*overrides: str, port: int = 0, vosk_port: int = 0) -> Daemon:
+    cmd = [sys.executable, "-m", "streamer", "serve", "--model", "demo", "--host", "127.0.0.1", "--port", str(port),
+           "--set", "vosk.enabled=true", "--set", f"vosk.port={vosk_port}", "--set", "server.shutdown_timeout_s=30",
+           "--set", "model.threads=1", *(a for o in overrides for a in ("--set", o))]
     proc = spawn(cmd, cwd=ROOT)
-    d = Daemon(proc)
+    d = Daemon(proc, overrides)
     assert proc.stderr is not None
     while True:
         line = await asyncio.to_thread(proc.stderr.readline)
@@ -190,102 +182,218 @@ class Client:
         return self.code
 
     @property
+    def finals(self) -> list[str]:
+        return [m["text"] for m in self.messages if m["type"] == "final" and m["text"]]
+
+    @property
     def text(self) -> str:
-        return " ".join(m["text"] for m in self.messages if m["type"] == "final")
+        return " ".join(self.finals)
+
+
+@dataclass
+class Cluster:
+    """Daemons behind a running HAProxy."""
+
+    daemons: list[Daemon]
+    url: str
+    stats_port: int
+    vosk_url: str
+    upload_url: str
+    started: list[Daemon]
+    """every daemon process started, restarted ones too (the fixture stops them all)"""
+
+    def states(self) -> dict[str, str]:
+        return stats(self.stats_port)
+
+    async def restart(self, i: int) -> None:
+        """Daemon ``i`` started again on its ports (as systemd would after a rolling update's stop)."""
+        d = self.daemons[i]
+        self.daemons[i] = await start_daemon(*d.overrides, port=d.port, vosk_port=d.vosk_port)
+        self.started.append(self.daemons[i])
 
 
 @pytest.fixture
 async def cluster():
-    """Two daemons behind HAProxy: ``(daemons, haproxy url, stats port, vosk url)``."""
+    """``await cluster(*overrides)``: two daemons (each with the overrides) behind HAProxy, both UP."""
     haproxy = shutil.which("haproxy")
     if haproxy is None:
         pytest.fail("haproxy is not installed; `apt-get install haproxy` (.ci/run does it)")
-    daemons = list(await asyncio.gather(start_daemon(), start_daemon()))
-    listen, vosk, stats_port = free_port(), free_port(), free_port()
-    cfg = haproxy_config(CONFIG.read_text(), listen=listen, vosk=vosk, stats=stats_port,
-                         daemons=[(d.port, d.vosk_port) for d in daemons])
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"streamer-haproxy-{os.getpid()}-{listen}.cfg"
-    path.write_text(cfg)
-    check = await asyncio.to_thread(subprocess.run, [haproxy, "-c", "-f", str(path)], capture_output=True, text=True,
-                                    timeout=30)
-    assert check.returncode == 0, check.stdout + check.stderr
-    log = path.with_suffix(".log").open("w")  # HAProxy logs each connection to stdout: kept for a failing test
-    lb = spawn([haproxy, "-db", "-f", str(path)], stdout=log)
-    try:
+    started: list[Daemon] = []
+    balancers: list[tuple[subprocess.Popen, Path, io.TextIOBase]] = []
+
+    async def make(*overrides: str) -> Cluster:
+        daemons = list(await asyncio.gather(start_daemon(*overrides), start_daemon(*overrides)))
+        started.extend(daemons)
+        listen, vosk, stats_port = free_port(), free_port(), free_port()
+        cfg = haproxy_config(CONFIG.read_text(), listen=listen, vosk=vosk, stats=stats_port,
+                             daemons=[(d.port, d.vosk_port) for d in daemons])
+        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"streamer-haproxy-{os.getpid()}-{listen}.cfg"
+        path.write_text(cfg)
+        check = await asyncio.to_thread(subprocess.run, [haproxy, "-c", "-f", str(path)], capture_output=True,
+                                        text=True, timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
+        log = path.with_suffix(".log").open("w")  # HAProxy logs each connection to stdout: kept for a failing test
+        lb = spawn([haproxy, "-db", "-f", str(path)], stdout=log, preexec_fn=hard_nofile_limit)
+        balancers.append((lb, path, log))
         await wait_for(lambda: stats(stats_port) == {"daemon1": "UP", "daemon2": "UP"} if lb.poll() is None
                        else pytest.fail(f"haproxy exited: {lb.stderr.read() if lb.stderr else ''}"),
                        "both daemons up in HAProxy")
-        yield daemons, f"ws://127.0.0.1:{listen}/v1/stream", stats_port, f"ws://127.0.0.1:{vosk}/"
+        return Cluster(daemons, f"ws://127.0.0.1:{listen}/v1/stream", stats_port, f"ws://127.0.0.1:{vosk}/",
+                       f"http://127.0.0.1:{listen}/v1", started)
+
+    try:
+        yield make
     finally:
-        lb.terminate()
-        for d in daemons:
+        for lb, _, _ in balancers:
+            lb.terminate()
+        for d in started:
             if d.proc.poll() is None:
-                d.proc.terminate()
-        for p in (lb, *(d.proc for d in daemons)):
+                d.proc.send_signal(signal.SIGTERM)
+                d.proc.send_signal(signal.SIGTERM)  # the second: no drain
+        for p in (*(lb for lb, _, _ in balancers), *(d.proc for d in started)):
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        log.close()
-        path.unlink(missing_ok=True)
-        path.with_suffix(".log").unlink(missing_ok=True)
+        for _, path, log in balancers:
+            log.close()
+            path.unlink(missing_ok=True)
+            path.with_suffix(".log").unlink(missing_ok=True)
 
 
-async def test_two_daemons_behind_haproxy_spread_drain_and_fail_over(cluster, speech):
-    daemons, url, stats_port, vosk_url = cluster
-    a, b = daemons
+@pytest.fixture(scope="module")
+def expected(model_runner, speech) -> list[str]:
+    """The texts of what ``streamer transcribe`` makes of the test speech."""
+    return [f["text"] for f in reference_finals(model_runner, as_float(pcm16(speech))) if f["text"]]
+
+
+async def on_each(c: Cluster, per_daemon: int) -> list[Client]:
+    """Open clients through HAProxy until each daemon has ``per_daemon`` more (leastconn spreads them)."""
+    before = [await asyncio.to_thread(d.streams_total) for d in c.daemons]
+    clients = []
+    while True:
+        clients.append(await Client(c.url).open())
+        got = [await asyncio.to_thread(d.streams_total) for d in c.daemons]
+        if all(g - b >= per_daemon for g, b in zip(got, before, strict=True)):
+            return clients
+        assert len(clients) < 4 * per_daemon * len(c.daemons), (before, got)
+
+
+async def drain_one(c: Cluster, i: int, live: list[Client], pcm: bytes, half: int, expected: list[str]) -> int:
+    """SIGTERM daemon ``i`` while ``live`` streams are open on both: new connections land on the other; every live
+    stream, on the draining daemon too, goes on to its client's stop with transcribe's finals; the drained daemon
+    exits 0 and HAProxy marks it down. The number of streams that were live on it."""
+    d, other = c.daemons[i], c.daemons[1 - i]
+    on_d = await asyncio.to_thread(d.metric, 'streamer_streams_active{protocol="native"}')
+    assert on_d >= 1
+    d.proc.send_signal(signal.SIGTERM)
+    await wait_for(lambda: d.health("/readyz") == 503, "the draining daemon's /readyz to say 503")
+    assert d.health("/livez") == 200  # alive: only not ready
+    before = await asyncio.to_thread(other.streams_total)
+    late = [await Client(c.url).open() for _ in range(3)]  # wherever HAProxy's checks are, none lands on d
+    assert await asyncio.to_thread(other.streams_total) == before + 3
+    for client in live:
+        await client.send(pcm[half:])
+        await client.stop()
+    await asyncio.gather(*(client.send(pcm) for client in late))
+    for client in late:
+        await client.stop()
+    for client in live + late:
+        assert await client.closed() == 1000
+        assert client.messages[-1]["type"] == "end" and client.finals == expected
+    assert await asyncio.to_thread(d.proc.wait, TIMEOUT) == 0
+    await wait_for(lambda: c.states().get(f"daemon{i + 1}", "").startswith("DOWN"), "HAProxy to mark it down")
+    return int(on_d)
+
+
+async def test_a_rolling_restart_behind_haproxy_cuts_no_stream(cluster, speech, expected):
+    """Streams live on both daemons; SIGTERM one: its streams finish whole, new ones go to the other; start it
+    again; the same for the other. 0 streams cut, 0 finals lost, every stream closed normally after its stop."""
+    c = await cluster("server.drain_timeout_s=120")
+    pcm = pcm16(speech)
+    half = len(pcm) // 4 * 2
+    drained = 0
+    async with asyncio.timeout(TIMEOUT * 6):
+        for i in (0, 1):
+            live = await on_each(c, 1)
+            await asyncio.gather(*(client.send(pcm[:half]) for client in live))
+            drained += await drain_one(c, i, live, pcm, half, expected)
+            await c.restart(i)
+            await wait_for(lambda i=i: c.states().get(f"daemon{i + 1}") == "UP", "HAProxy to mark it up again")
+    assert drained >= 2
+
+
+async def test_streams_live_at_the_drain_timeout_get_finals_end_and_1001_through_haproxy(cluster, speech):
+    c = await cluster("server.drain_timeout_s=3")
+    a, b = c.daemons
     pcm = pcm16(speech)
     half = len(pcm) // 4 * 2
     async with asyncio.timeout(TIMEOUT * 3):
         # -- spreading: four streams, one after the other; leastconn gives each daemon some
-        clients = [await Client(url).open() for _ in range(4)]
-        counts = [d.metric('streamer_streams_active{protocol="native"}') for d in daemons]
+        clients = [await Client(c.url).open() for _ in range(4)]
+        counts = [d.metric('streamer_streams_active{protocol="native"}') for d in c.daemons]
         assert counts[0] >= 1 and counts[1] >= 1 and sum(counts) == 4, counts
-        await asyncio.gather(*(c.send(pcm[:half]) for c in clients))
+        await asyncio.gather(*(client.send(pcm[:half]) for client in clients))
         on_a = int(counts[0])
         # a Vosk client goes through HAProxy's second frontend to a daemon's Vosk port
-        async with connect(vosk_url) as vosk:
+        async with connect(c.vosk_url) as vosk:
             await vosk.send(json.dumps({"config": {"sample_rate": 16000}}))
             await vosk.send(pcm[:half])
             await vosk.send('{"eof": 1}')
             replies = [json.loads(m) async for m in vosk]
         assert "kitchen" in " ".join(r.get("text", "") for r in replies)
 
-        # -- draining: SIGTERM to daemon A. It stops taking connections at once ...
-        before_b = b.metric('streamer_streams_total{protocol="native"}')
+        # -- SIGTERM to daemon A: it takes nothing new, and new connections go to B ...
+        before_b = b.streams_total()
         a.proc.send_signal(signal.SIGTERM)
         await wait_for(lambda: a.health() != 200, "daemon A to stop answering its health check with 200")
-        # ... and new connections go to B, whatever HAProxy's checks have seen of A so far
-        late = [await Client(url).open() for _ in range(3)]
-        assert b.metric('streamer_streams_total{protocol="native"}') == before_b + 3
-        await asyncio.gather(*(c.send(pcm) for c in late))
-        for c in late:
-            await c.stop()
+        late = [await Client(c.url).open() for _ in range(3)]
+        assert b.streams_total() == before_b + 3
+        await asyncio.gather(*(client.send(pcm) for client in late))
+        for client in late:
+            await client.stop()
 
-        # A's streams: their finals, end and 1001, through HAProxy; B's: untouched, they go on to their end
+        # ... A's streams, which never stop, get their finals, end and 1001 once the drain's 3 s passed; B's go on
         assert await asyncio.to_thread(a.proc.wait, TIMEOUT) == 0
-        await wait_for(lambda: sum(c.code == 1001 for c in clients) >= on_a, "A's clients to be closed")
-        closed_by_a = [c for c in clients if c.code == 1001]
+        await wait_for(lambda: sum(client.code == 1001 for client in clients) >= on_a, "A's clients to be closed")
+        closed_by_a = [client for client in clients if client.code == 1001]
         assert len(closed_by_a) == on_a
-        for c in closed_by_a:
-            assert c.messages[-1] == {"type": "end", "session": c.ready["session"], "reason": "server shutting down"}
-            assert "kitchen" in c.text  # the audio it sent before the drain became finals
-        on_b = [c for c in clients if c not in closed_by_a]
-        assert len(on_b) == 4 - on_a and all(c.code is None for c in on_b)
-        for c in on_b:
-            await c.send(pcm[half:])
-            await c.stop()
-        for c in on_b + late:
-            assert await c.closed() == 1000
-            assert c.messages[-1]["type"] == "end"
-            assert "kitchen lights" in c.text and "timer" in c.text
+        for client in closed_by_a:
+            assert client.messages[-1] == {"type": "end", "session": client.ready["session"],
+                                           "reason": "server shutting down"}
+            assert "kitchen" in client.text  # the audio it sent before the drain became finals
+        on_b = [client for client in clients if client not in closed_by_a]
+        assert len(on_b) == 4 - on_a and all(client.code is None for client in on_b)
+        for client in on_b:
+            await client.send(pcm[half:])
+            await client.stop()
+        for client in on_b + late:
+            assert await client.closed() == 1000
+            assert client.messages[-1]["type"] == "end"
+            assert "kitchen lights" in client.text and "timer" in client.text
 
         # HAProxy marks A down by its checks; B stays up
-        await wait_for(lambda: stats(stats_port).get("daemon1", "").startswith("DOWN"), "HAProxy to mark A down")
-        assert stats(stats_port)["daemon2"] == "UP"
+        await wait_for(lambda: c.states().get("daemon1", "").startswith("DOWN"), "HAProxy to mark A down")
+        assert c.states()["daemon2"] == "UP"
         assert b.health() == 200
-    assert [c.code for c in clients + late].count(1001) == on_a
+    assert [client.code for client in clients + late].count(1001) == on_a
+
+
+async def test_an_upload_answered_after_the_websockets_server_timeout_passes(cluster, speech, tmp_path):
+    """The upload backend's server timeout fits a long transcription: a file the daemons decode at 1x real time
+    (server.max_speed = 1, no burst), 35 s long, is answered after more than the 30 s of the websocket backend."""
+    c = await cluster("server.max_speed=1", "server.max_burst_s=0")
+    audio = np.concatenate([speech, np.zeros(35 * 16000 - len(speech), dtype=np.float32)])
+    wav = io.BytesIO()
+    sf.write(wav, audio, 16000, format="WAV", subtype="PCM_16")
+    client = openai.AsyncOpenAI(base_url=c.upload_url, api_key="none", max_retries=0, timeout=TIMEOUT * 2)
+    t0 = time.monotonic()
+    got = await client.audio.transcriptions.create(model="x", file=("long.wav", wav.getvalue()))
+    took = time.monotonic() - t0
+    print(f"a 35 s upload through HAProxy answered in {took:.1f} s")
+    assert took > 30  # the premise: longer than `timeout server 30s`, which cut it before (504)
+    assert got.text.startswith("turn on the kitchen lights")
 
 
 class HeldWords:

@@ -218,6 +218,12 @@ async def test_sdk_prerecorded_file_raw_audio_and_a_url_refused(daemon, audio, e
                                       request_options={"additional_query_parameters": {
                                           "encoding": "mulaw", "sample_rate": "8000"}})
     assert raw.results.channels[0].alternatives[0].transcript == expected["mulaw"]
+    mono = np.frombuffer(audio["linear16"][0], dtype="<i2")
+    stereo = np.stack([np.zeros_like(mono), mono], axis=1).astype("<i2").tobytes()
+    both = await media.transcribe_file(request=stereo, model="nova-3", request_options={
+        "additional_query_parameters": {"encoding": "linear16", "sample_rate": "16000", "channels": "2",
+                                        "multichannel": "true"}})
+    assert [c.alternatives[0].transcript for c in both.results.channels] == ["", expected["linear16"]]
     with pytest.raises(ApiError) as err:
         await media.transcribe_url(url="http://169.254.169.254/latest/meta-data", model="nova-3")
     assert err.value.status_code == 400 and "does not fetch URLs" in err.value.body["err_msg"]

@@ -31,9 +31,11 @@ import resource
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from streamer.audio import encode_g711
+from streamer.telephony import KIND_AUDIO, KIND_ERROR, KIND_UUID, frame
 from streamer.testing import speech_audio
 
 CHUNK_S = 0.1
@@ -1058,6 +1061,88 @@ async def attack_deepgram_flood(ctx: Context) -> Result:
         f"; {', '.join(sorted(set(problems)))}" if problems else "")
 
 
+async def attack_twilio_hostile(ctx: Context) -> Result:
+    """Twilio streams sending 512 KB of base64 in one media message, a payload that is not base64, media before
+    start and media of a track start did not list: each closed with its own code and reason, never 1011."""
+    url = f"ws://{HOST}:{ctx.daemon.port}/v1/twilio"
+
+    def start() -> str:
+        return json.dumps({"event": "start", "start": {
+            "callSid": f"CA{uuid.uuid4().hex}", "streamSid": f"MZ{uuid.uuid4().hex}", "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
+
+    def media(payload: str, track: str = "inbound") -> str:
+        return json.dumps({"event": "media", "media": {"track": track, "chunk": "1", "timestamp": "0",
+                                                       "payload": payload}})
+
+    silence = base64.b64encode(b"\xff" * 160).decode()
+    big = media("A" * (512 << 10))
+    closes: Counter[str] = Counter()
+    problems: list[str] = []
+
+    async def caller() -> None:
+        while ctx.left() > 1:
+            cases = {"too_big": [start(), big], "bad_audio": [start(), media("!!" * 80)],  # a call SID each
+                     "bad_order": [media(silence)], "bad_track": [start(), media(silence, "outbound")]}
+            for want, messages in cases.items():
+                try:
+                    async with connect(url, max_size=None, open_timeout=5, close_timeout=2) as ws:
+                        with contextlib.suppress(ConnectionClosed):
+                            for message in messages:
+                                await ws.send(message)
+                        async with asyncio.timeout(10):
+                            await ws.wait_closed()
+                        got = f"{ws.close_code} {(ws.close_reason or '').split(':')[0]}"
+                        closes[got] += 1
+                        if not got.endswith(want):
+                            problems.append(f"{want}: closed {got}")
+                except (TimeoutError, OSError, InvalidHandshake) as exc:
+                    problems.append(f"{want}: {str(exc)[:60] or type(exc).__name__}")
+
+    await asyncio.gather(caller(), caller())
+    await asyncio.sleep(max(0.0, ctx.left()))
+    ok = not problems and set(closes) == {"1009 too_big", "1007 bad_audio", "1008 bad_order", "1008 bad_track"}
+    return ok, f"closes {dict(closes)}" + (f"; {', '.join(sorted(set(problems))[:4])}" if problems else "")
+
+
+async def attack_audiosocket_hostile(ctx: Context) -> Result:
+    """AudioSocket calls with an unknown frame kind, a 64 KiB audio header with nothing behind it, audio before the
+    uuid and a half sample: an error frame each (read before the payload is), the healthy streams untouched."""
+    port = ctx.args.audiosocket_port
+    answers: Counter[str] = Counter()
+    problems: list[str] = []
+
+    async def caller() -> None:
+        while ctx.left() > 1:
+            call = frame(KIND_UUID, uuid.uuid4().bytes)  # a UUID each: two live calls cannot share one
+            cases = {"unknown frame kind": b"\x42\x00\x00",
+                     "is over 16000 bytes": struct.pack(">BH", KIND_AUDIO, 0xFFFF),
+                     "audio before the call's uuid": frame(KIND_AUDIO, bytes(320)),
+                     "not whole 16-bit samples": call + frame(KIND_AUDIO, bytes(321))}
+            for want, data in cases.items():
+                writer = None
+                try:
+                    async with asyncio.timeout(10):
+                        reader, writer = await asyncio.open_connection(HOST, port)
+                        writer.write(data)
+                        await writer.drain()
+                        got = await reader.read()
+                    if got[:1] == bytes([KIND_ERROR]) and want in got[3:].decode(errors="replace"):
+                        answers[want] += 1
+                    else:
+                        problems.append(f"{want}: {got[:40]!r}")
+                except (TimeoutError, OSError) as exc:
+                    problems.append(f"{want}: {str(exc)[:60] or type(exc).__name__}")
+                finally:
+                    if writer is not None:
+                        writer.close()
+
+    await asyncio.gather(caller(), caller())
+    await asyncio.sleep(max(0.0, ctx.left()))
+    ok = not problems and len(answers) == 4
+    return ok, f"error frames {dict(answers)}" + (f"; {', '.join(sorted(set(problems))[:4])}" if problems else "")
+
+
 async def attack_sigterm(ctx: Context) -> Result:
     """SIGTERM while the worker is busy: every healthy stream must still get its finals before the close."""
     load = asyncio.create_task(flood_8k(ctx, ctx.args.sigterm_load, ctx.left))
@@ -1100,6 +1185,8 @@ ATTACKS: dict[str, Attack] = {
     "realtime-hostile": Attack(attack_realtime_hostile, "Realtime NaN, deep nesting, 190 KB updates: error events"),
     "deepgram-hostile": Attack(attack_deepgram_hostile, "Deepgram: bad options 400, unreadable messages, odd bytes"),
     "deepgram-flood": Attack(attack_deepgram_flood, "Deepgram: 1 MiB mu-law messages, Finalize, 2 channels, leave"),
+    "twilio-hostile": Attack(attack_twilio_hostile, "Twilio: 512 KB payloads, bad base64, media before start"),
+    "audiosocket-hostile": Attack(attack_audiosocket_hostile, "AudioSocket: unknown kinds, 64 KB headers, no uuid"),
     "sigterm": Attack(attack_sigterm, "SIGTERM under load: every healthy final before the close (always last)"),
 }
 
@@ -1369,6 +1456,8 @@ async def main_async(args: argparse.Namespace) -> int:
         broker = None
         overrides = [f"server.max_streams={args.max_streams}", f"server.idle_timeout_s={args.idle_timeout}",
                      f"server.shutdown_timeout_s={args.shutdown_timeout}", "vosk.enabled=true", "vosk.port=0"]
+        args.audiosocket_port = free_port()  # the phone calls' TCP listener (audiosocket-hostile)
+        overrides += ["audiosocket.enabled=true", f"audiosocket.uri='tcp://{HOST}:{args.audiosocket_port}'"]
         sbin = "/usr/sbin/mosquitto"  # not on a user's PATH on Debian
         exe = shutil.which("mosquitto") or (sbin if os.access(sbin, os.X_OK) else None)
         if exe and "mqtt-name" in args.attacks:

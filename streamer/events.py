@@ -44,6 +44,7 @@ __all__ = [
     "VoiceEvent",
     "Word",
     "error_for",
+    "message_from_dict",
     "parse_event",
 ]
 
@@ -326,6 +327,11 @@ def parse_event(text: str) -> Message:
     d = json.loads(text)
     if not isinstance(d, dict):
         raise ValueError(f"not a JSON object: {text[:80]!r}")
+    return message_from_dict(d)
+
+
+def message_from_dict(d: dict[str, Any]) -> Message:
+    """A server message from its wire mapping (``to_dict()``'s inverse); raises ValueError."""
     kind = d.get("type")
     try:
         if kind == "partial":

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
-from streamer.events import Event, Final, Partial
+from streamer.events import Event, Final, Partial, message_from_dict
 
 __all__ = ["Admit", "AdmitAnswer", "Beat", "Claim", "ClaimAnswer", "Drained", "Hello", "Listening", "Message", "Ready",
            "Relay", "Release", "Reloaded", "State", "Unclaim", "Watch", "Watching", "from_line", "parse_event_dict",
@@ -26,12 +26,11 @@ __all__ = ["Admit", "AdmitAnswer", "Beat", "Claim", "ClaimAnswer", "Drained", "H
 
 
 def parse_event_dict(d: dict[str, Any]) -> Event:
-    kind = d.get("type")
-    if kind == "final":
-        return Final.from_dict(d)
-    if kind == "partial":
-        return Partial.from_dict(d)
-    raise ValueError(f"not an event: {kind!r}")
+    """A relayed stream event (a partial or a final) from its wire mapping; ValueError for anything else."""
+    event = message_from_dict(d)
+    if not isinstance(event, Final | Partial):
+        raise ValueError(f"not an event: {d.get('type')!r}")
+    return event
 
 
 @dataclass(frozen=True)
@@ -66,45 +65,38 @@ class Listening:
 
 
 @dataclass(frozen=True)
-class Ready:
+class _Signal:
+    """A message that is only its ``op``."""
+
+    op: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.op}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        return cls()
+
+
+@dataclass(frozen=True)
+class Ready(_Signal):
     """A process serves."""
 
     op: ClassVar[str] = "ready"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Ready:
-        return cls()
-
 
 @dataclass(frozen=True)
-class Reloaded:
+class Reloaded(_Signal):
     """A process applied a reloaded config."""
 
     op: ClassVar[str] = "reloaded"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Reloaded:
-        return cls()
-
 
 @dataclass(frozen=True)
-class Drained:
+class Drained(_Signal):
     """From a process: its streams are done. From the supervisor: every process's are (viewers may close)."""
 
     op: ClassVar[str] = "drained"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Drained:
-        return cls()
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from streamer.aio.host import StreamHost, close_named, open_named
 from streamer.aio.http.access import page_allowed, repeated_header
 from streamer.aio.http.connection import HttpConnection, Upload, is_tls, respond
 from streamer.aio.protocols.base import Quiet, StreamHandler
+from streamer.aio.protocols.endpointing import own_endpointing, with_voice_events
 from streamer.aio.protocols.words import tuned_decoder
 from streamer.aio.stream import LiveStream
 from streamer.audio import bad_samples, decode_pcm
@@ -59,11 +60,10 @@ from streamer.deepgram import (
     utterance_end,
 )
 from streamer.engine import SAMPLE_RATE, WordDecoder
-from streamer.events import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Error, Event, Final
+from streamer.events import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, Error, Event, Final, Partial
 from streamer.events import SpeechStarted as EngineSpeechStarted
 from streamer.events import UtteranceEnd as EngineUtteranceEnd
 from streamer.exceptions import AudioError, InferenceError, ProtocolError
-from streamer.transcribe import speech_detector
 
 logger = logging.getLogger("streamer.server")
 
@@ -280,8 +280,7 @@ class DeepgramFront:
                 streams.append((session, stream))
                 rules = options.rules(cfg.endpoint.rules())
                 if rules != cfg.endpoint.rules():
-                    stream.session.use_endpoint(rules)
-                    stream.detector = speech_detector(stream.session)
+                    own_endpointing(stream, rules)
             done = False
             while not done and not host.stopping.is_set():
                 block, done = await asyncio.to_thread(source.read)
@@ -351,25 +350,20 @@ class DeepgramHandler(StreamHandler):
         windows over it), then the Results (partials only with ``interim_results``), then UtteranceEnd (after
         the final it follows). Call it right after the stream call: none of its engine calls runs then."""
         opts, n = self.options, len(self.channels) if self.options.multichannel else 1
-        voice = channel.stream.session.voice_events()
-        for v in voice:
-            if isinstance(v, EngineSpeechStarted) and opts.vad_events:
-                await self.send(speech_started(v.time, channel=channel.index, channels=n))
         finals = 0
-        for e in events:
-            if isinstance(e, Final):
-                finals += 1
-            elif not opts.interim_results:
-                continue
-            await self.send(results(e, channel=channel.index, channels=n, request_id=self.request_id,
-                                    model=self.model, version=self.version, from_finalize=from_finalize,
-                                    endpointing=opts.endpointing))
+        for e in with_voice_events(channel.stream, events):
+            if isinstance(e, EngineSpeechStarted) and opts.vad_events:
+                await self.send(speech_started(e.time, channel=channel.index, channels=n))
+            elif isinstance(e, EngineUtteranceEnd):
+                await self.send(utterance_end(e.time, channel=channel.index, channels=n))
+            elif isinstance(e, Final) or (isinstance(e, Partial) and opts.interim_results):
+                finals += isinstance(e, Final)
+                await self.send(results(e, channel=channel.index, channels=n, request_id=self.request_id,
+                                        model=self.model, version=self.version, from_finalize=from_finalize,
+                                        endpointing=opts.endpointing))
         if from_finalize and not finals:  # a Finalize always gets its final, empty when nothing was pending
             await self.send(results(None, channel=channel.index, channels=n, request_id=self.request_id,
                                     model=self.model, version=self.version, from_finalize=True, at=channel.fed_s))
-        for v in voice:
-            if isinstance(v, EngineUtteranceEnd):
-                await self.send(utterance_end(v.time, channel=channel.index, channels=n))
 
     async def send_metadata(self) -> None:
         duration = max((c.fed_s for c in self.channels), default=0.0)
@@ -404,8 +398,7 @@ class DeepgramHandler(StreamHandler):
                                 channels=1 if n > 1 else opts.channels, encoding=opts.daemon_encoding, words=words)
             self.channels.append(_Channel(i, session, stream))
             if rules != base or opts.vad_events:  # (the daemon's rules may run the detector already)
-                stream.session.use_endpoint(rules, voice_events=opts.vad_events)
-                stream.detector = speech_detector(stream.session)
+                own_endpointing(stream, rules, voice_events=opts.vad_events)
         self.stream = self.channels[0].stream
 
     async def feed(self, data: bytes) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import re
 import struct
 import subprocess
@@ -470,6 +471,21 @@ async def test_bad_audiosocket_input_gets_an_error_frame_and_the_call_beside_goe
     expected = reference["outbound.slin"]
     assert await viewer.wait_text(expected) == expected
     await viewer.close()
+
+
+@pytest.mark.slow
+async def test_audiosocket_off_loopback_warns_that_nothing_guards_it(daemon_factory, caplog):
+    """AudioSocket has no authentication: a listener on every network says so at start (and that the token does not
+    guard it); one on loopback, the default, says nothing."""
+    with caplog.at_level(logging.WARNING, "streamer"):
+        await daemon_factory("server.auth_token='s3cret'", "audiosocket.enabled=true",
+                             "audiosocket.uri='tcp://0.0.0.0:0'")
+    warned = [r.getMessage() for r in caplog.records if "takes calls from any host" in r.getMessage()]
+    assert len(warned) == 1 and "server.auth_token does not guard it" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "streamer"):
+        await daemon_factory("server.auth_token='s3cret'", *AUDIOSOCKET)
+    assert not [r for r in caplog.records if "takes calls from any host" in r.getMessage()]
 
 
 @pytest.mark.slow

@@ -87,6 +87,12 @@ class AudioSocketServer:
                                 ) from None
         self._watch = asyncio.ensure_future(self._close_on_stop())
         logger.info("audiosocket listening on tcp://%s:%s", where.hostname, self.port)
+        if where.hostname not in ("127.0.0.1", "::1", "localhost"):
+            # AudioSocket has no authentication (Asterisk sends none): whoever reaches the port can send a call
+            logger.warning("audiosocket on %s takes calls from any host that reaches it (AudioSocket has no "
+                           "authentication%s): bind it to 127.0.0.1 when Asterisk runs on this machine, or to an "
+                           "address only Asterisk reaches (audiosocket.uri)", self.uri,
+                           "; server.auth_token does not guard it" if self.host.cfg.server.auth_token else "")
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.create_task(AudioSocketHandler(self.host, reader, writer).run(), name="audiosocket call")

@@ -27,6 +27,7 @@ from typing import Any
 from streamer.audio import ENCODINGS
 from streamer.events import CLOSE_BAD_DATA, CLOSE_INVALID, CLOSE_POLICY, Final, Partial
 from streamer.exceptions import ProtocolError
+from streamer.text import join_words
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -376,6 +377,6 @@ def vosk_alternatives(finals: list[Final], *, words: bool, max_alternatives: int
         item: dict[str, Any] = {"confidence": round(alt.confidence, 6)}
         if words:
             item["result"] = [{"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3)} for w in ws]
-        item["text"] = " ".join(w.word for w in ws)
+        item["text"] = join_words(w.word for w in ws)  # (no space beside a Han character: its words are characters)
         out.append(item)
     return {"alternatives": out}

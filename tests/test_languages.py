@@ -378,6 +378,19 @@ def test_the_lm_and_hotword_search_cuts_a_word_per_character_as_greedy_does():
     assert all(" " not in a.text for a in found.alternatives)
 
 
+def test_vosk_alternatives_in_chinese_join_their_characters_without_spaces():
+    from streamer.events import Alternative
+    from streamer.protocol import vosk_final
+
+    best = tuple(Word(c, 0.2 * i, 0.2 * i + 0.15, 0.9) for i, c in enumerate("你好世界"))
+    other = (*best[:2], Word("是", 0.4, 0.55, 0.5), best[3])
+    f = Final(0, "你好世界", 0.0, 0.75, best, "silence", (Alternative("你好世界", 0.7, best),
+                                                         Alternative("你好是界", 0.3, other)))
+    reply = vosk_final([f], max_alternatives=2)
+    assert [a["text"] for a in reply["alternatives"]] == ["你好世界", "你好是界"]
+    assert [w["word"] for w in reply["alternatives"][1]["result"]] == list("你好是界")
+
+
 def test_a_long_chinese_final_is_cut_at_its_characters_times():
     from streamer.events import Final
     from streamer.formats import MAX_CUE_S, final_cues

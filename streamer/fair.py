@@ -5,9 +5,11 @@ The batching worker keeps one :class:`FairQueue` of windows: each stream has its
 batch. A window's deadline is when its audio would have arrived had the client sent it at real time
 (:class:`Pace`): a real-time stream's windows are due as they come, while a client that sends a minute of
 audio at once has windows due up to a minute later, so they wait behind every real-time window, however
-many there are, and run on the model time the real-time streams leave. Items due at the same time are
-served round-robin, starting after the stream served first last time. The windows of a stream that left
-are dropped with :meth:`FairQueue.drop` before they run.
+many there are, and run on the model time the real-time streams leave. Work on audio that came well ahead of
+real time has no deadline at all (:func:`deadline`): it stays spare-time work even once the clock has caught
+up with it, so that a server too slow for every client's audio at 1x delays the clients that sent ahead, not
+the real-time streams. Items due at the same time are served round-robin, starting after the stream served
+first last time. The windows of a stream that left are dropped with :meth:`FairQueue.drop` before they run.
 """
 
 from __future__ import annotations
@@ -17,10 +19,23 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-__all__ = ["AudioBudget", "FairQueue", "LoadMeter", "Pace"]
+__all__ = ["AudioBudget", "FairQueue", "LoadMeter", "Pace", "deadline"]
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
+
+
+def deadline(due: float, received: float, slack: float) -> float:
+    """The deadline of work on audio due at ``due`` (:meth:`Pace.due`) that came at ``received``: ``due``, or
+    ``math.inf`` (spare time only) when it came more than ``slack`` seconds ahead of real time.
+
+    Without this, a burst's windows would come due one by one as the clock reached their audio, and on a
+    server that cannot run every client's audio at 1x they would be older than a real-time stream's
+    windows, so earliest deadline first would serve them first: the clients that sent ahead would share
+    their delay with the real-time streams. ``slack`` lets a real-time client send its audio in messages of
+    up to that length.
+    """
+    return due if due - received <= slack else math.inf
 
 
 class FairQueue(Generic[K, T]):

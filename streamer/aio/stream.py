@@ -11,18 +11,24 @@ reads, writes and pings of other clients are served while a word list is searche
 not a pool: flashlight-text's search holds the GIL (two threads decode no faster than one,
 measured in ``docs/scaling.md``), so more threads would only contend; more cores are used with
 more processes (``serve --processes N``). A stream awaits each engine call before the next, so
-its events keep their order; the calls of all streams queue in the thread in the order they
-came, as the event loop ran them before.
+its events keep their order. The thread (:class:`EngineThread`) takes the calls of all streams
+earliest deadline first, as the model worker takes windows: a call's deadline is its audio's
+(:func:`streamer.fair.deadline`), so the calls of clients that sent audio ahead of real time (a
+burst, an upload) run only while no real-time stream's call waits. In the order the calls came,
+eight clients sending 55 s at once kept a call each queued ahead of every call of a real-time
+stream, each a word-list search of a second of audio.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -33,7 +39,7 @@ from streamer.audio import AudioConverter, decode_pcm
 from streamer.config import Config
 from streamer.engine import SAMPLE_RATE, StreamSession, Window, WordDecoder
 from streamer.events import Event, Final
-from streamer.fair import Pace
+from streamer.fair import FairQueue, Pace, deadline
 from streamer.runner import TokenVocabulary, geometry_of
 from streamer.transcribe import feed_audio, new_session, speech_detector
 
@@ -41,9 +47,62 @@ FEED_PIECE = SAMPLE_RATE
 """samples (16 kHz) fed to the engine at a time: a second of audio, two to three hops"""
 LIVE_AHEAD_S = 2.0
 """a stream whose audio came more than this ahead of real time is not live: no partial refreshes for it
-(its partials are overtaken at once by the audio behind them)"""
+(its partials are overtaken at once by the audio behind them); audio that came more than this ahead has no
+deadline in the model worker and the engine thread (spare time only)"""
 
 T = TypeVar("T")
+
+
+class EngineThread:
+    """One thread that runs the engine calls of every stream, earliest deadline first.
+
+    Each stream has at most one call waiting (it awaits each before the next); the thread takes the
+    waiting call with the earliest deadline (:class:`streamer.fair.FairQueue`: streams in turn among equal
+    deadlines), so a real-time stream's call runs before any call of audio sent ahead of real time, which
+    has none, however many of those wait. A call that began runs to its end: a burst delays a real-time
+    stream by one call at most, a second of audio.
+    """
+
+    def __init__(self) -> None:
+        self._queue: FairQueue[str, tuple[Future[Any], Callable[[], Any]]] = FairQueue()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="streamer-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str, due: float, fn: Callable[..., T], *args: object) -> Future[T]:
+        """Queue ``fn(*args)`` for stream ``key``, due at ``due`` (``time.monotonic()``, or ``math.inf``: only
+        when nothing else waits); its future. Cancelling the future before the call began drops it."""
+        fut: Future[T] = Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the engine thread was shut down")
+            self._queue.put(key, (fut, functools.partial(fn, *args)), due)
+            self._ready.notify()
+        return fut
+
+    def shutdown(self) -> None:
+        """Run the calls already queued, then let the thread end. Idempotent."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+
+    def _serve(self) -> None:
+        while True:
+            with self._ready:
+                while not len(self._queue) and not self._closed:
+                    self._ready.wait()
+                if not len(self._queue):
+                    return
+                [(_, (fut, call))] = self._queue.take(1, 1)
+            if not fut.set_running_or_notify_cancel():  # its stream stopped waiting
+                continue
+            try:
+                result = call()
+            except BaseException as exc:  # handed to the stream that awaits it, as an executor does
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
 
 
 class LiveStream:
@@ -55,7 +114,7 @@ class LiveStream:
 
     def __init__(self, session: StreamSession, worker: BatchWorker, hub: Hub, metrics: Metrics, *, id: str,
                  name: str, sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
-                 pace: Pace | None = None, engine: ThreadPoolExecutor | None = None) -> None:
+                 pace: Pace | None = None, engine: EngineThread | None = None) -> None:
         self.id = id
         self.name = name
         self.encoding = encoding
@@ -94,20 +153,27 @@ class LiveStream:
             # faster than allowed: hold the audio (and stop reading from the client) a while
             await asyncio.sleep(wait)
             now = time.monotonic()
-        due = self.pace.due(seconds, now) if self.pace is not None else 0.0  # when the block's start is due
+        start = self.pace.due(seconds, now) if self.pace is not None else None  # when the block's start is due
+
+        def due(end: float) -> float:
+            """The deadline of the block's audio up to ``end`` seconds (0: due now, without a pace)."""
+            return 0.0 if start is None else deadline(start + end, now, LIVE_AHEAD_S)
+
         self.metrics.add_audio(seconds)
         if self._started is None:
             self._started = time.monotonic()
         self._fed_s += seconds
-        mono, windows = await self._call(self._take, block)
-        events = await self._run(windows, due + min(len(mono), FEED_PIECE) / SAMPLE_RATE)
+        mono, windows = await self._call(due(min(seconds, FEED_PIECE / SAMPLE_RATE)), self._take, block)
+        events = await self._run(windows, due(min(len(mono), FEED_PIECE) / SAMPLE_RATE))
         for i in range(FEED_PIECE, len(mono), FEED_PIECE):
-            windows = await self._call(self._accept, mono[i : i + FEED_PIECE])
-            events += await self._run(windows, due + min(len(mono), i + FEED_PIECE) / SAMPLE_RATE)
+            end = due(min(len(mono), i + FEED_PIECE) / SAMPLE_RATE)
+            windows = await self._call(end, self._accept, mono[i : i + FEED_PIECE])
+            events += await self._run(windows, end)
         return events
 
     async def flush(self) -> list[Event]:
-        return await self._run(await self._call(self._end, False), self._due_end())
+        due = self._due_end()
+        return await self._run(await self._call(due, self._end, False), due)
 
     async def finish(self) -> list[Event]:
         """End of audio: the last finals. Then :meth:`close`."""
@@ -115,7 +181,8 @@ class LiveStream:
             return []
         self.closed = True
         try:
-            return await self._run(await self._call(self._end, True), self._due_end())
+            due = self._due_end()
+            return await self._run(await self._call(due, self._end, True), due)
         finally:
             self.close()
 
@@ -126,8 +193,11 @@ class LiveStream:
         return self._started is None or self._fed_s - (time.monotonic() - self._started) <= LIVE_AHEAD_S
 
     def _due_end(self) -> float:
-        """When the last audio fed is due (windows of a flush or the end)."""
-        return self.pace.end(time.monotonic()) if self.pace is not None else 0.0
+        """The deadline of the last audio fed (windows of a flush or the end)."""
+        if self.pace is None:
+            return 0.0
+        now = time.monotonic()
+        return deadline(self.pace.end(now), now, LIVE_AHEAD_S)
 
     def close(self) -> None:
         """Release what the stream holds in the worker (queued windows, its lag gauge). Idempotent."""
@@ -136,11 +206,12 @@ class LiveStream:
 
     # -- the engine calls (in the engine thread, one at a time per stream) ----------------
 
-    async def _call(self, fn: Callable[..., T], *args: object) -> T:
-        """``fn(*args)`` in the engine thread (or here, without one); the stream's calls never overlap."""
+    async def _call(self, due: float, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in the engine thread (or here, without one), due at ``due``; the stream's calls never
+        overlap."""
         if self.engine is None:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.engine, fn, *args)
+        return await asyncio.wrap_future(self.engine.submit(self.id, due, fn, *args))
 
     def _take(self, block: np.ndarray) -> tuple[np.ndarray, list[Window]]:
         """Convert a block to 16 kHz mono and accept its first piece: the mono audio, the piece's windows."""
@@ -176,7 +247,7 @@ class LiveStream:
         t_ready = time.perf_counter()
         if windows:
             results = await self.worker.run_many(windows, self.id, refresh=self.live, due=due)
-            events = await self._call(self._merge, windows, results)
+            events = await self._call(due, self._merge, windows, results)
         else:  # nothing to merge (a flush or the end may have closed a segment): no trip to the engine thread
             events = self.session.events_received()
         if events:
@@ -200,20 +271,20 @@ class Streams:
         self.metrics = metrics
         self.words = words
         """the word decoder of ``[decoder]`` (None: greedy CTC)"""
-        self._engine: ThreadPoolExecutor | None = None
+        self._engine: EngineThread | None = None
 
-    def engine(self) -> ThreadPoolExecutor | None:
+    def engine(self) -> EngineThread | None:
         """The engine thread new streams use (made on first use); None with ``server.engine_thread = false``."""
         if not self.cfg.server.engine_thread:
             return None
         if self._engine is None:
-            self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamer-engine")
+            self._engine = EngineThread()
         return self._engine
 
     def close(self) -> None:
         """Let the engine thread go once the streams are done (their last calls still run). Idempotent."""
         if self._engine is not None:
-            self._engine.shutdown(wait=False)
+            self._engine.shutdown()
             self._engine = None
 
     def open(self, *, sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",

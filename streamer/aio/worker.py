@@ -1,12 +1,13 @@
 """The model worker: one thread owns the model; windows of all streams are batched into it, fairly.
 
 Each stream's windows wait in their own queue (:class:`streamer.fair.FairQueue`) with a deadline, when
-their audio would have arrived at real time (:class:`streamer.fair.Pace`); a batch takes them earliest
-deadline first, at most ``worker.max_windows_per_stream`` of one stream. Windows due within
-``DUE_AHEAD_S`` run first, in batches of their own; windows of audio sent further ahead of real time (a
-client that sends a minute at once, an upload) run only while none is due, in batches kept to about
-``worker.ahead_batch_ms`` of model time, so a window that falls due meanwhile waits little for the model.
-However many streams send ahead, a real-time stream's windows go first.
+their audio would have arrived at real time (:class:`streamer.fair.Pace`), or none for audio that came well
+ahead of real time (:func:`streamer.fair.deadline`: a client that sends a minute at once, an upload); a batch
+takes them earliest deadline first, at most ``worker.max_windows_per_stream`` of one stream. Windows due
+within ``DUE_AHEAD_S`` run first, in batches of their own; the others run only while none is due, in batches
+kept to about ``worker.ahead_batch_ms`` of model time, so a window that falls due meanwhile waits little for
+the model. However many streams send ahead, and even when the model cannot keep up with all the audio at
+1x, a real-time stream's windows go first.
 A stream's windows are dropped before they run once its caller stops waiting (cancelled: the
 client left) or :meth:`BatchWorker.forget` is called.
 
@@ -132,8 +133,8 @@ class BatchWorker:
 
     async def submit(self, window: Window, stream: str = "", *, refresh: bool = True, due: float = 0.0
                      ) -> np.ndarray | None:
-        """Queue one window of ``stream``, due at ``due`` (``time.monotonic()``; 0: due now); return its
-        log-probabilities once the model ran it.
+        """Queue one window of ``stream``, due at ``due`` (``time.monotonic()``; 0: due now; ``math.inf``: spare
+        model time only); return its log-probabilities once the model ran it.
 
         None: an optional window (a partial refresh) the worker skipped (always with ``refresh = False``);
         answer it with ``session.skip``.

@@ -1,0 +1,156 @@
+"""Clients that send audio ahead of real time (bursts) wait behind real-time streams, in the model worker and in
+the engine thread: the order, checked without the clock. Real daemon, demo model."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import threading
+
+import pytest
+from conftest import pcm16
+from test_load import _burst, _flood_audio
+from test_server import TIMEOUT, finals_of, native_session, reference_finals
+
+from streamer.aio.stream import LIVE_AHEAD_S, EngineThread, LiveStream
+from streamer.fair import deadline
+
+# -- pure -------------------------------------------------------------------------------------------------
+
+
+def test_audio_sent_well_ahead_of_real_time_has_no_deadline():
+    assert deadline(10.1, received=10.0, slack=2.0) == 10.1  # a real-time message
+    assert deadline(12.0, received=10.0, slack=2.0) == 12.0  # a 2 s message: still real time
+    assert deadline(12.5, received=10.0, slack=2.0) == math.inf  # a burst's third second: spare time only
+    assert deadline(5.0, received=10.0, slack=2.0) == 5.0  # late audio keeps its deadline
+
+
+def test_engine_thread_runs_the_earliest_deadline_first():
+    engine = EngineThread()
+    gate = threading.Event()
+    ran: list[str] = []
+    try:
+        busy = engine.submit("busy", 0.0, gate.wait, 10)  # holds the thread while the others queue
+        later = [engine.submit(f"burst{i}", math.inf, ran.append, f"burst{i}") for i in range(8)]
+        later.append(engine.submit("live", 100.0, ran.append, "live"))
+        later.append(engine.submit("late", 50.0, ran.append, "late"))
+        dropped = engine.submit("gone", 0.0, ran.append, "gone")
+        assert dropped.cancel()  # its stream stopped waiting: never run
+        gate.set()
+        for fut in [busy, *later]:
+            fut.result(10)
+    finally:
+        engine.shutdown()
+    assert ran == ["late", "live", *(f"burst{i}" for i in range(8))]
+
+
+def test_engine_thread_hands_a_call_its_exception_and_goes_on():
+    engine = EngineThread()
+    try:
+        with pytest.raises(ZeroDivisionError):
+            engine.submit("a", 0.0, lambda: 1 / 0).result(10)
+        assert engine.submit("a", 0.0, lambda: 42).result(10) == 42
+    finally:
+        engine.shutdown()
+
+
+# -- a real daemon ------------------------------------------------------------------------------------------
+
+BURSTS = 8
+AHEAD_S = LIVE_AHEAD_S + 0.5
+"""a burst's audio past this many seconds of its message was sent ahead of real time by more than LIVE_AHEAD_S"""
+
+
+async def test_bursts_never_go_before_a_waiting_real_time_stream(daemon_factory, model_runner, speech, monkeypatch):
+    """Eight clients each send 55 s at once, then a real-time stream starts beside them. Whenever the real-time
+    stream has a window waiting for the model, no batch takes a burst window of audio sent ahead of real time;
+    whenever it has an engine call waiting (audio to window, outputs to merge and search), no call of such
+    burst audio begins, but the one the thread may have just taken. The order is checked, not the time: it
+    holds on a loaded machine as on an idle one. The real-time stream's finals are `streamer transcribe`'s."""
+    d = await daemon_factory("server.idle_timeout_s=120")
+    bursts: dict[str, float] = {}  # every stream but the real-time one, which starts after them
+    seq = itertools.count()  # one order of the loop's and the engine thread's notes
+
+    # the worker: each batch it takes, and whether a window of the real-time stream was waiting then
+    worker_faults: list[tuple[str, float]] = []
+    take = d.worker._queue.take
+
+    def recorded_take(*args, **kwargs):
+        waiting = any(key not in bursts for key in d.worker._queue.keys())
+        out = take(*args, **kwargs)
+        if waiting:
+            worker_faults.extend((key, end) for key, item in out if key in bursts
+                                 and (end := (item.window.start_frame * item.window.frame_samples
+                                              + len(item.window.samples)) / 16000) > AHEAD_S)
+        return out
+
+    monkeypatch.setattr(d.worker._queue, "take", recorded_take)
+
+    # the engine thread: when each call of the real-time stream was queued and began (one at a time: it awaits
+    # each before the next), and when each burst call began, on how much of its audio
+    accepted: dict[str, int] = {}  # samples (16 kHz) each stream accepted so far
+    queued: list[int] = []  # notes
+    began: list[int] = []
+    burst_began: list[tuple[int, str, float]] = []  # (note, stream, audio seconds)
+
+    inside = threading.local()  # _take calls _accept: one call
+
+    def noting(name: str):
+        method = getattr(LiveStream, name)
+
+        def run(self, *args):
+            if name == "_accept":
+                accepted[self.id] = accepted.get(self.id, 0) + len(args[0])
+            if getattr(inside, "call", False):
+                return method(self, *args)
+            if self.id in bursts:
+                burst_began.append((next(seq), self.id, accepted.get(self.id, 0) / 16000))
+            else:
+                began.append(next(seq))
+            inside.call = True
+            try:
+                return method(self, *args)
+            finally:
+                inside.call = False
+
+        return run
+
+    for name in ("_take", "_accept", "_merge", "_end"):
+        monkeypatch.setattr(LiveStream, name, noting(name))
+    engine = d.streams.engine()
+    assert engine is not None
+    submit = engine.submit
+
+    def recorded_submit(*args):
+        fut = submit(*args)
+        call = next(a for a in args if isinstance(getattr(a, "__self__", None), LiveStream))
+        if call.__self__.id not in bursts:
+            queued.append(next(seq))  # noted once it is queued
+        return fut
+
+    monkeypatch.setattr(engine, "submit", recorded_submit)
+
+    leave = asyncio.Event()
+    message = _flood_audio(speech, 55 * 8000 * 2)
+    async with asyncio.timeout(4 * TIMEOUT):
+        tasks = [asyncio.create_task(_burst(d.port, message, bursts, leave)) for _ in range(BURSTS)]
+        for _ in range(400):  # the bursts are queued first
+            if len(bursts) == BURSTS and d.worker.queued >= BURSTS:
+                break
+            await asyncio.sleep(0.05)
+        msgs, code = await native_session(d.port, pcm16(speech), chunk=3200, pace=0.1)
+        leave.set()
+        await asyncio.gather(*tasks)
+    assert code == 1000
+    assert [f["text"] for f in finals_of(msgs)] == [f["text"] for f in reference_finals(model_runner, speech)]
+    assert not worker_faults, f"burst windows sent ahead of real time went first in the worker: {worker_faults[:5]}"
+
+    assert queued and len(began) == len(queued), "the real-time stream's engine calls were not all seen"
+    faults = []
+    for at, start in zip(queued, began, strict=True):
+        ahead = [(key, round(s, 1)) for note, key, s in burst_began if at < note < start and s > AHEAD_S]
+        if len(ahead) > 1:  # one may have been taken just before the real-time call came (no preemption)
+            faults.append(ahead)
+    assert not faults, (f"{len(faults)} of {len(queued)} real-time engine calls waited for calls of burst audio "
+                        f"sent ahead of real time, e.g. {faults[:3]}")

@@ -824,7 +824,9 @@ class Rolling:
 async def rolling_stream(url: str, pcm: bytes) -> tuple[bool, str]:
     """One stream at 1x real time, then ``stop``: whether it ended whole, and its close code."""
     step = int(16000 * CHUNK_S) * 2
-    async with connect(url, max_size=None, open_timeout=15) as ws:
+    # no keepalive pings of its own: a daemon that holds the audio back (it reads no faster than it decodes)
+    # reads the pings late too, and the stream would be counted cut by the load generator's own timeout
+    async with connect(url, max_size=None, open_timeout=15, ping_interval=None) as ws:
         await ws.recv()  # ready
         last: dict = {}
 

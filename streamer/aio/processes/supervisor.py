@@ -156,8 +156,8 @@ class Supervisor:
                 self.serving = True
                 self._announce()
                 tasks = [asyncio.create_task(self._report()), asyncio.create_task(self._hang_watch())]
-                if self.notifier.watchdog_interval is not None:
-                    tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval)))
+                if self.notifier.watchdog_interval is not None:  # pings go on while the processes drain
+                    keepers.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval)))
                 await self.stopping.wait()
                 for task in tasks:
                     task.cancel()

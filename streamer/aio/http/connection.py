@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import http
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import h11
@@ -23,9 +23,12 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
+from streamer.aio.host import StreamHost
+from streamer.aio.http.access import page_allowed, repeated_header
 from streamer.aio.http.limits import BoundedConnection
 
-__all__ = ["ALLOW", "OPEN_TIMEOUT_S", "HttpConnection", "Upload", "UploadRoute", "is_tls", "not_allowed", "respond"]
+__all__ = ["ALLOW", "OPEN_TIMEOUT_S", "HttpConnection", "Upload", "UploadProblem", "UploadRoute", "is_tls",
+           "not_allowed", "respond"]
 
 OPEN_TIMEOUT_S = 10.0
 """how long a connection may take to send its request head (and complete a websocket handshake): websockets'
@@ -111,6 +114,86 @@ class Upload:
     def expects_continue(self) -> bool:
         """The client waits for ``100 Continue`` before it sends the body (curl does, for large ones)."""
         return self.request.headers.get("Expect", "").lower() == "100-continue"
+
+    def check(self, conn: HttpConnection, host: StreamHost, *, authorized: Callable[[Request], bool],
+              known_host: Callable[[Request], bool], limit_key: str) -> None:
+        """The checks every upload passes before the daemon takes a stream for it, in this order: single headers,
+        this daemon's host name, the page's origin, the token, the body's framing and size; else
+        :class:`UploadProblem`. ``limit_key``: the config key of :attr:`limit`, named in the message."""
+        request = self.request
+        if (name := repeated_header(request.headers)) is not None:
+            raise UploadProblem(400, "repeated_header", f"the header {name} came more than once; send it once")
+        if not known_host(request):
+            host.metrics.streams_rejected.labels("host").inc()
+            raise UploadProblem(403, "host", "this server does not answer to that host name without a token: add it "
+                                "to server.allowed_hosts, or use an IP address or localhost")
+        if not page_allowed(request.headers, host.cfg.server.allowed_origins, is_tls(conn)):
+            # a form or a body needs no preflight: any page could make a visitor's daemon transcribe and publish
+            host.metrics.streams_rejected.labels("origin").inc()
+            origin = (request.headers.get_all("Origin") or ["another site"])[0]
+            raise UploadProblem(403, "origin", f"a page of {origin[:80]} may not upload here: only this server's own "
+                                "pages and the origins in server.allowed_origins may")
+        if not authorized(request):
+            host.metrics.streams_rejected.labels("auth").inc()
+            raise UploadProblem(401, "auth", "missing or wrong token")
+        if self.too_large:
+            raise UploadProblem(413, "too_large", f"the upload has {self.length} bytes; at most {self.limit} "
+                                f"({limit_key})")
+        if self.framing == "ambiguous":
+            raise UploadProblem(400, "ambiguous", "the request has both Content-Length and Transfer-Encoding: "
+                                "chunked; send one of them")
+        if self.framing == "none":
+            raise UploadProblem(411, "length_required", "the request has no Content-Length (nor Transfer-Encoding: "
+                                "chunked)")
+
+    async def read(self, conn: HttpConnection, *, timeout_s: float, idle_s: float, timeout_key: str,
+                   limit_key: str) -> bytes:
+        """The whole body, once it has come: within ``timeout_s`` and with no pause over ``idle_s`` (the request
+        holds a stream meanwhile, as a silent websocket would), after ``100 Continue`` when the client waits for
+        it. :class:`UploadProblem` (408, 413, 400), or ConnectionResetError when the client left."""
+        if self.expects_continue and not self.body.done():
+            await conn.answer_continue()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        seen, heard = -1, loop.time()
+        try:
+            while not self.body.done():
+                now = loop.time()
+                if self.received != seen:
+                    seen, heard = self.received, now
+                if now >= deadline:
+                    raise UploadProblem(408, "timeout", f"the upload did not arrive within {timeout_s:g} s "
+                                        f"({timeout_key}); {self.received} bytes came")
+                if now - heard >= idle_s:
+                    raise UploadProblem(408, "idle", f"nothing of the upload came for {idle_s:g} s "
+                                        f"(server.idle_timeout_s); {self.received} bytes came")
+                await asyncio.wait({self.body}, timeout=min(deadline, heard + idle_s, now + 1.0) - now)
+            return self.body.result()
+        except EOFError:
+            raise ConnectionResetError("the client left during its upload") from None
+        except ValueError as exc:
+            if self.too_large:
+                raise UploadProblem(413, "too_large", f"the upload has more than {self.limit} bytes "
+                                    f"({limit_key})") from None
+            raise UploadProblem(400, "malformed", f"malformed request body: {exc}") from None
+
+
+Problem = Literal["repeated_header", "host", "origin", "auth", "too_large", "ambiguous", "length_required",
+                  "timeout", "idle", "malformed"]
+"""why an upload is not transcribed: each API answers every one in its own shape (status, code, message)"""
+
+
+class UploadProblem(Exception):
+    """An upload refused before or while its body comes (:meth:`Upload.check`, :meth:`Upload.read`): its HTTP
+    ``status``, its :data:`Problem` and a message that says how to fix it. Each API maps it to its own shape."""
+
+    def __init__(self, status: int, problem: Problem, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.problem = problem
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -308,6 +391,21 @@ class HttpConnection(BoundedConnection):
             return
         assert isinstance(decision, Upload) and self._route is not None
         await self._route.serve_upload(self, decision)
+
+    async def unless_left(self, work: Awaitable[T]) -> T:
+        """``work``'s result; when the client leaves first, ``work`` is cancelled (its stream's windows are dropped
+        before they reach the model) and ConnectionResetError raised."""
+        task = asyncio.ensure_future(work)
+        left: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(self.connection_lost_waiter))
+        try:
+            await asyncio.wait({task, left}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+                raise ConnectionResetError("the client left")
+            return task.result()
+        finally:
+            left.cancel()
 
     # -- writing an answer (h11 frames it) ------------------------------------------------------------------
 

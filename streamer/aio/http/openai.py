@@ -24,8 +24,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from streamer.aio.host import StreamHost, close_named, open_named
-from streamer.aio.http.access import page_allowed, repeated_header
-from streamer.aio.http.connection import HttpConnection, Upload, is_tls, respond
+from streamer.aio.http.connection import HttpConnection, Upload, UploadProblem, respond
 from streamer.aio.http.limits import HttpRefusalLog
 from streamer.audiofile import FileAudio, FileAudioError
 from streamer.events import CLOSE_GOING_AWAY, Event, Final
@@ -46,6 +45,19 @@ logger = logging.getLogger("streamer.server")
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+_CODES = {"repeated_header": "repeated_header", "host": "host_not_allowed", "origin": "origin_not_allowed",
+          "auth": "invalid_api_key", "too_large": "upload_too_large", "ambiguous": "ambiguous_length",
+          "length_required": "length_required", "timeout": "upload_timeout", "idle": "upload_idle"}
+"""OpenAI's ``code`` of each :data:`~streamer.aio.http.connection.Problem` (a malformed body has none)"""
+
+
+def _api_error(problem: UploadProblem) -> ApiError:
+    """An upload's problem in OpenAI's shape."""
+    if problem.problem == "auth":
+        return OpenAIFront._unauthorized()
+    return ApiError(problem.status, str(problem), code=_CODES.get(problem.problem))
 
 
 Authorize = Callable[[Request, dict[str, list[str]], int], bool]
@@ -135,34 +147,14 @@ class OpenAIFront:
 
     async def _serve(self, conn: HttpConnection, upload: Upload, sid: str, state: _Answer) -> None:
         host, url = self.host, urlsplit(upload.request.path)
-        if (name := repeated_header(upload.request.headers)) is not None:
-            raise _bad(f"the header {name} came more than once; send it once", code="repeated_header")
         if url.path != TRANSCRIPTIONS_PATH:
             raise ApiError(404, f"no endpoint POST {url.path[:80]}; this server transcribes at POST "
                            f"{TRANSCRIPTIONS_PATH} (translations are not supported)", code="unknown_url")
-        if not self.known_host(upload.request):
-            host.metrics.streams_rejected.labels("host").inc()
-            raise ApiError(403, "this server does not answer to that host name without a token: add it to "
-                           "server.allowed_hosts, or use an IP address or localhost", code="host_not_allowed")
-        if not page_allowed(upload.request.headers, host.cfg.server.allowed_origins, is_tls(conn)):
-            # a form needs no preflight: any page could make a visitor's daemon transcribe and publish
-            host.metrics.streams_rejected.labels("origin").inc()
-            origin = (upload.request.headers.get_all("Origin") or ["another site"])[0]
-            raise ApiError(403, f"a page of {origin[:80]} may not upload here: only this server's own pages and "
-                           "the origins in server.allowed_origins may", code="origin_not_allowed")
-        if not self.authorized(upload.request, parse_qs(url.query), conn.local_address[1]):
-            host.metrics.streams_rejected.labels("auth").inc()
-            raise self._unauthorized()
-        limit = host.cfg.openai.max_upload_bytes
-        if upload.too_large:
-            raise ApiError(413, f"the upload has {upload.length} bytes; at most {limit} (openai.max_upload_bytes)",
-                           code="upload_too_large")
-        if upload.framing == "ambiguous":
-            raise _bad("the request has both Content-Length and Transfer-Encoding: chunked; send one of them",
-                       code="ambiguous_length")
-        if upload.framing == "none":
-            raise ApiError(411, "the request has no Content-Length (nor Transfer-Encoding: chunked)",
-                           code="length_required")
+        try:
+            upload.check(conn, host, known_host=self.known_host, limit_key="openai.max_upload_bytes",
+                         authorized=lambda r: self.authorized(r, parse_qs(url.query), conn.local_address[1]))
+        except UploadProblem as exc:
+            raise _api_error(exc) from None
         async with host.admission("openai") as refused:  # one of the streams counted against server.max_streams
             if refused is not None and refused.close_code == CLOSE_GOING_AWAY:
                 raise ApiError(503, "the server is shutting down; try again later", type="server_error",
@@ -175,17 +167,11 @@ class OpenAIFront:
     async def _transcribe(self, conn: HttpConnection, upload: Upload, sid: str, state: _Answer) -> None:
         cfg = self.host.cfg
         t0 = time.perf_counter()
-        if upload.expects_continue and not upload.body.done():
-            await conn.answer_continue()
         try:
-            body = await self._body(conn, upload)
-        except EOFError:
-            raise ConnectionResetError("the client left during its upload") from None
-        except ValueError as exc:
-            if upload.too_large:
-                raise ApiError(413, f"the upload has more than {upload.limit} bytes (openai.max_upload_bytes)",
-                               code="upload_too_large") from None
-            raise _bad(f"malformed request body: {exc}") from None
+            body = await upload.read(conn, timeout_s=cfg.openai.upload_timeout_s, idle_s=cfg.server.idle_timeout_s,
+                                     timeout_key="openai.upload_timeout_s", limit_key="openai.max_upload_bytes")
+        except UploadProblem as exc:
+            raise _api_error(exc) from None
         form = await asyncio.to_thread(parse_form, upload.request.headers.get("Content-Type", ""), body)
         del body
         srv = cfg.server
@@ -194,44 +180,13 @@ class OpenAIFront:
                                             srv.min_sample_rate, srv.max_sample_rate)
         except FileAudioError as exc:
             raise _bad(str(exc), "file", exc.code) from None
-        work = asyncio.ensure_future(self._decode(audio, form, sid, state))
-        left: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(conn.connection_lost_waiter))
-        try:  # a client that leaves stops the work: its windows are dropped before they reach the model
-            await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                work.cancel()
-                await asyncio.wait({work})
-                raise ConnectionResetError("the client left")
-            finals = work.result()
-        finally:
-            left.cancel()
+        finals = await conn.unless_left(self._decode(audio, form, sid, state))
         logger.info("openai request %s: %.1f s of %s (%d bytes) in %.2f s, %s%s", sid, audio.seconds,
                     form.filename[:60], len(form.file), time.perf_counter() - t0, form.response_format,
                     " streamed" if form.stream else "")
         if not form.stream:
             text, ctype = answer(finals, form, audio.seconds)
             await state.whole(200, text.encode(), ctype)
-
-    async def _body(self, conn: HttpConnection, upload: Upload) -> bytes:
-        """The upload's body, once it has all come: within ``openai.upload_timeout_s``, and with no pause longer
-        than ``server.idle_timeout_s`` (as a silent websocket stream), since the request holds a stream meanwhile."""
-        loop, cfg = asyncio.get_running_loop(), self.host.cfg
-        timeout, idle = cfg.openai.upload_timeout_s, cfg.server.idle_timeout_s
-        deadline = loop.time() + timeout
-        seen, heard = -1, loop.time()
-        while not upload.body.done():
-            now = loop.time()
-            came = upload.received
-            if came != seen:
-                seen, heard = came, now
-            if now >= deadline:
-                raise ApiError(408, f"the upload did not arrive within {timeout:g} s (openai.upload_timeout_s); "
-                               f"{upload.received} bytes came", code="upload_timeout")
-            if now - heard >= idle:
-                raise ApiError(408, f"nothing of the upload came for {idle:g} s (server.idle_timeout_s); "
-                               f"{upload.received} bytes came", code="upload_idle")
-            await asyncio.wait({upload.body}, timeout=min(deadline, heard + idle, now + 1.0) - now)
-        return upload.body.result()
 
     async def _decode(self, audio: FileAudio, form: TranscriptionForm, sid: str, state: _Answer) -> list[Final]:
         """Feed the file through a live stream; the finals (streamed as deltas when asked)."""

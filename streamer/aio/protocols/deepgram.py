@@ -39,8 +39,7 @@ from websockets.http11 import Request, Response
 
 import streamer
 from streamer.aio.host import StreamHost, close_named, open_named
-from streamer.aio.http.access import page_allowed, repeated_header
-from streamer.aio.http.connection import HttpConnection, Upload, is_tls, respond
+from streamer.aio.http.connection import HttpConnection, Upload, UploadProblem, respond
 from streamer.aio.protocols.base import Quiet, StreamHandler
 from streamer.aio.protocols.endpointing import own_endpointing, with_voice_events
 from streamer.aio.protocols.words import tuned_decoder
@@ -97,6 +96,20 @@ def options_of(host: StreamHost, query: dict[str, list[str]], *, live: bool) -> 
     """The request's options within the daemon's limits (:func:`streamer.deepgram.parse_query`)."""
     srv = host.cfg.server
     return parse_query(query, live=live, min_rate=srv.min_sample_rate, max_rate=srv.max_sample_rate)
+
+
+_CODES = {"repeated_header": "Bad Request", "host": "FORBIDDEN", "origin": "FORBIDDEN", "auth": "INVALID_AUTH",
+          "too_large": "PAYLOAD_TOO_LARGE", "ambiguous": "Bad Request", "length_required": "LENGTH_REQUIRED",
+          "timeout": "REQUEST_TIMEOUT", "idle": "REQUEST_TIMEOUT", "malformed": "Bad Request"}
+"""Deepgram's ``err_code`` of each :data:`~streamer.aio.http.connection.Problem`"""
+
+
+def _deepgram_error(problem: UploadProblem) -> DeepgramError:
+    """An upload's problem in Deepgram's shape."""
+    if problem.problem == "auth":
+        return DeepgramError("Invalid credentials: send 'Authorization: Token KEY' (or Bearer)", status=401,
+                             code="INVALID_AUTH")
+    return DeepgramError(str(problem), status=problem.status, code=_CODES[problem.problem])
 
 
 def _header_text(text: str) -> str:
@@ -181,30 +194,11 @@ class DeepgramFront:
     async def _serve(self, conn: HttpConnection, upload: Upload, request_id: str) -> dict[str, Any]:
         host, request = self.host, upload.request
         query = _query(request)
-        if (name := repeated_header(request.headers)) is not None:
-            raise DeepgramError(f"the header {name} came more than once; send it once", code="Bad Request")
-        if not self.known_host(request):
-            host.metrics.streams_rejected.labels("host").inc()
-            raise DeepgramError("this server does not answer to that host name without a token: add it to "
-                                "server.allowed_hosts, or use an IP address or localhost", status=403,
-                                code="FORBIDDEN")
-        if not page_allowed(request.headers, host.cfg.server.allowed_origins, is_tls(conn)):
-            host.metrics.streams_rejected.labels("origin").inc()
-            raise DeepgramError("a page of another site may not upload here: only this server's own pages and the "
-                                "origins in server.allowed_origins may", status=403, code="FORBIDDEN")
-        if not self.authorized(request, query, conn.local_address[1]):
-            host.metrics.streams_rejected.labels("auth").inc()
-            raise DeepgramError("Invalid credentials: send 'Authorization: Token KEY' (or Bearer)", status=401,
-                                code="INVALID_AUTH")
-        if upload.too_large:
-            raise DeepgramError(f"the body has {upload.length} bytes; at most {upload.limit} "
-                                "(deepgram.max_upload_bytes)", status=413, code="PAYLOAD_TOO_LARGE")
-        if upload.framing == "ambiguous":
-            raise DeepgramError("the request has both Content-Length and Transfer-Encoding: chunked; send one",
-                                code="Bad Request")
-        if upload.framing == "none":
-            raise DeepgramError("the request has no Content-Length (nor Transfer-Encoding: chunked)", status=411,
-                                code="LENGTH_REQUIRED")
+        try:
+            upload.check(conn, host, known_host=self.known_host, limit_key="deepgram.max_upload_bytes",
+                         authorized=lambda r: self.authorized(r, query, conn.local_address[1]))
+        except UploadProblem as exc:
+            raise _deepgram_error(exc) from None
         options = options_of(host, query, live=False)
         async with host.admission("deepgram") as refused:  # one of the streams counted against server.max_streams
             if refused is not None and refused.close_code == CLOSE_GOING_AWAY:
@@ -213,49 +207,16 @@ class DeepgramFront:
             if refused is not None:
                 raise DeepgramError(f"server busy: {host.cfg.server.max_streams} streams at most, try again later",
                                     status=429, code="TOO_MANY_REQUESTS")
-            if upload.expects_continue and not upload.body.done():
-                await conn.answer_continue()
-            data = await self._body(upload)
+            limits = host.cfg.deepgram
+            try:
+                data = await upload.read(conn, timeout_s=limits.upload_timeout_s, idle_s=host.cfg.server.idle_timeout_s,
+                                         timeout_key="deepgram.upload_timeout_s", limit_key="deepgram.max_upload_bytes")
+            except UploadProblem as exc:
+                raise _deepgram_error(exc) from None
             ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if ctype == "application/json" or ctype.endswith("+json"):
                 raise remote_url(data)
-            work = asyncio.ensure_future(self._transcribe(data, options, request_id))
-            left: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(conn.connection_lost_waiter))
-            try:  # a client that leaves stops the work: its windows are dropped before they reach the model
-                await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
-                if not work.done():
-                    work.cancel()
-                    await asyncio.wait({work})
-                    raise ConnectionResetError("the client left")
-                return work.result()
-            finally:
-                left.cancel()
-
-    async def _body(self, upload: Upload) -> bytes:
-        """The whole body, within ``deepgram.upload_timeout_s`` and with no pause over ``server.idle_timeout_s``."""
-        loop, cfg = asyncio.get_running_loop(), self.host.cfg
-        timeout, idle = cfg.deepgram.upload_timeout_s, cfg.server.idle_timeout_s
-        deadline = loop.time() + timeout
-        seen, heard = -1, loop.time()
-        try:
-            while not upload.body.done():
-                now = loop.time()
-                if upload.received != seen:
-                    seen, heard = upload.received, now
-                if now >= deadline or now - heard >= idle:
-                    why = (f"did not arrive within {timeout:g} s (deepgram.upload_timeout_s)" if now >= deadline else
-                           f"paused for {idle:g} s (server.idle_timeout_s)")
-                    raise DeepgramError(f"the body {why}; {upload.received} bytes came", status=408,
-                                        code="REQUEST_TIMEOUT")
-                await asyncio.wait({upload.body}, timeout=min(deadline, heard + idle, now + 1.0) - now)
-            return upload.body.result()
-        except EOFError:
-            raise ConnectionResetError("the client left during its upload") from None
-        except ValueError as exc:
-            if upload.too_large:
-                raise DeepgramError(f"the body has more than {upload.limit} bytes (deepgram.max_upload_bytes)",
-                                    status=413, code="PAYLOAD_TOO_LARGE") from None
-            raise DeepgramError(f"malformed request body: {exc}", code="Bad Request") from None
+            return await conn.unless_left(self._transcribe(data, options, request_id))
 
     async def _transcribe(self, data: bytes, options: ListenOptions, request_id: str) -> dict[str, Any]:
         """Feed the audio through a stream per channel (one, mixed, without ``multichannel``); Deepgram's answer."""

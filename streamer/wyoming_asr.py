@@ -18,6 +18,7 @@ import numpy as np
 
 from streamer.events import CLOSE_INVALID, CLOSE_POLICY, Event, Final, Partial
 from streamer.exceptions import AudioError, ProtocolError
+from streamer.text import join_words, seam, split_words
 
 __all__ = [
     "MAX_DATA_BYTES",
@@ -167,8 +168,9 @@ class TranscriptChunks:
 
     @property
     def text(self) -> str:
-        """The transcript so far: the finals' texts joined by spaces."""
-        return " ".join(self.finals)
+        """The transcript so far: the finals' texts joined by spaces (none beside a character of a script
+        written without them)."""
+        return join_words(self.finals)
 
     def feed(self, events: list[Event]) -> list[str]:
         """The chunks to send for ``events`` (the engine's, in order)."""
@@ -179,7 +181,7 @@ class TranscriptChunks:
                     self.finals.append(e.text)
                 seen, self._previous = self.text, None
             elif isinstance(e, Partial):
-                words, previous = e.text.split(), self._previous
+                words, previous = split_words(e.text), self._previous  # in Chinese, a word per character
                 self._previous = words
                 if previous is None:
                     continue
@@ -188,11 +190,12 @@ class TranscriptChunks:
                     if a != b:
                         break
                     agreed.append(a)
-                seen = " ".join([*self.finals, *agreed])
+                seen = join_words([*self.finals, *agreed])
             else:
                 continue
             base = self._base
-            if len(seen) > len(base) and seen.startswith(base) and (not base or seen[len(base)] == " "):
+            if len(seen) > len(base) and seen.startswith(base) and (
+                    not base or seen[len(base)] == " " or not seam(base, seen[len(base):])):  # at a word's start
                 out.append(seen[len(base):])
                 self.sent += out[-1]
                 self._base = seen

@@ -170,3 +170,14 @@ def test_voice_events_follow_the_sentences(model_runner, sentences):
     for (started, stopped), (start, end) in zip(zip(events[::2], events[1::2], strict=True), spans, strict=True):
         assert abs(started.time - start / 16000) <= 0.1
         assert 0 <= stopped.time - end / 16000 <= 0.15
+
+
+@pytest.mark.parametrize("vad", ["true", "false"])
+async def test_daemon_loads_the_detector_at_start(daemon_factory, monkeypatch, vad):
+    """The detector's model is loaded when the daemon starts (about 0.5 s here), not by a stream's first audio;
+    also with the rule off, since a client may ask for its own endpointing."""
+    import streamer.vad
+
+    monkeypatch.setattr(streamer.vad, "_shared", None)
+    await daemon_factory(f"endpoint.vad={vad}")
+    assert streamer.vad._shared is not None

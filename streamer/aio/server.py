@@ -46,6 +46,7 @@ from streamer.engine import SAMPLE_RATE, WordDecoder
 from streamer.events import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN, Error, busy
 from streamer.exceptions import StreamerError
 from streamer.runner import Runner
+from streamer.vad import load_vad
 
 if TYPE_CHECKING:
     from streamer.aio.processes.cluster import ClusterLink
@@ -291,6 +292,9 @@ class Daemon:
         check_descriptors(s)  # every stream and viewer holds one
         install_accept_error_filter()  # asyncio logs each failed accept() when they run out
         self.worker.start()
+        # The voice-activity detector's model (0.5 s to load), now: no stream's first audio waits for it, whether
+        # [endpoint] vad asks for it or a client's own endpointing does.
+        await asyncio.to_thread(load_vad)
         common: dict[str, Any] = {
             "max_size": s.max_message_bytes,
             "process_request": self.http.process_request,

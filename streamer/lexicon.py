@@ -22,7 +22,7 @@ import numpy as np
 from streamer.ctc import FRAME_S
 from streamer.events import Alternative, Word
 from streamer.exceptions import ConfigError
-from streamer.lm import Hotwords, LanguageModel, make_search_lm
+from streamer.lm import Hotwords, LanguageModel, ScoreCache, make_search_lm
 from streamer.text import Alphabet, join_words, solo, unspelled, word_spans
 
 __all__ = ["MAX_ALTERNATIVES", "MAX_WORD_LETTERS", "UNK", "Alternative", "Lexicon", "LexiconSearch", "OpenVocabulary",
@@ -283,12 +283,34 @@ class Lexicon(_Searcher):
                 self._trie.insert([i], self.unk_label, unk_score)
                 self._needs = max(self._needs, i)
         self._trie.smear(fl.SmearingMode.MAX)
-        self._options = fl.LexiconDecoderOptions(
-            beam_size=beam_size, beam_size_token=beam_size_token or self.n_tokens, beam_threshold=25.0,
-            lm_weight=1.0 if self._scored else 0.0, word_score=0.0 if lm else word_score,
+        self._options = self._decoder_options(beam_size, beam_size_token or self.n_tokens)
+        self._lm = fl.ZeroLM()
+        self._scores = ScoreCache()  # the LM's scores, shared by this list's searches (and its clones')
+
+    def _decoder_options(self, beam_size: int, beam_size_token: int) -> Any:
+        fl = self._fl
+        return fl.LexiconDecoderOptions(
+            beam_size=beam_size, beam_size_token=beam_size_token, beam_threshold=25.0,
+            lm_weight=1.0 if self._scored else 0.0, word_score=0.0 if self.lm else self._settings["word_score"],
             unk_score=float("-inf"), sil_score=0.0, log_add=False, criterion_type=fl.CriterionType.CTC,
         )
-        self._lm = fl.ZeroLM()
+
+    PARTIAL_BEAM = (10, 8)
+    """beam size and letters per frame of a partial's fresh search over its tail (the frames after the last word
+    the segment's search completed, and the look-ahead): it runs every hop over a second of frames or more, so it
+    was most of the word list's cost; on peaky outputs a narrower beam shows the words the finals will have as
+    soon and as often (``clients/frontcpu.py --compare`` prints both), and the finals keep the full beam"""
+
+    def _partial_searcher(self) -> Lexicon:
+        quick = self.__dict__.get("_quick")
+        if quick is None:
+            beam, tokens = self.PARTIAL_BEAM
+            quick = object.__new__(Lexicon)
+            quick.__dict__.update(self.__dict__)
+            quick._options = self._decoder_options(min(beam, int(self._settings["beam_size"])),
+                                                   min(tokens, int(self._settings["beam_size_token"]) or self.n_tokens))
+            self.__dict__["_quick"] = quick
+        return quick
 
     def _unigram_scores(self) -> list[float]:
         """Each word's score from the start of a segment: what the trie's look-ahead (smearing) uses."""
@@ -321,7 +343,7 @@ class Lexicon(_Searcher):
 
     def _new_decoder(self) -> tuple[Any, Any]:
         lm = (make_search_lm(self.lm, self.hotwords, labels=self.words, unk_label=self.unk_label,
-                             unk_score=self.unk_score) if self._scored else self._lm)
+                             unk_score=self.unk_score, cache=self._scores) if self._scored else self._lm)
         return self._fl.LexiconDecoder(self._options, self._trie, lm, self.delimiter_id, self.blank_id,
                                        -1, [], False), lm
 
@@ -362,6 +384,7 @@ class OpenVocabulary(_Searcher):
         self._options = fl.LexiconFreeDecoderOptions(
             beam_size=beam_size, beam_size_token=beam_size_token, beam_threshold=25.0, lm_weight=1.0,
             sil_score=0.0, log_add=False, criterion_type=fl.CriterionType.CTC)
+        self._scores = ScoreCache()  # the LM's scores, shared by this search's decoders
 
     def __len__(self) -> int:
         return 0  # no list of words
@@ -393,7 +416,7 @@ class OpenVocabulary(_Searcher):
         return quick
 
     def _new_decoder(self) -> tuple[Any, Any]:
-        lm = make_search_lm(self.lm, self.hotwords, chars=self.chars, delimiter=self.delimiter_id)
+        lm = make_search_lm(self.lm, self.hotwords, chars=self.chars, delimiter=self.delimiter_id, cache=self._scores)
         return self._fl.LexiconFreeDecoder(self._options, lm, self.delimiter_id, self.blank_id, []), lm
 
     def _spells(self) -> bool:

@@ -12,7 +12,8 @@ so the beam keeps them) without banning anything else.
 :func:`make_search_lm` makes what one search hands flashlight's decoder: a Python ``LM`` that scores word ids
 (the word-list search) or single characters (the lexicon-free search, which assembles words from
 letters and scores each when its delimiter comes). One is made per search, so its state memo lives and
-dies with the segment; the KenLM model itself is shared, read-only.
+dies with the segment; the scores themselves are kept in the decoder's :class:`ScoreCache`, which all its
+searches share, and the KenLM model is shared, read-only.
 
 Pure numpy/flashlight: no torch, no asyncio. Files are read only by the loaders.
 """
@@ -43,6 +44,7 @@ __all__ = [
     "MAX_HOTWORD_WORDS",
     "Hotwords",
     "LanguageModel",
+    "ScoreCache",
     "find_lm_folder",
     "load_language_model",
     "make_search_lm",
@@ -347,25 +349,47 @@ def read_hotwords(path: str | Path, spell: Spell, default_weight: float) -> Hotw
 # --------------------------------------------------------------------------------------------- search LM
 
 
-def make_search_lm(lm: LanguageModel | None, hotwords: Hotwords | None, *, labels: list[str] | None = None,
-                   unk_label: int = -1, unk_score: float = 0.0, chars: Mapping[int, str] | None = None,
-                   delimiter: int = -1) -> Any:
-    """A flashlight ``LM`` for one search.
+SCORE_CACHE_SIZE = 50_000
+"""the most word and letter scores a :class:`ScoreCache` holds before it starts afresh"""
 
-    Word-list search: ``labels[i]`` is the word of trie label ``i``; ``unk_label`` is the ``[unk]``
-    letter path, scored ``unk_score`` per letter. Lexicon-free search: ``chars`` maps each letter token to
-    its character and ``delimiter`` ends a word; other tokens are forbidden.
+
+class ScoreCache:
+    """Scores the searches of one decoder share: ``(start, history, partial word, token)`` → what follows.
+
+    A search's LM asks KenLM for each word a hypothesis completes after the words before it; every search of a
+    segment (and each partial's fresh search, every hop) asks mostly the same questions again. The answers
+    depend only on the key (the KenLM state after the ``order - 1`` words of the history is always the same), so
+    a decoder keeps one cache for all its searches; it is cleared when full rather than grown without bound.
     """
+
+    def __init__(self, size: int = SCORE_CACHE_SIZE) -> None:
+        self.size = size
+        self.entries: dict[tuple[Any, ...], tuple[tuple[str, ...], str, Any, float]] = {}
+
+
+_search_lm_class: type | None = None
+
+
+def _search_lm() -> type:
+    """The flashlight ``LM`` subclass of :func:`make_search_lm` (made once: flashlight is imported lazily)."""
+    global _search_lm_class
+    if _search_lm_class is not None:
+        return _search_lm_class
     from flashlight.lib.text import decoder as fl
 
-    class _LM(fl.LM):  # type: ignore[misc]
-        def __init__(self) -> None:
+    class SearchLM(fl.LM):  # type: ignore[misc]
+        def __init__(self, lm: LanguageModel | None, hotwords: Hotwords | None, labels: list[str] | None,
+                     unk_label: int, unk_score: float, chars: Mapping[int, str] | None, delimiter: int,
+                     cache: ScoreCache) -> None:
             fl.LM.__init__(self)
+            self.lm, self.hotwords, self.labels, self.chars, self.cache = lm, hotwords, labels, chars, cache
+            self.unk_label, self.unk_score, self.delimiter = unk_label, unk_score, delimiter
             self.keys: dict[Any, tuple[tuple[str, ...], str, Any]] = {}  # state -> (history, partial, kenlm state)
             self.memo: dict[tuple[tuple[str, ...], str], Any] = {}
             self.partial_scores: dict[str, float] = {}
             self.edges: dict[tuple[Any, int], tuple[Any, float]] = {}
             self.keep = max(1, (lm.order if lm else 1) - 1)
+            self.begin = False  # whether the search began at a sentence start (part of every cache key)
 
         def _state(self, history: tuple[str, ...], partial: str, ken: Any) -> Any:
             key = (history, partial)
@@ -380,11 +404,14 @@ def make_search_lm(lm: LanguageModel | None, hotwords: Hotwords | None, *, label
             self.keys.clear()
             self.memo.clear()
             self.edges.clear()
-            ken = lm.kenlm.start(not (lm.score_boundary and not start_with_nothing)) if lm else None
+            lm = self.lm
+            self.begin = bool(lm and lm.score_boundary and not start_with_nothing)
+            ken = lm.kenlm.start(not self.begin) if lm else None
             return self._state((), "", ken)
 
         def _word(self, history: tuple[str, ...], ken: Any, word: str | None) -> tuple[float, Any]:
             """The score of ``word`` after ``history`` (None: ``[unk]``) and the KenLM state after it."""
+            lm, hotwords = self.lm, self.hotwords
             bonus = hotwords.bonus(word) if hotwords and word is not None else 0.0
             if lm is None:
                 return bonus, None
@@ -399,51 +426,77 @@ def make_search_lm(lm: LanguageModel | None, hotwords: Hotwords | None, *, label
             s = self.partial_scores.get(partial)
             if s is None:
                 s = 0.0
-                if lm is not None and not lm.is_prefix(partial):
-                    s += lm.unk_offset
-                if hotwords:
-                    s += hotwords.prefix_bonus(partial)
+                if self.lm is not None and not self.lm.is_prefix(partial):
+                    s += self.lm.unk_offset
+                if self.hotwords:
+                    s += self.hotwords.prefix_bonus(partial)
                 self.partial_scores[partial] = s
             return s
 
         def score(self, state: Any, token: int) -> tuple[Any, float]:
-            # the search asks again for every frame a hypothesis lives: answer repeats from the memo
+            # the search asks again for every frame a hypothesis lives: answer repeats from the memo, and what
+            # another search of this decoder asked already from the shared cache
             key = (state, token)
             found = self.edges.get(key)
             if found is None:
-                found = self.edges[key] = self._score(state, token)
+                history, partial, ken = self.keys[state]
+                shared = self.cache.entries
+                ckey = (self.begin, history, partial, token)
+                hit = shared.get(ckey)
+                if hit is None:
+                    if len(shared) >= self.cache.size:
+                        shared.clear()
+                    hit = shared[ckey] = self._score(history, partial, ken, token)
+                found = self.edges[key] = (self._state(*hit[:3]), hit[3])
             return found
 
-        def _score(self, state: Any, token: int) -> tuple[Any, float]:
-            history, partial, ken = self.keys[state]
+        def _score(self, history: tuple[str, ...], partial: str, ken: Any,
+                   token: int) -> tuple[tuple[str, ...], str, Any, float]:
+            """The history, partial word and KenLM state after ``token``, and its score."""
+            chars = self.chars
             if chars is None:  # word-list search: token is a trie label
-                if token == unk_label:
+                if token == self.unk_label:
                     s, ken2 = self._word(history, ken, None)
-                    return self._state((*history, "<unk>")[-self.keep:], "", ken2), s + unk_score
-                assert labels is not None
-                word = labels[token]
+                    return (*history, "<unk>")[-self.keep:], "", ken2, s + self.unk_score
+                assert self.labels is not None
+                word = self.labels[token]
                 s, ken2 = self._word(history, ken, word)
-                return self._state((*history, word)[-self.keep:], "", ken2), s
-            if token == delimiter:
+                return (*history, word)[-self.keep:], "", ken2, s
+            if token == self.delimiter:
                 if not partial:
-                    return state, 0.0
+                    return history, partial, ken, 0.0
                 s, ken2 = self._word(history, ken, partial)
-                return self._state((*history, partial)[-self.keep:], "", ken2), s - self._partial_score(partial)
+                return (*history, partial)[-self.keep:], "", ken2, s - self._partial_score(partial)
             c = chars.get(token)
             if c is None:
-                return state, FORBIDDEN
+                return history, partial, ken, FORBIDDEN
             grown = partial + c
-            return self._state(history, grown, ken), self._partial_score(grown) - self._partial_score(partial)
+            return history, grown, ken, self._partial_score(grown) - self._partial_score(partial)
 
         def finish(self, state: Any) -> tuple[Any, float]:
             history, partial, ken = self.keys[state]
             total = 0.0
-            if chars is not None and partial:
-                state, total = self._score(state, delimiter)
-                history, partial, ken = self.keys[state]
+            if self.chars is not None and partial:
+                history, partial, ken, total = self._score(history, partial, ken, self.delimiter)
+                state = self._state(history, partial, ken)
+            lm = self.lm
             if lm is not None and lm.score_boundary:
-                ken2, s = lm.kenlm.finish(ken)
+                _, s = lm.kenlm.finish(ken)
                 total += lm.alpha * s * LN10
             return state, total
 
-    return _LM()
+    _search_lm_class = SearchLM
+    return SearchLM
+
+
+def make_search_lm(lm: LanguageModel | None, hotwords: Hotwords | None, *, labels: list[str] | None = None,
+                   unk_label: int = -1, unk_score: float = 0.0, chars: Mapping[int, str] | None = None,
+                   delimiter: int = -1, cache: ScoreCache | None = None) -> Any:
+    """A flashlight ``LM`` for one search.
+
+    Word-list search: ``labels[i]`` is the word of trie label ``i``; ``unk_label`` is the ``[unk]``
+    letter path, scored ``unk_score`` per letter. Lexicon-free search: ``chars`` maps each letter token to
+    its character and ``delimiter`` ends a word; other tokens are forbidden. ``cache``: the scores this
+    decoder's other searches share (made with the same arguments); None: the search's own.
+    """
+    return _search_lm()(lm, hotwords, labels, unk_label, unk_score, chars, delimiter, cache or ScoreCache())

@@ -615,6 +615,201 @@ async def attack_viewers(ctx: Context) -> Result:
     return True, f"{ctx.args.viewers} viewers: {dict(outcome)}"
 
 
+BURST_S = 55.0
+"""seconds of speech each bursts client sends at once (server.max_burst_s is 60 by default)"""
+
+
+async def attack_bursts(ctx: Context) -> Result:
+    """Native clients that each send 55 s of speech in one message (within server.max_burst_s) and stay reading
+    their finals: audio ahead of real time, which may only use the model and engine time the healthy streams
+    leave."""
+    msg = audio_8k(ctx, BURST_S)
+    finals: Counter[str] = Counter()
+
+    async def one(i: int) -> None:
+        with contextlib.suppress(TimeoutError, ConnectionClosed, OSError, InvalidHandshake):
+            async with asyncio.timeout(max(1.0, ctx.left())):
+                async with connect(native(ctx), max_size=None, open_timeout=5, close_timeout=1) as ws:
+                    if json.loads(await ws.recv()).get("type") != "ready":
+                        finals["refused"] += 1
+                        return
+                    await ws.send(json.dumps({"type": "start", "sample_rate": 8000, "encoding": "s16le"}))
+                    await ws.send(msg)
+                    async for raw in ws:
+                        finals[json.loads(raw).get("type", "?")] += 1
+
+    await asyncio.gather(*(one(i) for i in range(ctx.args.burst_clients)))
+    return not finals["refused"], (f"{ctx.args.burst_clients} clients sent {BURST_S:g} s each at once; they got "
+                                   f"{finals['final']} finals meanwhile, {finals['refused']} refused")
+
+
+async def attack_ghost_viewers(ctx: Context) -> Result:
+    """Viewers of names that never exist, as many as server.max_viewers: they must be closed after
+    server.idle_timeout_s (viewer_idle), and a viewer of a healthy stream must then get in."""
+    closes: Counter[str] = Counter()
+    opened: list[ClientConnection] = []
+
+    async def ghost(j: int) -> None:
+        try:
+            ws = await connect(f"ws://{HOST}:{ctx.daemon.port}/v1/listen/ghost-{uuid.uuid4().hex[:8]}-{j}",
+                               open_timeout=10, close_timeout=1)
+        except InvalidStatus as exc:
+            closes[f"HTTP {exc.response.status_code}"] += 1
+            return
+        except (TimeoutError, OSError, InvalidHandshake) as exc:
+            closes[type(exc).__name__] += 1
+            return
+        opened.append(ws)
+        last: dict[str, Any] = {}
+        with contextlib.suppress(TimeoutError, ConnectionClosed):
+            async with asyncio.timeout(max(1.0, ctx.left())):
+                async for raw in ws:
+                    last = json.loads(raw)
+        closes[f"{ws.close_code} {last.get('code', '')}".strip() if ws.close_code else "still open"] += 1
+        await ws.close()
+
+    ghosts = asyncio.gather(*(ghost(j) for j in range(ctx.args.ghosts)))
+    await asyncio.sleep(ctx.args.idle_timeout + 4.0)  # the idle timeout, and the few seconds between looks
+    viewer = "not tried"
+    try:
+        async with connect(f"ws://{HOST}:{ctx.daemon.port}/v1/listen/{ctx.names[0]}", open_timeout=5,
+                           close_timeout=1) as ws:
+            first = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            viewer = "accepted" if first.get("type") == "ready" else f"refused {first.get('code')}"
+    except InvalidStatus as exc:
+        viewer = f"refused HTTP {exc.response.status_code}"
+    except (TimeoutError, OSError, InvalidHandshake, ConnectionClosed) as exc:
+        viewer = f"failed: {type(exc).__name__}"
+    await ghosts
+    return viewer == "accepted", (f"{ctx.args.ghosts} ghost viewers: {dict(closes)}; a healthy stream's viewer "
+                                  f"after {ctx.args.idle_timeout + 4:g} s: {viewer}")
+
+
+async def side_daemon(ctx: Context, overrides: list[str]) -> Daemon:
+    """Another daemon, with the main one's server settings, --set and ``overrides`` (not its other listeners, whose
+    ports the main one holds), for a row that breaks its processes. RuntimeError if it does not start."""
+    base = [o for o in ctx.daemon.overrides if o.startswith("server.") or o in ctx.args.overrides]
+    d = Daemon(ctx.args, [*base, *overrides])
+    try:
+        await d.start()
+    except SystemExit as exc:  # the row fails, the other rows go on
+        raise RuntimeError(str(exc)[-600:]) from None
+    return d
+
+
+def logged_pid(d: Daemon, pattern: str) -> int | None:
+    """The pid the last log line matching ``pattern`` (a group) names."""
+    import re
+
+    for line in reversed(d.log_tail):
+        if m := re.search(pattern, line):
+            return int(m.group(1))
+    return None
+
+
+async def health_status(port: int, limit: float = 3.0) -> str:
+    """/healthz's status ("ok", "degraded", ...), "no answer", or the HTTP status."""
+    status, _, body = await http(port, get("/healthz"), limit=limit)
+    if not status:
+        return "no answer"
+    try:
+        return str(json.loads(body or b"{}").get("status", status))
+    except ValueError:
+        return f"HTTP {status}"
+
+
+async def beside(ctx: Context, d: Daemon, harm: Callable[[], Coroutine[Any, Any, str]]) -> Result:
+    """Healthy streams on ``d`` while ``harm`` runs (its note); they must lose no final, and /healthz must be ok
+    once it is over."""
+    audio_s = len(ctx.pcm) / 32000
+    streams = asyncio.gather(*(healthy_stream(d.url, ctx.pcm, f"{n}-side", audio_s) for n in ctx.names))
+    note = await harm()
+    results: list[Healthy] = await streams
+    lost = sum(r.lost(ctx.expected.texts)[0] + r.lost(ctx.expected.texts)[1] for r in results)
+    lags = [x for r in results for x in r.lags]
+    bad = [f"{r.name}: {r.error or 'closed ' + r.close}, {len(r.finals)} finals" for r in results
+           if r.error or r.close != "1000" or r.lost(ctx.expected.texts) != (0, 0)]
+    status = "?"
+    for _ in range(20):  # a replaced process or model server may take a few seconds to be counted again
+        if (status := await health_status(d.port)) == "ok":
+            break
+        await asyncio.sleep(1.0)
+    ok = not lost and not bad and status == "ok"
+    return ok, (f"{note}; its own healthy streams: {lost} finals lost or changed, lag p95 {pct(lags, 95):.2f} s"
+                f"{', ' + '; '.join(bad) if bad else ''}; /healthz after: {status}")
+
+
+async def attack_hung_process(ctx: Context) -> Result:
+    """A daemon of two front-end processes (server.processes = 2) with healthy streams of its own: one process is
+    stopped (SIGSTOP, as a stuck event loop) for --hang seconds, then continued. /healthz must say degraded
+    meanwhile, no healthy final may be lost (a stream on the stopped process waits for it), and the daemon
+    must be ok after."""
+    d = await side_daemon(ctx, ["server.processes=2", "server.idle_timeout_s=30"])  # the default: over --hang
+    try:
+        victim = logged_pid(d, r"started front-end process 1 \(pid (\d+)\)")
+        if victim is None:
+            return False, "no front-end process 1 in the log"
+
+        seen: Counter[str] = Counter()
+
+        async def hang() -> str:
+            await asyncio.sleep(1.0)
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                end = time.monotonic() + ctx.args.hang
+                while time.monotonic() < end:  # a request the stopped process took gets no answer
+                    seen[await health_status(d.port, limit=min(1.0, max(0.1, end - time.monotonic())))] += 1
+                    await asyncio.sleep(0.2)
+            finally:
+                os.kill(victim, signal.SIGCONT)
+            return f"process 1 stopped {ctx.args.hang:g} s, /healthz meanwhile {dict(seen)}"
+
+        ok, note = await beside(ctx, d, hang)
+        return ok and seen["degraded"] > 0, note
+    finally:
+        await d.stop()
+
+
+def triton_python() -> str | None:
+    """A Python with PyTriton for the model server: STREAMER_TRITON_PYTHON, else the checkout's .venv-triton."""
+    for python in (os.environ.get("STREAMER_TRITON_PYTHON"),
+                   Path(__file__).resolve().parents[1] / ".venv-triton" / "bin" / "python"):
+        if python and os.access(python, os.X_OK):
+            return str(python)
+    return None
+
+
+async def attack_model_server_kill(ctx: Context) -> Result:
+    """A daemon of two front-end processes on a model server it started itself (model_server.kind = "triton"),
+    with healthy streams of its own: SIGKILL of the model server's process group. serve must start it again
+    and the streams' windows wait for it (model_server.retry_s): no healthy final lost, /healthz ok after."""
+    python = triton_python()
+    if python is None:
+        return True, "skipped: no Python with PyTriton (set STREAMER_TRITON_PYTHON)"
+    d = await side_daemon(ctx, ["server.processes=2", "model_server.kind='triton'", f"model_server.python='{python}'",
+                                "model_server.http_port=0", "model_server.metrics_port=0"])
+    try:
+        victim = logged_pid(d, r"model server ready at \S+ \(pid (\d+)\)")
+        if victim is None:
+            return False, "no model server pid in the log"
+
+        async def kill() -> str:
+            await asyncio.sleep(2.0)
+            os.killpg(victim, signal.SIGKILL)
+            t0 = time.monotonic()
+            for _ in range(300):  # the log has no event to await: look every 0.2 s, a minute at most
+                if logged_pid(d, r"model server ready at \S+ \(pid (\d+)\)") != victim:
+                    break
+                await asyncio.sleep(0.2)
+            again = logged_pid(d, r"model server ready at \S+ \(pid (\d+)\)")
+            return (f"model server (pid {victim}) killed; "
+                    + (f"ready again after {time.monotonic() - t0:.1f} s" if again != victim else "not started again"))
+
+        return await beside(ctx, d, kill)
+    finally:
+        await d.stop()
+
+
 async def attack_idle_bypass(ctx: Context) -> Result:
     """Streams that send no audio, only a flush every few seconds, to hold their slots."""
     idle = ctx.args.idle_timeout
@@ -1162,6 +1357,8 @@ async def attack_sigterm(ctx: Context) -> Result:
 class Attack:
     run: Callable[[Context], Coroutine[Any, Any, Result]]
     about: str
+    setup_s: float = 0.0
+    """seconds the attack may take beyond --seconds to set up (a daemon of its own)"""
 
 
 ATTACKS: dict[str, Attack] = {
@@ -1172,6 +1369,12 @@ ATTACKS: dict[str, Attack] = {
     "flood-8k": Attack(attack_flood_8k, "clients send 1 MiB messages of 8 kHz audio as fast as they can, leave"),
     "fast-sender": Attack(attack_fast_sender, "clients/caption.py --fast on the healthy audio: no final lost"),
     "viewers": Attack(attack_viewers, "over a thousand viewers: /healthz and the streams must go on"),
+    "bursts": Attack(attack_bursts, "clients send 55 s of speech at once and stay: spare model time only"),
+    "ghost-viewers": Attack(attack_ghost_viewers, "viewers of names that never exist fill the slots: closed when idle"),
+    "hung-process": Attack(attack_hung_process, "2 processes, one SIGSTOPped --hang s: degraded, no final lost",
+                           setup_s=90.0),
+    "model-server-kill": Attack(attack_model_server_kill, "SIGKILL of serve's own Triton model server: restarted",
+                                setup_s=240.0),
     "idle-bypass": Attack(attack_idle_bypass, "streams that only send flush: the idle timeout must close them"),
     "refused-storm": Attack(attack_refused_storm, "slots full, thousands of connections refused with 1013"),
     "bad-input": Attack(attack_bad_input, "deep JSON, Vosk NaN/Infinity rate, 3e38 f32 samples: error events"),
@@ -1254,11 +1457,12 @@ async def run_attack(name: str, ctx: Context, index: int) -> Row:
     streams = asyncio.gather(*(healthy_stream(daemon.url, ctx.pcm, n, audio_s) for n in ctx.names))
     attack = asyncio.create_task(ATTACKS[name].run(ctx))
     watcher = asyncio.create_task(watch())
+    limit = args.seconds + GRACE_S + ATTACKS[name].setup_s
     try:
-        async with asyncio.timeout(args.seconds + GRACE_S):
+        async with asyncio.timeout(limit):
             row.check, row.note = await attack
     except TimeoutError:
-        row.check, row.note = False, f"the attack did not end within {args.seconds + GRACE_S:g} s"
+        row.check, row.note = False, f"the attack did not end within {limit:g} s"
     except asyncio.CancelledError:
         if not row.problems:
             raise
@@ -1374,6 +1578,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bytes per flood-8k message, under server.max_message_bytes (default: 1000000)")
     p.add_argument("--fast-clients", type=int, default=2, help="caption.py --fast runs at a time (default: 2)")
     p.add_argument("--viewers", type=int, default=1200, help="viewers, more than --nofile (default: 1200)")
+    p.add_argument("--burst-clients", type=int, default=8, help="bursts clients (default: 8)")
+    p.add_argument("--ghosts", type=int, default=256,
+                   help="ghost-viewers: viewers of names that never exist, server.max_viewers (default: 256)")
+    p.add_argument("--hang", type=float, default=10.0,
+                   help="hung-process: seconds one process stays stopped, under its heartbeat limit (default: 10)")
     p.add_argument("--idle-clients", type=int, default=4, help="idle-bypass streams (default: 4)")
     p.add_argument("--refusals", type=int, default=5000, help="refused-storm connections (default: 5000)")
     p.add_argument("--http-requests", type=int, default=2000, help="most http-edges requests (default: 2000)")

@@ -1353,6 +1353,31 @@ async def attack_sigterm(ctx: Context) -> Result:
     return code == 0, f"exit {code} {time.monotonic() - t0:.1f} s after SIGTERM"
 
 
+async def attack_drain(ctx: Context) -> Result:
+    """SIGTERM with the drain on (server.drain_timeout_s), while the worker is busy: a new stream is refused (503)
+    and the healthy streams go on to their own end with every final, closed normally; then the daemon exits 0."""
+    load = asyncio.create_task(flood_8k(ctx, ctx.args.sigterm_load, ctx.left))
+    await asyncio.sleep(max(0.0, ctx.sigterm_at - asyncio.get_running_loop().time()))
+    t0 = time.monotonic()
+    ctx.daemon.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    await asyncio.sleep(0.5)
+    try:
+        async with connect(native(ctx), open_timeout=5):
+            refused = "a new stream was taken while draining"
+    except InvalidStatus as exc:
+        refused = "" if exc.response.status_code == 503 else f"a new stream got {exc.response.status_code}"
+    except (OSError, InvalidHandshake, TimeoutError) as exc:
+        refused = f"a new stream failed: {type(exc).__name__}"
+    limit = ctx.args.drain_timeout + ctx.args.shutdown_timeout + 20
+    code = await ctx.daemon.wait(limit)
+    load.cancel()
+    await asyncio.gather(load, return_exceptions=True)
+    if code is None:
+        return False, f"still running {limit:g} s after SIGTERM"
+    return code == 0 and not refused, (f"exit {code} {time.monotonic() - t0:.1f} s after SIGTERM, once the healthy "
+                                       f"streams ended; {refused or 'a new stream refused 503'}")
+
+
 @dataclass(frozen=True)
 class Attack:
     run: Callable[[Context], Coroutine[Any, Any, Result]]
@@ -1390,7 +1415,8 @@ ATTACKS: dict[str, Attack] = {
     "deepgram-flood": Attack(attack_deepgram_flood, "Deepgram: 1 MiB mu-law messages, Finalize, 2 channels, leave"),
     "twilio-hostile": Attack(attack_twilio_hostile, "Twilio: 512 KB payloads, bad base64, media before start"),
     "audiosocket-hostile": Attack(attack_audiosocket_hostile, "AudioSocket: unknown kinds, 64 KB headers, no uuid"),
-    "sigterm": Attack(attack_sigterm, "SIGTERM under load: every healthy final before the close (always last)"),
+    "drain": Attack(attack_drain, "SIGTERM, drain on: healthy streams end whole, a new one gets 503 (near last)"),
+    "sigterm": Attack(attack_sigterm, "SIGTERM under load, drain off: every healthy final before the close (last)"),
 }
 
 
@@ -1430,6 +1456,7 @@ async def run_attack(name: str, ctx: Context, index: int) -> Row:
     peak = [before]
     polls: list[bool] = []
     sigterm = name == "sigterm"
+    ending = name in ("sigterm", "drain")  # the daemon exits: no polls, no MQTT count, no memory kept
 
     async def watch() -> None:
         next_poll = loop.time()
@@ -1439,20 +1466,20 @@ async def run_attack(name: str, ctx: Context, index: int) -> Row:
             if peak[-1] > args.rss_limit_mb and not attack.done():
                 attack.cancel()
                 row.fail("rss limit", f"stopped at RSS {peak[-1]:.0f} MB (--rss-limit-mb)")
-            if loop.time() >= next_poll and not sigterm:
+            if loop.time() >= next_poll and not ending:
                 next_poll = loop.time() + 1.0
                 polls.append(await healthz(daemon.port))
 
     mqtt: Counter[str] = Counter()
     subscriber = None
-    if ctx.broker is not None and not sigterm:
+    if ctx.broker is not None and not ending:
         ready = asyncio.Event()
         subscriber = asyncio.create_task(ctx.broker.count_finals("streamer", mqtt, ready))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(ready.wait(), 10)
     audio_s = len(ctx.pcm) / 32000
     ctx.deadline = loop.time() + args.seconds
-    if sigterm:
+    if ending:
         ctx.sigterm_at = loop.time() + sigterm_offset(ctx.expected, audio_s, ctx)
     streams = asyncio.gather(*(healthy_stream(daemon.url, ctx.pcm, n, audio_s) for n in ctx.names))
     attack = asyncio.create_task(ATTACKS[name].run(ctx))
@@ -1470,7 +1497,7 @@ async def run_attack(name: str, ctx: Context, index: int) -> Row:
     except Exception as exc:  # an attack's own bug must not end the benchmark
         row.check, row.note = False, f"the attack failed: {type(exc).__name__}: {exc}"
     results: list[Healthy] = await streams
-    if not sigterm:
+    if not ending:
         await asyncio.sleep(SETTLE_S)
     watcher.cancel()
     await asyncio.gather(watcher, return_exceptions=True)
@@ -1492,7 +1519,7 @@ async def run_attack(name: str, ctx: Context, index: int) -> Row:
         elif r.close not in ("1000", "1001" if sigterm else "1000"):
             row.fail(f"closed {r.close or '?'}", f"{r.name}: closed {r.close or 'abnormally'}")
     row.lag_p95 = pct([x for r in results for x in r.lags], 95)
-    if sigterm:
+    if ending:
         row.healthy = "exit 0" if row.check else "no"
     else:
         final_ok = daemon.alive and await healthz(daemon.port)
@@ -1504,9 +1531,9 @@ async def run_attack(name: str, ctx: Context, index: int) -> Row:
         row.fail("finals lost", f"healthy streams: {row.lost} finals lost, {row.changed} changed")
     if row.mqtt_lost:
         row.fail("mqtt lost", f"{row.mqtt_lost} healthy finals missing on MQTT")
-    if not sigterm and row.healthy != "yes":
+    if not ending and row.healthy != "yes":
         row.fail("unhealthy", f"/healthz: {row.healthy}")
-    if not sigterm and kept > args.max_kept_mb:
+    if not ending and kept > args.max_kept_mb:
         row.fail("memory kept", f"kept +{kept:.0f} MB after the attack (--max-kept-mb)")
     if row.lag_p95 > args.max_lag:
         row.fail("lag", f"healthy final lag p95 {row.lag_p95:.1f} s (--max-lag)")
@@ -1587,6 +1614,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--refusals", type=int, default=5000, help="refused-storm connections (default: 5000)")
     p.add_argument("--http-requests", type=int, default=2000, help="most http-edges requests (default: 2000)")
     p.add_argument("--sigterm-load", type=int, default=4, help="flood-8k clients during sigterm (default: 4)")
+    p.add_argument("--drain-timeout", type=float, default=120.0,
+                   help="the daemon's server.drain_timeout_s in the drain row; the other rows run without a drain, "
+                   "as sigterm checks (default: 120)")
     p.add_argument("--max-lag", type=float, default=4.0,
                    help="a healthy final lag p95 above this fails the row (default: 4 s)")
     p.add_argument("--max-kept-mb", type=float, default=200.0,
@@ -1664,7 +1694,8 @@ async def main_async(args: argparse.Namespace) -> int:
         audio = sf.read(wav, dtype="float32")[0]  # exactly what the file holds
         broker = None
         overrides = [f"server.max_streams={args.max_streams}", f"server.idle_timeout_s={args.idle_timeout}",
-                     f"server.shutdown_timeout_s={args.shutdown_timeout}", "vosk.enabled=true", "vosk.port=0"]
+                     f"server.shutdown_timeout_s={args.shutdown_timeout}", "server.drain_timeout_s=0",
+                     "vosk.enabled=true", "vosk.port=0"]
         args.audiosocket_port = free_port()  # the phone calls' TCP listener (audiosocket-hostile)
         overrides += ["audiosocket.enabled=true", f"audiosocket.uri='tcp://{HOST}:{args.audiosocket_port}'"]
         sbin = "/usr/sbin/mosquitto"  # not on a user's PATH on Debian
@@ -1684,6 +1715,9 @@ async def main_async(args: argparse.Namespace) -> int:
             ctx = Context(args, daemon, pcm16(audio), audio, expected, [], broker=broker)
             restart = False
             for i, name in enumerate(args.attacks):
+                if name == "drain":  # the only row with the drain on; the daemon exits at its end
+                    restart, base = True, daemon.overrides
+                    daemon.overrides = [*base, f"server.drain_timeout_s={args.drain_timeout}"]
                 if restart:
                     print("chaos: restarting the daemon", file=sys.stderr)
                     await daemon.stop()
@@ -1691,7 +1725,9 @@ async def main_async(args: argparse.Namespace) -> int:
                     restart = False
                 print(f"chaos: {name} ({args.seconds:g} s)", file=sys.stderr)
                 row = await run_attack(name, ctx, i)
-                if name != "sigterm" and (trouble := await settled(ctx)):
+                if name == "drain":
+                    restart, daemon.overrides = True, base
+                elif name != "sigterm" and (trouble := await settled(ctx)):
                     row.fail("busy after", trouble)
                     restart = True  # the next attack gets a fresh daemon
                 rows.append(row)

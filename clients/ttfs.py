@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol_latency import start_daemon  # noqa: E402  (a script beside this one)
@@ -105,6 +106,9 @@ class StreamResult:
     """(wall time received, message) of every final"""
     sent: list[tuple[float, float]] = field(default_factory=list)
     """(stream seconds sent so far, wall time) after each message"""
+    closed: str = ""
+    """why the connection closed before the stream's end (an overloaded machine misses keepalive pings); "": it
+    did not"""
 
     def sent_at(self, t: float) -> float | None:
         for end, wall in self.sent:
@@ -135,11 +139,16 @@ async def one_stream(url: str, script: Script, delay: float, flush: bool) -> Str
             await ws.send(json.dumps({"type": "stop"}))
 
         task = asyncio.create_task(sender())
-        async for raw in ws:
-            msg = json.loads(raw)
-            if msg["type"] == "final" and msg["words"]:
-                res.finals.append((time.perf_counter(), msg))
-        await task
+        try:
+            async for raw in ws:
+                msg = json.loads(raw)
+                if msg["type"] == "final" and msg["words"]:
+                    res.finals.append((time.perf_counter(), msg))
+            await task
+        except ConnectionClosed as exc:  # the utterances after it count as never finalised
+            res.closed = str(exc)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
     return res
 
 
@@ -149,10 +158,15 @@ class Figures:
     """end of speech -> final of each utterance (NaN where none came)"""
     split: int = 0
     merged: int = 0
+    closed: int = 0
+    """streams whose connection closed early"""
     errors: ErrorRate = field(default_factory=ErrorRate)
 
     def add(self, script: Script, res: StreamResult) -> None:
         """Each final belongs to the utterances its words overlap; an utterance's time is its last final's."""
+        if res.closed:
+            self.closed += 1
+            print(f"    a stream closed early: {res.closed}", file=sys.stderr)
         owners: list[list[int]] = [[] for _ in script.spans]
         for j, (_, msg) in enumerate(res.finals):
             a, b = msg["words"][0]["start"], msg["words"][-1]["end"]
@@ -176,6 +190,7 @@ class Figures:
     def cell(self) -> str:
         missing = sum(1 for s in self.seconds if s != s)
         more = f" ({missing} no final)" if missing else ""
+        more += f" ({self.closed} closed)" if self.closed else ""
         return (f"{self.pct(50):6.2f} {self.pct(95):6.2f} {self.split:5d} {self.merged:6d} "
                 f"{self.errors.wer * 100:5.1f}{more}")
 

@@ -349,8 +349,9 @@ def read_hotwords(path: str | Path, spell: Spell, default_weight: float) -> Hotw
 # --------------------------------------------------------------------------------------------- search LM
 
 
-SCORE_CACHE_SIZE = 50_000
-"""the most word and letter scores a :class:`ScoreCache` holds before it starts afresh"""
+SCORE_CACHE_SIZE = 10_000
+"""the most word and letter scores a :class:`ScoreCache` holds before it starts afresh (about 350 bytes each: a
+client's own word list has a cache of its own; the demo model's word list and LM ask about a thousand)"""
 
 
 class ScoreCache:

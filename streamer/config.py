@@ -308,8 +308,8 @@ class ModelServerConfig(_Section):
                                      doc="how long the server's batcher waits for more windows")
     max_inflight: int = _opt(4, min=1, max=1024, doc="requests one front-end has on the server at once")
     timeout_s: float = _opt(10.0, min=0.1, doc="a request not answered in this time fails its windows")
-    retry_s: float = _opt(5.0, min=0.0, doc="how long windows wait for an unreachable server before their "
-                          "streams get inference_failed (1011)")
+    retry_s: float = _opt(30.0, min=0.0, doc="how long windows wait for an unreachable server before their "
+                          "streams get inference_failed (1011); a restarted Triton takes 7-15 s to be ready")
     start_timeout_s: float = _opt(120.0, min=1.0, doc="how long to wait for the server to be ready at start")
     python: str = _opt("", doc="the interpreter that runs the server `streamer serve` starts ('' = this one): one "
                        "with streamer[triton-server], whose PyTriton holds numpy below 2")

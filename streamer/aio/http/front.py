@@ -62,8 +62,8 @@ class HttpFront:
         self.token = token
         self.health = health
         self.stream_port = stream_port
-        self.openai = OpenAIFront(host, self.authorized, started_at, self.known_host)
         HttpRefusalLog.install()  # one line per refused request, and not a flood of them
+        self.openai = OpenAIFront(host, self.authorized, started_at, self.known_host)
         """the OpenAI-compatible endpoints (``[openai]``): ``/v1/models``, ``/v1/audio/transcriptions``"""
         self.deepgram = DeepgramFront(host, self.authorized, self.known_host)
         """Deepgram's ``/v1/listen`` (``[deepgram]``): its answers before the websocket opens, pre-recorded uploads"""

@@ -412,7 +412,7 @@ async def test_sigterm_finalises_every_process_and_sighup_reaches_every_process(
     on the other receives that stream's last final before its own 1001; the supervisor exits 0."""
     config = tmp_path / "streamer.toml"
     config.write_text("[endpoint]\nsilence_after_speech_s = 0.8\n")
-    s = await served(config=config)
+    s = await served("server.drain_timeout_s=0", config=config)  # SIGTERM finalises at once (no drain)
     config.write_text("[endpoint]\nsilence_after_speech_s = 0.7\n")
     mark = len(s.lines)
     s.signal(signal.SIGHUP)

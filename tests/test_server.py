@@ -430,7 +430,7 @@ async def test_sigterm_mid_stream_sends_finals_then_1001(tiny_models, speech, tm
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "streamer", "serve", "--model", str(tiny_models["layer-padfirst"]), "--port", "0",
-        "--set", "endpoint.enabled=false", "--set", "server.shutdown_timeout_s=20",
+        "--set", "endpoint.enabled=false", "--set", "server.shutdown_timeout_s=20", "--set", "server.drain_timeout_s=0",
         stderr=asyncio.subprocess.PIPE, env=env)
     try:
         async with asyncio.timeout(TIMEOUT):

@@ -253,6 +253,22 @@ async def test_max_streams_idle_timeout_and_shutdown(daemon_factory, speech):
         await asyncio.open_connection("127.0.0.1", d.wyoming.port)
 
 
+async def test_an_idle_connection_at_shutdown_closes_cleanly(daemon_factory):
+    """A connection waiting for its next event when the daemon stops: its pending read is cancelled and ended
+    before the connection's last read, which found it still waiting (RuntimeError: read() called while another
+    coroutine is already waiting) and ended the handler with it."""
+    d = await daemon_factory(*WYOMING)
+    async with asyncio.timeout(TIMEOUT), AsyncTcpClient("127.0.0.1", d.wyoming.port) as client:
+        await client.write_event(Describe().event())
+        assert Info.is_type((await client.read_event()).type)
+        (handler,) = d.wyoming.handlers
+        await d.shutdown()
+        assert await client.read_event() is None  # the daemon closed it
+        await asyncio.wait({handler.task})
+    assert handler.task.exception() is None
+    assert handler not in d.wyoming.handlers
+
+
 async def test_unix_socket(daemon_factory, tmp_path):
     path = tmp_path / "stt.sock"
     d = await daemon_factory("wyoming.enabled=true", f"wyoming.uri='unix://{path}'")

@@ -128,13 +128,13 @@ class Receiver(Generic[M]):
             self._drain = self.unread() + DRAIN_MESSAGES * self._largest
             if receive in done:
                 return self._took(receive.result())
-            receive.cancel()  # websockets' recv() loses nothing when cancelled
+            await _cancel(receive)  # websockets' recv() loses nothing when cancelled
             return await self._drained()
         if receive in done:
             msg: M = self._took(receive.result())
             self._waited_s = 0.0 if self.is_audio(msg) else self._waited_s + loop.time() - t0
             return msg
-        receive.cancel()
+        await _cancel(receive)
         return Quiet.STOP if stop in done else Quiet.IDLE
 
     def _took(self, msg: M) -> M:
@@ -151,7 +151,7 @@ class Receiver(Generic[M]):
         receive: asyncio.Future[Any] = asyncio.ensure_future(self.receive())
         done, _ = await asyncio.wait({receive}, timeout=DRAIN_WAIT_S)
         if receive not in done:
-            receive.cancel()
+            await _cancel(receive)
             self._drain = 0
             return Quiet.STOP
         return self._took(receive.result())
@@ -299,6 +299,13 @@ class RefusalLog(logging.Filter):
         quiet.clear()
         logger.info("refused a connection from %s (%s: %s)%s", _peer(ws), error.code, error.message,
                     f"; {more} in the last {self.interval_s:g} s" if more else "")
+
+
+async def _cancel(receive: asyncio.Future[Any]) -> None:
+    """Cancel a pending read and wait until it has ended: a stream reader takes one reader at a time, and the
+    connection's last read (:func:`linger`) must not find this one still waiting."""
+    receive.cancel()
+    await asyncio.wait({receive})
 
 
 def _peer(ws: ServerConnection) -> str:

@@ -234,7 +234,7 @@ class EndpointConfig(_Section):
     max_utterance_s: float = _opt(20.0, min=0.2, doc="a segment is cut at this length regardless")
     # A voice-activity detector (Silero VAD, streamer/vad.py) beside the CTC evidence: a segment with text ends
     # vad_silence_ms after the detector last heard speech if the CTC frames over that silence are blank too.
-    vad: bool = _opt(False, doc="end segments on the voice-activity detector's silence (and quiet CTC frames)")
+    vad: bool = _opt(True, doc="end segments on the voice-activity detector's silence (and quiet CTC frames)")
     vad_silence_ms: int = _opt(300, min=32, max=10_000, doc="non-speech after speech that ends a segment with text")
     vad_threshold: float = _opt(0.5, min=0.01, max=1.0, doc="a speech probability at or above this is speech")
 

@@ -378,12 +378,12 @@ async def test_vosk_reset_keeps_session_and_8k_rate(daemon_factory, speech):
     audio8 = pcm16(soxr.resample(speech, 16000, 8000))
     async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.vosk_port}/") as ws:
         await ws.send(json.dumps({"config": {"sample_rate": 8000, "words": False}}))
-        await ws.send(audio8[:32000])
+        await ws.send(audio8[:19200])  # 1.2 s: inside the first sentence (it ends at 1.57 s), whatever the endpointing
         await ws.recv()
         await ws.send(json.dumps({"reset": 1}))
         r = json.loads(await ws.recv())
         assert set(r) == {"text"} and r["text"]
-        await ws.send(audio8[32000:])
+        await ws.send(audio8[19200:])
         await ws.recv()
         await ws.send('{"eof": 1}')
         last = json.loads(await ws.recv())

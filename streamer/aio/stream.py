@@ -94,15 +94,20 @@ class EngineThread:
                     self._ready.wait()
                 if not len(self._queue):
                     return
-                [(_, (fut, call))] = self._queue.take(1, 1)
-            if not fut.set_running_or_notify_cancel():  # its stream stopped waiting
-                continue
-            try:
-                result = call()
-            except BaseException as exc:  # handed to the stream that awaits it, as an executor does
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
+                [(_, work)] = self._queue.take(1, 1)
+            self._run(*work)
+            del work  # the thread must not hold the last call (its session, decoder and word list) while it waits
+
+    @staticmethod
+    def _run(fut: Future[Any], call: Callable[[], Any]) -> None:
+        if not fut.set_running_or_notify_cancel():  # its stream stopped waiting
+            return
+        try:
+            result = call()
+        except BaseException as exc:  # handed to the stream that awaits it, as an executor does
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
 
 
 class LiveStream:

@@ -72,7 +72,7 @@ def test_endpoint_config_builds_the_vad_rule_and_refuses_bad_values():
     cfg = load_config(None, ["endpoint.vad=true", "endpoint.vad_silence_ms=250"])
     rules = cfg.endpoint.rules()
     assert rules.vad and rules.vad_silence_s == 0.25 and rules.vad_silence_frames == 8
-    assert not EndpointConfig().rules().vad  # off by default
+    assert EndpointConfig().rules().vad and not EndpointConfig(vad=False).rules().vad  # on by default
     assert not EndpointConfig(enabled=False, vad=True).rules().vad  # endpointing off: the client's flush only
     for bad, message in [({"vad_silence_ms": 10}, "too small"), ({"vad_threshold": 0.0}, "too small"),
                          ({"vad_threshold": 1.5}, "too large"), ({"vad": "yes"}, "true or false")]:

@@ -18,7 +18,6 @@ import numpy as np
 
 from streamer.events import CLOSE_INVALID, CLOSE_POLICY, Event, Final, Partial
 from streamer.exceptions import AudioError, ProtocolError
-from streamer.text import join_words, seam, split_words
 
 __all__ = [
     "MAX_DATA_BYTES",
@@ -168,9 +167,8 @@ class TranscriptChunks:
 
     @property
     def text(self) -> str:
-        """The transcript so far: the finals' texts joined by spaces (none beside a character of a script
-        written without them)."""
-        return join_words(self.finals)
+        """The transcript so far: the finals' texts joined by spaces."""
+        return " ".join(self.finals)
 
     def feed(self, events: list[Event]) -> list[str]:
         """The chunks to send for ``events`` (the engine's, in order)."""
@@ -181,7 +179,7 @@ class TranscriptChunks:
                     self.finals.append(e.text)
                 seen, self._previous = self.text, None
             elif isinstance(e, Partial):
-                words, previous = split_words(e.text), self._previous  # in Chinese, a word per character
+                words, previous = e.text.split(), self._previous
                 self._previous = words
                 if previous is None:
                     continue
@@ -190,12 +188,11 @@ class TranscriptChunks:
                     if a != b:
                         break
                     agreed.append(a)
-                seen = join_words([*self.finals, *agreed])
+                seen = " ".join([*self.finals, *agreed])
             else:
                 continue
             base = self._base
-            if len(seen) > len(base) and seen.startswith(base) and (
-                    not base or seen[len(base)] == " " or not seam(base, seen[len(base):])):  # at a word's start
+            if len(seen) > len(base) and seen.startswith(base) and (not base or seen[len(base)] == " "):
                 out.append(seen[len(base):])
                 self.sent += out[-1]
                 self._base = seen

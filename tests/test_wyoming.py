@@ -326,16 +326,6 @@ def test_transcript_chunks_are_appended_text_never_retracted():
     assert chunks.text == "turn on a kitchen lights" and chunks.sent == "turn on the lights"
 
 
-def test_transcript_chunks_in_a_script_without_spaces_settle_per_character():
-    # a Chinese partial is words of one character each (as the engine cuts them): they settle one by one, and
-    # nothing puts a space between them or between two finals
-    chunks = TranscriptChunks()
-    sent = [chunks.feed([Partial(0, "打开厨", 0, 1)]), chunks.feed([Partial(0, "打开厨房", 0, 1)]),
-            chunks.feed([Final(0, "打开厨房的灯", 0, 2)]), chunks.feed([Final(1, "GPS定位", 2, 3)])]
-    assert sent == [[], ["打开厨"], ["房的灯"], ["GPS定位"]]
-    assert chunks.sent == chunks.text == "打开厨房的灯GPS定位"
-
-
 def test_pcm_of_every_width_decodes_to_the_same_samples():
     x = np.array([[0.5, -0.25], [-1.0, 0.0]], np.float32)
     for width in (2, 4):

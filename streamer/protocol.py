@@ -81,7 +81,10 @@ class Control:
     start: Start | None = None
 
 
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?')  # an unterminated string runs to the end: never rescanned
+# A string literal (an unterminated one runs to the end: never rescanned). Written as runs of plain characters
+# between escapes, which the regex engine takes a run at a time: one alternation per character took 10 ms over a
+# 190 KB Realtime event (4 ms over each second of base64 audio), on the event loop.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 

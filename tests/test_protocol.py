@@ -4,6 +4,7 @@ the one exception-to-close-code mapping, and the viewer queue's drop policy. No 
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -23,7 +24,7 @@ from streamer.events import (
     to_json,
 )
 from streamer.exceptions import AudioError, InferenceError, ProtocolError
-from streamer.protocol import parse_control, parse_vosk_text, vosk_final, vosk_partial
+from streamer.protocol import json_depth, parse_control, parse_vosk_text, vosk_final, vosk_partial
 
 WORDS = (Word("turn", 0.42, 0.6201, 0.93), Word("on", 0.7, 0.8, 0.5))
 MESSAGES = [
@@ -163,3 +164,33 @@ def test_a_full_viewer_queue_makes_room_with_partials_never_finals():
         q.put(Final(i, str(i), 0, 1))
     assert q.overflowed
     assert [q.get_nowait().text for _ in range(3)] == ["0", "1", "2"]
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def test_json_depth_counts_only_brackets_outside_strings():
+    """The depth read off the text (before parsing, so a deep event is refused before ``json`` recurses) is the
+    depth of the parsed value, with brackets, quotes and backslashes inside strings."""
+    rng = random.Random(7)
+    pieces = ['[', ']', '{', '}', '"', '\\', 'a', ' ', '\\"', '\\\\']
+
+    def value(level: int) -> object:
+        kind = rng.randrange(4 if level < 12 else 2)
+        if kind == 0:
+            return "".join(rng.choice(pieces) for _ in range(rng.randrange(8)))
+        if kind == 1:
+            return rng.randrange(100)
+        if kind == 2:
+            return [value(level + 1) for _ in range(rng.randrange(4))]
+        return {str(value(level + 1)): value(level + 1) for _ in range(rng.randrange(3))}
+
+    for _ in range(2000):
+        doc = value(0)
+        assert json_depth(json.dumps(doc)) == _depth(doc), json.dumps(doc)
+    assert json_depth('{"a": "unterminated [[[') == 1

@@ -390,9 +390,9 @@ async def test_realtime_without_turn_detection_sends_held_text_when_it_ends(daem
 
 async def test_refused_http_requests_write_one_line_each_and_no_flood(daemon_factory, caplog):
     """A refused request wrote two or three lines (the reason, websockets' HTTP response sent, connection closed),
-    and a script repeating one wrote megabytes a minute: now each writes one line, at most HttpRefusalLog.burst per
+    and a script repeating one wrote megabytes a minute: now each writes one line, at most RefusalLog.burst per
     interval, and the next one that goes out counts those held back."""
-    from streamer.aio.http.limits import HttpRefusalLog
+    from streamer.aio.http.limits import RefusalLog
 
     d = await daemon_factory("server.allowed_hosts=['asr.example.org']")
     body = form(wav(0.1))
@@ -410,10 +410,10 @@ async def test_refused_http_requests_write_one_line_each_and_no_flood(daemon_fac
             lines = [r.getMessage() for r in caplog.records if r.name in ("streamer.server", "websockets.server")]
             assert status in (400, 403, 404) and len(lines) == 1, (what, status, lines)
         caplog.clear()
-        n = 3 * HttpRefusalLog.burst
+        n = 3 * RefusalLog.burst
         for request in list(requests.values()) * (n // len(requests)):
             await raw_http(d.port, request)
         lines = [r.getMessage() for r in caplog.records if r.name in ("streamer.server", "websockets.server")]
-        assert len(lines) <= HttpRefusalLog.burst, lines  # the rest were held back
+        assert len(lines) <= RefusalLog.burst, lines  # the rest were held back
         status, _, answer = await raw_http(d.port, upload(d.port, body))
         assert status == 200 and "text" in json.loads(answer)  # and the daemon serves on

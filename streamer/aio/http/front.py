@@ -26,7 +26,7 @@ from websockets.server import ServerProtocol
 from streamer.aio.host import Health, StreamHost
 from streamer.aio.http.access import host_allowed, page_allowed, read_cookie, repeated_header, token_cookie
 from streamer.aio.http.connection import HttpConnection, is_tls, not_allowed, respond
-from streamer.aio.http.limits import BoundedConnection, HttpRefusalLog
+from streamer.aio.http.limits import BoundedConnection, RefusalLog
 from streamer.aio.http.openai import OpenAIFront
 from streamer.aio.protocols.deepgram import DEEPGRAM_PATH, DeepgramFront, subprotocol_token
 
@@ -62,7 +62,7 @@ class HttpFront:
         self.token = token
         self.health = health
         self.stream_port = stream_port
-        HttpRefusalLog.install()  # one line per refused request, and not a flood of them
+        RefusalLog.install()  # one line per refused request, and not a flood of them
         self.openai = OpenAIFront(host, self.authorized, started_at, self.known_host)
         """the OpenAI-compatible endpoints (``[openai]``): ``/v1/models``, ``/v1/audio/transcriptions``"""
         self.deepgram = DeepgramFront(host, self.authorized, self.known_host)
@@ -150,8 +150,8 @@ class HttpFront:
         path, query = url.path, parse_qs(url.query)
         if not self.known_host(request):
             host.metrics.streams_rejected.labels("host").inc()
-            HttpRefusalLog.install().refused(
-                conn, 403, "refused a request for host %s (not this server's name; server.allowed_hosts)",
+            RefusalLog.install().refused_request(
+                conn, "host", "refused a request for host %s (not this server's name; server.allowed_hosts)",
                 request.headers.get("Host", "")[:80])
             return respond(conn, 403, "this server does not answer to that host name without a token: add it to "
                            "server.allowed_hosts, or use an IP address or localhost\n", "text/plain")
@@ -195,8 +195,8 @@ class HttpFront:
         origin = request.headers.get("Origin")
         if not page_allowed(request.headers, host.cfg.server.allowed_origins, is_tls(conn)):
             host.metrics.streams_rejected.labels("origin").inc()
-            HttpRefusalLog.install().refused(
-                conn, 403, "refused a websocket from a page of %s (not this host; server.allowed_origins)", origin)
+            RefusalLog.install().refused_request(
+                conn, "origin", "refused a websocket from a page of %s (not this host; server.allowed_origins)", origin)
             return respond(conn, 403, f"a page of {origin} may not open websockets here: only this server's own "
                            "pages and the origins in server.allowed_origins may\n", "text/plain")
         if not self.authorized(request, query, conn.local_address[1]):

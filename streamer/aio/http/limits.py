@@ -12,6 +12,9 @@ Every connection holds a file descriptor: :func:`check_descriptors` makes sure t
 ``server.max_streams + server.max_viewers`` fit under ``RLIMIT_NOFILE`` with headroom, and
 :class:`AcceptErrorFilter` keeps asyncio from logging every failed ``accept()`` when they do not
 (~2,600 tracebacks a second, 12 MB of log in 10 s, with the descriptors used up).
+
+A refused connection or request costs the log one line at most, and a flood of them a few lines per
+interval: :class:`RefusalLog`, which every protocol and HTTP answer reports its refusals to.
 """
 
 from __future__ import annotations
@@ -21,15 +24,16 @@ import logging
 import resource
 import time
 import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
 from streamer.config import ServerConfig
-from streamer.events import CLOSE_POLICY
+from streamer.events import CLOSE_POLICY, Error
 
-__all__ = ["AcceptErrorFilter", "BoundedConnection", "HttpRefusalLog", "check_descriptors", "descriptors_needed",
+__all__ = ["AcceptErrorFilter", "BoundedConnection", "RefusalLog", "check_descriptors", "descriptors_needed",
            "install_accept_error_filter"]
 
 logger = logging.getLogger("streamer.server")
@@ -166,29 +170,45 @@ def install_accept_error_filter(interval_s: float = 10.0) -> None:
         log.addFilter(AcceptErrorFilter(interval_s))
 
 
-class HttpRefusalLog(logging.Filter):
-    """At most one line per refused HTTP request, and at most :attr:`burst` of them per ``interval_s`` per server.
+class RefusalLog(logging.Filter):
+    """At most one line per refused connection or request, and per server at most a few per ``interval_s``.
 
-    A refused request wrote two or three lines (the daemon's reason, websockets' ``HTTP response sent (403
-    Forbidden)``, ``connection closed``): a page or a script that repeats a refused request wrote 2.6-3 MB of
-    log in 10 s. Installed on the ``websockets.server`` and ``streamer.server`` loggers (:meth:`install`): a
-    refusal the daemon explains (:meth:`refused`) is its one line; websockets' ``HTTP response sent`` line of a
-    4xx or 5xx is the one line of a refusal the daemon did not explain; a refused connection's ``connection
-    closed`` is dropped. Beyond :attr:`burst` lines in ``interval_s``, lines are counted instead, and the next
-    line that goes out says how many were held back.
+    websockets logs two lines for every connection (``connection open``, ``connection closed``) and for a
+    request it answers itself ``HTTP response sent (403 Forbidden)``, so a refusal wrote two or three lines
+    besides the daemon's reason: 5,000 refused connections wrote 650 KB, and a page or a script repeating a
+    refused request 2.6-3 MB in 10 s. Installed on the ``websockets.server`` logger (:meth:`install`), this
+    filter
+
+    - holds each connection's ``connection open`` back until the connection is admitted (:meth:`admitted`)
+      or closes without being refused;
+    - makes a refusal the daemon explains (:meth:`refused` for a websocket refused at admission,
+      :meth:`refused_request` for an HTTP request) its one line, and websockets' ``HTTP response sent`` line
+      of a 4xx or 5xx the one line of a refusal the daemon did not explain;
+    - drops a refused connection's other lines;
+    - lets :attr:`admission_burst` lines of refused websockets and :attr:`burst` lines of refused requests
+      out per ``interval_s``: beyond, refusals are counted by reason, and the next line that goes out says
+      how many were held back.
+
+    The interval is kept per server (a process may run several daemons, as the tests do), so one daemon's
+    refusals never silence another's.
     """
 
     burst = 20
+    """refused requests logged per interval: each is some client's own mistake (a token, a host name, a path)"""
+    admission_burst = 1
+    """websockets refused at admission logged per interval: they are all alike (the daemon is full, or stops)"""
 
     def __init__(self, interval_s: float = 10.0) -> None:
         super().__init__()
         self.interval_s = interval_s
+        self._held: dict[object, logging.LogRecord] = {}  # connection id -> its "connection open"
         self._refused: set[object] = set()  # connection ids whose remaining websockets lines are dropped
         self._explained: set[object] = set()  # of those, the ones whose refusal the daemon logged itself
-        self._window: weakref.WeakKeyDictionary[object, tuple[float, int, int]] = weakref.WeakKeyDictionary()
+        # per server: the interval of refused websockets, and that of refused requests
+        self._windows: weakref.WeakKeyDictionary[object, dict[bool, _Window]] = weakref.WeakKeyDictionary()
 
     @classmethod
-    def install(cls) -> HttpRefusalLog:
+    def install(cls) -> RefusalLog:
         """The filter on the ``websockets.server`` logger (added once per process)."""
         log = logging.getLogger("websockets.server")
         for f in log.filters:
@@ -198,48 +218,90 @@ class HttpRefusalLog(logging.Filter):
         log.addFilter(f)
         return f
 
-    def _allowed(self, server: object) -> tuple[bool, int]:
-        """Whether a line may go out for ``server`` now, and how many were held back before it."""
+    def _allowed(self, server: object, request: bool, reason: str) -> str | None:
+        """The note of the refusals held back since the last line, when a line for a refused request (or
+        websocket) may go out for ``server`` now; None when it may not (it is counted under ``reason``)."""
         now = time.monotonic()
-        start, lines, held = self._window.get(server, (now, 0, 0))
-        if now - start >= self.interval_s:
-            start, lines = now, 0
-        if lines >= self.burst:
-            self._window[server] = (start, lines, held + 1)
-            return False, 0
-        self._window[server] = (start, lines + 1, 0)
-        return True, held
+        windows = self._windows.setdefault(server, {})
+        window = windows.get(request)
+        if window is None or now - window.start >= self.interval_s:
+            window = windows[request] = _Window(now, held=window.held if window is not None else {})
+        if window.lines >= (self.burst if request else self.admission_burst):
+            window.held[reason] = window.held.get(reason, 0) + 1
+            return None
+        window.lines += 1
+        note = ", ".join(f"{n} {why}" for why, n in window.held.items())
+        window.held.clear()
+        return f" (held back since the last line: {note})" if note else ""
 
-    def refused(self, conn: ServerConnection, status: int, message: str, *args: object) -> None:
-        """``conn`` was answered ``status`` (a refusal): log ``message % args`` as its one line, unless too many
-        went out lately."""
+    def admitted(self, ws: ServerConnection) -> None:
+        """``ws`` was admitted: its ``connection open`` line goes out now."""
+        held = self._held.pop(ws.id, None)
+        if held is not None:
+            logging.getLogger(held.name).callHandlers(held)
+
+    def refused(self, ws: ServerConnection, error: Error) -> None:
+        """The websocket ``ws`` was refused at admission with ``error``: its lines are dropped; one line says so
+        unless one for the same reason did lately."""
+        self._held.pop(ws.id, None)
+        if ws.protocol.state is not State.CLOSED:
+            self._refused.add(ws.id)
+        note = self._allowed(ws.server, False, error.code)
+        if note is not None:
+            logger.info("refused a connection from %s (%s: %s)%s", _peer(ws), error.code, error.message, note)
+
+    def refused_request(self, conn: ServerConnection, reason: str, message: str, *args: object) -> None:
+        """The HTTP request on ``conn`` was refused for ``reason`` (a short code): log ``message % args`` as its
+        one line, unless one for the same reason did lately."""
         self._refused.add(conn.id)
         self._explained.add(conn.id)
-        ok, held = self._allowed(conn.server)
-        if ok:
-            logger.info(message + (f" ({held} more refusals held back)" if held else ""), *args)
+        note = self._allowed(conn.server, True, reason)
+        if note is not None:
+            logger.info(message + note, *args)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if not message.startswith(("HTTP response sent (", "connection closed")):
+        if message not in ("connection open", "connection closed") and not message.startswith("HTTP response sent ("):
             return True
         ws: Any = record.__dict__.get("websocket")  # websockets' connection adapter adds it (a weak proxy)
         try:
             key, server = ws.id, ws.server
         except (AttributeError, ReferenceError):
             return True
+        if message == "connection open":
+            self._held[key] = record
+            return False
         if message == "connection closed":
+            opened = self._held.pop(key, None)
             if key in self._refused:
                 self._refused.discard(key)
                 self._explained.discard(key)
                 return False
+            if opened is not None:
+                logging.getLogger(opened.name).callHandlers(opened)
             return True
-        if message[20:21] not in ("4", "5"):
+        status = message[20:23]
+        if status[:1] not in ("4", "5"):
             return True
         self._refused.add(key)
         if key in self._explained:
             return False
-        ok, held = self._allowed(server)
-        if ok and held:
-            record.msg, record.args = f"{message} ({held} more refusals held back)", None
-        return ok
+        note = self._allowed(server, True, f"http_{status}")
+        if note:
+            record.msg, record.args = message + note, None
+        return note is not None
+
+
+@dataclass
+class _Window:
+    """One interval of :class:`RefusalLog`'s lines of a kind: when it started, the lines it let out, and the
+    refusals held back since the last line, by reason."""
+
+    start: float
+    lines: int = 0
+    held: dict[str, int] = field(default_factory=dict)
+
+
+def _peer(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) and len(address) >= 2 else "?"

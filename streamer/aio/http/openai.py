@@ -25,7 +25,7 @@ from websockets.http11 import Request, Response
 
 from streamer.aio.host import StreamHost, close_named, open_named
 from streamer.aio.http.connection import HttpConnection, Upload, UploadProblem, respond
-from streamer.aio.http.limits import HttpRefusalLog
+from streamer.aio.http.limits import RefusalLog
 from streamer.audiofile import FileAudio, FileAudioError
 from streamer.events import CLOSE_GOING_AWAY, Event, Final
 from streamer.exceptions import AudioError, InferenceError, ProtocolError
@@ -133,8 +133,9 @@ class OpenAIFront:
         try:
             await self._serve(conn, upload, sid, state)
         except ApiError as exc:
-            self.host.metrics.errors.labels(exc.code or f"http_{exc.status}").inc()
-            HttpRefusalLog.install().refused(conn, exc.status, "openai request %s: %d %s", sid, exc.status, exc)
+            reason = exc.code or f"http_{exc.status}"
+            self.host.metrics.errors.labels(reason).inc()
+            RefusalLog.install().refused_request(conn, reason, "openai request %s: %d %s", sid, exc.status, exc)
             try:
                 await state.error(exc)
             except ConnectionError:

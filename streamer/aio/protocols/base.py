@@ -25,18 +25,16 @@ import fcntl
 import logging
 import struct
 import termios
-import time
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 from websockets.typing import Data
 
 from streamer.aio.host import StreamHost, close_named, name_in_use, open_named
+from streamer.aio.http.limits import RefusalLog
 from streamer.aio.stream import LiveStream
 from streamer.engine import SAMPLE_RATE, WordDecoder
 from streamer.events import CLOSE_GOING_AWAY, Error, Event, error_for, to_json
@@ -225,92 +223,11 @@ class Connection:
             return []
 
 
-class RefusalLog(logging.Filter):
-    """Keeps a refused connection's lines out of the log: one line says so, at most once per ``interval_s``.
-
-    websockets logs ``connection open`` and ``connection closed`` for every connection, and a refused
-    one is open before it is refused, so 5,000 refusals wrote 10,000 lines. Installed on the
-    ``websockets.server`` logger (:meth:`install`), it holds each connection's ``connection open`` back
-    until the connection is admitted (:meth:`admitted`) or closes without being refused; a refused
-    connection's two lines are dropped and :meth:`refused` logs one line, with the count of those held
-    back since the last one. The interval is kept per server (a process may run several daemons, as the
-    tests do), so one daemon's refusals never silence another's.
-    """
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        super().__init__()
-        self.interval_s = interval_s
-        self._held: dict[object, logging.LogRecord] = {}  # connection id -> its "connection open"
-        self._refused: set[object] = set()
-        # per server: when the next line may go out, and the refusals not logged since the last one, by reason
-        self._next: weakref.WeakKeyDictionary[object, float] = weakref.WeakKeyDictionary()
-        self._quiet: weakref.WeakKeyDictionary[object, dict[str, int]] = weakref.WeakKeyDictionary()
-
-    @classmethod
-    def install(cls) -> RefusalLog:
-        """The filter on the ``websockets.server`` logger (added once per process)."""
-        log = logging.getLogger("websockets.server")
-        for f in log.filters:
-            if isinstance(f, cls):
-                return f
-        f = cls()
-        log.addFilter(f)
-        return f
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message not in ("connection open", "connection closed"):
-            return True
-        ws: Any = record.__dict__.get("websocket")  # websockets' connection adapter adds it (a weak proxy)
-        try:
-            key = ws.id
-        except (AttributeError, ReferenceError):
-            return True
-        if message == "connection open":
-            self._held[key] = record
-            return False
-        held = self._held.pop(key, None)
-        if key in self._refused:
-            self._refused.discard(key)
-            return False
-        if held is not None:
-            logging.getLogger(held.name).callHandlers(held)
-        return True
-
-    def admitted(self, ws: ServerConnection) -> None:
-        """``ws`` was admitted: its ``connection open`` line goes out now."""
-        held = self._held.pop(ws.id, None)
-        if held is not None:
-            logging.getLogger(held.name).callHandlers(held)
-
-    def refused(self, ws: ServerConnection, error: Error) -> None:
-        """``ws`` was refused with ``error``: its lines are dropped; one line says so unless one did lately."""
-        self._held.pop(ws.id, None)
-        if ws.protocol.state is not State.CLOSED:
-            self._refused.add(ws.id)
-        now = time.monotonic()
-        server = ws.server
-        quiet = self._quiet.setdefault(server, {})
-        if now < self._next.get(server, 0.0):
-            quiet[error.code] = quiet.get(error.code, 0) + 1
-            return
-        self._next[server] = now + self.interval_s
-        more = ", ".join(f"{n} more {code}" for code, n in quiet.items())
-        quiet.clear()
-        logger.info("refused a connection from %s (%s: %s)%s", _peer(ws), error.code, error.message,
-                    f"; {more} in the last {self.interval_s:g} s" if more else "")
-
-
 async def _cancel(receive: asyncio.Future[Any]) -> None:
     """Cancel a pending read and wait until it has ended: a stream reader takes one reader at a time, and the
     connection's last read (:func:`linger`) must not find this one still waiting."""
     receive.cancel()
     await asyncio.wait({receive})
-
-
-def _peer(ws: ServerConnection) -> str:
-    address = ws.remote_address
-    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) and len(address) >= 2 else "?"
 
 
 async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

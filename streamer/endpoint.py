@@ -11,7 +11,8 @@ speech probabilities (one per ``vad_frame_samples``) and marks the point where `
 non-speech follows speech; the engine then runs one window up to that point and ends the segment
 there if the CTC frames over that silence are blank or the delimiter too (so a pause inside a word,
 which CTC still spells, does not cut it). The rules over CTC frames stay as the fallback. With ``enabled``
-off, nothing ends a segment but the caller's flush; the detector's speech events still come.
+off, nothing ends a segment but the caller's flush and ``max_utterance_s``; the detector's speech events still
+come.
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ def stream_rules(rules: EndpointRules, *, endpointing_ms: int | bool | None = No
     """A stream's own rules from the daemon's ``rules`` and a client's choices (a native ``start``).
 
     ``endpointing_ms``: an utterance ends that long after the detector last heard speech (with quiet CTC frames,
-    as always), and the CTC rule waits at least as long; False: nothing ends one but the client's flush (the
-    ``enabled`` switch); None or True: ``rules`` as they are. ``speech_events``: the stream wants the detector's
-    speech events, so it runs the detector, whose rule then ends its utterances too. ``utterance_end_ms``: see
-    :attr:`EndpointRules.utterance_end_s`.
+    as always), and the CTC rule waits at least as long; False: nothing ends one but the client's flush and the
+    length cap (the ``enabled`` switch); None or True: ``rules`` as they are. ``speech_events``: the stream wants
+    the detector's speech events, so it runs the detector, whose rule then ends its utterances too.
+    ``utterance_end_ms``: see :attr:`EndpointRules.utterance_end_s`.
     """
     out = rules
     if endpointing_ms is False:
@@ -96,10 +97,11 @@ class Endpointer:
     def reason(self, has_text: bool, trailing_silence: int, n_frames: int) -> str:
         """Why a segment in this state ends now: ``silence``, ``max_length``, or ``""`` (it goes on).
 
-        A segment with no text that reaches either limit ends as ``silence`` (no event: nothing said).
+        A segment with no text that reaches either limit ends as ``silence`` (no event: nothing said). With
+        ``enabled`` off only the length limit holds: a client that never flushes still gets its finals.
         """
         if not self.enabled:
-            return ""
+            return "" if n_frames < self.max_frames else "max_length" if has_text else "silence"
         if has_text:
             if trailing_silence >= self.after_speech:
                 return "silence"

@@ -118,6 +118,17 @@ def test_endpointing_off_waits_for_the_flush():
     assert [(f.text, f.reason) for _, f in run(rules) if isinstance(f, Final)] == [("ab cd", "end")]
 
 
+def test_endpointing_off_keeps_the_length_cap():
+    """``endpointing_ms = false`` waits for the flush, but a client that never flushes still gets its speech cut
+    at ``max_utterance_s``: one segment does not grow without bound."""
+    rules = stream_rules(dataclasses.replace(VAD_RULES, max_utterance_s=1.0), endpointing_ms=False)
+    spec = "ab|" * 90 + "_" * 10  # 5.4 s of speech without a pause, then 0.2 s of silence
+    finals = [f for _, f in run(rules, spec=spec, voiced="+" * 270 + "." * 10, voice_events=False)
+              if isinstance(f, Final)]
+    assert [f.reason for f in finals] == ["max_length"] * 5 + ["end"]
+    assert all(f.end - f.start <= 1.0 for f in finals)
+
+
 def test_stream_rules_from_a_start():
     base = EndpointRules(silence_after_speech_s=0.8)
     assert stream_rules(base) == base

@@ -52,15 +52,20 @@ def speech_detector(session: StreamSession) -> SpeechDetector | None:
     return SpeechDetector(load_vad()) if session.vad else None
 
 
-def feed_audio(session: StreamSession, samples: np.ndarray, detector: SpeechDetector | None) -> None:
+def feed_audio(session: StreamSession, samples: np.ndarray, detector: SpeechDetector | None, *,
+               heard: bool = False) -> None:
     """Give the session 16 kHz mono ``samples`` and, with a ``detector``, their speech probabilities.
 
     Then run the session's windows. The detector must be this session's own (it carries the stream's state).
+    ``heard``: the detector was given the samples already (:meth:`SpeechDetector.add`, so that
+    :func:`streamer.vad.score` could run them with other streams' frames); only their probabilities are read.
     """
     x = as_float32(samples)
     session.accept_audio(x)
     if detector is not None:
-        session.accept_speech(detector.accept(x))
+        if not heard:
+            detector.add(x)
+        session.accept_speech(detector.take())
 
 
 def stream_blocks(

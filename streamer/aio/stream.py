@@ -22,7 +22,10 @@ stream, each a word-list search of a second of audio.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import logging
+import math
 import threading
 import time
 import uuid
@@ -42,6 +45,7 @@ from streamer.events import Event, Final
 from streamer.fair import FairQueue, Pace, deadline
 from streamer.runner import TokenVocabulary, geometry_of
 from streamer.transcribe import feed_audio, new_session, speech_detector
+from streamer.vad import SpeechDetector, score
 
 FEED_PIECE = SAMPLE_RATE
 """samples (16 kHz) fed to the engine at a time: a second of audio, two to three hops"""
@@ -52,6 +56,36 @@ deadline in the model worker and the engine thread (spare time only)"""
 
 T = TypeVar("T")
 
+_NO_AUDIO = np.zeros(0, dtype=np.float32)
+
+logger = logging.getLogger("streamer.engine")
+
+
+Hearing = Callable[[], SpeechDetector | None]
+"""A call's first step, which the engine thread may run ahead of the call: give the stream's voice-activity
+detector the call's audio (:meth:`streamer.vad.SpeechDetector.add`); the detector, or None without one."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Call:
+    """An engine call waiting in the thread's queue."""
+
+    future: Future[Any]
+    run: Callable[[], Any]
+    due: float
+    hear: Hearing | None
+    """the call's first step (:data:`Hearing`), until it ran (None: the call feeds no detector)"""
+    begun: bool | None = None
+    """whether the call began (its future runs: cancelling it no longer drops it); None until it was asked"""
+    error: BaseException | None = None
+    """what its first step raised, handed to the stream in place of the call's result"""
+
+    def begin(self) -> bool:
+        """Mark the call begun; False if its stream stopped waiting (the call is dropped)."""
+        if self.begun is None:
+            self.begun = self.future.set_running_or_notify_cancel()
+        return self.begun
+
 
 class EngineThread:
     """One thread that runs the engine calls of every stream, earliest deadline first.
@@ -61,10 +95,19 @@ class EngineThread:
     deadlines), so a real-time stream's call runs before any call of audio sent ahead of real time, which
     has none, however many of those wait. A call that began runs to its end: a burst delays a real-time
     stream by one call at most, a second of audio.
+
+    The voice-activity detector runs batched across streams: a call that feeds audio comes with its
+    :data:`Hearing` (:meth:`submit_heard`), and before each call the thread runs the hearings of that call and
+    of the other streams' waiting calls, then scores all their detectors' frames in one batch
+    (:func:`streamer.vad.score`: 0.04 ms per stream and frame instead of 0.09 ms alone). The calls themselves
+    still run earliest deadline first; each reads its stream's probabilities, which do not depend on the batch.
+    A real-time call hears only the waiting calls that have a deadline, so a burst's audio never delays it;
+    the more calls wait (the busier the thread), the larger the batch.
     """
 
     def __init__(self) -> None:
-        self._queue: FairQueue[str, tuple[Future[Any], Callable[[], Any]]] = FairQueue()
+        self._queue: FairQueue[str, _Call] = FairQueue()
+        self._hearings: dict[str, Hearing] = {}  # the first step of the call each stream submits next
         self._ready = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="streamer-engine", daemon=True)
@@ -75,11 +118,24 @@ class EngineThread:
         when nothing else waits); its future. Cancelling the future before the call began drops it."""
         fut: Future[T] = Future()
         with self._ready:
+            hear = self._hearings.pop(key, None)
             if self._closed:
                 raise RuntimeError("the engine thread was shut down")
-            self._queue.put(key, (fut, functools.partial(fn, *args)), due)
+            self._queue.put(key, _Call(fut, functools.partial(fn, *args), due, hear), due)
             self._ready.notify()
         return fut
+
+    def submit_heard(self, key: str, due: float, hear: Hearing, fn: Callable[..., T], *args: object) -> Future[T]:
+        """:meth:`submit` a call that feeds the stream's detector the audio ``hear()`` gives it.
+
+        The thread runs ``hear()`` before the call, maybe ahead of it with another stream's call (the
+        detectors' frames are scored together); the call then reads the probabilities
+        (:meth:`streamer.vad.SpeechDetector.take`). Once ``hear()`` ran, the call has begun: cancelling its
+        future no longer drops it (the detector heard its audio).
+        """
+        with self._ready:
+            self._hearings[key] = hear
+        return self.submit(key, due, fn, *args)  # (every call is queued in one place)
 
     def shutdown(self) -> None:
         """Run the calls already queued, then let the thread end. Idempotent."""
@@ -94,20 +150,54 @@ class EngineThread:
                     self._ready.wait()
                 if not len(self._queue):
                     return
-                [(_, work)] = self._queue.take(1, 1)
-            self._run(*work)
-            del work  # the thread must not hold the last call (its session, decoder and word list) while it waits
+                [(_, call)] = self._queue.take(1, 1)
+                heard = self._heard_with(call)
+            self._hear(heard)
+            self._run(call)
+            # the thread must not hold the last calls (their sessions, decoders and word lists) while it waits
+            del call, heard
+
+    def _heard_with(self, call: _Call) -> list[_Call]:
+        """The calls whose audio is heard before ``call`` runs (begun, so that none is dropped once heard): ``call``
+        and each stream's next waiting call with a hearing, those with a deadline only if ``call`` has one."""
+        out = []
+        for c in [call, *(self._queue.peek(key) for key in self._queue.keys())]:
+            if c is not None and c.hear is not None and (c is call or c.due < math.inf or call.due == math.inf):
+                if c.begin():
+                    out.append(c)
+        return out
 
     @staticmethod
-    def _run(fut: Future[Any], call: Callable[[], Any]) -> None:
-        if not fut.set_running_or_notify_cancel():  # its stream stopped waiting
+    def _hear(calls: list[_Call]) -> None:
+        detectors = []
+        for c in calls:
+            hear, c.hear = c.hear, None
+            assert hear is not None
+            try:
+                detector = hear()
+            except BaseException as exc:  # the stream's own error: handed to it with its call
+                c.error = exc
+            else:
+                if detector is not None:
+                    detectors.append(detector)
+        try:
+            score(detectors)
+        except Exception:  # each call scores what is left of its own frames, alone, and meets the error there
+            logger.warning("scoring the detectors of %d streams together failed", len(detectors), exc_info=True)
+
+    @staticmethod
+    def _run(call: _Call) -> None:
+        if not call.begin():  # its stream stopped waiting
+            return
+        if call.error is not None:
+            call.future.set_exception(call.error)
             return
         try:
-            result = call()
+            result = call.run()
         except BaseException as exc:  # handed to the stream that awaits it, as an executor does
-            fut.set_exception(exc)
+            call.future.set_exception(exc)
         else:
-            fut.set_result(result)
+            call.future.set_result(result)
 
 
 class LiveStream:
@@ -138,6 +228,7 @@ class LiveStream:
         self.engine = engine
         """the thread the session's engine calls run in (None: on the event loop)"""
         self.closed = False
+        self._converted = _NO_AUDIO  # 16 kHz mono audio a call's first step converted for the call
         self._started: float | None = None  # when the first audio came (time.monotonic)
         self._fed_s = 0.0  # audio seconds fed
 
@@ -168,11 +259,13 @@ class LiveStream:
         if self._started is None:
             self._started = time.monotonic()
         self._fed_s += seconds
-        mono, windows = await self._call(due(min(seconds, FEED_PIECE / SAMPLE_RATE)), self._take, block)
+        mono, windows = await self._call(due(min(seconds, FEED_PIECE / SAMPLE_RATE)), self._take,
+                                         hear=functools.partial(self._hear_block, block))
         events = await self._run(windows, due(min(len(mono), FEED_PIECE) / SAMPLE_RATE))
         for i in range(FEED_PIECE, len(mono), FEED_PIECE):
             end = due(min(len(mono), i + FEED_PIECE) / SAMPLE_RATE)
-            windows = await self._call(end, self._accept, mono[i : i + FEED_PIECE])
+            piece = mono[i : i + FEED_PIECE]
+            windows = await self._call(end, self._accept, piece, hear=functools.partial(self._hear, piece))
             events += await self._run(windows, end)
         return events
 
@@ -211,20 +304,39 @@ class LiveStream:
 
     # -- the engine calls (in the engine thread, one at a time per stream) ----------------
 
-    async def _call(self, due: float, fn: Callable[..., T], *args: object) -> T:
-        """``fn(*args)`` in the engine thread (or here, without one), due at ``due``; the stream's calls never
-        overlap."""
+    async def _call(self, due: float, fn: Callable[..., T], *args: object, hear: Hearing | None = None) -> T:
+        """``fn(*args)`` in the engine thread (or here, without one), due at ``due``, after ``hear()`` (a call
+        that feeds audio: :meth:`EngineThread.submit_heard`); the stream's calls never overlap."""
         if self.engine is None:
+            if hear is not None:
+                hear()
             return fn(*args)
-        return await asyncio.wrap_future(self.engine.submit(self.id, due, fn, *args))
+        if hear is None:
+            return await asyncio.wrap_future(self.engine.submit(self.id, due, fn, *args))
+        return await asyncio.wrap_future(self.engine.submit_heard(self.id, due, hear, fn, *args))
 
-    def _take(self, block: np.ndarray) -> tuple[np.ndarray, list[Window]]:
-        """Convert a block to 16 kHz mono and accept its first piece: the mono audio, the piece's windows."""
-        mono = self.converter.convert(block)
+    def _hear(self, piece: np.ndarray) -> SpeechDetector | None:
+        """A feeding call's first step (:data:`Hearing`): give the detector the 16 kHz mono ``piece`` the call
+        feeds the session."""
+        if self.detector is not None:
+            self.detector.add(piece)
+        return self.detector
+
+    def _hear_block(self, block: np.ndarray) -> SpeechDetector | None:
+        """:meth:`_take`'s first step: convert ``block`` to 16 kHz mono (kept for the call) and hear its first
+        piece."""
+        self._converted = self.converter.convert(block)
+        return self._hear(self._converted[:FEED_PIECE])
+
+    def _take(self) -> tuple[np.ndarray, list[Window]]:
+        """Accept the first piece of the block :meth:`_hear_block` converted: the mono audio, the piece's
+        windows."""
+        mono, self._converted = self._converted, _NO_AUDIO
         return mono, self._accept(mono[:FEED_PIECE])
 
     def _accept(self, piece: np.ndarray) -> list[Window]:
-        feed_audio(self.session, piece, self.detector)
+        """Feed the session ``piece``, which the detector has heard (:meth:`_hear`); the windows to run."""
+        feed_audio(self.session, piece, self.detector, heard=True)
         return self.session.windows_to_run()
 
     def _end(self, last: bool) -> list[Window]:

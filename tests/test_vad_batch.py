@@ -1,0 +1,160 @@
+"""The voice-activity detector run over many streams at once: a row's probabilities do not depend on the batch it
+was scored in, and the engine thread scores the streams whose calls wait in one batch. The shipped Silero model,
+espeak-ng speech."""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from streamer.aio.stream import EngineThread
+from streamer.config import Config
+from streamer.engine import reference, run_session
+from streamer.events import Final
+from streamer.testing import speech_audio
+from streamer.transcribe import feed_audio, new_session
+from streamer.vad import VAD_FRAME, SpeechDetector, VadModel, score, speech_probabilities
+
+
+class CountingVad(VadModel):
+    """The real model, noting the batch size of each run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def run(self, frames: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.batches.append(len(frames))
+        return super().run(frames, state)
+
+
+@pytest.fixture(scope="module")
+def model() -> CountingVad:
+    return CountingVad()
+
+
+@pytest.fixture(scope="module")
+def voices() -> list[np.ndarray]:
+    """Different audio for each stream: espeak-ng speech shifted, scaled, with noise, and noise alone."""
+    rng = np.random.default_rng(3)
+    speech = speech_audio(8.0)
+    out = []
+    for k in range(64):
+        x = np.roll(speech, int(rng.integers(0, len(speech)))) * rng.uniform(0.1, 2.0)
+        if k % 5 == 4:
+            x = np.zeros_like(x)
+        x = x + rng.normal(0, rng.uniform(0, 0.03), len(x))
+        out.append(x.astype(np.float32)[: 3 * 16000 + int(rng.integers(0, VAD_FRAME))])
+    return out
+
+
+def one_by_one(model: VadModel, audio: np.ndarray) -> np.ndarray:
+    """Every full frame of ``audio`` scored alone, as silero-vad's ``OnnxWrapper`` runs the model (the oracle)."""
+    context = np.zeros(64, np.float32)
+    state = np.zeros((2, 1, 128), np.float32)
+    probs = []
+    for j in range(len(audio) // VAD_FRAME):
+        frame = audio[j * VAD_FRAME : (j + 1) * VAD_FRAME]
+        p, state = model.run(np.concatenate([context, frame])[None, :], state)
+        probs.append(p[0])
+        context = frame[-64:]
+    return np.array(probs, np.float32)
+
+
+@pytest.mark.parametrize("streams", [1, 2, 7, 64])
+@pytest.mark.parametrize("chunk", [1, 7, 320, 1000, "random", "mixed"])
+def test_batched_probabilities_equal_each_streams_own(model, voices, streams, chunk):
+    """Streams with their own audio, chunking and start scored together round after round, a random part of them
+    per run of :func:`score`: each stream's probabilities are bitwise those of its audio scored alone."""
+    if chunk in (1, 7) and streams == 64:
+        streams = 16  # (a sample or seven a round: the rounds are many)
+    rng = np.random.default_rng(streams * 31 + len(str(chunk)))
+    audio = [voices[k][: 16000 + 77] if chunk in (1, 7) else voices[k] for k in range(streams)]
+    mixed: list[int | str] = [1, 7, 320, 1000, 4000, "random"]
+    sizes = [mixed[int(rng.integers(0, len(mixed)))] if chunk == "mixed" else chunk for _ in range(streams)]
+    starts = [int(rng.integers(0, 4)) if streams > 1 else 0 for _ in range(streams)]  # rounds before it joins
+    detectors = [SpeechDetector(model) for _ in range(streams)]
+    got: list[list[np.ndarray]] = [[] for _ in range(streams)]
+    fed = [0] * streams
+    rounds = 0
+    while any(f < len(a) for f, a in zip(fed, audio, strict=True)):
+        for k, d in enumerate(detectors):
+            if rounds >= starts[k] and fed[k] < len(audio[k]):
+                n = int(rng.integers(1, 8001)) if sizes[k] == "random" else int(sizes[k])
+                d.add(audio[k][fed[k] : fed[k] + n])
+                fed[k] += n
+        pick = [d for d in detectors if rng.random() < 0.7]
+        score(pick)
+        for k, d in enumerate(detectors):
+            if d in pick or rng.random() < 0.3:  # the rest wait a round or more (take scores alone what is left)
+                got[k].append(d.take())
+        rounds += 1
+    for k, d in enumerate(detectors):
+        probs = np.concatenate([*got[k], d.take()])
+        assert np.array_equal(probs, one_by_one(model, audio[k])), f"stream {k} (chunk {sizes[k]})"
+        assert np.array_equal(probs, speech_probabilities(audio[k], model))
+        assert d.frames == len(audio[k]) // VAD_FRAME
+
+
+def test_engine_thread_scores_the_waiting_streams_in_one_batch(model, voices, model_runner):
+    """Eight real-time streams' calls wait while the thread is busy; before the first of them runs, the thread
+    scores the frames of all eight together, one run per frame, not one per stream and frame. A burst's call
+    waiting beside them (no deadline) is heard only when its own turn comes, and a call cancelled before it began
+    never reaches its detector. Each stream's finals are the reference's with its audio's own probabilities."""
+    cfg = Config()
+    assert cfg.endpoint.vad  # the detector is on by default
+    piece = 6 * VAD_FRAME + 128  # six frames a round, and every fourth round a seventh
+    keys = [f"live{k}" for k in range(8)] + ["burst", "gone"]
+    length = min(len(x) for x in voices[: len(keys)])
+    audio = {key: x[:length] for key, x in zip(keys, voices, strict=False)}
+    detectors = {key: SpeechDetector(model) for key in keys}
+    sessions = {key: new_session(cfg, model_runner.vocab) for key in keys}
+    finals: dict[str, list[Final]] = {key: [] for key in keys}
+
+    def call(key: str, x: np.ndarray) -> None:  # what a stream's engine call does with heard audio
+        feed_audio(sessions[key], x, detectors[key], heard=True)
+        run_session(sessions[key], model_runner)
+        finals[key] += [e for e in sessions[key].events_received() if isinstance(e, Final)]
+
+    engine = EngineThread()
+    try:
+        for at in range(0, length, piece):
+            gate = threading.Event()
+            busy = engine.submit("busy", 0.0, gate.wait, 10)  # holds the thread while the calls queue
+            waiting = {key: engine.submit_heard(key, math.inf if key == "burst" else 1.0 + k,
+                                                functools.partial(hear, detectors[key], audio[key][at : at + piece]),
+                                                call, key, audio[key][at : at + piece])
+                       for k, key in enumerate(keys)}
+            assert waiting.pop("gone").cancel()  # its stream stopped waiting
+            before = detectors["live0"].frames
+            model.batches.clear()
+            gate.set()
+            for fut in [busy, *waiting.values()]:
+                fut.result(30)
+            frames = detectors["live0"].frames - before
+            assert all(detectors[key].frames == detectors["live0"].frames for key in waiting)
+            assert model.batches == [8] * frames + [1] * frames, "the live streams' frames were not scored together"
+    finally:
+        engine.shutdown()
+    assert detectors["gone"].frames == 0 and not detectors["gone"].ready
+    rules, schedule = cfg.endpoint.rules(), cfg.stream.schedule()
+    for key in keys[:9]:
+        x = audio[key]
+        session = sessions[key]
+        session.finish()
+        run_session(session, model_runner)
+        finals[key] += [e for e in session.events_received() if isinstance(e, Final)]
+        _, expected = reference(x, model_runner, schedule, model_runner.vocab, rules, None,
+                                speech_probabilities(x, model))
+        assert [(f.text, f.start, f.end, f.reason) for f in finals[key]] == [
+            (f.text, f.start, f.end, f.reason) for f in expected], key
+
+
+def hear(detector: SpeechDetector, x: np.ndarray) -> SpeechDetector:
+    """A call's first step: the detector hears the audio the call will feed its session."""
+    detector.add(x)
+    return detector

@@ -813,8 +813,10 @@ def _has_pytriton(python: str) -> bool:
 async def test_a_model_server_that_dies_is_started_again(served, speech, expected):
     """``streamer serve`` with ``model_server.kind = "triton"`` and no url starts its own model server; SIGKILL of the
     server's process group: serve starts it again on the same port (with backoff), /healthz says the model server
-    is up again, and both front-end processes serve new streams to transcribe's finals. Before, it stayed dead:
-    /healthz 503 for good and every new stream 1011."""
+    is up again, and both front-end processes serve new streams to transcribe's finals. A stream live across the
+    restart (half its audio before the kill, the rest while the server is down) gets the same finals: its windows
+    wait for the server (``model_server.retry_s``). Before, it stayed dead: /healthz 503 for good and every new
+    stream 1011; and with a 5 s retry_s, a stream live across the restart closed 1011 with half its finals."""
     python = os.environ.get("STREAMER_TRITON_PYTHON") or sys.executable
     if not _has_pytriton(python):
         pytest.skip(f"{python} has no PyTriton: set STREAMER_TRITON_PYTHON (.ci/run makes .venv-triton)")
@@ -823,11 +825,22 @@ async def test_a_model_server_that_dies_is_started_again(served, speech, expecte
                      "model_server.metrics_port=0")
     victim = int((await s.wait_log(r"model server ready at \S+ \(pid (\d+)\)", limit_s=1)).group(1))
     await s.until_health(lambda h: h.get("model_server") == "up", START_TIMEOUT)
+    audio = pcm16(speech)
+    half = len(audio) // 2 & ~1
+    live = await spread(s.port, 1)
+    for c in live:
+        await c.send(audio[:half])
+    for c in live:
+        await c.heard()
     mark = len(s.lines)
     os.killpg(victim, signal.SIGKILL)
     await s.wait_log(rf"the model server \(pid {victim}\) killed by SIGKILL; restarting it", since=mark)
+    for c in live:  # while the server is down: held, not lost
+        await c.send(audio[half:])
     again = int((await s.wait_log(r"model server ready at \S+ \(pid (\d+)\)", since=mark,
                                   limit_s=START_TIMEOUT)).group(1))
     assert again != victim
+    for c in live:
+        assert texts(finals_of(await c.finish())) == texts(expected)
     await s.until_health(lambda h: h.get("model_server") == "up" and h["status"] == "ok", START_TIMEOUT)
-    await served_to_the_end(s, await spread(s.port, 1), pcm16(speech), expected)
+    await served_to_the_end(s, await spread(s.port, 1), audio, expected)

@@ -7,7 +7,9 @@ time (1, 8, 32, 64), chunk by chunk in turn as the daemon's engine thread would 
 time is left out and what is measured is the front end's alone: per stream and audio second, the CPU of
 
 * ``audio``: the client's 16-bit bytes into float32 (``decode_pcm``, the stream's ``AudioConverter``),
-* ``vad``: the voice-activity detector (``[endpoint] vad``, on by default),
+* ``vad``: the voice-activity detector (``[endpoint] vad``, on by default), as the daemon's engine thread runs it
+  when the streams' calls wait together: one batch over the streams of a round (a revision whose detector
+  does not batch, with ``--compare``: each stream alone),
 * ``windows``: the session taking the audio and the speech probabilities, and cutting windows,
 * ``merge``: the CTC merge, endpoints and partials (a result's handling minus the word search),
 * ``search``: flashlight's word search (its steps, partials and finishes, the LM's callbacks excepted),
@@ -242,15 +244,26 @@ def replay(cfg: Any, runner: Any, words: Any, refresh: bool, audio: np.ndarray, 
     def convert(converter: AudioConverter, chunk: bytes) -> np.ndarray:
         return converter.convert(decode_pcm(chunk, "s16le", 1))
 
+    import streamer.vad
+
+    batched = hasattr(streamer.vad, "score")  # (a revision compared with may score each stream alone)
+    heard = [d for d in detectors if d is not None]
+
     cpu = time.process_time()
     for at in range(0, len(pcm), 2 * CHUNK):
         chunk = pcm[at : at + 2 * CHUNK]
-        for i in range(n):
-            x = clock.timed("audio", convert, converters[i], chunk)
+        xs = [clock.timed("audio", convert, converters[i], chunk) for i in range(n)]
+        if batched and heard:  # each call's first step, then one batch, as the engine thread runs them
+            for d, x in zip(detectors, xs, strict=True):
+                if d is not None:
+                    clock.timed("vad", d.add, x)
+            clock.timed("vad", streamer.vad.score, heard)
+        for i, x in enumerate(xs):
             clock.timed("windows", sessions[i].accept_audio, x)
             fed[i] += len(x) / 16000
-            if detectors[i] is not None:
-                probs = clock.timed("vad", detectors[i].accept, x)
+            d = detectors[i]
+            if d is not None:
+                probs = clock.timed("vad", d.take) if batched else clock.timed("vad", d.accept, x)
                 clock.timed("windows", sessions[i].accept_speech, probs)
             answer(i)
     for i in range(n):

@@ -148,27 +148,34 @@ def score(detectors: Iterable[SpeechDetector]) -> None:
         if d.ready:
             by_model.setdefault(d.model, []).append(d)
     for model, group in by_model.items():
+        # The streams with the most frames first: the rows of each run are then the first rows of the batch,
+        # and the Python work per stream is done once per call, not once per frame.
+        group.sort(key=lambda d: -d.ready)
         steps = [d.ready for d in group]
+        audio = np.zeros((len(group), steps[0] * VAD_FRAME), dtype=np.float32)
+        for r, (d, n) in enumerate(zip(group, steps, strict=True)):
+            audio[r, : n * VAD_FRAME] = d._pending[: n * VAD_FRAME]
+        context = np.stack([d._context for d in group])
+        state = np.stack([d._state for d in group], axis=1)
+        probs = np.zeros((len(group), steps[0]), dtype=np.float32)
         done = 0
         try:
-            for j in range(max(steps)):
-                rows = [d for d, n in zip(group, steps, strict=True) if n > j]
-                frames = np.empty((len(rows), _CONTEXT + VAD_FRAME), dtype=np.float32)
-                state = np.empty((_STATE[0], len(rows), _STATE[1]), dtype=np.float32)
-                for i, d in enumerate(rows):
-                    frames[i, :_CONTEXT] = d._context
-                    frames[i, _CONTEXT:] = d._pending[j * VAD_FRAME : (j + 1) * VAD_FRAME]
-                    state[:, i] = d._state
-                probs, state = model.run(frames, state)
-                for i, d in enumerate(rows):
-                    d._context = frames[i, -_CONTEXT:]
-                    d._state = state[:, i]
-                    d._scored.append(probs[i : i + 1])
+            for j in range(steps[0]):
+                m = sum(1 for n in steps if n > j)
+                frame = audio[:m, j * VAD_FRAME : (j + 1) * VAD_FRAME]
+                p, after = model.run(np.concatenate([context[:m], frame], axis=1), np.ascontiguousarray(state[:, :m]))
+                probs[:m, j] = p
+                state[:, :m] = after
+                context[:m] = frame[:, -_CONTEXT:]
                 done = j + 1
         finally:  # (a run that raised changed no detector: the frames before it stay scored, the rest pending)
-            for d, n in zip(group, steps, strict=True):
-                d._pending = d._pending[min(n, done) * VAD_FRAME :].copy()
-                d.frames += min(n, done)
+            for r, (d, n) in enumerate(zip(group, steps, strict=True)):
+                k = min(n, done)
+                d._pending = d._pending[k * VAD_FRAME :].copy()
+                d._context = context[r].copy()
+                d._state = state[:, r].copy()
+                d._scored.append(probs[r, :k])
+                d.frames += k
 
 
 def speech_probabilities(audio: np.ndarray, model: VadModel | None = None) -> np.ndarray:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -421,3 +423,33 @@ async def test_bad_input_gets_deepgrams_errors_and_the_stream_beside_is_untouche
         assert ws.close_code == 1008 and ws.close_reason.startswith("DATA-0000")
 
     assert await asyncio.wait_for(beside, TIMEOUT) == expected["linear16"]
+
+
+async def test_bad_prerecorded_requests_are_logged_at_most_the_refusal_logs_lines(daemon, audio, expected, caplog):
+    """100 bad pre-recorded requests (a wrong key, an encoding Deepgram has but the daemon does not, a body that is
+    not audio) each get Deepgram's error, but the log gets at most RefusalLog.burst lines for all of them, as the
+    OpenAI uploads' refusals do: each wrote two lines before (its reason, and websockets' connection closed), so a
+    script repeating a bad request filled the log. A good request is answered after them."""
+    from test_hostile import raw_http
+
+    from streamer.aio.http.limits import RefusalLog
+
+    def post(query: str, body: bytes, key: str = TOKEN, ctype: str = "audio/wav") -> bytes:
+        return (f"POST /v1/listen?{query} HTTP/1.1\r\nHost: 127.0.0.1:{daemon.port}\r\nAuthorization: Token {key}\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+    wav = audio["linear16"][1].read_bytes()
+    bad = [(post("model=nova-3", wav, key="wrong"), 401), (post("encoding=opus&sample_rate=48000", wav), 400),
+           (post("model=nova-3", b"not audio at all"), 400)]
+    caplog.set_level(logging.INFO)
+    before, t0 = len(caplog.records), time.monotonic()
+    for i in range(100):
+        request, status = bad[i % len(bad)]
+        got, _, body = await raw_http(daemon.port, request)
+        assert got == status and json.loads(body)["err_code"], (got, body)
+    intervals = 1 + int((time.monotonic() - t0) / RefusalLog.install().interval_s)  # one, unless the machine crawls
+    lines = [r.getMessage() for r in caplog.records[before:] if r.name in ("streamer.server", "websockets.server")]
+    assert len(lines) <= intervals * RefusalLog.burst, lines
+    got, _, body = await raw_http(daemon.port, post("model=nova-3", wav))
+    assert got == 200 and json.loads(body)["results"]["channels"][0]["alternatives"][0]["transcript"] == \
+        expected["linear16"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
@@ -25,10 +26,12 @@ from websockets.server import ServerProtocol
 
 from streamer.aio.host import StreamHost
 from streamer.aio.http.access import page_allowed, repeated_header
-from streamer.aio.http.limits import BoundedConnection
+from streamer.aio.http.limits import BoundedConnection, RefusalLog
 
 __all__ = ["ALLOW", "OPEN_TIMEOUT_S", "HttpConnection", "Upload", "UploadProblem", "UploadRoute", "is_tls",
            "not_allowed", "respond"]
+
+logger = logging.getLogger("streamer.server")
 
 OPEN_TIMEOUT_S = 10.0
 """how long a connection may take to send its request head (and complete a websocket handshake): websockets'
@@ -81,7 +84,8 @@ class UploadRoute(Protocol):
         ...
 
     async def serve_upload(self, conn: HttpConnection, upload: Upload) -> None:
-        """Answer the upload (:meth:`HttpConnection.answer`); the connection closes after."""
+        """Answer the upload (:meth:`HttpConnection.answer`), its errors in the API's shape through
+        :meth:`HttpConnection.serve_upload`, which closes the connection after."""
         ...
 
 
@@ -194,6 +198,7 @@ class UploadProblem(Exception):
 
 
 T = TypeVar("T")
+E = TypeVar("E", bound=Exception)
 
 
 @dataclass(frozen=True)
@@ -391,6 +396,32 @@ class HttpConnection(BoundedConnection):
             return
         assert isinstance(decision, Upload) and self._route is not None
         await self._route.serve_upload(self, decision)
+
+    async def serve_upload(self, work: Awaitable[None], *, host: StreamHost, request: str, error: type[E],
+                           reason: Callable[[E], tuple[int, str]],
+                           answer_error: Callable[[E], Awaitable[None]]) -> None:
+        """Serve an upload with ``work``, which writes its answer, and close the connection, as every API does.
+
+        An ``error`` that ``work`` raises (the API's refusal or failure, with its HTTP status and a short
+        ``reason``) is counted in the metrics' errors under that reason, logged as one line unless many were
+        lately (:class:`~streamer.aio.http.limits.RefusalLog`: a script repeating a bad request must not flood
+        the log) and answered with ``answer_error``, in the API's own shape. A client that left ends it with a
+        line. ``request`` names the request in the log (``openai request 3f2a...``).
+        """
+        try:
+            await work
+        except error as exc:
+            status, why = reason(exc)
+            host.metrics.errors.labels(why).inc()
+            RefusalLog.install().refused_request(self, why, "%s: %d %s", request, status, exc)
+            try:
+                await answer_error(exc)
+            except ConnectionError:
+                pass
+        except ConnectionError:
+            logger.info("%s: the client left", request)
+        finally:
+            await self.finish()  # what still comes of the body is dropped as it comes
 
     async def unless_left(self, work: Awaitable[T]) -> T:
         """``work``'s result; when the client leaves first, ``work`` is cancelled (its stream's windows are dropped

@@ -25,7 +25,6 @@ from websockets.http11 import Request, Response
 
 from streamer.aio.host import StreamHost, close_named, open_named
 from streamer.aio.http.connection import HttpConnection, Upload, UploadProblem, respond
-from streamer.aio.http.limits import RefusalLog
 from streamer.audiofile import FileAudio, FileAudioError
 from streamer.events import CLOSE_GOING_AWAY, Event, Final
 from streamer.exceptions import AudioError, InferenceError, ProtocolError
@@ -130,21 +129,9 @@ class OpenAIFront:
         """Answer one upload and close the connection (every answer closes it)."""
         sid = uuid.uuid4().hex[:12]
         state = _Answer(conn)
-        try:
-            await self._serve(conn, upload, sid, state)
-        except ApiError as exc:
-            reason = exc.code or f"http_{exc.status}"
-            self.host.metrics.errors.labels(reason).inc()
-            RefusalLog.install().refused_request(conn, reason, "openai request %s: %d %s", sid, exc.status, exc)
-            try:
-                await state.error(exc)
-            except ConnectionError:
-                pass
-        except ConnectionError:
-            logger.info("openai request %s: the client left", sid)
-        finally:
-            upload.unwanted = True  # what still comes of the body is dropped as it comes
-            await conn.finish()
+        await conn.serve_upload(self._serve(conn, upload, sid, state), host=self.host, request=f"openai request {sid}",
+                                error=ApiError, reason=lambda e: (e.status, e.code or f"http_{e.status}"),
+                                answer_error=state.error)
 
     async def _serve(self, conn: HttpConnection, upload: Upload, sid: str, state: _Answer) -> None:
         host, url = self.host, urlsplit(upload.request.path)

@@ -167,29 +167,25 @@ class DeepgramFront:
     async def serve_upload(self, conn: HttpConnection, upload: Upload) -> None:
         """Answer one pre-recorded request (the audio as the body) with Deepgram's JSON, and close the connection."""
         request_id = str(uuid.uuid4())
-        t0 = time.perf_counter()
-        try:
-            body = await self._serve(conn, upload, request_id)
-            await conn.answer(200, [("Content-Type", "application/json"), ("dg-request-id", request_id)],
-                              json.dumps(body, ensure_ascii=False).encode())
-            logger.info("deepgram request %s: %.1f s of audio in %.2f s", request_id, body["metadata"]["duration"],
-                        time.perf_counter() - t0)
-        except DeepgramError as exc:
-            self.host.metrics.errors.labels(f"http_{exc.status}").inc()
-            logger.info("deepgram request %s: %d %s", request_id, exc.status, exc)
+
+        async def answer_error(exc: DeepgramError) -> None:
             headers = [("Content-Type", "application/json"), ("dg-request-id", request_id),
                        ("dg-error", _header_text(str(exc)))]
             if exc.status in (429, 503):
                 headers.append(("Retry-After", "1"))
-            try:
-                await conn.answer(exc.status, headers, json.dumps(exc.body(request_id)).encode())
-            except ConnectionError:
-                pass
-        except ConnectionError:
-            logger.info("deepgram request %s: the client left", request_id)
-        finally:
-            upload.unwanted = True  # what still comes of the body is dropped as it comes
-            await conn.finish()
+            await conn.answer(exc.status, headers, json.dumps(exc.body(request_id)).encode())
+
+        await conn.serve_upload(self._answer(conn, upload, request_id), host=self.host,
+                                request=f"deepgram request {request_id}", error=DeepgramError,
+                                reason=lambda e: (e.status, f"http_{e.status}"), answer_error=answer_error)
+
+    async def _answer(self, conn: HttpConnection, upload: Upload, request_id: str) -> None:
+        t0 = time.perf_counter()
+        body = await self._serve(conn, upload, request_id)
+        await conn.answer(200, [("Content-Type", "application/json"), ("dg-request-id", request_id)],
+                          json.dumps(body, ensure_ascii=False).encode())
+        logger.info("deepgram request %s: %.1f s of audio in %.2f s", request_id, body["metadata"]["duration"],
+                    time.perf_counter() - t0)
 
     async def _serve(self, conn: HttpConnection, upload: Upload, request_id: str) -> dict[str, Any]:
         host, request = self.host, upload.request

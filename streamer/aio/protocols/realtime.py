@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -64,9 +66,6 @@ CLIENT_EVENTS = ("session.update", "transcription_session.update", "input_audio_
 MAX_UPDATE_BYTES = 16 << 10
 """the largest session update: a whole session with a long prompt is a few KiB; each update is parsed, applied
 and echoed whole on the event loop, so 200 KB ones from two clients delayed every stream's finals by seconds"""
-VAD_KEYS = ("type", "threshold", "prefix_padding_ms", "silence_duration_ms", "eagerness", "idle_timeout_ms",
-            "create_response", "interrupt_response")
-"""the keys of a ``turn_detection`` a session keeps and echoes (OpenAI's server_vad and semantic_vad)"""
 NOT_TRANSCRIPTION = ("response.create", "response.cancel", "conversation.item.create", "conversation.item.delete",
                      "conversation.item.truncate", "conversation.item.retrieve", "output_audio_buffer.clear")
 """client events of conversation sessions: a transcription session has no responses or conversation to change"""
@@ -97,6 +96,67 @@ class RealtimeError(Exception):
         self.param = param
 
 
+Setting = str | int | float | bool | None
+"""a value of an OpenAI detector's setting that the session keeps only to echo it"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnDetection:
+    """A session's ``turn_detection`` (OpenAI's ``server_vad`` or ``semantic_vad``), as it is kept and echoed.
+
+    Only ``silence_duration_ms`` changes what the daemon does (the silence that ends the stream's utterances);
+    the other settings are OpenAI's detectors', kept so that ``session.updated`` shows what the client set."""
+
+    type: str = "server_vad"
+    threshold: Setting = 0.5
+    prefix_padding_ms: Setting = 300
+    silence_duration_ms: int | float
+    eagerness: Setting = None
+    idle_timeout_ms: Setting = None
+    create_response: Setting = None
+    interrupt_response: Setting = None
+
+    _OPTIONAL: ClassVar[tuple[str, ...]] = ("eagerness", "idle_timeout_ms", "create_response", "interrupt_response")
+
+    def given(self, value: Mapping[str, Any]) -> TurnDetection:
+        """These defaults with the settings of a client's ``turn_detection`` object; :class:`RealtimeError` for a
+        type or a silence the daemon cannot do. Keys it does not know, and values that are not scalars, are
+        dropped: the session echoes only its own keys (a nested value could be deep enough to break the echo)."""
+        kind = value.get("type", "server_vad")
+        if kind not in ("server_vad", "semantic_vad"):
+            raise RealtimeError(f"turn_detection {dict(value)!r} is not supported; use {{'type': 'server_vad'}} or "
+                                "null", param="session.turn_detection")
+        settings = {f.name: value[f.name] for f in dataclasses.fields(self)
+                    if f.name in value and isinstance(value[f.name], Setting)}
+        if (silence := settings.pop("silence_duration_ms", None)) is not None:  # (null: the daemon's)
+            lo, hi = ENDPOINTING_MS
+            if isinstance(silence, bool) or not isinstance(silence, int | float) or not lo <= silence <= hi:
+                raise RealtimeError(f"silence_duration_ms must be a number from {lo} to {hi}, got {silence!r}",
+                                    param="session.turn_detection.silence_duration_ms")
+            settings["silence_duration_ms"] = silence
+        return dataclasses.replace(self, **settings)
+
+    def to_json(self) -> dict[str, Any]:
+        """The object ``session.created`` / ``updated`` echo: OpenAI's optional settings only where set."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in self._OPTIONAL}
+
+
+@dataclass(slots=True)
+class Transcription:
+    """A session's ``transcription`` (beta ``input_audio_transcription``): kept and echoed; the model is the
+    daemon's whatever a client names."""
+
+    model: str
+    language: str = ""
+    prompt: str = ""
+
+    def update(self, value: Mapping[str, Any]) -> None:
+        """Take the string settings of a client's ``transcription`` object."""
+        for f in dataclasses.fields(self):
+            if isinstance(v := value.get(f.name), str):
+                setattr(self, f.name, v)
+
+
 class RealtimeHandler(StreamHandler):
     """One Realtime transcription session: JSON events in (audio as base64), JSON events out."""
 
@@ -111,10 +171,9 @@ class RealtimeHandler(StreamHandler):
         self.configured = parse_qs(url.query).get("intent", [""])[0] == "transcription"
         """a transcription session: asked for by ``?intent=transcription`` or a transcription session update"""
         self.rate = DEFAULT_RATE
-        self.server_vad = True
-        """turn_detection: utterances end at the daemon's endpoints; off (null): only at a client's commit"""
-        self.transcription: dict[str, Any] = {"model": host.model.name, "language": "", "prompt": ""}
-        self.turn_detection: dict[str, Any] | None = self.vad_defaults()
+        self.transcription = Transcription(host.model.name)
+        self.turn_detection: TurnDetection | None = self.vad_defaults()
+        """utterances end at the daemon's endpoints; None (the client's null): only at a client's commit"""
         self.errors = 0
         self.offset_s = 0.0
         """session time of the audio before the current stream (a clear starts a new one)"""
@@ -158,21 +217,28 @@ class RealtimeHandler(StreamHandler):
 
     # -- the session ---------------------------------------------------------------------------------------
 
-    def vad_defaults(self) -> dict[str, Any]:
+    @property
+    def server_vad(self) -> bool:
+        """turn detection on: utterances end at the daemon's endpoints"""
+        return self.turn_detection is not None
+
+    def vad_defaults(self) -> TurnDetection:
         ep = self.host.cfg.endpoint
-        silence = ep.vad_silence_ms if ep.rules().vad else int(ep.silence_after_speech_s * 1000)
-        return {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": silence}
+        return TurnDetection(silence_duration_ms=ep.vad_silence_ms if ep.rules().vad
+                             else int(ep.silence_after_speech_s * 1000))
 
     def session(self) -> dict[str, Any]:
         """The session as ``session.created`` / ``session.updated`` describe it (GA or beta shape)."""
         sid = f"sess_{self.id}"
+        transcription = dataclasses.asdict(self.transcription)
+        vad = self.turn_detection.to_json() if self.turn_detection is not None else None
         if self.beta:
             return {"id": sid, "object": "realtime.transcription_session", "input_audio_format": "pcm16",
-                    "input_audio_transcription": dict(self.transcription), "turn_detection": self.turn_detection,
+                    "input_audio_transcription": transcription, "turn_detection": vad,
                     "input_audio_noise_reduction": None, "include": None}
         return {"type": "transcription", "object": "realtime.transcription_session", "id": sid,
                 "audio": {"input": {"format": {"type": "audio/pcm", "rate": self.rate},
-                                    "transcription": dict(self.transcription), "turn_detection": self.turn_detection,
+                                    "transcription": transcription, "turn_detection": vad,
                                     "noise_reduction": None}},
                 "include": None}
 
@@ -216,28 +282,19 @@ class RealtimeHandler(StreamHandler):
         if tr is not None and not isinstance(tr, dict):
             raise RealtimeError("'transcription' must be an object with model, language, prompt",
                                 param="session.audio.input.transcription")
-        if has_vad and vad is not None and (not isinstance(vad, dict)
-                                            or vad.get("type", "server_vad") not in ("server_vad", "semantic_vad")):
+        if has_vad and vad is not None and not isinstance(vad, dict):
             raise RealtimeError(f"turn_detection {vad!r} is not supported; use {{'type': 'server_vad'}} or null",
                                 param="session.turn_detection")
-        silence = vad.get("silence_duration_ms") if isinstance(vad, dict) else None
-        lo, hi = ENDPOINTING_MS
-        if silence is not None and (isinstance(silence, bool) or not isinstance(silence, int | float)
-                                    or not lo <= silence <= hi):
-            raise RealtimeError(f"silence_duration_ms must be a number from {lo} to {hi}, got {silence!r}",
-                                param="session.turn_detection.silence_duration_ms")
+        turn_detection = self.vad_defaults().given(vad) if has_vad and vad is not None else None
         if rate != self.rate and self.stream is not None:
             raise RealtimeError("the audio rate cannot change after audio was appended; clear the buffer first",
                                 param="session.audio.input.format.rate")
         # all checked: apply
         self.configured, self.rate = True, rate
-        for key in ("model", "language", "prompt"):
-            if isinstance(tr, dict) and isinstance(tr.get(key), str):
-                self.transcription[key] = tr[key]
+        if isinstance(tr, dict):
+            self.transcription.update(tr)
         if has_vad:
-            self.server_vad = vad is not None
-            self.turn_detection = {**self.vad_defaults(), **{k: v for k, v in vad.items() if k in VAD_KEYS and (
-                v is None or isinstance(v, str | int | float))}} if isinstance(vad, dict) else None
+            self.turn_detection = turn_detection
 
     # -- events of the stream ------------------------------------------------------------------------------
 
@@ -317,10 +374,9 @@ class RealtimeHandler(StreamHandler):
         """With the detector on (``[endpoint] vad``) and turn detection: the stream sends the detector's speech
         events, and ends utterances after the session's ``silence_duration_ms`` of its silence."""
         rules = stream.session.endpointer.rules
-        if not (self.server_vad and rules.vad and rules.enabled):
+        if self.turn_detection is None or not (rules.vad and rules.enabled):
             return
-        silence = self.turn_detection.get("silence_duration_ms") if self.turn_detection is not None else None
-        ms = round(silence) if isinstance(silence, int | float) else None
+        ms = round(self.turn_detection.silence_duration_ms)
         own_endpointing(stream, stream_rules(rules, endpointing_ms=ms, speech_events=True), voice_events=True)
 
     # -- client events -------------------------------------------------------------------------------------

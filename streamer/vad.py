@@ -43,7 +43,7 @@ __all__ = ["VAD_FRAME", "SpeechDetector", "VadModel", "load_vad", "score", "spee
 VAD_FRAME = 512
 """samples per speech probability at 16 kHz (32 ms), fixed by the model"""
 _CONTEXT = 64  # samples of the previous frame the model reads with each frame
-_STATE = (2, 128)  # one stream's recurrent state: layers, width (the model takes [2, streams, 128])
+_STATE = (2, 1, 128)  # one stream's recurrent state (the model takes [2, streams, 128])
 
 
 def model_path(name: str = "silero_vad.onnx") -> Path:
@@ -106,9 +106,10 @@ class SpeechDetector:
 
     def __init__(self, model: VadModel) -> None:
         self.model = model
-        self._pending = np.zeros(0, dtype=np.float32)  # samples added and not yet scored (the frame ahead first)
-        self._context = np.zeros(_CONTEXT, dtype=np.float32)
-        self._state = np.zeros(_STATE, dtype=np.float32)
+        # The model's context (the 64 samples before the next frame; zeros at the start), then the samples
+        # added and not yet scored: after k frames are scored, the next context starts at 512 k.
+        self._audio = np.zeros(_CONTEXT, dtype=np.float32)
+        self._state = np.zeros(_STATE, dtype=np.float32)  # [2, 1, 128]: the model's state for this stream
         self._scored: list[np.ndarray] = []  # probabilities scored and not yet taken
         self.frames = 0
         """frames scored so far (the next probability is for samples ``[512 frames, 512 frames + 512)``)"""
@@ -116,11 +117,11 @@ class SpeechDetector:
     @property
     def ready(self) -> int:
         """Full frames added and not yet scored."""
-        return len(self._pending) // VAD_FRAME
+        return (len(self._audio) - _CONTEXT) // VAD_FRAME
 
     def add(self, samples: np.ndarray) -> None:
         """Add float32 16 kHz mono samples, to be scored by :func:`score` or :meth:`take`."""
-        self._pending = np.concatenate([self._pending, np.asarray(samples, dtype=np.float32)])
+        self._audio = np.concatenate([self._audio, np.asarray(samples, dtype=np.float32)])
 
     def take(self) -> np.ndarray:
         """The probabilities of the frames completed since the last take, scoring (alone) any still pending."""
@@ -152,28 +153,29 @@ def score(detectors: Iterable[SpeechDetector]) -> None:
         # and the Python work per stream is done once per call, not once per frame.
         group.sort(key=lambda d: -d.ready)
         steps = [d.ready for d in group]
-        audio = np.zeros((len(group), steps[0] * VAD_FRAME), dtype=np.float32)
-        for r, (d, n) in enumerate(zip(group, steps, strict=True)):
-            audio[r, : n * VAD_FRAME] = d._pending[: n * VAD_FRAME]
-        context = np.stack([d._context for d in group])
-        state = np.stack([d._state for d in group], axis=1)
-        probs = np.zeros((len(group), steps[0]), dtype=np.float32)
+        if len(group) == 1:  # (read in place)
+            audio = group[0]._audio[None, : _CONTEXT + steps[0] * VAD_FRAME]
+        else:
+            audio = np.zeros((len(group), _CONTEXT + steps[0] * VAD_FRAME), dtype=np.float32)
+            for r, (d, n) in enumerate(zip(group, steps, strict=True)):
+                audio[r, : _CONTEXT + n * VAD_FRAME] = d._audio[: _CONTEXT + n * VAD_FRAME]
+        state = np.concatenate([d._state for d in group], axis=1)
+        probs = np.empty((len(group), steps[0]), dtype=np.float32)
         done = 0
         try:
             for j in range(steps[0]):
                 m = sum(1 for n in steps if n > j)
-                frame = audio[:m, j * VAD_FRAME : (j + 1) * VAD_FRAME]
-                p, after = model.run(np.concatenate([context[:m], frame], axis=1), np.ascontiguousarray(state[:, :m]))
+                at = j * VAD_FRAME
+                p, after = model.run(np.ascontiguousarray(audio[:m, at : at + _CONTEXT + VAD_FRAME]),
+                                     state if m == len(group) else np.ascontiguousarray(state[:, :m]))
                 probs[:m, j] = p
                 state[:, :m] = after
-                context[:m] = frame[:, -_CONTEXT:]
                 done = j + 1
         finally:  # (a run that raised changed no detector: the frames before it stay scored, the rest pending)
             for r, (d, n) in enumerate(zip(group, steps, strict=True)):
                 k = min(n, done)
-                d._pending = d._pending[k * VAD_FRAME :].copy()
-                d._context = context[r].copy()
-                d._state = state[:, r].copy()
+                d._audio = d._audio[k * VAD_FRAME :]
+                d._state = state[:, r : r + 1]
                 d._scored.append(probs[r, :k])
                 d.frames += k
 

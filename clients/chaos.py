@@ -978,6 +978,64 @@ async def attack_http_edges(ctx: Context) -> Result:
     return all(ok.values()), f"{n} requests (status: count): {note}"
 
 
+async def attack_slowloris(ctx: Context) -> Result:
+    """Connections that send their request head a byte a second and never end it, each reopened when the daemon
+    closes it (slowloris), from the address the healthy clients use: new clients must still get through."""
+    port = ctx.daemon.port
+    head = f"GET /v1/stream HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\nX-Slow: ".encode()
+    closed: Counter[str] = Counter()
+    served: Counter[str] = Counter()
+
+    async def dribble() -> None:
+        while ctx.left() > 0:
+            try:
+                reader, writer = await asyncio.open_connection(HOST, port)
+            except OSError:
+                closed["could not connect"] += 1
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                writer.write(head)
+                while ctx.left() > 0:
+                    try:
+                        if not await asyncio.wait_for(reader.read(1), 1.0):
+                            break
+                    except TimeoutError:
+                        writer.write(b"a")  # one more byte of a header that never ends
+                closed["by the daemon" if ctx.left() > 0 else "at the end"] += 1
+            except OSError:
+                closed["by the daemon"] += 1
+            finally:
+                writer.close()
+
+    async def newcomers() -> None:
+        while ctx.left() > 0:
+            try:
+                async with connect(native(ctx), open_timeout=10, close_timeout=1) as ws:
+                    ready = json.loads(await asyncio.wait_for(ws.recv(), 10)).get("type") == "ready"
+                served["websocket ok" if ready else "websocket refused"] += 1
+            except (TimeoutError, OSError, InvalidHandshake, ConnectionClosed) as exc:
+                served[f"websocket {type(exc).__name__}"] += 1
+            status, _, _ = await http(port, get("/healthz"), limit=10.0)
+            served["healthz ok" if status == 200 else f"healthz {status or 'no answer'}"] += 1
+            await asyncio.sleep(0.5)
+
+    peak = 0
+
+    async def count() -> None:  # the daemon's open descriptors
+        nonlocal peak
+        assert ctx.daemon.proc is not None
+        while ctx.left() > 0:
+            with contextlib.suppress(OSError):
+                peak = max(peak, len(os.listdir(f"/proc/{ctx.daemon.proc.pid}/fd")))
+            await asyncio.sleep(0.2)
+
+    await asyncio.gather(*(dribble() for _ in range(ctx.args.dribblers)), newcomers(), count())
+    ok = set(served) <= {"websocket ok", "healthz ok"} and bool(served)
+    return ok, f"{ctx.args.dribblers} dribblers, closed: {dict(closed)}; the daemon's descriptors at most {peak}; " \
+               f"new clients: {dict(served)}"
+
+
 async def attack_cross_origin(ctx: Context) -> Result:
     """Websocket upgrades from another site's page (Origin: https://evil.example)."""
     origin = "Origin: https://evil.example\r\n"
@@ -1404,6 +1462,7 @@ ATTACKS: dict[str, Attack] = {
     "refused-storm": Attack(attack_refused_storm, "slots full, thousands of connections refused with 1013"),
     "bad-input": Attack(attack_bad_input, "deep JSON, Vosk NaN/Infinity rate, 3e38 f32 samples: error events"),
     "http-edges": Attack(attack_http_edges, "a 300-byte path component, HEAD, POST with a body: 4xx, one line"),
+    "slowloris": Attack(attack_slowloris, "request heads sent a byte a second, reopened as closed: new clients in"),
     "cross-origin": Attack(attack_cross_origin, "websocket upgrades with another site's Origin: refused"),
     "rest-cross-site": Attack(attack_rest_cross_site, "uploads with another site's Origin or Sec-Fetch-Site: 403"),
     "rebinding": Attack(attack_rebinding, "Host: evil.example on /healthz, /metrics, viewers, uploads: 403"),
@@ -1612,6 +1671,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hung-process: seconds one process stays stopped, under its heartbeat limit (default: 10)")
     p.add_argument("--idle-clients", type=int, default=4, help="idle-bypass streams (default: 4)")
     p.add_argument("--refusals", type=int, default=5000, help="refused-storm connections (default: 5000)")
+    p.add_argument("--dribblers", type=int, default=1100, help="slowloris connections, more than --nofile "
+                   "(default: 1100)")
     p.add_argument("--http-requests", type=int, default=2000, help="most http-edges requests (default: 2000)")
     p.add_argument("--sigterm-load", type=int, default=4, help="flood-8k clients during sigterm (default: 4)")
     p.add_argument("--drain-timeout", type=float, default=120.0,

@@ -327,6 +327,8 @@ class ServerConfig(_Section):
     max_streams: int = _opt(64, min=1)
     max_viewers: int = _opt(256, min=0, doc="viewers (/v1/listen/NAME) at once; more are refused busy (1013)")
     max_message_bytes: int = _opt(1 << 20, min=1024)
+    max_pending_handshakes: int = _opt(256, min=1, doc="connections whose request head has not all come yet; a new "
+                                       "one beyond closes the oldest of them that waited 1 s (slow heads)")
     idle_timeout_s: float = _opt(30.0, min=0.1, doc="close a stream that sends nothing for this long")
     auth_token: str = _opt("", doc="shared secret; empty = no auth. Prefer auth_token_env or auth_token_file")
     auth_token_env: str = _opt("", doc="name of an environment variable that holds the token")

@@ -12,7 +12,9 @@ import contextlib
 import io
 import json
 import logging
+import os
 import socket
+import sys
 
 import numpy as np
 import openai
@@ -417,3 +419,76 @@ async def test_refused_http_requests_write_one_line_each_and_no_flood(daemon_fac
         assert len(lines) <= RefusalLog.burst, lines  # the rest were held back
         status, _, answer = await raw_http(d.port, upload(d.port, body))
         assert status == 200 and "text" in json.loads(answer)  # and the daemon serves on
+
+
+# --- slow request heads (slowloris) -------------------------------------------------------------------------------
+
+DRIBBLERS = r"""
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+sys.stdin.readline()
+held = []
+for _ in range(n):  # in order: each one's head begun, never ended
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upg")
+    held.append(s)
+print("held", flush=True)
+sys.stdin.readline()
+closed = []
+for i, s in enumerate(held):
+    s.setblocking(False)
+    try:
+        gone = s.recv(1) == b""
+    except BlockingIOError:
+        gone = False
+    except OSError:
+        gone = True
+    if gone:
+        closed.append(i)
+print(" ".join(map(str, closed)), flush=True)
+"""
+
+
+async def test_slow_request_heads_are_bounded_and_the_oldest_closed_first(daemon_factory, model_runner, speech):
+    """Three times server.max_pending_handshakes connections, all from this machine's one address, each with a
+    request head begun and never ended (slowloris): the daemon keeps at most max_pending_handshakes of them once
+    they have waited a second, each new connection closing the oldest, so a healthy native stream and a healthy
+    upload from the same address are both served beside them, and the connections closed are the oldest ones.
+    Before, every such connection held a descriptor until its head timed out, and once they were used up new
+    clients waited in the listen queue."""
+    from streamer.aio.http.connection import HEAD_GRACE_S
+
+    cap = 16
+    d = await daemon_factory(f"server.max_pending_handshakes={cap}")
+    attacker = await asyncio.create_subprocess_exec(sys.executable, "-c", DRIBBLERS, str(d.port), str(3 * cap),
+                                                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert attacker.stdin is not None and attacker.stdout is not None
+    try:
+        descriptors = len(os.listdir("/proc/self/fd"))
+        attacker.stdin.write(b"go\n")
+        async with asyncio.timeout(TIMEOUT):
+            assert (await attacker.stdout.readline()).strip() == b"held"
+            await asyncio.sleep(HEAD_GRACE_S)  # a connection is not closed for a newer one in its first second
+            status, _, _ = await raw_http(d.port, f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{d.port}\r\n\r\n".encode())
+        assert status == 200  # answered after every dribbler was taken (connections are taken in order)
+        for _ in range(50):  # the /healthz connection's two ends close; the heads' own timeout is 10 s away
+            held = len(os.listdir("/proc/self/fd")) - descriptors
+            if held <= cap:
+                break
+            await asyncio.sleep(0.1)
+        assert held <= cap, f"{held} descriptors held for {3 * cap} slow heads"
+        c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{d.port}/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
+        got, _ = await asyncio.gather(c.audio.transcriptions.create(model="streamer", file=("a.wav", wav())),
+                                      healthy_finals_match(d, model_runner, speech))
+        assert isinstance(got.text, str)
+        await c.close()
+        attacker.stdin.write(b"go\n")
+        await attacker.stdin.drain()
+        async with asyncio.timeout(TIMEOUT):
+            closed = [int(i) for i in (await attacker.stdout.readline()).split()]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            attacker.kill()
+        await attacker.wait()
+    assert closed == list(range(len(closed))), closed  # the oldest first
+    assert 2 * cap <= len(closed) < 3 * cap, closed  # and the newest are still waiting for their heads

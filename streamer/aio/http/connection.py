@@ -6,6 +6,9 @@ first (:class:`HttpConnection`): a ``POST`` that an :class:`UploadRoute` serves 
 (head, ``Content-Length`` or chunked body, ``Expect: 100-continue``, the answer), a request websockets
 would drop gets 405 or h11's 400, and every other request is handed, byte for byte, to websockets,
 which goes on as if it had read them itself.
+
+Connections whose request head has not all come are bounded (:class:`PendingHeads`,
+``server.max_pending_handshakes``): a new one beyond the bound closes the oldest of them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
@@ -28,8 +32,8 @@ from streamer.aio.host import StreamHost
 from streamer.aio.http.access import page_allowed, repeated_header
 from streamer.aio.http.limits import BoundedConnection, RefusalLog
 
-__all__ = ["ALLOW", "OPEN_TIMEOUT_S", "HttpConnection", "Upload", "UploadProblem", "UploadRoute", "is_tls",
-           "not_allowed", "respond"]
+__all__ = ["ALLOW", "OPEN_TIMEOUT_S", "HttpConnection", "PendingHeads", "Upload", "UploadProblem", "UploadRoute",
+           "is_tls", "not_allowed", "respond"]
 
 logger = logging.getLogger("streamer.server")
 
@@ -42,6 +46,9 @@ HEAD_BYTES = 1 << 16
 """the largest request head h11 reads (its ``max_incomplete_event_size``; also a chunk-size or trailer line)"""
 LINGER_S = 5.0
 """how long an answered upload's connection stays open for the client to finish sending and read the answer"""
+HEAD_GRACE_S = 1.0
+"""how long a new connection may wait for its request head before a newer one may close it
+(:class:`PendingHeads`): a client's head, sent at once, has been read by then"""
 MAX_CHUNKS = 16384
 """chunks of one chunked body: each costs the event loop a few microseconds, and clients send 8-64 KiB ones"""
 
@@ -240,14 +247,59 @@ def _upload(route: UploadRoute, request: h11.Request) -> Upload:
     return Upload(Request(target, headers), None, "none", limit)
 
 
+class PendingHeads:
+    """The connections whose request head has not all come yet, oldest first: a connection that arrives when
+    ``server.max_pending_handshakes`` wait closes the oldest of them that have waited :data:`HEAD_GRACE_S`.
+
+    A client that sends its head a byte at a time (slowloris) holds a descriptor and up to twice
+    :data:`HEAD_BYTES` (h11's buffer and the copy kept for websockets) until :data:`OPEN_TIMEOUT_S`; by
+    reopening each one as it is closed, 1,100 of them used up the descriptors and new clients timed out
+    waiting in the listen queue. A bound per address would refuse the healthy clients that share the
+    attacker's (on loopback and behind a proxy every peer has one address), and a bound that refuses new
+    connections is the attacker's to fill. So a new connection is always taken, and the one closed is the
+    oldest still without its head, as nginx closes its oldest idle connections when ``worker_connections``
+    run out: a healthy client sends its head at once, so it is the dribblers that go. A connection is never
+    closed in its first :data:`HEAD_GRACE_S`, though: the event loop takes up to a hundred connections at a
+    time before it reads any, and an attacker that reopens every closed connection at once made so many
+    arrive that a healthy client was closed before its head, already there, was read (chaos.py's slowloris
+    row: 3,000 closes a second). Beyond the bound, then, the connections waiting are those of the last
+    second.
+    """
+
+    def __init__(self, host: StreamHost) -> None:
+        self.host = host
+        self._waiting: OrderedDict[HttpConnection, float] = OrderedDict()  # -> when it came (loop time)
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def arrived(self, conn: HttpConnection) -> None:
+        """``conn`` is new: it waits for its head, after the oldest ones beyond the bound are closed."""
+        limit, now = self.host.cfg.server.max_pending_handshakes, conn.loop.time()
+        while len(self._waiting) >= limit:
+            oldest, since = next(iter(self._waiting.items()))
+            if now - since < HEAD_GRACE_S:
+                break
+            del self._waiting[oldest]
+            self.host.metrics.streams_rejected.labels("slow_head").inc()
+            oldest.close_slow_head(limit)
+        self._waiting[conn] = now
+
+    def left(self, conn: HttpConnection) -> None:
+        """``conn``'s head came (or the connection ended)."""
+        self._waiting.pop(conn, None)
+
+
 class HttpConnection(BoundedConnection):
     """A server connection whose request head h11 reads first: the uploads the daemon serves (``uploads``) stay
     with h11, the requests websockets' parser would drop are answered (405, 400), the rest go to websockets."""
 
     def __init__(self, protocol: ServerProtocol, server: Server, *, uploads: Sequence[UploadRoute] = (),
-                 **kwargs: Any) -> None:
+                 pending: PendingHeads | None = None, **kwargs: Any) -> None:
         super().__init__(protocol, server, **kwargs)
         self.uploads = tuple(uploads)
+        self.pending = pending
+        """the connections still waiting for their head, this one among them until its head came"""
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_BYTES)
         """h11's side of the connection: it reads the head (and an upload's body) and writes the daemon's answers"""
         self.reading: Reading = "head"
@@ -261,6 +313,28 @@ class HttpConnection(BoundedConnection):
         self._chunks = 0
 
     # -- reading (the asyncio protocol's callbacks) ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.pending is not None:
+            self.pending.arrived(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_came()
+        super().connection_lost(exc)
+
+    def _head_came(self) -> None:
+        if self.pending is not None:
+            self.pending.left(self)
+
+    def close_slow_head(self, limit: int) -> None:
+        """Close the connection at once: its head has not all come, and newer ones wait (:class:`PendingHeads`)."""
+        peer = self.transport.get_extra_info("peername")
+        RefusalLog.install().refused_request(
+            self, "slow_head", "closed the connection of %s: the oldest of %d connections still sending their "
+            "request head, and a new one came (server.max_pending_handshakes)",
+            f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a client", limit)
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.reading == "websocket":
@@ -297,6 +371,7 @@ class HttpConnection(BoundedConnection):
         assert isinstance(event, h11.Request)
         method, path = event.method.decode("latin-1"), urlsplit(event.target.decode("latin-1")).path
         route = next((r for r in self.uploads if method == "POST" and r.serves_post(path)), None)
+        self._head_came()
         if route is not None:
             self._route, self.upload, self.reading = route, _upload(route, event), "body"
             self._head.clear()
@@ -314,6 +389,7 @@ class HttpConnection(BoundedConnection):
         self._to_websockets()
 
     def _refuse(self, refusal: _Refusal) -> None:
+        self._head_came()
         self.reading = "dropped"
         self._head.clear()
         self.decided.set_result(refusal)
@@ -382,6 +458,7 @@ class HttpConnection(BoundedConnection):
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if not self.decided.done() or self.decided.result() is None:
                 await super().handshake(*args, **kwargs)
+                self._head_came()  # (a head h11 could not read: websockets has read it, or refused it)
                 return
         decision = self.decided.result()
         if isinstance(decision, _Refusal):

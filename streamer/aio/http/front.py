@@ -25,7 +25,7 @@ from websockets.server import ServerProtocol
 
 from streamer.aio.host import Health, StreamHost
 from streamer.aio.http.access import host_allowed, page_allowed, read_cookie, repeated_header, token_cookie
-from streamer.aio.http.connection import HttpConnection, is_tls, not_allowed, respond
+from streamer.aio.http.connection import HttpConnection, PendingHeads, is_tls, not_allowed, respond
 from streamer.aio.http.limits import BoundedConnection, RefusalLog
 from streamer.aio.http.openai import OpenAIFront
 from streamer.aio.protocols.deepgram import DEEPGRAM_PATH, DeepgramFront, subprotocol_token
@@ -63,6 +63,8 @@ class HttpFront:
         self.health = health
         self.stream_port = stream_port
         RefusalLog.install()  # one line per refused request, and not a flood of them
+        self.pending = PendingHeads(host)
+        """the connections whose request head has not all come yet (``server.max_pending_handshakes``)"""
         self.openai = OpenAIFront(host, self.authorized, started_at, self.known_host)
         """the OpenAI-compatible endpoints (``[openai]``): ``/v1/models``, ``/v1/audio/transcriptions``"""
         self.deepgram = DeepgramFront(host, self.authorized, self.known_host)
@@ -70,7 +72,7 @@ class HttpFront:
 
     def connection(self, protocol: ServerProtocol, server: Server, **kwargs: Any) -> HttpConnection:
         """websockets' ``create_connection``: an :class:`HttpConnection` whose uploads this front answers."""
-        return HttpConnection(protocol, server, uploads=[self.openai, self.deepgram], **kwargs)
+        return HttpConnection(protocol, server, uploads=[self.openai, self.deepgram], pending=self.pending, **kwargs)
 
     def connection_limits(self, conn: ServerConnection) -> None:
         """Give a new connection the message size and limits of the config in force (a reload may change them)."""

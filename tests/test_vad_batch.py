@@ -158,3 +158,28 @@ def hear(detector: SpeechDetector, x: np.ndarray) -> SpeechDetector:
     """A call's first step: the detector hears the audio the call will feed its session."""
     detector.add(x)
     return detector
+
+
+def test_a_streams_next_call_is_heard_only_after_its_call_before_ran():
+    """Two calls of one stream waiting (as a flush may come behind a feed): the thread never gives the detector
+    the second call's audio before the first call has read its own probabilities."""
+    engine = EngineThread()
+    gate = threading.Event()
+    seen: list[str] = []
+
+    def hearing(name: str):
+        def hear() -> None:
+            seen.append(f"hear {name}")
+        return hear
+
+    try:
+        busy = engine.submit("busy", 0.0, gate.wait, 10)
+        futures = [engine.submit_heard(key, due, hearing(name), seen.append, f"run {name}")
+                   for key, name, due in [("a", "a1", 1.0), ("b", "b", 2.0), ("a", "a2", 3.0)]]
+        gate.set()
+        for fut in [busy, *futures]:
+            fut.result(10)
+    finally:
+        engine.shutdown()
+    assert seen.index("hear a2") > seen.index("run a1")
+    assert seen[:3] == ["hear a1", "hear b", "run a1"]  # the other stream's call is heard with the first

@@ -150,18 +150,19 @@ class EngineThread:
                     self._ready.wait()
                 if not len(self._queue):
                     return
-                [(_, call)] = self._queue.take(1, 1)
-                heard = self._heard_with(call)
+                [(key, call)] = self._queue.take(1, 1)
+                heard = self._heard_with(key, call)
             self._hear(heard)
             self._run(call)
             # the thread must not hold the last calls (their sessions, decoders and word lists) while it waits
             del call, heard
 
-    def _heard_with(self, call: _Call) -> list[_Call]:
-        """The calls whose audio is heard before ``call`` runs (begun, so that none is dropped once heard): ``call``
-        and each stream's next waiting call with a hearing, those with a deadline only if ``call`` has one."""
+    def _heard_with(self, key: str, call: _Call) -> list[_Call]:
+        """The calls whose audio is heard before ``call`` (of stream ``key``) runs, begun so that none is dropped
+        once heard: ``call`` and each other stream's next waiting call with a hearing, those with a deadline only
+        if ``call`` has one. (A stream's later call is never heard before its earlier one has run.)"""
         out = []
-        for c in [call, *(self._queue.peek(key) for key in self._queue.keys())]:
+        for c in [call, *(self._queue.peek(k) for k in self._queue.keys() if k != key)]:
             if c is not None and c.hear is not None and (c is call or c.due < math.inf or call.due == math.inf):
                 if c.begin():
                     out.append(c)

@@ -185,6 +185,9 @@ class Window:
     """an endpoint window (None: not one): the voice-activity detector heard silence from frame ``quiet_from``
     to the window's end; if the model's frames there are blank or the delimiter, every frame of the window
     becomes final and the segment ends with it, otherwise the window only forms a partial"""
+    closing: bool = False
+    """a final waits for this window: the rest of the audio at a flush or the end, or an endpoint window (a
+    caller with other windows waiting may run it first)"""
     handed: bool = field(default=False, repr=False)
     frame_samples: int = field(default=FRAME_SAMPLES, repr=False)
     receptive_field: int = field(default=RECEPTIVE_FIELD, repr=False)
@@ -586,19 +589,19 @@ class StreamSession:
         rules = self.endpointer.rules
         quiet_from = -(-(stop - rules.vad_silence_frames * rules.vad_frame_samples) // fs)  # (rounded up)
         self._pending.append(Window(self._buf.slice(fs * start, stop), start, origin, origin, quiet_from=quiet_from,
-                                    frame_samples=fs, receptive_field=sched.receptive_field))
+                                    closing=True, frame_samples=fs, receptive_field=sched.receptive_field))
 
     def _plan_rest(self) -> None:
         total = self.schedule.n_frames(self._buf.end)
         if total > self._planned_next:
             start = max(0, self._planned_next - self.schedule.left)
-            self._add_window(start, self._planned_next, total, self._buf.end)
+            self._add_window(start, self._planned_next, total, self._buf.end, closing=True)
 
-    def _add_window(self, start: int, final_from: int, final_to: int, stop: int) -> None:
+    def _add_window(self, start: int, final_from: int, final_to: int, stop: int, *, closing: bool = False) -> None:
         sched = self.schedule
         samples = self._buf.slice(sched.frame_samples * start, stop)
-        self._pending.append(Window(samples, start, final_from, final_to, frame_samples=sched.frame_samples,
-                                    receptive_field=sched.receptive_field))
+        self._pending.append(Window(samples, start, final_from, final_to, closing=closing,
+                                    frame_samples=sched.frame_samples, receptive_field=sched.receptive_field))
         self._planned_next = final_to
 
     def _drain_markers(self) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -338,3 +339,38 @@ async def test_realtime_refuses_a_bad_silence_duration(daemon_factory):
         error = json.loads(await ws.recv())
     assert error["type"] == "error"
     assert error["error"]["param"] == "session.turn_detection.silence_duration_ms"
+
+
+async def test_the_window_a_final_waits_for_runs_first_and_alone(model_runner, speech):
+    """The window a flush's final waits for runs before the due windows of other streams queued ahead of it, in a
+    batch of its own, without waiting ``max_wait_ms`` for company; one of audio sent ahead of real time (no
+    deadline) waits its turn as any other."""
+    from streamer.aio.worker import BatchWorker
+    from streamer.config import StreamConfig, WorkerConfig
+
+    session = StreamSession(StreamConfig().schedule(), model_runner.vocab)
+    session.accept_audio(speech[: 16000 * 2])
+    full = next(w for w in session.windows_to_run() if not w.provisional)
+    session.flush()
+    (closing,) = session.windows_to_run()
+    assert closing.closing and not full.closing
+    worker = BatchWorker(model_runner, WorkerConfig(max_wait_ms=1000, max_batch=8))
+    worker.start()
+    order = []
+
+    async def run(window, stream, due=0.0):
+        out = await worker.submit(window, stream, due=due)
+        order.append((stream, worker.batches))
+        assert out is not None and out.shape[0] == window.n_frames
+
+    try:
+        async with asyncio.timeout(60):
+            first = [asyncio.create_task(run(full, "b")), asyncio.create_task(run(full, "c"))]
+            await asyncio.sleep(0)  # queued: the worker waits for company
+            await asyncio.gather(*first, run(closing, "a"))
+            assert order == [("a", 1), ("b", 2), ("c", 2)]
+            order.clear()
+            await asyncio.gather(run(full, "b"), run(closing, "ahead", math.inf))
+            assert order == [("b", 3), ("ahead", 4)]
+    finally:
+        await worker.stop()

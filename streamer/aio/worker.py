@@ -11,6 +11,12 @@ the model. However many streams send ahead, and even when the model cannot keep 
 A stream's windows are dropped before they run once its caller stops waiting (cancelled: the
 client left) or :meth:`BatchWorker.forget` is called.
 
+A window that a final waits for (:attr:`streamer.engine.Window.closing`: the rest of the audio at a client's flush,
+an endpoint window) of a real-time stream runs at once, before every other due window and in a batch of closing
+windows only: it does not wait ``max_wait_ms`` for company, nor for the model time of other streams' windows in its
+batch (on a CPU a batch costs about the sum of its windows). A flush used to wait 10 ms for company and then the
+whole batch it joined; the final it waits for is what a voice agent acts on.
+
 Partial refreshes (optional windows, :attr:`streamer.engine.Window.optional`) spend spare model time
 only: one is queued only while no other window waits (refreshes may: they batch together) and the
 other windows kept the model busy less than ``worker.refresh_max_load`` of the last 2 s, and a batch
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,6 +63,7 @@ class _Item:
     window: Window
     future: asyncio.Future[np.ndarray | None]
     queued_at: float
+    urgent: bool = False
 
 
 class BatchWorker:
@@ -78,6 +86,7 @@ class BatchWorker:
         self.load = LoadMeter(2.0)
         """model time spent on mandatory windows (all but partial refreshes), as a share of the last 2 s"""
         self._optional = 0  # optional windows (partial refreshes) in the queue
+        self._urgent = 0  # closing windows of real-time streams in the queue
         self.batches = 0
         self.remote = runner if isinstance(runner, AsyncRunner) else None
         """the model server the batches go to (awaited on the loop), or None: the model thread runs them"""
@@ -144,10 +153,14 @@ class BatchWorker:
         if window.optional and not (refresh and self._spare()):
             self._skipped(1)
             return None
+        urgent = window.closing and due != math.inf  # (audio sent ahead of real time waits its turn all the same)
         async with self._slots:
             fut: asyncio.Future[np.ndarray | None] = asyncio.get_running_loop().create_future()
-            self._queue.put(stream, _Item(window, fut, time.perf_counter()), due)
+            # due before every other window (a stream's own windows ahead of it still go first: the queue keeps
+            # each stream's order)
+            self._queue.put(stream, _Item(window, fut, time.perf_counter(), urgent), -math.inf if urgent else due)
             self._optional += window.optional
+            self._urgent += urgent
             self._arrived.set()
             if not window.optional:
                 return await fut
@@ -173,6 +186,7 @@ class BatchWorker:
         """``stream`` ended: drop its queued windows (their callers get CancelledError) and its lag gauge."""
         for item in self._queue.drop(stream):
             self._optional -= item.window.optional
+            self._urgent -= item.urgent
             item.future.cancel()
         if stream in self._lagging:
             self._lagging.discard(stream)
@@ -193,11 +207,15 @@ class BatchWorker:
         ahead = False
         while not batch and len(self._queue):
             per_key = self.cfg.max_windows_per_stream
-            taken = self._queue.take(self.cfg.max_batch, per_key, time.monotonic() + DUE_AHEAD_S)
+            # closing windows first, in a batch of their own
+            taken = self._queue.take(self.cfg.max_batch, per_key, -math.inf) if self._urgent else []
+            if not taken:
+                taken = self._queue.take(self.cfg.max_batch, per_key, time.monotonic() + DUE_AHEAD_S)
             ahead = not taken
             if ahead:  # nothing due: spare model time, in a batch short enough not to hold up what falls due
                 taken = self._queue.take(self._ahead, per_key)
             self._optional -= sum(item.window.optional for _, item in taken)
+            self._urgent -= sum(item.urgent for _, item in taken)
             batch = [item for _, item in taken if not item.future.done()]  # the stream's caller is gone
             if any(item.window.optional for item in batch) and not self._spare():
                 batch = self._skip_optional(batch)
@@ -239,7 +257,7 @@ class BatchWorker:
                 await self._arrived.wait()
             start = time.perf_counter()
             deadline = start + max_wait
-            while len(self._queue) < self.cfg.max_batch:
+            while len(self._queue) < self.cfg.max_batch and not self._urgent:  # (a final waits: no company)
                 # refreshes alone wait little for company: their streams wait for them, and they age
                 limit = start + min(max_wait, REFRESH_BATCH_WAIT_S) if self._optional == len(self._queue) else deadline
                 remaining = limit - time.perf_counter()

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import math
 import threading
+import time
 
 import pytest
 from conftest import pcm16
@@ -154,3 +155,33 @@ async def test_bursts_never_go_before_a_waiting_real_time_stream(daemon_factory,
             faults.append(ahead)
     assert not faults, (f"{len(faults)} of {len(queued)} real-time engine calls waited for calls of burst audio "
                         f"sent ahead of real time, e.g. {faults[:3]}")
+
+
+async def test_a_file_read_slower_than_real_time_still_has_no_deadline(daemon_factory, speech, monkeypatch):
+    """An upload's audio is all there when the request comes, and the daemon reads it as the model takes it. Read
+    slower than real time (the model busy elsewhere), its engine calls past its first LIVE_AHEAD_S seconds still
+    have no deadline. Before, each block read counted as come at real time and took one: eight uploads starved of
+    model time became as urgent as the real-time streams, whose finals came 12 s late (clients/burstlag.py)."""
+    d = await daemon_factory()
+    engine = d.streams.engine()
+    assert engine is not None
+    submit = engine.submit
+    dues: list[tuple[float, float]] = []  # (when submitted, due)
+
+    def recorded_submit(key, due, *args):
+        dues.append((time.monotonic(), due))
+        return submit(key, due, *args)
+
+    monkeypatch.setattr(engine, "submit", recorded_submit)
+    opened = time.monotonic()
+    stream = d.streams.open(live=False)
+    block = pcm16(speech[:8000])  # 0.5 s, read every 0.7 s: behind real time
+    try:
+        while time.monotonic() - opened < LIVE_AHEAD_S + 2:
+            await stream.feed_bytes(block)
+            await asyncio.sleep(0.7)
+        await stream.finish()
+    finally:
+        stream.close()
+    late = [due for at, due in dues if at > opened + LIVE_AHEAD_S + 0.1]
+    assert late and all(due == math.inf for due in late), late

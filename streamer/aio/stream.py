@@ -210,7 +210,7 @@ class LiveStream:
 
     def __init__(self, session: StreamSession, worker: BatchWorker, hub: Hub, metrics: Metrics, *, id: str,
                  name: str, sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
-                 pace: Pace | None = None, engine: EngineThread | None = None) -> None:
+                 pace: Pace | None = None, engine: EngineThread | None = None, arrived: float | None = None) -> None:
         self.id = id
         self.name = name
         self.encoding = encoding
@@ -228,6 +228,11 @@ class LiveStream:
         limit, always due); a connection gives each of its streams the same"""
         self.engine = engine
         """the thread the session's engine calls run in (None: on the event loop)"""
+        self.arrived = arrived
+        """a file's: when all its audio came (``time.monotonic()``, the request); None: each block as it is fed.
+        A file is read as the model takes its audio, so once the model fell behind, each block read would seem
+        to come at real time and take a deadline: eight uploads of an hour starved of model time became as
+        urgent as the real-time streams, and delayed their finals by 12 s"""
         self.closed = False
         self._converted = _NO_AUDIO  # 16 kHz mono audio a call's first step converted for the call
         self._started: float | None = None  # when the first audio came (time.monotonic)
@@ -251,10 +256,11 @@ class LiveStream:
             await asyncio.sleep(wait)
             now = time.monotonic()
         start = self.pace.due(seconds, now) if self.pace is not None else None  # when the block's start is due
+        received = now if self.arrived is None else self.arrived
 
         def due(end: float) -> float:
             """The deadline of the block's audio up to ``end`` seconds (0: due now, without a pace)."""
-            return 0.0 if start is None else deadline(start + end, now, LIVE_AHEAD_S)
+            return 0.0 if start is None else deadline(start + end, received, LIVE_AHEAD_S)
 
         self.metrics.add_audio(seconds)
         if self._started is None:
@@ -296,7 +302,7 @@ class LiveStream:
         if self.pace is None:
             return 0.0
         now = time.monotonic()
-        return deadline(self.pace.end(now), now, LIVE_AHEAD_S)
+        return deadline(self.pace.end(now), now if self.arrived is None else self.arrived, LIVE_AHEAD_S)
 
     def close(self) -> None:
         """Release what the stream holds in the worker (queued windows, its lag gauge). Idempotent."""
@@ -410,13 +416,15 @@ class Streams:
              live: bool = True) -> LiveStream:
         """A new stream; ``words`` is the stream's own word list (default: the daemon's).
 
-        ``live = False``: audio that is not real time (a file); its session plans no partial refreshes.
+        ``live = False``: audio that is not real time (a file, all there now): its session plans no partial
+        refreshes, and its audio past the first ``LIVE_AHEAD_S`` seconds runs in spare model time only.
         """
         sid = id or uuid.uuid4().hex[:12]
         session = new_session(self.cfg, self.vocab, words or self.words, geometry=geometry_of(self.worker.runner),
                               refresh=live)
         srv = self.cfg.server
-        pace = Pace(srv.max_speed, srv.max_burst_s, time.monotonic())
+        now = time.monotonic()
         return LiveStream(session, self.worker, self.hub, self.metrics, id=sid, name=name or sid,
-                          sample_rate=sample_rate, channels=channels, encoding=encoding, pace=pace,
-                          engine=self.engine())
+                          sample_rate=sample_rate, channels=channels, encoding=encoding,
+                          pace=Pace(srv.max_speed, srv.max_burst_s, now), engine=self.engine(),
+                          arrived=None if live else now)

@@ -355,6 +355,7 @@ PROFILE_KINDS = [  # (label, path fragments); a sample counts for the kind of it
     ("engine: CTC merge, endpoints, events", ("streamer/engine.py", "streamer/ctc.py", "streamer/endpoint.py")),
     ("model", ("streamer/onnx.py", "streamer/runner.py", "streamer/model.py", "streamer/triton", "torch/",
                "tritonclient/", "grpc/")),
+    ("voice-activity detector", ("streamer/vad.py", "onnxruntime/")),
     ("audio decoding / resampling", ("streamer/audio.py",)),
     ("events to JSON, hub, MQTT", ("streamer/events.py", "streamer/aio/hub.py", "streamer/outbox.py",
                                    "streamer/aio/mqtt/", "json/", "aiomqtt/", "paho/")),

@@ -119,8 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (a daemon with --processes N runs its front-ends as child processes)."""
+def tree(pid: int, without: str = "") -> list[int]:
+    """``pid`` and its descendants (a daemon with --processes N runs its front-ends as child processes); with
+    ``without``, less the processes whose command line holds it and their descendants."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -131,6 +132,12 @@ def tree(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
+        if without:
+            try:
+                if without.encode() in Path(f"/proc/{p}/cmdline").read_bytes():
+                    continue
+            except OSError:
+                continue
         out.append(p)
         todo += children.get(p, [])
     return out
@@ -455,17 +462,22 @@ async def run_commands(url: str, commands: list[bytes], n: int, clients: int) ->
 
 
 def cpu_seconds(pid: int | None) -> dict[str, float]:
-    """CPU time the daemon process used so far (user + system): less disturbed by other load than wall time."""
+    """CPU time the daemon process used so far (user + system): less disturbed by other load than wall time. In
+    all, and its front end's alone: less a model server it started (``model_server.kind``) and its Triton."""
     if not pid:
         return {}
-    ticks = 0
-    for p in tree(pid):  # and its front-end processes
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-    return {"cpu_seconds": ticks / os.sysconf("SC_CLK_TCK")}
+
+    def ticks(pids: list[int]) -> float:
+        n = 0
+        for p in pids:
+            try:
+                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            n += int(fields[11]) + int(fields[12])
+        return n / os.sysconf("SC_CLK_TCK")
+
+    return {"cpu_seconds": ticks(tree(pid)), "front_cpu_seconds": ticks(tree(pid, without="model-server"))}
 
 
 def read_metrics(url: str, pid: int | None = None) -> dict[str, float]:
@@ -499,6 +511,8 @@ def cost(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {
         "model_s_per_audio_s": d["model_seconds"] / audio if audio else float("nan"),
         "cpu_s_per_audio_s": d["cpu_seconds"] / audio if audio and "cpu_seconds" in d else float("nan"),
+        "front_cpu_s_per_audio_s": (d["front_cpu_seconds"] / audio if audio and "front_cpu_seconds" in d
+                                    else float("nan")),
         "provisional_windows": d.get("provisional_windows", float("nan")),
         "provisional_model_s": d.get("provisional_model_seconds", float("nan")),
         "windows": d.get("windows", float("nan")), "audio_s": audio,
@@ -629,6 +643,9 @@ def side_by_side(targets: list[Target], args: argparse.Namespace) -> None:
                                                            for c in costs]))
             rows.append(("  daemon CPU s per audio s", [f"{c.get('cpu_s_per_audio_s', float('nan')):.3f}"
                                                         for c in costs]))
+            if any(c.get("front_cpu_s_per_audio_s", 0) < c.get("cpu_s_per_audio_s", 0) for c in costs):
+                rows.append(("    front end alone (no model server)",
+                             [f"{c.get('front_cpu_s_per_audio_s', float('nan')):.3f}" for c in costs]))
             rows.append(("  provisional windows / model s", [f"{c.get('provisional_windows', float('nan')):.0f} / "
                                                               f"{c.get('provisional_model_s', float('nan')):.2f}"
                                                               for c in costs]))

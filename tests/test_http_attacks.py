@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import sys
 
 import numpy as np
@@ -492,6 +493,32 @@ async def test_slow_request_heads_are_bounded_and_the_oldest_closed_first(daemon
         await attacker.wait()
     assert closed == list(range(len(closed))), closed  # the oldest first
     assert 2 * cap <= len(closed) < 3 * cap, closed  # and the newest are still waiting for their heads
+
+
+async def test_connections_that_end_before_their_request_head_write_few_lines(daemon_factory, caplog):
+    """100 connections that send part of a request head and leave (closing, or resetting the connection): each
+    wrote websockets' connection closed, so a slow-head attack wrote a line per connection it cycled; now at most
+    RefusalLog.burst lines go out per interval, and the daemon serves on."""
+    from streamer.aio.http.limits import RefusalLog
+
+    d = await daemon_factory()
+    caplog.set_level(logging.INFO)
+    before, t0 = len(caplog.records), asyncio.get_running_loop().time()
+    for i in range(100):
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        writer.write(b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgr")
+        await writer.drain()
+        if i % 2:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the daemon has it closed too
+    status, _, _ = await raw_http(d.port, f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{d.port}\r\n\r\n".encode())
+    assert status == 200
+    intervals = 1 + int((asyncio.get_running_loop().time() - t0) / RefusalLog.install().interval_s)
+    lines = [r.getMessage() for r in caplog.records[before:] if r.name in ("streamer.server", "websockets.server")]
+    assert len(lines) <= intervals * RefusalLog.burst + 2, lines  # (and /healthz's own two)
 
 
 # --- memory after large uploads -------------------------------------------------------------------------------

@@ -349,6 +349,7 @@ class HttpConnection(BoundedConnection):
         self.uploads = tuple(uploads)
         self.pending = pending
         """the connections still waiting for their head, this one among them until its head came"""
+        self._got_head = False
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_BYTES)
         """h11's side of the connection: it reads the head (and an upload's body) and writes the daemon's answers"""
         self.reading: Reading = "head"
@@ -369,12 +370,21 @@ class HttpConnection(BoundedConnection):
             self.pending.arrived(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._no_request()
         self._head_came()
         super().connection_lost(exc)
 
     def _head_came(self) -> None:
+        self._got_head = True
         if self.pending is not None:
             self.pending.left(self)
+
+    def _no_request(self) -> None:
+        """The connection ends before its request head came (the client left, or was too slow): one line at most,
+        and not a flood of them (a slow-head attack ends thousands of connections so)."""
+        if not self._got_head:
+            self._got_head = True
+            RefusalLog.install().closed_without_request(self)
 
     def close_slow_head(self, limit: int) -> None:
         """Close the connection at once: its head has not all come, and newer ones wait (:class:`PendingHeads`)."""
@@ -399,6 +409,7 @@ class HttpConnection(BoundedConnection):
 
     def eof_received(self) -> None:
         if self.reading == "head":
+            self._no_request()
             self._to_websockets()  # websockets ends the handshake that never came, as it always did
         if self.reading == "websocket":
             super().eof_received()

@@ -259,6 +259,13 @@ class RefusalLog(logging.Filter):
         if note is not None:
             logger.info(message + note, *args)
 
+    def closed_without_request(self, conn: ServerConnection) -> None:
+        """``conn`` closed before its request head came: its ``connection closed`` is dropped, and one line says
+        so unless one did lately (a connection refused for being slow has its line already)."""
+        if conn.id not in self._explained:
+            self.refused_request(conn, "no_request", "the connection of %s closed before its request head came",
+                                 _peer(conn))
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if message not in ("connection open", "connection closed") and not message.startswith("HTTP response sent ("):

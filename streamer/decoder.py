@@ -9,13 +9,10 @@ a stream's own hotwords or n-best count from the daemon decoder's ``with_options
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from streamer.config import DecoderConfig
 from streamer.exceptions import ConfigError
 from streamer.lexicon import Lexicon, OpenVocabulary, read_word_list
 from streamer.lm import Hotwords, LanguageModel, find_lm_folder, load_language_model, parse_hotwords, read_hotwords
+from streamer.memory import MemoryReturn
 from streamer.runner import Runner, TokenVocabulary
 from streamer.text import Alphabet
 
@@ -186,32 +184,24 @@ def trie_letters(words: Iterable[str]) -> int:
     return total
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None  # glibc only
-    return trim
-
-
 class WordListBudget:
     """The letters of the word lists clients brought (native ``words``, Vosk ``phrase_list``) alive now.
 
     A list's letters are reserved before its trie is built and given back when the trie is freed (not
     when its stream ends, should something still hold it). glibc keeps freed memory of many small
-    allocations in its arenas, so a freed trie's memory is returned to the system (``malloc_trim``, in
-    a thread: it takes up to half a second with the model loaded).
+    allocations in its arenas, so freed tries' memory is handed back to the system (:class:`MemoryReturn`).
     """
 
     TRIM_AFTER = 10_000
     """letters freed before memory is handed back to the system: smaller lists' memory is simply reused"""
     TRIM_DELAY_S = 1.0
-    """how long after a list's release its memory is handed back"""
+    """how long after a list's release its memory is handed back: the trie goes after its Lexicon (the finalizer
+    runs first), and the searches of its stream hold it"""
 
     def __init__(self) -> None:
         self.used = 0
         self._lock = threading.Lock()
-        self._freed = 0  # letters freed since the last trim
-        self._trimming = False
-        self._trim = _malloc_trim()
+        self._memory = MemoryReturn(self.TRIM_AFTER, self.TRIM_DELAY_S)
 
     def reserve(self, letters: int, total: int) -> bool:
         """Reserve ``letters`` if the lists alive stay within ``total``; False when they would not."""
@@ -241,24 +231,4 @@ class WordListBudget:
     def _release(self, letters: int) -> None:
         with self._lock:
             self.used -= letters
-            self._freed += letters
-            start = self._trim is not None and self._freed >= self.TRIM_AFTER and not self._trimming
-            if start:
-                self._freed, self._trimming = 0, True
-        if start:
-            threading.Thread(target=self._return_memory, name="malloc-trim", daemon=True).start()
-
-    def _return_memory(self) -> None:
-        assert self._trim is not None
-        while True:  # again if more was freed meanwhile
-            # the trie goes after its Lexicon (the finalizer runs first), and the searches of its stream hold it
-            time.sleep(self.TRIM_DELAY_S)
-            try:
-                self._trim(0)
-            finally:
-                with self._lock:
-                    again = self._freed >= self.TRIM_AFTER
-                    self._freed = 0 if again else self._freed
-                    self._trimming = again
-            if not again:
-                return
+        self._memory.freed(letters)

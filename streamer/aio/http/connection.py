@@ -31,7 +31,7 @@ from websockets.server import ServerProtocol
 from streamer.aio.host import StreamHost
 from streamer.aio.http.access import page_allowed, repeated_header
 from streamer.aio.http.limits import BoundedConnection, RefusalLog
-from streamer.decoder import _malloc_trim
+from streamer.memory import MemoryReturn
 
 __all__ = ["ALLOW", "OPEN_TIMEOUT_S", "HttpConnection", "PendingHeads", "Upload", "UploadProblem", "UploadRoute",
            "is_tls", "not_allowed", "respond"]
@@ -51,7 +51,11 @@ HEAD_GRACE_S = 1.0
 """how long a new connection may wait for its request head before a newer one may close it
 (:class:`PendingHeads`): a client's head, sent at once, has been read by then"""
 TRIM_AFTER_BYTES = 8 << 20
-"""upload bytes served before freed memory is handed back to the system (:class:`_MemoryReturn`)"""
+"""upload bytes answered before freed memory is handed back to the system: an upload's body (:meth:`Upload.drop_body`),
+its form's copy and the blocks of audio decoded from it are freed when it is answered, but glibc keeps them in its
+arenas (one per thread, and the audio is decoded in threads): five uploads of 22 MB (15 s of 8-channel 96 kHz audio,
+46 MB decoded each) left the daemon's memory 283-285 MB above where it was, 90-130 MB with the trim and the dropped
+body (most of it the model's memory for the larger batches an upload brings)"""
 TRIM_DELAY_S = 1.0
 """how long after an upload's answer its memory is handed back: its connection, body and audio go meanwhile"""
 MAX_CHUNKS = 16384
@@ -221,40 +225,7 @@ T = TypeVar("T")
 E = TypeVar("E", bound=Exception)
 
 
-class _MemoryReturn:
-    """Hands the memory that large uploads freed back to the system (glibc's ``malloc_trim``, as the word lists do).
-
-    An upload's body (:meth:`Upload.drop_body`), its form's copy and the blocks of audio decoded from it are
-    freed when it is answered, but glibc keeps freed memory in its arenas (one per thread, and the audio is
-    decoded in threads): five uploads of 22 MB (15 s of 8-channel 96 kHz audio, 46 MB decoded each) left the
-    daemon's memory 283-285 MB above where it was, 90-130 MB with both (most of it the model's memory for
-    the larger batches an upload brings). Uploads that together brought :data:`TRIM_AFTER_BYTES` start one
-    trim, :data:`TRIM_DELAY_S` after the last of them, in a thread (it takes up to half a second).
-    """
-
-    def __init__(self) -> None:
-        self.trim = _malloc_trim()
-        self.served = 0  # upload bytes since the last trim
-        self._task: asyncio.Task[None] | None = None
-
-    def upload_ended(self, received: int) -> None:
-        """An upload of ``received`` bytes was answered."""
-        self.served += received
-        if self.trim is None or self.served < TRIM_AFTER_BYTES:
-            return
-        loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
-            self._task = loop.create_task(self._return())
-
-    async def _return(self) -> None:
-        assert self.trim is not None
-        while self.served >= TRIM_AFTER_BYTES:
-            self.served = 0
-            await asyncio.sleep(TRIM_DELAY_S)
-            await asyncio.to_thread(self.trim, 0)
-
-
-_memory = _MemoryReturn()
+_memory = MemoryReturn(TRIM_AFTER_BYTES, TRIM_DELAY_S)
 
 
 @dataclass(frozen=True)
@@ -561,7 +532,7 @@ class HttpConnection(BoundedConnection):
             await self.finish()  # what still comes of the body is dropped as it comes
             if self.upload is not None:
                 self.upload.drop_body()
-                _memory.upload_ended(self.upload.received)
+                _memory.freed(self.upload.received)
 
     async def unless_left(self, work: Awaitable[T]) -> T:
         """``work``'s result; when the client leaves first, ``work`` is cancelled (its stream's windows are dropped

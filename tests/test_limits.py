@@ -253,7 +253,7 @@ async def test_the_open_file_limit_is_raised_to_fit_or_a_warning_says_it_does_no
     caplog.set_level(logging.INFO, "streamer.server")
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (500, hard))
-        await daemon_factory()  # 64 streams + 256 viewers + 256 headroom: 576 descriptors, and slow heads beside
+        await daemon_factory()  # 64 streams + 256 viewers + 256 slow heads + 256 headroom: 832 descriptors
         raised = hard if hard != resource.RLIM_INFINITY else 1 << 20  # the hard limit, as servers take
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == raised
         assert any(f"raised the open-file limit from 500 to {raised}" in r.getMessage() for r in caplog.records)

@@ -94,13 +94,14 @@ class BoundedConnection(ServerConnection):
 
 
 FD_HEADROOM = 256
-"""descriptors besides the admitted connections: listeners, model and log files, MQTT, the worker's and
-torch's threads, and connections still in their handshake or being refused"""
+"""descriptors besides the connections the limits bound: listeners, model and log files, MQTT, the worker's and
+torch's threads, and connections being refused"""
 
 
 def descriptors_needed(cfg: ServerConfig) -> int:
-    """Descriptors the daemon may need at its limits: one per stream and viewer, plus :data:`FD_HEADROOM`."""
-    return cfg.max_streams + cfg.max_viewers + FD_HEADROOM
+    """Descriptors the daemon may need at its limits: one per stream, viewer and connection still sending its
+    request head, plus :data:`FD_HEADROOM`."""
+    return cfg.max_streams + cfg.max_viewers + cfg.max_pending_handshakes + FD_HEADROOM
 
 
 MAX_SOFT_NOFILE = 1 << 20
@@ -122,13 +123,14 @@ def check_descriptors(cfg: ServerConfig) -> None:
     if soft != resource.RLIM_INFINITY and soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         logger.info("raised the open-file limit from %d to %d (its hard limit): server.max_streams + "
-                    "server.max_viewers = %d connections need %d", soft, target, need - FD_HEADROOM, need)
+                    "server.max_viewers + server.max_pending_handshakes = %d connections need %d", soft, target,
+                    need - FD_HEADROOM, need)
         soft = target
     if soft == resource.RLIM_INFINITY or soft >= need:
         return
     logger.warning("the open-file limit is %d (RLIMIT_NOFILE, hard %d), but server.max_streams + server.max_viewers "
-                   "= %d connections need about %d descriptors: new connections will fail before those limits; "
-                   "raise LimitNOFILE= in the unit (or ulimit -n), or lower max_streams or max_viewers",
+                   "+ server.max_pending_handshakes = %d connections need about %d descriptors: new connections will "
+                   "fail before those limits; raise LimitNOFILE= in the unit (or ulimit -n), or lower those limits",
                    soft, hard, need - FD_HEADROOM, need)
 
 

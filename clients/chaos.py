@@ -24,6 +24,7 @@ import asyncio
 import base64
 import contextlib
 import difflib
+import itertools
 import json
 import math
 import os
@@ -810,6 +811,44 @@ async def attack_model_server_kill(ctx: Context) -> Result:
         await d.stop()
 
 
+async def attack_flush_flood(ctx: Context) -> Result:
+    """Real-time clients that flush after every 100 ms message: each flush asks for a final at once, whose window
+    the worker runs ahead of the others. Those must not hold up the healthy streams' finals."""
+    finals: list[int] = []
+    problems: list[str] = []
+    piece = 3200  # 100 ms of the healthy speech, s16le 16 kHz
+
+    async def one(k: int) -> None:
+        got = 0
+        try:
+            async with connect(native(ctx), open_timeout=10, close_timeout=1) as ws:
+                await ws.recv()  # ready
+                await ws.send(json.dumps({"type": "start"}))
+
+                async def read() -> None:
+                    nonlocal got
+                    async for msg in ws:
+                        got += json.loads(msg).get("type") == "final"
+
+                reader = asyncio.create_task(read())
+                i, t0 = k * piece * 7, asyncio.get_running_loop().time()
+                for n in itertools.count(1):
+                    if ctx.left() < 1:
+                        break
+                    await ws.send(ctx.pcm[i % len(ctx.pcm) : i % len(ctx.pcm) + piece])
+                    await ws.send(json.dumps({"type": "flush"}))
+                    i += piece
+                    await asyncio.sleep(max(0.0, t0 + n * 0.1 - asyncio.get_running_loop().time()))
+                reader.cancel()
+        except (ConnectionClosed, OSError, InvalidHandshake, TimeoutError) as exc:
+            problems.append(f"{type(exc).__name__}: {str(exc)[:60]}")
+        finals.append(got)
+
+    await asyncio.gather(*(one(k) for k in range(ctx.args.flush_clients)))
+    note = f"{ctx.args.flush_clients} clients flushing every 100 ms, {sum(finals)} finals"
+    return not problems, note + (f"; {', '.join(problems[:3])}" if problems else "")
+
+
 async def attack_idle_bypass(ctx: Context) -> Result:
     """Streams that send no audio, only a flush every few seconds, to hold their slots."""
     idle = ctx.args.idle_timeout
@@ -1451,6 +1490,7 @@ ATTACKS: dict[str, Attack] = {
     "big-words": Attack(attack_big_words, "start messages with a 1 MB word list: bounded memory, given back"),
     "flood-8k": Attack(attack_flood_8k, "clients send 1 MiB messages of 8 kHz audio as fast as they can, leave"),
     "fast-sender": Attack(attack_fast_sender, "clients/caption.py --fast on the healthy audio: no final lost"),
+    "flush-flood": Attack(attack_flush_flood, "100 ms of speech and a flush, again and again: finals asked for"),
     "viewers": Attack(attack_viewers, "over a thousand viewers: /healthz and the streams must go on"),
     "bursts": Attack(attack_bursts, "clients send 55 s of speech at once and stay: spare model time only"),
     "ghost-viewers": Attack(attack_ghost_viewers, "viewers of names that never exist fill the slots: closed when idle"),
@@ -1663,6 +1703,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--message-bytes", type=int, default=1_000_000,
                    help="bytes per flood-8k message, under server.max_message_bytes (default: 1000000)")
     p.add_argument("--fast-clients", type=int, default=2, help="caption.py --fast runs at a time (default: 2)")
+    p.add_argument("--flush-clients", type=int, default=4, help="flush-flood clients (default: 4)")
     p.add_argument("--viewers", type=int, default=1200, help="viewers, more than --nofile (default: 1200)")
     p.add_argument("--burst-clients", type=int, default=8, help="bursts clients (default: 8)")
     p.add_argument("--ghosts", type=int, default=256,

@@ -374,3 +374,51 @@ async def test_the_window_a_final_waits_for_runs_first_and_alone(model_runner, s
             assert order == [("b", 3), ("ahead", 4)]
     finally:
         await worker.stop()
+
+
+async def test_a_stream_flushing_every_message_does_not_keep_going_first(model_runner, speech):
+    """A stream's closing windows go first at most once per URGENT_EVERY_S of its audio: a client that flushes
+    after every 100 ms message would otherwise put a window ahead of every other stream's ten times a second
+    (clients/chaos.py flush-flood: the real-time streams' finals 3 s late). Its next closing window keeps its
+    deadline, and joins the due windows queued ahead of it; a second of audio later it goes first again."""
+    from streamer.aio.worker import URGENT_EVERY_S, BatchWorker
+    from streamer.config import StreamConfig, WorkerConfig
+
+    def closing_after(seconds: float):
+        session = StreamSession(StreamConfig().schedule(), model_runner.vocab)
+        session.accept_audio(speech[: round(16000 * seconds)])
+        session.windows_to_run()
+        session.flush()
+        (window,) = session.windows_to_run()
+        assert window.closing
+        return window
+
+    session = StreamSession(StreamConfig().schedule(), model_runner.vocab)
+    session.accept_audio(speech[: 16000 * 2])
+    full = next(w for w in session.windows_to_run() if not w.provisional)
+    first, soon, later = closing_after(2.0), closing_after(2.1), closing_after(2.0 + URGENT_EVERY_S + 0.1)
+    worker = BatchWorker(model_runner, WorkerConfig(max_wait_ms=1000, max_batch=8))
+    worker.start()
+    order = []
+
+    async def run(window, stream, due=0.0):
+        await worker.submit(window, stream, due=due)
+        order.append((stream, worker.batches))
+
+    async def behind_two(window) -> None:
+        queued = [asyncio.create_task(run(full, "b")), asyncio.create_task(run(full, "c"))]
+        await asyncio.sleep(0)  # queued: the worker waits for company
+        await asyncio.gather(*queued, run(window, "a", 1.0))
+
+    try:
+        async with asyncio.timeout(60):
+            await behind_two(first)
+            assert order == [("a", 1), ("b", 2), ("c", 2)]
+            order.clear()
+            await behind_two(soon)  # 0.1 s of audio later: due as the others are, in their batch, not before it
+            assert len({batch for _, batch in order}) == 1, order
+            order.clear()
+            await behind_two(later)
+            assert order[0][0] == "a" and order[0][1] < order[1][1], order
+    finally:
+        await worker.stop()

@@ -54,6 +54,11 @@ REFRESH_WAIT_S = 0.2
 DUE_AHEAD_S = 1.0
 """a window due within this many seconds is due now: a real-time client's last message (up to a second of
 audio, fed as one piece) is due when its last sample would have come"""
+URGENT_EVERY_S = 1.0
+"""audio seconds of a stream between two of its closing windows that run ahead of every other window: a final
+asked for after each utterance goes first, a client flushing after every 100 ms message does not (four such
+clients made the finals of the real-time streams beside them 3 s late; its closing windows then keep their
+deadline, as every other window)"""
 REFRESH_BATCH_WAIT_S = 0.01
 """the longest a batch of refreshes alone waits for more windows (``worker.max_wait_ms`` if shorter)"""
 
@@ -87,6 +92,7 @@ class BatchWorker:
         """model time spent on mandatory windows (all but partial refreshes), as a share of the last 2 s"""
         self._optional = 0  # optional windows (partial refreshes) in the queue
         self._urgent = 0  # closing windows of real-time streams in the queue
+        self._urgent_end: dict[str, int] = {}  # per stream, the audio sample where its last urgent window ended
         self.batches = 0
         self.remote = runner if isinstance(runner, AsyncRunner) else None
         """the model server the batches go to (awaited on the loop), or None: the model thread runs them"""
@@ -153,7 +159,7 @@ class BatchWorker:
         if window.optional and not (refresh and self._spare()):
             self._skipped(1)
             return None
-        urgent = window.closing and due != math.inf  # (audio sent ahead of real time waits its turn all the same)
+        urgent = window.closing and due != math.inf and self._may_go_first(stream, window)
         async with self._slots:
             fut: asyncio.Future[np.ndarray | None] = asyncio.get_running_loop().create_future()
             # due before every other window (a stream's own windows ahead of it still go first: the queue keeps
@@ -182,8 +188,19 @@ class BatchWorker:
             self._lagging.add(stream)
         return list(await asyncio.gather(*(self.submit(w, stream, refresh=refresh, due=due) for w in windows)))
 
+    def _may_go_first(self, stream: str, window: Window) -> bool:
+        """Whether a closing window of a real-time ``stream`` runs ahead of every other window: at most one per
+        :data:`URGENT_EVERY_S` of the stream's audio. (Audio sent ahead of real time waits its turn all the same.)"""
+        end = window.start_frame * window.frame_samples + len(window.samples)
+        last = self._urgent_end.get(stream)
+        if last is not None and end - last < URGENT_EVERY_S * SAMPLE_RATE:
+            return False
+        self._urgent_end[stream] = end
+        return True
+
     def forget(self, stream: str) -> None:
         """``stream`` ended: drop its queued windows (their callers get CancelledError) and its lag gauge."""
+        self._urgent_end.pop(stream, None)
         for item in self._queue.drop(stream):
             self._optional -= item.window.optional
             self._urgent -= item.urgent

@@ -9,6 +9,8 @@ median and largest, and the finals it lost against the same stream alone (the ba
 
     native 55 s       --clients (3) clients each send 55 s of speech in one message (within
                       server.max_burst_s) and stay for their finals
+    native 55 s /     the same 55 s in 100 ms messages, as fast as the connection takes them
+    100 ms
     upload 1 h        --clients REST uploads (/v1/audio/transcriptions) of a FLAC of an hour of silence
     realtime clear    --clients Realtime sessions that append 5 s and clear the buffer, again and again
 
@@ -75,6 +77,28 @@ async def native_burst(d: Daemon, audio: np.ndarray, stop: asyncio.Event) -> Non
         reading.cancel()
 
 
+async def messages_burst(d: Daemon, audio: np.ndarray, stop: asyncio.Event) -> None:
+    """One client: 55 s of speech in 100 ms messages, sent as fast as the connection takes them (the daemon reads
+    each when it has fed the one before), then its finals until ``stop``."""
+    pcm = pcm16(np.tile(audio, int(BURST_S * 16000 / len(audio)) + 1)[: int(BURST_S * 16000)])
+    async with connect(d.url, max_size=None) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "start"}))
+
+        async def drain() -> None:
+            async for _ in ws:
+                pass
+
+        reader = asyncio.create_task(drain())
+        try:
+            for i in range(0, len(pcm), 3200):
+                await ws.send(pcm[i : i + 3200])
+            await ws.send(json.dumps({"type": "stop"}))
+            await stop.wait()
+        finally:
+            reader.cancel()
+
+
 def silent_flac(seconds: float) -> bytes:
     import soundfile as sf
 
@@ -128,6 +152,7 @@ async def realtime_burst(d: Daemon, audio: np.ndarray, stop: asyncio.Event) -> N
 
 BURSTS: dict[str, tuple[str, Burst]] = {
     "native": (f"native {BURST_S:.0f} s", native_burst),
+    "messages": (f"native {BURST_S:.0f} s / 100 ms", messages_burst),
     "upload": (f"upload {UPLOAD_S / 3600:.0f} h", upload_burst),
     "realtime": ("realtime clear", realtime_burst),
 }

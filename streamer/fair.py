@@ -152,6 +152,9 @@ class Pace:
         """how fast the client may send (``speed = 0``: no limit)"""
         self.clock: float | None = None
         """when the audio received so far would have all arrived at real time (None: no audio yet)"""
+        self.ahead = False
+        """the client sends ahead of real time, and was waited for by nothing since: each message since it was
+        seen ahead was already there when read (kept by the caller, who sees how messages come)"""
 
     def take(self, seconds: float, now: float) -> float:
         """:meth:`AudioBudget.take`: how long to wait before feeding ``seconds`` of audio that came at ``now``."""

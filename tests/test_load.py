@@ -155,15 +155,16 @@ async def test_a_flood_cannot_starve_a_real_time_stream(daemon_factory, model_ru
     assert healthy_end < min(ends), "the real-time stream waited for the whole flood"
 
 
-async def _burst(port: int, message: bytes, sessions: dict[str, float], leave: asyncio.Event) -> None:
-    """Send one 8 kHz message at once and stay (its windows stay queued) until ``leave``; note the session and when
-    its audio was sent."""
+async def _burst(port: int, message: bytes, sessions: dict[str, float], leave: asyncio.Event, piece: int = 0) -> None:
+    """Send 8 kHz audio at once, in one message (or messages of ``piece`` bytes, as fast as the connection takes
+    them) and stay (its windows stay queued) until ``leave``; note the session and when its audio was sent."""
     loop = asyncio.get_running_loop()
     async with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None) as ws:
         session = json.loads(await ws.recv())["session"]
         await ws.send(json.dumps({"type": "start", "sample_rate": 8000}))
         sessions[session] = loop.time()
-        await ws.send(message)
+        for i in range(0, len(message), piece or len(message)):
+            await ws.send(message[i : i + (piece or len(message))])
         await leave.wait()
 
 

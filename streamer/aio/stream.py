@@ -201,6 +201,16 @@ class EngineThread:
             call.future.set_result(result)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Arrival:
+    """How the message being fed came off its client's connection."""
+
+    queued: bool
+    """it was there when read: the client sent it while the one before was being fed"""
+    unread: int
+    """bytes the client sent that wait unread behind it (in the kernel)"""
+
+
 class LiveStream:
     """Couples a :class:`StreamSession` to the worker, metrics and the event hub.
 
@@ -229,6 +239,14 @@ class LiveStream:
         self.engine = engine
         """the thread the session's engine calls run in (None: on the event loop)"""
         self.arrived = arrived
+        self.arrival: Callable[[], Arrival] | None = None
+        """how its client's messages come (its connection's receiver); None: each as if it came when fed.
+
+        A connection is read as the model takes its audio, so a client that sends faster than real time has its
+        messages read late, each as its windows are done, and they would seem to come at real time once the model
+        falls behind: eight clients sending 55 s in 100 ms messages took deadlines, and made a real-time stream's
+        finals 3-6 s late. What waits unread behind a message shows the client ahead; a message that was already
+        there when read keeps it ahead (:attr:`Pace.ahead`)."""
         """a file's: when all its audio came (``time.monotonic()``, the request); None: each block as it is fed.
         A file is read as the model takes its audio, so once the model fell behind, each block read would seem
         to come at real time and take a deadline: eight uploads of an hour starved of model time became as
@@ -257,10 +275,13 @@ class LiveStream:
             now = time.monotonic()
         start = self.pace.due(seconds, now) if self.pace is not None else None  # when the block's start is due
         received = now if self.arrived is None else self.arrived
+        ahead = start is not None and self._sent_ahead(start + seconds, now)
 
         def due(end: float) -> float:
             """The deadline of the block's audio up to ``end`` seconds (0: due now, without a pace)."""
-            return 0.0 if start is None else deadline(start + end, received, LIVE_AHEAD_S)
+            if start is None:
+                return 0.0
+            return math.inf if ahead else deadline(start + end, received, LIVE_AHEAD_S)
 
         self.metrics.add_audio(seconds)
         if self._started is None:
@@ -275,6 +296,17 @@ class LiveStream:
             windows = await self._call(end, self._accept, piece, hear=functools.partial(self._hear, piece))
             events += await self._run(windows, end)
         return events
+
+    def _sent_ahead(self, clock: float, now: float) -> bool:
+        """Whether the client sends ahead of real time by more than what the block shows (its audio is due until
+        ``clock``): the bytes waiting unread behind it reach more than ``LIVE_AHEAD_S`` ahead, or it was ahead and
+        this message was already there when read. (:attr:`arrival`)"""
+        if self.arrival is None or self.pace is None:
+            return False
+        came = self.arrival()
+        unread_s = came.unread / (self.sample_rate * self.channels * 2)
+        self.pace.ahead = clock + unread_s - now > LIVE_AHEAD_S or (self.pace.ahead and came.queued)
+        return self.pace.ahead
 
     async def flush(self) -> list[Event]:
         due = self._due_end()
@@ -302,6 +334,8 @@ class LiveStream:
         if self.pace is None:
             return 0.0
         now = time.monotonic()
+        if self.pace.ahead:  # (the end of audio sent ahead of real time is no more urgent than the audio)
+            return math.inf
         return deadline(self.pace.end(now), now if self.arrived is None else self.arrived, LIVE_AHEAD_S)
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ from websockets.typing import Data
 
 from streamer.aio.host import StreamHost, close_named, name_in_use, open_named
 from streamer.aio.http.limits import RefusalLog
-from streamer.aio.stream import LiveStream
+from streamer.aio.stream import Arrival, LiveStream
 from streamer.engine import SAMPLE_RATE, WordDecoder
 from streamer.events import CLOSE_GOING_AWAY, Error, Event, error_for, to_json
 from streamer.exceptions import AudioError, InferenceError, ProtocolError
@@ -62,6 +62,8 @@ DRAIN_MESSAGES = 16
 were sent before it"""
 DRAIN_WAIT_S = 0.1
 """at the shutdown, how long a message the client sent before it may take to be read"""
+QUEUED_S = 0.002
+"""a message that came within this long of being asked for was already there: read behind the one before"""
 LINGER_S = 1.0
 """at the close of a TCP protocol's connection, how long what the peer still sends is read and dropped"""
 
@@ -95,6 +97,7 @@ class Receiver(Generic[M]):
         """bytes the client sent that wait unread (in the kernel); None: a message that comes with the shutdown is
         served, and then the next ones until none comes at once"""
         self._waited_s = 0.0
+        self._queued = False  # the last message was there when asked for
         self._stop: asyncio.Future[Any] | None = None
         self._largest = 0  # the largest message so far
         self._drain: int | None = None  # after the shutdown: bytes still to serve of what the client had sent
@@ -130,7 +133,9 @@ class Receiver(Generic[M]):
             return await self._drained()
         if receive in done:
             msg: M = self._took(receive.result())
-            self._waited_s = 0.0 if self.is_audio(msg) else self._waited_s + loop.time() - t0
+            waited = loop.time() - t0
+            self._queued = waited < QUEUED_S
+            self._waited_s = 0.0 if self.is_audio(msg) else self._waited_s + waited
             return msg
         await _cancel(receive)
         return Quiet.STOP if stop in done else Quiet.IDLE
@@ -154,6 +159,10 @@ class Receiver(Generic[M]):
             return Quiet.STOP
         return self._took(receive.result())
 
+    def arrival(self) -> Arrival:
+        """How the last message came: whether it was there when asked for, and what waits unread behind it."""
+        return Arrival(self._queued, self.unread() if self.unread is not None else 0)
+
     def close(self) -> None:
         if self._stop is not None:
             self._stop.cancel()
@@ -167,6 +176,8 @@ class Connection:
     label: ClassVar[str] = "stream"
     """what its log lines call it"""
     log: ClassVar[logging.Logger] = logger
+    receiver: Receiver[Any]
+    """the connection's receive loop (each transport makes its own)"""
 
     def __init__(self, host: StreamHost) -> None:
         self.host = host
@@ -188,6 +199,7 @@ class Connection:
             self.pace = stream.pace
         else:
             stream.pace = self.pace
+        stream.arrival = self.receiver.arrival
         return stream
 
     async def claim(self, name: str | None) -> None:

@@ -239,6 +239,10 @@ class LiveStream:
         self.engine = engine
         """the thread the session's engine calls run in (None: on the event loop)"""
         self.arrived = arrived
+        """a file's: when all its audio came (``time.monotonic()``, the request); None: each block as it is fed.
+        A file is read as the model takes its audio, so once the model fell behind, each block read would seem
+        to come at real time and take a deadline: eight uploads of an hour starved of model time became as
+        urgent as the real-time streams, and delayed their finals by 12 s"""
         self.arrival: Callable[[], Arrival] | None = None
         """how its client's messages come (its connection's receiver); None: each as if it came when fed.
 
@@ -247,10 +251,6 @@ class LiveStream:
         falls behind: eight clients sending 55 s in 100 ms messages took deadlines, and made a real-time stream's
         finals 3-6 s late. What waits unread behind a message shows the client ahead; a message that was already
         there when read keeps it ahead (:attr:`Pace.ahead`)."""
-        """a file's: when all its audio came (``time.monotonic()``, the request); None: each block as it is fed.
-        A file is read as the model takes its audio, so once the model fell behind, each block read would seem
-        to come at real time and take a deadline: eight uploads of an hour starved of model time became as
-        urgent as the real-time streams, and delayed their finals by 12 s"""
         self.closed = False
         self._converted = _NO_AUDIO  # 16 kHz mono audio a call's first step converted for the call
         self._started: float | None = None  # when the first audio came (time.monotonic)

@@ -220,7 +220,7 @@ class LiveStream:
 
     def __init__(self, session: StreamSession, worker: BatchWorker, hub: Hub, metrics: Metrics, *, id: str,
                  name: str, sample_rate: int = SAMPLE_RATE, channels: int = 1, encoding: str = "s16le",
-                 pace: Pace | None = None, engine: EngineThread | None = None, arrived: float | None = None) -> None:
+                 pace: Pace | None = None, engine: EngineThread | None = None, file_came: float | None = None) -> None:
         self.id = id
         self.name = name
         self.encoding = encoding
@@ -238,7 +238,7 @@ class LiveStream:
         limit, always due); a connection gives each of its streams the same"""
         self.engine = engine
         """the thread the session's engine calls run in (None: on the event loop)"""
-        self.arrived = arrived
+        self.file_came = file_came
         """a file's: when all its audio came (``time.monotonic()``, the request); None: each block as it is fed.
         A file is read as the model takes its audio, so once the model fell behind, each block read would seem
         to come at real time and take a deadline: eight uploads of an hour starved of model time became as
@@ -274,7 +274,7 @@ class LiveStream:
             await asyncio.sleep(wait)
             now = time.monotonic()
         start = self.pace.due(seconds, now) if self.pace is not None else None  # when the block's start is due
-        received = now if self.arrived is None else self.arrived
+        received = now if self.file_came is None else self.file_came
         ahead = start is not None and self._sent_ahead(start + seconds, now)
 
         def due(end: float) -> float:
@@ -336,7 +336,7 @@ class LiveStream:
         now = time.monotonic()
         if self.pace.ahead:  # (the end of audio sent ahead of real time is no more urgent than the audio)
             return math.inf
-        return deadline(self.pace.end(now), now if self.arrived is None else self.arrived, LIVE_AHEAD_S)
+        return deadline(self.pace.end(now), now if self.file_came is None else self.file_came, LIVE_AHEAD_S)
 
     def close(self) -> None:
         """Release what the stream holds in the worker (queued windows, its lag gauge). Idempotent."""
@@ -461,4 +461,4 @@ class Streams:
         return LiveStream(session, self.worker, self.hub, self.metrics, id=sid, name=name or sid,
                           sample_rate=sample_rate, channels=channels, encoding=encoding,
                           pace=Pace(srv.max_speed, srv.max_burst_s, now), engine=self.engine(),
-                          arrived=None if live else now)
+                          file_came=None if live else now)

@@ -200,6 +200,11 @@ class Window:
     def n_frames(self) -> int:
         return n_frames(len(self.samples), self.frame_samples, self.receptive_field)
 
+    @property
+    def end_sample(self) -> int:
+        """the stream's sample (16 kHz) where the window's audio ends"""
+        return self.start_frame * self.frame_samples + len(self.samples)
+
 
 @dataclass(frozen=True)
 class _Marker:

@@ -88,8 +88,7 @@ async def test_bursts_never_go_before_a_waiting_real_time_stream(daemon_factory,
         out = take(*args, **kwargs)
         if waiting:
             worker_faults.extend((key, end) for key, item in out if key in bursts
-                                 and (end := (item.window.start_frame * item.window.frame_samples
-                                              + len(item.window.samples)) / 16000) > AHEAD_S)
+                                 and (end := item.window.end_sample / 16000) > AHEAD_S)
         return out
 
     monkeypatch.setattr(d.worker._queue, "take", recorded_take)
@@ -129,8 +128,8 @@ async def test_bursts_never_go_before_a_waiting_real_time_stream(daemon_factory,
     assert engine is not None
     submit = engine.submit
 
-    def recorded_submit(*args):
-        fut = submit(*args)
+    def recorded_submit(*args, **kwargs):
+        fut = submit(*args, **kwargs)
         call = next(a for a in args if isinstance(getattr(a, "__self__", None), LiveStream))
         if call.__self__.id not in bursts:
             queued.append(next(seq))  # noted once it is queued
@@ -174,9 +173,9 @@ async def test_a_file_read_slower_than_real_time_still_has_no_deadline(daemon_fa
     submit = engine.submit
     dues: list[tuple[float, float]] = []  # (when submitted, due)
 
-    def recorded_submit(key, due, *args):
+    def recorded_submit(key, due, *args, **kwargs):
         dues.append((time.monotonic(), due))
-        return submit(key, due, *args)
+        return submit(key, due, *args, **kwargs)
 
     monkeypatch.setattr(engine, "submit", recorded_submit)
     opened = time.monotonic()

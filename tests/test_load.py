@@ -202,7 +202,7 @@ async def test_a_burst_uses_only_spare_model_time(daemon_factory, model_runner, 
     shared = [(at, [(key, w) for key, w in batch if key in bursts]) for at, batch in batches
               if any(key == healthy for key, _ in batch)]
     assert shared, "the real-time stream's windows were never run"
-    ahead = [(key, (w.start_frame * w.frame_samples + len(w.samples)) / 16000 - (at - bursts[key]))
+    ahead = [(key, w.end_sample / 16000 - (at - bursts[key]))
              for at, batch in shared for key, w in batch]
     ahead = [(key, round(s, 1)) for key, s in ahead if s > 2.0]  # a burst window's audio ahead of real time
     assert not ahead, f"burst windows ahead of real time shared the real-time stream's batches: {ahead[:5]}"

@@ -125,9 +125,9 @@ def test_engine_thread_scores_the_waiting_streams_in_one_batch(model, voices, mo
         for at in range(0, length, piece):
             gate = threading.Event()
             busy = engine.submit("busy", 0.0, gate.wait, 10)  # holds the thread while the calls queue
-            waiting = {key: engine.submit_heard(key, math.inf if key == "burst" else 1.0 + k,
-                                                functools.partial(hear, detectors[key], audio[key][at : at + piece]),
-                                                call, key, audio[key][at : at + piece])
+            waiting = {key: engine.submit(key, math.inf if key == "burst" else 1.0 + k, call, key,
+                                          audio[key][at : at + piece],
+                                          hear=functools.partial(hear, detectors[key], audio[key][at : at + piece]))
                        for k, key in enumerate(keys)}
             assert waiting.pop("gone").cancel()  # its stream stopped waiting
             before = detectors["live0"].frames
@@ -174,7 +174,7 @@ def test_a_streams_next_call_is_heard_only_after_its_call_before_ran():
 
     try:
         busy = engine.submit("busy", 0.0, gate.wait, 10)
-        futures = [engine.submit_heard(key, due, hearing(name), seen.append, f"run {name}")
+        futures = [engine.submit(key, due, seen.append, f"run {name}", hear=hearing(name))
                    for key, name, due in [("a", "a1", 1.0), ("b", "b", 2.0), ("a", "a2", 3.0)]]
         gate.set()
         for fut in [busy, *futures]:

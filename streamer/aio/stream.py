@@ -97,7 +97,7 @@ class EngineThread:
     stream by one call at most, a second of audio.
 
     The voice-activity detector runs batched across streams: a call that feeds audio comes with its
-    :data:`Hearing` (:meth:`submit_heard`), and before each call the thread runs the hearings of that call and
+    :data:`Hearing` (:meth:`submit`'s ``hear``), and before each call the thread runs the hearings of that call and
     of the other streams' waiting calls, then scores all their detectors' frames in one batch
     (:func:`streamer.vad.score`: 0.04 ms per stream and frame instead of 0.09 ms alone). The calls themselves
     still run earliest deadline first; each reads its stream's probabilities, which do not depend on the batch.
@@ -107,35 +107,29 @@ class EngineThread:
 
     def __init__(self) -> None:
         self._queue: FairQueue[str, _Call] = FairQueue()
-        self._hearings: dict[str, Hearing] = {}  # the first step of the call each stream submits next
         self._ready = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="streamer-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, key: str, due: float, fn: Callable[..., T], *args: object) -> Future[T]:
+    def submit(self, key: str, due: float, fn: Callable[..., T], *args: object, hear: Hearing | None = None
+               ) -> Future[T]:
         """Queue ``fn(*args)`` for stream ``key``, due at ``due`` (``time.monotonic()``, or ``math.inf``: only
-        when nothing else waits); its future. Cancelling the future before the call began drops it."""
+        when nothing else waits); its future. Cancelling the future before the call began drops it.
+
+        ``hear``: the call feeds the stream's detector the audio ``hear()`` gives it. The thread runs ``hear()``
+        before the call, maybe ahead of it with another stream's call (the detectors' frames are scored
+        together); the call then reads the probabilities (:meth:`streamer.vad.SpeechDetector.take`). Once
+        ``hear()`` ran, the call has begun: cancelling its future no longer drops it (the detector heard its
+        audio).
+        """
         fut: Future[T] = Future()
         with self._ready:
-            hear = self._hearings.pop(key, None)
             if self._closed:
                 raise RuntimeError("the engine thread was shut down")
             self._queue.put(key, _Call(fut, functools.partial(fn, *args), due, hear), due)
             self._ready.notify()
         return fut
-
-    def submit_heard(self, key: str, due: float, hear: Hearing, fn: Callable[..., T], *args: object) -> Future[T]:
-        """:meth:`submit` a call that feeds the stream's detector the audio ``hear()`` gives it.
-
-        The thread runs ``hear()`` before the call, maybe ahead of it with another stream's call (the
-        detectors' frames are scored together); the call then reads the probabilities
-        (:meth:`streamer.vad.SpeechDetector.take`). Once ``hear()`` ran, the call has begun: cancelling its
-        future no longer drops it (the detector heard its audio).
-        """
-        with self._ready:
-            self._hearings[key] = hear
-        return self.submit(key, due, fn, *args)  # (every call is queued in one place)
 
     def shutdown(self) -> None:
         """Run the calls already queued, then let the thread end. Idempotent."""
@@ -274,14 +268,13 @@ class LiveStream:
             await asyncio.sleep(wait)
             now = time.monotonic()
         start = self.pace.due(seconds, now) if self.pace is not None else None  # when the block's start is due
-        received = now if self.file_came is None else self.file_came
         ahead = start is not None and self._sent_ahead(start + seconds, now)
 
         def due(end: float) -> float:
             """The deadline of the block's audio up to ``end`` seconds (0: due now, without a pace)."""
             if start is None:
                 return 0.0
-            return math.inf if ahead else deadline(start + end, received, LIVE_AHEAD_S)
+            return math.inf if ahead else deadline(start + end, self._received(now), LIVE_AHEAD_S)
 
         self.metrics.add_audio(seconds)
         if self._started is None:
@@ -297,10 +290,15 @@ class LiveStream:
             events += await self._run(windows, end)
         return events
 
+    def _received(self, now: float) -> float:
+        """When the audio fed ``now`` came: now, or a file's request (:attr:`file_came`)."""
+        return now if self.file_came is None else self.file_came
+
     def _sent_ahead(self, clock: float, now: float) -> bool:
         """Whether the client sends ahead of real time by more than what the block shows (its audio is due until
         ``clock``): the bytes waiting unread behind it reach more than ``LIVE_AHEAD_S`` ahead, or it was ahead and
-        this message was already there when read. (:attr:`arrival`)"""
+        this message was already there when read (:attr:`arrival`). The answer is kept in :attr:`Pace.ahead`, for
+        the client's next message and for its flush."""
         if self.arrival is None or self.pace is None:
             return False
         came = self.arrival()
@@ -336,7 +334,7 @@ class LiveStream:
         now = time.monotonic()
         if self.pace.ahead:  # (the end of audio sent ahead of real time is no more urgent than the audio)
             return math.inf
-        return deadline(self.pace.end(now), now if self.file_came is None else self.file_came, LIVE_AHEAD_S)
+        return deadline(self.pace.end(now), self._received(now), LIVE_AHEAD_S)
 
     def close(self) -> None:
         """Release what the stream holds in the worker (queued windows, its lag gauge). Idempotent."""
@@ -347,14 +345,12 @@ class LiveStream:
 
     async def _call(self, due: float, fn: Callable[..., T], *args: object, hear: Hearing | None = None) -> T:
         """``fn(*args)`` in the engine thread (or here, without one), due at ``due``, after ``hear()`` (a call
-        that feeds audio: :meth:`EngineThread.submit_heard`); the stream's calls never overlap."""
+        that feeds audio: :meth:`EngineThread.submit`); the stream's calls never overlap."""
         if self.engine is None:
             if hear is not None:
                 hear()
             return fn(*args)
-        if hear is None:
-            return await asyncio.wrap_future(self.engine.submit(self.id, due, fn, *args))
-        return await asyncio.wrap_future(self.engine.submit_heard(self.id, due, hear, fn, *args))
+        return await asyncio.wrap_future(self.engine.submit(self.id, due, fn, *args, hear=hear))
 
     def _hear(self, piece: np.ndarray) -> SpeechDetector | None:
         """A feeding call's first step (:data:`Hearing`): give the detector the 16 kHz mono ``piece`` the call

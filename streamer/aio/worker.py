@@ -191,7 +191,7 @@ class BatchWorker:
     def _may_go_first(self, stream: str, window: Window) -> bool:
         """Whether a closing window of a real-time ``stream`` runs ahead of every other window: at most one per
         :data:`URGENT_EVERY_S` of the stream's audio. (Audio sent ahead of real time waits its turn all the same.)"""
-        end = window.start_frame * window.frame_samples + len(window.samples)
+        end = window.end_sample
         last = self._urgent_end.get(stream)
         if last is not None and end - last < URGENT_EVERY_S * SAMPLE_RATE:
             return False

@@ -362,6 +362,17 @@ async def test_viewer_and_names_across_processes(served, speech, expected):
 # --- a process dies; signals --------------------------------------------------------------------------------
 
 
+async def mid_stream(clients: list[Client], audio: bytes) -> int:
+    """Each client sends the first half of ``audio`` and hears an event of it; the bytes sent (where the rest
+    starts)."""
+    half = len(audio) // 2 & ~1
+    for c in clients:
+        await c.send(audio[:half])
+    for c in clients:
+        await c.heard()
+    return half
+
+
 async def served_to_the_end(s: Served, clients: list[Client], audio: bytes, expected) -> None:
     """Each client streams ``audio`` and gets transcribe's finals; then SIGTERM stops the daemon cleanly."""
     for c in clients:
@@ -378,12 +389,8 @@ async def test_a_killed_process_is_restarted_and_takes_only_its_own_clients(serv
     and the killed clients can reconnect and be served."""
     s = await served("server.max_streams=5")
     audio = pcm16(speech)
-    half = len(audio) // 2 & ~1
     clients = await spread(s.port, 2)
-    for c in clients:
-        await c.send(audio[:half])
-    for c in clients:
-        await c.heard()
+    half = await mid_stream(clients, audio)
     victim = clients[0].pid
     doomed = [c for c in clients if c.pid == victim]
     survivors = [c for c in clients if c.pid != victim]
@@ -826,12 +833,8 @@ async def test_a_model_server_that_dies_is_started_again(served, speech, expecte
     victim = int((await s.wait_log(r"model server ready at \S+ \(pid (\d+)\)", limit_s=1)).group(1))
     await s.until_health(lambda h: h.get("model_server") == "up", START_TIMEOUT)
     audio = pcm16(speech)
-    half = len(audio) // 2 & ~1
     live = await spread(s.port, 1)
-    for c in live:
-        await c.send(audio[:half])
-    for c in live:
-        await c.heard()
+    half = await mid_stream(live, audio)
     mark = len(s.lines)
     os.killpg(victim, signal.SIGKILL)
     await s.wait_log(rf"the model server \(pid {victim}\) killed by SIGKILL; restarting it", since=mark)

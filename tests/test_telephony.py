@@ -474,6 +474,32 @@ async def test_bad_audiosocket_input_gets_an_error_frame_and_the_call_beside_goe
 
 
 @pytest.mark.slow
+async def test_streams_ended_by_bad_input_write_one_line_each_and_no_flood(daemon_factory, caplog):
+    """A stream its client's bad input ended wrote its error line and, over websocket, websockets' connection
+    closed besides; a script repeating bad calls wrote a line or two per call, 1.4-3.9 MB of log in 10 s
+    (clients/chaos.py's twilio-hostile and audiosocket-hostile rows). Now the error is its one line after the
+    call's own, at most RefusalLog.error_burst per interval per daemon, the rest counted."""
+    from streamer.aio.http.limits import RefusalLog
+
+    d = await daemon_factory(*AUDIOSOCKET)
+    assert d.audiosocket is not None and d.audiosocket.port
+    names = ("streamer.twilio", "streamer.audiosocket", "streamer.server", "websockets.server")
+    with caplog.at_level(logging.INFO):
+        closed = await play(d.port, [twilio_media("inbound", 1, bytes(160))])
+        assert closed[0] == 1008
+        lines = [r.getMessage() for r in caplog.records if r.name in names]
+        assert lines == ["connection open", lines[1]] and "media before start" in lines[1], lines
+        caplog.clear()
+        n = 3 * RefusalLog.error_burst
+        for _ in range(n):
+            got = await asterisk(d.audiosocket.port, [b"\x42\x00\x00"], real_time=False)
+            assert [k for k, _ in got] == [KIND_ERROR]  # every call still gets its error frame
+        lines = [r.getMessage() for r in caplog.records if r.name in names]
+        assert 0 < len(lines) <= RefusalLog.error_burst, len(lines)  # the rest were held back
+        assert d.metrics.errors.labels("bad_kind")._value.get() == n  # and counted
+
+
+@pytest.mark.slow
 async def test_audiosocket_off_loopback_warns_that_nothing_guards_it(daemon_factory, caplog):
     """AudioSocket has no authentication: a listener on every network says so at start (and that the token does not
     guard it); one on loopback, the default, says nothing."""

@@ -217,11 +217,19 @@ class Connection:
         self.stream = None
 
     def failed(self, exc: ProtocolError | AudioError | InferenceError) -> Error:
-        """A client's or the model's error ends the connection: counted, logged, and the error to report."""
+        """A client's or the model's error ends the connection: counted, logged (one line, and not a flood of
+        them: :meth:`RefusalLog.ended_by_error`), and the error to report."""
         error = error_for(exc)
         self.host.metrics.errors.labels(error.code).inc()
-        self.log.info("%s %s: %s", self.label, self.id, exc)
+        note = RefusalLog.install().ended_by_error(self.host, error.code, self.websocket)
+        if note is not None:
+            self.log.info("%s %s: %s%s", self.label, self.id, exc, note)
         return error
+
+    @property
+    def websocket(self) -> ServerConnection | None:
+        """The connection's websocket, if it is one (its lines are websockets')."""
+        return None
 
     async def last_finals(self, exc: BaseException) -> list[Event]:
         """Before a client's error ends the stream: the finals of the audio it accepted (published, as for any
@@ -277,6 +285,10 @@ class StreamHandler(Connection):
         super().__init__(host)
         self.ws = ws
         self.receiver: Receiver[Data] = Receiver(host, ws.recv, _is_audio, lambda: unread_bytes(ws))
+
+    @property
+    def websocket(self) -> ServerConnection | None:
+        return self.ws
 
     async def recv(self) -> Data | Quiet:
         """The next message (bytes or str), or :class:`Quiet` (:meth:`Receiver.next`)."""

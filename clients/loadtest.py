@@ -115,8 +115,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rolling", action="store_true",
                    help="a rolling restart of two daemons behind HAProxy under load, instead of the levels")
     p.add_argument("--rolling-clients", type=int, default=16, help="streams at once during --rolling (default: 16)")
+    p.add_argument("--daemon-cpus", metavar="LIST", type=cpu_list,
+                   help="run the started daemons on these CPUs only (e.g. 0 or 0-3), and this process and its "
+                   "client processes on the others, so that the clients' CPU is not the daemon's (a model server "
+                   "the daemon starts shares its CPUs: start one apart, streamer model-server, to measure the "
+                   "front end alone)")
     p.add_argument("--json", help="write all figures here as JSON")
     return p.parse_args(argv)
+
+
+def cpu_list(text: str) -> set[int]:
+    """CPUs written as taskset writes them: ``0``, ``0,2``, ``0-3``."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CPU list like 0 or 0,2 or 0-3") from None
+    if not cpus <= os.sched_getaffinity(0):
+        raise argparse.ArgumentTypeError(f"this process may run on CPUs {sorted(os.sched_getaffinity(0))} only")
+    if cpus == os.sched_getaffinity(0):
+        raise argparse.ArgumentTypeError("leave at least one CPU for the clients")
+    return cpus
 
 
 def tree(pid: int, without: str = "") -> list[int]:
@@ -402,8 +423,10 @@ def profile_summary(raw: str) -> tuple[dict[str, float], dict[str, dict[str, flo
 async def profile_daemon(pid: int, seconds: float) -> str:
     """Record the daemon (and its front-end processes) with py-spy for ``seconds``; the raw samples."""
     out = Path(tempfile.mkdtemp()) / "profile.txt"
+    beside = Path(sys.executable).with_name("py-spy")  # a venv's, when it is not activated (not on PATH)
+    py_spy = shutil.which("py-spy") or (str(beside) if beside.exists() else "py-spy")
     proc = await asyncio.create_subprocess_exec(
-        "py-spy", "record", "--pid", str(pid), "--subprocesses", "--threads", "--nonblocking", "--rate", "100",
+        py_spy, "record", "--pid", str(pid), "--subprocesses", "--threads", "--nonblocking", "--rate", "100",
         "--duration", str(max(1, int(seconds))), "--format", "raw", "--output", str(out),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()
@@ -542,7 +565,9 @@ async def start_daemon(args: argparse.Namespace, model: str, overrides: list[str
            "--set", "server.max_streams=1024", "--set", "server.idle_timeout_s=120"]
     for o in overrides:
         cmd += ["--set", o]
-    proc = await asyncio.create_subprocess_exec(*cmd, stderr=asyncio.subprocess.PIPE)
+    cpus = args.daemon_cpus
+    proc = await asyncio.create_subprocess_exec(*cmd, stderr=asyncio.subprocess.PIPE,
+                                                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     assert proc.stderr is not None
     while True:
         line = (await proc.stderr.readline()).decode()
@@ -988,6 +1013,8 @@ async def rolling_main(args: argparse.Namespace, pcm: bytes) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.daemon_cpus:  # before the client processes are spawned: they keep this process's CPUs
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - args.daemon_cpus)
     if args.rolling:
         audio = load_audio(args)
         return asyncio.run(rolling_main(args, (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()))

@@ -499,6 +499,21 @@ async def test_streams_ended_by_bad_input_write_one_line_each_and_no_flood(daemo
         assert d.metrics.errors.labels("bad_kind")._value.get() == n  # and counted
 
 
+def test_a_flood_of_bad_input_never_holds_back_the_models_failures() -> None:
+    """Streams the model failed are counted apart from those a client's bad input ended: an attacker's flood of
+    bad calls must not hide, in the log, that the model server is failing everyone."""
+    from streamer.aio.http.limits import RefusalLog
+
+    class Daemon:  # a key of the log's weak per-daemon intervals
+        pass
+
+    log, daemon = RefusalLog(), Daemon()
+    notes = [log.ended_by_error(daemon, "error", "bad_kind") for _ in range(3 * RefusalLog.error_burst)]
+    assert notes.count(None) == 2 * RefusalLog.error_burst  # the flood: the rest held back
+    assert log.ended_by_error(daemon, "failure", "inference_failed") == ""  # the model's failure goes out
+    assert log.ended_by_error(Daemon(), "error", "bad_kind") == ""  # as does another daemon's client error
+
+
 @pytest.mark.slow
 async def test_audiosocket_off_loopback_warns_that_nothing_guards_it(daemon_factory, caplog):
     """AudioSocket has no authentication: a listener on every network says so at start (and that the token does not

@@ -204,7 +204,7 @@ class RefusalLog(logging.Filter):
     admission_burst = 1
     """websockets refused at admission logged per interval: they are all alike (the daemon is full, or stops)"""
     error_burst = 20
-    """streams ended by an error logged per interval (a client's bad input, the model's failure)"""
+    """streams ended by an error logged per interval: by a client's bad input, and apart, by the model's failure"""
 
     def __init__(self, interval_s: float = 10.0) -> None:
         super().__init__()
@@ -228,8 +228,8 @@ class RefusalLog(logging.Filter):
 
     def _allowed(self, server: object, kind: str, reason: str) -> str | None:
         """The note of the lines held back since the last line, when a line of ``kind`` (``request``,
-        ``admission`` or ``error``) may go out for ``server`` now; None when it may not (it is counted under
-        ``reason``)."""
+        ``admission``, ``error`` or ``failure``) may go out for ``server`` now; None when it may not (it is
+        counted under ``reason``)."""
         now = time.monotonic()
         windows = self._windows.setdefault(server, {})
         window = windows.get(kind)
@@ -269,14 +269,16 @@ class RefusalLog(logging.Filter):
         if note is not None:
             logger.info(message + note, *args)
 
-    def ended_by_error(self, daemon: object, reason: str, ws: ServerConnection | None = None) -> str | None:
-        """A stream of ``daemon`` ends with an error (code ``reason``): the note for its one line, which the
-        protocol writes itself, or None when it is held back (counted). A websocket's ``connection closed`` is
-        dropped: the error line says why it closed."""
+    def ended_by_error(self, daemon: object, kind: str, reason: str, ws: ServerConnection | None = None
+                       ) -> str | None:
+        """A stream of ``daemon`` ends with an error of ``kind`` (``error``: the client's; ``failure``: the
+        model's, counted apart) and code ``reason``: the note for its one line, which the protocol writes itself,
+        or None when it is held back (counted). A websocket's ``connection closed`` is dropped: the error line
+        says why it closed."""
         if ws is not None:
             self._refused.add(ws.id)
             self._explained.add(ws.id)
-        return self._allowed(daemon, "error", reason)
+        return self._allowed(daemon, kind, reason)
 
     def closed_without_request(self, conn: ServerConnection) -> None:
         """``conn`` closed before its request head came: its ``connection closed`` is dropped, and one line says

@@ -221,7 +221,9 @@ class Connection:
         them: :meth:`RefusalLog.ended_by_error`), and the error to report."""
         error = error_for(exc)
         self.host.metrics.errors.labels(error.code).inc()
-        note = RefusalLog.install().ended_by_error(self.host, error.code, self.websocket)
+        # the model's failures apart from clients' mistakes: a flood of bad input never hides them
+        kind = "failure" if isinstance(exc, InferenceError) else "error"
+        note = RefusalLog.install().ended_by_error(self.host, kind, error.code, self.websocket)
         if note is not None:
             self.log.info("%s %s: %s%s", self.label, self.id, exc, note)
         return error

@@ -422,6 +422,32 @@ async def test_refused_http_requests_write_one_line_each_and_no_flood(daemon_fac
         assert status == 200 and "text" in json.loads(answer)  # and the daemon serves on
 
 
+async def test_refusals_under_a_warning_log_level_leave_no_marks_behind(daemon_factory):
+    """The refusal log marks a refused connection so that websockets' connection closed line is dropped, and
+    forgets the mark at that line. Under [logging] level = "warning" websockets never writes it, so each mark
+    stayed for good: a flood of refused requests grew the daemon without bound. Now it marks nothing then."""
+    from streamer.aio.http.limits import RefusalLog
+
+    d = await daemon_factory("server.allowed_hosts=['asr.example.org']")
+    log = RefusalLog.install()
+    websockets_log = logging.getLogger("websockets.server")
+    level = websockets_log.level
+    websockets_log.setLevel(logging.WARNING)  # as the daemon's root level "warning" makes it
+    try:
+        before = len(log._refused) + len(log._explained)
+        for _ in range(40):
+            status, _, _ = await raw_http(d.port, f"GET /healthz HTTP/1.1\r\nHost: evil.example:{d.port}\r\n\r\n"
+                                          .encode())  # DNS rebinding: refused with the daemon's reason
+            assert status == 403
+        async with connect(f"ws://127.0.0.1:{d.port}/v1/stream") as ws:  # a stream its bad input ends
+            await ws.send(json.dumps({"type": "start", "sample_rate": -1}))
+            await ws.wait_closed()
+        assert ws.close_code == 1008
+        assert len(log._refused) + len(log._explained) <= before  # 82 marks before the fix (41 each)
+    finally:
+        websockets_log.setLevel(level)
+
+
 # --- slow request heads (slowloris) -------------------------------------------------------------------------------
 
 DRIBBLERS = r"""

@@ -254,7 +254,7 @@ class RefusalLog(logging.Filter):
         """The websocket ``ws`` was refused at admission with ``error``: its lines are dropped; one line says so
         unless one for the same reason did lately."""
         self._held.pop(ws.id, None)
-        if ws.protocol.state is not State.CLOSED:
+        if ws.protocol.state is not State.CLOSED and self._closes_logged():
             self._refused.add(ws.id)
         note = self._allowed(ws.server, "admission", error.code)
         if note is not None:
@@ -263,8 +263,9 @@ class RefusalLog(logging.Filter):
     def refused_request(self, conn: ServerConnection, reason: str, message: str, *args: object) -> None:
         """The HTTP request on ``conn`` was refused for ``reason`` (a short code): log ``message % args`` as its
         one line, unless one for the same reason did lately."""
-        self._refused.add(conn.id)
-        self._explained.add(conn.id)
+        if self._closes_logged():
+            self._refused.add(conn.id)
+            self._explained.add(conn.id)
         note = self._allowed(conn.server, "request", reason)
         if note is not None:
             logger.info(message + note, *args)
@@ -275,10 +276,17 @@ class RefusalLog(logging.Filter):
         model's, counted apart) and code ``reason``: the note for its one line, which the protocol writes itself,
         or None when it is held back (counted). A websocket's ``connection closed`` is dropped: the error line
         says why it closed."""
-        if ws is not None:
+        if ws is not None and self._closes_logged():
             self._refused.add(ws.id)
             self._explained.add(ws.id)
         return self._allowed(daemon, kind, reason)
+
+    @staticmethod
+    def _closes_logged() -> bool:
+        """Whether websockets writes its ``connection closed`` lines, which this filter drops for the connections
+        it marks, and forgets them then: under ``[logging] level = "warning"`` they are never made, and a mark
+        would never be forgotten (a flood of refused requests grew the marks without bound)."""
+        return logging.getLogger("websockets.server").isEnabledFor(logging.INFO)
 
     def closed_without_request(self, conn: ServerConnection) -> None:
         """``conn`` closed before its request head came: its ``connection closed`` is dropped, and one line says

@@ -254,8 +254,8 @@ class RefusalLog(logging.Filter):
         """The websocket ``ws`` was refused at admission with ``error``: its lines are dropped; one line says so
         unless one for the same reason did lately."""
         self._held.pop(ws.id, None)
-        if ws.protocol.state is not State.CLOSED and self._closes_logged():
-            self._refused.add(ws.id)
+        if ws.protocol.state is not State.CLOSED:
+            self._drop_lines(ws.id, explained=False)
         note = self._allowed(ws.server, "admission", error.code)
         if note is not None:
             logger.info("refused a connection from %s (%s: %s)%s", _peer(ws), error.code, error.message, note)
@@ -263,9 +263,7 @@ class RefusalLog(logging.Filter):
     def refused_request(self, conn: ServerConnection, reason: str, message: str, *args: object) -> None:
         """The HTTP request on ``conn`` was refused for ``reason`` (a short code): log ``message % args`` as its
         one line, unless one for the same reason did lately."""
-        if self._closes_logged():
-            self._refused.add(conn.id)
-            self._explained.add(conn.id)
+        self._drop_lines(conn.id, explained=True)
         note = self._allowed(conn.server, "request", reason)
         if note is not None:
             logger.info(message + note, *args)
@@ -276,17 +274,19 @@ class RefusalLog(logging.Filter):
         model's, counted apart) and code ``reason``: the note for its one line, which the protocol writes itself,
         or None when it is held back (counted). A websocket's ``connection closed`` is dropped: the error line
         says why it closed."""
-        if ws is not None and self._closes_logged():
-            self._refused.add(ws.id)
-            self._explained.add(ws.id)
+        if ws is not None:
+            self._drop_lines(ws.id, explained=True)
         return self._allowed(daemon, kind, reason)
 
-    @staticmethod
-    def _closes_logged() -> bool:
-        """Whether websockets writes its ``connection closed`` lines, which this filter drops for the connections
-        it marks, and forgets them then: under ``[logging] level = "warning"`` they are never made, and a mark
-        would never be forgotten (a flood of refused requests grew the marks without bound)."""
-        return logging.getLogger("websockets.server").isEnabledFor(logging.INFO)
+    def _drop_lines(self, key: object, *, explained: bool) -> None:
+        """Mark connection ``key``: its remaining websockets lines are dropped (``explained``: its refusal's line
+        too, the daemon wrote its own). The mark goes at its ``connection closed``, so none is made when websockets
+        does not write those lines: under ``[logging] level = "warning"`` a mark would never go (a flood of
+        refused requests grew the marks without bound)."""
+        if logging.getLogger("websockets.server").isEnabledFor(logging.INFO):
+            self._refused.add(key)
+            if explained:
+                self._explained.add(key)
 
     def closed_without_request(self, conn: ServerConnection) -> None:
         """``conn`` closed before its request head came: its ``connection closed`` is dropped, and one line says

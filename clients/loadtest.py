@@ -500,7 +500,22 @@ def cpu_seconds(pid: int | None) -> dict[str, float]:
             n += int(fields[11]) + int(fields[12])
         return n / os.sysconf("SC_CLK_TCK")
 
-    return {"cpu_seconds": ticks(tree(pid)), "front_cpu_seconds": ticks(tree(pid, without="model-server"))}
+    front = tree(pid, without="model-server")
+    loop = engine = 0
+    for p in front:  # by thread: each process's event loop is its main thread; the engine thread names itself
+        for task in Path(f"/proc/{p}").glob("task/[0-9]*"):
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                name = (task / "comm").read_text().strip()
+            except OSError:
+                continue
+            if task.name == str(p):
+                loop += int(fields[11]) + int(fields[12])
+            elif name == "streamer-engine":
+                engine += int(fields[11]) + int(fields[12])
+    hz = os.sysconf("SC_CLK_TCK")
+    return {"cpu_seconds": ticks(tree(pid)), "front_cpu_seconds": ticks(front), "loop_cpu_seconds": loop / hz,
+            "engine_cpu_seconds": engine / hz}
 
 
 def read_metrics(url: str, pid: int | None = None) -> dict[str, float]:
@@ -536,6 +551,9 @@ def cost(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         "cpu_s_per_audio_s": d["cpu_seconds"] / audio if audio and "cpu_seconds" in d else float("nan"),
         "front_cpu_s_per_audio_s": (d["front_cpu_seconds"] / audio if audio and "front_cpu_seconds" in d
                                     else float("nan")),
+        "loop_cpu_s_per_audio_s": d["loop_cpu_seconds"] / audio if audio and "loop_cpu_seconds" in d else float("nan"),
+        "engine_cpu_s_per_audio_s": (d["engine_cpu_seconds"] / audio if audio and "engine_cpu_seconds" in d
+                                     else float("nan")),
         "provisional_windows": d.get("provisional_windows", float("nan")),
         "provisional_model_s": d.get("provisional_model_seconds", float("nan")),
         "windows": d.get("windows", float("nan")), "audio_s": audio,
@@ -618,14 +636,16 @@ class Target:
 
 LEVEL_HEAD = (f"{'':<22}{'clients':>8}{'partial p50':>13}{'p95':>7}{'first 1.5 s p50':>17}{'p95':>7}"
               f"{'rest p50':>10}{'p95':>7}{'final p50':>11}{'p95':>7}{'words':>7}{'RSS MB':>8}{'CPU/audio':>10}"
-              f"{'ping p95':>10}{'refreshed':>11}")
+              f"{'loop':>8}{'engine':>8}{'ping p95':>10}{'refreshed':>11}")
 
 
 def level_row(name: str, lv: dict) -> str:
     return (f"{name:<22}{lv['clients']:>8}{lv['partial_median']:>13.3f}{lv['partial_p95']:>7.3f}"
             f"{lv['partial_first_median']:>17.3f}{lv['partial_first_p95']:>7.3f}{lv['partial_rest_median']:>10.3f}"
             f"{lv['partial_rest_p95']:>7.3f}{lv['final_median']:>11.3f}{lv['final_p95']:>7.3f}{lv['words']:>7}"
-            f"{lv['peak_rss_mb']:>8.0f}{lv.get('cost', {}).get('cpu_s_per_audio_s', float('nan')):>10.3f}"
+            f"{lv['peak_rss_mb']:>8.0f}{lv.get('cost', {}).get('cpu_s_per_audio_s', float('nan')):>10.4f}"
+            f"{lv.get('cost', {}).get('loop_cpu_s_per_audio_s', float('nan')):>8.4f}"
+            f"{lv.get('cost', {}).get('engine_cpu_s_per_audio_s', float('nan')):>8.4f}"
             f"{lv.get('ping_p95', float('nan')):>10.3f}{refreshed(lv.get('cost', {})):>11}")
 
 
@@ -666,11 +686,14 @@ def side_by_side(targets: list[Target], args: argparse.Namespace) -> None:
         if any(costs):
             rows.append((f"model s per audio s, {label}", [f"{c.get('model_s_per_audio_s', float('nan')):.3f}"
                                                            for c in costs]))
-            rows.append(("  daemon CPU s per audio s", [f"{c.get('cpu_s_per_audio_s', float('nan')):.3f}"
+            rows.append(("  daemon CPU s per audio s", [f"{c.get('cpu_s_per_audio_s', float('nan')):.4f}"
                                                         for c in costs]))
             if any(c.get("front_cpu_s_per_audio_s", 0) < c.get("cpu_s_per_audio_s", 0) for c in costs):
                 rows.append(("    front end alone (no model server)",
-                             [f"{c.get('front_cpu_s_per_audio_s', float('nan')):.3f}" for c in costs]))
+                             [f"{c.get('front_cpu_s_per_audio_s', float('nan')):.4f}" for c in costs]))
+            rows.append(("    event loop / engine thread", [f"{c.get('loop_cpu_s_per_audio_s', float('nan')):.4f} / "
+                                                          f"{c.get('engine_cpu_s_per_audio_s', float('nan')):.4f}"
+                                                          for c in costs]))
             rows.append(("  provisional windows / model s", [f"{c.get('provisional_windows', float('nan')):.0f} / "
                                                               f"{c.get('provisional_model_s', float('nan')):.2f}"
                                                               for c in costs]))

@@ -237,6 +237,9 @@ class EndpointConfig(_Section):
     vad: bool = _opt(True, doc="end segments on the voice-activity detector's silence (and quiet CTC frames)")
     vad_silence_ms: int = _opt(300, min=32, max=10_000, doc="non-speech after speech that ends a segment with text")
     vad_threshold: float = _opt(0.5, min=0.01, max=1.0, doc="a speech probability at or above this is speech")
+    vad_gather_ms: int = _opt(10, min=0, max=100, doc="with many streams (over about ten), how long a stream's new "
+                              "audio may wait for other streams' to be scored with it in one batch (less CPU, "
+                              "finals unchanged); 0 = never")
 
     def rules(self) -> EndpointRules:
         """The engine's endpoint rules."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 __all__ = ["AudioBudget", "FairQueue", "LoadMeter", "Pace", "deadline"]
@@ -62,12 +62,14 @@ class FairQueue(Generic[K, T]):
         q.append((due, item))
         self._len += 1
 
-    def take(self, limit: int, per_key: int, due_by: float = math.inf) -> list[tuple[K, T]]:
+    def take(self, limit: int, per_key: int, due_by: float = math.inf,
+             where: Callable[[T], bool] | None = None) -> list[tuple[K, T]]:
         """Up to ``limit`` items due by ``due_by``, at most ``per_key`` of each key, earliest deadline first.
 
         Among items due at the same time keys are visited in turn, one item at a time, so that a batch
         smaller than the number of waiting streams is spread over as many streams as possible; the next
-        call starts with the key after the last one served.
+        call starts with the key after the last one served. ``where``: only keys whose oldest item it accepts
+        (a key's items keep their order: one behind a refused item waits with it).
         """
         out: list[tuple[K, T]] = []
         taken: dict[K, int] = {}
@@ -75,7 +77,8 @@ class FairQueue(Generic[K, T]):
             best: K | None = None
             best_due = due_by
             for key, q in self._queues.items():  # the first key in the round wins a tie
-                if q[0][0] <= best_due and (best is None or q[0][0] < best_due) and taken.get(key, 0) < per_key:
+                if (q[0][0] <= best_due and (best is None or q[0][0] < best_due) and taken.get(key, 0) < per_key
+                        and (where is None or where(q[0][1]))):
                     best, best_due = key, q[0][0]
             if best is None:
                 break

@@ -183,3 +183,62 @@ def test_a_streams_next_call_is_heard_only_after_its_call_before_ran():
         engine.shutdown()
     assert seen.index("hear a2") > seen.index("run a1")
     assert seen[:3] == ["hear a1", "hear b", "run a1"]  # the other stream's call is heard with the first
+
+
+
+def _feed_in_turn(engine: EngineThread, detectors: dict[str, SpeechDetector], audio: dict[str, np.ndarray],
+                  rounds: range, spacing_s: float) -> dict[str, list[np.ndarray]]:
+    """Each round, every stream submits one feeding call (a 100 ms message), one stream every ``spacing_s``, as
+    live clients' messages come spread over time; each round's calls are awaited before the next. The
+    probabilities each call took."""
+    import time
+
+    taken: dict[str, list[np.ndarray]] = {key: [] for key in detectors}
+    for r in rounds:
+        futures = {}
+        for key, detector in detectors.items():
+            x = audio[key][r * 1600 : (r + 1) * 1600]
+            futures[key] = engine.submit(key, 1.0, detector.take, hear=functools.partial(hear, detector, x))
+            time.sleep(spacing_s)
+        for key, fut in futures.items():
+            taken[key].append(fut.result(30))
+    return taken
+
+
+def test_many_streams_feeding_at_once_are_held_and_heard_together(model, voices):
+    """Twenty-four streams' calls come one every 2 ms to an idle thread: taken as they come, each stream's frames
+    would be scored alone (and are, for the first hundred calls). Past a hundred calls a second the thread holds
+    each feeding call (50 ms at most here) and scores the streams that came meanwhile in one batch. Every call
+    still reads its own audio's probabilities, as a detector alone gives them."""
+    engine = EngineThread(gather_s=0.05)
+    audio = {f"s{k}": voices[k % len(voices)] for k in range(24)}
+    detectors = {key: SpeechDetector(model) for key in audio}
+    try:
+        model.batches.clear()
+        warm = _feed_in_turn(engine, detectors, audio, range(6), spacing_s=0.002)
+        alone = len(model.batches)
+        model.batches.clear()
+        held = _feed_in_turn(engine, detectors, audio, range(6, 12), spacing_s=0.002)
+    finally:
+        engine.shutdown()
+    assert alone > 100, "the first calls, before the rate was reached, were held"
+    assert sum(model.batches) == 24 * (12 * 1600 // VAD_FRAME - 6 * 1600 // VAD_FRAME)
+    assert sum(model.batches) / len(model.batches) >= 4, f"the held calls were not heard together: {model.batches}"
+    for key, x in audio.items():
+        got = np.concatenate(warm[key] + held[key])
+        np.testing.assert_array_equal(got, speech_probabilities(x[: 12 * 1600], model))
+
+
+def test_a_few_streams_are_never_held(model, voices):
+    """Two streams sending 100 ms messages (20 calls a second): under the rate at which calls are held, each call
+    runs as it comes, even with a hold of 30 s allowed (a held call would fail its 10 s wait)."""
+    engine = EngineThread(gather_s=30.0)
+    detectors = {"a": SpeechDetector(model), "b": SpeechDetector(model)}
+    try:
+        for r in range(10):
+            for key, detector in detectors.items():
+                x = voices[1][r * 1600 : (r + 1) * 1600]
+                engine.submit(key, 1.0, detector.take, hear=functools.partial(hear, detector, x)).result(10)
+    finally:
+        engine.shutdown()
+    assert all(d.frames == 10 * 1600 // VAD_FRAME for d in detectors.values())

@@ -131,6 +131,7 @@ class EngineThread:
         self._ready = threading.Condition()
         self._closed = False
         self._unheard: dict[_Call, None] = {}  # calls waiting with their hearing to run, oldest first
+        self._holding = False  # the thread waits for the hold to end (a feeding call need not wake it)
         self._rate = 0.0  # feeding calls per second, a decaying average over about a second ...
         self._rate_at = time.monotonic()  # ... as of this time
         self._thread = threading.Thread(target=self._serve, name="streamer-engine", daemon=True)
@@ -158,7 +159,8 @@ class EngineThread:
                 self._unheard[call] = None
                 self._rate = self._rate_now(now) + 1.0
                 self._rate_at = now
-            self._ready.notify()
+            if not (self._holding and hear is not None and len(self._unheard) < GATHER_MAX):
+                self._ready.notify()  # (a held call joins the batch when the hold ends: no wake, no thread switch)
         return fut
 
     def _rate_now(self, now: float) -> float:
@@ -199,7 +201,9 @@ class EngineThread:
                         [(key, call)] = taken
                         heard = []
                         break
+                    self._holding = True
                     self._ready.wait(hold)
+                    self._holding = False
                 self._unheard.pop(call, None)
                 for c in heard:
                     self._unheard.pop(c, None)

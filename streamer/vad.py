@@ -10,10 +10,12 @@ arrives into one speech probability per :data:`VAD_FRAME` samples (32 ms), and t
 
 Many streams share a run of the model: give each detector its audio (:meth:`SpeechDetector.add`), score them
 together (:func:`score`: one run per frame over every stream with a frame pending, in lockstep), then read each
-one's probabilities (:meth:`SpeechDetector.take`). A run over a batch costs 0.04 ms per stream-frame here, one
-stream's alone 0.09 ms, mostly the call's overhead. A row's numbers do not depend on the batch: onnxruntime
-gives every row of a batch, whatever its size and whatever the other rows hold, bitwise the probability and
-state it gives the row alone (``tests/test_vad_batch.py`` checks it), so batching changes no final.
+one's probabilities (:meth:`SpeechDetector.take`). A run over a batch costs 0.04-0.06 ms per stream-frame here,
+one stream's frame alone 0.09-0.12 ms, mostly the call's overhead; a stream scored alone has all its pending
+frames run in one call of the wheel's sequence variant instead (:meth:`VadModel.run_sequence`). A row's numbers
+do not depend on the batch: onnxruntime gives every row of a batch, whatever its size and whatever the other
+rows hold, and the sequence variant gives every frame, bitwise the probability and state of the frame run alone
+(``tests/test_vad_batch.py`` checks it), so batching changes no final.
 
 The probabilities depend only on the audio, not on how it was chunked: frame ``j`` is samples
 ``[512 j, 512 j + 512)`` of the stream, read with the 64 samples before it (the model's context) and
@@ -57,11 +59,21 @@ def model_path(name: str = "silero_vad.onnx") -> Path:
     return path
 
 
+SEQUENCE_MODEL = "silero_vad_16k_sequence.onnx"
+"""the wheel's variant of the model that runs one stream's frames in one call (the same weights and steps)"""
+
+
 class VadModel:
     """One onnxruntime session of the model, shared by every stream (runs are thread-safe).
 
     One thread per run: a frame takes 0.1 ms, and the engine thread should not fan out over the cores
     that the speech model needs.
+
+    Beside it, the wheel's sequence variant (:data:`SEQUENCE_MODEL`): one stream's frames in one run, its LSTM
+    state as ``h`` and ``c`` (the two rows of ``state``). It gives bitwise the probabilities and state of the
+    frames run one by one (``tests/test_vad_batch.py``), and most of a run's cost is the call's: a stream's 100 ms
+    message (three frames) costs 0.27 ms in one run against 0.41 ms in three. None when the wheel has no such file
+    (or with a ``path`` of its own): then every frame is a run.
     """
 
     def __init__(self, path: str | Path | None = None) -> None:
@@ -74,6 +86,30 @@ class VadModel:
         self.path = Path(path) if path is not None else model_path()
         self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         self._rate = np.array(16_000, dtype=np.int64)
+        self._sequence = None
+        sequence = self.path.with_name(SEQUENCE_MODEL)
+        if path is None and sequence.is_file():
+            self._sequence = ort.InferenceSession(str(sequence), opts, providers=["CPUExecutionProvider"])
+
+    @property
+    def runs_sequences(self) -> bool:
+        """Whether :meth:`run_sequence` takes many frames in one run."""
+        return self._sequence is not None
+
+    def run_sequence(self, frames: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Score one stream's ``frames`` (``[frames, 64 + 512]``, in order) from its ``state`` (``[2, 1, 128]``).
+
+        Returns the speech probabilities (``[frames]``) and the state after the last frame: what :meth:`run`
+        gives frame by frame, in one run when the model has its sequence variant.
+        """
+        if self._sequence is None:
+            probs = np.empty(len(frames), dtype=np.float32)
+            for j in range(len(frames)):
+                p, state = self.run(frames[j : j + 1], state)
+                probs[j] = p[0]
+            return probs, state
+        p, h, c = self._sequence.run(None, {"input": frames, "h": state[0:1], "c": state[1:2]})
+        return np.asarray(p, dtype=np.float32).reshape(-1), np.concatenate([h, c]).astype(np.float32, copy=False)
 
     def run(self, frames: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Score ``frames`` (``[streams, 64 + 512]``: context, then the frame) with ``state`` (``[2, streams, 128]``).
@@ -138,7 +174,8 @@ class SpeechDetector:
 
 
 def score(detectors: Iterable[SpeechDetector]) -> None:
-    """Score the full frames pending in ``detectors``, one model run per frame over every detector with one left.
+    """Score the full frames pending in ``detectors``, one model run per frame over every detector with one left
+    (a detector alone: one run over all its frames, :meth:`VadModel.run_sequence`).
 
     Each detector keeps its probabilities for :meth:`SpeechDetector.take`. Runs go in lockstep: the first run
     takes each detector's first pending frame, the next the second of those with two, and so on, so a stream
@@ -149,16 +186,16 @@ def score(detectors: Iterable[SpeechDetector]) -> None:
         if d.ready:
             by_model.setdefault(d.model, []).append(d)
     for model, group in by_model.items():
+        if len(group) == 1:  # one stream: all its frames in one run
+            _score_alone(group[0])
+            continue
         # The streams with the most frames first: the rows of each run are then the first rows of the batch,
         # and the Python work per stream is done once per call, not once per frame.
         group.sort(key=lambda d: -d.ready)
         steps = [d.ready for d in group]
-        if len(group) == 1:  # (read in place)
-            audio = group[0]._audio[None, : _CONTEXT + steps[0] * VAD_FRAME]
-        else:
-            audio = np.zeros((len(group), _CONTEXT + steps[0] * VAD_FRAME), dtype=np.float32)
-            for r, (d, n) in enumerate(zip(group, steps, strict=True)):
-                audio[r, : _CONTEXT + n * VAD_FRAME] = d._audio[: _CONTEXT + n * VAD_FRAME]
+        audio = np.zeros((len(group), _CONTEXT + steps[0] * VAD_FRAME), dtype=np.float32)
+        for r, (d, n) in enumerate(zip(group, steps, strict=True)):
+            audio[r, : _CONTEXT + n * VAD_FRAME] = d._audio[: _CONTEXT + n * VAD_FRAME]
         state = np.concatenate([d._state for d in group], axis=1)
         probs = np.empty((len(group), steps[0]), dtype=np.float32)
         done = 0
@@ -178,6 +215,17 @@ def score(detectors: Iterable[SpeechDetector]) -> None:
                 d._state = state[:, r : r + 1]
                 d._scored.append(probs[r, :k])
                 d.frames += k
+
+
+def _score_alone(d: SpeechDetector) -> None:
+    """Score the frames pending in one detector, in one run where the model can (:meth:`VadModel.run_sequence`)."""
+    n = d.ready
+    frames = np.lib.stride_tricks.sliding_window_view(d._audio[: _CONTEXT + n * VAD_FRAME], _CONTEXT + VAD_FRAME)
+    probs, state = d.model.run_sequence(np.ascontiguousarray(frames[::VAD_FRAME]), d._state)
+    d._audio = d._audio[n * VAD_FRAME :]  # (a run that raised changed nothing)
+    d._state = state
+    d._scored.append(probs)
+    d.frames += n
 
 
 def speech_probabilities(audio: np.ndarray, model: VadModel | None = None) -> np.ndarray:

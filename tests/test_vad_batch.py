@@ -251,3 +251,23 @@ def test_a_few_streams_are_never_held(model, voices):
     finally:
         engine.shutdown()
     assert all(d.frames == 10 * 1600 // VAD_FRAME for d in detectors.values())
+
+
+def test_while_feeding_calls_are_held_only_calls_with_a_deadline_run_meanwhile():
+    """A real-time stream's feeding call is held; meanwhile another real-time stream's call that feeds no audio (a
+    merge) runs, but a call of audio sent ahead of real time (no deadline) waits until the held call has run, as
+    it would without the hold."""
+    engine = EngineThread(gather_s=0.3)
+    ran: list[str] = []
+    try:
+        warm = [engine.submit(f"w{k}", 1.0, lambda: None, hear=lambda: None) for k in range(300)]
+        for fut in warm:  # (300 feeding calls at once: past the rate at which the thread holds them)
+            fut.result(10)
+        live = engine.submit("live", 1.0, ran.append, "live feed", hear=lambda: ran.append("live heard"))
+        burst = engine.submit("burst", math.inf, ran.append, "burst merge")
+        other = engine.submit("other", 2.0, ran.append, "other merge")
+        for fut in (live, burst, other):
+            fut.result(10)
+    finally:
+        engine.shutdown()
+    assert ran == ["other merge", "live heard", "live feed", "burst merge"]

@@ -184,33 +184,42 @@ class EngineThread:
     def _serve(self) -> None:
         _name_os_thread(self._thread.name)
         while True:
-            with self._ready:
-                while True:
-                    while not len(self._queue) and not self._closed:
-                        self._ready.wait()
-                    if not len(self._queue):
-                        return
-                    hold = self._hold(time.monotonic())
-                    if hold <= 0:
-                        [(key, call)] = self._queue.take(1, 1)
-                        heard = self._heard_with(key, call)
-                        break
-                    # the feeding calls are held: a call that feeds no audio runs meanwhile, alone
-                    taken = self._queue.take(1, 1, where=lambda c: c.hear is None)
-                    if taken:
-                        [(key, call)] = taken
-                        heard = []
-                        break
-                    self._holding = True
-                    self._ready.wait(hold)
-                    self._holding = False
-                self._unheard.pop(call, None)
-                for c in heard:
-                    self._unheard.pop(c, None)
-            self._hear(heard)
-            self._run(call)
+            step = self._next_call()
+            if step is None:
+                return
+            self._hear(step[1])
+            self._run(step[0])
             # the thread must not hold the last calls (their sessions, decoders and word lists) while it waits
-            del call, heard
+            del step
+
+    def _next_call(self) -> tuple[_Call, list[_Call]] | None:
+        """The next call to run, and the calls to hear before it (waiting for one); None once shut down and done.
+        (No call outlives this frame in the thread's: the thread must not hold one while it waits.)"""
+        with self._ready:
+            while True:
+                while not len(self._queue) and not self._closed:
+                    self._ready.wait()
+                if not len(self._queue):
+                    return None
+                hold = self._hold(time.monotonic())
+                if hold <= 0:
+                    [(key, call)] = self._queue.take(1, 1)
+                    heard = self._heard_with(key, call)
+                    break
+                # The feeding calls are held: a call that feeds no audio runs meanwhile, alone, if it has a
+                # deadline (a call of audio sent ahead of real time never goes before a held real-time call).
+                taken = self._queue.take(1, 1, where=lambda c: c.hear is None and c.due < math.inf)
+                if taken:
+                    [(key, call)] = taken
+                    heard = []
+                    break
+                self._holding = True
+                self._ready.wait(hold)
+                self._holding = False
+            self._unheard.pop(call, None)
+            for c in heard:
+                self._unheard.pop(c, None)
+            return call, heard
 
     def _heard_with(self, key: str, call: _Call) -> list[_Call]:
         """The calls whose audio is heard before ``call`` (of stream ``key``) runs, begun so that none is dropped

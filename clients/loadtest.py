@@ -490,32 +490,30 @@ def cpu_seconds(pid: int | None) -> dict[str, float]:
     if not pid:
         return {}
 
+    def seconds(stat: Path) -> float:
+        """user + system CPU of a process's or thread's ``stat`` file (0 once it is gone)"""
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def ticks(pids: list[int]) -> float:
-        n = 0
-        for p in pids:
-            try:
-                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            n += int(fields[11]) + int(fields[12])
-        return n / os.sysconf("SC_CLK_TCK")
+        return sum(seconds(Path(f"/proc/{p}/stat")) for p in pids)
 
     front = tree(pid, without="model-server")
-    loop = engine = 0
+    loop = engine = 0.0
     for p in front:  # by thread: each process's event loop is its main thread; the engine thread names itself
+        loop += seconds(Path(f"/proc/{p}/task/{p}/stat"))
         for task in Path(f"/proc/{p}").glob("task/[0-9]*"):
             try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
                 name = (task / "comm").read_text().strip()
             except OSError:
                 continue
-            if task.name == str(p):
-                loop += int(fields[11]) + int(fields[12])
-            elif name == "streamer-engine":
-                engine += int(fields[11]) + int(fields[12])
-    hz = os.sysconf("SC_CLK_TCK")
-    return {"cpu_seconds": ticks(tree(pid)), "front_cpu_seconds": ticks(front), "loop_cpu_seconds": loop / hz,
-            "engine_cpu_seconds": engine / hz}
+            if name == "streamer-engine":
+                engine += seconds(task / "stat")
+    return {"cpu_seconds": ticks(tree(pid)), "front_cpu_seconds": ticks(front), "loop_cpu_seconds": loop,
+            "engine_cpu_seconds": engine}
 
 
 def read_metrics(url: str, pid: int | None = None) -> dict[str, float]:

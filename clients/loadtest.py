@@ -43,6 +43,15 @@ commands on each, one after the other (never at the same time), for a side-by-si
         --compare stream.refresh_interval_ms=0                   # partial refreshes on vs off
     python clients/loadtest.py --url ws://lb:8765/v1/stream --procs 8 --clients 64,128,256 --cycles 0
 
+The front end's own CPU with a trained model's outputs (the demo model's word list and LM at work) on a machine
+with no GPU: the model in a model server that answers windows it has seen from memory (every client sends the same
+speech), on a core of its own, and the daemon on another (the ``CPU/audio``, ``loop`` and ``engine`` columns are
+the daemon's CPU seconds per audio second per stream: all of it, its event loop's, its engine thread's):
+
+    taskset -c 1 python -m streamer model-server --model demo --device cpu --grpc-port 8101 --memo 4096 &
+    python clients/loadtest.py --model demo --set model_server.kind=triton --set model_server.url=127.0.0.1:8101 \
+        --daemon-cpus 0 --clients 1,8,32,64 --cycles 0 --compare "decoder.words='';decoder.lm=''"   # vs greedy
+
 --rolling runs a rolling restart instead of the levels: two daemons behind HAProxy (deploy/haproxy.cfg, the
 ``haproxy`` command), --rolling-clients streams (16) through it, each streaming --seconds of speech at 1x, then
 ``stop``, then again, their starts spread over one stream's length; once they all run, each daemon in turn gets
@@ -104,9 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--commands", type=int, default=0, help="voice-command streams to play after the levels")
     p.add_argument("--command-clients", type=int, default=2,
                    help="command streams open at a time (default: %(default)s)")
-    p.add_argument("--compare", metavar="SECTION.KEY=VALUE", action="append", default=[],
-                   help="also run a daemon with this extra --set (repeatable: one daemon each), level by level, "
-                   "and print all side by side")
+    p.add_argument("--compare", metavar="SECTION.KEY=VALUE[;...]", action="append", default=[],
+                   help="also run a daemon with this extra --set, or several joined by ';' (repeatable: one daemon "
+                   "each), level by level, and print all side by side")
     p.add_argument("--procs", type=int, default=1,
                    help="client processes each level's clients are spread over (default: %(default)s)")
     p.add_argument("--profile", type=int, metavar="N",
@@ -122,6 +131,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "front end alone)")
     p.add_argument("--json", help="write all figures here as JSON")
     return p.parse_args(argv)
+
+
+def compared(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """The daemons of ``--compare``: each one's name (its keys without their sections) and its ``--set`` list."""
+    out = []
+    for extra in args.compare:
+        sets = [s.strip() for s in extra.split(";") if s.strip()]
+        out.append((" ".join(s.split(".", 1)[-1] for s in sets), [*args.overrides, *sets]))
+    return out
 
 
 def cpu_list(text: str) -> set[int]:
@@ -194,6 +212,8 @@ class ClientResult:
     """(audio seconds sent so far, wall time) after each chunk"""
     process: int = field(default_factory=os.getpid)
     """the client process that ran it (--procs)"""
+    closed: str = ""
+    """why its connection closed before the stream ended ('' if it did not)"""
     server: str = "?"
     """the server process that served the stream (``server_pid`` of its ``ready``, with the address it
     connected to when the daemon does not say)"""
@@ -237,18 +257,23 @@ async def one_client(url: str, pcm: bytes, delay: float) -> ClientResult:
             await ws.send(json.dumps({"type": "stop"}))
 
         task = asyncio.create_task(sender())
-        async for raw in ws:
-            now = time.perf_counter()
-            ev = json.loads(raw)
-            if ev["type"] in ("partial", "final"):
-                res.events.append((now, ev))
-            if ev["type"] == "final" and ev["words"]:
-                if (s := sent_at(ev["words"][-1]["end"])) is not None:
-                    res.final.append(now - s)
-                res.words += len(ev["words"])
-            elif ev["type"] == "error":
-                res.ok = False
-        await task
+        try:
+            async for raw in ws:
+                now = time.perf_counter()
+                ev = json.loads(raw)
+                if ev["type"] in ("partial", "final"):
+                    res.events.append((now, ev))
+                if ev["type"] == "final" and ev["words"]:
+                    if (s := sent_at(ev["words"][-1]["end"])) is not None:
+                        res.final.append(now - s)
+                    res.words += len(ev["words"])
+                elif ev["type"] == "error":
+                    res.ok = False
+            await task
+        except ConnectionClosed as exc:  # (an overloaded daemon, or this process: the level fails, the run goes on)
+            res.ok = False
+            res.closed = str(exc)
+            task.cancel()
     timeline = [(t, ev["type"] == "final", [(w["word"], w["start"], w["end"]) for w in ev["words"]])
                 for t, ev in res.events]
     for end, at in words_shown(timeline):  # each final word: first shown (same word, same place) -> partial latency
@@ -367,7 +392,8 @@ def level_figures(n: int, results: list[ClientResult], pings: list[float], peak_
     later = [x for r in results for end, x in r.partial if end > EARLY_S]
     final = [x for r in results for x in r.final]
     return {
-        "clients": n, "ok": all(r.ok for r in results), "words": sum(r.words for r in results),
+        "clients": n, "ok": all(r.ok for r in results), "failed": sum(not r.ok for r in results),
+        "closed": sorted({r.closed for r in results if r.closed}), "words": sum(r.words for r in results),
         "partial_median": pct(partial, 50), "partial_p95": pct(partial, 95),
         "partial_first_median": pct(early, 50), "partial_first_p95": pct(early, 95),
         "partial_rest_median": pct(later, 50), "partial_rest_p95": pct(later, 95),
@@ -656,7 +682,8 @@ def refreshed(cost: dict) -> str:
 def servers_row(lv: dict) -> str:
     """How many streams of a level each server process served."""
     counts = sorted(lv.get("servers", {}).items(), key=lambda kv: (-kv[1], kv[0]))
-    return f"{'':<22}served by: " + ", ".join(f"{name} x{n}" for name, n in counts)
+    failed = f"; {lv['failed']} failed ({'; '.join(lv['closed'][:2]) or 'an error event'})" if lv.get("failed") else ""
+    return f"{'':<22}served by: " + ", ".join(f"{name} x{n}" for name, n in counts) + failed
 
 
 def side_by_side(targets: list[Target], args: argparse.Namespace) -> None:
@@ -729,7 +756,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 tmp = tempfile.TemporaryDirectory()
                 model = str(save_random_model(args.random_model, tmp.name))
             variants = [("as set", args.overrides)]
-            variants += [(extra.split(".", 1)[-1], [*args.overrides, extra]) for extra in args.compare]
+            variants += compared(args)
             for name, overrides in variants:
                 proc, url = await start_daemon(args, model, overrides)
                 targets.append(Target(name, url, proc, rss_mb(proc.pid)))
@@ -1019,7 +1046,7 @@ async def rolling_main(args: argparse.Namespace, pcm: bytes) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = str(save_random_model(args.random_model, tmp)) if args.random_model else args.model
         variants = [("as set", args.overrides)]
-        variants += [(extra.split(".", 1)[-1], [*args.overrides, extra]) for extra in args.compare]
+        variants += compared(args)
         figures = {}
         for name, overrides in variants:  # one after the other: they never share the CPU
             print(f"rolling restart: {name} ...", flush=True)

@@ -29,3 +29,28 @@ async def test_loadtest_procs_spreads_clients_and_merges_their_figures(daemon_fa
     for key in ("partial_median", "partial_p95", "final_median", "final_p95", "ping_median"):
         assert np.isfinite(lv[key]) and lv[key] >= 0, key
     assert int(d.metrics.streams_total.labels("native")._value.get()) >= 2 + 1  # the clients and the ping probe
+
+
+async def test_a_connection_cut_mid_stream_fails_its_client_not_the_run(speech):
+    """An overloaded daemon may drop a client (its keepalive times out): that client's stream failed, with why,
+    and the level's other figures are still read (the whole run used to end with the exception)."""
+    from websockets.asyncio.server import serve
+
+    async def cut(ws):
+        await ws.send('{"type": "ready"}')
+        await ws.recv()  # the first audio, then the connection is gone without a close frame
+        ws.transport.abort()
+
+    async with serve(cut, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        res = await loadtest.one_client(f"ws://127.0.0.1:{port}", pcm16(speech[:16000]), 0.0)
+    assert not res.ok and "no close frame" in res.closed
+    lv = loadtest.level_figures(1, [res], [0.001], 0.0)
+    assert lv["failed"] == 1 and "failed" in loadtest.servers_row(lv)
+
+
+def test_compare_takes_several_settings_for_one_daemon():
+    args = loadtest.parse_args(["--set", "a.b=1", "--compare", "decoder.words='';decoder.lm=''",
+                                "--compare", "endpoint.vad=false"])
+    assert loadtest.compared(args) == [("words='' lm=''", ["a.b=1", "decoder.words=''", "decoder.lm=''"]),
+                                       ("vad=false", ["a.b=1", "endpoint.vad=false"])]

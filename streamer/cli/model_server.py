@@ -26,6 +26,10 @@ def register(sub: Any) -> None:
     p.add_argument("--grpc-port", type=int, help="gRPC port (model_server.grpc_port)")
     p.add_argument("--http-port", type=int, help="HTTP port (model_server.http_port)")
     p.add_argument("--metrics-port", type=int, help="metrics port (model_server.metrics_port)")
+    p.add_argument("--memo", type=int, default=0, metavar="N",
+                   help="benchmarks only: answer a window seen before, byte for byte, from memory (the last N "
+                   "windows), so one CPU serves a trained model's outputs to a load test's many streams of the "
+                   "same speech (clients/loadtest.py); 0 = off (default)")
     p.set_defaults(func=run)
 
 
@@ -47,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"streamer model-server: {ms.model_name!r} version {version} on grpc {ms.host}:{ms.grpc_port}, "
               f"http {ms.http_port}, metrics {ms.metrics_port}", file=sys.stderr, flush=True)
 
-    serve_model(cfg, ready=ready)
+    serve_model(cfg, ready=ready, memo=args.memo)
     return 0

@@ -56,6 +56,46 @@ def test_engine_thread_hands_a_call_its_exception_and_goes_on():
         engine.shutdown()
 
 
+async def test_calls_awaited_on_the_loop_come_back_together_and_a_cancelled_one_is_dropped():
+    """Calls that end while the loop is busy go back to it in one wake-up, not one each; a call whose stream
+    stopped waiting before it began never runs; an exception reaches its caller, and the thread goes on."""
+    engine = EngineThread()
+    gate = threading.Event()
+    ran: list[str] = []
+    loop = asyncio.get_running_loop()
+    wakes = 0
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counted(*args, **kwargs):
+        nonlocal wakes
+        wakes += 1
+        return call_soon_threadsafe(*args, **kwargs)
+
+    try:
+        busy = engine.submit("busy", 0.0, gate.wait, 10)  # holds the thread while the calls queue
+        calls = [asyncio.create_task(engine.call(f"s{i}", 1.0, ran.append, f"s{i}")) for i in range(16)]
+        gone = asyncio.create_task(engine.call("gone", 0.5, ran.append, "gone"))
+        failing = asyncio.create_task(engine.call("bad", 2.0, lambda: 1 / 0))
+        await asyncio.sleep(0)  # every call queued
+        gone.cancel()
+        await asyncio.wait({gone})  # its stream stopped waiting
+        loop.call_soon_threadsafe = counted  # (an instance attribute: this loop only, undone below)
+        last = engine.submit("last", 3.0, lambda: None)  # due after all the others: runs once they all ended
+        gate.set()
+        last.result(10)  # (blocks the loop: it is busy while the thread runs the calls)
+        assert busy.done()
+        await asyncio.gather(*calls)
+        with pytest.raises(ZeroDivisionError):
+            await failing
+        assert gone.cancelled()
+        assert await engine.call("after", 0.0, lambda: 42) == 42
+    finally:
+        del loop.call_soon_threadsafe
+        engine.shutdown()
+    assert sorted(ran) == sorted(f"s{i}" for i in range(16))  # "gone" never ran
+    assert wakes <= 2, f"{wakes} wake-ups of the loop for 17 calls that ended while it was busy"
+
+
 # -- a real daemon ------------------------------------------------------------------------------------------
 
 BURSTS = 8
@@ -126,16 +166,14 @@ async def test_bursts_never_go_before_a_waiting_real_time_stream(daemon_factory,
         monkeypatch.setattr(LiveStream, name, noting(name))
     engine = d.streams.engine()
     assert engine is not None
-    submit = engine.submit
+    put = engine._put
 
-    def recorded_submit(*args, **kwargs):
-        fut = submit(*args, **kwargs)
-        call = next(a for a in args if isinstance(getattr(a, "__self__", None), LiveStream))
-        if call.__self__.id not in bursts:
+    def recorded_put(key, call):
+        put(key, call)
+        if call.run.func.__self__.id not in bursts:
             queued.append(next(seq))  # noted once it is queued
-        return fut
 
-    monkeypatch.setattr(engine, "submit", recorded_submit)
+    monkeypatch.setattr(engine, "_put", recorded_put)
 
     leave = asyncio.Event()
     message = _flood_audio(speech, 55 * 8000 * 2)
@@ -170,14 +208,14 @@ async def test_a_file_read_slower_than_real_time_still_has_no_deadline(daemon_fa
     d = await daemon_factory()
     engine = d.streams.engine()
     assert engine is not None
-    submit = engine.submit
-    dues: list[tuple[float, float]] = []  # (when submitted, due)
+    put = engine._put
+    dues: list[tuple[float, float]] = []  # (when queued, due)
 
-    def recorded_submit(key, due, *args, **kwargs):
-        dues.append((time.monotonic(), due))
-        return submit(key, due, *args, **kwargs)
+    def recorded_put(key, call):
+        dues.append((time.monotonic(), call.due))
+        put(key, call)
 
-    monkeypatch.setattr(engine, "submit", recorded_submit)
+    monkeypatch.setattr(engine, "_put", recorded_put)
     opened = time.monotonic()
     stream = d.streams.open(live=False)
     block = pcm16(speech[:8000])  # 0.5 s, read every 0.7 s: behind real time

@@ -159,6 +159,8 @@ def serve_model(cfg: Config, *, ready: Any = None, memo: int = 0) -> None:
             triton.serve()
         except KeyboardInterrupt:
             pass
+    if isinstance(forward, WindowMemo):
+        logger.info("the memo answered %d windows and ran %d", forward.hits, forward.misses)
 
 
 def _set_args(cfg: Config) -> list[str]:

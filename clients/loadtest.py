@@ -44,13 +44,13 @@ commands on each, one after the other (never at the same time), for a side-by-si
     python clients/loadtest.py --url ws://lb:8765/v1/stream --procs 8 --clients 64,128,256 --cycles 0
 
 The front end's own CPU with a trained model's outputs (the demo model's word list and LM at work) on a machine
-with no GPU: the model in a model server that answers windows it has seen from memory (every client sends the same
-speech), on a core of its own, and the daemon on another (the ``CPU/audio``, ``loop`` and ``engine`` columns are
-the daemon's CPU seconds per audio second per stream: all of it, its event loop's, its engine thread's):
+with no GPU: --model-server starts the model in a model server that answers windows it has seen from memory
+(every client sends the same speech), on the CPUs the daemon does not use, and the daemons send their windows to
+it (the ``CPU/audio``, ``loop`` and ``engine`` columns are the daemon's CPU seconds per audio second per stream:
+all of it, its event loop's, its engine thread's):
 
-    taskset -c 1 python -m streamer model-server --model demo --device cpu --grpc-port 8101 --memo 4096 &
-    python clients/loadtest.py --model demo --set model_server.kind=triton --set model_server.url=127.0.0.1:8101 \
-        --daemon-cpus 0 --clients 1,8,32,64 --cycles 0 --compare "decoder.words='';decoder.lm=''"   # vs greedy
+    python clients/loadtest.py --model demo --model-server .venv-triton/bin/python --daemon-cpus 0 \
+        --clients 1,8,32,64 --cycles 0 --compare "decoder.words='';decoder.lm=''"   # vs greedy
 
 --rolling runs a rolling restart instead of the levels: two daemons behind HAProxy (deploy/haproxy.cfg, the
 ``haproxy`` command), --rolling-clients streams (16) through it, each streaming --seconds of speech at 1x, then
@@ -129,6 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "client processes on the others, so that the clients' CPU is not the daemon's (a model server "
                    "the daemon starts shares its CPUs: start one apart, streamer model-server, to measure the "
                    "front end alone)")
+    p.add_argument("--model-server", metavar="PYTHON",
+                   help="start streamer model-server --memo with this interpreter (one with "
+                   "streamer[triton-server]) on the CPUs the daemons do not use (--daemon-cpus), and send every "
+                   "daemon's windows to it: the front end's own CPU with the model's real outputs, on a machine "
+                   "that cannot compute them for many streams (every client sends the same speech, so after the "
+                   "first stream each window is answered from memory)")
     p.add_argument("--json", help="write all figures here as JSON")
     return p.parse_args(argv)
 
@@ -628,6 +634,78 @@ async def start_daemon(args: argparse.Namespace, model: str, overrides: list[str
     return proc, url
 
 
+ROOT = Path(__file__).resolve().parents[1]
+"""the repository: a model server started here runs its package"""
+MODEL_SERVER_START_S = 300.0
+"""how long Triton may take to load the model and answer"""
+MEMO_WINDOWS = 16384
+"""windows the started model server keeps (minutes of one speech at every window length a stream cuts)"""
+
+
+@dataclass
+class ModelServer:
+    """The model server ``--model-server`` started: its process, gRPC port, and the task that reads its log."""
+
+    proc: asyncio.subprocess.Process
+    port: int
+    log: asyncio.Future[None] | None = None
+
+
+async def start_model_server(python: str, model: str) -> ModelServer:
+    """``streamer model-server --memo`` for ``model`` on this process's CPUs (not the daemons'), once it answers. It
+    runs this checkout's package (the repository is its working directory)."""
+    ports = [free_port() for _ in range(3)]
+    cmd = [python, "-m", "streamer", "-v", "model-server", "--model", model, "--device", "cpu", "--memo",
+           str(MEMO_WINDOWS), "--grpc-port", str(ports[0]), "--http-port", str(ports[1]), "--metrics-port",
+           str(ports[2])]
+    try:
+        proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT,
+                                                    stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    except OSError as exc:
+        raise SystemExit(f"loadtest: cannot run --model-server {python!r}: {exc.strerror or exc}") from None
+    assert proc.stderr is not None
+    tail: list[str] = []
+    try:
+        async with asyncio.timeout(MODEL_SERVER_START_S):
+            while line := (await proc.stderr.readline()).decode(errors="replace"):
+                tail = [*tail[-20:], line.rstrip()]
+                if line.startswith("streamer model-server: "):  # its ready line
+                    break
+    except TimeoutError:
+        pass
+    server = ModelServer(proc, ports[0])
+    if proc.returncode is not None or not tail or not tail[-1].startswith("streamer model-server: "):
+        await stop_model_server(server)
+        raise SystemExit("loadtest: the model server did not start (with a python that has "
+                         "streamer[triton-server]?); its last lines:\n  " + "\n  ".join(tail))
+    print(f"model server {tail[-1].split(': ', 1)[1]}, answering windows it has seen from memory")
+
+    async def drain() -> None:  # its log, kept for the memo's figures at the end
+        assert proc.stderr is not None
+        while line := (await proc.stderr.readline()).decode(errors="replace"):
+            if "the memo answered" in line:
+                print(f"model server: {line.split(': ', 1)[-1].strip()}")
+
+    server.log = asyncio.ensure_future(drain())
+    return server
+
+
+async def stop_model_server(server: ModelServer) -> None:
+    """SIGTERM the model server's session (Triton and its proxies too); SIGKILL what is left after 30 s."""
+    proc = server.proc
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), 30)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    if server.log is not None:
+        await asyncio.wait_for(server.log, 5)
+
+
 def load_audio(args: argparse.Namespace) -> np.ndarray:
     if args.audio:
         import soundfile as sf
@@ -743,6 +821,7 @@ async def main_async(args: argparse.Namespace) -> int:
     targets: list[Target] = []
     tmp = None
     pool = None
+    server = None
     if args.procs > 1:  # spawn: a fork of this process would copy its event loop
         pool = ProcessPoolExecutor(args.procs, mp_context=multiprocessing.get_context("spawn"))
         loop = asyncio.get_running_loop()
@@ -755,8 +834,12 @@ async def main_async(args: argparse.Namespace) -> int:
             if args.random_model:
                 tmp = tempfile.TemporaryDirectory()
                 model = str(save_random_model(args.random_model, tmp.name))
-            variants = [("as set", args.overrides)]
-            variants += compared(args)
+            served: list[str] = []
+            if args.model_server:
+                server = await start_model_server(args.model_server, model)
+                served = ["model_server.kind='triton'", f"model_server.url='127.0.0.1:{server.port}'"]
+            variants = [("as set", [*served, *args.overrides])]
+            variants += [(name, [*served, *sets]) for name, sets in compared(args)]
             for name, overrides in variants:
                 proc, url = await start_daemon(args, model, overrides)
                 targets.append(Target(name, url, proc, rss_mb(proc.pid)))
@@ -836,6 +919,8 @@ async def main_async(args: argparse.Namespace) -> int:
             if t.proc is not None and t.proc.returncode is None:
                 t.proc.terminate()
                 await t.proc.wait()
+        if server is not None:
+            await stop_model_server(server)
         if tmp is not None:
             tmp.cleanup()
 
@@ -1061,6 +1146,9 @@ async def rolling_main(args: argparse.Namespace, pcm: bytes) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.model_server and (args.url or args.rolling):
+        raise SystemExit("loadtest: --model-server serves the daemons the levels start: leave out "
+                         + ("--url" if args.url else "--rolling"))
     if args.daemon_cpus:  # before the client processes are spawned: they keep this process's CPUs
         os.sched_setaffinity(0, os.sched_getaffinity(0) - args.daemon_cpus)
     if args.rolling:

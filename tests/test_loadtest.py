@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
+import re
+import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import pcm16
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients"))  # the spawned processes inherit it
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "clients"))  # the spawned processes inherit it
 
 import loadtest  # noqa: E402
 
@@ -54,3 +60,22 @@ def test_compare_takes_several_settings_for_one_daemon():
                                 "--compare", "endpoint.vad=false"])
     assert loadtest.compared(args) == [("words='' lm=''", ["a.b=1", "decoder.words=''", "decoder.lm=''"]),
                                        ("vad=false", ["a.b=1", "endpoint.vad=false"])]
+
+
+@pytest.mark.skipif(not os.environ.get("STREAMER_TRITON_PYTHON"),
+                    reason="needs a python with streamer[triton-server] in STREAMER_TRITON_PYTHON (.ci/run makes one)")
+def test_loadtest_starts_a_memo_model_server_and_sends_the_daemons_windows_to_it(tmp_path):
+    """--model-server: the daemon's windows go to a model server the load test started (its memo says how many it
+    ran and answered), and the level's figures come back as without it."""
+    out = tmp_path / "figures.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "clients" / "loadtest.py"), "--model", "demo", "--model-server",
+         os.environ["STREAMER_TRITON_PYTHON"], "--clients", "2", "--seconds", "3", "--cycles", "0", "--json",
+         str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    memo = re.search(r"the memo answered (\d+) windows and ran (\d+)", run.stdout)
+    assert memo is not None, run.stdout[-2000:]
+    answered, ran = int(memo[1]), int(memo[2])
+    assert ran > 0 and answered > 0  # the second stream's windows were the first's: answered from memory
+    [level] = json.loads(out.read_text())["levels"]
+    assert level["ok"] and level["words"] >= 2 * 3  # both streams' finals: the model's real outputs

@@ -29,7 +29,8 @@ def register(sub: Any) -> None:
     p.add_argument("--memo", type=int, default=0, metavar="N",
                    help="benchmarks only: answer a window seen before, byte for byte, from memory (the last N "
                    "windows), so one CPU serves a trained model's outputs to a load test's many streams of the "
-                   "same speech (clients/loadtest.py; with streamer -v it logs its hits and misses when it stops); 0 = off (default)")
+                   "same speech (clients/loadtest.py; with streamer -v it logs its hits and misses when it "
+                   "stops); 0 = off (default)")
     p.set_defaults(func=run)
 
 

@@ -96,6 +96,34 @@ async def test_calls_awaited_on_the_loop_come_back_together_and_a_cancelled_one_
     assert wakes <= 2, f"{wakes} wake-ups of the loop for 17 calls that ended while it was busy"
 
 
+async def test_results_of_calls_run_one_after_the_other_wake_the_loop_a_few_times_not_each():
+    """Calls that free the GIL while they run (onnxruntime, numpy) let the loop take each result as it ends; the thread
+    gathers those that end within HAND_BACK_S of each other instead, and wakes the loop for them together."""
+    engine = EngineThread()
+    gate = threading.Event()
+    loop = asyncio.get_running_loop()
+    wakes = 0
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counted(*args, **kwargs):
+        nonlocal wakes
+        wakes += 1
+        return call_soon_threadsafe(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counted  # (an instance attribute: this loop only, undone below)
+    try:
+        busy = engine.submit("busy", 0.0, gate.wait, 10)
+        calls = [asyncio.create_task(engine.call(f"s{i}", 1.0, time.sleep, 0.0002)) for i in range(32)]
+        await asyncio.sleep(0)  # every call queued
+        gate.set()
+        await asyncio.gather(*calls)  # (the loop idles meanwhile: free to take each result as it ends)
+        assert busy.done()
+    finally:
+        del loop.call_soon_threadsafe
+        engine.shutdown()
+    assert wakes <= 12, f"{wakes} wake-ups of the loop for 32 calls run one after the other"
+
+
 # -- a real daemon ------------------------------------------------------------------------------------------
 
 BURSTS = 8

@@ -62,6 +62,9 @@ GATHER_RATE = 100.0
 """feeding calls per second (about ten streams sending 100 ms messages) from which the engine thread holds them"""
 GATHER_MAX = 32
 """feeding calls waiting that end the hold at once: a batch this large costs no less per stream and frame"""
+HAND_BACK_S = 0.002
+"""how long the results of calls that ended may wait while the engine thread runs further calls, to go back to the
+event loop together (it hands them back at once whenever it has nothing left to run)"""
 
 T = TypeVar("T")
 
@@ -141,6 +144,8 @@ class EngineThread:
         self._rate_at = time.monotonic()  # ... as of this time
         self._settling = threading.Lock()
         self._settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        self._posted: set[asyncio.AbstractEventLoop] = set()  # loops woken to take their results, not yet taken
+        self._settled_since = math.inf  # when the oldest result not yet handed back ended (time.monotonic())
         self._thread = threading.Thread(target=self._serve, name="streamer-engine", daemon=True)
         self._thread.start()
 
@@ -165,10 +170,12 @@ class EngineThread:
         """:meth:`submit`, awaited on this event loop: ``fn(*args)``'s result. Cancelled before the call began,
         the call is dropped.
 
-        The results of calls that end while the loop is busy go back to it together, in one wake-up. With a
-        concurrent future each (``asyncio.wrap_future``), each result woke the loop on its own, through a chain of
-        callbacks on both sides: 64 greedy streams on one core cost 0.0098 CPU s per stream-second, and 0.0093
-        this way (``clients/loadtest.py``, four runs each, alternated; lower in all four)."""
+        The results of calls that end one after the other go back to the loop together, in one wake-up: when the
+        thread has nothing left to run, or ``HAND_BACK_S`` after the first ended. With a concurrent future each
+        (``asyncio.wrap_future``), each result woke the loop on its own, through a chain of callbacks on both
+        sides, and on a busy core each wake-up made the two threads trade the GIL (64 greedy streams on one core:
+        0.0098 -> 0.0093 CPU s per stream-second handed back together, and a further 6 % on average gathered for
+        ``HAND_BACK_S``; ``docs/scaling.md``)."""
         waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         call = _Call(functools.partial(fn, *args), due, hear, time.monotonic(), waiter=waiter)
         self._put(key, call)
@@ -218,6 +225,7 @@ class EngineThread:
             self._run(step[0])
             # the thread must not hold the last calls (their sessions, decoders and word lists) while it waits
             del step
+            self._hand_over(waiting=False)
 
     def _next_call(self) -> tuple[_Call, list[_Call]] | None:
         """The next call to run, and the calls to hear before it (waiting for one); None once shut down and done.
@@ -225,8 +233,10 @@ class EngineThread:
         with self._ready:
             while True:
                 while not len(self._queue) and not self._closed:
+                    self._hand_over(waiting=True)
                     self._ready.wait()
                 if not len(self._queue):
+                    self._hand_over(waiting=True)
                     return None
                 hold = self._hold(time.monotonic())
                 if hold <= 0:
@@ -240,6 +250,7 @@ class EngineThread:
                     [(key, call)] = taken
                     heard = []
                     break
+                self._hand_over(waiting=True)
                 self._holding = True
                 self._ready.wait(hold)
                 self._holding = False
@@ -301,21 +312,32 @@ class EngineThread:
             return
         waiter = call.waiter
         assert waiter is not None
-        loop = waiter.get_loop()
         with self._settling:
-            first = loop not in self._settled
-            self._settled.setdefault(loop, []).append((waiter, result, error))
-        if first:
+            self._settled.setdefault(waiter.get_loop(), []).append((waiter, result, error))
+            self._settled_since = min(self._settled_since, time.monotonic())
+
+    def _hand_over(self, waiting: bool) -> None:
+        """Wake the loops whose calls' results wait, if the thread is about to wait (``waiting``) or the oldest
+        result has waited ``HAND_BACK_S`` (in the engine thread)."""
+        if self._settled_since == math.inf or not (waiting or time.monotonic() - self._settled_since >= HAND_BACK_S):
+            return
+        with self._settling:
+            loops = [loop for loop in self._settled if loop not in self._posted]
+            self._posted.update(loops)
+            self._settled_since = math.inf
+        for loop in loops:
             try:
                 loop.call_soon_threadsafe(self._hand_back, loop)
             except RuntimeError:  # the loop was closed: nobody waits any more
                 with self._settling:
                     self._settled.pop(loop, None)
+                    self._posted.discard(loop)
 
     def _hand_back(self, loop: asyncio.AbstractEventLoop) -> None:
         """On ``loop``: the outcomes of its calls that ended (:meth:`_settle`)."""
         with self._settling:
             settled = self._settled.pop(loop, [])
+            self._posted.discard(loop)
         for waiter, result, error in settled:
             if waiter.done():  # its stream stopped waiting after the call began
                 continue

@@ -56,21 +56,32 @@ def test_engine_thread_hands_a_call_its_exception_and_goes_on():
         engine.shutdown()
 
 
+class Wakes:
+    """Counts the wake-ups of the running loop from other threads (``call_soon_threadsafe``) while counting."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.count = 0
+        self._call_soon_threadsafe = self.loop.call_soon_threadsafe
+
+    def _counted(self, *args, **kwargs):
+        self.count += 1
+        return self._call_soon_threadsafe(*args, **kwargs)
+
+    def __enter__(self) -> Wakes:
+        self.loop.call_soon_threadsafe = self._counted  # (an instance attribute: this loop only)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.loop.call_soon_threadsafe
+
+
 async def test_calls_awaited_on_the_loop_come_back_together_and_a_cancelled_one_is_dropped():
     """Calls that end while the loop is busy go back to it in one wake-up, not one each; a call whose stream
     stopped waiting before it began never runs; an exception reaches its caller, and the thread goes on."""
     engine = EngineThread()
     gate = threading.Event()
     ran: list[str] = []
-    loop = asyncio.get_running_loop()
-    wakes = 0
-    call_soon_threadsafe = loop.call_soon_threadsafe
-
-    def counted(*args, **kwargs):
-        nonlocal wakes
-        wakes += 1
-        return call_soon_threadsafe(*args, **kwargs)
-
     try:
         busy = engine.submit("busy", 0.0, gate.wait, 10)  # holds the thread while the calls queue
         calls = [asyncio.create_task(engine.call(f"s{i}", 1.0, ran.append, f"s{i}")) for i in range(16)]
@@ -79,21 +90,20 @@ async def test_calls_awaited_on_the_loop_come_back_together_and_a_cancelled_one_
         await asyncio.sleep(0)  # every call queued
         gone.cancel()
         await asyncio.wait({gone})  # its stream stopped waiting
-        loop.call_soon_threadsafe = counted  # (an instance attribute: this loop only, undone below)
-        last = engine.submit("last", 3.0, lambda: None)  # due after all the others: runs once they all ended
-        gate.set()
-        last.result(10)  # (blocks the loop: it is busy while the thread runs the calls)
-        assert busy.done()
-        await asyncio.gather(*calls)
-        with pytest.raises(ZeroDivisionError):
-            await failing
+        with Wakes() as wakes:
+            last = engine.submit("last", 3.0, lambda: None)  # due after all the others: runs once they all ended
+            gate.set()
+            last.result(10)  # (blocks the loop: it is busy while the thread runs the calls)
+            assert busy.done()
+            await asyncio.gather(*calls)
+            with pytest.raises(ZeroDivisionError):
+                await failing
         assert gone.cancelled()
         assert await engine.call("after", 0.0, lambda: 42) == 42
     finally:
-        del loop.call_soon_threadsafe
         engine.shutdown()
     assert sorted(ran) == sorted(f"s{i}" for i in range(16))  # "gone" never ran
-    assert wakes <= 2, f"{wakes} wake-ups of the loop for 17 calls that ended while it was busy"
+    assert wakes.count <= 2, f"{wakes.count} wake-ups of the loop for 17 calls that ended while it was busy"
 
 
 async def test_results_of_calls_run_one_after_the_other_wake_the_loop_a_few_times_not_each():
@@ -101,27 +111,17 @@ async def test_results_of_calls_run_one_after_the_other_wake_the_loop_a_few_time
     gathers those that end within HAND_BACK_S of each other instead, and wakes the loop for them together."""
     engine = EngineThread()
     gate = threading.Event()
-    loop = asyncio.get_running_loop()
-    wakes = 0
-    call_soon_threadsafe = loop.call_soon_threadsafe
-
-    def counted(*args, **kwargs):
-        nonlocal wakes
-        wakes += 1
-        return call_soon_threadsafe(*args, **kwargs)
-
-    loop.call_soon_threadsafe = counted  # (an instance attribute: this loop only, undone below)
     try:
-        busy = engine.submit("busy", 0.0, gate.wait, 10)
-        calls = [asyncio.create_task(engine.call(f"s{i}", 1.0, time.sleep, 0.0002)) for i in range(32)]
-        await asyncio.sleep(0)  # every call queued
-        gate.set()
-        await asyncio.gather(*calls)  # (the loop idles meanwhile: free to take each result as it ends)
-        assert busy.done()
+        with Wakes() as wakes:
+            busy = engine.submit("busy", 0.0, gate.wait, 10)
+            calls = [asyncio.create_task(engine.call(f"s{i}", 1.0, time.sleep, 0.0002)) for i in range(32)]
+            await asyncio.sleep(0)  # every call queued
+            gate.set()
+            await asyncio.gather(*calls)  # (the loop idles meanwhile: free to take each result as it ends)
+            assert busy.done()
     finally:
-        del loop.call_soon_threadsafe
         engine.shutdown()
-    assert wakes <= 12, f"{wakes} wake-ups of the loop for 32 calls run one after the other"
+    assert wakes.count <= 12, f"{wakes.count} wake-ups of the loop for 32 calls run one after the other"
 
 
 # -- a real daemon ------------------------------------------------------------------------------------------

@@ -90,6 +90,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from streamer.scoring import words_shown
 from streamer.testing import RANDOM_SIZES, espeak_audio, save_random_model, speech_audio
 
+ROOT = Path(__file__).resolve().parents[1]
+"""the repository (its deploy/ files; a model server started here runs its package)"""
 CHUNK_S = 0.1
 EARLY_S = 1.5
 """words ending before this many seconds of a stream are reported apart (the first full window needs 1.4 s)"""
@@ -634,8 +636,6 @@ async def start_daemon(args: argparse.Namespace, model: str, overrides: list[str
     return proc, url
 
 
-ROOT = Path(__file__).resolve().parents[1]
-"""the repository: a model server started here runs its package"""
 MODEL_SERVER_START_S = 300.0
 """how long Triton may take to load the model and answer"""
 MEMO_WINDOWS = 16384
@@ -927,7 +927,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 # -- a rolling restart behind HAProxy ------------------------------------------------------------------------
 
-HAPROXY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy.cfg"
+HAPROXY_CONFIG = ROOT / "deploy" / "haproxy.cfg"
 NATIVE_BACKENDS = ("backend daemons", "backend daemons_upload")
 
 

@@ -85,8 +85,10 @@ class WindowMemo:
 
     def __call__(self, windows: list[np.ndarray]) -> list[np.ndarray]:
         keys = [(w.dtype.str, len(w), hashlib.blake2b(w.tobytes(), digest_size=16).digest()) for w in windows]
-        # a window twice in one batch (streams of the same speech at the same time) runs once
-        missing = {k: i for i, k in reversed(list(enumerate(keys))) if k not in self._seen}
+        missing: dict[tuple[str, int, bytes], int] = {}  # each window not seen yet: its first place in the batch
+        for i, k in enumerate(keys):
+            if k not in self._seen:
+                missing.setdefault(k, i)  # (twice in one batch, streams of the same speech at once: it runs once)
         if missing:
             outputs = self._run([windows[i] for i in missing.values()])
             self._seen.update(zip(missing, outputs, strict=True))

@@ -22,7 +22,8 @@ the process CPU of the same replay untimed, run just before it. The default deco
 and ``decoder.lm = ""``. Figures, not assertions: this machine is shared, so compare runs made side by side.
 
 ``--compare REV`` replays the same log-probabilities with the ``streamer`` package of git revision REV too,
-level by level in turn with this tree's, and says whether every final is the same::
+level by level in turn with this tree's, says whether every final is the same, and for how much of the audio the
+first stream's partials showed another text (``--show-partials`` prints those texts)::
 
     python clients/frontcpu.py                       # 20 s of speech at 1, 8, 32, 64 streams
     python clients/frontcpu.py --compare HEAD~3      # before/after, side by side
@@ -59,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override (SECTION.KEY=VALUE)")
     p.add_argument("--refresh", action="store_true", help="plan and replay a live stream's partial refreshes")
     p.add_argument("--compare", metavar="REV", help="also replay with the streamer package of git revision REV")
+    p.add_argument("--show-partials", action="store_true",
+                   help="with --compare: print the first stream's partial texts where the two differ")
     p.add_argument("--replay", help=argparse.SUPPRESS)  # a child: the recorded run to replay (an .npz)
     return p.parse_args(argv)
 
@@ -293,7 +296,33 @@ def partial_figures(events: list[tuple[float, bool, list[tuple[str, float, float
     wrong = sum(1 for text, start, end in shown
                 if not any(t == text and s <= end and e >= start for t, s, e in finals))
     pick = (lambda q: lags[min(len(lags) - 1, int(q * len(lags)))]) if lags else (lambda q: float("nan"))
-    return {"p50": pick(0.5), "p95": pick(0.95), "wrong": wrong / max(1, len(shown))}
+    texts = [(at, " ".join(w[0] for w in words)) for at, is_final, words in events if not is_final]
+    return {"p50": pick(0.5), "p95": pick(0.95), "wrong": wrong / max(1, len(shown)), "texts": texts}
+
+
+def partials_differ(base: list[list[Any]], this: list[list[Any]], name: str = "base", show: bool = False) -> str:
+    """For how much of the audio two replays showed another partial text (a partial may change, a final not): the
+    text on screen after each partial of either, until the next. ``show``: print the texts where they differ."""
+    times = sorted({at for at, _ in base} | {at for at, _ in this})
+    if not times:
+        return "no partials"
+
+    def showing(partials: list[list[Any]]) -> list[str]:
+        out, k, text = [], 0, ""
+        for t in times:
+            while k < len(partials) and partials[k][0] <= t:
+                text = partials[k][1]
+                k += 1
+            out.append(text)
+        return out
+
+    ends = [*times[1:], times[-1]]
+    if show:
+        for t, a, b in zip(times, showing(base), showing(this), strict=True):
+            if a != b:
+                print(f"  at {t:6.1f} s   {name:>8}: ...{a[-70:]}\n              this    : ...{b[-70:]}")
+    differ = sum(e - t for t, e, a, b in zip(times, ends, showing(base), showing(this), strict=True) if a != b)
+    return f"{len(base)} and {len(this)} partials, another text shown for {differ:.1f} s of {ends[-1] - times[0]:.1f} s"
 
 
 # -- the runs ----------------------------------------------------------------------------------
@@ -389,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
         same = True
+        differ: list[str] = []
         base, this = children(args, path, tree), children(args, path, None)
         for k in range(len(args.decoders.split(",")) * len(args.streams.split(","))):
             # level by level in turn, so both see the same load, and each goes first every other level
@@ -399,7 +429,10 @@ def main(argv: list[str] | None = None) -> int:
             print(row(args.compare[:8], b), flush=True)
             print(row("this", t), flush=True)
             same = same and b["finals"] == t["finals"]
+            differ.append(partials_differ(b["partials"]["texts"], t["partials"]["texts"], args.compare[:8],
+                                          args.show_partials and k == 0))
         print("finals: " + ("the same at every level" if same else "DIFFER"))
+        print("partials (the first stream's, in order): " + "; ".join(differ))
     return 0
 
 

@@ -287,29 +287,37 @@ class Lexicon(_Searcher):
         self._lm = fl.ZeroLM()
         self._scores = ScoreCache()  # the LM's scores, shared by this list's searches (and its clones')
 
-    def _decoder_options(self, beam_size: int, beam_size_token: int) -> Any:
+    BEAM_THRESHOLD = 25.0
+    """how far below the best hypothesis's score the search keeps others (flashlight's ``beam_threshold``)"""
+
+    def _decoder_options(self, beam_size: int, beam_size_token: int, threshold: float = BEAM_THRESHOLD) -> Any:
         fl = self._fl
         return fl.LexiconDecoderOptions(
-            beam_size=beam_size, beam_size_token=beam_size_token, beam_threshold=25.0,
+            beam_size=beam_size, beam_size_token=beam_size_token, beam_threshold=threshold,
             lm_weight=1.0 if self._scored else 0.0, word_score=0.0 if self.lm else self._settings["word_score"],
             unk_score=float("-inf"), sil_score=0.0, log_add=False, criterion_type=fl.CriterionType.CTC,
         )
 
-    PARTIAL_BEAM = (50, 8)
-    """beam size and letters per frame of a partial's fresh search over its tail (the frames after the last word
-    the segment's search completed, and the look-ahead): it runs every hop over a second of frames or more, so it
-    was most of the word list's cost. A trained model's outputs are peaky: the letters past the 8 likeliest of a
-    frame never win, and trying them cost a fifth of the search; partials read as before (a narrower beam, 10 or
-    20, read unlike a search over all the frames more often), and the finals keep every letter"""
+    PARTIAL_BEAM = (40, 8, 20.0)
+    """beam size, letters per frame and beam threshold of a partial's fresh search over its tail (the frames after the
+    last word the segment's search completed, and the look-ahead): it runs every hop over a second of frames or more,
+    so it was most of the word list's cost. A trained model's outputs are peaky: the letters past the 8 likeliest of
+    a frame never win, and trying them cost a fifth of the search. From (50, 8, 25) to (40, 8, 20), the search and
+    the LM's callbacks cost 23 % less (``clients/frontcpu.py --seconds 120 --streams 8 --compare``: 4.02 to 3.09 ms
+    per stream-second); over 120 s of speech the partials showed another text for 2.4 s, each time a last,
+    tentative word shown a hop later or not at all ("tom" of "tomorrow", a misheard "is"), and their delay and
+    wrong words measured the same. A narrower beam (10 or 20) or threshold (18) read unlike a search over all the
+    frames more often. The finals keep every letter and the full beam."""
 
     def _partial_searcher(self) -> Lexicon:
         quick = self.__dict__.get("_quick")
         if quick is None:
-            beam, tokens = self.PARTIAL_BEAM
+            beam, tokens, threshold = self.PARTIAL_BEAM
             quick = object.__new__(Lexicon)
             quick.__dict__.update(self.__dict__)
             quick._options = self._decoder_options(min(beam, int(self._settings["beam_size"])),
-                                                   min(tokens, int(self._settings["beam_size_token"]) or self.n_tokens))
+                                                   min(tokens, int(self._settings["beam_size_token"]) or self.n_tokens),
+                                                   threshold)
             self.__dict__["_quick"] = quick
         return quick
 

@@ -92,13 +92,15 @@ class _Searcher:
         """The word a hypothesis completes: by its trie label, or spelled from ``letters`` (label -1)."""
         raise NotImplementedError
 
-    def _words(self, result: Any, lp: np.ndarray, start_frame: int, complete: bool = False) -> tuple[list[Word], int]:
+    def _words(self, result: Any, lp: np.ndarray, start_frame: int, complete: bool = False,
+               confs: dict[tuple[tuple[int, ...], tuple[int, ...]], float] | None = None) -> tuple[list[Word], int]:
         """The words of a flashlight result, and the frame after the last one's last letter (0: none).
 
         ``result.tokens[t + 1]`` is the token of frame ``t`` (``tokens[0]`` is the start state); the
         word-list search emits a word's label on the frame that completes it (its delimiter, or the letter
         of an ``[unk]`` stretch); the lexicon-free search's words end at a delimiter, or at the end when
-        ``complete``.
+        ``complete``. ``confs``: the confidences of words read before from rows of ``lp`` that have not changed
+        since (a segment's search, whose frames only grow), by their frames and tokens; read and added to.
         """
         toks = list(result.tokens)[1:]
         labels = list(result.words)[1:]
@@ -113,9 +115,14 @@ class _Searcher:
         def add(text: str | None, at: list[int]) -> None:
             nonlocal done
             if text is not None and at:
-                probs = np.exp(lp[at, [toks[t] for t in at]])
-                words.append(Word(text, (start_frame + at[0]) * FRAME_S, (start_frame + at[-1] + 1) * FRAME_S,
-                                  float(probs.mean())))
+                ids = [toks[t] for t in at]
+                key = (tuple(at), tuple(ids))
+                conf = confs.get(key) if confs is not None else None
+                if conf is None:  # (three numpy calls: a partial reads its segment's words again every hop)
+                    conf = float(np.exp(lp[at, ids]).mean())
+                    if confs is not None:
+                        confs[key] = conf
+                words.append(Word(text, (start_frame + at[0]) * FRAME_S, (start_frame + at[-1] + 1) * FRAME_S, conf))
                 done = at[-1] + 1
 
         def emit(text: str | None) -> None:
@@ -155,16 +162,18 @@ class _Searcher:
     def _spells(self) -> bool:
         return False
 
-    def _finals(self, decoder: Any, rows: np.ndarray, start_frame: int) -> tuple[list[Word], tuple[Alternative, ...]]:
+    def _finals(self, decoder: Any, rows: np.ndarray, start_frame: int,
+                confs: dict[tuple[tuple[int, ...], tuple[int, ...]], float] | None = None,
+                ) -> tuple[list[Word], tuple[Alternative, ...]]:
         results = decoder.get_all_final_hypothesis()
         if not results:
             return [], ()
-        best = self._words(results[0], rows, start_frame, complete=True)[0]
+        best = self._words(results[0], rows, start_frame, complete=True, confs=confs)[0]
         if not self.alternatives:
             return best, ()
         readings: dict[str, tuple[float, float, list[Word]]] = {}  # text -> (log-sum of scores, best, words)
         for r in results:
-            words = self._words(r, rows, start_frame, complete=True)[0]
+            words = self._words(r, rows, start_frame, complete=True, confs=confs)[0]
             text = join_words(w.word for w in words)
             if text in readings:
                 total, top, kept = readings[text]
@@ -450,6 +459,7 @@ class LexiconSearch:
         self._decoder, self._lm = lexicon._new_decoder()
         self._decoder.decode_begin()
         self._rows: list[np.ndarray] = []
+        self._confs: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}  # words' confidences read (_words)
         self._finished = False
         self.alternatives: tuple[Alternative, ...] = ()
 
@@ -472,7 +482,8 @@ class LexiconSearch:
         done: list[Word] = []
         boundary = 0
         if len(rows):
-            done, boundary = self.lexicon._words(self._decoder.get_best_hypothesis(0), rows, self.start_frame)
+            done, boundary = self.lexicon._words(self._decoder.get_best_hypothesis(0), rows, self.start_frame,
+                                                 confs=self._confs)
         tail = rows[boundary:]
         la = self.lexicon._check(lookahead)
         if len(la):
@@ -495,5 +506,5 @@ class LexiconSearch:
         close[0, self.lexicon.delimiter_id] = 0.0
         self._decoder.decode_step(close.ctypes.data, 1, close.shape[1])
         self._decoder.decode_end()
-        words, self.alternatives = self.lexicon._finals(self._decoder, rows, self.start_frame)
+        words, self.alternatives = self.lexicon._finals(self._decoder, rows, self.start_frame, self._confs)
         return words

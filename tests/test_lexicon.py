@@ -208,3 +208,25 @@ def test_partial_reads_like_a_search_over_all_frames(model_runner, demo_words):
         with pytest.raises(RuntimeError, match="finished"):
             search.step(lp[:1])
     assert same >= 0.9 * total, (same, total)
+
+
+def test_words_read_again_every_hop_keep_their_first_reading(model_runner, demo_words):
+    """A segment's search remembers the confidence of each word it read (its frames and letters) for the partials of
+    the next hops and its final: every partial and the final are those of a search that never read any before."""
+    from test_demo_model import _held_out
+
+    utterances = [audio for _, audio in _held_out(list(range(6)))]
+    for audio in (utterances[0], np.concatenate(utterances)):  # (the words of six utterances: some twice)
+        lp = model_runner.run([audio])[0]
+        search = demo_words.search(5)
+        for k in range(20, len(lp), 20):
+            search.step(lp[k - 20 : k])
+            fresh = demo_words.search(5)
+            fresh.step(lp[:k])
+            assert search.partial(lp[k:]) == fresh.partial(lp[k:])
+        search.step(lp[k:])
+        fresh = demo_words.search(5)
+        fresh.step(lp)
+        words = search.finish()
+        assert words and words == fresh.finish()
+        assert all(0 < w.conf <= 1 for w in words)

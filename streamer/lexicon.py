@@ -48,6 +48,8 @@ UNK = "[unk]"
 """what speech outside a word list reads as when the list asks for it (Vosk's ``[unk]``)"""
 MAX_ALTERNATIVES = 10
 """the most alternatives (n-best) a final may carry"""
+Confidences = dict[tuple[tuple[int, ...], tuple[int, ...]], float]
+"""words' confidences by their frames and letters (:meth:`_Searcher._words`), for rows that do not change"""
 
 
 class _Searcher:
@@ -93,7 +95,7 @@ class _Searcher:
         raise NotImplementedError
 
     def _words(self, result: Any, lp: np.ndarray, start_frame: int, complete: bool = False,
-               confs: dict[tuple[tuple[int, ...], tuple[int, ...]], float] | None = None) -> tuple[list[Word], int]:
+               confs: Confidences | None = None) -> tuple[list[Word], int]:
         """The words of a flashlight result, and the frame after the last one's last letter (0: none).
 
         ``result.tokens[t + 1]`` is the token of frame ``t`` (``tokens[0]`` is the start state); the
@@ -163,8 +165,7 @@ class _Searcher:
         return False
 
     def _finals(self, decoder: Any, rows: np.ndarray, start_frame: int,
-                confs: dict[tuple[tuple[int, ...], tuple[int, ...]], float] | None = None,
-                ) -> tuple[list[Word], tuple[Alternative, ...]]:
+                confs: Confidences | None = None) -> tuple[list[Word], tuple[Alternative, ...]]:
         results = decoder.get_all_final_hypothesis()
         if not results:
             return [], ()
@@ -459,7 +460,7 @@ class LexiconSearch:
         self._decoder, self._lm = lexicon._new_decoder()
         self._decoder.decode_begin()
         self._rows: list[np.ndarray] = []
-        self._confs: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}  # words' confidences read (_words)
+        self._confs: Confidences = {}  # the confidences of the words its partials read (_words)
         self._finished = False
         self.alternatives: tuple[Alternative, ...] = ()
 

@@ -317,11 +317,12 @@ def partials_differ(base: list[list[Any]], this: list[list[Any]], name: str = "b
         return out
 
     ends = [*times[1:], times[-1]]
+    shown = list(zip(times, ends, showing(base), showing(this), strict=True))
     if show:
-        for t, a, b in zip(times, showing(base), showing(this), strict=True):
+        for t, _, a, b in shown:
             if a != b:
                 print(f"  at {t:6.1f} s   {name:>8}: ...{a[-70:]}\n              this    : ...{b[-70:]}")
-    differ = sum(e - t for t, e, a, b in zip(times, ends, showing(base), showing(this), strict=True) if a != b)
+    differ = sum(e - t for t, e, a, b in shown if a != b)
     return f"{len(base)} and {len(this)} partials, another text shown for {differ:.1f} s of {ends[-1] - times[0]:.1f} s"
 
 

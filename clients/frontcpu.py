@@ -8,8 +8,9 @@ time is left out and what is measured is the front end's alone: per stream and a
 
 * ``audio``: the client's 16-bit bytes into float32 (``decode_pcm``, the stream's ``AudioConverter``),
 * ``vad``: the voice-activity detector (``[endpoint] vad``, on by default), as the daemon's engine thread runs it
-  when the streams' calls wait together: one batch over the streams of a round (a revision whose detector
-  does not batch, with ``--compare``: each stream alone),
+  when the streams' calls wait together: one batch over the streams of a round, or over ``--vad-batch`` streams
+  at a time (live, the thread gathers a few streams' calls at once: 2-8 at 32 streams); a revision whose
+  detector does not batch, with ``--compare``: each stream alone,
 * ``windows``: the session taking the audio and the speech probabilities, and cutting windows,
 * ``merge``: the CTC merge, endpoints and partials (a result's handling minus the word search),
 * ``search``: flashlight's word search (its steps, partials and finishes, the LM's callbacks excepted),
@@ -59,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoders", default="default,greedy", help="default (word list + LM), greedy, or both")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override (SECTION.KEY=VALUE)")
     p.add_argument("--refresh", action="store_true", help="plan and replay a live stream's partial refreshes")
+    p.add_argument("--vad-batch", type=int, default=0, metavar="K",
+                   help="score the detectors of K streams at a time, as a live engine thread gathers a few "
+                        "(default: all the streams of a round)")
     p.add_argument("--compare", metavar="REV", help="also replay with the streamer package of git revision REV")
     p.add_argument("--show-partials", action="store_true",
                    help="with --compare: print the first stream's partial texts where the two differ")
@@ -208,9 +212,10 @@ def instrument(clock: Clock, words: Any) -> Any:
 
 
 def replay(cfg: Any, runner: Any, words: Any, refresh: bool, audio: np.ndarray, outputs: list[np.ndarray],
-           n: int, timed: bool) -> tuple[float, dict[str, float], str, dict[str, float]]:
+           n: int, timed: bool, vad_batch: int = 0) -> tuple[float, dict[str, float], str, dict[str, float]]:
     """Replay to ``n`` sessions at a time: process CPU seconds, per-component seconds, a digest of the finals and
-    the first stream's partial figures (:func:`partial_figures`)."""
+    the first stream's partial figures (:func:`partial_figures`). ``vad_batch``: the detectors are scored that
+    many streams at a time (0: all at once)."""
     from streamer.audio import AudioConverter, decode_pcm
     from streamer.events import Final, Partial, to_json
     from streamer.transcribe import speech_detector
@@ -260,7 +265,9 @@ def replay(cfg: Any, runner: Any, words: Any, refresh: bool, audio: np.ndarray, 
             for d, x in zip(detectors, xs, strict=True):
                 if d is not None:
                     clock.timed("vad", d.add, x)
-            clock.timed("vad", streamer.vad.score, heard)
+            group = vad_batch or len(heard)
+            for g in range(0, len(heard), group):
+                clock.timed("vad", streamer.vad.score, heard[g : g + group])
         for i, x in enumerate(xs):
             clock.timed("windows", sessions[i].accept_audio, x)
             fed[i] += len(x) / 16000
@@ -348,8 +355,9 @@ def child(args: argparse.Namespace) -> int:
             sys.stdin.readline()  # the parent's turn: two replays never run at once
             if not k:
                 replay(cfg, runner, words, args.refresh, audio, outputs, 1, False)  # warm up: first searches
-            total, _, digest, partials = replay(cfg, runner, words, args.refresh, audio, outputs, n, False)
-            _, spent, _, _ = replay(cfg, runner, words, args.refresh, audio, outputs, n, True)
+            total, _, digest, partials = replay(cfg, runner, words, args.refresh, audio, outputs, n, False,
+                                                args.vad_batch)
+            _, spent, _, _ = replay(cfg, runner, words, args.refresh, audio, outputs, n, True, args.vad_batch)
             print(json.dumps({"decoder": decoder, "streams": n, "total": total, "spent": spent, "finals": digest,
                               "partials": partials, "audio_s": len(audio) / 16000}), flush=True)
     return 0
@@ -358,7 +366,8 @@ def child(args: argparse.Namespace) -> int:
 def children(args: argparse.Namespace, path: Path, tree: Path | None) -> Iterator[dict[str, Any]]:
     """Figures of a child replaying ``path`` (with the package in ``tree``, or this one), one level per turn."""
     cmd = [sys.executable, __file__, "--replay", str(path), "--streams", args.streams, "--decoders", args.decoders,
-           *(["--refresh"] if args.refresh else []), *(a for o in args.overrides for a in ("--set", o))]
+           *(["--refresh"] if args.refresh else []), *(a for o in args.overrides for a in ("--set", o)),
+           "--vad-batch", str(args.vad_batch)]
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(tree), env.get("PYTHONPATH", "")])

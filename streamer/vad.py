@@ -9,13 +9,13 @@ arrives into one speech probability per :data:`VAD_FRAME` samples (32 ms), and t
     session.accept_speech(vad.accept(chunk))
 
 Many streams share a run of the model: give each detector its audio (:meth:`SpeechDetector.add`), score them
-together (:func:`score`: one run per frame over every stream with a frame pending, in lockstep), then read each
-one's probabilities (:meth:`SpeechDetector.take`). A run over a batch costs 0.04-0.06 ms per stream-frame here,
-one stream's frame alone 0.09-0.12 ms, mostly the call's overhead; a stream scored alone has all its pending
-frames run in one call of the wheel's sequence variant instead (:meth:`VadModel.run_sequence`). A row's numbers
-do not depend on the batch: onnxruntime gives every row of a batch, whatever its size and whatever the other
-rows hold, and the sequence variant gives every frame, bitwise the probability and state of the frame run alone
-(``tests/test_vad_batch.py`` checks it), so batching changes no final.
+together (:func:`score`: one run over every frame pending in every stream), then read each one's probabilities
+(:meth:`SpeechDetector.take`). The run is the wheel's sequence variant of the model, taken at load to run many
+streams at once (:meth:`VadModel.run_streams`): the frames of all streams go through the model's convolutions
+as one batch, and its LSTM steps the streams side by side, each over its own frames. A row's numbers do not
+depend on the batch: onnxruntime gives every frame, whatever the batch and whatever the other rows hold, bitwise
+the probability and state of the frame run alone (``tests/test_vad_batch.py`` checks it), so batching changes
+no final.
 
 The probabilities depend only on the audio, not on how it was chunked: frame ``j`` is samples
 ``[512 j, 512 j + 512)`` of the stream, read with the 64 samples before it (the model's context) and
@@ -63,17 +63,62 @@ SEQUENCE_MODEL = "silero_vad_16k_sequence.onnx"
 """the wheel's variant of the model that runs one stream's frames in one call (the same weights and steps)"""
 
 
+def _streams_model(path: Path) -> bytes:
+    """The wheel's sequence variant (:data:`SEQUENCE_MODEL`) made to run many streams' frames in one run.
+
+    The variant takes one stream's frames (``input``, ``[frames, 64 + 512]``), runs each through the short-time
+    transform and the encoder's convolutions, then steps its LSTM over them from the state ``h``, ``c``
+    (``[1, 1, 128]``). Here the frames of many streams come as the rows of ``input``, in any order; ``index``
+    (``[steps, streams]``) says which row is each stream's frame at each step (any row past a stream's last), and
+    ``lens`` (``[streams]``) how many frames each has: the LSTM then steps the streams side by side, each over its
+    own frames, from ``h``, ``c`` (``[1, streams, 128]``), and ``hn``, ``cn`` are each stream's state after its
+    last frame (ONNX's ``sequence_lens``). ``speech_probs`` is ``[streams * steps]``, stream by stream.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    [lstm] = [n for n in graph.node if n.op_type == "LSTM"]
+    if list(lstm.input[5:7]) != ["h", "c"] or any(lstm.input[4:5]):
+        raise ValueError(f"{path.name}: its LSTM does not read the state h, c as this module expects")
+    for value in [*graph.input, *graph.output]:
+        if value.name in ("h", "c", "hn", "cn"):
+            dim = value.type.tensor_type.shape.dim[1]
+            dim.ClearField("dim_value")
+            dim.dim_param = "streams"
+    graph.input.extend([helper.make_tensor_value_info("index", TensorProto.INT64, ["steps", "streams"]),
+                        helper.make_tensor_value_info("lens", TensorProto.INT32, ["streams"])])
+    graph.initializer.append(numpy_helper.from_array(np.array([-1, _STATE[2]], np.int64), "streams/rows"))
+    # the encoder's output, one [1, 128] row per frame -> [frames, 128] -> [steps, streams, 128]
+    graph.node.extend([helper.make_node("Reshape", [lstm.input[0], "streams/rows"], ["streams/flat"]),
+                       helper.make_node("Gather", ["streams/flat", "index"], ["streams/steps"], axis=0)])
+    lstm.input[0] = "streams/steps"
+    lstm.input[4] = "lens"
+    del graph.value_info[:]  # (shapes inferred for one stream)
+    nodes = list(graph.node)  # the two new nodes must come before the LSTM that reads them
+    at = nodes.index(lstm)
+    nodes = [*nodes[:at], *nodes[-2:], *nodes[at:-2]]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 class VadModel:
     """One onnxruntime session of the model, shared by every stream (runs are thread-safe).
 
     One thread per run: a frame takes 0.1 ms, and the engine thread should not fan out over the cores
     that the speech model needs.
 
-    Beside it, the wheel's sequence variant (:data:`SEQUENCE_MODEL`): one stream's frames in one run, its LSTM
-    state as ``h`` and ``c`` (the two rows of ``state``). It gives bitwise the probabilities and state of the
-    frames run one by one (``tests/test_vad_batch.py``), and most of a run's cost is the call's: a stream's 100 ms
-    message (three frames) costs 0.27 ms in one run against 0.41 ms in three. None when the wheel has no such file
-    (or with a ``path`` of its own): then every frame is a run.
+    Beside it, the wheel's sequence variant (:data:`SEQUENCE_MODEL`), taken to run many streams' frames in one run
+    (:meth:`run_streams`): the same weights and steps, and bitwise the probabilities and state of the frames run
+    one by one (``tests/test_vad_batch.py``). Live streams' messages come at their own times, so the engine thread
+    scores a few streams at a time, three frames each (100 ms): in one run for them all, not one run per frame
+    over the streams, the detector cost 6 % less at two streams a run and 14 % less at four, and 8 % more at eight
+    (``clients/frontcpu.py --streams 32 --vad-batch K --compare``); two daemons side by side on one core, 16
+    streams each, the one scoring so used 2-5 % less CPU in all six runs (``docs/scaling.md``). Without the
+    variant (or with a ``path`` of its own), :meth:`run_streams` runs frame by frame.
     """
 
     def __init__(self, path: str | Path | None = None) -> None:
@@ -86,30 +131,45 @@ class VadModel:
         self.path = Path(path) if path is not None else model_path()
         self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         self._rate = np.array(16_000, dtype=np.int64)
-        self._sequence = None
+        self._streams = None
         sequence = self.path.with_name(SEQUENCE_MODEL)
         if path is None and sequence.is_file():
-            self._sequence = ort.InferenceSession(str(sequence), opts, providers=["CPUExecutionProvider"])
+            self._streams = ort.InferenceSession(_streams_model(sequence), opts, providers=["CPUExecutionProvider"])
 
     @property
-    def runs_sequences(self) -> bool:
-        """Whether :meth:`run_sequence` takes many frames in one run."""
-        return self._sequence is not None
+    def runs_streams(self) -> bool:
+        """Whether :meth:`run_streams` takes every frame of many streams in one run."""
+        return self._streams is not None
 
-    def run_sequence(self, frames: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Score one stream's ``frames`` (``[frames, 64 + 512]``, in order) from its ``state`` (``[2, 1, 128]``).
+    def run_streams(self, frames: np.ndarray, counts: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Score the frames of many streams: ``frames`` (``[rows, 64 + 512]``) holds each stream's frames in order,
+        stream after stream, ``counts[i]`` of stream ``i`` (at least one each), whose state is ``state[:, i]``
+        (``[2, streams, 128]``).
 
-        Returns the speech probabilities (``[frames]``) and the state after the last frame: what :meth:`run`
-        gives frame by frame, in one run when the model has its sequence variant.
+        Returns the speech probabilities (``[rows]``, in the order of ``frames``) and each stream's state after
+        its last frame: what :meth:`run` gives frame by frame, in one run when the model has its sequence variant.
         """
-        if self._sequence is None:
+        counts = np.asarray(counts, dtype=np.int32)
+        if self._streams is None:
             probs = np.empty(len(frames), dtype=np.float32)
-            for j in range(len(frames)):
-                p, state = self.run(frames[j : j + 1], state)
-                probs[j] = p[0]
+            state = state.copy()
+            row = 0
+            for i, n in enumerate(counts.tolist()):
+                s = state[:, i : i + 1]
+                for j in range(row, row + n):
+                    p, s = self.run(frames[j : j + 1], s)
+                    probs[j] = p[0]
+                state[:, i : i + 1] = s
+                row += n
             return probs, state
-        p, h, c = self._sequence.run(None, {"input": frames, "h": state[0:1], "c": state[1:2]})
-        return np.asarray(p, dtype=np.float32).reshape(-1), np.concatenate([h, c]).astype(np.float32, copy=False)
+        starts = np.cumsum(counts) - counts
+        steps = np.arange(int(counts.max()), dtype=np.int64)[:, None]
+        index = np.where(steps < counts, starts + steps, 0)  # [steps, streams]: each stream's row at each step
+        p, h, c = self._streams.run(None, {"input": frames, "index": index, "lens": counts,
+                                           "h": np.ascontiguousarray(state[0:1]),
+                                           "c": np.ascontiguousarray(state[1:2])})
+        by_step = np.asarray(p, dtype=np.float32).reshape(len(counts), -1)  # [streams, steps]
+        return by_step[steps.T < counts[:, None]], np.concatenate([h, c]).astype(np.float32, copy=False)
 
     def run(self, frames: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Score ``frames`` (``[streams, 64 + 512]``: context, then the frame) with ``state`` (``[2, streams, 128]``).
@@ -174,58 +234,30 @@ class SpeechDetector:
 
 
 def score(detectors: Iterable[SpeechDetector]) -> None:
-    """Score the full frames pending in ``detectors``, one model run per frame over every detector with one left
-    (a detector alone: one run over all its frames, :meth:`VadModel.run_sequence`).
-
-    Each detector keeps its probabilities for :meth:`SpeechDetector.take`. Runs go in lockstep: the first run
-    takes each detector's first pending frame, the next the second of those with two, and so on, so a stream
-    with a long piece pending adds runs of its own only past the others' frames.
-    """
+    """Score the full frames pending in ``detectors``: one run of each model over all of them
+    (:meth:`VadModel.run_streams`). Each detector keeps its probabilities for :meth:`SpeechDetector.take`."""
     by_model: dict[VadModel, list[SpeechDetector]] = {}
     for d in detectors:
         if d.ready:
             by_model.setdefault(d.model, []).append(d)
     for model, group in by_model.items():
-        if len(group) == 1:  # one stream: all its frames in one run
-            _score_alone(group[0])
-            continue
-        # The streams with the most frames first: the rows of each run are then the first rows of the batch,
-        # and the Python work per stream is done once per call, not once per frame.
-        group.sort(key=lambda d: -d.ready)
-        steps = [d.ready for d in group]
-        audio = np.zeros((len(group), _CONTEXT + steps[0] * VAD_FRAME), dtype=np.float32)
-        for r, (d, n) in enumerate(zip(group, steps, strict=True)):
-            audio[r, : _CONTEXT + n * VAD_FRAME] = d._audio[: _CONTEXT + n * VAD_FRAME]
-        state = np.concatenate([d._state for d in group], axis=1)
-        probs = np.empty((len(group), steps[0]), dtype=np.float32)
-        done = 0
-        try:
-            for j in range(steps[0]):
-                m = sum(1 for n in steps if n > j)
-                at = j * VAD_FRAME
-                p, after = model.run(np.ascontiguousarray(audio[:m, at : at + _CONTEXT + VAD_FRAME]),
-                                     state if m == len(group) else np.ascontiguousarray(state[:, :m]))
-                probs[:m, j] = p
-                state[:, :m] = after
-                done = j + 1
-        finally:  # (a run that raised changed no detector: the frames before it stay scored, the rest pending)
-            for r, (d, n) in enumerate(zip(group, steps, strict=True)):
-                k = min(n, done)
-                d._audio = d._audio[k * VAD_FRAME :]
-                d._state = state[:, r : r + 1]
-                d._scored.append(probs[r, :k])
-                d.frames += k
+        counts = [d.ready for d in group]
+        frames = np.concatenate([_frames(d, n) for d, n in zip(group, counts, strict=True)])
+        probs, state = model.run_streams(frames, np.array(counts), np.concatenate([d._state for d in group], axis=1))
+        # (a run that raised changed no detector: their frames stay pending)
+        row = 0
+        for i, (d, n) in enumerate(zip(group, counts, strict=True)):
+            d._audio = d._audio[n * VAD_FRAME :]
+            d._state = state[:, i : i + 1]
+            d._scored.append(probs[row : row + n])
+            d.frames += n
+            row += n
 
 
-def _score_alone(d: SpeechDetector) -> None:
-    """Score the frames pending in one detector, in one run where the model can (:meth:`VadModel.run_sequence`)."""
-    n = d.ready
-    frames = np.lib.stride_tricks.sliding_window_view(d._audio[: _CONTEXT + n * VAD_FRAME], _CONTEXT + VAD_FRAME)
-    probs, state = d.model.run_sequence(np.ascontiguousarray(frames[::VAD_FRAME]), d._state)
-    d._audio = d._audio[n * VAD_FRAME :]  # (a run that raised changed nothing)
-    d._state = state
-    d._scored.append(probs)
-    d.frames += n
+def _frames(d: SpeechDetector, n: int) -> np.ndarray:
+    """A detector's first ``n`` pending frames, each with its context: a view, ``[n, 64 + 512]``."""
+    audio = d._audio[: _CONTEXT + n * VAD_FRAME]
+    return np.lib.stride_tricks.sliding_window_view(audio, _CONTEXT + VAD_FRAME)[::VAD_FRAME]
 
 
 def speech_probabilities(audio: np.ndarray, model: VadModel | None = None) -> np.ndarray:

@@ -17,25 +17,21 @@ from streamer.engine import reference, run_session
 from streamer.events import Final
 from streamer.testing import speech_audio
 from streamer.transcribe import feed_audio, new_session
-from streamer.vad import VAD_FRAME, SpeechDetector, VadModel, score, speech_probabilities
+from streamer.vad import VAD_FRAME, SpeechDetector, VadModel, model_path, score, speech_probabilities
 
 
 class CountingVad(VadModel):
-    """The real model, noting the batch size of each run, and the frames of each run of one stream's frames."""
+    """The real model, noting the frames of each stream in each run of many streams' frames."""
 
     def __init__(self) -> None:
         super().__init__()
-        assert self.runs_sequences  # the wheel ships the sequence variant
-        self.batches: list[int] = []
-        self.sequences: list[int] = []
+        assert self.runs_streams  # the wheel ships the sequence variant
+        self.runs: list[list[int]] = []
 
-    def run(self, frames: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self.batches.append(len(frames))
-        return super().run(frames, state)
-
-    def run_sequence(self, frames: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self.sequences.append(len(frames))
-        return super().run_sequence(frames, state)
+    def run_streams(self, frames: np.ndarray, counts: np.ndarray, state: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        self.runs.append(list(counts))
+        return super().run_streams(frames, counts, state)
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +102,37 @@ def test_batched_probabilities_equal_each_streams_own(model, voices, streams, ch
         assert d.frames == len(audio[k]) // VAD_FRAME
 
 
+def test_every_frame_of_every_stream_is_scored_in_one_run(model, voices):
+    """Streams with from one to forty frames pending, scored together: one run of the model, and each stream's
+    probabilities and state after it bitwise those of its frames run one by one (the model without its sequence
+    variant runs them so), whatever the others hold."""
+    frame_by_frame = VadModel(model_path())
+    assert not frame_by_frame.runs_streams
+    rng = np.random.default_rng(5)
+    counts = [1, 40, 3, 3, 4, 2, 7, 1, 3, 12]
+    detectors = [SpeechDetector(model) for _ in counts]
+    alone = [SpeechDetector(frame_by_frame) for _ in counts]
+    for k, (d, a) in enumerate(zip(detectors, alone, strict=True)):
+        lead = voices[k][: VAD_FRAME * int(rng.integers(0, 8))]  # each stream with a state of its own first
+        d.accept(lead)
+        a.accept(lead)
+    model.runs.clear()
+    for k, (d, a, n) in enumerate(zip(detectors, alone, counts, strict=True)):
+        x = voices[k + 10][: n * VAD_FRAME + int(rng.integers(0, VAD_FRAME))]
+        d.add(x)
+        a.add(x)
+    score(detectors)
+    assert model.runs == [counts]
+    for d, a, n in zip(detectors, alone, counts, strict=True):
+        got = d.take()
+        assert len(got) == n
+        assert np.array_equal(got, a.take())
+        assert np.array_equal(d._state, a._state)
+
+
 def test_engine_thread_scores_the_waiting_streams_in_one_batch(model, voices, model_runner):
     """Eight real-time streams' calls wait while the thread is busy; before the first of them runs, the thread
-    scores the frames of all eight together, one run per frame, not one per stream and frame. A burst's call
+    scores the frames of all eight together, in one run, not one per stream. A burst's call
     waiting beside them (no deadline) is heard only when its own turn comes, and a call cancelled before it began
     never reaches its detector. Each stream's finals are the reference's with its audio's own probabilities."""
     cfg = Config()
@@ -137,15 +161,15 @@ def test_engine_thread_scores_the_waiting_streams_in_one_batch(model, voices, mo
                        for k, key in enumerate(keys)}
             assert waiting.pop("gone").cancel()  # its stream stopped waiting
             before = detectors["live0"].frames
-            model.batches.clear()
-            model.sequences.clear()
+            model.runs.clear()
             gate.set()
             for fut in [busy, *waiting.values()]:
                 fut.result(30)
             frames = detectors["live0"].frames - before
             assert all(detectors[key].frames == detectors["live0"].frames for key in waiting)
-            assert model.batches == [8] * frames, "the live streams' frames were not scored together"
-            assert model.sequences == [frames][:frames], "the burst's frames, heard alone, were not scored in one run"
+            runs = [[frames] * 8, [frames]] if frames else []  # (the last piece may complete no frame)
+            assert model.runs[:1] == runs[:1], "the live streams' frames were not scored together"
+            assert model.runs[1:] == runs[1:], "the burst's frames were not heard alone, after the live streams'"
     finally:
         engine.shutdown()
     assert detectors["gone"].frames == 0 and not detectors["gone"].ready
@@ -222,17 +246,17 @@ def test_many_streams_feeding_at_once_are_held_and_heard_together(model, voices)
     audio = {f"s{k}": voices[k % len(voices)] for k in range(24)}
     detectors = {key: SpeechDetector(model) for key in audio}
     try:
-        model.sequences.clear()
+        model.runs.clear()
         warm = _feed_in_turn(engine, detectors, audio, range(6), spacing_s=0.002)
-        alone = len(model.sequences)  # (a stream's frames scored alone: one run)
-        model.batches.clear()
-        model.sequences.clear()
+        alone = sum(1 for run in model.runs if len(run) == 1)  # (a stream's frames scored alone)
+        model.runs.clear()
         held = _feed_in_turn(engine, detectors, audio, range(6, 12), spacing_s=0.002)
     finally:
         engine.shutdown()
     assert alone >= 50, "the first calls, before the rate was reached, were held"
-    assert sum(model.batches) + sum(model.sequences) == 24 * (12 * 1600 // VAD_FRAME - 6 * 1600 // VAD_FRAME)
-    assert sum(model.batches) / len(model.batches) >= 4, f"the held calls were not heard together: {model.batches}"
+    assert sum(map(sum, model.runs)) == 24 * (12 * 1600 // VAD_FRAME - 6 * 1600 // VAD_FRAME)
+    streams = [len(run) for run in model.runs]
+    assert sum(streams) / len(streams) >= 4, f"the held calls were not heard together: {streams}"
     for key, x in audio.items():
         got = np.concatenate(warm[key] + held[key])
         np.testing.assert_array_equal(got, speech_probabilities(x[: 12 * 1600], model))

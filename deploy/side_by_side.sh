@@ -10,7 +10,8 @@
 #
 # Core 0 runs the two daemons; core 1 the clients and the model server (`streamer model-server --memo`: windows
 # it has answered before come from memory, so the model's cost is left out). N of 16 each keeps core 0 below
-# full; a full core shares itself out and shows little. Knobs (environment): PORT_BASE=8765, GRPC_PORT=8101.
+# full; a full core shares itself out and shows little. Knobs (environment): PORT_BASE=8765, GRPC_PORT=8101,
+# THIS_SET="SECTION.KEY=VALUE ..." (config overrides of this tree's daemon only: REV = HEAD compares a setting).
 set -euo pipefail
 REV=${1:?usage: side_by_side.sh REV [STREAMS] [REPS]}
 N=${2:-16}
@@ -35,14 +36,19 @@ trap cleanup EXIT
 taskset -c 1 "$TRITON_PY" -m streamer model-server --model demo --memo 16384 --grpc-port "$GRPC" \
   --http-port $((GRPC + 1)) --metrics-port $((GRPC + 2)) > "$WORK/model.log" 2>&1 &
 pids+=($!)
-serve() {  # serve TREE PORT: a daemon of the package in TREE on core 0
-  (cd "$1" && exec taskset -c 0 "$PY" -m streamer serve --model demo --port "$2" --set server.max_streams=1024 \
-    --set model_server.kind=triton --set model_server.url=127.0.0.1:"$GRPC") > "$WORK/daemon$2.log" 2>&1 &
+serve() {  # serve TREE PORT [SET...]: a daemon of the package in TREE on core 0
+  local tree=$1 port=$2
+  shift 2
+  (cd "$tree" && exec taskset -c 0 "$PY" -m streamer serve --model demo --port "$port" \
+    --set server.max_streams=1024 --set model_server.kind=triton --set model_server.url=127.0.0.1:"$GRPC" "$@") \
+    > "$WORK/daemon$port.log" 2>&1 &
   pids+=($!)
 }
 for _ in $(seq 180); do grep -q "on grpc" "$WORK/model.log" && break; sleep 1; done
 serve "$WORK/rev" "$P1"
-serve "$PWD" "$P2"
+this_set=()
+for kv in ${THIS_SET:-}; do this_set+=(--set "$kv"); done
+serve "$PWD" "$P2" "${this_set[@]}"
 for _ in $(seq 120); do
   grep -q "listening on" "$WORK/daemon$P1.log" && grep -q "listening on" "$WORK/daemon$P2.log" && break
   sleep 1

@@ -353,6 +353,8 @@ class ServerConfig(_Section):
     write_limit_bytes: int = _opt(1 << 15, min=1024, doc="outgoing bytes buffered per connection before sending waits")
     max_unsent_bytes: int = _opt(1 << 20, min=4096,
                                  doc="a client with more outgoing data waiting (it does not read) is closed 1008")
+    compression: bool = _opt(True, restart=True, doc="websocket messages compressed (permessage-deflate) when the "
+                             "client offers it; false = never (less CPU per message, more bytes)")
     ping_interval_s: float = _opt(20.0, min=0.0, doc="keepalive ping interval; 0 = no keepalive pings")
     ping_timeout_s: float = _opt(20.0, min=0.0, doc="close a client that answers no ping, or reads nothing of "
                                  "what waits for it, for this long; 0 = never")

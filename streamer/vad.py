@@ -117,7 +117,7 @@ class VadModel:
     scores a few streams at a time, three frames each (100 ms): in one run for them all, not one run per frame
     over the streams, the detector cost 6 % less at two streams a run and 14 % less at four, and 8 % more at eight
     (``clients/frontcpu.py --streams 32 --vad-batch K --compare``); two daemons side by side on one core, 16
-    streams each, the one scoring so used 2-5 % less CPU in all six runs (``docs/scaling.md``). Without the
+    streams each, the one scoring so used 1-5 % less CPU in all nine repetitions (``docs/scaling.md``). Without the
     variant (or with a ``path`` of its own), :meth:`run_streams` runs frame by frame.
     """
 

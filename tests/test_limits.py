@@ -496,3 +496,16 @@ async def test_viewers_of_names_that_are_not_live_are_closed_after_the_idle_time
                         event = json.loads(await viewer.recv())
                         seen += [event["text"]] if event["type"] == "final" else []
                     assert seen[-len(expected):] == expected if viewer is follower else seen[-1] == expected[-1]
+
+
+@pytest.mark.parametrize("compression", [True, False])
+async def test_compression_is_taken_only_when_the_config_allows_it(daemon_factory, model_runner, speech, compression):
+    """A websockets client offers permessage-deflate: the daemon takes it by default, and with
+    ``server.compression = false`` answers without it (less CPU per message); the stream's finals are the same."""
+    d = await daemon_factory(f"server.compression={str(compression).lower()}")
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.port}/v1/stream") as ws:
+        assert "permessage-deflate" in ws.request.headers.get("Sec-WebSocket-Extensions", "")
+        taken = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        assert ("permessage-deflate" in taken) == compression, taken
+    msgs, code = await native_session(d.port, pcm16(speech), chunk=1600, pace=0.01)
+    assert code == 1000 and [f["text"] for f in finals_of(msgs)] == expected_finals(model_runner, speech)

@@ -309,6 +309,7 @@ class Daemon:
             "ping_interval": s.ping_interval_s or None,
             "ping_timeout": s.ping_timeout_s or None,
             "select_subprotocol": self._select_subprotocol,
+            "compression": "deflate" if s.compression else None,
         }
         if self.cluster is not None:  # which of several front-end processes answered (Vosk has no ready message)
             common["process_response"] = self._tag_process

@@ -32,6 +32,7 @@ only read for its ``.onnx`` file: its Python package would import torch, which t
 from __future__ import annotations
 
 import importlib.util
+import logging
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from streamer.exceptions import StreamerError
+
+logger = logging.getLogger("streamer.vad")
 
 __all__ = ["VAD_FRAME", "SpeechDetector", "VadModel", "load_vad", "score", "speech_probabilities"]
 
@@ -134,7 +137,12 @@ class VadModel:
         self._streams = None
         sequence = self.path.with_name(SEQUENCE_MODEL)
         if path is None and sequence.is_file():
-            self._streams = ort.InferenceSession(_streams_model(sequence), opts, providers=["CPUExecutionProvider"])
+            try:
+                self._streams = ort.InferenceSession(_streams_model(sequence), opts,
+                                                     providers=["CPUExecutionProvider"])
+            except Exception as exc:  # (a wheel whose variant is built otherwise) the same numbers, frame by frame
+                logger.warning("the voice-activity detector runs frame by frame: %s cannot run many streams (%s)",
+                               sequence.name, exc)
 
     @property
     def runs_streams(self) -> bool:

@@ -295,3 +295,23 @@ def test_while_feeding_calls_are_held_only_calls_with_a_deadline_run_meanwhile()
     finally:
         engine.shutdown()
     assert ran == ["other merge", "live heard", "live feed", "burst merge"]
+
+
+def test_a_variant_that_cannot_run_many_streams_leaves_the_detector_frame_by_frame(model, voices, monkeypatch,
+                                                                                  caplog):
+    """A wheel whose sequence variant is built otherwise (its graph cannot be taken to run many streams): the model
+    loads, says so once, and scores frame by frame the numbers the variant gives."""
+    import logging
+
+    import streamer.vad
+
+    def built_otherwise(path):
+        raise ValueError(f"{path.name}: its LSTM does not read the state h, c as this module expects")
+
+    monkeypatch.setattr(streamer.vad, "_streams_model", built_otherwise)
+    with caplog.at_level(logging.WARNING, logger="streamer.vad"):
+        fallback = VadModel()
+    assert not fallback.runs_streams
+    assert "runs frame by frame" in caplog.text and "h, c" in caplog.text
+    x = voices[2][: 16000 + 300]
+    assert np.array_equal(speech_probabilities(x, fallback), speech_probabilities(x, model))

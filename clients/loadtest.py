@@ -102,6 +102,8 @@ COMMANDS = ["turn on the kitchen lights", "what time is it", "set a timer for te
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="an already running daemon (default: start one)")
+    p.add_argument("--daemon-pid", type=int, metavar="PID",
+                   help="with --url: the daemon's process, for its CPU (event loop, engine thread) and memory figures")
     p.add_argument("--model", default="demo", help="model for the started daemon (default: demo)")
     p.add_argument("--random-model", choices=sorted(RANDOM_SIZES),
                    help="start the daemon with a random model of this size instead")
@@ -730,10 +732,12 @@ class Target:
     summary: dict = field(default_factory=dict)
     profile: tuple[int, str] | None = None
     """(clients, py-spy's raw samples) of the level --profile asked for"""
+    given_pid: int | None = None
+    """a running daemon's process (``--daemon-pid``)"""
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
+        return self.proc.pid if self.proc is not None else self.given_pid
 
 
 LEVEL_HEAD = (f"{'':<22}{'clients':>8}{'partial p50':>13}{'p95':>7}{'first 1.5 s p50':>17}{'p95':>7}"
@@ -818,6 +822,8 @@ async def main_async(args: argparse.Namespace) -> int:
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
     if args.url and args.compare:
         raise SystemExit("loadtest: --compare starts its own daemons; leave out --url")
+    if args.daemon_pid and not args.url:
+        raise SystemExit("loadtest: --daemon-pid names the process of the daemon at --url; give --url too")
     targets: list[Target] = []
     tmp = None
     pool = None
@@ -828,7 +834,8 @@ async def main_async(args: argparse.Namespace) -> int:
         await asyncio.gather(*(loop.run_in_executor(pool, warm) for _ in range(args.procs)))
     try:
         if args.url:
-            targets.append(Target("daemon", args.url))
+            targets.append(Target("daemon", args.url, given_pid=args.daemon_pid,
+                                  idle=rss_mb(args.daemon_pid) if args.daemon_pid else float("nan")))
         else:
             model = args.model
             if args.random_model:

@@ -3,8 +3,8 @@
 # streams (clients/loadtest.py, the demo model's speech at 1x real time) at the same time, so that both meet the
 # same machine. This machine's speed moves by a quarter from one hour to the next, and daemons run one after the
 # other (loadtest --compare, or alternated runs) show it as much as what changed; run side by side, a few per cent
-# shows in every repetition. Prints, per repetition, each daemon's CPU (% of the core, per thread, from /proc over
-# 10 s) and its final latency, and this tree's CPU over REV's.
+# shows in every repetition. Prints, per repetition, each daemon's CPU per audio second per stream (its event loop's
+# and engine thread's apart: loadtest --daemon-pid) and its final latency, and this tree's CPU over REV's.
 #
 #   STREAMER_TRITON_PYTHON=<a python with streamer[triton-server]> bash deploy/side_by_side.sh HEAD~1 16 3
 #
@@ -36,47 +36,41 @@ trap cleanup EXIT
 taskset -c 1 "$TRITON_PY" -m streamer model-server --model demo --memo 16384 --grpc-port "$GRPC" \
   --http-port $((GRPC + 1)) --metrics-port $((GRPC + 2)) > "$WORK/model.log" 2>&1 &
 pids+=($!)
-serve() {  # serve TREE PORT [SET...]: a daemon of the package in TREE on core 0
+serve() {  # serve TREE PORT [SET...]: a daemon of the package in TREE on core 0; its pid in $served
   local tree=$1 port=$2
   shift 2
   (cd "$tree" && exec taskset -c 0 "$PY" -m streamer serve --model demo --port "$port" \
     --set server.max_streams=1024 --set model_server.kind=triton --set model_server.url=127.0.0.1:"$GRPC" "$@") \
     > "$WORK/daemon$port.log" 2>&1 &
-  pids+=($!)
+  served=$!  # (the subshell execs taskset, which execs python: the daemon's own pid)
+  pids+=("$served")
 }
 for _ in $(seq 180); do grep -q "on grpc" "$WORK/model.log" && break; sleep 1; done
 serve "$WORK/rev" "$P1"
+A=$served
 this_set=()
 for kv in ${THIS_SET:-}; do this_set+=(--set "$kv"); done
 serve "$PWD" "$P2" "${this_set[@]}"
+B=$served
 for _ in $(seq 120); do
   grep -q "listening on" "$WORK/daemon$P1.log" && grep -q "listening on" "$WORK/daemon$P2.log" && break
   sleep 1
 done
-pid_of() { pgrep -f "serve --model demo --port $1 " | head -1; }
-A=$(pid_of "$P1")
-B=$(pid_of "$P2")
-threads() {  # per-thread CPU ticks of process $1, by thread name
-  for t in /proc/"$1"/task/*; do echo "$(tr ' ' _ < "$t/comm") $(awk '{print $14 + $15}' "$t/stat")"; done |
-    awk '{c[$1] += $2} END {for (k in c) print k, c[k]}' | sort
+load() {  # load PORT PID STREAMS: the level's row (clients/loadtest.py reads the daemon's CPU from /proc)
+  taskset -c 1 "$PY" clients/loadtest.py --url "ws://127.0.0.1:$1/v1/stream" --daemon-pid "$2" --clients "$3" \
+    --max-p95 100 --seconds 20 --cycles 0 2>&1 | grep -A1 "clients  partial" | tail -1
 }
-load() {  # load PORT STREAMS: final latency p50/p95
-  taskset -c 1 "$PY" clients/loadtest.py --url "ws://127.0.0.1:$1/v1/stream" --clients "$2" --max-p95 100 \
-    --seconds 20 --cycles 0 2>&1 | grep -A1 "clients  partial" | tail -1 | awk '{print "final p50 " $9 " p95 " $10}'
-}
-load "$P1" 8 > /dev/null & w1=$!
-load "$P2" 8 > /dev/null & w2=$!
+load "$P1" "$A" 8 > /dev/null & w1=$!
+load "$P2" "$B" 8 > /dev/null & w2=$!
 wait "$w1" "$w2"  # warm up: first searches, first windows
-echo "REV $REV on port $P1, this tree on port $P2; $N streams each, core 0; CPU in % of the core over 10 s"
+echo "REV $REV on port $P1, this tree on port $P2; $N streams each, core 0"
+echo "CPU s per audio second per stream (event loop / engine thread), final latency p50 / p95 s"
 for r in $(seq "$REPS"); do
-  (sleep 6; threads "$A" > "$WORK/a1"; threads "$B" > "$WORK/b1"; sleep 10
-   threads "$A" > "$WORK/a2"; threads "$B" > "$WORK/b2") & w0=$!
-  load "$P1" "$N" > "$WORK/la" & w1=$!
-  load "$P2" "$N" > "$WORK/lb" & w2=$!
-  wait "$w0" "$w1" "$w2"
-  row() { join "$WORK/$1"1 "$WORK/$1"2 | awk '{d = $3 - $2; s += d; if (d > 0) t = t sprintf("%s %.1f  ", $1, d / 10)}
-                                            END {printf "%.1f %s", s / 10, t}'; }
-  ra=$(row a); rb=$(row b)
-  echo "rep $r: REV ${ra%% *}% (${ra#* }| $(cat "$WORK/la"))"
-  echo "       this ${rb%% *}% (${rb#* }| $(cat "$WORK/lb"))  this/REV $(awk -v a="${ra%% *}" -v b="${rb%% *}" 'BEGIN {printf "%.3f", b / a}')"
+  load "$P1" "$A" "$N" > "$WORK/la" & w1=$!
+  load "$P2" "$B" "$N" > "$WORK/lb" & w2=$!
+  wait "$w1" "$w2"
+  # loadtest's row: ... final p50 ($9) p95 ($10) ... CPU/audio ($13), loop ($14), engine ($15)
+  show() { awk '{printf "%s (%s / %s), final %s / %s", $13, $14, $15, $9, $10}' "$WORK/$1"; }
+  ratio=$(paste "$WORK/la" "$WORK/lb" | awk -v n="$(wc -w < "$WORK/la")" '{printf "%.3f", $(n + 13) / $13}')
+  echo "rep $r: REV $(show la);  this $(show lb);  this/REV $ratio"
 done

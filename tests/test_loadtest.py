@@ -37,6 +37,22 @@ async def test_loadtest_procs_spreads_clients_and_merges_their_figures(daemon_fa
     assert int(d.metrics.streams_total.labels("native")._value.get()) >= 2 + 1  # the clients and the ping probe
 
 
+async def test_a_running_daemon_named_by_its_pid_gets_its_cpu_figures(daemon_factory):
+    """``--url`` with ``--daemon-pid``: the level's row has the daemon's CPU per audio second, its event loop's and
+    its engine thread's apart (here the daemon runs in this test's process), where without the pid it has none."""
+    import asyncio
+
+    d = await daemon_factory()
+    cmd = [sys.executable, str(ROOT / "clients" / "loadtest.py"), "--url", f"ws://127.0.0.1:{d.port}/v1/stream",
+           "--daemon-pid", str(os.getpid()), "--clients", "2", "--seconds", "3", "--cycles", "0"]
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 120))[0].decode()
+    assert proc.returncode == 0, out
+    row = next(line.split() for line in out.splitlines() if line.split()[:2] == ["daemon", "2"])
+    cpu, loop, engine = map(float, row[12:15])
+    assert cpu > 0 and loop > 0 and engine > 0 and loop + engine <= cpu, row
+
+
 async def test_a_connection_cut_mid_stream_fails_its_client_not_the_run(speech):
     """An overloaded daemon may drop a client (its keepalive times out): that client's stream failed, with why,
     and the level's other figures are still read (the whole run used to end with the exception)."""

@@ -29,6 +29,11 @@ first stream's partials showed another text (``--show-partials`` prints those te
     python clients/frontcpu.py                       # 20 s of speech at 1, 8, 32, 64 streams
     python clients/frontcpu.py --compare HEAD~3      # before/after, side by side
     python clients/frontcpu.py --refresh             # with the partial refreshes a live stream plans
+    python clients/frontcpu.py --without-partials    # each level also with sessions that show no partials
+
+``--without-partials`` replays each level a second time to sessions that show no partials
+(:attr:`streamer.engine.StreamSession.partials` off, as for a file, a phone call or a Deepgram client without
+``interim_results``): no provisional or refresh window, no partial's search; their finals must be the same.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="score the detectors of K streams at a time, as a live engine thread gathers a few "
                         "(default: all the streams of a round)")
     p.add_argument("--compare", metavar="REV", help="also replay with the streamer package of git revision REV")
+    p.add_argument("--without-partials", action="store_true",
+                   help="replay each level again to sessions that show no partials (their finals must be the same)")
     p.add_argument("--show-partials", action="store_true",
                    help="with --compare: print the first stream's partial texts where the two differ")
     p.add_argument("--replay", help=argparse.SUPPRESS)  # a child: the recorded run to replay (an .npz)
@@ -89,20 +96,29 @@ def new_session(cfg: Any, runner: Any, words: Any, refresh: bool) -> Any:
     return make(cfg, runner.vocab, words, geometry=geometry_of(runner), refresh=refresh)
 
 
-def record(args: argparse.Namespace, runner: Any, audio: np.ndarray) -> list[np.ndarray]:
+def window_key(w: Any) -> tuple[int, ...]:
+    """What tells a stream's windows apart: where it starts and ends, which frames it makes final, its kind."""
+    return (w.start_frame, w.n_frames, w.final_from, w.final_to, int(w.provisional), int(w.optional))
+
+
+Recorded = list[tuple[tuple[int, ...], np.ndarray]]
+"""every window's key (:func:`window_key`) and log-probabilities, in the order a stream hands them out"""
+
+
+def record(args: argparse.Namespace, runner: Any, audio: np.ndarray) -> Recorded:
     """Every window's log-probabilities, in the order a stream fed in 100 ms chunks hands them out."""
     from streamer.transcribe import feed_audio, speech_detector
 
     cfg, _ = session_for(args.overrides, args.refresh, runner)
     session = new_session(cfg, runner, None, args.refresh)
     detector = speech_detector(session)
-    outputs: list[np.ndarray] = []
+    outputs: Recorded = []
 
     def run() -> None:
         windows = session.windows_to_run()
         if windows:
             for w, lp in zip(windows, runner.run([w.samples for w in windows]), strict=True):
-                outputs.append(np.asarray(lp, np.float32))
+                outputs.append((window_key(w), np.asarray(lp, np.float32)))
                 session.accept_result(w, lp)
 
     for i in range(0, len(audio), CHUNK):
@@ -211,11 +227,13 @@ def instrument(clock: Clock, words: Any) -> Any:
     return Words()
 
 
-def replay(cfg: Any, runner: Any, words: Any, refresh: bool, audio: np.ndarray, outputs: list[np.ndarray],
-           n: int, timed: bool, vad_batch: int = 0) -> tuple[float, dict[str, float], str, dict[str, float]]:
+def replay(cfg: Any, runner: Any, words: Any, refresh: bool, audio: np.ndarray, outputs: Recorded,
+           n: int, timed: bool, vad_batch: int = 0, partials: bool = True
+           ) -> tuple[float, dict[str, float], str, dict[str, float]]:
     """Replay to ``n`` sessions at a time: process CPU seconds, per-component seconds, a digest of the finals and
     the first stream's partial figures (:func:`partial_figures`). ``vad_batch``: the detectors are scored that
-    many streams at a time (0: all at once)."""
+    many streams at a time (0: all at once). ``partials`` off: the sessions show none (the recorded provisional and
+    refresh windows are passed over)."""
     from streamer.audio import AudioConverter, decode_pcm
     from streamer.events import Final, Partial, to_json
     from streamer.transcribe import speech_detector
@@ -223,6 +241,8 @@ def replay(cfg: Any, runner: Any, words: Any, refresh: bool, audio: np.ndarray, 
     clock = Clock(timed)
     words = instrument(clock, words)
     sessions = [new_session(cfg, runner, words, refresh) for _ in range(n)]
+    for s in sessions:
+        s.partials = partials  # (a revision compared with may not have it: then it shows them anyway)
     detectors = [speech_detector(s) for s in sessions]
     converters = [AudioConverter(16000, 1) for _ in range(n)]
     taken = [0] * n
@@ -235,10 +255,13 @@ def replay(cfg: Any, runner: Any, words: Any, refresh: bool, audio: np.ndarray, 
         s = sessions[i]
         windows = clock.timed("windows", s.windows_to_run)
         for w in windows:
-            lp = outputs[taken[i]]
-            taken[i] += 1
-            if w.n_frames != len(lp):
+            key = window_key(w)
+            while taken[i] < len(outputs) and outputs[taken[i]][0] != key and outputs[taken[i]][0][4]:
+                taken[i] += 1  # a provisional window (or refresh) this session did not plan
+            if taken[i] >= len(outputs) or outputs[taken[i]][0] != key:
                 raise SystemExit("the replay's windows differ from the recorded ones: record again")
+            lp = outputs[taken[i]][1]
+            taken[i] += 1
             clock.timed("merge", s.accept_result, w, lp)
         events = clock.timed("events", s.events_received)
         events += clock.timed("events", s.voice_events)
@@ -347,7 +370,7 @@ def child(args: argparse.Namespace) -> int:
     """Replay a recorded run at each level, both decoders; one JSON line per level and decoder."""
     data = np.load(args.replay)
     audio = data["audio"]
-    outputs = [data[f"w{i}"] for i in range(int(data["n"]))]
+    outputs = [(tuple(int(k) for k in data[f"k{i}"]), data[f"w{i}"]) for i in range(int(data["n"]))]
     runner = load_runner()
     for decoder in args.decoders.split(","):
         cfg, words = session_for([*args.overrides, *DECODERS[decoder]], args.refresh, runner)
@@ -360,13 +383,23 @@ def child(args: argparse.Namespace) -> int:
             _, spent, _, _ = replay(cfg, runner, words, args.refresh, audio, outputs, n, True, args.vad_batch)
             print(json.dumps({"decoder": decoder, "streams": n, "total": total, "spent": spent, "finals": digest,
                               "partials": partials, "audio_s": len(audio) / 16000}), flush=True)
+            if args.without_partials:
+                total, _, digest, partials = replay(cfg, runner, words, args.refresh, audio, outputs, n, False,
+                                                    args.vad_batch, partials=False)
+                _, spent, _, _ = replay(cfg, runner, words, args.refresh, audio, outputs, n, True, args.vad_batch,
+                                        partials=False)
+                print(json.dumps({"decoder": decoder, "streams": n, "total": total, "spent": spent,
+                                  "finals": digest, "partials": partials, "audio_s": len(audio) / 16000}),
+                      flush=True)
     return 0
 
 
 def children(args: argparse.Namespace, path: Path, tree: Path | None) -> Iterator[dict[str, Any]]:
-    """Figures of a child replaying ``path`` (with the package in ``tree``, or this one), one level per turn."""
+    """Figures of a child replaying ``path`` (with the package in ``tree``, or this one), one level per turn (with
+    ``--without-partials``, two: with partials, then without)."""
     cmd = [sys.executable, __file__, "--replay", str(path), "--streams", args.streams, "--decoders", args.decoders,
            *(["--refresh"] if args.refresh else []), *(a for o in args.overrides for a in ("--set", o)),
+           *(["--without-partials"] if args.without_partials else []),
            "--vad-batch", str(args.vad_batch)]
     env = dict(os.environ)
     if tree is not None:
@@ -376,10 +409,11 @@ def children(args: argparse.Namespace, path: Path, tree: Path | None) -> Iterato
         for _ in range(len(args.decoders.split(",")) * len(args.streams.split(","))):
             proc.stdin.write("go\n")
             proc.stdin.flush()
-            line = proc.stdout.readline()
-            if not line:
-                break
-            yield json.loads(line)
+            for _ in range(2 if args.without_partials else 1):
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                yield json.loads(line)
     if proc.returncode:
         raise SystemExit(f"the replay failed ({proc.returncode})")
 
@@ -398,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replay:
         return child(args)
+    if args.compare and args.without_partials:
+        raise SystemExit("--without-partials replays this tree only: leave out --compare")
     from streamer.testing import speech_audio
 
     # as a client sends it: 16-bit samples (the replay's detector must hear what the recording's did)
@@ -415,11 +451,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'code':>8} {'decoder':>8} {'N':>4}  {'total':>7}  {header}  {'finals':>10}  partials (p50 p95 wrong)")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "run.npz"
-        np.savez(path, audio=audio, n=len(outputs), **{f"w{i}": lp for i, lp in enumerate(outputs)})
+        np.savez(path, audio=audio, n=len(outputs), **{f"w{i}": lp for i, (_, lp) in enumerate(outputs)},
+                 **{f"k{i}": np.array(key) for i, (key, _) in enumerate(outputs)})
         del runner
         if not args.compare:
-            for r in children(args, path, None):
+            same = True
+            rows = children(args, path, None)
+            for r in rows:
                 print(row("this", r), flush=True)
+                if args.without_partials:
+                    off = next(rows)
+                    print(row("no-part", off), flush=True)
+                    same = same and off["finals"] == r["finals"]
+            if args.without_partials:
+                print("finals without partials: " + ("the same at every level" if same else "DIFFER"))
             return 0
         tree = Path(tmp) / "base"
         tree.mkdir()

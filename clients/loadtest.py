@@ -42,6 +42,7 @@ commands on each, one after the other (never at the same time), for a side-by-si
     python clients/loadtest.py --clients 1,2,8,16,24 --seconds 15 --cycles 0 \
         --compare stream.refresh_interval_ms=0                   # partial refreshes on vs off
     python clients/loadtest.py --url ws://lb:8765/v1/stream --procs 8 --clients 64,128,256 --cycles 0
+    python clients/loadtest.py --clients 32,64 --cycles 0 --finals-only  # clients that ask for finals only
 
 The front end's own CPU with a trained model's outputs (the demo model's word list and LM at work) on a machine
 with no GPU: --model-server starts the model in a model server that answers windows it has seen from memory
@@ -110,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override for the daemon")
     p.add_argument("--audio", help="speech file (default: generated with espeak-ng, --seconds long)")
     p.add_argument("--seconds", type=float, default=20.0, help="audio per client (default: 20)")
+    p.add_argument("--finals-only", action="store_true",
+                   help='the clients ask for finals only ({"type": "start", "partials": false}), as a voice agent or '
+                   "a transcript writer does: the daemon then forms no partials for them")
     p.add_argument("--clients", default="1,2,4,8,16,32,64",
                    help="client counts to try, in order; stops after the first over --max-p95 (default: %(default)s)")
     p.add_argument("--max-p95", type=float, default=2.0, help="p95 final latency limit in seconds (default: 2)")
@@ -247,7 +251,8 @@ def server_of(ready: dict, headers: object) -> str:
     return f"pid {value}" if value else "?"
 
 
-async def one_client(url: str, pcm: bytes, delay: float) -> ClientResult:
+async def one_client(url: str, pcm: bytes, delay: float, start: dict | None = None) -> ClientResult:
+    """One client streaming ``pcm`` at real time after ``delay`` s (``start``: its start message, if any)."""
     res = ClientResult()
     await asyncio.sleep(delay)
     step = int(16000 * CHUNK_S) * 2
@@ -256,6 +261,8 @@ async def one_client(url: str, pcm: bytes, delay: float) -> ClientResult:
 
     async with connect(url, max_size=None) as ws:
         res.server = server_of(json.loads(await ws.recv()), ws.response.headers if ws.response else {})
+        if start is not None:
+            await ws.send(json.dumps(start))
 
         async def sender() -> None:
             t0 = res.started = time.perf_counter()
@@ -330,10 +337,10 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def run_clients(url: str, pcm: bytes, delays: list[float]) -> list[ClientResult]:
+def run_clients(url: str, pcm: bytes, delays: list[float], start: dict | None = None) -> list[ClientResult]:
     """A client process's share of a level: one streaming client per delay, in one event loop."""
     async def clients() -> list[ClientResult]:
-        return list(await asyncio.gather(*(one_client(url, pcm, d) for d in delays)))
+        return list(await asyncio.gather(*(one_client(url, pcm, d, start) for d in delays)))
 
     return asyncio.run(clients())
 
@@ -359,8 +366,9 @@ async def probe(url: str, out: list[float], interval: float = 0.1) -> None:
 
 
 async def run_level(url: str, pcm: bytes, n: int, pid: int | None, pool: ProcessPoolExecutor | None = None,
-                    procs: int = 1) -> dict:
-    """``n`` clients (over ``procs`` processes of ``pool``), each starting after 0-1 s; their merged figures."""
+                    procs: int = 1, start: dict | None = None) -> dict:
+    """``n`` clients (over ``procs`` processes of ``pool``), each starting after 0-1 s (``start``: the start
+    message each sends); their merged figures."""
     from websockets.exceptions import ConnectionClosed
 
     peak = [rss_mb(pid) if pid else float("nan")]
@@ -378,11 +386,11 @@ async def run_level(url: str, pcm: bytes, n: int, pid: int | None, pool: Process
     delays = [float(x) for x in rng.uniform(0, 1.0, n)]
     try:
         if pool is None or procs <= 1:
-            results = list(await asyncio.gather(*(one_client(url, pcm, d) for d in delays)))
+            results = list(await asyncio.gather(*(one_client(url, pcm, d, start) for d in delays)))
         else:
             loop = asyncio.get_running_loop()
             shares = [delays[i::procs] for i in range(procs) if delays[i::procs]]
-            parts = await asyncio.gather(*(loop.run_in_executor(pool, run_clients, url, pcm, share)
+            parts = await asyncio.gather(*(loop.run_in_executor(pool, run_clients, url, pcm, share, start)
                                            for share in shares))
             results = [r for part in parts for r in part]
     finally:
@@ -867,7 +875,8 @@ async def main_async(args: argparse.Namespace) -> int:
                         await asyncio.sleep(1.5)
                         return await profile_daemon(pid, max(1.0, len(audio) / 16000 - 2.0))
                     profiling = asyncio.ensure_future(later(t.pid))
-                lv = await run_level(t.url, pcm, n, t.pid, pool, args.procs)
+                lv = await run_level(t.url, pcm, n, t.pid, pool, args.procs,
+                                     {"type": "start", "partials": False} if args.finals_only else None)
                 if profiling is not None:
                     t.profile = (n, await profiling)
                 lv["cost"] = cost(before, read_metrics(t.url, t.pid))

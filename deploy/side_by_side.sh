@@ -11,7 +11,8 @@
 # Core 0 runs the two daemons; core 1 the clients and the model server (`streamer model-server --memo`: windows
 # it has answered before come from memory, so the model's cost is left out). N of 16 each keeps core 0 below
 # full; a full core shares itself out and shows little. Knobs (environment): PORT_BASE=8765, GRPC_PORT=8101,
-# THIS_SET="SECTION.KEY=VALUE ..." (config overrides of this tree's daemon only: REV = HEAD compares a setting).
+# THIS_SET="SECTION.KEY=VALUE ..." (config overrides of this tree's daemon only: REV = HEAD compares a setting),
+# THIS_LOAD="--finals-only" (loadtest options of this tree's clients only: REV = HEAD compares what clients ask).
 set -euo pipefail
 REV=${1:?usage: side_by_side.sh REV [STREAMS] [REPS]}
 N=${2:-16}
@@ -56,18 +57,22 @@ for _ in $(seq 120); do
   grep -q "listening on" "$WORK/daemon$P1.log" && grep -q "listening on" "$WORK/daemon$P2.log" && break
   sleep 1
 done
-load() {  # load PORT PID STREAMS: the level's row (clients/loadtest.py reads the daemon's CPU from /proc)
-  taskset -c 1 "$PY" clients/loadtest.py --url "ws://127.0.0.1:$1/v1/stream" --daemon-pid "$2" --clients "$3" \
-    --max-p95 100 --seconds 20 --cycles 0 2>&1 | grep -A1 "clients  partial" | tail -1
+load() {  # load PORT PID STREAMS [LOADTEST OPTIONS]: the level's row (loadtest reads the daemon's CPU from /proc)
+  local port=$1 pid=$2 n=$3
+  shift 3
+  taskset -c 1 "$PY" clients/loadtest.py --url "ws://127.0.0.1:$port/v1/stream" --daemon-pid "$pid" --clients "$n" \
+    --max-p95 100 --seconds 20 --cycles 0 "$@" 2>&1 | grep -A1 "clients  partial" | tail -1
 }
+this_load=()
+for opt in ${THIS_LOAD:-}; do this_load+=("$opt"); done
 load "$P1" "$A" 8 > /dev/null & w1=$!
-load "$P2" "$B" 8 > /dev/null & w2=$!
+load "$P2" "$B" 8 "${this_load[@]}" > /dev/null & w2=$!
 wait "$w1" "$w2"  # warm up: first searches, first windows
 echo "REV $REV on port $P1, this tree on port $P2; $N streams each, core 0"
 echo "CPU s per audio second per stream (event loop / engine thread), final latency p50 / p95 s"
 for r in $(seq "$REPS"); do
   load "$P1" "$A" "$N" > "$WORK/la" & w1=$!
-  load "$P2" "$B" "$N" > "$WORK/lb" & w2=$!
+  load "$P2" "$B" "$N" "${this_load[@]}" > "$WORK/lb" & w2=$!
   wait "$w1" "$w2"
   # loadtest's row: ... final p50 ($9) p95 ($10) ... CPU/audio ($13), loop ($14), engine ($15)
   show() { awk '{printf "%s (%s / %s), final %s / %s", $13, $14, $15, $9, $10}' "$WORK/$1"; }

@@ -278,11 +278,18 @@ class StreamSession:
         record_frames: bool = False,
         words: WordDecoder | None = None,
         voice_events: bool = False,
+        partials: bool = True,
     ) -> None:
         self.schedule = schedule
         self.vocab = vocab
         self.words = words
         """word-list decoding of partials and finals; None = greedy CTC (the letters of each frame's best id)"""
+        self.partials = partials
+        """whether the session shows partials. False: it plans no provisional window and no refresh, and reads no
+        partial (with a word list, no search over the look-ahead): for a stream whose partials nobody is shown (a
+        file, a phone call, a voice agent that takes finals only), that was most of the word search's work and the
+        model's provisional windows. The finals are the same either way (only full and endpoint windows make
+        them); it may change between calls, and takes effect with the next window planned or answered."""
         self._search: WordSearch | None = None  # the open segment's, once it has final frames
         self.endpointer = Endpointer(endpoint, schedule.frame_s)
         # Segments and word searches count time in 20 ms frames; a model with other frames scales their times.
@@ -411,7 +418,7 @@ class StreamSession:
             self._utterance_end(window, ids)
         if self._pending and isinstance(self._pending[0], _Marker):
             self._drain_markers()
-        elif b is not None:
+        elif b is not None and self.partials:
             seg = self._seg.preview(window.start_frame + b, ids[b:], probs[b:])
             self._emit_partial(seg, lp[b:])
 
@@ -530,7 +537,9 @@ class StreamSession:
                 self._voice.append((SpeechStarted if vad.started else SpeechStopped)(at / SAMPLE_RATE))
             if due and self.endpointer.enabled:  # (endpointing off: the speech events only)
                 self._plan_endpoint(vad.end)
-        if self._early_from is not None:
+        if not self.partials:
+            pass  # (provisional windows and refreshes only form partials)
+        elif self._early_from is not None:
             self._plan_provisional(self._early_from)
         elif sched.refresh > 0 and self._full_end > 0:
             self._plan_refresh()

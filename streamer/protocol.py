@@ -73,6 +73,8 @@ class Start:
     """send ``utterance_end`` once no word was heard for this long after a final's last word; None: never"""
     vad_events: bool = False
     """send the detector's ``speech_started`` and ``speech_stopped``"""
+    partials: bool = True
+    """send partials; False: finals only (the stream then forms none unless a viewer or MQTT takes them)"""
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ def word_list(value: Any, field: str, kind: str) -> tuple[str, ...]:
 
 def parse_start(msg: dict[str, Any], min_rate: int, max_rate: int) -> Start:
     known = {"type", "sample_rate", "encoding", "channels", "name", "words", "hotwords", "alternatives",
-             "endpointing_ms", "utterance_end_ms", "vad_events"}
+             "endpointing_ms", "utterance_end_ms", "vad_events", "partials"}
     unknown = sorted(set(msg) - known)
     if unknown:
         raise ProtocolError(f"unknown field(s) in start message: {', '.join(unknown)}; "
@@ -173,8 +175,12 @@ def parse_start(msg: dict[str, Any], min_rate: int, max_rate: int) -> Start:
     if not isinstance(vad_events, bool):
         raise ProtocolError(f"'vad_events' must be true or false, got {vad_events!r}", kind="bad_start",
                             code=CLOSE_POLICY)
+    partials = msg.get("partials", True)
+    if not isinstance(partials, bool):
+        raise ProtocolError(f"'partials' must be true or false, got {partials!r}", kind="bad_start",
+                            code=CLOSE_POLICY)
     return Start(rate, encoding, channels, name, words, hotwords, alternatives,
-                 None if endpointing is True else endpointing, utterance_end, vad_events)
+                 None if endpointing is True else endpointing, utterance_end, vad_events, partials)
 
 
 ENDPOINTING_MS = (10, 10_000)

@@ -28,7 +28,7 @@ __all__ = ["feed_audio", "new_session", "speech_detector", "stream_array", "stre
 def new_session(cfg: Config, vocab: Vocabulary, words: WordDecoder | None = None, *,
                 record_frames: bool = False, geometry: FrameGeometry | None = None,
                 refresh: bool = False, endpoint: EndpointRules | None = None,
-                voice_events: bool = False) -> StreamSession:
+                voice_events: bool = False, partials: bool = True) -> StreamSession:
     """A session with the configured window schedule and endpoint rules.
 
     ``words``: the word decoder (:func:`streamer.decoder.build_decoder`), or None for greedy CTC.
@@ -37,6 +37,7 @@ def new_session(cfg: Config, vocab: Vocabulary, words: WordDecoder | None = None
     which has nobody to show fresher partials to (:func:`run_session` would only skip them).
     ``endpoint``: the stream's own endpoint rules (a client's), instead of ``[endpoint]``'s.
     ``voice_events``: keep the detector's speech started/stopped events (:meth:`StreamSession.voice_events`).
+    ``partials``: show partials (:attr:`StreamSession.partials`; off where only the finals are read).
     """
     schedule = cfg.stream.schedule()
     if geometry is not None:
@@ -44,7 +45,7 @@ def new_session(cfg: Config, vocab: Vocabulary, words: WordDecoder | None = None
     if not refresh:
         schedule = dataclasses.replace(schedule, refresh=0)
     return StreamSession(schedule, vocab, endpoint or cfg.endpoint.rules(), record_frames=record_frames, words=words,
-                         voice_events=voice_events)
+                         voice_events=voice_events, partials=partials)
 
 
 def speech_detector(session: StreamSession) -> SpeechDetector | None:

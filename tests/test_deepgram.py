@@ -197,6 +197,7 @@ async def test_sdk_live_gets_the_text_of_streamer_transcribe(daemon, audio, expe
     assert final_text(messages) == expected[encoding]
     res = [m for m in messages if m.type == "Results"]
     assert any(not m.is_final and m.channel.alternatives[0].transcript for m in res)  # interim results came
+    assert daemon.metrics.registry.get_sample_value("streamer_provisional_windows_total") > 0  # (early ones too)
     assert any(m.is_final and m.speech_final for m in res)  # an endpoint within the speech
     assert any(m.from_finalize for m in res)  # the Finalize's answer
     assert all(m.channel_index == [0, 1] and m.metadata.model_info.name == "demo" for m in res)
@@ -255,6 +256,11 @@ async def test_multichannel_streams_each_channel(daemon, audio, expected):
     assert final_text([m for m in res if m.channel_index == [0, 2]]) == expected["linear16"]
     assert final_text([m for m in res if m.channel_index == [1, 2]]) == ""
     assert messages[-1].type == "Metadata" and messages[-1].channels == 2
+    # no interim_results (Deepgram's default) and nobody else taking them: the streams formed no partial at all
+    counted = daemon.metrics.registry.get_sample_value
+    assert counted("streamer_events_total", {"type": "final"}) >= 1
+    assert not counted("streamer_events_total", {"type": "partial"})
+    assert not counted("streamer_provisional_windows_total")
 
 
 @pytest.mark.slow

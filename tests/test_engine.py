@@ -795,3 +795,73 @@ def test_vad_leaves_real_model_finals_arrival_invariant(runner, speech, chunk):
     rules = dataclasses.replace(VAD_RULES, silence_after_speech_s=0.4)
     seen = streams_like_the_reference(runner, audio, EARLY["stream"], chunk, endpoint=rules, speech=probs)
     assert any(w.quiet_from is not None for w in seen)
+
+
+def _stream_with_detector(runner, audio, session, *, partials_from=None, chunk=1600):
+    """Feed ``audio`` in ``chunk`` pieces with the voice-activity detector, every window run (refreshes too); the
+    windows run and the events. ``partials_from``: the session shows partials from that sample on."""
+    from streamer.transcribe import feed_audio, speech_detector
+
+    detector = speech_detector(session)
+    seen, events = [], []
+
+    def run():
+        windows = session.windows_to_run()
+        seen.extend(windows)
+        run_session_all(session, windows, runner)
+        events.extend(session.events_received())
+
+    for i in range(0, len(audio), chunk):
+        if partials_from is not None and i >= partials_from:
+            session.partials = True
+        feed_audio(session, audio[i : i + chunk], detector)
+        run()
+    session.finish()
+    run()
+    return seen, events
+
+
+def run_session_all(session, windows, runner):
+    for w, lp in zip(windows, runner.run([w.samples for w in windows]) if windows else [], strict=True):
+        session.accept_result(w, lp)
+
+
+@pytest.mark.parametrize("decoder", ["greedy", "words"])
+def test_a_session_that_shows_no_partials_runs_no_window_for_them_and_reads_the_same_finals(
+        model_runner, demo_words, speech, decoder):
+    """``partials = False`` (a phone call nobody watches, a Deepgram client without interim results): no
+    provisional window, no refresh, no partial; the finals are those of a session that shows them, to the word
+    times. Turned on mid-stream, partials come again from the next window."""
+    from streamer.config import load_config
+    from streamer.transcribe import new_session
+
+    words = demo_words if decoder == "words" else None
+    cfg = load_config(None, [])
+    audio = np.concatenate([speech, speech])  # (four sentences, pauses between: several segments)
+
+    def session(partials):
+        return new_session(cfg, model_runner.vocab, words, refresh=True, partials=partials)
+
+    on_windows, on_events = _stream_with_detector(model_runner, audio, session(True))
+    off_windows, off_events = _stream_with_detector(model_runner, audio, session(False))
+    late_windows, late_events = _stream_with_detector(model_runner, audio, session(False), partials_from=len(speech))
+
+    def finals(events):
+        return [(f.text, f.start, f.end, f.reason, f.words) for f in events if isinstance(f, Final)]
+
+    assert len(finals(on_events)) >= 4 and finals(off_events) == finals(on_events) == finals(late_events)
+    assert any(isinstance(e, Partial) and e.text for e in on_events)
+    assert not any(isinstance(e, Partial) for e in off_events)
+    assert any(w.provisional and not w.optional for w in on_windows)  # early partials ...
+    assert any(w.optional for w in on_windows)  # ... and refreshes
+    assert not any(w.provisional for w in off_windows)
+    def plan(windows):
+        return [(w.start_frame, w.final_from, w.final_to, len(w.samples), w.quiet_from) for w in windows]
+
+    assert plan(w for w in on_windows if not w.provisional) == plan(off_windows)  # the same full windows
+    # from the second half on, the late one shows partials as the first does
+    half = len(speech) / 16000
+    assert not any(isinstance(e, Partial) and e.start < half - 1.0 for e in late_events)
+    shown = [e.text for e in late_events if isinstance(e, Partial) and e.start >= half]
+    assert shown and shown == [e.text for e in on_events if isinstance(e, Partial) and e.start >= half]
+    assert any(w.provisional for w in late_windows)

@@ -102,6 +102,7 @@ def test_one_mapping_from_exception_to_code_and_close():
     ('{"type": "start", "channels": 9}', "unsupported_channels", 1008),
     ('{"type": "start", "name": "a/b"}', "bad_start", 1008),
     ('{"type": "start", "volume": 3}', "bad_start", 1008),
+    ('{"type": "start", "partials": "no"}', "bad_start", 1008),
     ('{"type": "start", "words": "on off"}', "bad_words", 1008),
     ('{"type": "start", "words": ["[unk]"]}', "bad_words", 1008),
 ])
@@ -117,6 +118,7 @@ def test_native_control_messages():
     assert ctrl.type == "start" and ctrl.start is not None
     s = ctrl.start
     assert (s.sample_rate, s.encoding, s.channels, s.name, s.words) == (44100, "f32le", 2, "k", ("turn", "on"))
+    assert s.partials and parse_control('{"type": "start", "partials": false}').start.partials is False
     assert parse_control('  {"type": "flush"}').type == "flush"
     assert parse_control('{"type": "stop"}').start is None
 

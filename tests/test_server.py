@@ -561,3 +561,39 @@ async def test_partial_refreshes_on_spare_time_and_counted(daemon_factory, model
     assert ran_fast < ran / 2  # at 2 s ahead of real time the stream is not live
     assert len([e for e in on if e[0] == "partial"]) > len([e for e in off if e[0] == "partial"])
     assert skip_all == off
+
+
+async def test_a_client_that_wants_finals_only_costs_no_partials_unless_a_viewer_watches(daemon_factory, model_runner,
+                                                                                         speech):
+    """``"partials": false``: the client gets its finals, the same, and no partial; the daemon forms none (no
+    provisional or refresh window, no partial counted) while nobody else takes them. A viewer of the stream's name
+    takes them: then they are formed and it gets them, the client still only its finals."""
+
+    def value(text, name):
+        return float(next((line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")), 0))
+
+    expected = reference_finals(model_runner, speech)
+    d = await daemon_factory()
+    messages, code = await native_session(d.port, pcm16(speech), start={"type": "start", "partials": False},
+                                          pace=0.1)  # live: refreshes would be planned
+    assert code == 1000 and finals_of(messages) == expected
+    assert not [m for m in messages if m["type"] == "partial"]
+    _, _, metrics = await asyncio.to_thread(http_get, d.port, "/metrics")
+    assert value(metrics, 'streamer_events_total{type="final"}') == len(expected)
+    for name in ('streamer_events_total{type="partial"}', "streamer_provisional_windows_total",
+                 'streamer_refresh_windows_total{outcome="run"}', 'streamer_refresh_windows_total{outcome="skipped"}'):
+        assert value(metrics, name) == 0, name
+
+    async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.port}/v1/listen/desk") as viewer:
+        assert json.loads(await viewer.recv())["type"] == "ready"
+        messages, code = await native_session(d.port, pcm16(speech), pace=0.1,
+                                              start={"type": "start", "partials": False, "name": "desk"})
+        seen = []
+        while len(finals_of(seen)) < len(expected):
+            seen.append(json.loads(await viewer.recv()))
+    assert code == 1000 and finals_of(messages) == expected == finals_of(seen)
+    assert not [m for m in messages if m["type"] == "partial"]
+    assert [m for m in seen if m["type"] == "partial" and m["text"]]
+    _, _, metrics = await asyncio.to_thread(http_get, d.port, "/metrics")
+    assert value(metrics, 'streamer_events_total{type="partial"}') > 0
+    assert value(metrics, "streamer_provisional_windows_total") > 0

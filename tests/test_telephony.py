@@ -354,6 +354,19 @@ async def twilio_call_published(daemon_factory, broker: Broker, sub: Subscriber,
 
 
 @pytest.mark.slow
+async def test_a_call_nobody_watches_forms_finals_and_no_partials(daemon_factory, calls):
+    """Twilio is sent nothing back: with no viewer of the call's name and no MQTT, its stream forms its finals (for
+    the log, the metrics, a viewer that comes later) but no partial, nor the model's windows that only make them."""
+    d = await daemon_factory(f"server.auth_token='{TOKEN}'")
+    call = twilio_call({"inbound": calls["inbound"][0]}, {"token": TOKEN})
+    assert await play(d.port, call) == (1000, "stream stopped")
+    counted = d.metrics.registry.get_sample_value
+    assert counted("streamer_events_total", {"type": "final"}) >= 1
+    assert not counted("streamer_events_total", {"type": "partial"})
+    assert not counted("streamer_provisional_windows_total")
+
+
+@pytest.mark.slow
 async def test_bad_twilio_input_closes_with_a_clear_error_and_the_call_beside_goes_on(daemon_factory, calls,
                                                                                       reference):
     d = await daemon_factory(f"server.auth_token='{TOKEN}'")

@@ -145,6 +145,9 @@ class Recorder:
     def publish(self, stream: str, session: str, event: Event) -> None:
         self.events.append((stream, event))
 
+    def wants_partials(self, stream: str) -> bool:
+        return True
+
     def finals(self, stream: str) -> list[str]:
         return [e.text.strip() for s, e in self.events if s == stream and isinstance(e, Final) and e.text.strip()]
 

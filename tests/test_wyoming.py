@@ -108,6 +108,9 @@ async def test_streamed_transcription_equals_transcribe(daemon_factory, model_ru
         def publish(self, stream, session, event):
             published.append((stream, session, event))
 
+        def wants_partials(self, stream):
+            return True
+
     d.hub.sinks.append(Sink())
     before, after = await transcribe(d.wyoming.port, pcm(mono(speech)))
     expected = reference_text(model_runner, mono(speech))

@@ -18,6 +18,10 @@ class EventSink(Protocol):
 
     def publish(self, stream: str, session: str, event: Event) -> None: ...
 
+    def wants_partials(self, stream: str) -> bool:
+        """Whether the sink takes the partials of ``stream`` now (a stream whose partials nobody takes forms none)."""
+        ...
+
 
 class ViewerQueue:
     """The events waiting for one viewer, at most ``size``.
@@ -88,6 +92,12 @@ class Hub:
             except Exception:
                 logger.exception("event sink %r failed", sink)
         self.deliver(stream, session, event)
+
+    def wants_partials(self, stream: str) -> bool:
+        """Whether anyone here takes the partials of ``stream``: a viewer of its name, or a sink (MQTT with
+        ``publish_partials``, viewers in other front-end processes). A stream whose own client shows none forms
+        none while this is false (:attr:`streamer.aio.stream.LiveStream.wants_partials`)."""
+        return stream in self._viewers or any(sink.wants_partials(stream) for sink in self.sinks)
 
     def deliver(self, stream: str, session: str, event: Event) -> None:
         """Hand an event to the viewers of ``stream`` only (the sinks had it where it was published)."""

@@ -407,6 +407,11 @@ class LiveStream:
         falls behind: eight clients sending 55 s in 100 ms messages took deadlines, and made a real-time stream's
         finals 3-6 s late. What waits unread behind a message shows the client ahead; a message that was already
         there when read keeps it ahead (:attr:`Pace.ahead`)."""
+        self.wants_partials = True
+        """whether its client is shown partials. False (a phone call, a file, a Deepgram client without
+        ``interim_results``): the stream forms partials only while someone else takes them (a viewer of its name,
+        MQTT's ``publish_partials``: :meth:`Hub.wants_partials`), which saves their word searches and the model's
+        provisional and refresh windows; its finals are the same"""
         self.closed = False
         self._converted = _NO_AUDIO  # 16 kHz mono audio a call's first step converted for the call
         self._started: float | None = None  # when the first audio came (time.monotonic)
@@ -423,6 +428,7 @@ class LiveStream:
         piece at a time, each piece's windows run before the next is fed: the stream never has more
         than a few windows waiting (memory), and the worker can serve other streams in between.
         """
+        self._show_partials()
         seconds = len(block) / self.sample_rate
         now = time.monotonic()
         if self.pace is not None and (wait := self.pace.take(seconds, now)) > 0:
@@ -468,7 +474,13 @@ class LiveStream:
         self.pace.ahead = clock + unread_s - now > LIVE_AHEAD_S or (self.pace.ahead and came.queued)
         return self.pace.ahead
 
+    def _show_partials(self) -> None:
+        """Whether the session forms partials from now on: the client's wish, or someone else's (a viewer may
+        come or go at any time). Set between the stream's engine calls, which never overlap."""
+        self.session.partials = self.wants_partials or self.hub.wants_partials(self.name)
+
     async def flush(self) -> list[Event]:
+        self._show_partials()
         due = self._due_end()
         return await self._run(await self._call(due, self._end, False), due)
 
@@ -477,6 +489,7 @@ class LiveStream:
         if self.closed:
             return []
         self.closed = True
+        self._show_partials()
         try:
             due = self._due_end()
             return await self._run(await self._call(due, self._end, True), due)

@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
         for path in files:
             writer = EventWriter(args.format, out)
             bar = _progress_bar(path)
-            session = new_session(cfg, runner.vocab, words, geometry=geometry_of(runner))
+            # partials only where they are written: a transcript or subtitles show finals (and cost half the search)
+            partials = args.format == "jsonl" or (mqtt is not None and cfg.mqtt.publish_partials)
+            session = new_session(cfg, runner.vocab, words, geometry=geometry_of(runner), partials=partials)
             stream, session_id = Path(path).stem, uuid.uuid4().hex[:12]
             try:
                 for event in stream_file(session, runner.run, path, args.chunk_ms, bar.update if bar else None):

@@ -180,6 +180,7 @@ class OpenAIFront:
         """Feed the file through a live stream; the finals (streamed as deltas when asked)."""
         try:  # a file: no partial refreshes (only its finals are sent)
             stream = open_named(self.host, sid, live=False)
+            stream.wants_partials = False  # (only its finals are sent)
         except ProtocolError as exc:  # a session id is unique; a source could have the same name, though
             raise ApiError(500, str(exc), type="server_error") from None
         finals: list[Final] = []

@@ -158,6 +158,9 @@ class MqttPublisher:
 
     # -- the sink side: synchronous, never waits ---------------------------------------
 
+    def wants_partials(self, stream: str) -> bool:
+        return self.cfg.publish_partials
+
     def publish(self, stream: str, session: str, event: Event) -> None:
         """Queue one event and return at once."""
         if self._closed:

@@ -459,6 +459,11 @@ class ClusterLink:
         """This process got its first viewer of ``name`` (``on``) or lost its last."""
         self.send(Watch(name, on))
 
+    def wants_partials(self, stream: str) -> bool:
+        """Event sink: whether a viewer in another process watches ``stream``, or the supervisor's MQTT takes
+        partials."""
+        return stream in self.watched or (self.forward_all and self.forward_partials)
+
     def publish(self, stream: str, session: str, event: Event) -> None:
         """Event sink: relay an event of this process's stream to viewers elsewhere and to MQTT."""
         final = isinstance(event, Final)

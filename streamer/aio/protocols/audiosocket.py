@@ -191,6 +191,7 @@ class AudioSocketHandler(Connection):
                                 kind="bad_order", code=CLOSE_POLICY)
         if self.stream is None:
             self.stream = self.open_stream(msg.sample_rate, name=self.name)
+            self.stream.wants_partials = False  # (Asterisk is sent no transcript: viewers and MQTT may take partials)
         elif msg.sample_rate != self.stream.sample_rate:
             raise ProtocolError(f"audio at {msg.sample_rate} Hz in a call that began at {self.stream.sample_rate} Hz",
                                 kind="bad_audio_format", code=CLOSE_POLICY)

@@ -234,6 +234,7 @@ class DeepgramFront:
                 session = base if n == 1 else f"{base}-{i}"
                 stream = open_named(host, session, sample_rate=source.rate, channels=source.channels if n == 1 else 1,
                                     words=words, live=False)
+                stream.wants_partials = False  # (a file's answer has its finals only)
                 streams.append((session, stream))
                 rules = options.rules(cfg.endpoint.rules())
                 if rules != cfg.endpoint.rules():
@@ -353,6 +354,7 @@ class DeepgramHandler(StreamHandler):
             session = self.id if n == 1 else f"{self.id}-{i}"
             stream = open_named(host, session, sample_rate=opts.sample_rate or 16000,
                                 channels=1 if n > 1 else opts.channels, encoding=opts.daemon_encoding, words=words)
+            stream.wants_partials = opts.interim_results  # (Deepgram's default: finals only)
             self.channels.append(_Channel(i, session, stream))
             if rules != base or opts.vad_events:  # (the daemon's rules may run the detector already)
                 own_endpointing(stream, rules, voice_events=opts.vad_events)

@@ -2,7 +2,7 @@
 
 A ``start`` may give the stream its own endpointing (``endpointing_ms``, ``utterance_end_ms``) and ask for the
 detector's ``speech_started`` / ``speech_stopped`` (``vad_events``); a stream that asks for none of them gets
-only the transcript's events, as before.
+only the transcript's events, as before. ``"partials": false`` asks for finals only.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from streamer.aio.stream import LiveStream
 from streamer.audio import ENCODINGS
 from streamer.endpoint import stream_rules
 from streamer.engine import SAMPLE_RATE
-from streamer.events import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, End, Error, Event, Ready, to_json
+from streamer.events import CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY, End, Error, Event, Partial, Ready, to_json
 from streamer.exceptions import ProtocolError
 from streamer.protocol import Start, parse_control
 
@@ -30,8 +30,10 @@ class NativeHandler(StreamHandler):
         await self.ws.send(to_json(error))
 
     async def send_events(self, events: list[Event]) -> None:
+        finals_only = self.stream is not None and not self.stream.wants_partials
         for e in with_voice_events(self.stream, events):
-            await self.ws.send(to_json(e))
+            if not (finals_only and isinstance(e, Partial)):  # (formed for a viewer of its name)
+                await self.ws.send(to_json(e))
 
     send_last = send_events
 
@@ -89,6 +91,7 @@ class NativeHandler(StreamHandler):
                 words = await own_word_list(self.host, s.words) if s.words is not None else None
                 words = await tuned_decoder(self.host, words, hotwords=s.hotwords, alternatives=s.alternatives)
                 self.stream = self.open_stream(s.sample_rate, s.channels, s.encoding, s.name, words)
+                self.stream.wants_partials = s.partials
                 if s.endpointing_ms is not None or s.utterance_end_ms is not None or s.vad_events:
                     self.endpointing(self.stream, s)
             elif ctrl.type == "flush":

@@ -88,8 +88,9 @@ class TwilioHandler(StreamHandler):
             if holder is not None:
                 raise name_in_use(name, holder)
             # each track keeps its own pace: two tracks are two real-time streams
-            self.tracks[track] = open_named(self.host, session, name=name, sample_rate=start.sample_rate,
-                                            encoding=start.encoding)
+            stream = open_named(self.host, session, name=name, sample_rate=start.sample_rate, encoding=start.encoding)
+            stream.wants_partials = False  # (Twilio is sent no transcript: viewers and MQTT may take partials)
+            self.tracks[track] = stream
         logger.info("twilio %s: call %s, stream %s, tracks %s", self.id, start.call_sid, start.stream_sid,
                     ", ".join(f"{t} as {n!r}" for t, n in names.items()))
 

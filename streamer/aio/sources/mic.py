@@ -101,6 +101,7 @@ class MicSource:
                               capture.sample_rate, capture.channels)
                 stream = self.streams.open(sample_rate=capture.sample_rate, channels=capture.channels,
                                            name=self.name)
+                stream.wants_partials = False  # (a source's events go to viewers and MQTT, which say if they take them)
                 await pump(capture, stream)
             finally:
                 self._capture = None

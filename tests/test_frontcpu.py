@@ -32,3 +32,21 @@ def test_a_partial_one_replay_never_showed_counts_to_the_next():
     base = [[0.4, "set"], [0.8, "set a timer for twelve in"], [1.2, "set a timer for twelve minutes"]]
     this = [[0.4, "set"], [1.2, "set a timer for twelve minutes"]]
     assert frontcpu.partials_differ(base, this) == "3 and 2 partials, another text shown for 0.4 s of 0.8 s"
+
+
+def test_sessions_without_partials_replay_the_recorded_full_windows_and_read_the_same_finals():
+    """``--without-partials``: the recorded provisional windows and refreshes are passed over, the full ones replayed
+    in order, and the finals are those of the sessions that showed partials."""
+    import numpy as np
+
+    from streamer.testing import speech_audio
+
+    args = frontcpu.parse_args(["--seconds", "6", "--refresh"])
+    audio = (np.clip(speech_audio(6), -1, 1) * 32767).astype(np.int16).astype(np.float32) / 32768
+    runner = frontcpu.load_runner()
+    outputs = frontcpu.record(args, runner, audio)
+    assert any(key[4] for key, _ in outputs) and any(not key[4] for key, _ in outputs)  # both kinds recorded
+    cfg, words = frontcpu.session_for([], True, runner)
+    _, _, shown, partials = frontcpu.replay(cfg, runner, words, True, audio, outputs, 2, False)
+    _, _, without, none = frontcpu.replay(cfg, runner, words, True, audio, outputs, 2, False, partials=False)
+    assert without == shown and partials["texts"] and not none["texts"]

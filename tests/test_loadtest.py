@@ -37,6 +37,17 @@ async def test_loadtest_procs_spreads_clients_and_merges_their_figures(daemon_fa
     assert int(d.metrics.streams_total.labels("native")._value.get()) >= 2 + 1  # the clients and the ping probe
 
 
+async def test_finals_only_clients_get_their_finals_and_the_daemon_forms_no_partials(daemon_factory, speech):
+    """``--finals-only``: each client's start asks for finals only; the level has the words of both streams' finals
+    (their words are first shown in the finals), and the daemon counted no partial."""
+    d = await daemon_factory()
+    pcm = pcm16(speech[: 16000 * 4])
+    lv = await loadtest.run_level(f"ws://127.0.0.1:{d.port}/v1/stream", pcm, 2, None,
+                                  start={"type": "start", "partials": False})
+    assert lv["ok"] and lv["words"] >= 2 * 4 and np.isfinite(lv["final_median"])
+    assert not d.metrics.registry.get_sample_value("streamer_events_total", {"type": "partial"})
+
+
 async def test_a_running_daemon_named_by_its_pid_gets_its_cpu_figures(daemon_factory):
     """``--url`` with ``--daemon-pid``: the level's row has the daemon's CPU per audio second, its event loop's and
     its engine thread's apart (here the daemon runs in this test's process), where without the pid it has none."""

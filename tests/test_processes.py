@@ -413,6 +413,35 @@ async def test_a_killed_process_is_restarted_and_takes_only_its_own_clients(serv
     await served_to_the_end(s, again, audio, expected)
 
 
+async def test_a_finals_only_stream_forms_partials_for_a_viewer_on_another_process(served, speech, expected):
+    """A native client that asks for finals only gets none of the partials, yet a viewer of its name served by the
+    other process gets them (the supervisor tells the stream's process that the name is watched) and the finals."""
+    s = await served()
+    viewer, pid = None, 0
+    for _ in range(TRIES):
+        ws = await connect(f"ws://127.0.0.1:{s.port}/v1/listen/desk")
+        pid = json.loads(await ws.recv())["server_pid"]
+        client = await open_client(s.port, {"type": "start", "name": "desk", "partials": False})
+        if client.pid != pid:
+            viewer = ws
+            break
+        await client.ws.close()
+        await ws.close()
+    assert viewer is not None
+    await asyncio.sleep(0.5)  # (the supervisor tells the stream's process of the viewer within a few ms)
+    await client.send(pcm16(speech))
+    messages = await client.finish()
+    assert texts(finals_of(messages)) == texts(expected)
+    assert not [m for m in messages if m["type"] == "partial"]
+    seen: list[dict] = []
+    async with asyncio.timeout(TIMEOUT):
+        while len(finals_of(seen)) < len(finals_of(messages)):
+            seen.append(json.loads(await viewer.recv()))
+    await viewer.close()
+    assert finals_of(seen) == finals_of(messages)
+    assert [m for m in seen if m["type"] == "partial" and m["text"]]
+
+
 async def test_sigterm_finalises_every_process_and_sighup_reaches_every_process(served, speech, tmp_path, expected):
     """SIGHUP: every process reloads the config file (the endpoint setting each `ready` shows changes on both).
     SIGTERM: every stream of every process gets its finals, `end` and 1001; a viewer on one process of a stream

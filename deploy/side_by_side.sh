@@ -12,7 +12,8 @@
 # it has answered before come from memory, so the model's cost is left out). N of 16 each keeps core 0 below
 # full; a full core shares itself out and shows little. Knobs (environment): PORT_BASE=8765, GRPC_PORT=8101,
 # THIS_SET="SECTION.KEY=VALUE ..." (config overrides of this tree's daemon only: REV = HEAD compares a setting),
-# THIS_LOAD="--finals-only" (loadtest options of this tree's clients only: REV = HEAD compares what clients ask).
+# THIS_LOAD="--finals-only" (loadtest options of this tree's clients only: REV = HEAD compares what clients ask),
+# THIS_ENV="NAME=VALUE ..." (the environment of this tree's daemon only).
 set -euo pipefail
 REV=${1:?usage: side_by_side.sh REV [STREAMS] [REPS]}
 N=${2:-16}
@@ -37,21 +38,22 @@ trap cleanup EXIT
 taskset -c 1 "$TRITON_PY" -m streamer model-server --model demo --memo 16384 --grpc-port "$GRPC" \
   --http-port $((GRPC + 1)) --metrics-port $((GRPC + 2)) > "$WORK/model.log" 2>&1 &
 pids+=($!)
-serve() {  # serve TREE PORT [SET...]: a daemon of the package in TREE on core 0; its pid in $served
-  local tree=$1 port=$2
-  shift 2
-  (cd "$tree" && exec taskset -c 0 "$PY" -m streamer serve --model demo --port "$port" \
+serve() {  # serve TREE PORT ENV [SET...]: a daemon of the package in TREE on core 0; its pid in $served
+  local tree=$1 port=$2 env=$3
+  shift 3
+  # shellcheck disable=SC2086  # (ENV: NAME=VALUE words)
+  (cd "$tree" && exec env $env taskset -c 0 "$PY" -m streamer serve --model demo --port "$port" \
     --set server.max_streams=1024 --set model_server.kind=triton --set model_server.url=127.0.0.1:"$GRPC" "$@") \
     > "$WORK/daemon$port.log" 2>&1 &
   served=$!  # (the subshell execs taskset, which execs python: the daemon's own pid)
   pids+=("$served")
 }
 for _ in $(seq 180); do grep -q "on grpc" "$WORK/model.log" && break; sleep 1; done
-serve "$WORK/rev" "$P1"
+serve "$WORK/rev" "$P1" ""
 A=$served
 this_set=()
 for kv in ${THIS_SET:-}; do this_set+=(--set "$kv"); done
-serve "$PWD" "$P2" "${this_set[@]}"
+serve "$PWD" "$P2" "${THIS_ENV:-}" "${this_set[@]}"
 B=$served
 for _ in $(seq 120); do
   grep -q "listening on" "$WORK/daemon$P1.log" && grep -q "listening on" "$WORK/daemon$P2.log" && break

@@ -3,7 +3,8 @@
 
 Streams an audio file (any format libsndfile reads) or raw s16le PCM from stdin to
 ``ws://HOST:PORT/v1/stream`` and shows the captions as they come: the partial line is
-rewritten in place, each final is committed as a line with its time.
+rewritten in place, each final is committed as a line with its time. Written to a file or a pipe (not a
+terminal, and without ``--jsonl``) it shows finals only, and asks the daemon for those only.
 
     python clients/caption.py talk.wav                       # at real time
     python clients/caption.py --fast talk.wav                # as fast as the server takes it
@@ -212,6 +213,9 @@ async def main_async(args: argparse.Namespace) -> int:
             start = {"type": "start", "sample_rate": args.rate, "encoding": "s16le", "channels": args.channels}
             if args.name:
                 start["name"] = args.name
+            if not (args.jsonl or sys.stdout.isatty()):
+                start["partials"] = False  # only a terminal shows them: the server need not form them for a file
+
             await ws.send(json.dumps(start))
             return await stream(ws, args, all_blocks())
     except InvalidStatus as exc:

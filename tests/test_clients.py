@@ -43,6 +43,8 @@ async def test_caption_client_file_and_stdin(daemon_factory, model_runner, speec
     ints, _ = sf.read(wav, dtype="int16")
     assert lines == expected_finals(model_runner, ints.astype(np.float32) / 32768)
     assert out.splitlines()[0].startswith("[   0.")
+    # written to a file, not a terminal: it asked for the finals only, and the daemon formed no partial
+    assert not d.metrics.registry.get_sample_value("streamer_events_total", {"type": "partial"})
     code, out2, err = await run(sys.executable, str(ROOT / "clients" / "caption.py"), "--fast", "--url", url, "-",
                                 stdin=ints.astype("<i2").tobytes())
     assert code == 0, err

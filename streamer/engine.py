@@ -23,7 +23,8 @@ default), and so does the first one after a :meth:`StreamSession.flush`. Until i
 with a word list), never enter the final CTC state, the word search or the endpoint rules, so finals stay
 exactly those of :func:`reference` whatever the arrival chunking. Provisional windows sit in the same
 ordered queue as full ones, so results still come back in the order they were handed out. After an
-endpoint the next full window is one hop away as always, so no provisional window is needed there.
+endpoint the next full window is one hop away as always, so no provisional window is needed there. A session
+whose partials nobody is shown (:attr:`StreamSession.partials` off) plans no provisional window and no refresh.
 
 Text comes from greedy CTC (:mod:`streamer.ctc`), or, with ``words`` (a :class:`WordDecoder` such as
 :class:`streamer.lexicon.Lexicon`), from a beam search over a word list: each segment's final frames
@@ -537,12 +538,11 @@ class StreamSession:
                 self._voice.append((SpeechStarted if vad.started else SpeechStopped)(at / SAMPLE_RATE))
             if due and self.endpointer.enabled:  # (endpointing off: the speech events only)
                 self._plan_endpoint(vad.end)
-        if not self.partials:
-            pass  # (provisional windows and refreshes only form partials)
-        elif self._early_from is not None:
-            self._plan_provisional(self._early_from)
-        elif sched.refresh > 0 and self._full_end > 0:
-            self._plan_refresh()
+        if self.partials:  # (provisional windows and refreshes only form partials)
+            if self._early_from is not None:
+                self._plan_provisional(self._early_from)
+            elif sched.refresh > 0 and self._full_end > 0:
+                self._plan_refresh()
         # Keep what the next window (or the closing one) needs as left context.
         self._buf.forget_before(sched.frame_samples * max(0, self._planned_next - sched.left))
 

@@ -178,9 +178,9 @@ class OpenAIFront:
 
     async def _decode(self, audio: FileAudio, form: TranscriptionForm, sid: str, state: _Answer) -> list[Final]:
         """Feed the file through a live stream; the finals (streamed as deltas when asked)."""
-        try:  # a file: no partial refreshes (only its finals are sent)
+        try:  # a file: no partial refreshes, no partials (only its finals are sent)
             stream = open_named(self.host, sid, live=False)
-            stream.wants_partials = False  # (only its finals are sent)
+            stream.wants_partials = False
         except ProtocolError as exc:  # a session id is unique; a source could have the same name, though
             raise ApiError(500, str(exc), type="server_error") from None
         finals: list[Final] = []

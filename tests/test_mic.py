@@ -436,12 +436,15 @@ def test_terminal_rewrites_the_partial_in_place_and_commits_finals(tmp_path):
 
     events = [Partial(0, "hel", 0, 1), Partial(0, "hello", 0, 1), Final(0, "hello world", 0, 2), Partial(1, "ag", 2, 3)]
     tty, pipe, jsonl = io.StringIO(), io.StringIO(), io.StringIO()
+    shows = []
     with open(tmp_path / "finals.txt", "a", encoding="utf-8") as append:
         for out, fmt, is_tty, extra in ((tty, "text", True, append), (pipe, "text", False, None),
-                                        (jsonl, "jsonl", True, None)):
+                                        (jsonl, "jsonl", False, None)):
             view = Dictation(fmt, out, is_tty, extra)
             view.show(events)
             view.close()
+            shows.append(view.shows_partials)
+    assert shows == [True, False, True]  # a pipe of text shows none: its stream is asked for finals only
     assert tty.getvalue().startswith(CLEAR_LINE) and tty.getvalue().count(CLEAR_LINE) == 5
     assert f"{CLEAR_LINE}hello world\n" in tty.getvalue() and tty.getvalue().endswith(CLEAR_LINE)
     assert pipe.getvalue() == "hello world\n"

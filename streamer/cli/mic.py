@@ -130,6 +130,7 @@ async def dictate(cfg: Config, runner: Runner, words: WordDecoder | None, captur
                       "Ctrl-C to stop", file=sys.stderr, flush=True)
             streams = Streams(cfg, runner.vocab, worker, hub, metrics, words)
             stream = streams.open(sample_rate=capture.sample_rate, channels=capture.channels, name=name)
+            stream.wants_partials = view.shows_partials  # (MQTT's publish_partials asks for them through the hub)
             try:
                 await pump(capture, stream, view.show)
             finally:
@@ -150,6 +151,11 @@ class Dictation:
         self.jsonl = EventWriter("jsonl", out) if fmt == "jsonl" else None
         self.append = append
         self._partial = False
+
+    @property
+    def shows_partials(self) -> bool:
+        """Whether partials are shown at all: on a terminal, or as JSON lines (a pipe of text gets finals only)."""
+        return self.tty or self.jsonl is not None
 
     def show(self, events: list[Event]) -> None:
         for e in events:

@@ -48,7 +48,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -96,13 +96,23 @@ def new_session(cfg: Any, runner: Any, words: Any, refresh: bool) -> Any:
     return make(cfg, runner.vocab, words, geometry=geometry_of(runner), refresh=refresh)
 
 
-def window_key(w: Any) -> tuple[int, ...]:
-    """What tells a stream's windows apart: where it starts and ends, which frames it makes final, its kind."""
-    return (w.start_frame, w.n_frames, w.final_from, w.final_to, int(w.provisional), int(w.optional))
+class WindowKey(NamedTuple):
+    """What tells a stream's windows apart: where it starts, its frames, which of them it makes final, its kind."""
+
+    start_frame: int
+    frames: int
+    final_from: int
+    final_to: int
+    provisional: int
+    optional: int
+
+    @classmethod
+    def of(cls, w: Any) -> WindowKey:
+        return cls(w.start_frame, w.n_frames, w.final_from, w.final_to, int(w.provisional), int(w.optional))
 
 
-Recorded = list[tuple[tuple[int, ...], np.ndarray]]
-"""every window's key (:func:`window_key`) and log-probabilities, in the order a stream hands them out"""
+Recorded = list[tuple[WindowKey, np.ndarray]]
+"""every window's key and log-probabilities, in the order a stream hands them out"""
 
 
 def record(args: argparse.Namespace, runner: Any, audio: np.ndarray) -> Recorded:
@@ -118,7 +128,7 @@ def record(args: argparse.Namespace, runner: Any, audio: np.ndarray) -> Recorded
         windows = session.windows_to_run()
         if windows:
             for w, lp in zip(windows, runner.run([w.samples for w in windows]), strict=True):
-                outputs.append((window_key(w), np.asarray(lp, np.float32)))
+                outputs.append((WindowKey.of(w), np.asarray(lp, np.float32)))
                 session.accept_result(w, lp)
 
     for i in range(0, len(audio), CHUNK):
@@ -255,8 +265,8 @@ def replay(cfg: Any, runner: Any, words: Any, refresh: bool, audio: np.ndarray, 
         s = sessions[i]
         windows = clock.timed("windows", s.windows_to_run)
         for w in windows:
-            key = window_key(w)
-            while taken[i] < len(outputs) and outputs[taken[i]][0] != key and outputs[taken[i]][0][4]:
+            key = WindowKey.of(w)
+            while taken[i] < len(outputs) and outputs[taken[i]][0] != key and outputs[taken[i]][0].provisional:
                 taken[i] += 1  # a provisional window (or refresh) this session did not plan
             if taken[i] >= len(outputs) or outputs[taken[i]][0] != key:
                 raise SystemExit("the replay's windows differ from the recorded ones: record again")
@@ -370,7 +380,7 @@ def child(args: argparse.Namespace) -> int:
     """Replay a recorded run at each level, both decoders; one JSON line per level and decoder."""
     data = np.load(args.replay)
     audio = data["audio"]
-    outputs = [(tuple(int(k) for k in data[f"k{i}"]), data[f"w{i}"]) for i in range(int(data["n"]))]
+    outputs = [(WindowKey(*(int(k) for k in data[f"k{i}"])), data[f"w{i}"]) for i in range(int(data["n"]))]
     runner = load_runner()
     for decoder in args.decoders.split(","):
         cfg, words = session_for([*args.overrides, *DECODERS[decoder]], args.refresh, runner)
@@ -378,16 +388,11 @@ def child(args: argparse.Namespace) -> int:
             sys.stdin.readline()  # the parent's turn: two replays never run at once
             if not k:
                 replay(cfg, runner, words, args.refresh, audio, outputs, 1, False)  # warm up: first searches
-            total, _, digest, partials = replay(cfg, runner, words, args.refresh, audio, outputs, n, False,
-                                                args.vad_batch)
-            _, spent, _, _ = replay(cfg, runner, words, args.refresh, audio, outputs, n, True, args.vad_batch)
-            print(json.dumps({"decoder": decoder, "streams": n, "total": total, "spent": spent, "finals": digest,
-                              "partials": partials, "audio_s": len(audio) / 16000}), flush=True)
-            if args.without_partials:
+            for shown in (True, False) if args.without_partials else (True,):
                 total, _, digest, partials = replay(cfg, runner, words, args.refresh, audio, outputs, n, False,
-                                                    args.vad_batch, partials=False)
+                                                    args.vad_batch, partials=shown)
                 _, spent, _, _ = replay(cfg, runner, words, args.refresh, audio, outputs, n, True, args.vad_batch,
-                                        partials=False)
+                                        partials=shown)
                 print(json.dumps({"decoder": decoder, "streams": n, "total": total, "spent": spent,
                                   "finals": digest, "partials": partials, "audio_s": len(audio) / 16000}),
                       flush=True)
@@ -409,11 +414,10 @@ def children(args: argparse.Namespace, path: Path, tree: Path | None) -> Iterato
         for _ in range(len(args.decoders.split(",")) * len(args.streams.split(","))):
             proc.stdin.write("go\n")
             proc.stdin.flush()
-            for _ in range(2 if args.without_partials else 1):
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                yield json.loads(line)
+            lines = [proc.stdout.readline() for _ in range(2 if args.without_partials else 1)]
+            if not all(lines):
+                break
+            yield from (json.loads(line) for line in lines)
     if proc.returncode:
         raise SystemExit(f"the replay failed ({proc.returncode})")
 

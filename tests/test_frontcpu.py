@@ -45,7 +45,7 @@ def test_sessions_without_partials_replay_the_recorded_full_windows_and_read_the
     audio = (np.clip(speech_audio(6), -1, 1) * 32767).astype(np.int16).astype(np.float32) / 32768
     runner = frontcpu.load_runner()
     outputs = frontcpu.record(args, runner, audio)
-    assert any(key[4] for key, _ in outputs) and any(not key[4] for key, _ in outputs)  # both kinds recorded
+    assert any(k.provisional for k, _ in outputs) and any(not k.provisional for k, _ in outputs)  # both kinds
     cfg, words = frontcpu.session_for([], True, runner)
     _, _, shown, partials = frontcpu.replay(cfg, runner, words, True, audio, outputs, 2, False)
     _, _, without, none = frontcpu.replay(cfg, runner, words, True, audio, outputs, 2, False, partials=False)

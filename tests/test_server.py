@@ -60,6 +60,15 @@ def finals_of(messages):
     return [m for m in messages if m["type"] == "final"]
 
 
+def metric(text, name, missing=None):
+    """The value of sample ``name`` in a /metrics page; ``missing`` when it is not there (None: it must be)."""
+    found = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    if found:
+        return found[0]
+    assert missing is not None, f"{name} is not in /metrics"
+    return missing
+
+
 async def test_native_protocol_equals_transcribe(daemon_factory, model_runner, speech):
     d = await daemon_factory()
     msgs, code = await native_session(d.port, pcm16(speech))
@@ -286,14 +295,11 @@ async def test_health_and_metrics_move(daemon_factory, speech):
     await native_session(d.port, pcm16(speech))
     _, _, after = await asyncio.to_thread(http_get, d.port, "/metrics")
 
-    def value(text, name):
-        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
-
-    assert value(after, "streamer_windows_total") > 0
-    assert value(after, "streamer_audio_seconds_total") == pytest.approx(len(speech) / 16000, abs=0.01)
-    assert value(after, "streamer_batch_size_count") > 0
-    assert value(after, "streamer_final_latency_seconds_count") > 0
-    assert 0 < value(after, "streamer_rtf")
+    assert metric(after, "streamer_windows_total") > 0
+    assert metric(after, "streamer_audio_seconds_total") == pytest.approx(len(speech) / 16000, abs=0.01)
+    assert metric(after, "streamer_batch_size_count") > 0
+    assert metric(after, "streamer_final_latency_seconds_count") > 0
+    assert 0 < metric(after, "streamer_rtf")
     assert 'streamer_streams_total{protocol="native"} 1.0' in after
 
 
@@ -521,16 +527,13 @@ async def test_metrics_count_provisional_windows(daemon_factory, model_runner, s
         count += sum(w.provisional for w in planned.windows_to_run())
     assert count > 0
 
-    def value(text, name):
-        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
-
     for early, expected in [("true", count), ("false", 0)]:
         d = await daemon_factory(f"stream.early_partials={early}")
         messages, _ = await native_session(d.port, pcm16(command), chunk=3200)
         _, _, metrics = await asyncio.to_thread(http_get, d.port, "/metrics")
-        assert value(metrics, "streamer_provisional_windows_total") == expected
-        seconds = value(metrics, "streamer_provisional_model_seconds_total")
-        assert (0 < seconds < value(metrics, "streamer_model_seconds_total")) if expected else seconds == 0
+        assert metric(metrics, "streamer_provisional_windows_total") == expected
+        seconds = metric(metrics, "streamer_provisional_model_seconds_total")
+        assert (0 < seconds < metric(metrics, "streamer_model_seconds_total")) if expected else seconds == 0
         texts = [m["type"] for m in messages if m["type"] in ("partial", "final") and m["text"]]
         assert texts[0] == ("partial" if expected else "final")  # the only text before the end is an early one
 
@@ -540,9 +543,6 @@ async def test_partial_refreshes_on_spare_time_and_counted(daemon_factory, model
     finals; with refresh_max_load = 0 every refresh is skipped and the events are those without refreshes; a
     client far ahead of real time gets none after its first seconds."""
 
-    def value(text, name):
-        return float(next((line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")), 0))
-
     runs = {}
     for name, overrides, pace in [("on", (), 0.1), ("fast", (), 0.0), ("off", ("stream.refresh_interval_ms=0",), 0.0),
                                   ("skipped", ("worker.refresh_max_load=0",), 0.0)]:
@@ -551,8 +551,8 @@ async def test_partial_refreshes_on_spare_time_and_counted(daemon_factory, model
         assert code == 1000
         _, _, metrics = await asyncio.to_thread(http_get, d.port, "/metrics")
         runs[name] = ([(m["type"], m["text"]) for m in messages if m["type"] in ("partial", "final")],
-                      value(metrics, 'streamer_refresh_windows_total{outcome="run"}'),
-                      value(metrics, 'streamer_refresh_windows_total{outcome="skipped"}'))
+                      metric(metrics, 'streamer_refresh_windows_total{outcome="run"}', missing=0),
+                      metric(metrics, 'streamer_refresh_windows_total{outcome="skipped"}', missing=0))
         assert finals_of(messages) == reference_finals(model_runner, speech)
     (on, ran, skipped), (_, ran_fast, skipped_fast) = runs["on"], runs["fast"]
     (off, *none), (skip_all, ran_0, skipped_all) = runs["off"], runs["skipped"]
@@ -569,9 +569,6 @@ async def test_a_client_that_wants_finals_only_costs_no_partials_unless_a_viewer
     provisional or refresh window, no partial counted) while nobody else takes them. A viewer of the stream's name
     takes them: then they are formed and it gets them, the client still only its finals."""
 
-    def value(text, name):
-        return float(next((line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")), 0))
-
     expected = reference_finals(model_runner, speech)
     d = await daemon_factory()
     messages, code = await native_session(d.port, pcm16(speech), start={"type": "start", "partials": False},
@@ -579,10 +576,10 @@ async def test_a_client_that_wants_finals_only_costs_no_partials_unless_a_viewer
     assert code == 1000 and finals_of(messages) == expected
     assert not [m for m in messages if m["type"] == "partial"]
     _, _, metrics = await asyncio.to_thread(http_get, d.port, "/metrics")
-    assert value(metrics, 'streamer_events_total{type="final"}') == len(expected)
+    assert metric(metrics, 'streamer_events_total{type="final"}') == len(expected)
     for name in ('streamer_events_total{type="partial"}', "streamer_provisional_windows_total",
                  'streamer_refresh_windows_total{outcome="run"}', 'streamer_refresh_windows_total{outcome="skipped"}'):
-        assert value(metrics, name) == 0, name
+        assert metric(metrics, name, missing=0) == 0, name
 
     async with asyncio.timeout(TIMEOUT), connect(f"ws://127.0.0.1:{d.port}/v1/listen/desk") as viewer:
         assert json.loads(await viewer.recv())["type"] == "ready"
@@ -595,5 +592,5 @@ async def test_a_client_that_wants_finals_only_costs_no_partials_unless_a_viewer
     assert not [m for m in messages if m["type"] == "partial"]
     assert [m for m in seen if m["type"] == "partial" and m["text"]]
     _, _, metrics = await asyncio.to_thread(http_get, d.port, "/metrics")
-    assert value(metrics, 'streamer_events_total{type="partial"}') > 0
-    assert value(metrics, "streamer_provisional_windows_total") > 0
+    assert metric(metrics, 'streamer_events_total{type="partial"}') > 0
+    assert metric(metrics, "streamer_provisional_windows_total") > 0

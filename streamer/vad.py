@@ -15,7 +15,8 @@ streams at once (:meth:`VadModel.run_streams`): the frames of all streams go thr
 as one batch, and its LSTM steps the streams side by side, each over its own frames. A row's numbers do not
 depend on the batch: onnxruntime gives every frame, whatever the batch and whatever the other rows hold, bitwise
 the probability and state of the frame run alone (``tests/test_vad_batch.py`` checks it), so batching changes
-no final.
+no final. Its convolutions are done as onnxruntime does large products (:func:`_faster`): a third less CPU, and
+bitwise the same numbers, which the model checks at load on the machine it runs on.
 
 The probabilities depend only on the audio, not on how it was chunked: frame ``j`` is samples
 ``[512 j, 512 j + 512)`` of the stream, read with the 64 samples before it (the model's context) and
@@ -24,7 +25,7 @@ the recurrent state the frames before it left, exactly as silero-vad's own ``Onn
 with them the same finals as any live chunking.
 
 Why this model (measured on this project's 2-core CPU, ``docs/engine.md``): about 0.3 % of one core per
-stream (0.1 ms per 32 ms frame; batched, less), and on espeak-ng speech with pauses under background noise
+stream (0.1 ms per 32 ms frame alone; 0.03-0.05 ms batched), and on espeak-ng speech with pauses under background noise
 it ends utterances where webrtcvad either cuts inside sentences or hears the noise as speech. The wheel is
 only read for its ``.onnx`` file: its Python package would import torch, which this module never needs.
 """
@@ -36,6 +37,7 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -108,6 +110,151 @@ def _streams_model(path: Path) -> bytes:
     return model.SerializeToString()
 
 
+_PADDED = _CONTEXT + VAD_FRAME + 256  # a frame and its context as the short-time transform reads it (reflect-padded)
+GROUP = 5
+"""frames side by side in one image of the encoder's first convolutions (:func:`_faster`): at most 32 columns"""
+GROUPED_FROM = 12
+"""the fewest frames a run takes the grouped variant for: below, its glue costs more than it saves (measured)"""
+
+
+def _faster(data: bytes, grouped: bool) -> bytes | None:
+    """The streams model (:func:`_streams_model`) with its convolutions done as onnxruntime does large products;
+    None when its graph is not the one this expects.
+
+    onnxruntime runs the model's convolutions frame after frame, each a product with four columns or fewer, which
+    the CPU does at a fraction of its speed. Here:
+
+    - the short-time transform (258 filters of 256 samples at a stride of 128 over each frame's padded 832 samples;
+      the model reads the last four of its five columns) is one ``[4 frames, 256] × [256, 258]`` product over every
+      frame of the run, and the magnitude is taken in that layout;
+    - ``grouped``: the encoder's convolutions that give a frame two columns or more (the first two) each run over
+      images of :data:`GROUP` frames side by side, each frame's columns padded as before (the run's frames must be a
+      multiple of :data:`GROUP`; rows past the last are never read).
+
+    Each number is the same sum of the same products in the same order: a product of at most 32 columns sums its
+    terms in one block in onnxruntime's CPU kernels, as the convolution of one frame does (a wider image, or the
+    filters as the constant operand, sums them in blocks, and differs in the last bits). :class:`VadModel` checks at
+    load that the probabilities are bitwise those of the model run frame by frame, and keeps the plain variant
+    otherwise. The detector's run costs a quarter less in small runs and 40 % less in runs of 24 frames or more
+    (``docs/scaling.md``); the last two convolutions, one column a frame, gain nothing so.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto()
+    model.ParseFromString(data)
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    nodes = list(graph.node)
+
+    def const(name: str, value: list[int]) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), f"faster/const/{name}"))
+        return f"faster/const/{name}"
+
+    def users(name: str) -> list[Any]:
+        return [n for n in nodes if name in n.input]
+
+    def attrs(node: Any) -> dict[str, Any]:
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    # the transform: conv -> two Slices of the channels (real, imaginary) -> each a Slice of its last four columns
+    # -> Pow -> Add -> Sqrt
+    convs = [n for n in nodes if n.op_type == "Conv" and list(weights.get(n.input[1], onnx.TensorProto()).dims)
+             == [258, 1, 256]]
+    if len(convs) != 1:
+        return None
+    [conv] = convs
+    a = attrs(conv)
+    if list(a.get("strides", [])) != [128] or any(a.get("pads", [0, 0])) or len(conv.input) != 2:
+        return None
+    try:
+        halves = users(conv.output[0])
+        [[re_cols], [im_cols]] = [users(h.output[0]) for h in halves]
+        [[re_pow], [im_pow]] = [users(c.output[0]) for c in (re_cols, im_cols)]
+        [add] = users(re_pow.output[0])
+        [sqrt] = users(add.output[0])
+    except ValueError:
+        return None
+    if ([n.op_type for n in (*halves, re_cols, im_cols, re_pow, im_pow, add, sqrt)]
+            != ["Slice"] * 4 + ["Pow", "Pow", "Add", "Sqrt"] or add.input[1] != im_pow.output[0]):
+        return None
+    filters = numpy_helper.to_array(weights[conv.input[1]])[:, 0, :]  # [258, 256]
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(filters.T), "faster/filters"))
+    # [frames, 1, 832] -> samples 128..767 as five blocks of 128 -> column j reads blocks j and j + 1
+    steps = [
+        helper.make_node("Reshape", [conv.input[0], const("padded", [-1, _PADDED])], ["faster/x"]),
+        helper.make_node("Slice", ["faster/x", const("from", [128]), const("to", [768]), const("axis", [1])],
+                         ["faster/read"]),
+        helper.make_node("Reshape", ["faster/read", const("blocks", [-1, 5, 128])], ["faster/blocks"]),
+        helper.make_node("Slice", ["faster/blocks", const("0", [0]), const("4", [4]), "faster/const/axis"],
+                         ["faster/left"]),
+        helper.make_node("Slice", ["faster/blocks", const("1", [1]), const("5", [5]), "faster/const/axis"],
+                         ["faster/right"]),
+        helper.make_node("Concat", ["faster/left", "faster/right"], ["faster/columns"], axis=2),  # [frames, 4, 256]
+        helper.make_node("MatMul", ["faster/columns", "faster/filters"], ["faster/spectrum"]),  # [frames, 4, 258]
+        helper.make_node("Slice", ["faster/spectrum", "faster/const/0", const("129", [129]), const("last", [2])],
+                         ["faster/re"]),
+        helper.make_node("Slice", ["faster/spectrum", "faster/const/129", const("258", [258]), "faster/const/last"],
+                         ["faster/im"]),
+        helper.make_node("Pow", ["faster/re", re_pow.input[1]], ["faster/re2"]),
+        helper.make_node("Pow", ["faster/im", im_pow.input[1]], ["faster/im2"]),
+        helper.make_node("Add", ["faster/re2", "faster/im2"], ["faster/power"]),
+        helper.make_node("Sqrt", ["faster/power"], ["faster/magnitude"]),
+        helper.make_node("Transpose", ["faster/magnitude"], [sqrt.output[0]], perm=[0, 2, 1]),  # [frames, 129, 4]
+    ]
+    gone = {id(n) for n in (conv, *halves, re_cols, im_cols, re_pow, im_pow, add, sqrt)}
+    at = nodes.index(sqrt)  # (every input of the steps is made before it)
+    nodes = [*(n for n in nodes[:at] if id(n) not in gone), *steps, *(n for n in nodes[at:] if id(n) not in gone)]
+
+    if grouped:
+        width = 4  # the columns each frame has
+        out = []
+        for node in nodes:
+            w = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+            if w is None or len(w.dims) != 3:
+                out.append(node)
+                continue
+            a = attrs(node)
+            (pad, pad_end), [stride], (filters_n, channels, k) = a.get("pads", [0, 0]), a.get("strides", [1]), w.dims
+            padded = width + pad + pad_end
+            cols = (padded - k) // stride + 1  # a frame's columns out
+            image = (GROUP * padded - k) // stride + 1  # an image's (at most 32: one block of terms, as for a frame)
+            if (cols < 2 or image > 32 or padded % stride or a.get("group", 1) != 1
+                    or list(a.get("dilations", [1])) != [1]):
+                out.append(node)
+                width = cols
+                continue
+            per = padded // stride  # a frame's columns out of the image, the last ones read past the frame
+            tag = node.name.strip("/")
+            name = f"faster/{tag}"
+            out += [
+                helper.make_node("Pad", [node.input[0], const(f"{tag}/pads", [0, 0, pad, 0, 0, pad_end])],
+                                 [f"{name}/padded"]),
+                helper.make_node("Reshape", [f"{name}/padded", const(f"{tag}/frames", [-1, GROUP, channels, padded])],
+                                 [f"{name}/frames"]),
+                helper.make_node("Transpose", [f"{name}/frames"], [f"{name}/side"], perm=[0, 2, 1, 3]),
+                helper.make_node("Reshape", [f"{name}/side", const(f"{tag}/images", [-1, channels, GROUP * padded])],
+                                 [f"{name}/images"]),
+                helper.make_node("Conv", [f"{name}/images", *node.input[1:]], [f"{name}/y"], kernel_shape=[k],
+                                 pads=[0, 0], strides=[stride]),
+                helper.make_node("Pad", [f"{name}/y", const(f"{tag}/tail", [0, 0, 0, 0, 0, GROUP * per - image])],
+                                 [f"{name}/y_padded"]),
+                helper.make_node("Reshape", [f"{name}/y_padded", const(f"{tag}/y_frames", [-1, filters_n, GROUP, per])],
+                                 [f"{name}/y_frames"]),
+                helper.make_node("Slice", [f"{name}/y_frames", "faster/const/0", const(f"{tag}/cols", [cols]),
+                                           const(f"{tag}/axis", [3])], [f"{name}/y_cols"]),
+                helper.make_node("Transpose", [f"{name}/y_cols"], [f"{name}/y_side"], perm=[0, 2, 1, 3]),
+                helper.make_node("Reshape", [f"{name}/y_side", const(f"{tag}/out", [-1, filters_n, cols])],
+                                 [node.output[0]]),
+            ]
+            width = cols
+        nodes = out
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 class VadModel:
     """One onnxruntime session of the model, shared by every stream (runs are thread-safe).
 
@@ -122,6 +269,10 @@ class VadModel:
     (``clients/frontcpu.py --streams 32 --vad-batch K --compare``); two daemons side by side on one core, 16
     streams each, the one scoring so used 1-5 % less CPU in all nine repetitions (``docs/scaling.md``). Without the
     variant (or with a ``path`` of its own), :meth:`run_streams` runs frame by frame.
+
+    The variant's convolutions run as large products (:func:`_faster`: :attr:`product`, and :attr:`grouped` for runs
+    of :data:`GROUPED_FROM` frames or more), each kept only if it gives bitwise the numbers of the frames run one by
+    one in a few runs at load.
     """
 
     def __init__(self, path: str | Path | None = None) -> None:
@@ -135,14 +286,62 @@ class VadModel:
         self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         self._rate = np.array(16_000, dtype=np.int64)
         self._streams = None
+        self._grouped = None
+        self.product = False
+        """whether the streams' runs take the short-time transform as one product (:func:`_faster`)"""
+        self.grouped = False
+        """whether runs of :data:`GROUPED_FROM` frames or more also take the encoder's first convolutions over images
+        of :data:`GROUP` frames (:func:`_faster`)"""
         sequence = self.path.with_name(SEQUENCE_MODEL)
         if path is None and sequence.is_file():
             try:
-                self._streams = ort.InferenceSession(_streams_model(sequence), opts,
-                                                     providers=["CPUExecutionProvider"])
+                streams = _streams_model(sequence)
+                self._streams = ort.InferenceSession(streams, opts, providers=["CPUExecutionProvider"])
             except Exception as exc:  # (a wheel whose variant is built otherwise) the same numbers, frame by frame
                 logger.warning("the voice-activity detector runs frame by frame: %s cannot run many streams (%s)",
                                sequence.name, exc)
+            else:
+                self._take_faster(streams, opts)
+
+    def _take_faster(self, streams: bytes, opts: Any) -> None:
+        """Run the streams with the convolutions as large products (:func:`_faster`), each variant only if this
+        machine's onnxruntime gives with it bitwise the numbers of the model run frame by frame (a check of a few
+        runs at load; otherwise the runs stay as they were)."""
+        import onnxruntime as ort
+
+        rng = np.random.default_rng(0)
+        t = np.arange(41 * VAD_FRAME, dtype=np.float32) / 16_000
+        sound = (0.3 * np.sin(2 * np.pi * (200 + 900 * t) * t) + rng.normal(0, 0.05, len(t))).astype(np.float32)
+        runs = []
+        for sizes in ([1], [3, 1, 8], [40], [2] * 16, [3] * 4):
+            rows = sum(sizes)
+            frames = np.lib.stride_tricks.sliding_window_view(sound, _CONTEXT + VAD_FRAME)[::VAD_FRAME][:rows]
+            frames = np.ascontiguousarray(frames * rng.uniform(0.2, 3.0, (rows, 1)), dtype=np.float32)
+            state = rng.normal(0, 0.3, (2, len(sizes), 128)).astype(np.float32)
+            runs.append((frames, np.array(sizes, np.int32), state))
+        for grouped in (False, True):
+            try:
+                data = _faster(streams, grouped)
+                session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"]) if data else None
+            except Exception as exc:
+                logger.info("the voice-activity detector's convolutions stay as they are: %s", exc)
+                return
+            if session is None:
+                logger.info("the voice-activity detector's convolutions stay as they are: its graph is not the one "
+                            "expected")
+                return
+            for frames, counts, state in runs:
+                want = self._frame_by_frame(frames, counts, state)
+                got = _run_streams(session, _grouped_rows(frames) if grouped else frames, counts, state)
+                if not all(np.array_equal(a, b) for a, b in zip(want, got, strict=True)):
+                    logger.info("the voice-activity detector's convolutions stay as they are%s: done as products, "
+                                "this machine's onnxruntime gives other numbers in the last bits",
+                                " in large runs" if grouped else "")
+                    return
+            if grouped:
+                self._grouped, self.grouped = session, True
+            else:
+                self._streams, self.product = session, True
 
     @property
     def runs_streams(self) -> bool:
@@ -159,25 +358,25 @@ class VadModel:
         """
         counts = np.asarray(counts, dtype=np.int32)
         if self._streams is None:
-            probs = np.empty(len(frames), dtype=np.float32)
-            state = state.copy()
-            row = 0
-            for i, n in enumerate(counts.tolist()):
-                s = state[:, i : i + 1]
-                for j in range(row, row + n):
-                    p, s = self.run(frames[j : j + 1], s)
-                    probs[j] = p[0]
-                state[:, i : i + 1] = s
-                row += n
-            return probs, state
-        starts = np.cumsum(counts) - counts
-        steps = np.arange(int(counts.max()), dtype=np.int64)[:, None]
-        index = np.where(steps < counts, starts + steps, 0)  # [steps, streams]: each stream's row at each step
-        p, h, c = self._streams.run(None, {"input": frames, "index": index, "lens": counts,
-                                           "h": np.ascontiguousarray(state[0:1]),
-                                           "c": np.ascontiguousarray(state[1:2])})
-        by_step = np.asarray(p, dtype=np.float32).reshape(len(counts), -1)  # [streams, steps]
-        return by_step[steps.T < counts[:, None]], np.concatenate([h, c]).astype(np.float32, copy=False)
+            return self._frame_by_frame(frames, counts, state)
+        if self._grouped is not None and len(frames) >= GROUPED_FROM:
+            return _run_streams(self._grouped, _grouped_rows(frames), counts, state)
+        return _run_streams(self._streams, frames, counts, state)
+
+    def _frame_by_frame(self, frames: np.ndarray, counts: np.ndarray, state: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`run_streams` one frame at a time (the model as silero-vad runs it)."""
+        probs = np.empty(len(frames), dtype=np.float32)
+        state = state.copy()
+        row = 0
+        for i, n in enumerate(counts.tolist()):
+            s = state[:, i : i + 1]
+            for j in range(row, row + n):
+                p, s = self.run(frames[j : j + 1], s)
+                probs[j] = p[0]
+            state[:, i : i + 1] = s
+            row += n
+        return probs, state
 
     def run(self, frames: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Score ``frames`` (``[streams, 64 + 512]``: context, then the frame) with ``state`` (``[2, streams, 128]``).
@@ -186,6 +385,24 @@ class VadModel:
         """
         out, new_state = self._session.run(None, {"input": frames, "state": state, "sr": self._rate})
         return np.asarray(out, dtype=np.float32).reshape(-1), np.asarray(new_state, dtype=np.float32)
+
+
+def _grouped_rows(frames: np.ndarray) -> np.ndarray:
+    """``frames`` and rows of zeros to a multiple of :data:`GROUP` (the grouped variant's images; never read back)."""
+    extra = -len(frames) % GROUP
+    return np.concatenate([frames, np.zeros((extra, frames.shape[1]), np.float32)]) if extra else frames
+
+
+def _run_streams(session: Any, frames: np.ndarray, counts: np.ndarray, state: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """One run of a streams model (:func:`_streams_model`): :meth:`VadModel.run_streams`'s numbers."""
+    starts = np.cumsum(counts) - counts
+    steps = np.arange(int(counts.max()), dtype=np.int64)[:, None]
+    index = np.where(steps < counts, starts + steps, 0)  # [steps, streams]: each stream's row at each step
+    p, h, c = session.run(None, {"input": frames, "index": index, "lens": counts,
+                                 "h": np.ascontiguousarray(state[0:1]), "c": np.ascontiguousarray(state[1:2])})
+    by_step = np.asarray(p, dtype=np.float32).reshape(len(counts), -1)  # [streams, steps]
+    return by_step[steps.T < counts[:, None]], np.concatenate([h, c]).astype(np.float32, copy=False)
 
 
 _shared: VadModel | None = None

@@ -153,8 +153,9 @@ def test_engine_thread_scores_the_waiting_streams_in_one_batch(model, voices, mo
     engine = EngineThread()
     try:
         for at in range(0, length, piece):
-            gate = threading.Event()
-            busy = engine.submit("busy", 0.0, gate.wait, 10)  # holds the thread while the calls queue
+            gate, holding = threading.Event(), threading.Event()
+            busy = engine.submit("busy", 0.0, hold, holding, gate)  # holds the thread while the calls queue, once
+            assert holding.wait(10)  # it runs: a call queued before the thread took it would be heard before it
             waiting = {key: engine.submit(key, math.inf if key == "burst" else 1.0 + k, call, key,
                                           audio[key][at : at + piece],
                                           hear=functools.partial(hear, detectors[key], audio[key][at : at + piece]))
@@ -184,6 +185,12 @@ def test_engine_thread_scores_the_waiting_streams_in_one_batch(model, voices, mo
                                 speech_probabilities(x, model))
         assert [(f.text, f.start, f.end, f.reason) for f in finals[key]] == [
             (f.text, f.start, f.end, f.reason) for f in expected], key
+
+
+def hold(holding: threading.Event, gate: threading.Event) -> None:
+    """A call that holds the engine thread until ``gate`` opens; ``holding`` says it runs."""
+    holding.set()
+    gate.wait(10)
 
 
 def hear(detector: SpeechDetector, x: np.ndarray) -> SpeechDetector:
@@ -315,3 +322,62 @@ def test_a_variant_that_cannot_run_many_streams_leaves_the_detector_frame_by_fra
     assert "runs frame by frame" in caplog.text and "h, c" in caplog.text
     x = voices[2][: 16000 + 300]
     assert np.array_equal(speech_probabilities(x, fallback), speech_probabilities(x, model))
+
+
+def test_the_shipped_models_convolutions_run_as_large_products_with_the_same_numbers(model, voices):
+    """The wheel's model takes the short-time transform as one product over all the frames of a run, and in runs of
+    ``GROUPED_FROM`` frames or more the encoder's first convolutions over images of several frames (it checked at
+    load that this machine gives the same numbers so): every stream's probabilities and state are bitwise those of
+    its frames run one by one through the model as shipped, in a small run and in a large one."""
+    from streamer.vad import GROUPED_FROM
+
+    frame_by_frame = VadModel(model_path())
+    assert model.product and model.grouped and not frame_by_frame.product
+    for counts in ([1, 3, 40, 2, 9], [2, 1, 3], [1] * GROUPED_FROM):
+        detectors = [SpeechDetector(model) for _ in counts]
+        alone = [SpeechDetector(frame_by_frame) for _ in counts]
+        for k, (d, a, n) in enumerate(zip(detectors, alone, counts, strict=True)):
+            x = voices[k + 20][: n * VAD_FRAME + 100] * (k + 1)  # loud and quiet, speech and noise alone
+            d.add(x)
+            a.add(x)
+        score(detectors)
+        for d, a in zip(detectors, alone, strict=True):
+            assert np.array_equal(d.take(), a.take()), counts
+            assert np.array_equal(d._state, a._state), counts
+
+
+@pytest.mark.parametrize("off", ["large runs", "all runs"])
+def test_convolutions_whose_products_give_other_numbers_stay_as_they_are(voices, monkeypatch, caplog, off):
+    """Where a variant would give other numbers in the last bits (another CPU's onnxruntime: here its filters one
+    step of float32 off), the model notices at load, says so, and runs as the wheel does where it would (large runs
+    only, or every run), the probabilities bitwise those of the frames run one by one."""
+    import logging
+
+    import onnx
+    from onnx import numpy_helper
+
+    import streamer.vad
+
+    real = streamer.vad._faster
+
+    def a_bit_off(data: bytes, grouped: bool) -> bytes | None:
+        faster = real(data, grouped)
+        if not grouped and off == "large runs":
+            return faster
+        assert faster is not None
+        m = onnx.ModelProto()
+        m.ParseFromString(faster)
+        [filters] = [i for i in m.graph.initializer if i.name == "faster/filters"]
+        nudged = np.nextafter(numpy_helper.to_array(filters), np.float32(np.inf)).astype(np.float32)
+        filters.CopyFrom(numpy_helper.from_array(nudged, filters.name))
+        return m.SerializeToString()
+
+    monkeypatch.setattr(streamer.vad, "_faster", a_bit_off)
+    with caplog.at_level(logging.INFO, logger="streamer.vad"):
+        checked = VadModel()
+    assert checked.runs_streams and not checked.grouped
+    assert checked.product == (off == "large runs")
+    assert "stay as they are" in caplog.text
+    oracle = VadModel(model_path())
+    for x in (voices[3][: 2 * 16000 + 300], voices[4][: 5 * VAD_FRAME]):  # one run of 62 frames, one of 5
+        assert np.array_equal(speech_probabilities(x, checked), one_by_one(oracle, x))

@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=20.0, help="speech per stream (default: 20)")
     p.add_argument("--streams", default="1,8,32,64", help="streams replayed at a time (default: %(default)s)")
-    p.add_argument("--decoders", default="default,greedy", help="default (word list + LM), greedy, or both")
+    p.add_argument("--decoders", default="default,greedy",
+                   help="comma-separated: default (word list + LM), greedy (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override (SECTION.KEY=VALUE)")
     p.add_argument("--refresh", action="store_true", help="plan and replay a live stream's partial refreshes")
     p.add_argument("--vad-batch", type=int, default=0, metavar="K",
@@ -74,7 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--show-partials", action="store_true",
                    help="with --compare: print the first stream's partial texts where the two differ")
     p.add_argument("--replay", help=argparse.SUPPRESS)  # a child: the recorded run to replay (an .npz)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if unknown := [d for d in args.decoders.split(",") if d not in DECODERS]:
+        p.error(f"--decoders: no decoder {', '.join(unknown)} (choose from {', '.join(DECODERS)})")
+    return args
 
 
 # -- recording the model's outputs -------------------------------------------------------------

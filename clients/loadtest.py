@@ -114,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finals-only", action="store_true",
                    help='the clients ask for finals only ({"type": "start", "partials": false}), as a voice agent or '
                    "a transcript writer does: the daemon then forms no partials for them")
+    p.add_argument("--message-ms", type=float, default=CHUNK_S * 1000, metavar="MS",
+                   help="audio per message each client sends (default: %(default)g; a phone call's media comes 20 ms "
+                   "a message)")
     p.add_argument("--clients", default="1,2,4,8,16,32,64",
                    help="client counts to try, in order; stops after the first over --max-p95 (default: %(default)s)")
     p.add_argument("--max-p95", type=float, default=2.0, help="p95 final latency limit in seconds (default: 2)")
@@ -144,7 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "that cannot compute them for many streams (every client sends the same speech, so after the "
                    "first stream each window is answered from memory)")
     p.add_argument("--json", help="write all figures here as JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.message_ms > 0:
+        p.error(f"--message-ms must be over 0 (got {args.message_ms:g})")
+    return args
 
 
 def compared(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -251,11 +257,13 @@ def server_of(ready: dict, headers: object) -> str:
     return f"pid {value}" if value else "?"
 
 
-async def one_client(url: str, pcm: bytes, delay: float, start: dict | None = None) -> ClientResult:
-    """One client streaming ``pcm`` at real time after ``delay`` s (``start``: its start message, if any)."""
+async def one_client(url: str, pcm: bytes, delay: float, start: dict | None = None,
+                     chunk_s: float = CHUNK_S) -> ClientResult:
+    """One client streaming ``pcm`` at real time in messages of ``chunk_s`` after ``delay`` s (``start``: its start
+    message, if any)."""
     res = ClientResult()
     await asyncio.sleep(delay)
-    step = int(16000 * CHUNK_S) * 2
+    step = int(16000 * chunk_s) * 2
     sent = res.sent
     sent_at = res.sent_at
 
@@ -269,7 +277,7 @@ async def one_client(url: str, pcm: bytes, delay: float, start: dict | None = No
             for i in range(0, len(pcm), step):
                 await ws.send(pcm[i : i + step])
                 sent.append(((i + len(pcm[i : i + step])) / 32000, time.perf_counter()))
-                await asyncio.sleep(max(0.0, t0 + len(sent) * CHUNK_S - time.perf_counter()))
+                await asyncio.sleep(max(0.0, t0 + len(sent) * chunk_s - time.perf_counter()))
             res.stopped = time.perf_counter()
             await ws.send(json.dumps({"type": "stop"}))
 
@@ -337,10 +345,11 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def run_clients(url: str, pcm: bytes, delays: list[float], start: dict | None = None) -> list[ClientResult]:
+def run_clients(url: str, pcm: bytes, delays: list[float], start: dict | None = None,
+                chunk_s: float = CHUNK_S) -> list[ClientResult]:
     """A client process's share of a level: one streaming client per delay, in one event loop."""
     async def clients() -> list[ClientResult]:
-        return list(await asyncio.gather(*(one_client(url, pcm, d, start) for d in delays)))
+        return list(await asyncio.gather(*(one_client(url, pcm, d, start, chunk_s) for d in delays)))
 
     return asyncio.run(clients())
 
@@ -366,9 +375,9 @@ async def probe(url: str, out: list[float], interval: float = 0.1) -> None:
 
 
 async def run_level(url: str, pcm: bytes, n: int, pid: int | None, pool: ProcessPoolExecutor | None = None,
-                    procs: int = 1, start: dict | None = None) -> dict:
-    """``n`` clients (over ``procs`` processes of ``pool``), each starting after 0-1 s (``start``: the start
-    message each sends); their merged figures."""
+                    procs: int = 1, start: dict | None = None, chunk_s: float = CHUNK_S) -> dict:
+    """``n`` clients (over ``procs`` processes of ``pool``), each starting after 0-1 s and sending ``chunk_s`` of
+    audio a message (``start``: the start message each sends); their merged figures."""
     from websockets.exceptions import ConnectionClosed
 
     peak = [rss_mb(pid) if pid else float("nan")]
@@ -386,11 +395,11 @@ async def run_level(url: str, pcm: bytes, n: int, pid: int | None, pool: Process
     delays = [float(x) for x in rng.uniform(0, 1.0, n)]
     try:
         if pool is None or procs <= 1:
-            results = list(await asyncio.gather(*(one_client(url, pcm, d, start) for d in delays)))
+            results = list(await asyncio.gather(*(one_client(url, pcm, d, start, chunk_s) for d in delays)))
         else:
             loop = asyncio.get_running_loop()
             shares = [delays[i::procs] for i in range(procs) if delays[i::procs]]
-            parts = await asyncio.gather(*(loop.run_in_executor(pool, run_clients, url, pcm, share, start)
+            parts = await asyncio.gather(*(loop.run_in_executor(pool, run_clients, url, pcm, share, start, chunk_s)
                                            for share in shares))
             results = [r for part in parts for r in part]
     finally:
@@ -876,7 +885,8 @@ async def main_async(args: argparse.Namespace) -> int:
                         return await profile_daemon(pid, max(1.0, len(audio) / 16000 - 2.0))
                     profiling = asyncio.ensure_future(later(t.pid))
                 lv = await run_level(t.url, pcm, n, t.pid, pool, args.procs,
-                                     {"type": "start", "partials": False} if args.finals_only else None)
+                                     {"type": "start", "partials": False} if args.finals_only else None,
+                                     args.message_ms / 1000)
                 if profiling is not None:
                     t.profile = (n, await profiling)
                 lv["cost"] = cost(before, read_metrics(t.url, t.pid))

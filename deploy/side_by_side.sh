@@ -13,7 +13,8 @@
 # full; a full core shares itself out and shows little. Knobs (environment): PORT_BASE=8765, GRPC_PORT=8101,
 # THIS_SET="SECTION.KEY=VALUE ..." (config overrides of this tree's daemon only: REV = HEAD compares a setting),
 # THIS_LOAD="--finals-only" (loadtest options of this tree's clients only: REV = HEAD compares what clients ask),
-# THIS_ENV="NAME=VALUE ..." (the environment of this tree's daemon only).
+# THIS_ENV="NAME=VALUE ..." (the environment of this tree's daemon only), BOTH_SET="SECTION.KEY=VALUE ..." (config
+# overrides of both daemons: BOTH_SET="decoder.words='' decoder.lm=''" compares them decoding greedily).
 set -euo pipefail
 REV=${1:?usage: side_by_side.sh REV [STREAMS] [REPS]}
 N=${2:-16}
@@ -43,11 +44,14 @@ serve() {  # serve TREE PORT ENV [SET...]: a daemon of the package in TREE on co
   shift 3
   # shellcheck disable=SC2086  # (ENV: NAME=VALUE words)
   (cd "$tree" && exec env $env taskset -c 0 "$PY" -m streamer serve --model demo --port "$port" \
-    --set server.max_streams=1024 --set model_server.kind=triton --set model_server.url=127.0.0.1:"$GRPC" "$@") \
+    --set server.max_streams=1024 --set model_server.kind=triton --set model_server.url=127.0.0.1:"$GRPC" \
+    "${both_set[@]}" "$@") \
     > "$WORK/daemon$port.log" 2>&1 &
   served=$!  # (the subshell execs taskset, which execs python: the daemon's own pid)
   pids+=("$served")
 }
+both_set=()
+for kv in ${BOTH_SET:-}; do both_set+=(--set "$kv"); done
 for _ in $(seq 180); do grep -q "on grpc" "$WORK/model.log" && break; sleep 1; done
 serve "$WORK/rev" "$P1" ""
 A=$served

@@ -48,6 +48,21 @@ async def test_finals_only_clients_get_their_finals_and_the_daemon_forms_no_part
     assert not d.metrics.registry.get_sample_value("streamer_events_total", {"type": "partial"})
 
 
+async def test_message_ms_sends_each_clients_audio_in_messages_of_that_length(daemon_factory, speech):
+    """``--message-ms 20`` (a phone call's cadence): the client sends 20 ms a message, at real time, and still gets
+    its finals; a length of 0 is refused with the option's name."""
+    d = await daemon_factory()
+    pcm = pcm16(speech[: 16000 * 2])
+    res = await loadtest.one_client(f"ws://127.0.0.1:{d.port}/v1/stream", pcm, 0.0, None, chunk_s=0.02)
+    ends = [end for end, _ in res.sent]
+    assert len(ends) == 100 and np.allclose(np.diff(ends), 0.02) and ends[-1] == pytest.approx(2.0)
+    walls = [wall for _, wall in res.sent]
+    assert walls[-1] - walls[0] >= 1.9  # at real time, not all at once
+    assert res.ok and res.words >= 4  # "turn on the kitchen lights"
+    with pytest.raises(SystemExit):
+        loadtest.parse_args(["--message-ms", "0"])
+
+
 async def test_a_running_daemon_named_by_its_pid_gets_its_cpu_figures(daemon_factory):
     """``--url`` with ``--daemon-pid``: the level's row has the daemon's CPU per audio second, its event loop's and
     its engine thread's apart (here the daemon runs in this test's process), where without the pid it has none."""

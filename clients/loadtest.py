@@ -43,6 +43,7 @@ commands on each, one after the other (never at the same time), for a side-by-si
         --compare stream.refresh_interval_ms=0                   # partial refreshes on vs off
     python clients/loadtest.py --url ws://lb:8765/v1/stream --procs 8 --clients 64,128,256 --cycles 0
     python clients/loadtest.py --clients 32,64 --cycles 0 --finals-only  # clients that ask for finals only
+    python clients/loadtest.py --clients 32,64 --cycles 0 --message-ms 20  # 20 ms a message, as a phone call's
 
 The front end's own CPU with a trained model's outputs (the demo model's word list and LM at work) on a machine
 with no GPU: --model-server starts the model in a model server that answers windows it has seen from memory

@@ -468,7 +468,7 @@ def score(detectors: Iterable[SpeechDetector]) -> None:
             by_model.setdefault(d.model, []).append(d)
     for model, group in by_model.items():
         counts = [d.ready for d in group]
-        frames = np.concatenate([_frames(d, n) for d, n in zip(group, counts, strict=True)])
+        frames = _frames(group, counts)
         probs, state = model.run_streams(frames, np.array(counts), np.concatenate([d._state for d in group], axis=1))
         # (a run that raised changed no detector: their frames stay pending)
         row = 0
@@ -480,10 +480,22 @@ def score(detectors: Iterable[SpeechDetector]) -> None:
             row += n
 
 
-def _frames(d: SpeechDetector, n: int) -> np.ndarray:
-    """A detector's first ``n`` pending frames, each with its context: a view, ``[n, 64 + 512]``."""
-    audio = d._audio[: _CONTEXT + n * VAD_FRAME]
-    return np.lib.stride_tricks.sliding_window_view(audio, _CONTEXT + VAD_FRAME)[::VAD_FRAME]
+def _frames(detectors: list[SpeechDetector], counts: list[int]) -> np.ndarray:
+    """Each detector's first ``counts[i]`` pending frames with their contexts, one after the other, as
+    ``[rows, 64 + 512]``.
+
+    Frame ``j`` of a detector is its samples ``[512 j, 512 j + 576)``: the context is the first 64 of each 512, the
+    frame the 512 after: two copies of whole blocks per detector. (A ``sliding_window_view`` of each detector's
+    frames, then joined, cost 11-15 µs per detector and run, the copies 2-3: a run of three frames each, 2 to 32
+    detectors.)"""
+    frames = np.empty((sum(counts), _CONTEXT + VAD_FRAME), np.float32)
+    row = 0
+    for d, n in zip(detectors, counts, strict=True):
+        audio = d._audio
+        frames[row : row + n, :_CONTEXT] = audio[: n * VAD_FRAME].reshape(n, VAD_FRAME)[:, :_CONTEXT]
+        frames[row : row + n, _CONTEXT:] = audio[_CONTEXT : _CONTEXT + n * VAD_FRAME].reshape(n, VAD_FRAME)
+        row += n
+    return frames
 
 
 def speech_probabilities(audio: np.ndarray, model: VadModel | None = None) -> np.ndarray:

@@ -116,8 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='the clients ask for finals only ({"type": "start", "partials": false}), as a voice agent or '
                    "a transcript writer does: the daemon then forms no partials for them")
     p.add_argument("--message-ms", type=float, default=CHUNK_S * 1000, metavar="MS",
-                   help="audio per message each client sends (default: %(default)g; a phone call's media comes 20 ms "
-                   "a message)")
+                   help="audio per message each client sends, in the levels, the voice commands and --rolling "
+                   "(default: %(default)g; a phone call's media comes 20 ms a message)")
     p.add_argument("--clients", default="1,2,4,8,16,32,64",
                    help="client counts to try, in order; stops after the first over --max-p95 (default: %(default)s)")
     p.add_argument("--max-p95", type=float, default=2.0, help="p95 final latency limit in seconds (default: 2)")
@@ -513,7 +513,7 @@ def command_audio() -> list[bytes]:
     return out
 
 
-async def run_commands(url: str, commands: list[bytes], n: int, clients: int) -> dict:
+async def run_commands(url: str, commands: list[bytes], n: int, clients: int, chunk_s: float = CHUNK_S) -> dict:
     """``n`` command streams, ``clients`` open at a time, each one command then ``stop``.
 
     Each command starts after 0-0.5 s of silence (the same for every daemon compared), so where its first
@@ -527,7 +527,7 @@ async def run_commands(url: str, commands: list[bytes], n: int, clients: int) ->
     async def once(i: int) -> CommandResult:
         async with sem:
             pcm = leads[i] + commands[i % len(commands)]
-            return command_result(await one_client(url, pcm, float(delays[i])))
+            return command_result(await one_client(url, pcm, float(delays[i]), chunk_s=chunk_s))
 
     results = await asyncio.gather(*(once(i) for i in range(n)))
     good = [r for r in results if r.ok]
@@ -914,7 +914,8 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"\n{args.commands} command streams, {args.command_clients} at a time (commands of {lengths} s)")
             for t in targets:
                 before = read_metrics(t.url, t.pid)
-                t.summary["commands"] = await run_commands(t.url, commands, args.commands, args.command_clients)
+                t.summary["commands"] = await run_commands(t.url, commands, args.commands, args.command_clients,
+                                                               args.message_ms / 1000)
                 t.summary["commands_cost"] = cost(before, read_metrics(t.url, t.pid))
                 c = t.summary["commands"]
                 print(f"{t.name}: start -> first partial p50 {c['first_partial_median']:.3f} p95 "
@@ -1024,9 +1025,10 @@ class Rolling:
     """close codes of the cut streams"""
 
 
-async def rolling_stream(url: str, pcm: bytes) -> tuple[bool, str]:
-    """One stream at 1x real time, then ``stop``: whether it ended whole, and its close code."""
-    step = int(16000 * CHUNK_S) * 2
+async def rolling_stream(url: str, pcm: bytes, chunk_s: float = CHUNK_S) -> tuple[bool, str]:
+    """One stream at 1x real time in messages of ``chunk_s``, then ``stop``: whether it ended whole, and its close
+    code."""
+    step = int(16000 * chunk_s) * 2
     # no keepalive pings of its own: a daemon that holds the audio back (it reads no faster than it decodes)
     # reads the pings late too, and the stream would be counted cut by the load generator's own timeout
     async with connect(url, max_size=None, open_timeout=15, ping_interval=None) as ws:
@@ -1044,7 +1046,7 @@ async def rolling_stream(url: str, pcm: bytes) -> tuple[bool, str]:
             t0 = time.perf_counter()
             for k, i in enumerate(range(0, len(pcm), step)):
                 await ws.send(pcm[i : i + step])
-                await asyncio.sleep(max(0.0, t0 + (k + 1) * CHUNK_S - time.perf_counter()))
+                await asyncio.sleep(max(0.0, t0 + (k + 1) * chunk_s - time.perf_counter()))
             await ws.send(json.dumps({"type": "stop"}))
             stopped = True
         except ConnectionClosed:
@@ -1054,13 +1056,14 @@ async def rolling_stream(url: str, pcm: bytes) -> tuple[bool, str]:
     return stopped and ws.close_code == 1000 and last.get("type") == "end", str(ws.close_code)
 
 
-async def rolling_client(url: str, pcm: bytes, delay: float, done: asyncio.Event, out: Rolling) -> None:
+async def rolling_client(url: str, pcm: bytes, delay: float, done: asyncio.Event, out: Rolling,
+                         chunk_s: float = CHUNK_S) -> None:
     """Stream after stream until ``done``; a stream that was cut is opened again at once (a reconnect)."""
     await asyncio.sleep(delay)
     after_cut = False
     while not done.is_set():
         try:
-            whole, code = await rolling_stream(url, pcm)
+            whole, code = await rolling_stream(url, pcm, chunk_s)
         except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake):
             out.refused += 1
             await asyncio.sleep(0.5)
@@ -1107,7 +1110,8 @@ async def rolling_restart(args: argparse.Namespace, model: str, overrides: list[
         url = f"ws://127.0.0.1:{listen}/v1/stream"
         n = args.rolling_clients
         length = len(pcm) / 32000
-        clients = [asyncio.ensure_future(rolling_client(url, pcm, i * length / n, done, out)) for i in range(n)]
+        clients = [asyncio.ensure_future(rolling_client(url, pcm, i * length / n, done, out, args.message_ms / 1000))
+                   for i in range(n)]
         await asyncio.sleep(length + 1.0)  # every client streams
         t0 = time.monotonic()
         for i in (0, 1):

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 from conftest import pcm16
-from test_server import native_session
+from test_server import http_get, metric, native_session
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -144,3 +144,41 @@ async def test_shutdown_finishes_every_stream_through_the_engine_thread(daemon_f
         assert events[-1]["type"] == "end"
         finals = [e for e in events if e["type"] == "final"]
         assert finals and "kitchen" in " ".join(f["text"] for f in finals)
+
+
+async def test_a_refresh_the_busy_worker_skips_costs_no_trip(daemon_factory, speech):
+    """With no spare model time (``worker.refresh_max_load = 0``) every partial refresh a stream plans is skipped
+    without a trip of its own: it never reaches the worker, and it is answered in the stream's next engine call, not
+    in a call of its own. The events are those of a stream that plans no refresh, a flush and the end included."""
+    pcm = pcm16(speech)
+    off = await daemon_factory("stream.refresh_interval_ms=0")
+    expected, code = await stream_events(off.port, pcm, flush_at=len(pcm) // 3)
+    assert code == 1000
+
+    d = await daemon_factory("worker.refresh_max_load=0")
+    worker, engine = d.streams.worker, d.streams.engine()
+    assert engine is not None
+    submitted: list = []  # the windows of each trip to the worker
+    calls = 0
+    run_many, call = worker.run_many, engine.call
+
+    async def counting_run_many(windows, *args, **kwargs):
+        submitted.append(list(windows))
+        return await run_many(windows, *args, **kwargs)
+
+    async def counting_call(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return await call(*args, **kwargs)
+
+    worker.run_many, engine.call = counting_run_many, counting_call
+    got, code = await stream_events(d.port, pcm, flush_at=len(pcm) // 3)
+    assert code == 1000
+    strip = [{k: v for k, v in e.items() if k != "session"} for e in got]
+    assert strip == [{k: v for k, v in e.items() if k != "session"} for e in expected]
+    _, _, metrics = await asyncio.to_thread(http_get, d.port, "/metrics")
+    assert metric(metrics, 'streamer_refresh_windows_total{outcome="skipped"}') > 0  # planned, and skipped
+    assert submitted and not [w for trip in submitted for w in trip if w.optional]
+    messages = -(-len(pcm) // 3200)
+    # an engine call per message, the flush and the end, and one merge per trip to the worker: none for a refresh
+    assert calls == messages + 2 + len(submitted)

@@ -161,8 +161,7 @@ class BatchWorker:
         """
         if not self.alive:
             raise InferenceError("the model worker is not running")
-        if window.optional and not (refresh and self._spare()):
-            self._skipped(1)
+        if window.optional and self.skip_refreshes(1, refresh=refresh):
             return None
         urgent = window.closing and due != math.inf and self._may_go_first(stream, window)
         async with self._slots:
@@ -192,6 +191,15 @@ class BatchWorker:
         if stream:
             self._lagging.add(stream)
         return list(await asyncio.gather(*(self.submit(w, stream, refresh=refresh, due=due) for w in windows)))
+
+    def skip_refreshes(self, n: int, *, refresh: bool = True) -> bool:
+        """Whether ``n`` partial refreshes (optional windows) submitted now would be skipped at once (``refresh`` off,
+        or no spare model time: :meth:`submit`); if so they count as skipped, and their stream answers them with
+        ``session.skip`` without submitting them."""
+        if refresh and self._spare():
+            return False
+        self._skipped(n)
+        return True
 
     def _may_go_first(self, stream: str, window: Window) -> bool:
         """Whether a closing window of a real-time ``stream`` runs ahead of every other window: at most one per

@@ -14,6 +14,7 @@ decoder, so calls do not share search state.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,19 @@ UNK = "[unk]"
 MAX_ALTERNATIVES = 10
 """the most alternatives (n-best) a final may carry"""
 Confidences = dict[tuple[tuple[int, ...], tuple[int, ...]], float]
+
+
+@dataclass
+class Walked:
+    """How far a reading of a search's best hypothesis got (:meth:`_Searcher._words`): its tokens and labels up to
+    just after the last word it completed, and the words to there. The next reading of the same search whose
+    hypothesis begins with those tokens and labels takes its words from here and reads on from there: a partial reads
+    its segment's words again every hop, and a segment may run to ``endpoint.max_utterance_s``."""
+
+    toks: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    words: list[Word] = field(default_factory=list)
+    done: int = 0
 """words' confidences by their frames and letters (:meth:`_Searcher._words`), for rows that do not change"""
 
 
@@ -95,7 +109,7 @@ class _Searcher:
         raise NotImplementedError
 
     def _words(self, result: Any, lp: np.ndarray, start_frame: int, complete: bool = False,
-               confs: Confidences | None = None) -> tuple[list[Word], int]:
+               confs: Confidences | None = None, walked: Walked | None = None) -> tuple[list[Word], int]:
         """The words of a flashlight result, and the frame after the last one's last letter (0: none).
 
         ``result.tokens[t + 1]`` is the token of frame ``t`` (``tokens[0]`` is the start state); the
@@ -103,6 +117,8 @@ class _Searcher:
         of an ``[unk]`` stretch); the lexicon-free search's words end at a delimiter, or at the end when
         ``complete``. ``confs``: the confidences of words read before from rows of ``lp`` that have not changed
         since (a segment's search, whose frames only grow), by their frames and tokens; read and added to.
+        ``walked``: where an earlier reading of the same search's rows got (:class:`Walked`); read on from there when
+        this hypothesis begins as that one did, and updated.
         """
         toks = list(result.tokens)[1:]
         labels = list(result.words)[1:]
@@ -113,6 +129,12 @@ class _Searcher:
         starts: list[int] = []  # where each letter's frames start in ``frames``
         prev = -1
         done = 0
+        begin = 0  # the first frame read
+        if walked is not None:
+            k = len(walked.toks)
+            if k and toks[:k] == walked.toks and labels[:k] == walked.labels:
+                # the same frames, tokens and labels as far as the last word read before: the same words to there
+                words, done, prev, begin = list(walked.words), walked.done, walked.toks[-1], k
 
         def add(text: str | None, at: list[int]) -> None:
             nonlocal done
@@ -145,7 +167,9 @@ class _Searcher:
                 add(self._word_text(-1, letters[a:b]), frames[starts[a] : starts[b] if b < len(starts) else None])
             emit(None)
 
-        for t, tok in enumerate(toks):
+        mark = -1  # the last frame where a word was read (no letter pending after it)
+        for t in range(begin, len(toks)):
+            tok = toks[t]
             if tok != self.blank_id and tok != self.delimiter_id and tok >= 0 and t < n:
                 frames.append(t)
                 if tok != prev:
@@ -154,9 +178,14 @@ class _Searcher:
             label = labels[t] if t < len(labels) else -1
             if label >= 0:
                 emit(self._word_text(label, letters))
+                mark = t
             elif tok == self.delimiter_id and letters and self._spells():
                 emit_spelled()
+                mark = t
             prev = tok
+        if walked is not None and mark >= 0:
+            walked.toks, walked.labels = toks[: mark + 1], labels[: mark + 1]
+            walked.words, walked.done = list(words), done
         if complete and letters and self._spells():
             emit_spelled()
         return merge_unk(words), done
@@ -461,6 +490,7 @@ class LexiconSearch:
         self._decoder.decode_begin()
         self._rows: list[np.ndarray] = []
         self._confs: Confidences = {}  # the confidences of the words its partials read (_words)
+        self._walked = Walked()  # how far its partials read its best hypothesis (_words)
         self._finished = False
         self.alternatives: tuple[Alternative, ...] = ()
 
@@ -484,7 +514,7 @@ class LexiconSearch:
         boundary = 0
         if len(rows):
             done, boundary = self.lexicon._words(self._decoder.get_best_hypothesis(0), rows, self.start_frame,
-                                                 confs=self._confs)
+                                                 confs=self._confs, walked=self._walked)
         tail = rows[boundary:]
         la = self.lexicon._check(lookahead)
         if len(la):

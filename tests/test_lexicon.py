@@ -230,3 +230,44 @@ def test_words_read_again_every_hop_keep_their_first_reading(model_runner, demo_
         words = search.finish()
         assert words and words == fresh.finish()
         assert all(0 < w.conf <= 1 for w in words)
+
+
+def test_a_partial_reads_its_segment_on_from_the_last_word_read_before(model_runner, demo_words):
+    """Every hop a partial reads its segment's best hypothesis: when it begins with the tokens and labels the reading
+    before had up to its last word, the words to there are that reading's and only the rest is read (a segment may run
+    to 20 s); when the hypothesis changed before that word, it is read afresh."""
+    from types import SimpleNamespace
+
+    from test_demo_model import _held_out
+
+    from streamer.lexicon import Walked
+
+    lp = model_runner.run([np.concatenate([audio for _, audio in _held_out(list(range(3)))])])[0]
+    search = demo_words.search(0)
+    search.step(lp)
+    best = search._decoder.get_best_hypothesis(0)
+    toks, labels = list(best.tokens), list(best.words)
+    first = demo_words._words(best, lp, 0)[0]
+    assert len(first) >= 6
+    other = lp.copy()
+    other[:, :] = other[::-1]  # other rows: another confidence for every word read from them
+    assert demo_words._words(best, other, 0)[0] != first
+
+    half = next(t for t in range(len(labels) // 2, len(labels)) if labels[t] >= 0)  # a word ends on this frame
+    walked = Walked()
+    head = SimpleNamespace(tokens=toks[: half + 1], words=labels[: half + 1])
+    read = demo_words._words(head, lp, 0, walked=walked)[0]
+    assert read == first[: len(read)] and len(walked.toks) == half  # (tokens[0] is the start state)
+    # the whole hypothesis begins as that one did: the words to there are not read again (from other rows they would
+    # read otherwise), the rest is
+    resumed = demo_words._words(best, other, 0, walked=walked)[0]
+    fresh = demo_words._words(best, other, 0)[0]
+    assert resumed[: len(read)] == read != fresh[: len(read)]
+    assert resumed[len(read):] == fresh[len(read):] and len(resumed) == len(first)
+
+    # the first word's first letter frame read as a blank: the hypothesis changed before every word read
+    t = next(t for t in range(1, len(toks)) if toks[t] not in (demo_words.blank_id, demo_words.delimiter_id))
+    changed = SimpleNamespace(tokens=[*toks[:t], demo_words.blank_id, *toks[t + 1:]], words=labels)
+    walked = Walked()
+    demo_words._words(best, lp, 0, walked=walked)
+    assert demo_words._words(changed, other, 0, walked=walked)[0] == demo_words._words(changed, other, 0)[0]

@@ -50,6 +50,7 @@ UNK = "[unk]"
 MAX_ALTERNATIVES = 10
 """the most alternatives (n-best) a final may carry"""
 Confidences = dict[tuple[tuple[int, ...], tuple[int, ...]], float]
+"""words' confidences by their frames and letters (:meth:`_Searcher._words`), for rows that do not change"""
 
 
 @dataclass
@@ -63,7 +64,6 @@ class Walked:
     labels: list[int] = field(default_factory=list)
     words: list[Word] = field(default_factory=list)
     done: int = 0
-"""words' confidences by their frames and letters (:meth:`_Searcher._words`), for rows that do not change"""
 
 
 class _Searcher:

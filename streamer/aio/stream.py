@@ -414,7 +414,7 @@ class LiveStream:
         provisional and refresh windows; its finals are the same"""
         self.closed = False
         self._converted = _NO_AUDIO  # 16 kHz mono audio a call's first step converted for the call
-        self._skipped: list[Window] = []  # partial refreshes the worker skipped, answered in the next engine call
+        self._skipped: list[Window] = []  # partial refreshes the worker skipped (_run), handed to the next engine call
         self._started: float | None = None  # when the first audio came (time.monotonic)
         self._fed_s = 0.0  # audio seconds fed
 
@@ -521,12 +521,23 @@ class LiveStream:
 
     async def _call(self, due: float, fn: Callable[..., T], *args: object, hear: Hearing | None = None) -> T:
         """``fn(*args)`` in the engine thread (or here, without one), due at ``due``, after ``hear()`` (a call
-        that feeds audio: :meth:`EngineThread.submit`); the stream's calls never overlap."""
+        that feeds audio: :meth:`EngineThread.submit`); the stream's calls never overlap. The partial refreshes the
+        worker skipped since the last call (:meth:`_run`) are answered first, in the same call."""
+        if self._skipped:
+            skipped, self._skipped = self._skipped, []
+            args = (skipped, fn, *args)
+            fn = self._answering
         if self.engine is None:
             if hear is not None:
                 hear()
             return fn(*args)
         return await self.engine.call(self.id, due, fn, *args, hear=hear)
+
+    def _answering(self, skipped: list[Window], fn: Callable[..., T], *args: object) -> T:
+        """Answer the partial refreshes ``skipped`` (``session.skip``), then ``fn(*args)``."""
+        for w in skipped:
+            self.session.skip(w)
+        return fn(*args)
 
     def _hear(self, piece: np.ndarray) -> SpeechDetector | None:
         """A feeding call's first step (:data:`Hearing`): give the detector the 16 kHz mono ``piece`` the call
@@ -544,19 +555,16 @@ class LiveStream:
     def _take(self) -> tuple[np.ndarray, list[Window]]:
         """Accept the first piece of the block :meth:`_hear_block` converted: the mono audio, the piece's
         windows."""
-        self._answer_skipped()
         mono, self._converted = self._converted, _NO_AUDIO
         return mono, self._accept(mono[:FEED_PIECE])
 
     def _accept(self, piece: np.ndarray) -> list[Window]:
         """Feed the session ``piece``, which the detector has heard (:meth:`_hear`); the windows to run."""
-        self._answer_skipped()
         feed_audio(self.session, piece, self.detector, heard=True)
         return self.session.windows_to_run()
 
     def _end(self, last: bool) -> list[Window]:
         """Drain the resampler, then flush (``last``: finish) the session; the windows that remain."""
-        self._answer_skipped()
         feed_audio(self.session, self.converter.convert(np.zeros((0, self.channels), np.float32), last=True),
                    self.detector)
         self.converter = AudioConverter(self.sample_rate, self.channels)  # the resampler was drained
@@ -567,7 +575,6 @@ class LiveStream:
         return self.session.windows_to_run()
 
     def _merge(self, windows: list[Window], results: list[np.ndarray | None]) -> list[Event]:
-        self._answer_skipped()
         for w, lp in zip(windows, results, strict=True):
             if lp is None:  # a partial refresh the worker skipped (the model was busy)
                 self.session.skip(w)
@@ -575,22 +582,15 @@ class LiveStream:
                 self.session.accept_result(w, lp)
         return self.session.events_received()
 
-    def _answer_skipped(self) -> None:
-        """Answer the partial refreshes the worker skipped (:meth:`_run`), before anything else the engine call does."""
-        if self._skipped:
-            for w in self._skipped:
-                self.session.skip(w)
-            self._skipped.clear()
-
     async def _run(self, windows: list[Window], due: float) -> list[Event]:
         """Run ``windows`` (due at ``due``) through the worker, merge their outputs, publish the events (on the
         loop)."""
         t_ready = time.perf_counter()
         if windows and all(w.optional for w in windows) and self.worker.skip_refreshes(len(windows), refresh=self.live):
             # Partial refreshes a busy worker skips (most of them, under load) are answered at the start of the
-            # stream's next engine call, not in a trip of their own through the worker and the engine thread: the
-            # session is in the same state when that call begins (a skip shows nothing; no flush or end was asked
-            # for in between, the stream's calls being one after the other).
+            # stream's next engine call (_call), not in a trip of their own through the worker and the engine
+            # thread: the session is in the same state when that call begins (a skip shows nothing; no flush or end
+            # was asked for in between, the stream's calls being one after the other).
             self._skipped += windows
             windows = []
         if windows:

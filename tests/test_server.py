@@ -464,6 +464,55 @@ async def test_sigterm_mid_stream_sends_finals_then_1001(tiny_models, speech, tm
             await proc.wait()
 
 
+async def _serve_one_stream_on(loop: str, model, speech) -> tuple[list[str], list[dict]]:
+    """``streamer serve --set server.loop=LOOP``: its log lines up to listening, and one native stream's messages;
+    then SIGTERM, and it exits 0."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamer", "serve", "--model", str(model), "--port", "0", "--set", f"server.loop={loop}",
+        stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            lines: list[str] = []
+            while not lines or not lines[-1].startswith("streamer: listening on ws://"):
+                line = (await proc.stderr.readline()).decode()
+                assert line, f"streamer serve exited before listening: {lines}"
+                lines.append(line.rstrip())
+            port = int(lines[-1].split(":")[3].split("/")[0])
+            msgs, code = await native_session(port, pcm16(speech))
+            assert code == 1000
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+            return lines, msgs
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_serve_runs_on_uvloop_when_installed_and_asyncio_when_asked(tiny_models, speech):
+    """``server.loop = "auto"`` (the default) runs the daemon on uvloop, a dependency here; ``"asyncio"`` on the
+    standard loop. The log says which, and the same audio gets the same finals on both."""
+    import uvloop
+
+    model = tiny_models["layer-padfirst"]
+    auto_log, auto_msgs = await _serve_one_stream_on("auto", model, speech)
+    plain_log, plain_msgs = await _serve_one_stream_on("asyncio", model, speech)
+    assert any(line.endswith(f"event loop: uvloop {uvloop.__version__}") for line in auto_log), auto_log
+    assert any(line.endswith("event loop: asyncio") for line in plain_log), plain_log
+    assert finals_of(auto_msgs) and finals_of(auto_msgs) == finals_of(plain_msgs)
+
+
+def test_server_loop_uvloop_without_it_is_a_clear_error(monkeypatch):
+    from streamer.aio.loop import loop_factory
+    from streamer.exceptions import ConfigError
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # (as if it were not installed)
+    assert loop_factory("auto") is None and loop_factory("asyncio") is None
+    with pytest.raises(ConfigError, match=r"server.loop = 'uvloop' needs the uvloop package .*pip install uvloop"):
+        loop_factory("uvloop")
+
+
 async def test_port_in_use_is_a_clear_error(daemon_factory):
     from streamer.exceptions import StreamerError
 

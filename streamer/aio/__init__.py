@@ -6,6 +6,7 @@
     worker.py      the batching model worker (one thread owns the model)
     hub.py         events by stream name, to viewers and sinks (MQTT)
     metrics.py     Prometheus metrics
+    loop.py        which event loop runs the daemon (uvloop where installed)
     protocols/     one module per protocol on a connection (native, vosk, realtime, viewer, wyoming) and base.py,
                    what they share (admission, the receive loop with its idle timeout, errors, names, words.py)
     http/          plain HTTP on the websocket ports: the front, the OpenAI endpoints, uploads, origins and

@@ -11,6 +11,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
+from streamer.aio import loop as event_loop
 from streamer.cli import add_config_args, load_cli_config
 from streamer.events import Event, Final
 from streamer.exceptions import ConfigError
@@ -86,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
         runner = load_model(cfg.model, max_batch=cfg.worker.max_batch)
         words = build_decoder(cfg.decoder, runner)
         view = Dictation(args.format, sys.stdout, sys.stdout.isatty(), append)
-        return asyncio.run(dictate(cfg, runner, words, capture, view, name=args.name,
-                                   mqtt=args.mqtt or cfg.mqtt.enabled))
+        return event_loop.run(dictate(cfg, runner, words, capture, view, name=args.name,
+                                      mqtt=args.mqtt or cfg.mqtt.enabled), cfg.server.loop)
     finally:
         if append is not None:
             append.close()

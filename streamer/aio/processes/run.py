@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from streamer.aio import loop as event_loop
 from streamer.aio.mqtt.publisher import MqttPublisher
 from streamer.aio.mqtt.settings import check_settings
 from streamer.aio.processes.cluster import CLUSTER_ENV, ClusterLink, Place
@@ -63,6 +64,7 @@ def run(config: str | None, overrides: Overrides, *, verbose: int = 0, check: Ch
     cfg = load_config(config, overrides)
     configure_logging(cfg, verbose)
     cfg.server.token()  # fail early on a missing token variable or file
+    event_loop.loop_factory(cfg.server.loop)  # and on server.loop = "uvloop" without uvloop
     check_settings(cfg.mqtt)  # and on a missing MQTT password or TLS file, before the model loads
     started, model_server = start_model_server(cfg)
     try:
@@ -74,7 +76,8 @@ def run(config: str | None, overrides: Overrides, *, verbose: int = 0, check: Ch
         runner, warm = load_model(started)
         if check is not None:
             return check(started, runner, warm)
-        return asyncio.run(serve(started, runner, lambda: load_config(config, overrides), verbose=verbose))
+        return event_loop.run(serve(started, runner, lambda: load_config(config, overrides), verbose=verbose),
+                              started.server.loop)
     finally:
         if model_server is not None:
             model_server.stop()
@@ -86,8 +89,8 @@ def run_member(place: Place, verbose: int) -> int:
     configure_logging(cfg, verbose)
     _tag_log_records(f"[p{place.slot}]")
     runner, _ = load_model(cfg)
-    return asyncio.run(serve(cfg, runner, lambda: load_config(place.config, place.overrides), verbose=verbose,
-                             place=place))
+    return event_loop.run(serve(cfg, runner, lambda: load_config(place.config, place.overrides), verbose=verbose,
+                                place=place), cfg.server.loop)
 
 
 def _tag_log_records(tag: str) -> None:
@@ -138,6 +141,7 @@ async def serve(cfg: Config, runner: Runner, reload: Callable[[], Config], *, ve
     reloader = Reloader(daemon, reload, notifier)
     daemon.on_reload.append(lambda new: configure_logging(new, verbose))
     loop = asyncio.get_running_loop()
+    logger.info("event loop: %s", event_loop.loop_name(loop))
     signals = 0
 
     def on_signal(signum: int) -> None:

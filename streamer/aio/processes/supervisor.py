@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from streamer.aio import loop as event_loop
 from streamer.aio.metrics import MULTIPROC_ENV
 from streamer.aio.processes.cluster import BEAT_INTERVAL_S, CLUSTER_ENV, ClusterService, Member, Place
 from streamer.aio.processes.systemd import DRAIN_STATUS_INTERVAL_S, STATUS_INTERVAL_S, Notifier, describe_drain
@@ -79,7 +80,7 @@ def with_changes(overrides: dict[str, dict[str, Any]], before: Config, after: Co
 
 def supervise(cfg: Config, config_path: str | None, overrides: dict[str, dict[str, Any]], *, verbose: int = 0) -> int:
     """Run the daemon as ``server.processes`` front-end processes until SIGTERM/SIGINT; the exit status."""
-    return asyncio.run(Supervisor(cfg, config_path, overrides, verbose=verbose).run())
+    return event_loop.run(Supervisor(cfg, config_path, overrides, verbose=verbose).run(), cfg.server.loop)
 
 
 @dataclass(eq=False)

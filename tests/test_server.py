@@ -507,6 +507,7 @@ def test_server_loop_uvloop_without_it_is_a_clear_error(monkeypatch):
     from streamer.aio.loop import loop_factory
     from streamer.exceptions import ConfigError
 
+    assert loop_factory("auto") is not None and loop_factory("asyncio") is None  # (uvloop is a dependency here)
     monkeypatch.setitem(sys.modules, "uvloop", None)  # (as if it were not installed)
     assert loop_factory("auto") is None and loop_factory("asyncio") is None
     with pytest.raises(ConfigError, match=r"server.loop = 'uvloop' needs the uvloop package .*pip install uvloop"):

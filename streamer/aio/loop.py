@@ -31,6 +31,8 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     try:
         import uvloop
     except ImportError as exc:
+        if choice == "auto":  # (installed but unusable here: the standard loop, as without it)
+            return None
         raise ConfigError(f"server.loop = 'uvloop' needs the uvloop package ({exc}): pip install uvloop, or set "
                           "server.loop = 'auto' (uvloop when installed, else asyncio's loop)") from None
     new: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop

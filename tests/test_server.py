@@ -464,13 +464,13 @@ async def test_sigterm_mid_stream_sends_finals_then_1001(tiny_models, speech, tm
             await proc.wait()
 
 
-async def _serve_one_stream_on(loop: str, model, speech) -> tuple[list[str], list[dict]]:
-    """``streamer serve --set server.loop=LOOP``: its log lines up to listening, and one native stream's messages;
-    then SIGTERM, and it exits 0."""
+async def _serve_one_stream_on(loop: str | None, model, speech) -> tuple[list[str], list[dict]]:
+    """``streamer serve --set server.loop=LOOP`` (None: the default): its log lines up to listening, and one native
+    stream's messages; then SIGTERM, and it exits 0."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "streamer", "serve", "--model", str(model), "--port", "0", "--set", f"server.loop={loop}",
-        stderr=asyncio.subprocess.PIPE, env=env)
+        sys.executable, "-m", "streamer", "serve", "--model", str(model), "--port", "0",
+        *(("--set", f"server.loop={loop}") if loop else ()), stderr=asyncio.subprocess.PIPE, env=env)
     try:
         async with asyncio.timeout(TIMEOUT):
             lines: list[str] = []
@@ -490,14 +490,14 @@ async def _serve_one_stream_on(loop: str, model, speech) -> tuple[list[str], lis
             await proc.wait()
 
 
-async def test_serve_runs_on_uvloop_when_installed_and_asyncio_when_asked(tiny_models, speech):
-    """``server.loop = "auto"`` (the default) runs the daemon on uvloop, a dependency here; ``"asyncio"`` on the
-    standard loop. The log says which, and the same audio gets the same finals on both."""
+async def test_serve_runs_on_asyncio_by_default_and_on_uvloop_when_asked(tiny_models, speech):
+    """The daemon runs on the standard loop by default; ``server.loop = "auto"`` runs it on uvloop, a dependency here.
+    The log says which, and the same audio gets the same finals on both."""
     import uvloop
 
     model = tiny_models["layer-padfirst"]
     auto_log, auto_msgs = await _serve_one_stream_on("auto", model, speech)
-    plain_log, plain_msgs = await _serve_one_stream_on("asyncio", model, speech)
+    plain_log, plain_msgs = await _serve_one_stream_on(None, model, speech)
     assert any(line.endswith(f"event loop: uvloop {uvloop.__version__}") for line in auto_log), auto_log
     assert any(line.endswith("event loop: asyncio") for line in plain_log), plain_log
     assert finals_of(auto_msgs) and finals_of(auto_msgs) == finals_of(plain_msgs)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import importlib.util
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -33,12 +32,12 @@ T = TypeVar("T")
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """What makes the event loop ``server.loop = choice`` names (None: asyncio's own); ConfigError when ``uvloop``
     is asked for and not installed."""
-    if choice == "asyncio" or (choice == "auto" and importlib.util.find_spec("uvloop") is None):
+    if choice == "asyncio":
         return None
     try:
         import uvloop
     except ImportError as exc:
-        if choice == "auto":  # (installed but unusable here: the standard loop, as without it)
+        if choice == "auto":  # (not installed, or not usable here: the standard loop)
             return None
         raise ConfigError(f"server.loop = 'uvloop' needs the uvloop package ({exc}): pip install uvloop, or set "
                           "server.loop = 'auto' (uvloop when installed, else asyncio's loop)") from None

@@ -117,6 +117,60 @@ async def test_a_client_that_reads_nothing_is_closed_by_the_keepalive(daemon_fac
     assert float(outcome.split()[1]) < 15
 
 
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A client's websocket frame, written by hand (a zero mask leaves the payload as it is)."""
+    n = len(payload)
+    size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    return bytes([0x80 | opcode]) + size + bytes(4) + payload
+
+
+async def server_frames(reader: asyncio.StreamReader, into: list[tuple[float, int, bytes]]) -> None:
+    """Read the server's frames (unmasked, unfragmented) into ``into`` as (time, opcode, payload), to its close."""
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            head = await reader.readexactly(2)
+            n = head[1] & 0x7F
+            if n >= 126:
+                n = int.from_bytes(await reader.readexactly(2 if n == 126 else 8), "big")
+            into.append((loop.time(), head[0] & 0x0F, await reader.readexactly(n)))
+            if into[-1][1] == 0x8:
+                return
+    except asyncio.IncompleteReadError:
+        return
+
+
+async def test_the_keepalive_takes_data_for_an_answer_and_closes_a_client_gone_silent(daemon_factory, speech):
+    """A client that streams audio and answers no ping is alive: its pong may wait behind audio the daemon has not
+    read yet (``caption.py --fast`` against a daemon that was behind was closed 1011 on a busy machine). Once it
+    sends nothing at all, the keepalive closes it 1011 after ``server.ping_timeout_s``."""
+    d = await daemon_factory("server.ping_interval_s=0.2", "server.ping_timeout_s=0.5", "server.idle_timeout_s=60")
+    reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+    writer.write(b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    frames: list[tuple[float, int, bytes]] = []
+    reading = asyncio.create_task(server_frames(reader, frames))
+    loop = asyncio.get_running_loop()
+    writer.write(client_frame(0x1, b'{"type": "start"}'))
+    audio, t0 = pcm16(speech), loop.time()
+    while loop.time() - t0 < 3:  # 100 ms of audio every 50 ms, pings unanswered
+        for i in range(0, len(audio), 3200):
+            writer.write(client_frame(0x2, audio[i:i + 3200]))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+    last_sent = loop.time()
+    assert not reading.done() and not [f for f in frames if f[1] == 0x8], frames[-1:]
+    assert [f[1] for f in frames].count(0x9) == 1  # its one ping, never answered: no other is sent
+    async with asyncio.timeout(TIMEOUT):
+        await reading
+    at, opcode, payload = frames[-1]
+    assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 1011, frames[-1]
+    assert payload[2:] == b"keepalive ping timeout"
+    assert 0.5 <= at - last_sent < 5  # after ping_timeout_s of silence
+    writer.close()
+
+
 # --- word lists: bounded per stream and across streams, memory returned when the stream ends ----------------
 
 

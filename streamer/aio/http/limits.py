@@ -8,6 +8,12 @@ keepalive ping waited behind them in ``drain()``, so the keepalive never closed 
 ``server.max_unsent_bytes``, or when it has taken none of the data waiting for it for
 ``server.ping_timeout_s``.
 
+Its keepalive counts any data from the client as an answer: a client that streams faster than the daemon takes
+its audio waits behind it, its pong too (websockets stops reading a connection whose handler is behind), and a
+daemon that is behind must not close the clients it keeps waiting (``caption.py --fast`` was closed 1011 on a
+busy machine). The keepalive closes a client that sent nothing at all, no pong and no data, for
+``server.ping_timeout_s`` while the daemon was reading it.
+
 Every connection holds a file descriptor: :func:`check_descriptors` makes sure that
 ``server.max_streams + server.max_viewers`` fit under ``RLIMIT_NOFILE`` with headroom, and
 :class:`AcceptErrorFilter` keeps asyncio from logging every failed ``accept()`` when they do not
@@ -28,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.protocol import State
 
 from streamer.config import ServerConfig
@@ -46,6 +54,8 @@ class BoundedConnection(ServerConnection):
     """unsent outgoing bytes beyond which the client is closed (``server.max_unsent_bytes``)"""
 
     _stalled: asyncio.TimerHandle | None = None
+    _heard = 0
+    """bytes received from the client so far: the keepalive's sign of life besides a pong"""
 
     def apply_limits(self, cfg: ServerConfig) -> None:
         """The keepalive, write buffer and unsent-data bounds of ``cfg`` (before the handshake ends)."""
@@ -56,10 +66,33 @@ class BoundedConnection(ServerConnection):
         self.transport.set_write_buffer_limits(cfg.write_limit_bytes)
 
     def data_received(self, data: bytes) -> None:
+        self._heard += len(data)
         super().data_received(data)  # answers pings: pongs go to the transport, whatever the client reads
         unsent = self.transport.get_write_buffer_size()
         if unsent > self.max_unsent:
             self._drop(f"{unsent} bytes wait to be sent to it, more than server.max_unsent_bytes = {self.max_unsent}")
+
+    async def keepalive(self) -> None:
+        """websockets' keepalive (a ping every ``ping_interval``; its close 1011 when the client is silent), except
+        that data received since the ping answers for the client, as does the daemon not reading it: the pong may
+        wait behind audio the daemon has not read yet."""
+        assert self.ping_interval is not None
+        latency = 0.0
+        try:
+            while True:
+                await asyncio.sleep(self.ping_interval - latency)
+                pong = asyncio.ensure_future(await self.ping())
+                if self.ping_timeout is None:
+                    continue
+                heard = self._heard
+                while not (await asyncio.wait({pong}, timeout=self.ping_timeout))[0]:
+                    if self._heard == heard and self.transport.is_reading():
+                        await self.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                        return
+                    heard = self._heard  # alive: it sends, or the daemon has not read what it sent
+                latency = min(pong.result(), self.ping_interval)
+        except ConnectionClosed:
+            pass
 
     def pause_writing(self) -> None:
         super().pause_writing()

@@ -356,8 +356,8 @@ class ServerConfig(_Section):
     compression: bool = _opt(True, restart=True, doc="websocket messages compressed (permessage-deflate) when the "
                              "client offers it; false = never (less CPU per message, more bytes)")
     ping_interval_s: float = _opt(20.0, min=0.0, doc="keepalive ping interval; 0 = no keepalive pings")
-    ping_timeout_s: float = _opt(20.0, min=0.0, doc="close a client that answers no ping, or reads nothing of "
-                                 "what waits for it, for this long; 0 = never")
+    ping_timeout_s: float = _opt(20.0, min=0.0, doc="close a client that sends nothing after a ping (no pong, "
+                                 "no data), or reads nothing of what waits for it, for this long; 0 = never")
     max_word_list_letters: int = _opt(200_000, min=1, doc="letters of one stream's own word list (shared "
                                       "prefixes once, plus one per word); about 370 bytes of memory each")
     max_word_list_letters_total: int = _opt(1_000_000, min=1, doc="letters of all streams' own word lists at once; "

@@ -332,6 +332,7 @@ class HttpConnection(BoundedConnection):
         """what came before the head was read: websockets is given it all"""
         self._body = bytearray()
         self._chunks = 0
+        self._paused_for_turn = False
 
     # -- reading (the asyncio protocol's callbacks) ---------------------------------------------------------
 
@@ -377,6 +378,24 @@ class HttpConnection(BoundedConnection):
             self.http.receive_data(data)
             self._read_head()
         # "dropped": the rest of a refused request, or of a body after its end or its error
+        if self.reading in ("body", "dropped"):
+            self._one_read_a_turn()
+
+    def _one_read_a_turn(self) -> None:
+        """Read a body, or drop what follows its answer, one read each turn of the event loop: uvloop reads a
+        readable socket many times over before it runs anything else, where asyncio's loop reads it once a turn,
+        and eight clients sending 24 MiB bodies at once held the healthy streams' events back on it (chaos
+        ``rest-bodies``: their lag p95 3.1 s against 0.7 s)."""
+        if self._paused_for_turn or self.transport.is_closing():
+            return
+        self._paused_for_turn = True
+        self.transport.pause_reading()
+        self.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._paused_for_turn = False
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def eof_received(self) -> None:
         if self.reading == "head":

@@ -364,9 +364,9 @@ class ServerConfig(_Section):
                                             "over it, a new list is refused busy (1013)")
     engine_thread: bool = _opt(True, doc="engine work (audio windowing, merging model outputs, word-list search) "
                                "in one thread beside the event loop; false = on the event loop")
-    loop: str = _opt("asyncio", choices=("auto", "uvloop", "asyncio"), restart=True,
-                     doc="the event loop: asyncio's; auto = uvloop when installed (3-4 % less CPU per stream, but a "
-                     "flood of request bodies delays other streams more on it: docs/scaling.md); uvloop = always")
+    loop: str = _opt("auto", choices=("auto", "uvloop", "asyncio"), restart=True,
+                     doc="the event loop: auto = uvloop when installed (3-4 % less CPU per stream: docs/scaling.md), "
+                     "else asyncio's; asyncio = asyncio's always; uvloop = uvloop or no start")
 
     def __post_init__(self) -> None:
         super().__post_init__()

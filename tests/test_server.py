@@ -490,14 +490,15 @@ async def _serve_one_stream_on(loop: str | None, model, speech) -> tuple[list[st
             await proc.wait()
 
 
-async def test_serve_runs_on_asyncio_by_default_and_on_uvloop_when_asked(tiny_models, speech):
-    """The daemon runs on the standard loop by default; ``server.loop = "auto"`` runs it on uvloop, a dependency here.
-    The log says which, and the same audio gets the same finals on both."""
+async def test_serve_runs_on_uvloop_by_default_and_on_asyncio_when_asked(tiny_models, speech):
+    """The daemon runs on uvloop by default (``server.loop = "auto"``: uvloop is a dependency here);
+    ``server.loop = "asyncio"`` runs it on the standard loop. The log says which, and the same audio gets the same
+    finals on both."""
     import uvloop
 
     model = tiny_models["layer-padfirst"]
-    auto_log, auto_msgs = await _serve_one_stream_on("auto", model, speech)
-    plain_log, plain_msgs = await _serve_one_stream_on(None, model, speech)
+    auto_log, auto_msgs = await _serve_one_stream_on(None, model, speech)
+    plain_log, plain_msgs = await _serve_one_stream_on("asyncio", model, speech)
     assert any(line.endswith(f"event loop: uvloop {uvloop.__version__}") for line in auto_log), auto_log
     assert any(line.endswith("event loop: asyncio") for line in plain_log), plain_log
     assert finals_of(auto_msgs) and finals_of(auto_msgs) == finals_of(plain_msgs)

@@ -1,5 +1,5 @@
-"""The event loop the daemon runs on: asyncio's (the default), or uvloop's where it is installed (``server.loop =
-"auto"``).
+"""The event loop the daemon runs on: uvloop's where it is installed (``server.loop = "auto"``, the default), else
+asyncio's.
 
 uvloop (libuv under asyncio's API) runs the same code for less CPU per message: the websocket reads and writes,
 the wake-ups from the engine thread and the model server's gRPC answers. Two daemons side by side on one core
@@ -8,11 +8,11 @@ on uvloop, its event loop 6-10 % less, the finals as soon and the same. uvicorn 
 (``--loop auto``). uvloop is not made for Windows; there (or with ``server.loop = "asyncio"``) the standard loop
 runs.
 
-Not the default yet: clients that flood a refused request's body (``clients/chaos.py``'s ``rest-bodies``, eight
-bodies of 24 MiB at once) delayed the healthy streams' events to a lag p95 of 3.1 s on uvloop, 0.7 s on asyncio's
-loop, reproduced twice each. libuv reads a readable socket many times over before it runs anything else, where
-asyncio's loop reads each ready socket once a turn; what the daemon drops of such a body must be throttled before
-uvloop can be the default.
+libuv reads a readable socket up to 32 times over before it runs anything else, where asyncio's loop reads each
+ready socket once a turn: what a connection is not paused for has to be read a turn at a time, or one client's
+flood delays everyone's events (an upload's body, ``HttpConnection._one_read_a_turn``: eight refused 24 MiB bodies
+at once had the healthy streams at a lag p95 of 3.1 s on uvloop before it, 0.7 s after). websockets pauses reading
+a connection whose messages wait, and asyncio's streams theirs, whichever the loop.
 """
 
 from __future__ import annotations

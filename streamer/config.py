@@ -365,7 +365,7 @@ class ServerConfig(_Section):
     engine_thread: bool = _opt(True, doc="engine work (audio windowing, merging model outputs, word-list search) "
                                "in one thread beside the event loop; false = on the event loop")
     loop: str = _opt("auto", choices=("auto", "uvloop", "asyncio"), restart=True,
-                     doc="the event loop: auto = uvloop when installed (3-4 % less CPU per stream: docs/scaling.md), "
+                     doc="the event loop: auto = uvloop when installed (1-4 % less CPU per stream: docs/scaling.md), "
                      "else asyncio's; asyncio = asyncio's always; uvloop = uvloop or no start")
 
     def __post_init__(self) -> None:

@@ -3,10 +3,10 @@ asyncio's.
 
 uvloop (libuv under asyncio's API) runs the same code for less CPU per message: the websocket reads and writes,
 the wake-ups from the engine thread and the model server's gRPC answers. Two daemons side by side on one core
-(``deploy/side_by_side.sh``, ``docs/scaling.md``), greedy decoding, 32 live streams each: 0.957-0.969 of the CPU
-on uvloop, its event loop 6-10 % less, the finals as soon and the same. uvicorn picks its loop the same way
-(``--loop auto``). uvloop is not made for Windows; there (or with ``server.loop = "asyncio"``) the standard loop
-runs.
+(``deploy/side_by_side.sh``, ``docs/scaling.md``), greedy decoding, 32 live streams each: 0.957-0.990 of the CPU
+on uvloop in six repetitions over two days, its event loop 4-10 % less, the finals as soon and the same. uvicorn
+picks its loop the same way (``--loop auto``). uvloop is not made for Windows; there (or with ``server.loop =
+"asyncio"``) the standard loop runs.
 
 libuv reads a readable socket up to 32 times over before it runs anything else, where asyncio's loop reads each
 ready socket once a turn: what a connection is not paused for has to be read a turn at a time, or one client's

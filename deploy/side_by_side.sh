@@ -14,7 +14,9 @@
 # THIS_SET="SECTION.KEY=VALUE ..." (config overrides of this tree's daemon only: REV = HEAD compares a setting),
 # THIS_LOAD="--finals-only" (loadtest options of this tree's clients only: REV = HEAD compares what clients ask),
 # THIS_ENV="NAME=VALUE ..." (the environment of this tree's daemon only), BOTH_SET="SECTION.KEY=VALUE ..." (config
-# overrides of both daemons: BOTH_SET="decoder.words='' decoder.lm=''" compares them decoding greedily).
+# overrides of both daemons: BOTH_SET="decoder.words='' decoder.lm=''" compares them decoding greedily),
+# THIS_SERVER_SET="SECTION.KEY=VALUE ..." (this tree's daemon gets a model server of its own, started with these
+# overrides and given to the daemon too: THIS_SERVER_SET="model_server.dtype=int16" compares what travels).
 set -euo pipefail
 REV=${1:?usage: side_by_side.sh REV [STREAMS] [REPS]}
 N=${2:-16}
@@ -39,12 +41,23 @@ trap cleanup EXIT
 taskset -c 1 "$TRITON_PY" -m streamer model-server --model demo --memo 16384 --grpc-port "$GRPC" \
   --http-port $((GRPC + 1)) --metrics-port $((GRPC + 2)) > "$WORK/model.log" 2>&1 &
 pids+=($!)
-serve() {  # serve TREE PORT ENV [SET...]: a daemon of the package in TREE on core 0; its pid in $served
-  local tree=$1 port=$2 env=$3
-  shift 3
+logs=("$WORK/model.log")
+this_grpc=$GRPC
+server_set=()
+for kv in ${THIS_SERVER_SET:-}; do server_set+=(--set "$kv"); done
+if ((${#server_set[@]})); then
+  this_grpc=$((GRPC + 10))
+  taskset -c 1 "$TRITON_PY" -m streamer model-server --model demo --memo 16384 --grpc-port "$this_grpc" \
+    --http-port $((this_grpc + 1)) --metrics-port $((this_grpc + 2)) "${server_set[@]}" > "$WORK/model2.log" 2>&1 &
+  pids+=($!)
+  logs+=("$WORK/model2.log")
+fi
+serve() {  # serve TREE PORT GRPC ENV [SET...]: a daemon of the package in TREE on core 0; its pid in $served
+  local tree=$1 port=$2 grpc=$3 env=$4
+  shift 4
   # shellcheck disable=SC2086  # (ENV: NAME=VALUE words)
   (cd "$tree" && exec env $env taskset -c 0 "$PY" -m streamer serve --model demo --port "$port" \
-    --set server.max_streams=1024 --set model_server.kind=triton --set model_server.url=127.0.0.1:"$GRPC" \
+    --set server.max_streams=1024 --set model_server.kind=triton --set model_server.url=127.0.0.1:"$grpc" \
     "${both_set[@]}" "$@") \
     > "$WORK/daemon$port.log" 2>&1 &
   served=$!  # (the subshell execs taskset, which execs python: the daemon's own pid)
@@ -52,12 +65,14 @@ serve() {  # serve TREE PORT ENV [SET...]: a daemon of the package in TREE on co
 }
 both_set=()
 for kv in ${BOTH_SET:-}; do both_set+=(--set "$kv"); done
-for _ in $(seq 180); do grep -q "on grpc" "$WORK/model.log" && break; sleep 1; done
-serve "$WORK/rev" "$P1" ""
+for log in "${logs[@]}"; do
+  for _ in $(seq 180); do grep -q "on grpc" "$log" && break; sleep 1; done
+done
+serve "$WORK/rev" "$P1" "$GRPC" ""
 A=$served
 this_set=()
 for kv in ${THIS_SET:-}; do this_set+=(--set "$kv"); done
-serve "$PWD" "$P2" "${THIS_ENV:-}" "${this_set[@]}"
+serve "$PWD" "$P2" "$this_grpc" "${THIS_ENV:-}" "${this_set[@]}" "${server_set[@]}"
 B=$served
 for _ in $(seq 120); do
   grep -q "listening on" "$WORK/daemon$P1.log" && grep -q "listening on" "$WORK/daemon$P2.log" && break

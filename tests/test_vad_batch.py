@@ -346,6 +346,28 @@ def test_the_shipped_models_convolutions_run_as_large_products_with_the_same_num
             assert np.array_equal(d._state, a._state), counts
 
 
+def test_the_second_convolution_reads_the_first_ones_image_without_the_frames_between(model):
+    """In the grouped variant the encoder's second convolution takes the first one's image of five frames side by
+    side (moved, the columns between frames made zero) instead of the frames cut out of it and put side by side
+    again: nothing makes the first convolution's frames, and no transpose lies between the two (the numbers are the
+    same: the test above)."""
+    import onnx
+
+    from streamer.vad import SEQUENCE_MODEL, _faster, _streams_model
+
+    graph = onnx.load_from_string(_faster(_streams_model(model.path.with_name(SEQUENCE_MODEL)), True)).graph
+    convs = [n for n in graph.node if n.op_type == "Conv" and n.input[1].startswith(("encoder.0.", "encoder.1."))]
+    assert [c.input[1] for c in convs] == ["encoder.0.weight", "encoder.1.weight"]
+    made = {o: n for n in graph.node for o in n.output}
+    path, name = [], convs[1].input[0]
+    while name != convs[0].output[0]:  # from the second convolution's input back to the first one's output
+        node = made[name]
+        path.append(node.op_type)
+        name = node.input[0]
+    assert path == ["Mul", "Pad", "Relu"]
+    assert "/encoder.0/Conv_output_0" not in made
+
+
 @pytest.mark.parametrize("off", ["large runs", "all runs"])
 def test_convolutions_whose_products_give_other_numbers_stay_as_they_are(voices, monkeypatch, caplog, off):
     """Where a variant would give other numbers in the last bits (another CPU's onnxruntime: here its filters one

@@ -113,8 +113,10 @@ def _streams_model(path: Path) -> bytes:
 _PADDED = _CONTEXT + VAD_FRAME + 256  # a frame and its context as the short-time transform reads it (reflect-padded)
 GROUP = 5
 """frames side by side in one image of the encoder's first convolutions (:func:`_faster`): at most 32 columns"""
-GROUPED_FROM = 12
-"""the fewest frames a run takes the grouped variant for: below, its glue costs more than it saves (measured)"""
+GROUPED_FROM = 5
+"""the fewest frames a run takes the grouped variant for: below, its rows padded to a multiple of :data:`GROUP` cost
+more than it saves (one stream's run, per frame: 1 frame 125 → 200 µs, 2 frames 83 → 104; from 5 frames on the same
+or less: 58 → 42 µs at 5, 54 → 54 at 6, 48 → 34 at 9)"""
 
 
 def _faster(data: bytes, grouped: bool) -> bytes | None:
@@ -129,17 +131,18 @@ def _faster(data: bytes, grouped: bool) -> bytes | None:
       frame of the run, and the magnitude is taken in that layout;
     - ``grouped``: the encoder's convolutions that give a frame two columns or more (the first two) each run over
       images of :data:`GROUP` frames side by side, each frame's columns padded as before (the run's frames must be a
-      multiple of :data:`GROUP`; rows past the last are never read). The second reads the first one's image itself,
-      through the Relu between them, each frame's columns moved by its padding and the columns between frames made
-      zero: the frames are not cut out and put side by side again (glue that was a sixth of the run's time).
+      multiple of :data:`GROUP`; rows past the last are never read). The first one's image is the magnitude with each
+      frame's columns padded, transposed once; the second reads the first one's image itself, through the Relu
+      between them, each frame's columns moved by its padding and the columns between frames made zero: the frames
+      are not cut out and put side by side again (that glue was a quarter of the run's time).
 
     Each number is the same sum of the same products in the same order: a product of at most 32 columns sums its
     terms in one block in onnxruntime's CPU kernels, as the convolution of one frame does (a wider image, or the
     filters as the constant operand, sums them in blocks, and differs in the last bits). :class:`VadModel` checks at
     load that the probabilities are bitwise those of the model run frame by frame, and keeps the plain variant
-    otherwise. The detector's run per frame costs a tenth less in runs of 3 frames, a quarter less at 6, a third at 12
-    and 40 % less in runs of 24 frames or more (``docs/scaling.md``); the last two convolutions, one column a frame,
-    gain nothing so.
+    otherwise. Against the streams model as the wheel ships it, the detector's run per frame costs a seventh less in
+    runs of 3 frames, a fifth at 6, two fifths at 12 and more than half in runs of 30 frames or more
+    (``docs/scaling.md``); the last two convolutions, one column a frame, gain nothing so.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -256,6 +259,19 @@ def _faster(data: bytes, grouped: bool) -> bytes | None:
                 unread.update([node.input[0], *(f"{before}/{part}" for part in ("y_padded", "y_frames", "y_cols",
                                                                                 "y_side")),
                                *(n.input[0] for n in nodes if n.output[0] == node.input[0])])
+            elif (made := [n for n in nodes if node.input[0] in n.output]) and made[0].op_type == "Transpose" and list(
+                    attrs(made[0]).get("perm", [])) == [0, 2, 1] and users(node.input[0]) == [node]:
+                # The input is a transpose of frames' columns (the short-time transform's magnitude, [frames, 4,
+                # channels]): pad each frame's columns there, and one transpose of frames side by side gives the image.
+                out += [
+                    helper.make_node("Pad", [made[0].input[0], const(f"{tag}/rows", [0, pad, 0, 0, pad_end, 0])],
+                                     [f"{name}/padded_rows"]),
+                    helper.make_node("Reshape", [f"{name}/padded_rows",
+                                                 const(f"{tag}/image_rows", [-1, GROUP * padded, channels])],
+                                     [f"{name}/image_rows"]),
+                    helper.make_node("Transpose", [f"{name}/image_rows"], [f"{name}/images"], perm=[0, 2, 1]),
+                ]
+                unread.add(node.input[0])
             else:
                 out += [
                     helper.make_node("Pad", [node.input[0], const(f"{tag}/pads", [0, 0, pad, 0, 0, pad_end])],

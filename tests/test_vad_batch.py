@@ -333,7 +333,7 @@ def test_the_shipped_models_convolutions_run_as_large_products_with_the_same_num
 
     frame_by_frame = VadModel(model_path())
     assert model.product and model.grouped and not frame_by_frame.product
-    for counts in ([1, 3, 40, 2, 9], [2, 1, 3], [1] * GROUPED_FROM):
+    for counts in ([1, 3, 40, 2, 9], [2, 1, 3], [1, 2], [1] * GROUPED_FROM):
         detectors = [SpeechDetector(model) for _ in counts]
         alone = [SpeechDetector(frame_by_frame) for _ in counts]
         for k, (d, a, n) in enumerate(zip(detectors, alone, counts, strict=True)):
@@ -349,8 +349,9 @@ def test_the_shipped_models_convolutions_run_as_large_products_with_the_same_num
 def test_the_second_convolution_reads_the_first_ones_image_without_the_frames_between(model):
     """In the grouped variant the encoder's second convolution takes the first one's image of five frames side by
     side (moved, the columns between frames made zero) instead of the frames cut out of it and put side by side
-    again: nothing makes the first convolution's frames, and no transpose lies between the two (the numbers are the
-    same: the test above)."""
+    again: nothing makes the first convolution's frames, and no transpose lies between the two; and the first one's
+    image is the short-time transform's magnitude with each frame's columns padded, transposed once (the numbers
+    are the same: the test above)."""
     import onnx
 
     from streamer.vad import SEQUENCE_MODEL, _faster, _streams_model
@@ -366,6 +367,11 @@ def test_the_second_convolution_reads_the_first_ones_image_without_the_frames_be
         name = node.input[0]
     assert path == ["Mul", "Pad", "Relu"]
     assert "/encoder.0/Conv_output_0" not in made
+    path, name = [], convs[0].input[0]
+    while made[name].op_type != "Sqrt":  # the first one's input back to the short-time transform's magnitude
+        path.append(made[name].op_type)
+        name = made[name].input[0]
+    assert path == ["Transpose", "Reshape", "Pad"]  # each frame's columns padded, then one transpose
 
 
 @pytest.mark.parametrize("off", ["large runs", "all runs"])

@@ -61,11 +61,10 @@ def feed_audio(session: StreamSession, samples: np.ndarray, detector: SpeechDete
     ``heard``: the detector was given the samples already (:meth:`SpeechDetector.add`, so that
     :func:`streamer.vad.score` could run them with other streams' frames); only their probabilities are read.
     """
-    x = as_float32(samples)
-    session.accept_audio(x)
+    session.accept_audio(samples)  # (checks and converts them; the detector hears them only if the session took them)
     if detector is not None:
         if not heard:
-            detector.add(x)
+            detector.add(as_float32(samples))
         session.accept_speech(detector.take())
 
 

@@ -37,7 +37,7 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -113,6 +113,15 @@ def _streams_model(path: Path) -> bytes:
 _PADDED = _CONTEXT + VAD_FRAME + 256  # a frame and its context as the short-time transform reads it (reflect-padded)
 GROUP = 5
 """frames side by side in one image of the encoder's first convolutions (:func:`_faster`): at most 32 columns"""
+class _Image(NamedTuple):
+    """A grouped convolution's output image (:func:`_faster`): :data:`GROUP` frames side by side."""
+
+    conv: str  # the rewrite's prefix: the image is ``{conv}/y``
+    per: int  # columns per frame
+    cols: int  # of which the first are the frame's own (the rest read past it)
+    width: int  # the image's columns
+
+
 GROUPED_FROM = 5
 """the fewest frames a run takes the grouped variant for: below, its rows padded to a multiple of :data:`GROUP` cost
 more than it saves (one stream's run, per frame: 1 frame 125 → 200 µs, 2 frames 83 → 104; from 5 frames on the same
@@ -223,8 +232,7 @@ def _faster(data: bytes, grouped: bool) -> bytes | None:
     if grouped:
         width = 4  # the columns each frame has
         out = []
-        images_of: dict[str, tuple[str, int, int, int]] = {}  # a Relu's output -> the grouped conv before it
-        unread: set[str] = set()  # outputs no node reads once a convolution reads the image of the one before
+        images_of: dict[str, _Image] = {}  # a Relu's output -> the image of the grouped convolution it follows
         for node in nodes:
             w = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
             if w is None or len(w.dims) != 3:
@@ -244,34 +252,29 @@ def _faster(data: bytes, grouped: bool) -> bytes | None:
             tag = node.name.strip("/")
             name = f"faster/{tag}"
             fed = images_of.get(node.input[0])
-            if fed is not None and fed[1] == padded and fed[2] == width and GROUP * padded >= fed[3] + pad:
+            made = next((n for n in nodes if node.input[0] in n.output), None)
+            if fed is not None and fed.per == padded and fed.cols == width and GROUP * padded >= fed.width + pad:
                 # The input is the image of the grouped convolution before, through a Relu: each frame's columns
                 # moved by ``pad`` and the columns between frames made zero give this one's image as it would be
                 # cut from the frames (the same numbers, each one copied or a +0), without the frames between.
-                before, _, _, image_before = fed
                 out += [
-                    helper.make_node("Relu", [f"{before}/y"], [f"{name}/y_before"]),
+                    helper.make_node("Relu", [f"{fed.conv}/y"], [f"{name}/y_before"]),
                     helper.make_node("Pad", [f"{name}/y_before", const(f"{tag}/shift", [
-                        0, 0, pad, 0, 0, GROUP * padded - image_before - pad])], [f"{name}/shifted"]),
+                        0, 0, pad, 0, 0, GROUP * padded - fed.width - pad])], [f"{name}/shifted"]),
                     helper.make_node("Mul", [f"{name}/shifted", mask(f"{tag}/mask", padded, pad, width)],
                                      [f"{name}/images"]),
                 ]
-                unread.update([node.input[0], *(f"{before}/{part}" for part in ("y_padded", "y_frames", "y_cols",
-                                                                                "y_side")),
-                               *(n.input[0] for n in nodes if n.output[0] == node.input[0])])
-            elif (made := [n for n in nodes if node.input[0] in n.output]) and made[0].op_type == "Transpose" and list(
-                    attrs(made[0]).get("perm", [])) == [0, 2, 1] and users(node.input[0]) == [node]:
+            elif made is not None and made.op_type == "Transpose" and list(attrs(made).get("perm", [])) == [0, 2, 1]:
                 # The input is a transpose of frames' columns (the short-time transform's magnitude, [frames, 4,
                 # channels]): pad each frame's columns there, and one transpose of frames side by side gives the image.
                 out += [
-                    helper.make_node("Pad", [made[0].input[0], const(f"{tag}/rows", [0, pad, 0, 0, pad_end, 0])],
+                    helper.make_node("Pad", [made.input[0], const(f"{tag}/rows", [0, pad, 0, 0, pad_end, 0])],
                                      [f"{name}/padded_rows"]),
                     helper.make_node("Reshape", [f"{name}/padded_rows",
                                                  const(f"{tag}/image_rows", [-1, GROUP * padded, channels])],
                                      [f"{name}/image_rows"]),
                     helper.make_node("Transpose", [f"{name}/image_rows"], [f"{name}/images"], perm=[0, 2, 1]),
                 ]
-                unread.add(node.input[0])
             else:
                 out += [
                     helper.make_node("Pad", [node.input[0], const(f"{tag}/pads", [0, 0, pad, 0, 0, pad_end])],
@@ -298,11 +301,19 @@ def _faster(data: bytes, grouped: bool) -> bytes | None:
                                  [node.output[0]]),
             ]
             width = cols
-            relu = users(node.output[0])
-            if len(relu) == 1 and relu[0].op_type == "Relu" and len(users(relu[0].output[0])) == 1:
-                images_of[relu[0].output[0]] = (name, per, cols, image)
-        # What turned a fused convolution's image into frames, and the Relu after them, is read by nothing now.
-        nodes = [n for n in out if not set(n.output) <= unread]
+            for relu in users(node.output[0]):
+                if relu.op_type == "Relu":
+                    images_of[relu.output[0]] = _Image(name, per, cols, image)
+        # Leave out what no longer leads to an output: the frames cut from an image that the next convolution reads
+        # itself, the Relu after them, a transpose whose input is now padded instead. (The nodes are in order: from
+        # the last, a node is kept if a kept node or the graph's output reads it.)
+        read = {o.name for o in graph.output}
+        kept = []
+        for n in reversed(out):
+            if read.intersection(n.output):
+                kept.append(n)
+                read.update(n.input)
+        nodes = kept[::-1]
     del graph.node[:]
     graph.node.extend(nodes)
     onnx.checker.check_model(model)

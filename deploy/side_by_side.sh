@@ -38,19 +38,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
-taskset -c 1 "$TRITON_PY" -m streamer model-server --model demo --memo 16384 --grpc-port "$GRPC" \
-  --http-port $((GRPC + 1)) --metrics-port $((GRPC + 2)) > "$WORK/model.log" 2>&1 &
-pids+=($!)
-logs=("$WORK/model.log")
+logs=()
+model_server() {  # model_server GRPC_PORT [SET...]: a memo model server on core 1, its log in $WORK
+  local grpc=$1
+  shift
+  taskset -c 1 "$TRITON_PY" -m streamer model-server --model demo --memo 16384 --grpc-port "$grpc" \
+    --http-port $((grpc + 1)) --metrics-port $((grpc + 2)) "$@" > "$WORK/model$grpc.log" 2>&1 &
+  pids+=($!)
+  logs+=("$WORK/model$grpc.log")
+}
+model_server "$GRPC"
 this_grpc=$GRPC
 server_set=()
 for kv in ${THIS_SERVER_SET:-}; do server_set+=(--set "$kv"); done
 if ((${#server_set[@]})); then
   this_grpc=$((GRPC + 10))
-  taskset -c 1 "$TRITON_PY" -m streamer model-server --model demo --memo 16384 --grpc-port "$this_grpc" \
-    --http-port $((this_grpc + 1)) --metrics-port $((this_grpc + 2)) "${server_set[@]}" > "$WORK/model2.log" 2>&1 &
-  pids+=($!)
-  logs+=("$WORK/model2.log")
+  model_server "$this_grpc" "${server_set[@]}"
 fi
 serve() {  # serve TREE PORT GRPC ENV [SET...]: a daemon of the package in TREE on core 0; its pid in $served
   local tree=$1 port=$2 grpc=$3 env=$4

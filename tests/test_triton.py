@@ -154,6 +154,29 @@ async def test_windows_of_every_length_equal_the_local_runner(server, model_runn
     await runner.aclose()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int16"])
+def test_a_request_on_the_wire_is_the_protocols_message_with_every_window(dtype):
+    """The runner writes a request's bytes itself (the audio copied once): protobuf reads them as the message
+    tritonclient describes, the windows' samples in order (views and strided ones alike)."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    cfg = load_config(None, ["model.id='demo'", f"model_server.dtype='{dtype}'"])
+    vocab, source, name = load_vocabulary(cfg.model)
+    runner = TritonRunner(cfg.model_server, "127.0.0.1:1", vocab, name=name, source=source)
+    audio = np.random.default_rng(2).uniform(-1.2, 1.2, 200_000).astype(np.float32)
+    for windows in ([audio[:48000], audio[16000:64000], audio[1:96001:2]], [audio[5:305]]):
+        got = pb.ModelInferRequest.FromString(runner._body(windows))
+        stacked = np.stack(windows)
+        if dtype == "int16":
+            stacked = np.clip(np.rint(stacked * 32768.0), -32768, 32767).astype(np.int16)
+        want = pb.ModelInferRequest(model_name=cfg.model_server.model_name, model_version=str(runner.version),
+                                    raw_input_contents=[stacked.tobytes()])
+        want.inputs.add(name="audio", datatype={"float32": "FP32", "int16": "INT16"}[dtype],
+                        shape=[len(windows), len(windows[0])])
+        want.outputs.add(name="logprobs")
+        assert got == want
+
+
 def test_front_ends_know_the_frame_grid_without_the_weights(tmp_path, tiny_models):
     """A front-end's windows are cut on the server's model's grid: read from the checkpoint's config alone."""
     from streamer.config import ModelConfig

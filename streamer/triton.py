@@ -389,11 +389,12 @@ class TritonRunner:
     def _body(self, windows: list[np.ndarray]) -> bytes:
         """The serialized ``ModelInferRequest`` of ``windows`` (one length), their samples copied once.
 
-        tritonclient's ``InferInput`` and ``infer`` copy a request's audio five times on the event loop (the stacked
-        array, its bytes, the protobuf field, the serialized message, then gRPC's own buffer): 3.5 ms of CPU for a
-        request of six 3 s windows, 0.7 ms this way. Protobuf's wire format takes a message's fields in any order,
-        so protobuf serializes the small fields and the audio follows as the ``raw_input_contents`` field, each
-        window's samples joined straight from the stream's buffer.
+        tritonclient's ``InferInput`` and ``infer`` copied a request's audio five times on the event loop (the
+        stacked array, its bytes, the protobuf field, the serialized message, then gRPC's own buffer), a request of
+        six 3 s windows being 1.1 MB; now it is copied here once, then by gRPC (``docs/scaling.md``: the event loop
+        8-11 % less). Protobuf's wire format takes a message's fields in any order, so protobuf serializes the small
+        fields and the audio follows as the ``raw_input_contents`` field, each window's samples joined straight
+        from the stream's buffer.
         """
         pb = _import_client().service_pb2
         req = pb.ModelInferRequest(model_name=self.cfg.model_name, model_version=str(self.version))

@@ -113,6 +113,12 @@ def _streams_model(path: Path) -> bytes:
 _PADDED = _CONTEXT + VAD_FRAME + 256  # a frame and its context as the short-time transform reads it (reflect-padded)
 GROUP = 5
 """frames side by side in one image of the encoder's first convolutions (:func:`_faster`): at most 32 columns"""
+GROUPED_FROM = 5
+"""the fewest frames a run takes the grouped variant for: below, its rows padded to a multiple of :data:`GROUP` cost
+more than it saves (one stream's run, per frame: 1 frame 125 → 200 µs, 2 frames 83 → 104; from 5 frames on the same
+or less: 58 → 42 µs at 5, 54 → 54 at 6, 48 → 34 at 9)"""
+
+
 class _Image(NamedTuple):
     """A grouped convolution's output image (:func:`_faster`): :data:`GROUP` frames side by side."""
 
@@ -120,12 +126,6 @@ class _Image(NamedTuple):
     per: int  # columns per frame
     cols: int  # of which the first are the frame's own (the rest read past it)
     width: int  # the image's columns
-
-
-GROUPED_FROM = 5
-"""the fewest frames a run takes the grouped variant for: below, its rows padded to a multiple of :data:`GROUP` cost
-more than it saves (one stream's run, per frame: 1 frame 125 → 200 µs, 2 frames 83 → 104; from 5 frames on the same
-or less: 58 → 42 µs at 5, 54 → 54 at 6, 48 → 34 at 9)"""
 
 
 def _faster(data: bytes, grouped: bool) -> bytes | None:

@@ -56,8 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.levels = [int(n) for n in args.clients.split(",")]
+        if min(args.levels) < 1:
+            raise ValueError
     except ValueError:
-        p.error(f"--clients {args.clients!r}: give counts like 32,64,96")
+        p.error(f"--clients {args.clients!r}: give counts of one or more, like 32,64,96")
     if not args.serve and (args.server_cpu not in os.sched_getaffinity(0) or len(os.sched_getaffinity(0)) < 2):
         p.error(f"--server-cpu {args.server_cpu}: this process may run on CPUs {sorted(os.sched_getaffinity(0))}; "
                 "give one of them, and leave at least one other for the clients")

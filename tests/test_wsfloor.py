@@ -32,3 +32,10 @@ def test_a_cpu_the_process_may_not_use_is_refused_with_the_ones_it_may():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "--server-cpu 4096" in out.stderr and "may run on CPUs" in out.stderr
+
+
+def test_a_count_of_no_clients_is_refused_with_what_to_give():
+    out = subprocess.run([sys.executable, str(ROOT / "clients" / "wsfloor.py"), "--clients", "0,3"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "give counts of one or more" in out.stderr

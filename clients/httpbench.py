@@ -28,6 +28,8 @@ import numpy as np
 import soundfile as sf
 from websockets.asyncio.client import connect
 
+from streamer.testing import proc_cpu_seconds
+
 BOUNDARY = "httpbenchboundary"
 
 
@@ -42,8 +44,7 @@ class Daemon:
 
     def cpu_s(self) -> float:
         """User + system CPU seconds of the daemon process so far (``/proc/PID/stat``)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_cpu_seconds(f"/proc/{self.proc.pid}/stat")
 
 
 async def start(tree: Path, model: str) -> Daemon:

@@ -90,7 +90,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from streamer.scoring import words_shown
-from streamer.testing import RANDOM_SIZES, espeak_audio, save_random_model, speech_audio
+from streamer.testing import RANDOM_SIZES, espeak_audio, proc_cpu_seconds, save_random_model, speech_audio
 
 ROOT = Path(__file__).resolve().parents[1]
 """the repository (its deploy/ files; a model server started here runs its package)"""
@@ -547,10 +547,9 @@ def cpu_seconds(pid: int | None) -> dict[str, float]:
     def seconds(stat: Path) -> float:
         """user + system CPU of a process's or thread's ``stat`` file (0 once it is gone)"""
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            return proc_cpu_seconds(stat)
         except OSError:
             return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def ticks(pids: list[int]) -> float:
         return sum(seconds(Path(f"/proc/{p}/stat")) for p in pids)

@@ -28,15 +28,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import uvloop
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from streamer.testing import speech_audio  # noqa: E402
+from streamer.testing import proc_cpu_seconds, speech_audio
 
 LAYERS = ("tcp", "websockets", "deflate")
 WARM_S = 3.0  # the clients' connections and first messages, before the measured span
@@ -115,11 +113,6 @@ async def _serve(layer: str) -> None:
     print(_Received.count, flush=True)
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _client(layer: str, port: int, messages: list[bytes], delay: float, every: float, stop: float) -> int:
     """Send ``messages`` in turn, one every ``every`` seconds, from ``delay`` until ``stop``; what was sent, as
     the server counts it (:class:`_Received`)."""
@@ -163,9 +156,9 @@ async def measure(layer: str, n: int, args: argparse.Namespace, messages: list[b
         stop = time.monotonic() + WARM_S + args.seconds + 1.0
         clients = asyncio.gather(*(_client(layer, port, messages, every * k / n, every, stop) for k in range(n)))
         await asyncio.sleep(WARM_S)
-        before = _cpu_s(server.pid)
+        before = proc_cpu_seconds(f"/proc/{server.pid}/stat")
         await asyncio.sleep(args.seconds)
-        used = _cpu_s(server.pid) - before
+        used = proc_cpu_seconds(f"/proc/{server.pid}/stat") - before
         sent = sum(await clients)
         assert server.stdin is not None
         server.stdin.close()

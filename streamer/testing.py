@@ -13,6 +13,8 @@ suite's tiny models (:func:`make_tiny_model`), the benchmarks' random models of 
 Speech: :func:`espeak_audio` runs espeak-ng (``$STREAMER_ESPEAK`` or ``espeak-ng`` on the path) and resamples
 its 22050 Hz output with soxr; :func:`espeak` writes it to a WAV file, :func:`speech_audio` strings sentences
 together to a given length.
+
+Benchmarks: :func:`proc_cpu_seconds` reads a process's or thread's CPU time from ``/proc``.
 """
 
 from __future__ import annotations
@@ -344,3 +346,11 @@ def speech_audio(seconds: float) -> np.ndarray:
         total += len(audio) + 6400
         i += 1
     return np.concatenate(parts)[: int(seconds * SAMPLE_RATE)]
+
+
+def proc_cpu_seconds(stat: str | Path) -> float:
+    """User + system CPU seconds so far of the process or thread whose ``/proc`` ``stat`` file this is
+    (``/proc/PID/stat``, ``/proc/PID/task/TID/stat``): what the benchmarks charge a daemon with, less disturbed by
+    other load than wall time. Raises OSError once it is gone."""
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()  # (the name in brackets may hold spaces)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

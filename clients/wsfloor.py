@@ -120,19 +120,19 @@ async def _client(layer: str, port: int, messages: list[bytes], delay: float, ev
     sent = 0
     if layer == "tcp":
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-        send = writer.write
     else:
         ws = await connect(f"ws://127.0.0.1:{port}", max_size=2**20,
                            compression="deflate" if layer == "deflate" else None)
-        send = ws.send  # type: ignore[assignment]
     due = time.monotonic()
     i = int(delay * 1000)  # clients at different places in the speech
     while due < stop:
+        message = messages[i % len(messages)]
         if layer == "tcp":
-            send(messages[i % len(messages)])
+            writer.write(message)
+            sent += len(message)
         else:
-            await send(messages[i % len(messages)])  # type: ignore[misc]
-        sent += len(messages[i % len(messages)]) if layer == "tcp" else 1
+            await ws.send(message)
+            sent += 1
         i += 1
         due += every
         await asyncio.sleep(max(0.0, due - time.monotonic()))

@@ -80,10 +80,11 @@ run() {
   MS_PID=$!
   trap 'kill -TERM -- -$MS_PID 2>/dev/null || true' EXIT
   wait_http http://127.0.0.1:8000/v2/health/ready 300
-  # per process count: the clients tried, the most streams with p95 final latency <= 2 s, each level's p95 (s),
+  # per process count: the clients tried, the most streams with p95 final latency <= 2 s, each level's p95 (s) and
+  # the front ends' CPU seconds per stream-second (all their processes: issue 31's <= 0.01 with the default decoder),
   # mean GPU utilisation (%), requests per execution (front-ends merged) and windows per execution (batch size)
-  printf '%-6s %-22s %8s %16s %9s %9s %9s\n' procs clients streams p95_final_s gpu_util req/exec win/exec \
-    | tee "$OUT/table.txt"
+  printf '%-6s %-22s %8s %16s %22s %9s %9s %9s\n' procs clients streams p95_final_s front_cpu_per_stream_s gpu_util \
+    req/exec win/exec | tee "$OUT/table.txt"
   for p in ${PROCS:-1 4 8 16}; do
     local levels_var="LEVELS_$p" levels
     case $p in 1) levels=128,256,384 ;; 4) levels=384,640,896 ;; 8) levels=640,896,1152 ;; *) levels=896,1152,1408 ;; esac
@@ -97,7 +98,7 @@ run() {
     local before; before=$(triton)
     nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 > "$OUT/util_$p.txt" 2>/dev/null &
     local smi=$!
-    "$PY" clients/loadtest.py --url "ws://127.0.0.1:$port/v1/stream" --procs "${CLIENT_PROCS:-8}" --clients "$levels" \
+    "$PY" clients/loadtest.py --url "ws://127.0.0.1:$port/v1/stream" --daemon-pid "$daemon" --procs "${CLIENT_PROCS:-8}" --clients "$levels" \
       --seconds "${SECONDS_PER_CLIENT:-15}" ${AUDIO:+--audio "$AUDIO"} --cycles 0 --json "$OUT/loadtest_$p.json" > "$OUT/loadtest_$p.log" 2>&1 || true
     kill "$smi" 2>/dev/null || true; kill -TERM "$daemon"; wait "$daemon" || true
     local after; after=$(triton)
@@ -108,10 +109,11 @@ p, levels, out, before, after = sys.argv[1:]
 try:
     lt = json.load(open(f"{out}/loadtest_{p}.json"))
     best, p95 = lt["max_clients_p95_ok"], "/".join(f"{lv['final_p95']:.2f}" for lv in lt["levels"])
+    cpu = "/".join(f"{lv['cost'].get('front_cpu_s_per_audio_s', float('nan')):.4f}" for lv in lt["levels"])
 except (OSError, ValueError, KeyError):
-    best, p95 = "?", "?"
+    best, p95, cpu = "?", "?", "?"
 util = [float(x) for x in open(f"{out}/util_{p}.txt").read().split() if x.replace(".", "").isdigit()]
-print(f"{p:<6} {levels:<22} {best:>8} {p95:>16} {sum(util) / max(1, len(util)):>9.0f} "
+print(f"{p:<6} {levels:<22} {best:>8} {p95:>16} {cpu:>22} {sum(util) / max(1, len(util)):>9.0f} "
       f"{(r1 - r0) / max(1, e1 - e0):>9.2f} {(w1 - w0) / max(1, e1 - e0):>9.2f}")
 EOF
   done

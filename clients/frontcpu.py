@@ -195,7 +195,7 @@ def instrument(clock: Clock, words: Any) -> Any:
     import streamer.lexicon as lexicon
 
     made: dict[type, type] = {}
-    original = lexicon.make_search_lm
+    original = lexicon.make_search_lm  # type: ignore[attr-defined]  # (lexicon's own name for it, which it calls)
 
     def timed_lm(*a: Any, **kw: Any) -> Any:
         lm = original(*a, **kw)
@@ -216,7 +216,7 @@ def instrument(clock: Clock, words: Any) -> Any:
         lm.__class__ = made[cls]
         return lm
 
-    lexicon.make_search_lm = timed_lm  # (this process only replays: nothing else searches)
+    lexicon.make_search_lm = timed_lm  # type: ignore[attr-defined]  # (this process only replays: nothing else searches)
 
     class Search:
         def __init__(self, inner: Any) -> None:
@@ -329,7 +329,7 @@ def replay(cfg: Any, runner: Any, words: Any, refresh: bool, audio: np.ndarray, 
     return cpu, spent, digest, partial_figures(shown[0])
 
 
-def partial_figures(events: list[tuple[float, bool, list[tuple[str, float, float]]]]) -> dict[str, float]:
+def partial_figures(events: list[tuple[float, bool, list[tuple[str, float, float]]]]) -> dict[str, Any]:
     """How soon partials showed the finals' words (seconds after a word's end, p50 and p95) and the share of the
     words partials showed that no final has (misread or dropped later), for one stream."""
     from streamer.scoring import words_shown
@@ -339,7 +339,10 @@ def partial_figures(events: list[tuple[float, bool, list[tuple[str, float, float
     shown = [w for _, is_final, words in events if not is_final for w in words]
     wrong = sum(1 for text, start, end in shown
                 if not any(t == text and s <= end and e >= start for t, s, e in finals))
-    pick = (lambda q: lags[min(len(lags) - 1, int(q * len(lags)))]) if lags else (lambda q: float("nan"))
+
+    def pick(q: float) -> float:
+        return lags[min(len(lags) - 1, int(q * len(lags)))] if lags else float("nan")
+
     texts = [(at, " ".join(w[0] for w in words)) for at, is_final, words in events if not is_final]
     return {"p50": pick(0.5), "p95": pick(0.95), "wrong": wrong / max(1, len(shown)), "texts": texts}
 
@@ -459,8 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'code':>8} {'decoder':>8} {'N':>4}  {'total':>7}  {header}  {'finals':>10}  partials (p50 p95 wrong)")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "run.npz"
-        np.savez(path, audio=audio, n=len(outputs), **{f"w{i}": lp for i, (_, lp) in enumerate(outputs)},
-                 **{f"k{i}": np.array(key) for i, (key, _) in enumerate(outputs)})
+        arrays: dict[str, Any] = {f"w{i}": lp for i, (_, lp) in enumerate(outputs)}
+        arrays |= {f"k{i}": np.array(key) for i, (key, _) in enumerate(outputs)}
+        np.savez(path, audio=audio, n=len(outputs), **arrays)
         del runner
         if not args.compare:
             same = True

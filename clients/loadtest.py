@@ -81,9 +81,11 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import connect
@@ -223,7 +225,7 @@ class ClientResult:
     final: list[float] = field(default_factory=list)
     words: int = 0
     ok: bool = True
-    events: list[tuple[float, dict]] = field(default_factory=list)
+    events: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     """(wall time received, event) of every partial and final"""
     started: float = float("nan")
     """wall time the first audio was sent"""
@@ -247,7 +249,7 @@ class ClientResult:
         return None
 
 
-def server_of(ready: dict, headers: object) -> str:
+def server_of(ready: dict[str, Any], headers: object) -> str:
     """Which server process a stream landed on: the ``ready`` message's ``server_pid``, else the handshake's
     ``X-Streamer-Pid`` header (a daemon with several front-end processes sends both), else unknown."""
     pid = ready.get("server_pid")
@@ -258,7 +260,7 @@ def server_of(ready: dict, headers: object) -> str:
     return f"pid {value}" if value else "?"
 
 
-async def one_client(url: str, pcm: bytes, delay: float, start: dict | None = None,
+async def one_client(url: str, pcm: bytes, delay: float, start: dict[str, Any] | None = None,
                      chunk_s: float = CHUNK_S) -> ClientResult:
     """One client streaming ``pcm`` at real time in messages of ``chunk_s`` after ``delay`` s (``start``: its start
     message, if any)."""
@@ -346,7 +348,7 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def run_clients(url: str, pcm: bytes, delays: list[float], start: dict | None = None,
+def run_clients(url: str, pcm: bytes, delays: list[float], start: dict[str, Any] | None = None,
                 chunk_s: float = CHUNK_S) -> list[ClientResult]:
     """A client process's share of a level: one streaming client per delay, in one event loop."""
     async def clients() -> list[ClientResult]:
@@ -376,7 +378,7 @@ async def probe(url: str, out: list[float], interval: float = 0.1) -> None:
 
 
 async def run_level(url: str, pcm: bytes, n: int, pid: int | None, pool: ProcessPoolExecutor | None = None,
-                    procs: int = 1, start: dict | None = None, chunk_s: float = CHUNK_S) -> dict:
+                    procs: int = 1, start: dict[str, Any] | None = None, chunk_s: float = CHUNK_S) -> dict[str, Any]:
     """``n`` clients (over ``procs`` processes of ``pool``), each starting after 0-1 s and sending ``chunk_s`` of
     audio a message (``start``: the start message each sends); their merged figures."""
     from websockets.exceptions import ConnectionClosed
@@ -413,7 +415,7 @@ async def run_level(url: str, pcm: bytes, n: int, pid: int | None, pool: Process
     return level_figures(n, results, pings, max(peak))
 
 
-def level_figures(n: int, results: list[ClientResult], pings: list[float], peak_rss: float) -> dict:
+def level_figures(n: int, results: list[ClientResult], pings: list[float], peak_rss: float) -> dict[str, Any]:
     """The figures of one level from every client's result, wherever it ran."""
     partial = [x for r in results for _, x in r.partial]
     early = [x for r in results for end, x in r.partial if end <= EARLY_S]
@@ -493,7 +495,7 @@ async def profile_daemon(pid: int, seconds: float) -> str:
     return text
 
 
-def print_profile(name: str, n: int, raw: str) -> dict:
+def print_profile(name: str, n: int, raw: str) -> dict[str, Any]:
     threads, kinds = profile_summary(raw)
     print(f"\nprofile of {name} at {n} clients (share of the CPU samples of its processes):")
     for thread, share in threads.items():
@@ -513,7 +515,8 @@ def command_audio() -> list[bytes]:
     return out
 
 
-async def run_commands(url: str, commands: list[bytes], n: int, clients: int, chunk_s: float = CHUNK_S) -> dict:
+async def run_commands(url: str, commands: list[bytes], n: int, clients: int, chunk_s: float = CHUNK_S
+                       ) -> dict[str, Any]:
     """``n`` command streams, ``clients`` open at a time, each one command then ``stop``.
 
     Each command starts after 0-0.5 s of silence (the same for every daemon compared), so where its first
@@ -531,7 +534,7 @@ async def run_commands(url: str, commands: list[bytes], n: int, clients: int, ch
 
     results = await asyncio.gather(*(once(i) for i in range(n)))
     good = [r for r in results if r.ok]
-    out: dict = {"commands": n, "ok": len(good)}
+    out: dict[str, Any] = {"commands": n, "ok": len(good)}
     for name in ("first_partial", "first_text", "right_word", "final"):
         values = [getattr(r, name) for r in good if not np.isnan(getattr(r, name))]
         out[f"{name}_median"], out[f"{name}_p95"] = pct(values, 50), pct(values, 95)
@@ -731,7 +734,7 @@ def load_audio(args: argparse.Namespace) -> np.ndarray:
         import soxr
 
         data, rate = sf.read(args.audio, dtype="float32", always_2d=True)
-        return soxr.resample(data.mean(axis=1), rate, 16000)[: int(args.seconds * 16000)]
+        return np.asarray(soxr.resample(data.mean(axis=1), rate, 16000), dtype=np.float32)[: int(args.seconds * 16000)]
     return speech_audio(args.seconds)
 
 
@@ -743,10 +746,10 @@ class Target:
     url: str
     proc: asyncio.subprocess.Process | None = None
     idle: float = float("nan")
-    levels: list[dict] = field(default_factory=list)
+    levels: list[dict[str, Any]] = field(default_factory=list)
     stopped: bool = False
     """the capacity search went over --max-p95 (or failed): no more levels"""
-    summary: dict = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
     profile: tuple[int, str] | None = None
     """(clients, py-spy's raw samples) of the level --profile asked for"""
     given_pid: int | None = None
@@ -762,7 +765,7 @@ LEVEL_HEAD = (f"{'':<22}{'clients':>8}{'partial p50':>13}{'p95':>7}{'first 1.5 s
               f"{'loop':>8}{'engine':>8}{'ping p95':>10}{'refreshed':>11}")
 
 
-def level_row(name: str, lv: dict) -> str:
+def level_row(name: str, lv: dict[str, Any]) -> str:
     return (f"{name:<22}{lv['clients']:>8}{lv['partial_median']:>13.3f}{lv['partial_p95']:>7.3f}"
             f"{lv['partial_first_median']:>17.3f}{lv['partial_first_p95']:>7.3f}{lv['partial_rest_median']:>10.3f}"
             f"{lv['partial_rest_p95']:>7.3f}{lv['final_median']:>11.3f}{lv['final_p95']:>7.3f}{lv['words']:>7}"
@@ -772,13 +775,13 @@ def level_row(name: str, lv: dict) -> str:
             f"{lv.get('ping_p95', float('nan')):>10.3f}{refreshed(lv.get('cost', {})):>11}")
 
 
-def refreshed(cost: dict) -> str:
+def refreshed(cost: dict[str, Any]) -> str:
     """The share of the partial refreshes planned that the daemon ran (it skips them when the model is busy)."""
     planned = cost.get("refresh_run", 0.0) + cost.get("refresh_skipped", 0.0)
     return f"{cost['refresh_run'] / planned * 100:.0f} %" if planned else "-"
 
 
-def servers_row(lv: dict) -> str:
+def servers_row(lv: dict[str, Any]) -> str:
     """How many streams of a level each server process served."""
     counts = sorted(lv.get("servers", {}).items(), key=lambda kv: (-kv[1], kv[0]))
     failed = f"; {lv['failed']} failed ({'; '.join(lv['closed'][:2]) or 'an error event'})" if lv.get("failed") else ""
@@ -790,7 +793,7 @@ def side_by_side(targets: list[Target], args: argparse.Namespace) -> None:
     first = [next((lv for lv in t.levels if lv["clients"] == targets[0].levels[0]["clients"]), {}) for t in targets]
     rows: list[tuple[str, list[str]]] = []
 
-    def pair(d: dict, key: str) -> str:
+    def pair(d: dict[str, Any], key: str) -> str:
         return f"{d.get(key + '_median', float('nan')):.3f} / {d.get(key + '_p95', float('nan')):.3f}"
 
     n1 = targets[0].levels[0]["clients"] if targets[0].levels else 0
@@ -1020,7 +1023,7 @@ class Rolling:
     """streams opened again after a cut"""
     refused: int = 0
     """connection attempts that failed (HAProxy had no daemon for it, or a daemon refused it)"""
-    codes: Counter = field(default_factory=Counter)
+    codes: Counter[str] = field(default_factory=Counter)
     """close codes of the cut streams"""
 
 
@@ -1032,7 +1035,7 @@ async def rolling_stream(url: str, pcm: bytes, chunk_s: float = CHUNK_S) -> tupl
     # reads the pings late too, and the stream would be counted cut by the load generator's own timeout
     async with connect(url, max_size=None, open_timeout=15, ping_interval=None) as ws:
         await ws.recv()  # ready
-        last: dict = {}
+        last: dict[str, Any] = {}
 
         async def read() -> None:
             nonlocal last
@@ -1077,7 +1080,7 @@ async def rolling_client(url: str, pcm: bytes, delay: float, done: asyncio.Event
         after_cut = not whole
 
 
-async def rolling_restart(args: argparse.Namespace, model: str, overrides: list[str], pcm: bytes) -> dict:
+async def rolling_restart(args: argparse.Namespace, model: str, overrides: list[str], pcm: bytes) -> dict[str, Any]:
     """Two daemons behind HAProxy, ``--rolling-clients`` streams through it, each daemon restarted in turn."""
     haproxy = shutil.which("haproxy")
     if haproxy is None:
@@ -1139,9 +1142,9 @@ async def rolling_restart(args: argparse.Namespace, model: str, overrides: list[
             "haproxy_retries": int(backend.get("wretr") or 0), "haproxy_redispatches": int(backend.get("wredis") or 0)}
 
 
-def rolling_table(figures: dict[str, dict]) -> list[str]:
+def rolling_table(figures: dict[str, dict[str, Any]]) -> list[str]:
     """The rolling restarts side by side, a column each."""
-    rows = [
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("streams opened", lambda f: str(f["streams"])),
         ("  ended whole (1000 after stop)", lambda f: str(f["whole"])),
         ("  cut (by close code)", lambda f: f"{f['cut']} {f['cut_codes']}" if f["cut"] else "0"),

@@ -63,7 +63,8 @@ class Utterance:
             import soxr
 
             audio = np.asarray(soxr.resample(audio, 16000, rate), dtype=np.float32)
-        return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+        pcm: bytes = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+        return pcm
 
 
 def make_utterance(text: str, voice: str) -> Utterance:

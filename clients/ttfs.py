@@ -44,6 +44,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import connect
@@ -84,7 +85,8 @@ class Script:
 
     @property
     def pcm(self) -> bytes:
-        return (np.clip(self.audio, -1, 1) * 32767).astype("<i2").tobytes()
+        pcm: bytes = (np.clip(self.audio, -1, 1) * 32767).astype("<i2").tobytes()
+        return pcm
 
 
 def make_script(n: int, seed: int) -> Script:
@@ -109,7 +111,7 @@ def make_script(n: int, seed: int) -> Script:
 
 @dataclass
 class StreamResult:
-    finals: list[tuple[float, dict]] = field(default_factory=list)
+    finals: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     """(wall time received, message) of every final"""
     sent: list[tuple[float, float]] = field(default_factory=list)
     """(stream seconds sent so far, wall time) after each message"""
